@@ -1,0 +1,140 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/tokens`, `POST /tokens/{provider}/refresh`.
+//!
+//! Readiness is a latch over the providers that routes use: ready once each holds a usable token. Nothing here
+//! ever shows a token or a secret: `/tokens` gives a fingerprint (first 8 hex digits of the token's SHA-256).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::{json, Map, Value};
+
+use crate::metrics::Metrics;
+use crate::token::{TokenEngine, TokenSlot};
+
+/// The admin API over the token engine and the metrics registry.
+pub struct Admin {
+    engine: Arc<TokenEngine>,
+    metrics: Arc<Metrics>,
+}
+
+impl Admin {
+    /// An admin API for `engine`.
+    pub fn new(engine: Arc<TokenEngine>, metrics: Arc<Metrics>) -> Admin {
+        Admin { engine, metrics }
+    }
+
+    /// Answers one admin request.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>> {
+        let path = request.uri().path();
+        let method = request.method();
+        match (method, path) {
+            (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            (&Method::GET | &Method::HEAD, "/readyz") => self.readyz(),
+            (&Method::GET | &Method::HEAD, "/metrics") => {
+                text(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.encode())
+            }
+            (&Method::GET | &Method::HEAD, "/tokens") => {
+                let providers: Map<String, Value> =
+                    self.engine.providers().map(|(name, slot, _)| (name.to_owned(), describe(slot))).collect();
+                json_response(StatusCode::OK, &json!({ "providers": providers }))
+            }
+            (_, "/healthz" | "/readyz" | "/metrics" | "/tokens") => method_not_allowed("GET, HEAD"),
+            (_, _) => match refresh_target(path) {
+                Some(name) if method == Method::POST => self.refresh(name).await,
+                Some(_) => method_not_allowed("POST"),
+                None => json_response(StatusCode::NOT_FOUND, &json!({ "error": "not found", "path": path })),
+            },
+        }
+    }
+
+    fn readyz(&self) -> Response<Full<Bytes>> {
+        let mut ready = true;
+        let mut providers = Map::new();
+        for (name, slot, routed) in self.engine.providers() {
+            if !routed {
+                continue;
+            }
+            let usable = slot.current().is_some();
+            ready &= usable;
+            let status = slot.status();
+            providers.insert(
+                name.to_owned(),
+                json!({ "state": state(slot), "ready": usable, "last_error": status.last_error }),
+            );
+        }
+        let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        json_response(status, &json!({ "ready": ready, "providers": providers }))
+    }
+
+    async fn refresh(&self, name: &str) -> Response<Full<Bytes>> {
+        let Some(slot) = self.engine.slot(name) else {
+            return json_response(StatusCode::NOT_FOUND, &json!({ "error": format!("no provider named `{name}`") }));
+        };
+        let status = match slot.refresh_now().await {
+            Ok(_) => StatusCode::OK,
+            Err(_) => StatusCode::BAD_GATEWAY,
+        };
+        json_response(status, &json!({ "provider": name, "status": describe(&slot) }))
+    }
+}
+
+/// `/tokens/{provider}/refresh` → `provider`.
+fn refresh_target(path: &str) -> Option<&str> {
+    let name = path.strip_prefix("/tokens/")?.strip_suffix("/refresh")?;
+    (!name.is_empty() && !name.contains('/')).then_some(name)
+}
+
+/// `valid`, `refreshing`, `expired` or `failed`.
+fn state(slot: &TokenSlot) -> &'static str {
+    let status = slot.status();
+    if status.in_flight {
+        "refreshing"
+    } else if slot.current().is_some() {
+        "valid"
+    } else if status.last_error.is_some() {
+        "failed"
+    } else {
+        "expired"
+    }
+}
+
+fn describe(slot: &TokenSlot) -> Value {
+    let status = slot.status();
+    let token = slot.latest();
+    let now = SystemTime::now();
+    json!({
+        "state": state(slot),
+        "expires_at": token.as_ref().map(|t| rfc3339(t.expires_at)),
+        "expires_in_seconds": token.as_ref().map(|t| t.expires_at.duration_since(now).map_or(0, |d| d.as_secs())),
+        "last_refresh": status.last_refresh.map(rfc3339),
+        "last_error": status.last_error,
+        "refreshes": status.refreshes,
+        "generation": token.as_ref().map_or(0, |t| t.generation),
+        "fingerprint": token.as_ref().map(|t| t.fingerprint.clone()),
+    })
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    text(status, "application/json", format!("{body}\n"))
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut response = json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({ "error": "method not allowed" }));
+    response.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    response
+}

@@ -1,0 +1,407 @@
+//! Configuration: built-in defaults, then the TOML file, then `TOKENPROXY_` environment variables (figment
+//! layers), read into a typed [`Config`] with URLs, [`Duration`]s, byte counts and secret newtypes. The merged
+//! tree is walked key by key, so every problem is reported at once, each with its dotted key and the file or
+//! environment variable it came from, and an unknown key (a typo) is an error rather than a silent no-op.
+//! Secrets are never part of an error message or of the printed configuration. This module imports nothing
+//! else of tokenproxy.
+
+mod layers;
+mod providers;
+mod reader;
+mod redact;
+mod resolve;
+mod routes;
+mod secret;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use url::Url;
+
+pub use secret::{Secret, SecretError, SecretSource};
+
+/// The environment variable that names the config file for the CLI; it is not a config key.
+pub const CONFIG_FILE_VARIABLE: &str = "TOKENPROXY_CONFIG";
+
+/// The whole resolved configuration of one tokenproxy process.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// The proxy listener and its limits.
+    pub server: ServerConfig,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`, `/tokens`).
+    pub admin: AdminConfig,
+    /// Log output.
+    pub log: LogConfig,
+    /// Local persistent state (rotated refresh tokens).
+    pub state: StateConfig,
+    /// Token providers, keyed by provider name.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Routes, in file order.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`: the proxy listener.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerConfig {
+    /// Address the proxy listens on (`server.listen`).
+    pub listen: SocketAddr,
+    /// TLS for the proxy listener; plain HTTP when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
+    /// Deadline for one whole upstream exchange.
+    #[serde(serialize_with = "redact::duration")]
+    pub request_timeout: Duration,
+    /// Deadline for reading a request's headers (slowloris guard).
+    #[serde(serialize_with = "redact::duration")]
+    pub header_read_timeout: Duration,
+    /// Maximum number of concurrent client connections (at least 1).
+    pub max_connections: usize,
+    /// Request bodies up to this many bytes are kept so they can be replayed after a 401; 0 disables replay.
+    #[serde(serialize_with = "redact::size")]
+    pub replay_buffer: usize,
+    /// Drain time after SIGTERM before in-flight requests are dropped.
+    #[serde(serialize_with = "redact::duration")]
+    pub shutdown_grace: Duration,
+    /// Runtime worker threads (`server.worker_threads`); `None` means one per CPU core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<usize>,
+}
+
+/// `[server.tls]`: certificate chain and private key of the proxy listener (PEM files).
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerTls {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key of the leaf certificate.
+    pub key_file: PathBuf,
+}
+
+/// `[admin]`: the admin listener.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminConfig {
+    /// Address the admin endpoints listen on.
+    pub listen: SocketAddr,
+}
+
+/// `log.format`: how log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable, coloured when writing to a terminal.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`: log output.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogConfig {
+    /// Line format.
+    pub format: LogFormat,
+    /// Level filter: a level (`info`) or `RUST_LOG` directive syntax (`info,tokenproxy=debug`).
+    pub level: String,
+}
+
+/// `[state]`: the embedded store.
+#[derive(Debug, Clone, Serialize)]
+pub struct StateConfig {
+    /// Directory of the embedded store (rotated refresh tokens; files 0600, written atomically).
+    pub dir: PathBuf,
+}
+
+/// `providers.NAME.grant`: the OAuth2 grant used to get tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    /// RFC 6749 §4.4.
+    ClientCredentials,
+    /// RFC 6749 §6, with rotated refresh tokens persisted in `[state]`.
+    RefreshToken,
+    /// RFC 6749 §4.3 (resource owner password).
+    Password,
+    /// RFC 7523 JWT bearer assertion.
+    JwtBearer,
+    /// RFC 8693 token exchange.
+    TokenExchange,
+}
+
+/// `providers.NAME.client_auth`: how the client authenticates at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// HTTP Basic with client_id and client_secret.
+    ClientSecretBasic,
+    /// client_id and client_secret in the form body.
+    ClientSecretPost,
+    /// RFC 7523 client assertion signed with a private key.
+    PrivateKeyJwt,
+    /// RFC 8705 mutual TLS.
+    TlsClientAuth,
+    /// A public client: client_id only.
+    None,
+}
+
+/// `[providers.NAME]`: one token profile.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    /// The provider's name (its key under `[providers]`), used in routes, metrics and the admin API.
+    pub name: String,
+    /// The IdP's token endpoint (absolute http or https URL).
+    pub token_url: Url,
+    /// The grant used to get tokens.
+    pub grant: Grant,
+    /// The OAuth2 client identifier.
+    pub client_id: String,
+    /// Where the client secret comes from (`client_secret`, `client_secret_file` or `client_secret_env`).
+    pub client_secret: Option<SecretSource>,
+    /// How the client authenticates at the token endpoint.
+    pub client_auth: ClientAuth,
+    /// `scope` parameter sent with token requests.
+    pub scope: Option<String>,
+    /// `audience` parameter sent with token requests.
+    pub audience: Option<String>,
+    /// `resource` parameter (RFC 8707) sent with token requests.
+    pub resource: Option<String>,
+    /// Further form parameters sent with token requests.
+    pub extra_params: BTreeMap<String, String>,
+    /// Proactive refresh at this fraction of a token's lifetime, in (0, 1].
+    pub refresh_at: f64,
+    /// A token is never sent this close to its expiry (capped at a quarter of its lifetime).
+    pub expiry_skew: Duration,
+    /// Lifetime assumed when the IdP gives neither `expires_in` nor a JWT `exp` claim.
+    pub default_lifetime: Duration,
+    /// Deadline for one token call.
+    pub timeout: Duration,
+    /// PEM CA bundle trusted for TLS to the IdP (instead of the built-in web roots).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate presented to the IdP.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
+}
+
+/// `routes[N].inject`: where the token goes in the upstream request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Inject {
+    /// A header, by default `Authorization: Bearer TOKEN`.
+    Header,
+    /// A query parameter, by default `?access_token=TOKEN`.
+    Query,
+}
+
+/// `routes[N].incoming_authorization`: what happens to an `Authorization` header the caller sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncomingAuthorization {
+    /// Drop the caller's header and attach tokenproxy's token.
+    Replace,
+    /// Use the caller's own header if present, else attach tokenproxy's token.
+    Keep,
+    /// Refuse requests that carry their own header.
+    Reject,
+}
+
+/// `[[routes]]`: which requests go where, with which provider's token.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Name used in metrics, logs and errors; default: host + prefix.
+    pub name: String,
+    /// Host the route answers for: lowercased, without a port.
+    pub host: Option<String>,
+    /// Path prefix: starts with `/`, no trailing `/` unless it is `/`.
+    pub prefix: String,
+    /// Upstream base URL: http or https, no query, no fragment.
+    pub upstream: Url,
+    /// Remove `prefix` from the path before forwarding.
+    pub strip_prefix: bool,
+    /// Provider whose token is attached; `None` for a plain pass-through route.
+    pub provider: Option<String>,
+    /// Where the token goes.
+    pub inject: Inject,
+    /// Header that carries the token when `inject` is `Header`.
+    pub header_name: http::HeaderName,
+    /// Scheme written before the token in the header; empty means the raw token.
+    pub scheme: String,
+    /// Query parameter that carries the token when `inject` is `Query`.
+    pub query_param: String,
+    /// On a 401 from the upstream, refresh the token and replay the request once.
+    pub retry_on_401: bool,
+    /// What happens to an `Authorization` header the caller sent.
+    pub incoming_authorization: IncomingAuthorization,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read at all.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Unreadable {
+        /// The file as it was given.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The configuration was read but is invalid; every problem found is listed.
+    #[error("{}", Problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The dotted key at fault, e.g. `providers.orders.token_url` or `routes[2].provider`.
+    pub key: String,
+    /// What is wrong, and how to fix it when that is not obvious. Never contains a secret.
+    pub message: String,
+    /// Where the value came from: the config file as given, the environment variable, or `default`.
+    pub source: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A syntax error of the TOML text is not about one key.
+        if self.key.is_empty() {
+            write!(f, "{} (from {})", self.message, self.source)
+        } else {
+            write!(f, "{}: {} (from {})", self.key, self.message, self.source)
+        }
+    }
+}
+
+/// Displays problems one per line.
+struct Problems<'a>(&'a [Problem]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Defaults → TOML file → `TOKENPROXY_` environment (`__` between levels). Missing/unreadable file → Unreadable.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Unreadable { path: path.to_owned(), source })?;
+        let figment = layers::figment(&text, layers::Origin::File(path), true)?;
+        resolve::config(&figment, &path.display().to_string())
+    }
+
+    /// Defaults → the given TOML text (no environment): used by `demo` and tests. `source_name` names it in errors.
+    pub fn from_toml_str(toml: &str, source_name: &str) -> Result<Config, ConfigError> {
+        let figment = layers::figment(toml, layers::Origin::Named(source_name), false)?;
+        resolve::config(&figment, source_name)
+    }
+
+    /// The resolved config as TOML with every secret shown as "[redacted]" (durations as "30s" strings, sizes
+    /// as bytes or "64KiB"); it loads back into the same configuration, secrets aside.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# the configuration could not be rendered as TOML: {e}\n"))
+    }
+}
+
+impl Default for ServerConfig {
+    /// The SPEC defaults: 127.0.0.1:8080, 30s, 10s, 10000 connections, 64KiB, 20s.
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            tls: None,
+            request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            replay_buffer: 64 * 1024,
+            shutdown_grace: Duration::from_secs(20),
+            worker_threads: None,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    /// The SPEC default: 127.0.0.1:9090.
+    fn default() -> Self {
+        AdminConfig { listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)) }
+    }
+}
+
+impl Default for LogConfig {
+    /// The SPEC default: pretty, info.
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Pretty, level: "info".to_owned() }
+    }
+}
+
+impl Default for StateConfig {
+    /// The SPEC default: `./tokenproxy-state`.
+    fn default() -> Self {
+        StateConfig { dir: PathBuf::from("./tokenproxy-state") }
+    }
+}
+
+impl LogFormat {
+    /// The config spelling, e.g. `json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Pretty => "pretty",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+impl Grant {
+    /// The config spelling, e.g. `client_credentials`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::ClientCredentials => "client_credentials",
+            Grant::RefreshToken => "refresh_token",
+            Grant::Password => "password",
+            Grant::JwtBearer => "jwt_bearer",
+            Grant::TokenExchange => "token_exchange",
+        }
+    }
+}
+
+impl ClientAuth {
+    /// The config spelling, e.g. `client_secret_basic`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::ClientSecretBasic => "client_secret_basic",
+            ClientAuth::ClientSecretPost => "client_secret_post",
+            ClientAuth::PrivateKeyJwt => "private_key_jwt",
+            ClientAuth::TlsClientAuth => "tls_client_auth",
+            ClientAuth::None => "none",
+        }
+    }
+}
+
+impl Inject {
+    /// The config spelling, e.g. `header`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Inject::Header => "header",
+            Inject::Query => "query",
+        }
+    }
+}
+
+impl IncomingAuthorization {
+    /// The config spelling, e.g. `replace`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IncomingAuthorization::Replace => "replace",
+            IncomingAuthorization::Keep => "keep",
+            IncomingAuthorization::Reject => "reject",
+        }
+    }
+}

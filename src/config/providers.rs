@@ -1,0 +1,279 @@
+//! `[providers.NAME]`: token profiles, and the reading of secrets (`x`, `x_file` or `x_env`).
+
+use std::collections::BTreeMap;
+
+use figment::value::Value;
+
+use super::reader::{self, Leaf, Reader, Table};
+use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
+use super::{ClientAuth, Grant, ProviderConfig, Secret, SecretSource};
+
+/// Defaults of a provider (SPEC).
+mod provider_defaults {
+    use std::time::Duration;
+
+    pub(super) const REFRESH_AT: f64 = 0.75;
+    pub(super) const EXPIRY_SKEW: Duration = Duration::from_secs(30);
+    pub(super) const DEFAULT_LIFETIME: Duration = Duration::from_secs(5 * 60);
+    pub(super) const TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+/// Values of `grant`.
+const GRANTS: &[(&str, Grant)] = &[
+    ("client_credentials", Grant::ClientCredentials),
+    ("refresh_token", Grant::RefreshToken),
+    ("password", Grant::Password),
+    ("jwt_bearer", Grant::JwtBearer),
+    ("token_exchange", Grant::TokenExchange),
+];
+
+/// Values of `client_auth`.
+const CLIENT_AUTHS: &[(&str, ClientAuth)] = &[
+    ("client_secret_basic", ClientAuth::ClientSecretBasic),
+    ("client_secret_post", ClientAuth::ClientSecretPost),
+    ("private_key_jwt", ClientAuth::PrivateKeyJwt),
+    ("tls_client_auth", ClientAuth::TlsClientAuth),
+    ("none", ClientAuth::None),
+];
+
+/// Token-request parameters tokenproxy sets itself; `extra_params` must not override them.
+const RESERVED_PARAMS: &[&str] = &[
+    "grant_type",
+    "client_id",
+    "client_secret",
+    "client_assertion",
+    "client_assertion_type",
+    "refresh_token",
+    "scope",
+    "audience",
+    "resource",
+];
+
+/// The valid providers, and the names of all providers (valid or not) for checking route references.
+pub(super) fn providers(r: &mut Reader<'_>, root: &mut Table<'_>) -> (BTreeMap<String, ProviderConfig>, Vec<String>) {
+    let t = r.table(root, "providers");
+    let mut providers = BTreeMap::new();
+    let mut names = Vec::new();
+    for (name, value) in t.entries() {
+        names.push(name.clone());
+        let path = t.path.key(name);
+        if !is_valid_name(name) {
+            r.report(&path, value.tag(), format!("invalid provider name; {NAME_RULE}"));
+        }
+        let Value::Dict(tag, dict) = value else {
+            r.report(&path, value.tag(), format!("expected a table [providers.{name}], found {}", reader::kind(value)));
+            continue;
+        };
+        let mut table = Table::new(path, *tag, dict);
+        let provider = provider(r, name, &mut table);
+        r.finish(table);
+        if let Some(provider) = provider {
+            providers.insert(name.clone(), provider);
+        }
+    }
+    (providers, names)
+}
+
+/// Reads one provider; `None` when it has problems (already reported).
+fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<ProviderConfig> {
+    let before = r.problem_count();
+
+    let token_url = r.get(t, "token_url", |v| http_url(v, UrlUse::TokenEndpoint));
+    let has_token_url = t.has("token_url");
+    match t.field("issuer") {
+        Some(field) if has_token_url => r.report_field(
+            &field,
+            "discovery via `issuer` is not implemented yet, and `token_url` is set; remove `issuer`",
+        ),
+        Some(field) => r.report_field(&field, "discovery via `issuer` is not implemented yet; set token_url"),
+        None if !has_token_url => r.report_missing(
+            t,
+            "token_url",
+            "missing; set the IdP's token endpoint, e.g. token_url = \"https://idp.example/oauth2/token\"",
+        ),
+        None => {}
+    }
+
+    let grant = r.get(t, "grant", reader::choice(GRANTS));
+    if let Some(leaf) = grant.as_ref().filter(|leaf| leaf.value != Grant::ClientCredentials) {
+        let message =
+            format!("grant `{}` is not supported by this version (supported: client_credentials)", leaf.value.as_str());
+        r.report_leaf(leaf, message);
+    }
+    let grant = value_or(grant, Grant::ClientCredentials);
+
+    let client_id = r.require(t, "client_id", "missing; set the OAuth2 client identifier", reader::non_empty_string);
+
+    let client_auth = r.get(t, "client_auth", reader::choice(CLIENT_AUTHS));
+    if let Some(leaf) =
+        client_auth.as_ref().filter(|leaf| matches!(leaf.value, ClientAuth::PrivateKeyJwt | ClientAuth::TlsClientAuth))
+    {
+        let message = format!(
+            "client_auth `{}` is not supported by this version (supported: client_secret_basic, client_secret_post, none)",
+            leaf.value.as_str()
+        );
+        r.report_leaf(leaf, message);
+    }
+    let client_auth = value_or(client_auth, ClientAuth::ClientSecretBasic);
+
+    let client_secret = secret(r, t, "client_secret");
+    let secret_given = ["client_secret", "client_secret_file", "client_secret_env"].iter().any(|key| t.has(key));
+    match (client_auth, &client_secret) {
+        (ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost, None) if !secret_given => {
+            let message = format!(
+                "missing; client_auth = \"{}\" needs `client_secret`, `client_secret_file` or `client_secret_env`",
+                client_auth.as_str()
+            );
+            r.report_missing(t, "client_secret", message);
+        }
+        (ClientAuth::None, Some(leaf)) => r.report_leaf(leaf, "not used with client_auth = \"none\"; remove it"),
+        _ => {}
+    }
+
+    // Read and checked like any secret, so that `grant = "refresh_token"` is one step away.
+    if let Some(leaf) = secret(r, t, "refresh_token") {
+        if grant != Grant::RefreshToken {
+            r.report_leaf(&leaf, "only used with grant = \"refresh_token\"; remove it");
+        }
+    }
+
+    let scope = r.get(t, "scope", reader::non_empty_string);
+    let audience = r.get(t, "audience", reader::non_empty_string);
+    let resource = r.get(t, "resource", reader::non_empty_string);
+    let extra_params = extra_params(r, t);
+    let refresh_at = r.get(t, "refresh_at", fraction);
+    let expiry_skew = r.get(t, "expiry_skew", reader::positive_duration);
+    let default_lifetime = r.get(t, "default_lifetime", reader::positive_duration);
+    let timeout = r.get(t, "timeout", reader::positive_duration);
+    let ca_file = r.get(t, "ca_file", reader::readable_file);
+    let client_cert_file = r.get(t, "client_cert_file", reader::readable_file);
+    let client_key_file = r.get(t, "client_key_file", reader::readable_file);
+    match (t.has("client_cert_file"), t.has("client_key_file")) {
+        (true, false) => r.report_missing(t, "client_key_file", "missing; `client_cert_file` needs its private key"),
+        (false, true) => r.report_missing(t, "client_cert_file", "missing; `client_key_file` needs its certificate"),
+        _ => {}
+    }
+
+    if r.problem_count() > before {
+        return None;
+    }
+    Some(ProviderConfig {
+        name: name.to_owned(),
+        token_url: token_url?.value,
+        grant,
+        client_id: client_id?.value,
+        client_secret: client_secret.map(|leaf| leaf.value),
+        client_auth,
+        scope: scope.map(|leaf| leaf.value),
+        audience: audience.map(|leaf| leaf.value),
+        resource: resource.map(|leaf| leaf.value),
+        extra_params,
+        refresh_at: value_or(refresh_at, provider_defaults::REFRESH_AT),
+        expiry_skew: value_or(expiry_skew, provider_defaults::EXPIRY_SKEW),
+        default_lifetime: value_or(default_lifetime, provider_defaults::DEFAULT_LIFETIME),
+        timeout: value_or(timeout, provider_defaults::TIMEOUT),
+        ca_file: ca_file.map(|leaf| leaf.value),
+        client_cert_file: client_cert_file.map(|leaf| leaf.value),
+        client_key_file: client_key_file.map(|leaf| leaf.value),
+    })
+}
+
+/// Reads the secret `key` from one of `key`, `key_file` or `key_env`, and checks it can be read now.
+///
+/// Exactly one form may be set in a layer. A form set in the environment replaces the forms the file sets, so
+/// `TOKENPROXY_PROVIDERS__ORDERS__CLIENT_SECRET` overrides a `client_secret_file` in the file.
+fn secret(r: &mut Reader<'_>, t: &mut Table<'_>, key: &str) -> Option<Leaf<SecretSource>> {
+    let keys = [key.to_owned(), format!("{key}_file"), format!("{key}_env")];
+    let set: Vec<_> =
+        keys.iter().enumerate().filter_map(|(form, key)| t.field(key).map(|field| (form, field))).collect();
+    let from_env = set.iter().any(|(_, field)| r.is_environment(field.value.tag()));
+    let set: Vec<_> = set.into_iter().filter(|(_, field)| !from_env || r.is_environment(field.value.tag())).collect();
+    let (form, field) = match set.as_slice() {
+        [] => return None,
+        [(form, field)] => (*form, field),
+        [_, (_, second), ..] => {
+            let names: Vec<String> = set.iter().map(|(form, _)| format!("`{}`", keys[*form])).collect();
+            let message = format!("{} are all set; set only one", and_list(&names));
+            r.report_field(second, message);
+            return None;
+        }
+    };
+    let source = match form {
+        0 => reader::string(field.value).map(|value| SecretSource::Inline(Secret::new(value))),
+        1 => reader::path(field.value).map(SecretSource::File),
+        _ => reader::string(field.value).and_then(|var| {
+            if var.is_empty() || var.contains(['=', '\0']) {
+                Err("must name an environment variable".to_owned())
+            } else {
+                Ok(SecretSource::Env(var))
+            }
+        }),
+    };
+    // The error names the file or variable, never the value.
+    match source.and_then(|source| source.read().map(|_| source).map_err(|e| e.to_string())) {
+        Ok(source) => Some(Leaf { value: source, path: field.path.clone(), tag: field.value.tag() }),
+        Err(message) => {
+            r.report_field(field, message);
+            None
+        }
+    }
+}
+
+/// "`a` and `b`", "`a`, `b` and `c`".
+fn and_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [only] => only.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// `extra_params`: a table of form parameters; values may be strings, numbers or booleans.
+fn extra_params(r: &mut Reader<'_>, provider: &mut Table<'_>) -> BTreeMap<String, String> {
+    let t = r.table(provider, "extra_params");
+    let mut params = BTreeMap::new();
+    for (key, value) in t.entries() {
+        let path = t.path.key(key);
+        if key.is_empty() {
+            r.report(&path, value.tag(), "parameter names must not be empty");
+            continue;
+        }
+        if RESERVED_PARAMS.contains(&key.as_str()) {
+            let hint = match key.as_str() {
+                "scope" | "audience" | "resource" => format!("; set the provider's `{key}` instead"),
+                _ => String::new(),
+            };
+            r.report(&path, value.tag(), format!("`{key}` is sent by tokenproxy itself{hint}"));
+            continue;
+        }
+        // Values are not echoed: a parameter may well be sensitive.
+        let text = match value {
+            Value::String(_, s) => Some(s.clone()),
+            Value::Char(_, c) => Some(c.to_string()),
+            Value::Bool(_, b) => Some(b.to_string()),
+            Value::Num(_, n) => n
+                .to_i128()
+                .map(|n| n.to_string())
+                .or_else(|| n.to_u128_lossy().map(|n| n.to_string()))
+                .or_else(|| n.to_f64().map(|n| n.to_string())),
+            _ => None,
+        };
+        match text {
+            Some(text) => {
+                params.insert(key.clone(), text);
+            }
+            None => r.report(&path, value.tag(), format!("expected a string, found {}", reader::kind(value))),
+        }
+    }
+    params
+}
+
+/// A fraction in (0, 1].
+fn fraction(value: &Value) -> Result<f64, String> {
+    let n = reader::number(value)?;
+    if n > 0.0 && n <= 1.0 {
+        Ok(n)
+    } else {
+        Err(format!("must be greater than 0 and at most 1 (a fraction of the token's lifetime), found {n}"))
+    }
+}

@@ -1,0 +1,151 @@
+//! How the resolved configuration is printed (`tokenproxy check`): as TOML that loads back into the same
+//! configuration, with durations as `"30s"` strings, sizes as `"64KiB"` or plain bytes, and every inline secret
+//! as `[redacted]` (a `_file` path or `_env` variable name is shown: it is where the secret is, not the secret).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+use super::{ClientAuth, Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, Secret, SecretSource};
+
+/// Serializes a duration as a humantime string: `"30s"`, `"5m"`, `"1m 30s"`.
+pub(super) fn duration<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&humantime::format_duration(*value).to_string())
+}
+
+/// Serializes a byte count as `"64KiB"`/`"1MiB"`/`"1GiB"` when it is a whole number of those, else as bytes.
+pub(super) fn size<S: Serializer>(value: &usize, serializer: S) -> Result<S::Ok, S::Error> {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    let bytes = *value as u64;
+    match UNITS.iter().find(|(unit, _)| bytes != 0 && bytes % unit == 0) {
+        Some((unit, name)) => serializer.serialize_str(&format!("{}{name}", bytes / unit)),
+        None => serializer.serialize_u64(bytes),
+    }
+}
+
+/// What a provider prints as: the secret as the key it was given by, keys with default values included.
+#[derive(Serialize)]
+struct ProviderView<'a> {
+    token_url: &'a str,
+    grant: Grant,
+    client_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_secret: Option<&'a Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_secret_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_secret_env: Option<&'a str>,
+    client_auth: ClientAuth,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audience: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource: Option<&'a str>,
+    refresh_at: f64,
+    #[serde(serialize_with = "duration")]
+    expiry_skew: Duration,
+    #[serde(serialize_with = "duration")]
+    default_lifetime: Duration,
+    #[serde(serialize_with = "duration")]
+    timeout: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_cert_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_key_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    extra_params: &'a BTreeMap<String, String>,
+}
+
+impl Serialize for ProviderConfig {
+    /// The provider as config keys; `name` is omitted (it is the key of the table).
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let secret = self.client_secret.as_ref();
+        ProviderView {
+            token_url: self.token_url.as_str(),
+            grant: self.grant,
+            client_id: &self.client_id,
+            client_secret: secret.and_then(|s| match s {
+                SecretSource::Inline(secret) => Some(secret),
+                _ => None,
+            }),
+            client_secret_file: secret.and_then(|s| match s {
+                SecretSource::File(path) => Some(path.as_path()),
+                _ => None,
+            }),
+            client_secret_env: secret.and_then(|s| match s {
+                SecretSource::Env(var) => Some(var.as_str()),
+                _ => None,
+            }),
+            client_auth: self.client_auth,
+            scope: self.scope.as_deref(),
+            audience: self.audience.as_deref(),
+            resource: self.resource.as_deref(),
+            refresh_at: self.refresh_at,
+            expiry_skew: self.expiry_skew,
+            default_lifetime: self.default_lifetime,
+            timeout: self.timeout,
+            ca_file: self.ca_file.as_deref(),
+            client_cert_file: self.client_cert_file.as_deref(),
+            client_key_file: self.client_key_file.as_deref(),
+            extra_params: &self.extra_params,
+        }
+        .serialize(serializer)
+    }
+}
+
+/// What a route prints as: only the keys that apply to it, so that the output loads back without complaint.
+#[derive(Serialize)]
+struct RouteView<'a> {
+    /// Omitted when it is the default (host + prefix), which is not a valid explicit name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<&'a str>,
+    prefix: &'a str,
+    upstream: &'a str,
+    strip_prefix: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inject: Option<Inject>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    header_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scheme: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    query_param: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_on_401: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    incoming_authorization: Option<IncomingAuthorization>,
+}
+
+impl Serialize for RouteConfig {
+    /// The route as config keys; token keys only when it has a provider, and only those of its `inject`.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let with_token = self.provider.is_some();
+        let header = with_token && self.inject == Inject::Header;
+        let query = with_token && self.inject == Inject::Query;
+        let default_name = format!("{}{}", self.host.as_deref().unwrap_or(""), self.prefix);
+        RouteView {
+            name: (self.name != default_name).then_some(self.name.as_str()),
+            host: self.host.as_deref(),
+            prefix: &self.prefix,
+            upstream: self.upstream.as_str(),
+            strip_prefix: self.strip_prefix,
+            provider: self.provider.as_deref(),
+            inject: with_token.then_some(self.inject),
+            header_name: header.then_some(self.header_name.as_str()),
+            scheme: header.then_some(self.scheme.as_str()),
+            query_param: query.then_some(self.query_param.as_str()),
+            retry_on_401: with_token.then_some(self.retry_on_401),
+            incoming_authorization: with_token.then_some(self.incoming_authorization),
+        }
+        .serialize(serializer)
+    }
+}

@@ -1,0 +1,176 @@
+//! Turns the merged tree into a typed [`Config`], section by section, applying the SPEC defaults for absent keys;
+//! providers and routes have files of their own. Also the converters both of those use.
+
+use std::net::SocketAddr;
+
+use figment::value::{Tag, Value};
+use figment::{Figment, Profile, Provider};
+use url::Url;
+
+use super::reader::{self, KeyPath, Leaf, Reader, Table};
+use super::{providers, routes};
+use super::{AdminConfig, Config, ConfigError, LogConfig, LogFormat, Problem, ServerConfig, ServerTls, StateConfig};
+
+/// Values of `log.format`.
+const LOG_FORMATS: &[(&str, LogFormat)] = &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)];
+
+/// What names of providers and routes may contain.
+pub(super) const NAME_RULE: &str = "names may only contain letters, digits, `_`, `.` and `-`";
+
+/// Reads and checks the whole configuration; every problem found is returned at once.
+pub(super) fn config(figment: &Figment, root_source: &str) -> Result<Config, ConfigError> {
+    let mut data = figment.data().map_err(|e| {
+        ConfigError::Invalid(vec![Problem {
+            key: String::new(),
+            message: format!("cannot merge the configuration layers: {}", e.kind),
+            source: root_source.to_owned(),
+        }])
+    })?;
+    let root_dict = data.remove(&Profile::Default).unwrap_or_default();
+    let mut r = Reader::new(figment, root_source);
+    let mut root = Table::new(KeyPath::default(), Tag::Default, &root_dict);
+
+    let (server, server_listen) = server(&mut r, &mut root);
+    let (admin, admin_listen) = admin(&mut r, &mut root);
+    if server.listen == admin.listen && server.listen.port() != 0 {
+        // Report at whichever of the two the user set (one of them must differ from its default).
+        if let Some(leaf) = admin_listen.as_ref().or(server_listen.as_ref()) {
+            r.report_leaf(leaf, "the admin listener needs an address of its own; it equals server.listen");
+        }
+    }
+    let log = log(&mut r, &mut root);
+    let state = state(&mut r, &mut root);
+    let (providers, provider_names) = providers::providers(&mut r, &mut root);
+    let routes = routes::routes(&mut r, &mut root, &provider_names);
+    r.finish(root);
+
+    let problems = r.into_problems();
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid(problems));
+    }
+    Ok(Config { server, admin, log, state, providers, routes })
+}
+
+/// The value of a leaf, or `default` when it is absent or invalid (invalid ones are already reported).
+pub(super) fn value_or<T>(leaf: Option<Leaf<T>>, default: T) -> T {
+    leaf.map_or(default, |leaf| leaf.value)
+}
+
+/// `[server]`.
+fn server(r: &mut Reader<'_>, root: &mut Table<'_>) -> (ServerConfig, Option<Leaf<SocketAddr>>) {
+    let d = ServerConfig::default();
+    let mut t = r.table(root, "server");
+    let listen = r.get(&mut t, "listen", reader::socket_addr);
+    let tls = server_tls(r, &mut t);
+    let server = ServerConfig {
+        listen: listen.as_ref().map_or(d.listen, |leaf| leaf.value),
+        tls,
+        request_timeout: value_or(r.get(&mut t, "request_timeout", reader::positive_duration), d.request_timeout),
+        header_read_timeout: value_or(
+            r.get(&mut t, "header_read_timeout", reader::positive_duration),
+            d.header_read_timeout,
+        ),
+        max_connections: value_or(r.get(&mut t, "max_connections", reader::positive_count), d.max_connections),
+        replay_buffer: value_or(r.get(&mut t, "replay_buffer", reader::size), d.replay_buffer),
+        shutdown_grace: value_or(r.get(&mut t, "shutdown_grace", reader::duration), d.shutdown_grace),
+        worker_threads: r.get(&mut t, "worker_threads", reader::positive_count).map(|leaf| leaf.value),
+    };
+    r.finish(t);
+    (server, listen)
+}
+
+/// `[server.tls]`: absent means plain HTTP.
+fn server_tls(r: &mut Reader<'_>, server: &mut Table<'_>) -> Option<ServerTls> {
+    let mut t = r.table(server, "tls");
+    if !t.is_present() {
+        return None;
+    }
+    let cert_file = r.require(
+        &mut t,
+        "cert_file",
+        "missing; a TLS listener needs its PEM certificate chain",
+        reader::readable_file,
+    );
+    let key_file =
+        r.require(&mut t, "key_file", "missing; a TLS listener needs its PEM private key", reader::readable_file);
+    r.finish(t);
+    Some(ServerTls { cert_file: cert_file?.value, key_file: key_file?.value })
+}
+
+/// `[admin]`.
+fn admin(r: &mut Reader<'_>, root: &mut Table<'_>) -> (AdminConfig, Option<Leaf<SocketAddr>>) {
+    let d = AdminConfig::default();
+    let mut t = r.table(root, "admin");
+    let listen = r.get(&mut t, "listen", reader::socket_addr);
+    r.finish(t);
+    let admin = AdminConfig { listen: listen.as_ref().map_or(d.listen, |leaf| leaf.value) };
+    (admin, listen)
+}
+
+/// `[log]`.
+fn log(r: &mut Reader<'_>, root: &mut Table<'_>) -> LogConfig {
+    let d = LogConfig::default();
+    let mut t = r.table(root, "log");
+    let log = LogConfig {
+        format: value_or(r.get(&mut t, "format", reader::choice(LOG_FORMATS)), d.format),
+        level: value_or(r.get(&mut t, "level", reader::non_empty_string), d.level),
+    };
+    r.finish(t);
+    log
+}
+
+/// `[state]`.
+fn state(r: &mut Reader<'_>, root: &mut Table<'_>) -> StateConfig {
+    let d = StateConfig::default();
+    let mut t = r.table(root, "state");
+    let dir = value_or(r.get(&mut t, "dir", reader::path), d.dir);
+    // Named in SPEC as later work: refuse them rather than ignore them.
+    if let Some(field) = t.field("store") {
+        r.report_field(
+            &field,
+            "shared stores are not implemented yet; remove the key to use the embedded store in `state.dir`",
+        );
+    }
+    if let Some(field) = t.field("redis_url") {
+        r.report_field(&field, "shared stores (`store = \"redis\"`) are not implemented yet; remove the key");
+    }
+    r.finish(t);
+    StateConfig { dir }
+}
+
+/// What a URL is for: the rules differ a little.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum UrlUse {
+    /// An IdP's token endpoint.
+    TokenEndpoint,
+    /// A route's upstream.
+    Upstream,
+}
+
+/// An absolute http(s) URL with a host, without credentials or fragment (and for upstreams, without a query).
+pub(super) fn http_url(value: &Value, purpose: UrlUse) -> Result<Url, String> {
+    let text = reader::string(value)?;
+    // The URL is not echoed: it may carry credentials, which are refused below.
+    let url = Url::parse(text.trim()).map_err(|e| e.to_string())?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("must be an http:// or https:// URL (found scheme `{}`)", url.scheme()));
+    }
+    if url.host().is_none() {
+        return Err("must name a host".to_owned());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain credentials (user:password@); secrets have keys of their own".to_owned());
+    }
+    if url.fragment().is_some() {
+        return Err("must not have a #fragment".to_owned());
+    }
+    if purpose == UrlUse::Upstream && url.query().is_some() {
+        return Err("must not have a ?query; each request's own query is forwarded".to_owned());
+    }
+    Ok(url)
+}
+
+/// Provider and route names: `[A-Za-z0-9_.-]+`.
+pub(super) fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}

@@ -1,0 +1,275 @@
+//! `[[routes]]`: which requests go where with which provider's token, and the checks across routes.
+
+use std::net::Ipv6Addr;
+
+use figment::value::{Tag, Value};
+use http::HeaderName;
+
+use super::reader::{self, KeyPath, Leaf, Reader, Table};
+use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
+use super::{IncomingAuthorization, Inject, RouteConfig};
+
+/// Default of `routes[N].scheme`.
+const DEFAULT_SCHEME: &str = "Bearer";
+
+/// Default of `routes[N].query_param`.
+const DEFAULT_QUERY_PARAM: &str = "access_token";
+
+/// Values of `inject`.
+const INJECTS: &[(&str, Inject)] = &[("header", Inject::Header), ("query", Inject::Query)];
+
+/// Values of `incoming_authorization`.
+const INCOMING: &[(&str, IncomingAuthorization)] = &[
+    ("replace", IncomingAuthorization::Replace),
+    ("keep", IncomingAuthorization::Keep),
+    ("reject", IncomingAuthorization::Reject),
+];
+
+/// Route keys that only mean something when the route attaches a token.
+const TOKEN_KEYS: &[&str] =
+    &["inject", "header_name", "scheme", "query_param", "retry_on_401", "incoming_authorization"];
+
+/// Headers that cannot carry a token: hop-by-hop (stripped on the way) or message framing.
+const RESERVED_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The problem when there is no route; one line, like every problem.
+const NO_ROUTES: &str =
+    "no routes are defined; add at least one [[routes]] table with `upstream` (and `prefix` or `host`), e.g. [[routes]] prefix = \"/\" upstream = \"http://127.0.0.1:3000\"";
+
+/// A route as read, with what the duplicate checks need to report on it.
+struct ReadRoute {
+    config: RouteConfig,
+    path: KeyPath,
+    tag: Tag,
+    /// Where `name` was set; `None` when the name is the default (host + prefix).
+    name_leaf: Option<Leaf<String>>,
+}
+
+/// Reads `[[routes]]` in file order; `provider_names` are all providers defined, valid or not.
+pub(super) fn routes(r: &mut Reader<'_>, root: &mut Table<'_>, provider_names: &[String]) -> Vec<RouteConfig> {
+    let Some(field) = root.field("routes") else {
+        r.report_missing(root, "routes", NO_ROUTES);
+        return Vec::new();
+    };
+    let items = match field.value {
+        Value::Array(_, items) if !items.is_empty() => items,
+        Value::Array(..) => {
+            r.report_field(&field, NO_ROUTES);
+            return Vec::new();
+        }
+        Value::Dict(..) => {
+            r.report_field(&field, "expected an array of tables; write [[routes]] (two brackets) before each route");
+            return Vec::new();
+        }
+        other => {
+            let message = format!("expected an array of tables ([[routes]]), found {}", reader::kind(other));
+            r.report_field(&field, message);
+            return Vec::new();
+        }
+    };
+    let mut read = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        let path = field.path.index(index);
+        let Value::Dict(tag, dict) = item else {
+            let message = format!("expected a table, found {}", reader::kind(item));
+            r.report(&path, item.tag(), message);
+            continue;
+        };
+        let mut t = Table::new(path.clone(), *tag, dict);
+        let route = route(r, &mut t, provider_names);
+        r.finish(t);
+        if let Some((config, name_leaf)) = route {
+            read.push(ReadRoute { config, path, tag: *tag, name_leaf });
+        }
+    }
+    check_duplicates(r, &read);
+    read.into_iter().map(|route| route.config).collect()
+}
+
+/// Two routes with the same host and prefix, or the same name, are an error.
+fn check_duplicates(r: &mut Reader<'_>, routes: &[ReadRoute]) {
+    for (i, route) in routes.iter().enumerate() {
+        let earlier = &routes[..i];
+        let c = &route.config;
+        if let Some(first) = earlier.iter().find(|other| other.config.host == c.host && other.config.prefix == c.prefix)
+        {
+            let message = format!(
+                "same host and prefix (`{}{}`) as {}; only one of them could ever match",
+                c.host.as_deref().unwrap_or(""),
+                c.prefix,
+                first.path
+            );
+            r.report(&route.path, route.tag, message);
+        } else if let Some(first) = earlier.iter().find(|other| other.config.name == c.name) {
+            let message = format!("route name `{}` is already used by {}", c.name, first.path);
+            match &route.name_leaf {
+                Some(leaf) => r.report_leaf(leaf, message),
+                None => r.report(&route.path, route.tag, message),
+            }
+        }
+    }
+}
+
+/// Reads one route; `None` when it has problems (already reported). Also returns where `name` was set.
+fn route(
+    r: &mut Reader<'_>,
+    t: &mut Table<'_>,
+    provider_names: &[String],
+) -> Option<(RouteConfig, Option<Leaf<String>>)> {
+    let before = r.problem_count();
+    let name = r.get(t, "name", route_name);
+    let host = r.get(t, "host", route_host);
+    let prefix = r.get(t, "prefix", route_prefix);
+    let upstream = r.require(
+        t,
+        "upstream",
+        "missing; set the base URL requests are forwarded to, e.g. upstream = \"https://orders.internal:8443\"",
+        |v| http_url(v, UrlUse::Upstream),
+    );
+    let strip_prefix = r.get(t, "strip_prefix", reader::boolean);
+    let provider = r.get(t, "provider", reader::non_empty_string);
+    if let Some(leaf) = provider.as_ref().filter(|leaf| !provider_names.contains(&leaf.value)) {
+        let defined = if provider_names.is_empty() {
+            "no providers are defined".to_owned()
+        } else {
+            format!("defined: {}", provider_names.join(", "))
+        };
+        let message = format!("no provider named `{}` ({defined})", leaf.value);
+        r.report_leaf(leaf, message);
+    }
+    let inject = r.get(t, "inject", reader::choice(INJECTS));
+    let header_name = r.get(t, "header_name", header_name);
+    let scheme = r.get(t, "scheme", auth_scheme);
+    let query_param = r.get(t, "query_param", reader::non_empty_string);
+    let retry_on_401 = r.get(t, "retry_on_401", reader::boolean);
+    let incoming_authorization = r.get(t, "incoming_authorization", reader::choice(INCOMING));
+    let inject = value_or(inject, Inject::Header);
+
+    // Keys that would silently do nothing are errors, like unknown keys.
+    if !t.has("provider") {
+        for key in TOKEN_KEYS {
+            if let Some(field) = t.field(key) {
+                r.report_field(&field, "only used with `provider`; this route has none (a plain pass-through)");
+            }
+        }
+    } else if inject == Inject::Query {
+        for key in ["header_name", "scheme"] {
+            if let Some(field) = t.field(key) {
+                r.report_field(
+                    &field,
+                    "only used with inject = \"header\"; this route puts the token in the query (`query_param`)",
+                );
+            }
+        }
+    } else if let Some(field) = t.field("query_param") {
+        r.report_field(
+            &field,
+            "only used with inject = \"query\"; this route puts the token in a header (`header_name`)",
+        );
+    }
+
+    if r.problem_count() > before {
+        return None;
+    }
+    let host = host.map(|leaf| leaf.value);
+    let prefix = value_or(prefix, "/".to_owned());
+    let default_name = format!("{}{prefix}", host.as_deref().unwrap_or(""));
+    let config = RouteConfig {
+        name: name.as_ref().map_or(default_name, |leaf| leaf.value.clone()),
+        host,
+        prefix,
+        upstream: upstream?.value,
+        strip_prefix: value_or(strip_prefix, false),
+        provider: provider.map(|leaf| leaf.value),
+        inject,
+        header_name: value_or(header_name, http::header::AUTHORIZATION),
+        scheme: value_or(scheme, DEFAULT_SCHEME.to_owned()),
+        query_param: value_or(query_param, DEFAULT_QUERY_PARAM.to_owned()),
+        retry_on_401: value_or(retry_on_401, true),
+        incoming_authorization: value_or(incoming_authorization, IncomingAuthorization::Replace),
+    };
+    Some((config, name))
+}
+
+/// An explicit route name.
+fn route_name(value: &Value) -> Result<String, String> {
+    let name = reader::string(value)?;
+    if is_valid_name(&name) {
+        Ok(name)
+    } else {
+        Err(format!("invalid route name `{name}`; {NAME_RULE}"))
+    }
+}
+
+/// A host to match: lowercased, without a port; IPv6 addresses in brackets.
+fn route_host(value: &Value) -> Result<String, String> {
+    let host = reader::string(value)?.trim().to_ascii_lowercase();
+    if host.is_empty() {
+        return Err("must not be empty; remove the key to match any host".to_owned());
+    }
+    if host.contains('/') {
+        return Err("expected a host name such as \"orders.internal\", not a URL or a path".to_owned());
+    }
+    if host.contains('*') {
+        return Err("wildcard hosts are not supported; give each host a route of its own".to_owned());
+    }
+    if let Ok(ip) = host.parse::<Ipv6Addr>() {
+        return Ok(format!("[{ip}]"));
+    }
+    let has_port = match host.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').is_some_and(|(_, after)| !after.is_empty()),
+        None => host.contains(':'),
+    };
+    if has_port {
+        return Err(format!(
+            "give the host without a port (`{}`); the port is ignored when matching",
+            host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h)
+        ));
+    }
+    url::Host::parse(&host).map(|parsed| parsed.to_string()).map_err(|e| format!("invalid host `{host}`: {e}"))
+}
+
+/// A path prefix: starts with `/`; trailing slashes are dropped (`/orders/` is `/orders`).
+fn route_prefix(value: &Value) -> Result<String, String> {
+    let prefix = reader::string(value)?;
+    if !prefix.starts_with('/') {
+        return Err(format!("must start with `/`, e.g. \"/{}\"", prefix.trim_start_matches('/')));
+    }
+    if prefix.chars().any(|c| c == '?' || c == '#' || c.is_whitespace() || c.is_control()) {
+        return Err("must be a plain path, without query, fragment or whitespace".to_owned());
+    }
+    let trimmed = prefix.trim_end_matches('/');
+    Ok(if trimmed.is_empty() { "/" } else { trimmed }.to_owned())
+}
+
+/// The header that carries the token: a valid name that survives the trip upstream.
+fn header_name(value: &Value) -> Result<HeaderName, String> {
+    let text = reader::string(value)?;
+    let name =
+        HeaderName::from_bytes(text.trim().as_bytes()).map_err(|_| format!("`{text}` is not a valid header name"))?;
+    if RESERVED_HEADERS.contains(&name.as_str()) {
+        return Err(format!("`{name}` cannot carry a token: it is a hop-by-hop or message-framing header"));
+    }
+    Ok(name)
+}
+
+/// An HTTP authentication scheme (an RFC 9110 token), or empty for the raw token.
+fn auth_scheme(value: &Value) -> Result<String, String> {
+    let scheme = reader::string(value)?;
+    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if scheme.chars().all(is_tchar) {
+        Ok(scheme)
+    } else {
+        Err("must be an auth scheme such as \"Bearer\" (no spaces), or \"\" to send the raw token".to_owned())
+    }
+}

@@ -1,0 +1,560 @@
+//! Unit tests of configuration loading: defaults, layering, every-error reporting, secrets and the redacted print.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Jail;
+
+use super::*;
+
+mod routes;
+
+/// The smallest valid configuration: one pass-through route.
+const MINIMAL: &str = r#"
+[[routes]]
+upstream = "http://127.0.0.1:3000"
+"#;
+
+fn load(toml: &str) -> Result<Config, ConfigError> {
+    Config::from_toml_str(toml, "tokenproxy.toml")
+}
+
+/// The problems of an invalid configuration, one display line each.
+fn problems(result: Result<Config, ConfigError>) -> Vec<String> {
+    match result {
+        Err(ConfigError::Invalid(problems)) => problems.iter().map(ToString::to_string).collect(),
+        Err(other) => panic!("expected Invalid, got {other}"),
+        Ok(config) => panic!("expected Invalid, got {config:#?}"),
+    }
+}
+
+/// Runs `f` in a figment jail: its own working directory, environment restored afterwards, one jail at a time.
+#[allow(clippy::result_large_err)] // the closure's error type is figment's, fixed by `Jail`
+fn in_jail(f: impl FnOnce(&mut Jail)) {
+    Jail::expect_with(|jail| {
+        f(jail);
+        Ok(())
+    });
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// A TOML string literal for `s`.
+fn quoted(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// A temporary file holding `contents`.
+fn temp_file(contents: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(contents.as_bytes()).unwrap();
+    file
+}
+
+/// A provider `orders` with an inline secret, a route using it, and `extra` appended to the provider.
+fn with_provider(extra: &str) -> String {
+    format!(
+        r#"
+[providers.orders]
+token_url = "https://idp.example/oauth2/token"
+client_id = "orders-client"
+client_secret = "s3cret-value"
+{extra}
+
+[[routes]]
+prefix = "/orders"
+upstream = "https://orders.internal:8443"
+provider = "orders"
+"#
+    )
+}
+
+#[test]
+fn defaults_apply_to_a_minimal_config() {
+    let config = load(MINIMAL).unwrap();
+    let server = &config.server;
+    assert_eq!(server.listen, addr("127.0.0.1:8080"));
+    assert!(server.tls.is_none());
+    assert_eq!(server.request_timeout, Duration::from_secs(30));
+    assert_eq!(server.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(server.max_connections, 10_000);
+    assert_eq!(server.replay_buffer, 64 * 1024);
+    assert_eq!(server.shutdown_grace, Duration::from_secs(20));
+    assert_eq!(server.worker_threads, None);
+    assert_eq!(config.admin.listen, addr("127.0.0.1:9090"));
+    assert_eq!(config.log.format, LogFormat::Pretty);
+    assert_eq!(config.log.level, "info");
+    assert_eq!(config.state.dir, PathBuf::from("./tokenproxy-state"));
+    assert!(config.providers.is_empty());
+
+    let [route] = config.routes.as_slice() else { panic!("one route expected: {:?}", config.routes) };
+    assert_eq!(route.name, "/");
+    assert_eq!(route.host, None);
+    assert_eq!(route.prefix, "/");
+    assert_eq!(route.upstream.as_str(), "http://127.0.0.1:3000/");
+    assert!(!route.strip_prefix);
+    assert_eq!(route.provider, None);
+    assert_eq!(route.inject, Inject::Header);
+    assert_eq!(route.header_name, http::header::AUTHORIZATION);
+    assert_eq!(route.scheme, "Bearer");
+    assert_eq!(route.query_param, "access_token");
+    assert!(route.retry_on_401);
+    assert_eq!(route.incoming_authorization, IncomingAuthorization::Replace);
+}
+
+#[test]
+fn provider_defaults() {
+    let config = load(&with_provider("")).unwrap();
+    let orders = &config.providers["orders"];
+    assert_eq!(orders.name, "orders");
+    assert_eq!(orders.grant, Grant::ClientCredentials);
+    assert_eq!(orders.client_auth, ClientAuth::ClientSecretBasic);
+    assert_eq!(orders.refresh_at, 0.75);
+    assert_eq!(orders.expiry_skew, Duration::from_secs(30));
+    assert_eq!(orders.default_lifetime, Duration::from_secs(300));
+    assert_eq!(orders.timeout, Duration::from_secs(10));
+    assert_eq!(orders.scope, None);
+    assert!(orders.extra_params.is_empty());
+    assert_eq!(orders.client_secret, Some(SecretSource::Inline(Secret::new("s3cret-value"))));
+}
+
+#[test]
+fn the_example_config_loads() {
+    in_jail(|jail| {
+        jail.set_env("ORDERS_CLIENT_SECRET", "from-the-environment");
+        let config = Config::from_toml_str(include_str!("../../config.example.toml"), "config.example.toml").unwrap();
+        let orders = &config.providers["orders"];
+        assert_eq!(orders.token_url.as_str(), "https://idp.example/oauth2/token");
+        assert_eq!(orders.client_id, "orders-client");
+        assert_eq!(orders.client_secret, Some(SecretSource::Env("ORDERS_CLIENT_SECRET".into())));
+        assert_eq!(orders.scope.as_deref(), Some("orders.read orders.write"));
+        let [route] = config.routes.as_slice() else { panic!("one route expected") };
+        assert_eq!(route.name, "orders");
+        assert_eq!(route.prefix, "/orders");
+        assert!(route.strip_prefix);
+        assert_eq!(route.provider.as_deref(), Some("orders"));
+        assert_eq!(route.header_name, http::header::AUTHORIZATION);
+        // Every value the example spells out is the default.
+        let defaults = load(MINIMAL).unwrap();
+        assert_eq!(config.server.listen, defaults.server.listen);
+        assert_eq!(config.server.replay_buffer, defaults.server.replay_buffer);
+        assert_eq!(config.server.shutdown_grace, defaults.server.shutdown_grace);
+        assert_eq!(config.admin.listen, defaults.admin.listen);
+        assert_eq!(config.state.dir, defaults.state.dir);
+    });
+}
+
+#[test]
+fn the_example_config_names_a_missing_secret_variable() {
+    in_jail(|_| {
+        let lines = problems(Config::from_toml_str(include_str!("../../config.example.toml"), "config.example.toml"));
+        assert_eq!(
+            lines,
+            [
+                "providers.orders.client_secret_env: environment variable `ORDERS_CLIENT_SECRET` is not set (from config.example.toml)"
+            ]
+        );
+    });
+}
+
+#[test]
+fn the_spec_example_error() {
+    let toml = with_provider("").replace("https://idp.example/oauth2/token", "/oauth2/token");
+    assert_eq!(
+        problems(load(&toml)),
+        ["providers.orders.token_url: relative URL without a base (from tokenproxy.toml)"]
+    );
+}
+
+#[test]
+fn the_environment_overrides_the_file() {
+    in_jail(|jail| {
+        jail.create_file(
+            "tokenproxy.toml",
+            r#"
+            [server]
+            listen = "127.0.0.1:8080"
+            max_connections = 100
+
+            [providers.orders]
+            token_url = "https://idp.example/oauth2/token"
+            client_id = "from-file"
+            client_secret_file = "/nonexistent/secret"
+
+            [[routes]]
+            prefix = "/orders"
+            upstream = "https://orders.internal"
+            provider = "orders"
+            "#,
+        )
+        .unwrap();
+        jail.set_env("TOKENPROXY_SERVER__LISTEN", "0.0.0.0:8081");
+        jail.set_env("TOKENPROXY_SERVER__MAX_CONNECTIONS", "5");
+        jail.set_env("TOKENPROXY_LOG__FORMAT", "json");
+        // A string key keeps the variable's exact text, leading zeros and all.
+        jail.set_env("TOKENPROXY_PROVIDERS__ORDERS__CLIENT_ID", "007");
+        // The environment's inline secret replaces the file's `client_secret_file`.
+        jail.set_env("TOKENPROXY_PROVIDERS__ORDERS__CLIENT_SECRET", "s3cret");
+        jail.set_env("TOKENPROXY_PROVIDERS__ORDERS__EXTRA_PARAMS", "{tenant = \"acme\"}");
+        jail.set_env("TOKENPROXY_PROVIDERS__ORDERS__REFRESH_AT", "0.5");
+        // Names the file for the CLI; not a key.
+        jail.set_env("TOKENPROXY_CONFIG", "elsewhere.toml");
+
+        let config = Config::load(Path::new("tokenproxy.toml")).unwrap();
+        assert_eq!(config.server.listen, addr("0.0.0.0:8081"));
+        assert_eq!(config.server.max_connections, 5);
+        assert_eq!(config.log.format, LogFormat::Json);
+        let orders = &config.providers["orders"];
+        assert_eq!(orders.client_id, "007");
+        assert_eq!(orders.client_secret, Some(SecretSource::Inline(Secret::new("s3cret"))));
+        assert_eq!(orders.extra_params.get("tenant").map(String::as_str), Some("acme"));
+        assert_eq!(orders.refresh_at, 0.5);
+    });
+}
+
+#[test]
+fn errors_name_the_environment_variable() {
+    in_jail(|jail| {
+        jail.create_file("tokenproxy.toml", &with_provider("")).unwrap();
+        jail.set_env("TOKENPROXY_SERVER__LISTEN", "localhost:8080");
+        jail.set_env("TOKENPROXY_SERVER__REQUEST_TIMEOUT", "30");
+        jail.set_env("TOKENPROXY_PROVIDERS__ORDERS__CLIENT_SECRET", "");
+        jail.set_env("TOKENPROXY_PROVIDERS__ORDERS__TOKEN_ULR", "https://idp.example/token");
+        let lines = problems(Config::load(Path::new("tokenproxy.toml")));
+        assert_eq!(
+            lines,
+            [
+                "server.listen: invalid address `localhost:8080`; expected an IP address and port such as \"127.0.0.1:8080\" or \"[::]:8080\" (host names are not resolved here) (from TOKENPROXY_SERVER__LISTEN)",
+                "server.request_timeout: invalid duration `30` (time unit needed, for example 30sec or 30ms); durations are strings such as \"250ms\", \"30s\" or \"5m\" (from TOKENPROXY_SERVER__REQUEST_TIMEOUT)",
+                "providers.orders.client_secret: the secret is empty (from TOKENPROXY_PROVIDERS__ORDERS__CLIENT_SECRET)",
+                "providers.orders.token_ulr: unknown key; did you mean `token_url`? (from TOKENPROXY_PROVIDERS__ORDERS__TOKEN_ULR)",
+            ]
+        );
+    });
+}
+
+#[test]
+fn a_missing_key_is_blamed_on_the_layer_that_has_its_table() {
+    in_jail(|jail| {
+        let toml = with_provider("").replace("client_id = \"orders-client\"\n", "");
+        jail.create_file("tokenproxy.toml", &toml).unwrap();
+        // Merged into the file's table: the missing key is still the file's.
+        jail.set_env("TOKENPROXY_PROVIDERS__ORDERS__SCOPE", "orders.read");
+        // A provider made by the environment alone: its missing keys are blamed on the variable that made it.
+        jail.set_env("TOKENPROXY_PROVIDERS__BILLING__CLIENT_ID", "billing");
+        let lines = problems(Config::load(Path::new("tokenproxy.toml")));
+        assert_eq!(
+            lines,
+            [
+                "providers.billing.token_url: missing; set the IdP's token endpoint, e.g. token_url = \"https://idp.example/oauth2/token\" (from TOKENPROXY_PROVIDERS__BILLING__CLIENT_ID)",
+                "providers.billing.client_secret: missing; client_auth = \"client_secret_basic\" needs `client_secret`, `client_secret_file` or `client_secret_env` (from TOKENPROXY_PROVIDERS__BILLING__CLIENT_ID)",
+                "providers.orders.client_id: missing; set the OAuth2 client identifier (from tokenproxy.toml)",
+            ]
+        );
+    });
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let toml = r#"
+        [server]
+        request_timeout = 30
+        max_connections = 0
+        replay_buffer = "lots"
+
+        [log]
+        format = "jsno"
+
+        [providers.orders]
+        token_url = "ftp://idp.example/token"
+        grant = "refresh_token"
+        client_id = 1234
+        refresh_at = 1.5
+
+        [providers.billing]
+        issuer = "https://idp.example"
+        client_id = "billing"
+        client_auth = "none"
+
+        [[routes]]
+        prefix = "orders"
+        upstream = "https://orders.internal?x=1"
+        provider = "orders"
+
+        [[routes]]
+        host = "Billing.Internal:8443"
+        upstream = "https://billing.internal"
+        provider = "ordrs"
+    "#;
+    assert_eq!(
+        problems(load(toml)),
+        [
+            "server.request_timeout: a bare number has no unit; durations are strings such as \"250ms\", \"30s\" or \"5m\" (from tokenproxy.toml)",
+            "server.max_connections: must be at least 1 (from tokenproxy.toml)",
+            "server.replay_buffer: expected a size, found `lots`; sizes are byte counts or strings such as \"64KiB\" or \"1MiB\" (from tokenproxy.toml)",
+            "log.format: unknown value `jsno` (expected one of: pretty, json); did you mean `json`? (from tokenproxy.toml)",
+            "providers.billing.issuer: discovery via `issuer` is not implemented yet; set token_url (from tokenproxy.toml)",
+            "providers.orders.token_url: must be an http:// or https:// URL (found scheme `ftp`) (from tokenproxy.toml)",
+            "providers.orders.grant: grant `refresh_token` is not supported by this version (supported: client_credentials) (from tokenproxy.toml)",
+            "providers.orders.client_id: expected a string, found a number; quote it (from tokenproxy.toml)",
+            "providers.orders.client_secret: missing; client_auth = \"client_secret_basic\" needs `client_secret`, `client_secret_file` or `client_secret_env` (from tokenproxy.toml)",
+            "providers.orders.refresh_at: must be greater than 0 and at most 1 (a fraction of the token's lifetime), found 1.5 (from tokenproxy.toml)",
+            "routes[0].prefix: must start with `/`, e.g. \"/orders\" (from tokenproxy.toml)",
+            "routes[0].upstream: must not have a ?query; each request's own query is forwarded (from tokenproxy.toml)",
+            "routes[1].host: give the host without a port (`billing.internal`); the port is ignored when matching (from tokenproxy.toml)",
+            "routes[1].provider: no provider named `ordrs` (defined: billing, orders) (from tokenproxy.toml)",
+        ]
+    );
+}
+
+#[test]
+fn unknown_keys_are_errors_with_suggestions() {
+    let toml = r#"
+        [server]
+        listn = "127.0.0.1:8080"
+
+        [provider.orders]
+        token_url = "https://idp.example/token"
+
+        [[routes]]
+        upstream = "http://127.0.0.1:3000"
+        strip_prefx = true
+        colour = "blue"
+    "#;
+    assert_eq!(
+        problems(load(toml)),
+        [
+            "server.listn: unknown key; did you mean `listen`? (from tokenproxy.toml)",
+            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization) (from tokenproxy.toml)",
+            "routes[0].strip_prefx: unknown key; did you mean `strip_prefix`? (from tokenproxy.toml)",
+            "provider: unknown key; did you mean `providers`? (from tokenproxy.toml)",
+        ]
+    );
+}
+
+#[test]
+fn a_secret_file_is_read_and_trimmed() {
+    let file = temp_file("  s3cret-from-file\n\n");
+    let source = SecretSource::File(file.path().to_owned());
+    assert_eq!(source.read().unwrap().expose(), "s3cret-from-file");
+
+    let toml = with_provider("").replace(
+        "client_secret = \"s3cret-value\"",
+        &format!("client_secret_file = {}", quoted(&file.path().display().to_string())),
+    );
+    let config = load(&toml).unwrap();
+    assert_eq!(config.providers["orders"].client_secret, Some(SecretSource::File(file.path().to_owned())));
+}
+
+#[test]
+fn unreadable_or_empty_secrets_are_errors_that_name_the_file_or_variable() {
+    let empty = temp_file(" \n");
+    let empty_path = empty.path().display().to_string();
+    let toml = with_provider("")
+        .replace("client_secret = \"s3cret-value\"", &format!("client_secret_file = {}", quoted(&empty_path)));
+    assert_eq!(
+        problems(load(&toml)),
+        [format!("providers.orders.client_secret_file: secret file {empty_path} is empty (from tokenproxy.toml)")]
+    );
+
+    let toml = with_provider("")
+        .replace("client_secret = \"s3cret-value\"", "client_secret_file = \"/nonexistent/tokenproxy/secret\"");
+    let lines = problems(load(&toml));
+    assert_eq!(lines.len(), 1);
+    assert!(
+        lines[0].starts_with(
+            "providers.orders.client_secret_file: cannot read secret file /nonexistent/tokenproxy/secret: "
+        ),
+        "{lines:?}"
+    );
+
+    let toml = with_provider("").replace("\"s3cret-value\"", "\"\"");
+    assert_eq!(problems(load(&toml)), ["providers.orders.client_secret: the secret is empty (from tokenproxy.toml)"]);
+
+    let missing = SecretSource::Env("TOKENPROXY_TEST_SURELY_UNSET_VARIABLE".into());
+    assert_eq!(
+        missing.read().unwrap_err().to_string(),
+        "environment variable `TOKENPROXY_TEST_SURELY_UNSET_VARIABLE` is not set"
+    );
+}
+
+#[test]
+fn two_forms_of_one_secret_are_an_error() {
+    let toml = with_provider("client_secret_env = \"ORDERS_SECRET\"");
+    assert_eq!(
+        problems(load(&toml)),
+        ["providers.orders.client_secret_env: `client_secret` and `client_secret_env` are all set; set only one (from tokenproxy.toml)"]
+    );
+}
+
+#[test]
+fn secrets_never_print() {
+    let secret = Secret::new("hunter2");
+    assert_eq!(format!("{secret}"), "[redacted]");
+    assert_eq!(format!("{secret:?}"), "[redacted]");
+    let source = SecretSource::Inline(secret.clone());
+    assert!(!format!("{source:?}").contains("hunter2"));
+    assert_eq!(serde_json::to_string(&secret).unwrap(), "\"[redacted]\"");
+    assert_eq!(secret.expose(), "hunter2");
+
+    let config = load(&with_provider("")).unwrap();
+    assert!(!format!("{config:?}").contains("s3cret-value"));
+}
+
+#[test]
+fn a_toml_syntax_error_does_not_echo_the_line() {
+    let toml = "[providers.orders]\nclient_secret = \"hunter2\n";
+    let lines = problems(load(toml));
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].starts_with("invalid TOML at line 2, column "), "{lines:?}");
+    assert!(lines[0].ends_with("(from tokenproxy.toml)"), "{lines:?}");
+    assert!(!lines[0].contains("hunter2"), "{lines:?}");
+    assert!(!lines[0].contains('\n'), "{lines:?}");
+}
+
+#[test]
+fn the_redacted_toml_hides_secrets_and_loads_back() {
+    let secret_file = temp_file("file-secret\n");
+    let toml = format!(
+        r#"
+        [server]
+        replay_buffer = "1MiB"
+        request_timeout = "1m 30s"
+        worker_threads = 2
+
+        [providers.orders]
+        token_url = "https://idp.example/oauth2/token"
+        client_id = "orders-client"
+        client_secret = "s3cret-value"
+        scope = "orders.read"
+        extra_params = {{ tenant = "acme" }}
+
+        [providers.billing]
+        token_url = "https://idp.example/oauth2/token"
+        client_id = "billing-client"
+        client_secret_file = {}
+
+        [[routes]]
+        prefix = "/orders"
+        upstream = "https://orders.internal:8443"
+        provider = "orders"
+        inject = "query"
+
+        [[routes]]
+        host = "billing.internal"
+        upstream = "https://billing.internal"
+        provider = "billing"
+
+        [[routes]]
+        prefix = "/public"
+        upstream = "http://127.0.0.1:3000"
+        "#,
+        quoted(&secret_file.path().display().to_string())
+    );
+    let config = load(&toml).unwrap();
+    let printed = config.to_redacted_toml();
+    assert!(!printed.contains("s3cret-value"), "{printed}");
+    assert!(!printed.contains("file-secret"), "{printed}");
+    assert!(printed.contains("client_secret = \"[redacted]\""), "{printed}");
+    assert!(printed.contains("replay_buffer = \"1MiB\""), "{printed}");
+    assert!(printed.contains("request_timeout = \"1m 30s\""), "{printed}");
+    assert!(printed.contains("expiry_skew = \"30s\""), "{printed}");
+    printed.parse::<toml::Table>().unwrap();
+
+    // It loads back into the same configuration, the inline secret aside.
+    let reloaded = load(&printed).unwrap_or_else(|e| panic!("{e}\n{printed}"));
+    assert_eq!(reloaded.to_redacted_toml(), printed);
+    assert_eq!(reloaded.providers["orders"].client_secret, Some(SecretSource::Inline(Secret::new("[redacted]"))));
+    assert_eq!(reloaded.server.replay_buffer, 1024 * 1024);
+    assert_eq!(reloaded.server.request_timeout, Duration::from_secs(90));
+    assert_eq!(reloaded.routes[1].name, "billing.internal/");
+}
+
+#[test]
+fn load_reports_an_unreadable_file() {
+    match Config::load(Path::new("/nonexistent/tokenproxy.toml")) {
+        Err(ConfigError::Unreadable { path, .. }) => {
+            assert_eq!(path, PathBuf::from("/nonexistent/tokenproxy.toml"))
+        }
+        other => panic!("expected Unreadable, got {other:?}"),
+    }
+}
+
+#[test]
+fn sizes_and_durations() {
+    let toml =
+        format!("[server]\nreplay_buffer = 4096\nshutdown_grace = \"0s\"\nheader_read_timeout = \"250ms\"\n{MINIMAL}");
+    let config = load(&toml).unwrap();
+    assert_eq!(config.server.replay_buffer, 4096);
+    assert_eq!(config.server.shutdown_grace, Duration::ZERO);
+    assert_eq!(config.server.header_read_timeout, Duration::from_millis(250));
+
+    let toml = format!("[server]\nreplay_buffer = \"64KB\"\nrequest_timeout = \"0s\"\n{MINIMAL}");
+    assert_eq!(problems(load(&toml)), ["server.request_timeout: must be greater than zero (from tokenproxy.toml)"]);
+}
+
+#[test]
+fn unsupported_features_are_refused_not_ignored() {
+    let toml =
+        with_provider("client_auth = \"private_key_jwt\"\nrefresh_token = \"rt\"\nclient_cert_file = \"/etc/hosts\"")
+            + "\n[state]\nstore = \"redis\"\n";
+    assert_eq!(
+        problems(load(&toml)),
+        [
+            "state.store: shared stores are not implemented yet; remove the key to use the embedded store in `state.dir` (from tokenproxy.toml)",
+            "providers.orders.client_auth: client_auth `private_key_jwt` is not supported by this version (supported: client_secret_basic, client_secret_post, none) (from tokenproxy.toml)",
+            "providers.orders.refresh_token: only used with grant = \"refresh_token\"; remove it (from tokenproxy.toml)",
+            "providers.orders.client_key_file: missing; `client_cert_file` needs its private key (from tokenproxy.toml)",
+        ]
+    );
+}
+
+#[test]
+fn names_and_listeners_are_checked() {
+    let toml = r#"
+        [admin]
+        listen = "127.0.0.1:8080"
+
+        [providers."my idp"]
+        token_url = "https://idp.example/token"
+        client_id = "x"
+        client_auth = "none"
+        extra_params = { grant_type = "password", scope = "a" }
+
+        [[routes]]
+        name = "with space"
+        upstream = "http://127.0.0.1:3000"
+    "#;
+    assert_eq!(
+        problems(load(toml)),
+        [
+            "admin.listen: the admin listener needs an address of its own; it equals server.listen (from tokenproxy.toml)",
+            "providers.my idp: invalid provider name; names may only contain letters, digits, `_`, `.` and `-` (from tokenproxy.toml)",
+            "providers.my idp.extra_params.grant_type: `grant_type` is sent by tokenproxy itself (from tokenproxy.toml)",
+            "providers.my idp.extra_params.scope: `scope` is sent by tokenproxy itself; set the provider's `scope` instead (from tokenproxy.toml)",
+            "routes[0].name: invalid route name `with space`; names may only contain letters, digits, `_`, `.` and `-` (from tokenproxy.toml)",
+        ]
+    );
+}
+
+#[test]
+fn problem_display_and_error_display() {
+    let error = ConfigError::Invalid(vec![
+        Problem { key: "a.b".into(), message: "bad".into(), source: "x.toml".into() },
+        Problem { key: "c".into(), message: "worse".into(), source: "TOKENPROXY_C".into() },
+    ]);
+    assert_eq!(error.to_string(), "a.b: bad (from x.toml)\nc: worse (from TOKENPROXY_C)");
+}
+
+#[test]
+fn suggestions_are_close_matches_only() {
+    let known = ["listen", "request_timeout", "max_connections"];
+    assert_eq!(reader::suggest("listn", known), Some("listen"));
+    assert_eq!(reader::suggest("LISTEN", known), Some("listen"));
+    assert_eq!(reader::suggest("request_timoeut", known), Some("request_timeout"));
+    assert_eq!(reader::suggest("colour", known), None);
+}

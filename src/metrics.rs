@@ -1,0 +1,234 @@
+//! The Prometheus registry and typed metric handles.
+//!
+//! Every metric name of SPEC.md's table is defined here and nowhere else. Other modules get small typed handle
+//! structs ([`ProviderMetrics`], [`RouteMetrics`]) with the label values already resolved, so that recording on the
+//! hot path is an atomic add rather than a label lookup.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Why a token call was made (label `reason` of `tokenproxy_token_refreshes_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshReason {
+    /// The first token of a provider, fetched eagerly at startup (and its retries).
+    Startup,
+    /// The scheduled background refresh before the token stops being usable.
+    Proactive,
+    /// A request found no usable token.
+    Expired,
+    /// An upstream answered 401 to the current token generation.
+    Unauthorized,
+    /// `POST /tokens/{provider}/refresh`.
+    Manual,
+}
+
+impl RefreshReason {
+    /// Every reason, in label order.
+    pub const ALL: [RefreshReason; 5] =
+        [Self::Startup, Self::Proactive, Self::Expired, Self::Unauthorized, Self::Manual];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Startup => "startup",
+            Self::Proactive => "proactive",
+            Self::Expired => "expired",
+            Self::Unauthorized => "unauthorized",
+            Self::Manual => "manual",
+        }
+    }
+}
+
+/// What became of a request that got a 401 from its upstream (label `outcome` of `tokenproxy_replays_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayOutcome {
+    /// Replayed with a fresh token and the upstream accepted it.
+    Success,
+    /// Replayed with a fresh token and the upstream answered 401 again.
+    StillUnauthorized,
+    /// The request body could not be kept (too large or not fully read), so the 401 passed through.
+    NotReplayable,
+}
+
+/// The process-wide registry with every tokenproxy metric.
+pub struct Metrics {
+    registry: Registry,
+    token_requests: IntCounterVec,
+    token_request_duration: HistogramVec,
+    token_refreshes: IntCounterVec,
+    token_expires_at: IntGaugeVec,
+    singleflight_waiters: IntCounterVec,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_unauthorized: IntCounterVec,
+    replays: IntCounterVec,
+    inflight: IntGauge,
+}
+
+/// Metric handles for one token provider.
+#[derive(Clone)]
+pub struct ProviderMetrics {
+    /// IdP calls that returned a usable token.
+    pub token_success: IntCounter,
+    /// IdP calls that failed in any way.
+    pub token_error: IntCounter,
+    /// Duration of IdP calls, in seconds.
+    pub token_duration: Histogram,
+    refreshes: [IntCounter; 5],
+    /// Unix time at which the current token expires.
+    pub expires_at: IntGauge,
+    /// Requests that waited on a token call already in flight.
+    pub singleflight_waiters: IntCounter,
+}
+
+impl ProviderMetrics {
+    /// The refresh counter for `reason`.
+    pub fn refreshes(&self, reason: RefreshReason) -> &IntCounter {
+        &self.refreshes[reason as usize]
+    }
+}
+
+/// Metric handles for one route.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    route: String,
+    requests: IntCounterVec,
+    /// Request duration in seconds, from the request's arrival to the response head.
+    pub duration: Histogram,
+    /// 401s seen from the upstream.
+    pub upstream_unauthorized: IntCounter,
+    replays: [IntCounter; 3],
+    /// Requests being served now (shared by all routes).
+    pub inflight: IntGauge,
+}
+
+impl RouteMetrics {
+    /// Counts one answered request with its final status.
+    pub fn count_status(&self, status: http::StatusCode) {
+        self.requests.with_label_values(&[self.route.as_str(), status.as_str()]).inc();
+    }
+
+    /// The replay counter for `outcome`.
+    pub fn replays(&self, outcome: ReplayOutcome) -> &IntCounter {
+        &self.replays[outcome as usize]
+    }
+}
+
+/// Buckets for request and token-call durations: 0.5 ms to 30 s.
+const DURATION_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+impl Metrics {
+    /// Creates the registry and registers every metric, including `tokenproxy_build_info`.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+            registry.register(Box::new(c.clone())).expect("metric registered once");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec());
+            let h = HistogramVec::new(opts, labels).expect("static metric definition");
+            registry.register(Box::new(h.clone())).expect("metric registered once");
+            h
+        };
+        let token_requests = counter(
+            "tokenproxy_token_requests_total",
+            "Calls made to an identity provider's token endpoint.",
+            &["provider", "outcome"],
+        );
+        let token_request_duration = histogram(
+            "tokenproxy_token_request_duration_seconds",
+            "Duration of calls to an identity provider's token endpoint.",
+            &["provider"],
+        );
+        let token_refreshes =
+            counter("tokenproxy_token_refreshes_total", "Token refreshes started, by reason.", &["provider", "reason"]);
+        let token_expires_at = IntGaugeVec::new(
+            Opts::new("tokenproxy_token_expires_at_seconds", "Unix time at which the current token expires."),
+            &["provider"],
+        )
+        .expect("static metric definition");
+        registry.register(Box::new(token_expires_at.clone())).expect("metric registered once");
+        let singleflight_waiters = counter(
+            "tokenproxy_singleflight_waiters_total",
+            "Requests that waited on a token call already in flight.",
+            &["provider"],
+        );
+        let requests =
+            counter("tokenproxy_requests_total", "Requests answered, by route and status.", &["route", "status"]);
+        let request_duration =
+            histogram("tokenproxy_request_duration_seconds", "Time to the response head, by route.", &["route"]);
+        let upstream_unauthorized =
+            counter("tokenproxy_upstream_unauthorized_total", "401 answers seen from upstreams.", &["route"]);
+        let replays =
+            counter("tokenproxy_replays_total", "Requests replayed after a 401, by outcome.", &["route", "outcome"]);
+        let inflight = IntGauge::new("tokenproxy_inflight_requests", "Requests being served now.")
+            .expect("static metric definition");
+        registry.register(Box::new(inflight.clone())).expect("metric registered once");
+        let build_info = IntGaugeVec::new(Opts::new("tokenproxy_build_info", "Build information."), &["version"])
+            .expect("static metric definition");
+        registry.register(Box::new(build_info.clone())).expect("metric registered once");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Metrics {
+            registry,
+            token_requests,
+            token_request_duration,
+            token_refreshes,
+            token_expires_at,
+            singleflight_waiters,
+            requests,
+            request_duration,
+            upstream_unauthorized,
+            replays,
+            inflight,
+        }
+    }
+
+    /// Handles for provider `name`; creating them makes the series visible at zero.
+    pub fn provider(&self, name: &str) -> ProviderMetrics {
+        ProviderMetrics {
+            token_success: self.token_requests.with_label_values(&[name, "success"]),
+            token_error: self.token_requests.with_label_values(&[name, "error"]),
+            token_duration: self.token_request_duration.with_label_values(&[name]),
+            refreshes: RefreshReason::ALL.map(|r| self.token_refreshes.with_label_values(&[name, r.as_str()])),
+            expires_at: self.token_expires_at.with_label_values(&[name]),
+            singleflight_waiters: self.singleflight_waiters.with_label_values(&[name]),
+        }
+    }
+
+    /// Handles for route `name`.
+    pub fn route(&self, name: &str) -> RouteMetrics {
+        RouteMetrics {
+            route: name.to_owned(),
+            requests: self.requests.clone(),
+            duration: self.request_duration.with_label_values(&[name]),
+            upstream_unauthorized: self.upstream_unauthorized.with_label_values(&[name]),
+            replays: ["success", "still_unauthorized", "not_replayable"]
+                .map(|outcome| self.replays.with_label_values(&[name, outcome])),
+            inflight: self.inflight.clone(),
+        }
+    }
+
+    /// Handles for requests that matched no route (label `route=""`).
+    pub fn unrouted(&self) -> RouteMetrics {
+        self.route("")
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,127 @@
+//! The proxy's own errors, and the one place where they become HTTP responses (RFC 9457 problem details).
+//!
+//! Every such response has `content-type: application/problem+json` and `x-tokenproxy-error: CODE`, so a caller can
+//! tell them from an upstream's answers. Nothing here ever holds a token or a secret.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+/// The body of every proxied response: the upstream's, streamed, or one of ours.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// The header that marks the proxy's own error responses.
+pub static X_TOKENPROXY_ERROR: HeaderName = HeaderName::from_static("x-tokenproxy-error");
+
+/// An error the proxy answers itself.
+#[derive(Debug)]
+pub enum ProxyError {
+    /// No valid token could be had for the route's provider.
+    TokenUnavailable {
+        /// Why, safe to show.
+        detail: String,
+        /// When to try again.
+        retry_after: Option<Duration>,
+    },
+    /// Connect or TLS to the upstream failed.
+    UpstreamUnreachable(String),
+    /// `request_timeout` passed.
+    UpstreamTimeout(Duration),
+    /// No route matches.
+    NoRoute,
+    /// Absolute-form, CONNECT, or a Host no route names.
+    HostNotAllowed(String),
+    /// A malformed request, or one a route refuses.
+    BadRequest(String),
+}
+
+/// Where an error happened, for the problem body.
+#[derive(Debug, Default, Clone)]
+pub struct ErrorContext {
+    /// The route's name.
+    pub route: Option<Arc<str>>,
+    /// The provider's name.
+    pub provider: Option<Arc<str>>,
+}
+
+impl ProxyError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::HostNotAllowed(_) => StatusCode::FORBIDDEN,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The stable error code of SPEC.md.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
+            ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::NoRoute => "no_route",
+            ProxyError::HostNotAllowed(_) => "host_not_allowed",
+            ProxyError::BadRequest(_) => "bad_request",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            ProxyError::TokenUnavailable { .. } => "No valid access token is available for this route",
+            ProxyError::UpstreamUnreachable(_) => "The upstream could not be reached",
+            ProxyError::UpstreamTimeout(_) => "The upstream did not answer in time",
+            ProxyError::NoRoute => "No route matches this request",
+            ProxyError::HostNotAllowed(_) => "This host is not served by tokenproxy",
+            ProxyError::BadRequest(_) => "Bad request",
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            ProxyError::TokenUnavailable { detail, .. } => detail.clone(),
+            ProxyError::UpstreamUnreachable(detail) => detail.clone(),
+            ProxyError::UpstreamTimeout(after) => format!("no response within request_timeout ({after:?})"),
+            ProxyError::NoRoute => "no configured route matches this host and path".to_owned(),
+            ProxyError::HostNotAllowed(detail) => detail.clone(),
+            ProxyError::BadRequest(detail) => detail.clone(),
+        }
+    }
+
+    /// The problem+json response for this error.
+    pub fn into_response(self, context: &ErrorContext) -> Response<ProxyBody> {
+        let status = self.status();
+        let code = self.code();
+        let mut body = serde_json::json!({
+            "type": format!("urn:tokenproxy:error:{code}"),
+            "title": self.title(),
+            "status": status.as_u16(),
+            "detail": self.detail(),
+            "code": code,
+        });
+        if let Some(route) = &context.route {
+            body["route"] = serde_json::Value::from(route.as_ref());
+        }
+        if let Some(provider) = &context.provider {
+            body["provider"] = serde_json::Value::from(provider.as_ref());
+        }
+        let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(X_TOKENPROXY_ERROR.clone(), HeaderValue::from_static(code));
+        if let ProxyError::TokenUnavailable { retry_after, .. } = &self {
+            let seconds = retry_after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}

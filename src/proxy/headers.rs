@@ -1,0 +1,135 @@
+//! Header rewriting: hop-by-hop stripping (both ways), forwarding headers, and token injection.
+
+use std::net::IpAddr;
+
+use http::header::{CONNECTION, TE, TRANSFER_ENCODING, VIA};
+use http::{HeaderMap, HeaderName, HeaderValue, Version};
+
+/// Hop-by-hop headers of RFC 9110 §7.6.1, plus the non-standard ones proxies have always stripped.
+const HOP_BY_HOP: &[&str] =
+    &["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "trailer", "upgrade"];
+
+/// Removes hop-by-hop headers and every header named in `Connection`. `TE: trailers` survives (gRPC needs it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Names listed in Connection first; removing by &str looks up without allocating.
+    if headers.contains_key(CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+        headers.remove(CONNECTION);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    headers.remove(TRANSFER_ENCODING);
+    if let Some(te) = headers.get(TE) {
+        let only_trailers = te.to_str().is_ok_and(|v| v.split(',').all(|p| p.trim().eq_ignore_ascii_case("trailers")));
+        if !only_trailers {
+            headers.remove(TE);
+        }
+    }
+}
+
+/// The `Via` element this proxy adds, by the protocol version it received.
+pub fn via_element(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_2 => "2 tokenproxy",
+        Version::HTTP_10 => "1.0 tokenproxy",
+        _ => "1.1 tokenproxy",
+    }
+}
+
+/// Appends `element` to `Via`.
+pub fn append_via(headers: &mut HeaderMap, version: Version) {
+    let element = via_element(version);
+    match headers.get(VIA).map(|v| v.as_bytes()) {
+        Some(existing) => {
+            let mut joined = Vec::with_capacity(existing.len() + 2 + element.len());
+            joined.extend_from_slice(existing);
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(element.as_bytes());
+            if let Ok(value) = HeaderValue::from_bytes(&joined) {
+                headers.insert(VIA, value);
+            }
+        }
+        None => {
+            headers.insert(VIA, HeaderValue::from_static(element));
+        }
+    }
+}
+
+/// `X-Forwarded-For` (appended), `X-Forwarded-Proto` and `X-Forwarded-Host` (set) of a request from `peer`.
+pub fn add_forwarding(headers: &mut HeaderMap, peer: IpAddr, tls: bool, original_host: Option<HeaderValue>) {
+    static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+    let peer = peer.to_string();
+    let forwarded_for = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {peer}"),
+        _ => peer,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(XFF.clone(), value);
+    }
+    headers.insert(XFP.clone(), HeaderValue::from_static(if tls { "https" } else { "http" }));
+    match original_host {
+        Some(host) => {
+            headers.insert(XFH.clone(), host);
+        }
+        None => {
+            headers.remove(&XFH);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_standard_and_connection_listed_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, X-Secret-Hop".parse().unwrap());
+        h.append("connection", "x-other".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("x-other", "1".parse().unwrap());
+        h.insert("proxy-authorization", "Basic x".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("te", "gzip".parse().unwrap());
+        h.insert("x-end-to-end", "kept".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-end-to-end"], "kept");
+    }
+
+    #[test]
+    fn te_trailers_survives() {
+        let mut h = HeaderMap::new();
+        h.insert("te", "trailers".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn forwarding_headers_append_and_set() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "10.1.1.1".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        add_forwarding(&mut h, "127.0.0.1".parse().unwrap(), false, Some("api.local:8080".parse().unwrap()));
+        assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.local:8080");
+        append_via(&mut h, Version::HTTP_11);
+        append_via(&mut h, Version::HTTP_2);
+        assert_eq!(h["via"], "1.1 tokenproxy, 2 tokenproxy");
+    }
+}

@@ -1,0 +1,373 @@
+//! The proxy service: a request's life as a short list of phases.
+//!
+//! 1. [`Proxy::select_route`]: refuse CONNECT and hosts no route names (never an open proxy), find the route.
+//! 2. [`Proxy::prepare`]: rewrite the request for the upstream (URI, hop-by-hop, forwarding headers) and apply the
+//!    route's `incoming_authorization` rule.
+//! 3. [`Proxy::credential`]: the provider's current token (the hot path), or a wait on the single token call.
+//! 4. [`Proxy::forward`]: send it, keeping a replayable body when a 401 replay is possible.
+//! 5. [`Proxy::replay_after_401`]: on a 401, invalidate that token generation, get the next token, replay once.
+//! 6. [`Proxy::finish`]: strip hop-by-hop headers from the response and count it.
+//!
+//! Errors become problem+json responses in one place ([`error::ProxyError::into_response`]).
+
+pub mod error;
+pub mod headers;
+pub mod replay;
+pub mod route;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HOST;
+use http::request::Parts;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+pub use error::{ErrorContext, ProxyBody, ProxyError};
+use replay::{Replay, ReplayBody};
+use route::{Injection, Lookup, Route, RouteTable};
+pub use upstream::{UpstreamBody, UpstreamClient};
+
+use crate::config::IncomingAuthorization;
+use crate::metrics::{ReplayOutcome, RouteMetrics};
+use crate::token::Token;
+
+/// What the proxy knows of the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection {
+    /// The caller's address.
+    pub peer: SocketAddr,
+    /// Whether it came over the TLS listener.
+    pub tls: bool,
+}
+
+/// The reverse proxy: routes, the upstream client and the limits that apply to every request.
+pub struct Proxy {
+    table: RouteTable,
+    client: UpstreamClient,
+    replay_buffer: usize,
+    request_timeout: Duration,
+    unrouted: RouteMetrics,
+}
+
+/// What the upstream URI is built from, besides the route.
+struct Target {
+    /// The caller's URI: its path and query.
+    original: http::Uri,
+    /// The query to send instead of the caller's (when the caller's own token parameter was removed).
+    query: Option<String>,
+    /// Attach our token (false when the route keeps the caller's own credential, or has no provider).
+    attach: bool,
+}
+
+/// The first attempt of a request that got a 401.
+struct Attempt<'a> {
+    token: &'a Token,
+    replay: Replay,
+    response: Response<Incoming>,
+}
+
+impl Target {
+    fn query(&self) -> Option<&str> {
+        self.query.as_deref().or(self.original.query())
+    }
+}
+
+impl Proxy {
+    /// A proxy over `table`.
+    pub fn new(
+        table: RouteTable,
+        client: UpstreamClient,
+        replay_buffer: usize,
+        request_timeout: Duration,
+        unrouted: RouteMetrics,
+    ) -> Proxy {
+        Proxy { table, client, replay_buffer, request_timeout, unrouted }
+    }
+
+    /// Serves one request; never fails (errors are responses).
+    pub async fn handle(&self, request: Request<Incoming>, connection: Connection) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let route = match self.select_route(&request) {
+            Ok(route) => route,
+            Err(error) => {
+                let response = error.into_response(&ErrorContext::default());
+                self.unrouted.count_status(response.status());
+                return response;
+            }
+        };
+        let metrics = &route.metrics;
+        metrics.inflight.inc();
+        let response = match self.serve(route, request, connection, started).await {
+            Ok(response) => response,
+            Err(error) => {
+                let context = ErrorContext { route: Some(Arc::clone(&route.name)), provider: route.provider.clone() };
+                tracing::debug!(route = %route.name, code = error.code(), "proxy error: {}", error_detail(&error));
+                error.into_response(&context)
+            }
+        };
+        metrics.inflight.dec();
+        metrics.count_status(response.status());
+        metrics.duration.observe(started.elapsed().as_secs_f64());
+        response
+    }
+
+    /// Phase 1: admission and routing.
+    fn select_route(&self, request: &Request<Incoming>) -> Result<&Route, ProxyError> {
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::HostNotAllowed("CONNECT is refused: tokenproxy is not a forward proxy".into()));
+        }
+        let path = request.uri().path();
+        let absolute_host = match request.version() {
+            // HTTP/2 always carries :authority; it plays the role of Host.
+            Version::HTTP_2 => None,
+            _ => request.uri().host(),
+        };
+        let lookup = match absolute_host {
+            Some(host) => self.table.lookup_absolute(host, path),
+            None => {
+                let host = match request.version() {
+                    Version::HTTP_2 => request.uri().authority().map(|a| a.as_str()),
+                    _ => request.headers().get(HOST).and_then(|h| h.to_str().ok()),
+                };
+                self.table.lookup_origin(host, path)
+            }
+        };
+        match lookup {
+            Lookup::Route(route) => Ok(route),
+            Lookup::NoRoute => Err(ProxyError::NoRoute),
+            Lookup::HostNotAllowed => {
+                Err(ProxyError::HostNotAllowed("no route names this host; nothing was sent anywhere".into()))
+            }
+        }
+    }
+
+    async fn serve(
+        &self,
+        route: &Route,
+        request: Request<Incoming>,
+        connection: Connection,
+        started: Instant,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let deadline = started + self.request_timeout;
+        let (mut parts, body) = request.into_parts();
+        let target = Self::prepare(route, &mut parts, connection)?;
+        let token = match (&route.tokens, target.attach) {
+            (Some(tokens), true) => Some(Self::credential(tokens.as_ref(), None).await?),
+            _ => None,
+        };
+        let replayable = token.is_some() && route.retry_on_401;
+        // Keep what a replay needs: the request head here, the body in ReplayBody.
+        let saved = replayable.then(|| parts.clone());
+        let (body, replay) = if replayable {
+            let (body, replay) = ReplayBody::new(body, self.replay_buffer);
+            (UpstreamBody::Kept { body }, replay)
+        } else {
+            (UpstreamBody::Plain { body }, Replay::none())
+        };
+        let upstream_request = Self::attach(route, &target, parts, token.as_deref(), body)?;
+        let response = self.forward(upstream_request, deadline).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(Self::finish(response));
+        }
+        route.metrics.upstream_unauthorized.inc();
+        match (token, saved) {
+            (Some(token), Some(parts)) => {
+                let first = Attempt { token: &token, replay, response };
+                self.replay_after_401(route, &target, parts, first, deadline).await
+            }
+            _ => Ok(Self::finish(response)),
+        }
+    }
+
+    /// Phase 2: the request as the upstream will see it, minus the token.
+    fn prepare(route: &Route, parts: &mut Parts, connection: Connection) -> Result<Target, ProxyError> {
+        let original_host = match parts.version {
+            Version::HTTP_2 => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+            _ => parts
+                .headers
+                .get(HOST)
+                .cloned()
+                .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())),
+        };
+        let version = parts.version;
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::add_forwarding(&mut parts.headers, connection.peer.ip(), connection.tls, original_host);
+        headers::append_via(&mut parts.headers, version);
+        parts.headers.insert(HOST, route.host_header.clone());
+        // The upstream connection's protocol is the client's business; the request head is version-neutral.
+        parts.version = Version::HTTP_11;
+
+        let caller_credential = match &route.injection {
+            Injection::Query { param } => query_has(parts.uri.query(), param),
+            _ => parts.headers.contains_key(&route.credential_header),
+        };
+        let mut attach = route.tokens.is_some();
+        match route.incoming_authorization {
+            IncomingAuthorization::Reject if caller_credential => {
+                return Err(ProxyError::BadRequest(format!(
+                    "route `{}` does not accept a caller's own credential: remove the `{}` {}",
+                    route.name,
+                    route.credential_header,
+                    if matches!(route.injection, Injection::Query { .. }) { "query parameter" } else { "header" }
+                )));
+            }
+            IncomingAuthorization::Keep if caller_credential => attach = false,
+            _ => {}
+        }
+        let mut query = None;
+        if attach {
+            match &route.injection {
+                Injection::Query { param } => query = parts.uri.query().map(|q| without_param(q, param)),
+                Injection::Bearer => {
+                    parts.headers.remove(http::header::AUTHORIZATION);
+                }
+                Injection::Header { name, .. } => {
+                    parts.headers.remove(name);
+                }
+            }
+        }
+        Ok(Target { original: parts.uri.clone(), query, attach })
+    }
+
+    /// Phase 3: the token to attach: the current one, or a wait for the single token call in flight.
+    async fn credential(
+        tokens: &dyn crate::token::TokenSource,
+        rejected: Option<u64>,
+    ) -> Result<Arc<Token>, ProxyError> {
+        if rejected.is_none() {
+            if let Some(token) = tokens.current() {
+                return Ok(token);
+            }
+        }
+        tokens
+            .obtain(rejected)
+            .await
+            .map_err(|e| ProxyError::TokenUnavailable { detail: e.to_string(), retry_after: e.retry_after })
+    }
+
+    /// Builds the upstream request with `token` attached as the route says.
+    fn attach(
+        route: &Route,
+        target: &Target,
+        mut parts: Parts,
+        token: Option<&Token>,
+        body: UpstreamBody,
+    ) -> Result<Request<UpstreamBody>, ProxyError> {
+        let mut extra_query = None;
+        if let Some(token) = token {
+            match &route.injection {
+                Injection::Bearer => {
+                    parts.headers.insert(http::header::AUTHORIZATION, sensitive(token.bearer.clone()));
+                }
+                Injection::Header { name, prefix } => {
+                    let mut value = Vec::with_capacity(prefix.len() + token.raw.len());
+                    value.extend_from_slice(prefix.as_bytes());
+                    value.extend_from_slice(token.raw.as_bytes());
+                    let value = HeaderValue::from_bytes(&value)
+                        .map_err(|_| ProxyError::BadRequest("cannot format the token header".into()))?;
+                    parts.headers.insert(name.clone(), sensitive(value));
+                }
+                Injection::Query { param } => {
+                    let encoded: String = form_urlencoded::Serializer::new(String::new())
+                        .append_pair(param, token.raw.to_str().unwrap_or_default())
+                        .finish();
+                    extra_query = Some(encoded);
+                }
+            }
+        }
+        let uri = route
+            .upstream_uri(target.original.path(), target.query(), extra_query.as_deref())
+            .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
+        parts.uri = uri;
+        Ok(Request::from_parts(parts, body))
+    }
+
+    /// Phase 4: one exchange with the upstream, bounded by the request's deadline.
+    async fn forward(
+        &self,
+        request: Request<UpstreamBody>,
+        deadline: Instant,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        match tokio::time::timeout_at(deadline, self.client.send(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(ProxyError::UpstreamUnreachable(error.to_string())),
+            Err(_) => Err(ProxyError::UpstreamTimeout(self.request_timeout)),
+        }
+    }
+
+    /// Phase 5: a 401 to a token we attached: refresh that generation (single flight) and replay once.
+    async fn replay_after_401(
+        &self,
+        route: &Route,
+        target: &Target,
+        parts: Parts,
+        first: Attempt<'_>,
+        deadline: Instant,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let Some(tokens) = &route.tokens else { return Ok(Self::finish(first.response)) };
+        let body = match tokio::time::timeout_at(deadline, first.replay.replay()).await {
+            Ok(Some(body)) => body,
+            _ => {
+                route.metrics.replays(ReplayOutcome::NotReplayable).inc();
+                return Ok(Self::finish(first.response));
+            }
+        };
+        let rejected = Some(first.token.generation);
+        let fresh = match tokio::time::timeout_at(deadline, Self::credential(tokens.as_ref(), rejected)).await {
+            Ok(Ok(fresh)) => fresh,
+            // No newer token to be had: the upstream's own 401 is the honest answer.
+            _ => return Ok(Self::finish(first.response)),
+        };
+        drop(first.response);
+        let request = Self::attach(route, target, parts, Some(&fresh), UpstreamBody::Replay { body })?;
+        let response = self.forward(request, deadline).await?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            route.metrics.upstream_unauthorized.inc();
+            route.metrics.replays(ReplayOutcome::StillUnauthorized).inc();
+        } else {
+            route.metrics.replays(ReplayOutcome::Success).inc();
+        }
+        Ok(Self::finish(response))
+    }
+
+    /// Phase 6: the upstream's response as the caller gets it.
+    fn finish(response: Response<Incoming>) -> Response<ProxyBody> {
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        Response::from_parts(parts, Either::Left(body))
+    }
+}
+
+fn sensitive(mut value: HeaderValue) -> HeaderValue {
+    value.set_sensitive(true);
+    value
+}
+
+fn error_detail(error: &ProxyError) -> String {
+    match error {
+        ProxyError::TokenUnavailable { detail, .. } => detail.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Whether the query has parameter `name`.
+fn query_has(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == name))
+}
+
+/// The query without parameter `name` (the caller's own token, replaced by ours).
+fn without_param(query: &str, name: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| {
+            let key = pair.split('=').next().unwrap_or_default();
+            form_urlencoded::parse(key.as_bytes()).next().is_none_or(|(k, _)| k != name)
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}

@@ -1,0 +1,86 @@
+//! rustls configurations: the optional TLS listener, and the client side for upstreams and identity providers.
+//!
+//! Everything uses the `ring` provider (smaller binary, builds with gcc alone). Client configs trust the webpki
+//! roots plus an optional extra CA file, and can present a client certificate (mTLS to an IdP).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::WantsClientCert;
+use rustls::{ClientConfig, ConfigBuilder, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A TLS setup problem, naming the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("{path}: {message}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// rustls refused the configuration (e.g. a key that does not match its certificate).
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem_error = |message: String| TlsError::Pem { path: path.to_owned(), message };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem_error("no PEM certificate found".into()));
+    }
+    Ok(certs)
+}
+
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem { path: path.to_owned(), message: e.to_string() })
+}
+
+/// A server config for the TLS listener, offering h2 and http/1.1 by ALPN.
+pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<ServerConfig, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certificates(cert_file)?, private_key(key_file)?)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Where a client config's trust and identity come from.
+#[derive(Debug, Default, Clone)]
+pub struct ClientTls<'a> {
+    /// Extra CA certificates to trust besides the webpki roots.
+    pub ca_file: Option<&'a Path>,
+    /// Client certificate and key to present.
+    pub client_cert: Option<(&'a Path, &'a Path)>,
+}
+
+/// A client config (webpki roots + optional CA file + optional client certificate). ALPN is left to the connector.
+pub fn client_config(tls: &ClientTls<'_>) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(ca_file) = tls.ca_file {
+        for cert in certificates(ca_file)? {
+            roots
+                .add(cert)
+                .map_err(|e| TlsError::Pem { path: ca_file.to_owned(), message: format!("bad CA certificate: {e}") })?;
+        }
+    }
+    let builder: ConfigBuilder<ClientConfig, WantsClientCert> = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    Ok(match tls.client_cert {
+        Some((cert, key)) => builder.with_client_auth_cert(certificates(cert)?, private_key(key)?)?,
+        None => builder.with_no_client_auth(),
+    })
+}

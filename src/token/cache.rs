@@ -1,0 +1,292 @@
+//! Token slots: the current token of each provider, its generation, and the single-flight rendezvous.
+//!
+//! The hot path ([`TokenSlot::current`]) is one atomic pointer load (`arc-swap`) and a clock read: no lock shared by
+//! all requests. Everything else (demands for a new token, status for the admin API) sits behind small mutexes that
+//! only requests *without* a usable token, the refresher task and the admin API touch.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::metrics::ProviderMetrics;
+
+/// One access token as the proxy uses it. Its `Debug` never shows the token.
+pub struct Token {
+    /// The token itself, validated as a header value.
+    pub raw: HeaderValue,
+    /// `Bearer <token>`, preformatted for the common case of header injection.
+    pub bearer: HeaderValue,
+    /// Increases by one with every token the slot installs; a 401 invalidates only its own generation.
+    pub generation: u64,
+    /// First 8 hex digits of the token's SHA-256, safe to show.
+    pub fingerprint: String,
+    /// The token is never sent at or after this instant (lifetime minus the effective skew).
+    pub usable_until: Instant,
+    /// Wall-clock expiry as the IdP stated it (for `/tokens` and the expiry gauge).
+    pub expires_at: SystemTime,
+    /// When it was obtained.
+    pub obtained_at: SystemTime,
+    /// Set when an upstream answered 401 to this generation: it is then never sent again.
+    rejected: AtomicBool,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("generation", &self.generation)
+            .field("fingerprint", &self.fingerprint)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Token {
+    /// Builds a token; `raw` must already be a valid header value.
+    pub fn new(
+        raw: HeaderValue,
+        generation: u64,
+        usable_until: Instant,
+        expires_at: SystemTime,
+        obtained_at: SystemTime,
+    ) -> Token {
+        let mut bearer = Vec::with_capacity(raw.len() + 7);
+        bearer.extend_from_slice(b"Bearer ");
+        bearer.extend_from_slice(raw.as_bytes());
+        // `raw` is a valid header value and "Bearer " adds only visible ASCII.
+        let bearer = HeaderValue::from_bytes(&bearer).unwrap_or_else(|_| raw.clone());
+        let digest = Sha256::digest(raw.as_bytes());
+        let fingerprint = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        Token {
+            raw,
+            bearer,
+            generation,
+            fingerprint,
+            usable_until,
+            expires_at,
+            obtained_at,
+            rejected: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the token may be sent at `now`.
+    #[inline]
+    pub fn is_usable(&self, now: Instant) -> bool {
+        now < self.usable_until && !self.rejected.load(Ordering::Relaxed)
+    }
+}
+
+/// Refresh requests made by requests or the admin API, taken by the refresher task.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Demand {
+    /// A request found no usable token.
+    pub expired: bool,
+    /// An upstream answered 401 to this generation (the highest one reported).
+    pub unauthorized: Option<u64>,
+    /// The admin API asked for a refresh.
+    pub manual: bool,
+}
+
+/// What the admin API shows of a provider, besides its token.
+#[derive(Debug, Clone, Default)]
+pub struct SlotStatus {
+    /// A token call is in flight.
+    pub in_flight: bool,
+    /// The last token call failed permanently (the IdP refused the client or grant).
+    pub permanent_failure: bool,
+    /// The last error, if the last token call failed (never contains a secret).
+    pub last_error: Option<String>,
+    /// Wall-clock time of the last successful token call.
+    pub last_refresh: Option<SystemTime>,
+    /// Successful token calls so far.
+    pub refreshes: u64,
+    /// After a failed call: no token call before this instant (requests fail fast meanwhile).
+    pub backoff_until: Option<Instant>,
+}
+
+/// The token state of one provider, shared by requests, the refresher task and the admin API.
+pub struct TokenSlot {
+    pub(crate) name: Arc<str>,
+    current: ArcSwapOption<Token>,
+    pub(crate) demand: Mutex<Demand>,
+    pub(crate) wake: Notify,
+    /// Bumped after every completed token call, success or failure: the single-flight rendezvous.
+    pub(crate) attempts: watch::Sender<u64>,
+    pub(crate) status: Mutex<SlotStatus>,
+    pub(crate) metrics: ProviderMetrics,
+    /// How long a request waits for a token call in flight.
+    pub(crate) wait_timeout: Duration,
+}
+
+impl TokenSlot {
+    /// A slot with no token yet.
+    pub fn new(name: &str, metrics: ProviderMetrics, wait_timeout: Duration) -> TokenSlot {
+        TokenSlot {
+            name: Arc::from(name),
+            current: ArcSwapOption::const_empty(),
+            demand: Mutex::new(Demand::default()),
+            wake: Notify::new(),
+            attempts: watch::Sender::new(0),
+            status: Mutex::new(SlotStatus::default()),
+            metrics,
+            wait_timeout,
+        }
+    }
+
+    /// The provider's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The usable token, if there is one: the hot path.
+    #[inline]
+    pub fn current(&self) -> Option<Arc<Token>> {
+        let guard = self.current.load();
+        match &*guard {
+            Some(token) if token.is_usable(Instant::now()) => Some(Arc::clone(token)),
+            _ => None,
+        }
+    }
+
+    /// The latest token, usable or not (for the admin API).
+    pub fn latest(&self) -> Option<Arc<Token>> {
+        self.current.load_full()
+    }
+
+    /// Installs a new token. Only the refresher task does this in the proxy; public for benches and tests.
+    pub fn install(&self, token: Token) {
+        let expires = token.expires_at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.metrics.expires_at.set(i64::try_from(expires).unwrap_or(i64::MAX));
+        self.current.store(Some(Arc::new(token)));
+    }
+
+    /// The generation of the latest token, 0 before the first.
+    pub(crate) fn latest_generation(&self) -> u64 {
+        self.current.load().as_ref().map_or(0, |t| t.generation)
+    }
+
+    /// Marks `generation` as rejected by an upstream, if it is still the current one.
+    pub(crate) fn reject(&self, generation: u64) {
+        if let Some(token) = &*self.current.load() {
+            if token.generation == generation {
+                token.rejected.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A copy of the status (the lock is held only for the copy).
+    pub fn status(&self) -> SlotStatus {
+        lock(&self.status).clone()
+    }
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (state here stays consistent per field).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Why a request could not get a token.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("no valid token for provider `{provider}`: {reason}")]
+pub struct TokenUnavailable {
+    /// The provider's name.
+    pub provider: Arc<str>,
+    /// What went wrong, safe to show (never a token or secret).
+    pub reason: String,
+    /// When a retry may succeed (the end of the IdP backoff).
+    pub retry_after: Option<Duration>,
+}
+
+impl TokenSlot {
+    /// A usable token now, or the result of the single token call in flight (or started for us), waiting at most
+    /// the provider's timeout. `rejected` is the generation an upstream refused, if that is why we ask.
+    pub async fn obtain(&self, rejected: Option<u64>) -> Result<Arc<Token>, TokenUnavailable> {
+        if let Some(generation) = rejected {
+            self.reject(generation);
+        }
+        let fresh_enough = |t: &Token| rejected.is_none_or(|g| t.generation > g);
+        if let Some(token) = self.current().filter(|t| fresh_enough(t)) {
+            return Ok(token);
+        }
+        // Subscribe before looking at the status, so a call that completes in between is still seen.
+        let mut attempts = self.attempts.subscribe();
+        {
+            let status = lock(&self.status);
+            if let Some(until) = status.backoff_until.filter(|_| !status.in_flight) {
+                let now = Instant::now();
+                if until > now {
+                    return Err(self.unavailable(&status, Some(until - now)));
+                }
+            }
+            let mut demand = lock(&self.demand);
+            let already_asked = status.in_flight || demand.expired || demand.unauthorized.is_some();
+            if already_asked {
+                self.metrics.singleflight_waiters.inc();
+            }
+            match rejected {
+                Some(g) => demand.unauthorized = Some(demand.unauthorized.map_or(g, |d| d.max(g))),
+                None => demand.expired = true,
+            }
+        }
+        self.wake.notify_one();
+        let deadline = Instant::now() + self.wait_timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, attempts.changed()).await {
+                Ok(Ok(())) => {}
+                // The refresher task is gone (shutdown) or the wait timed out.
+                Ok(Err(_)) | Err(_) => {
+                    let status = lock(&self.status);
+                    let mut err = self.unavailable(&status, None);
+                    if status.last_error.is_none() {
+                        err.reason = format!("the identity provider did not answer within {:?}", self.wait_timeout);
+                    }
+                    return Err(err);
+                }
+            }
+            if let Some(token) = self.current().filter(|t| fresh_enough(t)) {
+                return Ok(token);
+            }
+            let status = lock(&self.status);
+            if status.last_error.is_some() {
+                let retry = status.backoff_until.map(|u| u.saturating_duration_since(Instant::now()));
+                return Err(self.unavailable(&status, retry));
+            }
+            // A call completed that does not help us (e.g. it predates our demand): wait for the next one.
+        }
+    }
+
+    fn unavailable(&self, status: &SlotStatus, retry_after: Option<Duration>) -> TokenUnavailable {
+        TokenUnavailable {
+            provider: Arc::clone(&self.name),
+            reason: status.last_error.clone().unwrap_or_else(|| "no token obtained yet".to_owned()),
+            retry_after,
+        }
+    }
+
+    /// Asks for a refresh now (admin API) and waits for its outcome.
+    pub async fn refresh_now(&self) -> Result<Arc<Token>, TokenUnavailable> {
+        let mut attempts = self.attempts.subscribe();
+        lock(&self.demand).manual = true;
+        self.wake.notify_one();
+        let before = self.latest_generation();
+        let deadline = Instant::now() + self.wait_timeout * 2;
+        loop {
+            if tokio::time::timeout_at(deadline, attempts.changed()).await.map_or(true, |r| r.is_err()) {
+                let status = lock(&self.status);
+                return Err(self.unavailable(&status, None));
+            }
+            let status = lock(&self.status);
+            if let Some(token) = self.latest().filter(|t| t.generation > before) {
+                return Ok(token);
+            }
+            if !status.in_flight && status.last_error.is_some() {
+                return Err(self.unavailable(&status, None));
+            }
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The refresher: one background task per provider that makes every token call of that provider.
+//!
+//! Because one task owns all calls, single flight holds by construction: proactive, expired, 401 and manual
+//! refreshes are all requests to this task, and at most one call is in flight at a time. The task sleeps until the
+//! earlier of the scheduled refresh and a demand (a `Notify`), like mini-redis's expiry purger.
+//!
+//! Timing follows SPEC.md "Token timing": a token of lifetime L is usable until L − S with S = min(expiry_skew, L/4),
+//! and its refresh is scheduled at min(refresh_at × L, L − S) minus a random jitter of up to 10 % of L. Failed calls
+//! back off exponentially with jitter; permanent errors (the IdP refused the client or the grant) back off in minutes.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::cache::{lock, Token, TokenSlot};
+use super::idp::{IdpClient, TokenError, TokenResponse};
+use crate::metrics::RefreshReason;
+
+/// Timing knobs of one provider, from its config.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Fraction of the lifetime at which the proactive refresh is due.
+    pub refresh_at: f64,
+    /// Never send a token this close to its expiry (capped at a quarter of its lifetime).
+    pub expiry_skew: Duration,
+}
+
+/// When a fresh token stops being usable, and when its background refresh should start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// Offset from issue time after which the token is never sent.
+    pub usable_for: Duration,
+    /// Offset from issue time at which the background refresh starts.
+    pub refresh_after: Duration,
+}
+
+/// Refreshes never follow each other closer than this, whatever the IdP says of lifetimes.
+const MIN_REFRESH_DELAY: Duration = Duration::from_millis(100);
+
+impl Timing {
+    /// The schedule of a token of `lifetime`, with `jitter` in `[0, 1)` as the fraction of the 10 % window to subtract.
+    pub fn schedule(&self, lifetime: Duration, jitter: f64) -> Schedule {
+        let skew = self.expiry_skew.min(lifetime / 4);
+        let usable_for = lifetime - skew;
+        let planned = lifetime.mul_f64(self.refresh_at).min(usable_for);
+        let jitter = lifetime.mul_f64(0.1 * jitter.clamp(0.0, 1.0));
+        let refresh_after = planned.saturating_sub(jitter).max(MIN_REFRESH_DELAY.min(usable_for));
+        Schedule { usable_for, refresh_after }
+    }
+}
+
+/// Exponential backoff with jitter between failed token calls.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: u32,
+}
+
+/// First transient retry is within this.
+const TRANSIENT_BASE: Duration = Duration::from_secs(1);
+/// Permanent errors are retried no sooner than this.
+const PERMANENT_BASE: Duration = Duration::from_secs(60);
+/// No backoff is longer than this (unless the IdP's `Retry-After` asks for it).
+const BACKOFF_CAP: Duration = Duration::from_secs(300);
+/// A `Retry-After` longer than this is taken as this.
+const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
+
+impl Backoff {
+    /// The delay before the next call after `error`; `random` in `[0, 1)`.
+    pub fn next_delay(&mut self, error: &TokenError, random: f64) -> Duration {
+        let exp = 2u32.saturating_pow(self.failures.min(16));
+        self.failures = self.failures.saturating_add(1);
+        let delay = if error.is_permanent() {
+            // "Back off to minutes": between half and all of min(cap, 60 s × 2^n).
+            let ceiling = PERMANENT_BASE.saturating_mul(exp).min(BACKOFF_CAP);
+            ceiling.mul_f64(0.5 + 0.5 * random)
+        } else {
+            // Full jitter: uniform in [0, min(cap, 1 s × 2^n)].
+            TRANSIENT_BASE.saturating_mul(exp).min(BACKOFF_CAP).mul_f64(random)
+        };
+        let delay = delay.max(MIN_REFRESH_DELAY);
+        match error.retry_after() {
+            Some(after) => delay.max(after.min(RETRY_AFTER_CAP)),
+            None => delay,
+        }
+    }
+
+    /// Forgets past failures after a success.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// The background task that makes every token call of one provider.
+pub struct RefreshScheduler {
+    slot: Arc<TokenSlot>,
+    idp: Arc<dyn TokenFetcher>,
+    timing: Timing,
+    /// Fetch at startup, without waiting for a request.
+    eager: bool,
+}
+
+/// Something that can make one token call (the IdP client; a fake in tests).
+pub trait TokenFetcher: Send + Sync + 'static {
+    /// Makes one token call.
+    fn fetch(&self) -> futures_util::future::BoxFuture<'_, Result<TokenResponse, TokenError>>;
+}
+
+impl TokenFetcher for IdpClient {
+    fn fetch(&self) -> futures_util::future::BoxFuture<'_, Result<TokenResponse, TokenError>> {
+        Box::pin(IdpClient::fetch(self))
+    }
+}
+
+impl RefreshScheduler {
+    /// A scheduler for `slot`; `eager` fetches the first token at once.
+    pub fn new(slot: Arc<TokenSlot>, idp: Arc<dyn TokenFetcher>, timing: Timing, eager: bool) -> Self {
+        RefreshScheduler { slot, idp, timing, eager }
+    }
+
+    /// Runs until `shutdown` turns true (or its sender is dropped).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let slot = &self.slot;
+        let mut backoff = Backoff::default();
+        // When the next scheduled call is due; `None` = only on demand.
+        let mut next_at = self.eager.then(Instant::now);
+        let mut ever_had_token = false;
+        loop {
+            let sleep = async {
+                match next_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let reason = tokio::select! {
+                biased;
+                () = crate::stopped(&mut shutdown) => return,
+                () = slot.wake.notified() => match self.take_demand() {
+                    Some(reason) => reason,
+                    None => continue,
+                },
+                () = sleep => self.scheduled_reason(ever_had_token),
+            };
+            slot.metrics.refreshes(reason).inc();
+            lock(&slot.status).in_flight = true;
+            let started_instant = Instant::now();
+            let started_wall = SystemTime::now();
+            let result = self.idp.fetch().await;
+            slot.metrics.token_duration.observe(started_instant.elapsed().as_secs_f64());
+            let mut random = rand::rng();
+            match result {
+                Ok(response) => {
+                    slot.metrics.token_success.inc();
+                    backoff.reset();
+                    ever_had_token = true;
+                    let schedule = self.timing.schedule(response.lifetime, random.random());
+                    let generation = slot.latest_generation() + 1;
+                    let token = Token::new(
+                        response.access_token,
+                        generation,
+                        started_instant + schedule.usable_for,
+                        started_wall + response.lifetime,
+                        SystemTime::now(),
+                    );
+                    slot.install(token);
+                    next_at = Some(started_instant + schedule.refresh_after);
+                    tracing::info!(
+                        provider = %slot.name,
+                        generation,
+                        lifetime_s = response.lifetime.as_secs(),
+                        refresh_in_s = schedule.refresh_after.as_secs(),
+                        reason = reason.as_str(),
+                        "token refreshed"
+                    );
+                    let mut status = lock(&slot.status);
+                    status.in_flight = false;
+                    status.last_error = None;
+                    status.permanent_failure = false;
+                    status.backoff_until = None;
+                    status.last_refresh = Some(SystemTime::now());
+                    status.refreshes += 1;
+                    *lock(&slot.demand) = Default::default();
+                }
+                Err(error) => {
+                    slot.metrics.token_error.inc();
+                    let delay = backoff.next_delay(&error, random.random());
+                    let retry_at = Instant::now() + delay;
+                    next_at = Some(retry_at);
+                    tracing::warn!(
+                        provider = %slot.name,
+                        reason = reason.as_str(),
+                        permanent = error.is_permanent(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "token call failed: {error}"
+                    );
+                    let mut status = lock(&slot.status);
+                    status.in_flight = false;
+                    status.last_error = Some(error.to_string());
+                    status.permanent_failure = error.is_permanent();
+                    status.backoff_until = Some(retry_at);
+                    *lock(&slot.demand) = Default::default();
+                }
+            }
+            slot.attempts.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// The reason for a demand that still needs a call, clearing it; `None` if nothing is needed now.
+    fn take_demand(&self) -> Option<RefreshReason> {
+        let slot = &self.slot;
+        let status = lock(&slot.status);
+        let mut demand = lock(&slot.demand);
+        let taken = std::mem::take(&mut *demand);
+        if taken.manual {
+            return Some(RefreshReason::Manual);
+        }
+        // During a backoff only the admin may force a call; requests fail fast instead.
+        if status.backoff_until.is_some_and(|until| until > Instant::now()) {
+            return None;
+        }
+        let current = slot.current();
+        if let Some(generation) = taken.unauthorized {
+            if current.as_ref().is_none_or(|t| t.generation <= generation) {
+                return Some(RefreshReason::Unauthorized);
+            }
+        }
+        if taken.expired && current.is_none() {
+            return Some(RefreshReason::Expired);
+        }
+        None
+    }
+
+    fn scheduled_reason(&self, ever_had_token: bool) -> RefreshReason {
+        if self.slot.current().is_some() {
+            RefreshReason::Proactive
+        } else if ever_had_token {
+            RefreshReason::Expired
+        } else {
+            RefreshReason::Startup
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing(refresh_at: f64, skew: u64) -> Timing {
+        Timing { refresh_at, expiry_skew: Duration::from_secs(skew) }
+    }
+
+    #[test]
+    fn schedule_refreshes_at_fraction_minus_jitter() {
+        let s = timing(0.75, 30).schedule(Duration::from_secs(3600), 0.0);
+        assert_eq!(s.usable_for, Duration::from_secs(3570));
+        assert_eq!(s.refresh_after, Duration::from_secs(2700));
+        let s = timing(0.75, 30).schedule(Duration::from_secs(3600), 0.999_999);
+        assert!(s.refresh_after > Duration::from_secs(2340) && s.refresh_after <= Duration::from_secs(2341));
+    }
+
+    #[test]
+    fn schedule_never_refreshes_after_usable_window() {
+        // refresh_at = 1.0 would be at expiry: capped at L − S.
+        let s = timing(1.0, 30).schedule(Duration::from_secs(300), 0.0);
+        assert_eq!(s.usable_for, Duration::from_secs(270));
+        assert_eq!(s.refresh_after, Duration::from_secs(270));
+        // Short tokens: the skew is capped at a quarter of the lifetime.
+        let s = timing(0.9, 30).schedule(Duration::from_secs(8), 0.5);
+        assert_eq!(s.usable_for, Duration::from_secs(6));
+        assert!(s.refresh_after < s.usable_for);
+        for jitter in [0.0, 0.3, 0.99] {
+            for lifetime in [1, 2, 5, 30, 60, 600, 86_400] {
+                let s = timing(0.75, 30).schedule(Duration::from_secs(lifetime), jitter);
+                assert!(s.refresh_after <= s.usable_for, "lifetime {lifetime} jitter {jitter}: {s:?}");
+                assert!(s.usable_for < Duration::from_secs(lifetime));
+            }
+        }
+    }
+
+    #[test]
+    fn transient_backoff_grows_with_full_jitter_up_to_cap() {
+        let err = TokenError::Timeout(Duration::from_secs(10));
+        let mut b = Backoff::default();
+        let ceilings: Vec<Duration> = (0..12).map(|_| b.next_delay(&err, 0.999_999)).collect();
+        assert!(ceilings[0] <= Duration::from_secs(1));
+        assert!(ceilings[3] > Duration::from_secs(7) && ceilings[3] <= Duration::from_secs(8));
+        assert!(ceilings[11] <= BACKOFF_CAP && ceilings[11] > Duration::from_secs(299));
+        let mut b = Backoff::default();
+        assert_eq!(b.next_delay(&err, 0.0), MIN_REFRESH_DELAY);
+        b.reset();
+        assert!(b.next_delay(&err, 0.5) <= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn permanent_errors_back_off_in_minutes() {
+        let err = TokenError::Rejected { status: 401, error: "invalid_client".into(), description: None };
+        let mut b = Backoff::default();
+        for _ in 0..10 {
+            let d = b.next_delay(&err, 0.0);
+            assert!(d >= Duration::from_secs(30), "{d:?}");
+            assert!(d <= BACKOFF_CAP);
+        }
+    }
+
+    #[test]
+    fn retry_after_is_honoured() {
+        let err = TokenError::Status { status: 429, retry_after: Some(Duration::from_secs(42)) };
+        let mut b = Backoff::default();
+        assert_eq!(b.next_delay(&err, 0.1), Duration::from_secs(42));
+    }
+}
