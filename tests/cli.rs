@@ -1,0 +1,227 @@
+//! The `tokenproxy` binary: exit codes, config errors naming their key and source, `check`, `token`, and a graceful
+//! SIGTERM with a request in flight.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{Client, FakeIdp, FakeUpstream};
+
+fn tokenproxy() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
+    command.env_remove("TOKENPROXY_CONFIG").env_remove("RUST_LOG");
+    command
+}
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("tokenproxy.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_reports_every_error_with_its_key_and_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        r#"
+[providers.orders]
+token_url = "/oauth2/token"
+client_id = "orders"
+client_secret = "hunter2-secret"
+refresh_at = 1.5
+[[routes]]
+prefix = "/orders"
+upstream = "https://orders.internal"
+provider = "ordrs"
+[server]
+listn = "127.0.0.1:8080"
+"#,
+    );
+    let output = tokenproxy()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("TOKENPROXY_SERVER__MAX_CONNECTIONS", "lots")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let file = path.display().to_string();
+    for expected in [
+        format!("providers.orders.token_url: relative URL without a base (from {file})"),
+        "providers.orders.refresh_at".to_owned(),
+        "routes[0].provider: no provider named `ordrs`".to_owned(),
+        "server.listn: unknown key".to_owned(),
+        "did you mean `listen`".to_owned(),
+        "(from TOKENPROXY_SERVER__MAX_CONNECTIONS)".to_owned(),
+    ] {
+        assert!(stderr.contains(&expected), "missing `{expected}` in:\n{stderr}");
+    }
+    assert!(!stderr.contains("hunter2-secret"));
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn check_prints_the_resolved_config_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        r#"
+[providers.orders]
+token_url = "https://idp.example/token"
+client_id = "orders"
+client_secret = "hunter2-secret"
+[[routes]]
+prefix = "/orders"
+upstream = "https://orders.internal"
+provider = "orders"
+"#,
+    );
+    let output = tokenproxy().args(["check", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("[redacted]") && !stdout.contains("hunter2-secret"), "{stdout}");
+    assert!(stdout.contains("request_timeout = \"30s\""), "defaults are shown resolved:\n{stdout}");
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let output = tokenproxy()
+        .args(["check", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")])
+        .env("ORDERS_CLIENT_SECRET", "example")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[test]
+fn a_missing_config_file_cannot_start() {
+    let output = tokenproxy().args(["run", "--config", "/nonexistent/tokenproxy.toml"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/tokenproxy.toml"));
+}
+
+#[tokio::test]
+async fn token_prints_only_the_token_and_check_fetch_reports_each_provider() {
+    let idp = FakeIdp::start(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret-value\n").unwrap();
+    let path = write_config(
+        &dir,
+        &format!(
+            r#"
+[providers.api]
+token_url = "{}"
+client_id = "client-1"
+client_secret_file = "{}"
+[providers.broken]
+token_url = "http://127.0.0.1:9/token"
+client_id = "client-1"
+client_secret = "x"
+timeout = "2s"
+[[routes]]
+prefix = "/"
+upstream = "http://127.0.0.1:1"
+provider = "api"
+"#,
+            idp.token_url(),
+            secret.display()
+        ),
+    );
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["token", "api", "--config"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "tok-1\n");
+    let basic = idp.received()[0].authorization.clone().unwrap();
+    assert!(basic.starts_with("Basic "), "the secret file was read (trailing newline trimmed)");
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["token", "nope", "--config"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no provider named `nope`"));
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["check", "--fetch", "--config"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("provider api: ok, token lifetime 300s"), "{stderr}");
+    assert!(stderr.contains("provider broken: FAILED: cannot reach the identity provider"), "{stderr}");
+    assert!(!stderr.contains("tok-"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits_0() {
+    let idp = FakeIdp::start(300).await;
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+            support::basic_config(&idp, &upstream)
+        ),
+    );
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The startup line names the bound addresses (port 0 was asked for).
+    let stderr = child.stderr.take().unwrap();
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut addr_tx = Some(addr_tx);
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(start) = line.find("proxy=") {
+                let addr = line[start + 6..].split_whitespace().next().unwrap_or_default().to_owned();
+                if let Some(tx) = addr_tx.take() {
+                    let _ = tx.send(addr);
+                }
+            }
+        }
+    });
+    let addr = tokio::time::timeout(Duration::from_secs(20), addr_rx).await.unwrap().unwrap();
+    let client = Client::new();
+    let url = format!("http://{addr}/api/slow/long-request");
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        async move { client.get(&url).await }
+    });
+    upstream.wait_requests(1).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    // New connections are refused once the listener is closed.
+    let refused = async {
+        loop {
+            if tokio::net::TcpStream::connect(&addr).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), refused).await.expect("listener closed after SIGTERM");
+    upstream.release_slow();
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, 200, "the in-flight request completed");
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+}

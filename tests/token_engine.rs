@@ -1,0 +1,196 @@
+//! The token engine on a paused tokio clock: proactive refresh timing, single flight, generations, outages and
+//! backoff, with a fake fetcher in place of the IdP (no sockets, so the paused clock is exact).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use http::HeaderValue;
+use tokenproxy::metrics::Metrics;
+use tokenproxy::token::{RefreshScheduler, Timing, TokenError, TokenFetcher, TokenResponse, TokenSlot, TokenSource};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+
+/// What the fake IdP does on each call.
+#[derive(Clone, Copy)]
+enum Answer {
+    Token { lifetime: u64 },
+    Transient,
+    Permanent,
+}
+
+struct FakeFetcher {
+    answer: Mutex<Answer>,
+    calls: AtomicUsize,
+    times: Mutex<Vec<Instant>>,
+    /// Each call takes a permit first: tests hold calls by keeping the semaphore empty.
+    gate: Semaphore,
+}
+
+impl FakeFetcher {
+    fn new(answer: Answer) -> Arc<FakeFetcher> {
+        Arc::new(FakeFetcher {
+            answer: Mutex::new(answer),
+            calls: AtomicUsize::new(0),
+            times: Mutex::new(Vec::new()),
+            gate: Semaphore::new(Semaphore::MAX_PERMITS),
+        })
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, answer: Answer) {
+        *self.answer.lock().unwrap() = answer;
+    }
+}
+
+impl TokenFetcher for FakeFetcher {
+    fn fetch(&self) -> BoxFuture<'_, Result<TokenResponse, TokenError>> {
+        Box::pin(async move {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            self.times.lock().unwrap().push(Instant::now());
+            self.gate.acquire().await.expect("gate").forget();
+            match *self.answer.lock().unwrap() {
+                Answer::Token { lifetime } => Ok(TokenResponse {
+                    access_token: HeaderValue::from_str(&format!("tok-{n}")).unwrap(),
+                    lifetime: Duration::from_secs(lifetime),
+                    scope: None,
+                }),
+                Answer::Transient => Err(TokenError::Status { status: 503, retry_after: None }),
+                Answer::Permanent => {
+                    Err(TokenError::Rejected { status: 401, error: "invalid_client".into(), description: None })
+                }
+            }
+        })
+    }
+}
+
+struct Engine {
+    slot: Arc<TokenSlot>,
+    fetcher: Arc<FakeFetcher>,
+    _stop: watch::Sender<bool>,
+}
+
+fn start(answer: Answer, refresh_at: f64, skew: u64) -> Engine {
+    let metrics = Metrics::new();
+    let slot = Arc::new(TokenSlot::new("p", metrics.provider("p"), Duration::from_secs(10)));
+    let fetcher = FakeFetcher::new(answer);
+    let timing = Timing { refresh_at, expiry_skew: Duration::from_secs(skew) };
+    let scheduler = RefreshScheduler::new(Arc::clone(&slot), fetcher.clone() as Arc<dyn TokenFetcher>, timing, true);
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(scheduler.run(stopped));
+    Engine { slot, fetcher, _stop: stop }
+}
+
+#[tokio::test(start_paused = true)]
+async fn proactive_refresh_is_jittered_and_always_before_the_token_stops_being_usable() {
+    let engine = start(Answer::Token { lifetime: 100 }, 0.75, 30);
+    let first = engine.slot.obtain(None).await.expect("startup token");
+    assert_eq!(first.generation, 1);
+    // Walk ten lifetimes in 250 ms steps: a usable token is there at every step.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(1000) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(engine.slot.current().is_some(), "no usable token at {:?}", started.elapsed());
+    }
+    let times = engine.fetcher.times.lock().unwrap().clone();
+    // L = 100 s, skew = min(30, 25) = 25 s: usable for 75 s; refresh at min(75, 75) − up to 10 s of jitter.
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.len() >= 12, "refreshes: {gaps:?}");
+    for gap in &gaps {
+        assert!(*gap >= Duration::from_secs(65) && *gap <= Duration::from_secs(75), "refresh gap {gap:?}");
+    }
+    let distinct: std::collections::HashSet<_> = gaps.iter().map(|g| g.as_millis()).collect();
+    assert!(distinct.len() > 1, "refreshes are jittered, not in lockstep: {gaps:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn five_hundred_waiters_share_one_token_call() {
+    let engine = start(Answer::Token { lifetime: 300 }, 0.75, 30);
+    engine.fetcher.gate.forget_permits(Semaphore::MAX_PERMITS);
+    let waiters: Vec<_> = (0..500)
+        .map(|_| {
+            let slot = Arc::clone(&engine.slot);
+            tokio::spawn(async move { slot.obtain(None).await.map(|t| t.generation) })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    engine.fetcher.gate.add_permits(1);
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap().expect("token"), 1);
+    }
+    assert_eq!(engine.fetcher.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_401_storm_on_one_generation_causes_one_refresh() {
+    let engine = start(Answer::Token { lifetime: 300 }, 0.75, 30);
+    let first = engine.slot.obtain(None).await.unwrap();
+    let storm: Vec<_> = (0..100)
+        .map(|_| {
+            let slot = Arc::clone(&engine.slot);
+            let generation = first.generation;
+            tokio::spawn(
+                async move { TokenSource::obtain(slot.as_ref(), Some(generation)).await.map(|t| t.generation) },
+            )
+        })
+        .collect();
+    for request in storm {
+        assert_eq!(request.await.unwrap().unwrap(), 2);
+    }
+    assert_eq!(engine.fetcher.calls(), 2);
+    // A late 401 for the old generation does not refresh again: the newer token is returned at once.
+    assert_eq!(engine.slot.obtain(Some(1)).await.unwrap().generation, 2);
+    assert_eq!(engine.fetcher.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idp_outage_is_ridden_out_on_the_valid_token() {
+    let engine = start(Answer::Token { lifetime: 600 }, 0.5, 30);
+    engine.slot.obtain(None).await.unwrap();
+    engine.fetcher.set(Answer::Transient);
+    // Refresh is due at 270–300 s; the token is usable until 570 s. Retries back off but the token stays in use.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(560) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(engine.slot.current().expect("still usable").generation, 1);
+    }
+    let retries = engine.fetcher.calls() - 1;
+    assert!((3..=40).contains(&retries), "backed-off retries during the outage: {retries}");
+    // The IdP comes back: the next retry installs a new token before the old one is unusable... or soon after.
+    engine.fetcher.set(Answer::Token { lifetime: 600 });
+    tokio::time::sleep(Duration::from_secs(310)).await;
+    assert!(engine.slot.current().expect("recovered").generation >= 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_errors_retry_in_seconds_permanent_ones_in_minutes() {
+    let transient = start(Answer::Transient, 0.75, 30);
+    let permanent = start(Answer::Permanent, 0.75, 30);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let t = transient.fetcher.calls();
+    let p = permanent.fetcher.calls();
+    assert!(t >= 5, "transient errors are retried with a backoff from 1 s: {t} calls in 60 s");
+    assert!(p <= 2, "invalid_client is not retried in a loop: {p} calls in 60 s");
+    let status = permanent.slot.status();
+    assert!(status.permanent_failure);
+    assert!(status.last_error.unwrap().contains("invalid_client"));
+    // A request during the backoff fails fast, with a Retry-After, and makes no call.
+    let before = permanent.fetcher.calls();
+    let err = permanent.slot.obtain(None).await.unwrap_err();
+    assert!(err.retry_after.is_some());
+    assert_eq!(permanent.fetcher.calls(), before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_without_a_token_waits_at_most_the_provider_timeout() {
+    let engine = start(Answer::Token { lifetime: 300 }, 0.75, 30);
+    engine.fetcher.gate.forget_permits(Semaphore::MAX_PERMITS);
+    let started = Instant::now();
+    let err = engine.slot.obtain(None).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(10), "waited exactly the provider's timeout");
+    assert!(err.reason.contains("did not answer"), "{}", err.reason);
+}
