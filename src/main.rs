@@ -3,11 +3,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokenproxy::config::{Config, ConfigError, LogConfig, LogFormat};
-use tokenproxy::token::IdpClient;
+use tokenproxy::token::device::{self, Logout};
+use tokenproxy::token::{GrantFetcher, StateStore};
 use tokenproxy::{demo, App};
 
 #[derive(Parser)]
@@ -46,6 +46,22 @@ enum Command {
         /// Also get one token from every provider and report each outcome.
         #[arg(long)]
         fetch: bool,
+    },
+    /// Start a refresh-token session for PROVIDER with the device authorization grant (RFC 8628).
+    Login {
+        /// The provider's name (its grant must be "refresh_token").
+        provider: String,
+        /// Config file (default: $TOKENPROXY_CONFIG, then ./tokenproxy.toml).
+        #[arg(long, short, env = "TOKENPROXY_CONFIG", default_value = "tokenproxy.toml")]
+        config: PathBuf,
+    },
+    /// End PROVIDER's refresh-token session: revoke the refresh token (RFC 7009) and delete it from the state store.
+    Logout {
+        /// The provider's name.
+        provider: String,
+        /// Config file (default: $TOKENPROXY_CONFIG, then ./tokenproxy.toml).
+        #[arg(long, short, env = "TOKENPROXY_CONFIG", default_value = "tokenproxy.toml")]
+        config: PathBuf,
     },
     /// Print one valid access token for PROVIDER on stdout, and nothing else.
     Token {
@@ -91,14 +107,9 @@ fn main() -> ExitCode {
             let Some(runtime) = runtime(Some(1)) else { return ExitCode::from(EXIT_START) };
             runtime.block_on(check_fetch(&config))
         }
-        Command::Token { provider, config } => {
-            let config = match load(&config) {
-                Ok(config) => config,
-                Err(code) => return code,
-            };
-            let Some(runtime) = runtime(Some(1)) else { return ExitCode::from(EXIT_START) };
-            runtime.block_on(print_token(&config, &provider))
-        }
+        Command::Token { provider, config } => one_provider(&config, &provider, print_token),
+        Command::Login { provider, config } => one_provider(&config, &provider, login),
+        Command::Logout { provider, config } => one_provider(&config, &provider, logout),
     }
 }
 
@@ -209,8 +220,8 @@ async fn run_demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
 async fn check_fetch(config: &Config) -> ExitCode {
     let mut failed = 0;
     for (name, provider) in &config.providers {
-        let outcome = match IdpClient::new(provider.clone()) {
-            Ok(client) => client.fetch().await.map_err(|e| e.to_string()),
+        let outcome = match GrantFetcher::new(provider.clone(), StateStore::new(&config.state.dir)) {
+            Ok(fetcher) => fetcher.fetch().await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match outcome {
@@ -232,20 +243,38 @@ async fn check_fetch(config: &Config) -> ExitCode {
     }
 }
 
-async fn print_token(config: &Config, name: &str) -> ExitCode {
+/// Loads the config and runs `command` for one of its providers (`token`, `login`, `logout`).
+fn one_provider<F, Fut>(path: &std::path::Path, name: &str, command: F) -> ExitCode
+where
+    F: FnOnce(GrantFetcher) -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if matches!(config.log.format, LogFormat::Json) || std::env::var_os("RUST_LOG").is_some() {
+        init_tracing(&config.log);
+    }
     let Some(provider) = config.providers.get(name) else {
         let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
         eprintln!("tokenproxy: no provider named `{name}` (defined: {})", known.join(", "));
         return ExitCode::from(EXIT_START);
     };
-    let client = match IdpClient::new(provider.clone()) {
-        Ok(client) => Arc::new(client),
+    let fetcher = match GrantFetcher::new(provider.clone(), StateStore::new(&config.state.dir)) {
+        Ok(fetcher) => fetcher,
         Err(error) => {
             eprintln!("tokenproxy: provider {name}: {error}");
             return ExitCode::from(EXIT_START);
         }
     };
-    match client.fetch().await {
+    let Some(runtime) = runtime(Some(1)) else { return ExitCode::from(EXIT_START) };
+    runtime.block_on(command(fetcher))
+}
+
+async fn print_token(fetcher: GrantFetcher) -> ExitCode {
+    let name = &fetcher.idp().provider().name;
+    match fetcher.fetch().await {
         Ok(token) => match token.access_token.to_str() {
             Ok(token) => {
                 println!("{token}");
@@ -258,4 +287,47 @@ async fn print_token(config: &Config, name: &str) -> ExitCode {
             ExitCode::from(EXIT_START)
         }
     }
+}
+
+async fn login(fetcher: GrantFetcher) -> ExitCode {
+    let name = fetcher.idp().provider().name.clone();
+    let outcome = device::login(&fetcher, |prompt| {
+        eprintln!("To sign in, open {} and enter the code {}", prompt.verification_uri, prompt.user_code);
+        if let Some(complete) = &prompt.verification_uri_complete {
+            eprintln!("(or open {complete})");
+        }
+        eprintln!("Waiting for approval (the code expires in {} s)…", prompt.expires_in.as_secs());
+    })
+    .await;
+    match outcome {
+        Ok(()) => {
+            let store = fetcher.session().map(|s| s.store().path(&name));
+            eprintln!(
+                "Logged in: the refresh token of provider {name} is stored in {}",
+                store.map(|p| p.display().to_string()).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("tokenproxy login {name}: {error}");
+            ExitCode::from(EXIT_START)
+        }
+    }
+}
+
+async fn logout(fetcher: GrantFetcher) -> ExitCode {
+    let name = fetcher.idp().provider().name.clone();
+    match device::logout(&fetcher).await {
+        Ok(Logout::Revoked) => eprintln!("Logged out: the refresh token of {name} was revoked and deleted"),
+        Ok(Logout::DeletedOnly) => eprintln!(
+            "Logged out locally: the refresh token of {name} was deleted, but the provider has no revocation \
+             endpoint, so it stays valid at the IdP until it expires"
+        ),
+        Ok(Logout::NothingStored) => eprintln!("No stored session for {name}: nothing to do"),
+        Err(error) => {
+            eprintln!("tokenproxy logout {name}: {error}");
+            return ExitCode::from(EXIT_START);
+        }
+    }
+    ExitCode::SUCCESS
 }

@@ -60,6 +60,7 @@ pub struct Metrics {
     token_refreshes: IntCounterVec,
     token_expires_at: IntGaugeVec,
     singleflight_waiters: IntCounterVec,
+    permanent_failure: IntGaugeVec,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     upstream_unauthorized: IntCounterVec,
@@ -81,6 +82,8 @@ pub struct ProviderMetrics {
     pub expires_at: IntGauge,
     /// Requests that waited on a token call already in flight.
     pub singleflight_waiters: IntCounter,
+    /// 1 while the provider's last token call failed permanently (a new login or config is needed).
+    pub permanent_failure: IntGauge,
 }
 
 impl ProviderMetrics {
@@ -158,6 +161,15 @@ impl Metrics {
             "Requests that waited on a token call already in flight.",
             &["provider"],
         );
+        let permanent_failure = IntGaugeVec::new(
+            Opts::new(
+                "tokenproxy_provider_permanent_failure",
+                "1 while the provider's last token call failed permanently (invalid_client, invalid_grant, …).",
+            ),
+            &["provider"],
+        )
+        .expect("static metric definition");
+        registry.register(Box::new(permanent_failure.clone())).expect("metric registered once");
         let requests =
             counter("tokenproxy_requests_total", "Requests answered, by route and status.", &["route", "status"]);
         let request_duration =
@@ -180,6 +192,7 @@ impl Metrics {
             token_refreshes,
             token_expires_at,
             singleflight_waiters,
+            permanent_failure,
             requests,
             request_duration,
             upstream_unauthorized,
@@ -197,6 +210,7 @@ impl Metrics {
             refreshes: RefreshReason::ALL.map(|r| self.token_refreshes.with_label_values(&[name, r.as_str()])),
             expires_at: self.token_expires_at.with_label_values(&[name]),
             singleflight_waiters: self.singleflight_waiters.with_label_values(&[name]),
+            permanent_failure: self.permanent_failure.with_label_values(&[name]),
         }
     }
 

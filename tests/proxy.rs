@@ -532,3 +532,23 @@ async fn admin_endpoints_never_show_a_token() {
     }
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn h2c_and_http1_share_the_listener() {
+    let idp = FakeIdp::start(300).await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(&basic_config(&idp, &upstream)).await;
+    proxy.wait_ready().await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let response = h2.request(Request::get(proxy.url("/api/over-h2")).body(Full::default()).unwrap()).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let seen = upstream.seen();
+    assert_eq!(seen[0].uri, "/over-h2");
+    assert_eq!(seen[0].headers["authorization"], "Bearer tok-1");
+    assert_eq!(seen[0].headers["via"], "2 tokenproxy");
+    assert_eq!(seen[0].headers["x-forwarded-host"], proxy.addr.to_string());
+    proxy.stop().await;
+}

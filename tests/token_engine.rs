@@ -54,11 +54,10 @@ impl TokenFetcher for FakeFetcher {
             self.times.lock().unwrap().push(Instant::now());
             self.gate.acquire().await.expect("gate").forget();
             match *self.answer.lock().unwrap() {
-                Answer::Token { lifetime } => Ok(TokenResponse {
-                    access_token: HeaderValue::from_str(&format!("tok-{n}")).unwrap(),
-                    lifetime: Duration::from_secs(lifetime),
-                    scope: None,
-                }),
+                Answer::Token { lifetime } => Ok(TokenResponse::new(
+                    HeaderValue::from_str(&format!("tok-{n}")).unwrap(),
+                    Duration::from_secs(lifetime),
+                )),
                 Answer::Transient => Err(TokenError::Status { status: 503, retry_after: None }),
                 Answer::Permanent => {
                     Err(TokenError::Rejected { status: 401, error: "invalid_client".into(), description: None })

@@ -152,10 +152,22 @@ pub enum ClientAuth {
 pub struct ProviderConfig {
     /// The provider's name (its key under `[providers]`), used in routes, metrics and the admin API.
     pub name: String,
-    /// The IdP's token endpoint (absolute http or https URL).
-    pub token_url: Url,
+    /// The IdP's token endpoint (absolute http or https URL); when absent, discovered from `issuer`.
+    pub token_url: Option<Url>,
+    /// The IdP's issuer, for RFC 8414 / OpenID Connect discovery of its endpoints.
+    pub issuer: Option<Url>,
+    /// RFC 8628 device authorization endpoint (`tokenproxy login`); discovered from `issuer` when absent.
+    pub device_authorization_endpoint: Option<Url>,
+    /// RFC 7009 revocation endpoint (`tokenproxy logout`); discovered from `issuer` when absent.
+    pub revocation_endpoint: Option<Url>,
     /// The grant used to get tokens.
     pub grant: Grant,
+    /// `grant = "refresh_token"`: the first refresh token (rotated ones are kept in the state store).
+    pub refresh_token: Option<SecretSource>,
+    /// `grant = "password"`: the resource owner's username.
+    pub username: Option<String>,
+    /// `grant = "password"`: the resource owner's password.
+    pub password: Option<SecretSource>,
     /// The OAuth2 client identifier.
     pub client_id: String,
     /// Where the client secret comes from (`client_secret`, `client_secret_file` or `client_secret_env`).

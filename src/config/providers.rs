@@ -79,25 +79,25 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     let before = r.problem_count();
 
     let token_url = r.get(t, "token_url", |v| http_url(v, UrlUse::TokenEndpoint));
-    let has_token_url = t.has("token_url");
-    match t.field("issuer") {
-        Some(field) if has_token_url => r.report_field(
-            &field,
-            "discovery via `issuer` is not implemented yet, and `token_url` is set; remove `issuer`",
-        ),
-        Some(field) => r.report_field(&field, "discovery via `issuer` is not implemented yet; set token_url"),
-        None if !has_token_url => r.report_missing(
+    let issuer = r.get(t, "issuer", |v| http_url(v, UrlUse::TokenEndpoint));
+    if !t.has("token_url") && !t.has("issuer") {
+        r.report_missing(
             t,
             "token_url",
-            "missing; set the IdP's token endpoint, e.g. token_url = \"https://idp.example/oauth2/token\"",
-        ),
-        None => {}
+            "missing; set the IdP's token endpoint (token_url = \"https://idp.example/oauth2/token\") or its \
+             issuer for discovery (issuer = \"https://idp.example\")",
+        );
     }
+    let device_authorization_endpoint =
+        r.get(t, "device_authorization_endpoint", |v| http_url(v, UrlUse::TokenEndpoint));
+    let revocation_endpoint = r.get(t, "revocation_endpoint", |v| http_url(v, UrlUse::TokenEndpoint));
 
     let grant = r.get(t, "grant", reader::choice(GRANTS));
-    if let Some(leaf) = grant.as_ref().filter(|leaf| leaf.value != Grant::ClientCredentials) {
-        let message =
-            format!("grant `{}` is not supported by this version (supported: client_credentials)", leaf.value.as_str());
+    if let Some(leaf) = grant.as_ref().filter(|leaf| matches!(leaf.value, Grant::JwtBearer | Grant::TokenExchange)) {
+        let message = format!(
+            "grant `{}` is not supported by this version (supported: client_credentials, refresh_token, password)",
+            leaf.value.as_str()
+        );
         r.report_leaf(leaf, message);
     }
     let grant = value_or(grant, Grant::ClientCredentials);
@@ -130,10 +130,31 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         _ => {}
     }
 
-    // Read and checked like any secret, so that `grant = "refresh_token"` is one step away.
-    if let Some(leaf) = secret(r, t, "refresh_token") {
-        if grant != Grant::RefreshToken {
-            r.report_leaf(&leaf, "only used with grant = \"refresh_token\"; remove it");
+    // The first refresh token (a seed); rotated ones live in the state store. Optional: `tokenproxy login` can
+    // put one in the store instead.
+    let refresh_token = secret(r, t, "refresh_token");
+    if let Some(leaf) = refresh_token.as_ref().filter(|_| grant != Grant::RefreshToken) {
+        r.report_leaf(leaf, "only used with grant = \"refresh_token\"; remove it");
+    }
+    let username = r.get(t, "username", reader::non_empty_string);
+    let password = secret(r, t, "password");
+    if grant == Grant::Password {
+        if !t.has("username") {
+            r.report_missing(t, "username", "missing; grant = \"password\" needs the resource owner's username");
+        }
+        if !["password", "password_file", "password_env"].iter().any(|key| t.has(key)) {
+            r.report_missing(
+                t,
+                "password",
+                "missing; grant = \"password\" needs `password`, `password_file` or `password_env`",
+            );
+        }
+    } else {
+        if let Some(leaf) = &username {
+            r.report_leaf(leaf, "only used with grant = \"password\"; remove it");
+        }
+        if let Some(leaf) = &password {
+            r.report_leaf(leaf, "only used with grant = \"password\"; remove it");
         }
     }
 
@@ -159,8 +180,14 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     }
     Some(ProviderConfig {
         name: name.to_owned(),
-        token_url: token_url?.value,
+        token_url: token_url.map(|leaf| leaf.value),
+        issuer: issuer.map(|leaf| leaf.value),
+        device_authorization_endpoint: device_authorization_endpoint.map(|leaf| leaf.value),
+        revocation_endpoint: revocation_endpoint.map(|leaf| leaf.value),
         grant,
+        refresh_token: refresh_token.map(|leaf| leaf.value),
+        username: username.map(|leaf| leaf.value),
+        password: password.map(|leaf| leaf.value),
         client_id: client_id?.value,
         client_secret: client_secret.map(|leaf| leaf.value),
         client_auth,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
-use super::{ClientAuth, Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, Secret, SecretSource};
+use super::{ClientAuth, Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, SecretSource};
 
 /// Serializes a duration as a humantime string: `"30s"`, `"5m"`, `"1m 30s"`.
 pub(super) fn duration<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
@@ -25,18 +25,40 @@ pub(super) fn size<S: Serializer>(value: &usize, serializer: S) -> Result<S::Ok,
     }
 }
 
-/// What a provider prints as: the secret as the key it was given by, keys with default values included.
+/// A secret as the key it was given by: `x = "[redacted]"`, `x_file = "path"` or `x_env = "VAR"`.
+struct SecretView<'a> {
+    key: &'static str,
+    source: Option<&'a SecretSource>,
+}
+
+impl SecretView<'_> {
+    fn entries(&self) -> Vec<(String, String)> {
+        match self.source {
+            None => Vec::new(),
+            Some(SecretSource::Inline(secret)) => vec![(self.key.to_owned(), secret.to_string())],
+            Some(SecretSource::File(path)) => vec![(format!("{}_file", self.key), path.display().to_string())],
+            Some(SecretSource::Env(var)) => vec![(format!("{}_env", self.key), var.clone())],
+        }
+    }
+}
+
+/// What a provider prints as: secrets as the key they were given by, keys with default values included.
 #[derive(Serialize)]
 struct ProviderView<'a> {
-    token_url: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    issuer: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_authorization_endpoint: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    revocation_endpoint: Option<&'a str>,
     grant: Grant,
     client_id: &'a str,
+    #[serde(flatten)]
+    secrets: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    client_secret: Option<&'a Secret>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client_secret_file: Option<&'a Path>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client_secret_env: Option<&'a str>,
+    username: Option<&'a str>,
     client_auth: ClientAuth,
     #[serde(skip_serializing_if = "Option::is_none")]
     scope: Option<&'a str>,
@@ -64,23 +86,23 @@ struct ProviderView<'a> {
 impl Serialize for ProviderConfig {
     /// The provider as config keys; `name` is omitted (it is the key of the table).
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let secret = self.client_secret.as_ref();
+        let secrets = [
+            SecretView { key: "client_secret", source: self.client_secret.as_ref() },
+            SecretView { key: "refresh_token", source: self.refresh_token.as_ref() },
+            SecretView { key: "password", source: self.password.as_ref() },
+        ]
+        .iter()
+        .flat_map(SecretView::entries)
+        .collect();
         ProviderView {
-            token_url: self.token_url.as_str(),
+            token_url: self.token_url.as_ref().map(|u| u.as_str()),
+            issuer: self.issuer.as_ref().map(|u| u.as_str()),
+            device_authorization_endpoint: self.device_authorization_endpoint.as_ref().map(|u| u.as_str()),
+            revocation_endpoint: self.revocation_endpoint.as_ref().map(|u| u.as_str()),
             grant: self.grant,
             client_id: &self.client_id,
-            client_secret: secret.and_then(|s| match s {
-                SecretSource::Inline(secret) => Some(secret),
-                _ => None,
-            }),
-            client_secret_file: secret.and_then(|s| match s {
-                SecretSource::File(path) => Some(path.as_path()),
-                _ => None,
-            }),
-            client_secret_env: secret.and_then(|s| match s {
-                SecretSource::Env(var) => Some(var.as_str()),
-                _ => None,
-            }),
+            secrets,
+            username: self.username.as_deref(),
             client_auth: self.client_auth,
             scope: self.scope.as_deref(),
             audience: self.audience.as_deref(),

@@ -5,7 +5,7 @@ use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// What every secret prints as.
 pub(super) const REDACTED: &str = "[redacted]";
@@ -143,4 +143,11 @@ fn read_file(path: &Path) -> Result<Secret, SecretError> {
         return Err(SecretError::FileEmpty { path: path.to_path_buf() });
     }
     Ok(Secret(trimmed.to_owned()))
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    /// Reads a secret from stored state (the state store's records).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Secret)
+    }
 }

@@ -128,7 +128,7 @@ fn the_example_config_loads() {
         jail.set_env("ORDERS_CLIENT_SECRET", "from-the-environment");
         let config = Config::from_toml_str(include_str!("../../config.example.toml"), "config.example.toml").unwrap();
         let orders = &config.providers["orders"];
-        assert_eq!(orders.token_url.as_str(), "https://idp.example/oauth2/token");
+        assert_eq!(orders.token_url.as_ref().unwrap().as_str(), "https://idp.example/oauth2/token");
         assert_eq!(orders.client_id, "orders-client");
         assert_eq!(orders.client_secret, Some(SecretSource::Env("ORDERS_CLIENT_SECRET".into())));
         assert_eq!(orders.scope.as_deref(), Some("orders.read orders.write"));
@@ -250,7 +250,7 @@ fn a_missing_key_is_blamed_on_the_layer_that_has_its_table() {
         assert_eq!(
             lines,
             [
-                "providers.billing.token_url: missing; set the IdP's token endpoint, e.g. token_url = \"https://idp.example/oauth2/token\" (from TOKENPROXY_PROVIDERS__BILLING__CLIENT_ID)",
+                "providers.billing.token_url: missing; set the IdP's token endpoint (token_url = \"https://idp.example/oauth2/token\") or its issuer for discovery (issuer = \"https://idp.example\") (from TOKENPROXY_PROVIDERS__BILLING__CLIENT_ID)",
                 "providers.billing.client_secret: missing; client_auth = \"client_secret_basic\" needs `client_secret`, `client_secret_file` or `client_secret_env` (from TOKENPROXY_PROVIDERS__BILLING__CLIENT_ID)",
                 "providers.orders.client_id: missing; set the OAuth2 client identifier (from tokenproxy.toml)",
             ]
@@ -271,12 +271,13 @@ fn every_problem_is_reported_at_once() {
 
         [providers.orders]
         token_url = "ftp://idp.example/token"
-        grant = "refresh_token"
+        grant = "jwt_bearer"
         client_id = 1234
         refresh_at = 1.5
 
         [providers.billing]
         issuer = "https://idp.example"
+        grant = "password"
         client_id = "billing"
         client_auth = "none"
 
@@ -297,9 +298,10 @@ fn every_problem_is_reported_at_once() {
             "server.max_connections: must be at least 1 (from tokenproxy.toml)",
             "server.replay_buffer: expected a size, found `lots`; sizes are byte counts or strings such as \"64KiB\" or \"1MiB\" (from tokenproxy.toml)",
             "log.format: unknown value `jsno` (expected one of: pretty, json); did you mean `json`? (from tokenproxy.toml)",
-            "providers.billing.issuer: discovery via `issuer` is not implemented yet; set token_url (from tokenproxy.toml)",
+            "providers.billing.username: missing; grant = \"password\" needs the resource owner's username (from tokenproxy.toml)",
+            "providers.billing.password: missing; grant = \"password\" needs `password`, `password_file` or `password_env` (from tokenproxy.toml)",
             "providers.orders.token_url: must be an http:// or https:// URL (found scheme `ftp`) (from tokenproxy.toml)",
-            "providers.orders.grant: grant `refresh_token` is not supported by this version (supported: client_credentials) (from tokenproxy.toml)",
+            "providers.orders.grant: grant `jwt_bearer` is not supported by this version (supported: client_credentials, refresh_token, password) (from tokenproxy.toml)",
             "providers.orders.client_id: expected a string, found a number; quote it (from tokenproxy.toml)",
             "providers.orders.client_secret: missing; client_auth = \"client_secret_basic\" needs `client_secret`, `client_secret_file` or `client_secret_env` (from tokenproxy.toml)",
             "providers.orders.refresh_at: must be greater than 0 and at most 1 (a fraction of the token's lifetime), found 1.5 (from tokenproxy.toml)",

@@ -32,6 +32,8 @@ pub struct Token {
     pub expires_at: SystemTime,
     /// When it was obtained.
     pub obtained_at: SystemTime,
+    /// When the refresh token that came with it expires, when the IdP said (`refresh_expires_in`).
+    pub refresh_token_expires_at: Option<SystemTime>,
     /// Set when an upstream answered 401 to this generation: it is then never sent again.
     rejected: AtomicBool,
 }
@@ -70,6 +72,7 @@ impl Token {
             usable_until,
             expires_at,
             obtained_at,
+            refresh_token_expires_at: None,
             rejected: AtomicBool::new(false),
         }
     }

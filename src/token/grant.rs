@@ -1,14 +1,24 @@
-//! Grants and client authentication: what goes into the body and headers of a token request.
+//! Grants and client authentication: what goes into the body and headers of a request to the IdP, and the
+//! [`GrantFetcher`] that makes the token call of each grant.
 //!
 //! RFC 6749 §2.3.1: with `client_secret_basic`, the client id and secret are each form-urlencoded *before* they are
 //! joined with `:` and base64-encoded, so secrets with `:` or `%` work with every IdP.
 
+use std::sync::Arc;
+
 use base64::Engine as _;
+use futures_util::future::BoxFuture;
 use http::HeaderValue;
 
+use super::idp::IdpClient;
+use super::refresh::TokenFetcher;
+use super::response::{TokenError, TokenResponse};
+use super::session::RefreshSession;
+use super::store::StateStore;
 use crate::config::{ClientAuth, Grant, ProviderConfig, Secret, SecretError};
+use crate::tls::TlsError;
 
-/// A token request ready to send: its form body and, for `client_secret_basic`, its `Authorization` header.
+/// A request to the IdP ready to send: its form body and, for `client_secret_basic`, its `Authorization` header.
 pub struct TokenRequest {
     /// `application/x-www-form-urlencoded` body.
     pub body: String,
@@ -22,26 +32,41 @@ impl std::fmt::Debug for TokenRequest {
     }
 }
 
-/// Builds the token request of `provider`, reading its secret now (so a rotated secret file is picked up).
-pub fn build_request(provider: &ProviderConfig) -> Result<TokenRequest, SecretError> {
+/// Which profile parameters (`scope`, `audience`, `resource`, `extra_params`) a request carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// All of them (token requests).
+    Full,
+    /// None (revocation).
+    Bare,
+}
+
+/// Builds a request with `params` first, then the profile parameters, then client authentication; the client
+/// secret is read now, so a rotated secret file is picked up at the next call.
+pub fn build_request(
+    provider: &ProviderConfig,
+    params: &[(&str, &str)],
+    profile: Profile,
+) -> Result<TokenRequest, SecretError> {
     let mut form = form_urlencoded::Serializer::new(String::new());
-    form.append_pair("grant_type", grant_type(provider.grant));
-    if let Some(scope) = &provider.scope {
-        form.append_pair("scope", scope);
-    }
-    if let Some(audience) = &provider.audience {
-        form.append_pair("audience", audience);
-    }
-    if let Some(resource) = &provider.resource {
-        form.append_pair("resource", resource);
-    }
-    for (key, value) in &provider.extra_params {
+    for (key, value) in params {
         form.append_pair(key, value);
     }
-    let secret = match &provider.client_secret {
-        Some(source) => Some(source.read()?),
-        None => None,
-    };
+    if profile == Profile::Full {
+        if let Some(scope) = &provider.scope {
+            form.append_pair("scope", scope);
+        }
+        if let Some(audience) = &provider.audience {
+            form.append_pair("audience", audience);
+        }
+        if let Some(resource) = &provider.resource {
+            form.append_pair("resource", resource);
+        }
+        for (key, value) in &provider.extra_params {
+            form.append_pair(key, value);
+        }
+    }
+    let secret = provider.client_secret.as_ref().map(|source| source.read()).transpose()?;
     let mut authorization = None;
     match provider.client_auth {
         ClientAuth::ClientSecretBasic => {
@@ -81,6 +106,55 @@ fn basic_authorization(client_id: &str, secret: Option<&Secret>) -> HeaderValue 
     let mut value = HeaderValue::from_str(&format!("Basic {encoded}")).unwrap_or_else(|_| HeaderValue::from_static(""));
     value.set_sensitive(true);
     value
+}
+
+/// Makes the token call of a provider's grant: the one [`TokenFetcher`] the refresher uses in production.
+pub struct GrantFetcher {
+    idp: Arc<IdpClient>,
+    session: Option<RefreshSession>,
+}
+
+impl GrantFetcher {
+    /// A fetcher for `provider`; refresh-token sessions keep their state in `store`.
+    pub fn new(provider: ProviderConfig, store: StateStore) -> Result<GrantFetcher, TlsError> {
+        let session = (provider.grant == Grant::RefreshToken).then(|| RefreshSession::new(&provider, store));
+        Ok(GrantFetcher { idp: Arc::new(IdpClient::new(provider)?), session })
+    }
+
+    /// The IdP client.
+    pub fn idp(&self) -> &Arc<IdpClient> {
+        &self.idp
+    }
+
+    /// The refresh-token session, for `grant = "refresh_token"`.
+    pub fn session(&self) -> Option<&RefreshSession> {
+        self.session.as_ref()
+    }
+
+    /// Makes one token call.
+    pub async fn fetch(&self) -> Result<TokenResponse, TokenError> {
+        let provider = self.idp.provider();
+        match (&self.session, provider.grant) {
+            (Some(session), _) => session.refresh(&self.idp).await,
+            (None, Grant::Password) => {
+                let password = provider.password.as_ref().map(|p| p.read()).transpose()?;
+                let username = provider.username.as_deref().unwrap_or_default();
+                let password = password.as_ref().map(Secret::expose).unwrap_or_default();
+                let params = [("grant_type", "password"), ("username", username), ("password", password)];
+                self.idp.token_call(build_request(provider, &params, Profile::Full)?).await
+            }
+            (None, grant) => {
+                let params = [("grant_type", grant_type(grant))];
+                self.idp.token_call(build_request(provider, &params, Profile::Full)?).await
+            }
+        }
+    }
+}
+
+impl TokenFetcher for GrantFetcher {
+    fn fetch(&self) -> BoxFuture<'_, Result<TokenResponse, TokenError>> {
+        Box::pin(GrantFetcher::fetch(self))
+    }
 }
 
 #[cfg(test)]

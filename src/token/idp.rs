@@ -1,130 +1,56 @@
-//! HTTP to the identity provider: one token call, and lenient but safe parsing of what comes back.
-//!
-//! Lenient: `expires_in` as a number or a numeric string, JSON or form-urlencoded bodies, `token_type` in any case,
-//! error bodies that are not JSON. Safe: a token that is not a valid header value is refused, a response body is
-//! read up to 1 MiB, redirects are never followed, and no error message ever contains a token or a secret.
+//! HTTP to the identity provider: token calls with client authentication, form posts to its other endpoints
+//! (device authorization, revocation), and discovery of those endpoints from an `issuer` (OpenID Connect Discovery,
+//! falling back to RFC 8414), cached and fetched again after a failure. Redirects are never followed.
 
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT};
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use url::Url;
 
-use super::grant::build_request;
-use crate::config::{ProviderConfig, SecretError};
+use super::grant::TokenRequest;
+use super::response::{parse_response, TokenError, TokenResponse};
+use crate::config::ProviderConfig;
 use crate::tls::{client_config, ClientTls, TlsError};
 
-/// The largest token response we read.
+/// The largest answer we read from an IdP.
 const MAX_RESPONSE: usize = 1 << 20;
 
-/// A token the IdP issued, with its lifetime resolved.
-pub struct TokenResponse {
-    /// The access token, validated as a header value.
-    pub access_token: HeaderValue,
-    /// From `expires_in`, else the JWT `exp`, else the provider's `default_lifetime`.
-    pub lifetime: Duration,
-    /// The scopes granted, when the IdP says.
-    pub scope: Option<String>,
-}
-
-impl std::fmt::Debug for TokenResponse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenResponse").field("lifetime", &self.lifetime).field("scope", &self.scope).finish()
-    }
-}
-
-/// Why a token call failed. Display never includes a token or a secret.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    /// The IdP answered with an OAuth error (`invalid_client`, …).
-    #[error("the identity provider answered {status} {error}{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
-    Rejected {
-        /// HTTP status.
-        status: u16,
-        /// The OAuth `error` code.
-        error: String,
-        /// The IdP's `error_description`, sanitized.
-        description: Option<String>,
-    },
-    /// The IdP answered an error status without an OAuth error body.
-    #[error("the identity provider answered HTTP {status}")]
-    Status {
-        /// HTTP status.
-        status: u16,
-        /// Its `Retry-After`, if any.
-        retry_after: Option<Duration>,
-    },
-    /// The token endpoint redirected; tokenproxy never follows redirects from an IdP.
-    #[error("the token endpoint answered a redirect ({status}{}); redirects are never followed: fix token_url", location.as_deref().map(|l| format!(" to {l}")).unwrap_or_default())]
-    Redirect {
-        /// HTTP status.
-        status: u16,
-        /// Where it pointed.
-        location: Option<String>,
-    },
-    /// No answer within the provider's `timeout`.
-    #[error("the token call timed out after {0:?}")]
-    Timeout(Duration),
-    /// Connection or TLS failure.
-    #[error("cannot reach the identity provider: {0}")]
-    Connect(String),
-    /// The IdP's answer could not be used.
-    #[error("unusable token response: {0}")]
-    Malformed(String),
-    /// The client secret could not be read.
-    #[error("{0}")]
-    Secret(#[from] SecretError),
-}
-
-/// OAuth error codes that no retry will fix: they need a config or IdP change.
-const PERMANENT_ERRORS: &[&str] = &[
-    "invalid_client",
-    "invalid_grant",
-    "unauthorized_client",
-    "invalid_scope",
-    "unsupported_grant_type",
-    "invalid_request",
-    "access_denied",
-    "invalid_target",
-];
-
-impl TokenError {
-    /// Permanent errors back off in minutes instead of seconds.
-    pub fn is_permanent(&self) -> bool {
-        match self {
-            TokenError::Rejected { error, status, .. } => {
-                PERMANENT_ERRORS.contains(&error.as_str())
-                    || (!matches!(error.as_str(), "temporarily_unavailable" | "server_error") && !is_transient(*status))
-            }
-            TokenError::Status { status, .. } => !is_transient(*status),
-            TokenError::Redirect { .. } => true,
-            TokenError::Timeout(_) | TokenError::Connect(_) | TokenError::Malformed(_) | TokenError::Secret(_) => false,
-        }
-    }
-
-    /// The IdP's `Retry-After`, if it sent one.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            TokenError::Status { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-}
-
-fn is_transient(status: u16) -> bool {
-    status >= 500 || status == 429 || status == 408
-}
-
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The endpoints of a provider, from its config or from discovery.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    /// The token endpoint.
+    pub token: Url,
+    /// RFC 8628 device authorization endpoint.
+    pub device_authorization: Option<Url>,
+    /// RFC 7009 revocation endpoint.
+    pub revocation: Option<Url>,
+}
+
+/// An answer read whole.
+#[derive(Debug)]
+pub struct FormAnswer {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Response headers.
+    pub headers: HeaderMap,
+    /// Body (at most 1 MiB).
+    pub body: Bytes,
+}
 
 /// The HTTP client of one provider.
 pub struct IdpClient {
     provider: ProviderConfig,
     client: HttpsClient,
+    discovered: Mutex<Option<Arc<Endpoints>>>,
 }
 
 impl IdpClient {
@@ -146,7 +72,7 @@ impl IdpClient {
             .enable_http2()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector);
-        Ok(IdpClient { provider, client })
+        Ok(IdpClient { provider, client, discovered: Mutex::new(None) })
     }
 
     /// The provider this client serves.
@@ -154,267 +80,197 @@ impl IdpClient {
         &self.provider
     }
 
-    /// Makes one token call, bounded by the provider's `timeout`.
-    pub async fn fetch(&self) -> Result<TokenResponse, TokenError> {
-        let timeout = self.provider.timeout;
-        match tokio::time::timeout(timeout, self.exchange()).await {
-            Ok(result) => result,
-            Err(_) => Err(TokenError::Timeout(timeout)),
-        }
+    /// The provider's endpoints: configured ones win; the others come from discovery when `issuer` is set.
+    pub async fn endpoints(&self) -> Result<Endpoints, TokenError> {
+        let p = &self.provider;
+        let Some(issuer) = &p.issuer else {
+            let token =
+                p.token_url.clone().ok_or_else(|| TokenError::Discovery("no token_url and no issuer".into()))?;
+            return Ok(Endpoints {
+                token,
+                device_authorization: p.device_authorization_endpoint.clone(),
+                revocation: p.revocation_endpoint.clone(),
+            });
+        };
+        let cached = self.discovered.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let discovered = match cached {
+            Some(endpoints) => endpoints,
+            None => {
+                let endpoints = Arc::new(self.discover(issuer).await?);
+                *self.discovered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&endpoints));
+                endpoints
+            }
+        };
+        Ok(Endpoints {
+            token: p.token_url.clone().unwrap_or_else(|| discovered.token.clone()),
+            device_authorization: p
+                .device_authorization_endpoint
+                .clone()
+                .or_else(|| discovered.device_authorization.clone()),
+            revocation: p.revocation_endpoint.clone().or_else(|| discovered.revocation.clone()),
+        })
     }
 
-    async fn exchange(&self) -> Result<TokenResponse, TokenError> {
-        let request = build_request(&self.provider)?;
+    /// Forgets discovered endpoints, so the next call discovers them again (after a failed call).
+    pub fn forget_discovery(&self) {
+        *self.discovered.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    async fn discover(&self, issuer: &Url) -> Result<Endpoints, TokenError> {
+        let mut last_error = None;
+        for url in discovery_urls(issuer) {
+            let answer = match self.bounded(self.send(Method::GET, &url, None)).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    last_error = Some(format!("{url}: {e}"));
+                    continue;
+                }
+            };
+            if !answer.status.is_success() {
+                last_error = Some(format!("{url}: HTTP {}", answer.status.as_u16()));
+                continue;
+            }
+            let endpoints =
+                parse_metadata(issuer, &answer.body).map_err(|e| TokenError::Discovery(format!("{url}: {e}")))?;
+            tracing::info!(provider = %self.provider.name, token_endpoint = %endpoints.token, "discovered the identity provider's endpoints");
+            return Ok(endpoints);
+        }
+        Err(TokenError::Discovery(last_error.unwrap_or_else(|| "no metadata URL".into())))
+    }
+
+    /// One token call with `request`, bounded by the provider's `timeout`.
+    pub async fn token_call(&self, request: TokenRequest) -> Result<TokenResponse, TokenError> {
+        let result = self
+            .bounded(async {
+                let endpoints = self.endpoints().await?;
+                let answer = self.send(Method::POST, &endpoints.token, Some(&request)).await?;
+                parse_response(answer.status, &answer.headers, &answer.body, self.provider.default_lifetime)
+            })
+            .await;
+        if matches!(&result, Err(e) if !e.is_permanent() || matches!(e, TokenError::Status { status: 404, .. })) {
+            self.forget_discovery();
+        }
+        result
+    }
+
+    /// A form POST to one of the provider's endpoints (device authorization, revocation), with client auth.
+    pub async fn post_form(&self, url: &Url, request: &TokenRequest) -> Result<FormAnswer, TokenError> {
+        self.bounded(self.send(Method::POST, url, Some(request))).await
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, TokenError>>,
+    ) -> Result<T, TokenError> {
+        let timeout = self.provider.timeout;
+        tokio::time::timeout(timeout, call).await.unwrap_or(Err(TokenError::Timeout(timeout)))
+    }
+
+    async fn send(&self, method: Method, url: &Url, form: Option<&TokenRequest>) -> Result<FormAnswer, TokenError> {
         let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(self.provider.token_url.as_str())
-            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .method(method)
+            .uri(url.as_str())
             .header(ACCEPT, "application/json")
             .header(USER_AGENT, concat!("tokenproxy/", env!("CARGO_PKG_VERSION")));
-        if let Some(authorization) = request.authorization {
-            builder = builder.header(AUTHORIZATION, authorization);
-        }
-        let http_request = builder
-            .body(Full::new(Bytes::from(request.body)))
-            .map_err(|e| TokenError::Connect(format!("invalid token_url: {e}")))?;
-        let response =
-            self.client.request(http_request).await.map_err(|e| TokenError::Connect(crate::error_chain(&e)))?;
+        let body = match form {
+            Some(form) => {
+                builder = builder.header(CONTENT_TYPE, "application/x-www-form-urlencoded");
+                if let Some(authorization) = &form.authorization {
+                    builder = builder.header(AUTHORIZATION, authorization.clone());
+                }
+                Bytes::from(form.body.clone())
+            }
+            None => Bytes::new(),
+        };
+        let request =
+            builder.body(Full::new(body)).map_err(|e| TokenError::Connect(format!("invalid URL {url}: {e}")))?;
+        let response = self.client.request(request).await.map_err(|e| TokenError::Connect(crate::error_chain(&e)))?;
         let (parts, body) = response.into_parts();
         let body = Limited::new(body, MAX_RESPONSE)
             .collect()
             .await
             .map_err(|e| TokenError::Connect(format!("reading the response: {e}")))?
             .to_bytes();
-        parse_response(parts.status, &parts.headers, &body, self.provider.default_lifetime)
+        Ok(FormAnswer { status: parts.status, headers: parts.headers, body })
     }
 }
 
-/// Parses a token endpoint's answer.
-pub fn parse_response(
-    status: StatusCode,
-    headers: &HeaderMap,
-    body: &[u8],
-    default_lifetime: Duration,
-) -> Result<TokenResponse, TokenError> {
-    if status.is_redirection() {
-        let location = headers.get(LOCATION).and_then(|v| v.to_str().ok()).map(|l| sanitize(l, 200));
-        return Err(TokenError::Redirect { status: status.as_u16(), location });
-    }
-    let fields = parse_fields(headers, body);
-    if !status.is_success() {
-        let error = fields.as_ref().and_then(|f| f.get("error")).and_then(|e| e.as_str());
-        return Err(match error {
-            Some(error) => TokenError::Rejected {
-                status: status.as_u16(),
-                error: sanitize(error, 80),
-                description: fields
-                    .as_ref()
-                    .and_then(|f| f.get("error_description"))
-                    .and_then(|d| d.as_str())
-                    .map(|d| sanitize(d, 300)),
-            },
-            None => TokenError::Status { status: status.as_u16(), retry_after: retry_after(headers) },
-        });
-    }
-    let fields = fields.ok_or_else(|| TokenError::Malformed("the body is neither JSON nor form-urlencoded".into()))?;
-    if let Some(error) = fields.get("error").and_then(|e| e.as_str()) {
-        // Some IdPs answer 200 with an error body.
-        return Err(TokenError::Rejected {
-            status: status.as_u16(),
-            error: sanitize(error, 80),
-            description: fields.get("error_description").and_then(|d| d.as_str()).map(|d| sanitize(d, 300)),
-        });
-    }
-    let token = fields
-        .get("access_token")
-        .and_then(|t| t.as_str())
-        .ok_or_else(|| TokenError::Malformed("no access_token".into()))?;
-    if token.is_empty() || !token.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-        return Err(TokenError::Malformed(
-            "access_token contains characters that are not allowed in a header (refused, never sent)".into(),
-        ));
-    }
-    let access_token = HeaderValue::from_str(token)
-        .map_err(|_| TokenError::Malformed("access_token is not a valid header value".into()))?;
-    if let Some(kind) = fields.get("token_type").and_then(|t| t.as_str()) {
-        if !kind.eq_ignore_ascii_case("bearer") {
-            tracing::debug!(token_type = %sanitize(kind, 40), "token_type is not Bearer; using the token as given");
-        }
-    }
-    let lifetime = match expires_in(fields.get("expires_in"))? {
-        Some(lifetime) => lifetime,
-        None => jwt_lifetime(token)?.unwrap_or(default_lifetime),
-    };
-    let scope = fields.get("scope").and_then(|s| s.as_str()).map(|s| sanitize(s, 1000));
-    Ok(TokenResponse { access_token, lifetime, scope })
+/// OpenID Connect Discovery first, then RFC 8414 (which puts the well-known segment before the issuer's path).
+fn discovery_urls(issuer: &Url) -> Vec<Url> {
+    let path = issuer.path().trim_end_matches('/');
+    let mut oidc = issuer.clone();
+    oidc.set_path(&format!("{path}/.well-known/openid-configuration"));
+    let mut oauth = issuer.clone();
+    oauth.set_path(&format!("/.well-known/oauth-authorization-server{path}"));
+    vec![oidc, oauth]
 }
 
-/// The body as a map: JSON object, or form-urlencoded (GitHub's default).
-fn parse_fields(headers: &HeaderMap, body: &[u8]) -> Option<serde_json::Map<String, serde_json::Value>> {
-    if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) {
-        return Some(map);
-    }
-    let is_form = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded") || ct.starts_with("text/plain"));
-    if is_form && !body.is_empty() {
-        let map = form_urlencoded::parse(body)
-            .map(|(k, v)| (k.into_owned(), serde_json::Value::String(v.into_owned())))
-            .collect::<serde_json::Map<_, _>>();
-        return (!map.is_empty()).then_some(map);
-    }
-    None
-}
-
-/// `expires_in` as a positive number or numeric string; 0 or absent means "not given".
-fn expires_in(value: Option<&serde_json::Value>) -> Result<Option<Duration>, TokenError> {
-    let seconds = match value {
-        None | Some(serde_json::Value::Null) => return Ok(None),
-        Some(serde_json::Value::Number(n)) => n.as_f64(),
-        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
-        Some(_) => None,
-    };
-    match seconds {
-        Some(s) if s.is_finite() && s > 0.0 => Ok(Some(Duration::from_secs_f64(s.min(10.0 * 365.0 * 86_400.0)))),
-        Some(0.0) => Ok(None),
-        _ => Err(TokenError::Malformed("expires_in is not a positive number".into())),
-    }
-}
-
-/// The remaining lifetime from a JWT's `exp`, if the token is a JWT with one.
-fn jwt_lifetime(token: &str) -> Result<Option<Duration>, TokenError> {
+/// Reads authorization server metadata, refusing metadata for another issuer (RFC 8414 §3.3).
+fn parse_metadata(issuer: &Url, body: &[u8]) -> Result<Endpoints, String> {
     #[derive(serde::Deserialize)]
-    struct Claims {
-        exp: Option<f64>,
+    struct Metadata {
+        issuer: String,
+        token_endpoint: Option<String>,
+        device_authorization_endpoint: Option<String>,
+        revocation_endpoint: Option<String>,
     }
-    let Ok(claims) = jsonwebtoken::dangerous::insecure_decode_claims::<Claims>(token) else {
-        return Ok(None);
-    };
-    let Some(exp) = claims.exp.filter(|e| e.is_finite() && *e > 0.0) else {
-        return Ok(None);
-    };
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    if exp <= now {
-        return Err(TokenError::Malformed(
-            "the token's JWT exp is already past (is this machine's clock right?)".into(),
+    let metadata: Metadata =
+        serde_json::from_slice(body).map_err(|e| format!("not authorization server metadata: {e}"))?;
+    let same = metadata.issuer.trim_end_matches('/') == issuer.as_str().trim_end_matches('/');
+    if !same {
+        return Err(format!(
+            "the metadata is for issuer `{}`, not `{}`; refusing it (a misconfigured or impersonating server)",
+            metadata.issuer.chars().take(200).collect::<String>(),
+            issuer
         ));
     }
-    Ok(Some(Duration::from_secs_f64(exp - now)))
-}
-
-/// `Retry-After` as seconds or an HTTP date.
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let date = httpdate::parse_http_date(value).ok()?;
-    Some(date.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
-}
-
-/// Text from an IdP made safe for logs: control characters replaced, length bounded.
-fn sanitize(text: &str, max: usize) -> String {
-    let mut out: String = text.chars().take(max).map(|c| if c.is_control() { ' ' } else { c }).collect();
-    if text.chars().count() > max {
-        out.push('…');
-    }
-    out
+    let url = |name: &str, value: Option<String>| -> Result<Option<Url>, String> {
+        value
+            .map(|v| {
+                let url = Url::parse(&v).map_err(|e| format!("{name}: {e}"))?;
+                if matches!(url.scheme(), "http" | "https") {
+                    Ok(url)
+                } else {
+                    Err(format!("{name}: not an http(s) URL"))
+                }
+            })
+            .transpose()
+    };
+    Ok(Endpoints {
+        token: url("token_endpoint", metadata.token_endpoint)?.ok_or("the metadata has no token_endpoint")?,
+        device_authorization: url("device_authorization_endpoint", metadata.device_authorization_endpoint)?,
+        revocation: url("revocation_endpoint", metadata.revocation_endpoint)?,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const DEFAULT: Duration = Duration::from_secs(300);
-
-    fn ok(body: &str) -> Result<TokenResponse, TokenError> {
-        parse_response(StatusCode::OK, &HeaderMap::new(), body.as_bytes(), DEFAULT)
-    }
-
-    fn with_content_type(ct: &'static str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
-        h
+    #[test]
+    fn discovery_urls_follow_oidc_then_rfc8414() {
+        let urls = discovery_urls(&Url::parse("https://idp.example/realms/main/").unwrap());
+        assert_eq!(urls[0].as_str(), "https://idp.example/realms/main/.well-known/openid-configuration");
+        assert_eq!(urls[1].as_str(), "https://idp.example/.well-known/oauth-authorization-server/realms/main");
+        let urls = discovery_urls(&Url::parse("https://idp.example").unwrap());
+        assert_eq!(urls[0].as_str(), "https://idp.example/.well-known/openid-configuration");
+        assert_eq!(urls[1].as_str(), "https://idp.example/.well-known/oauth-authorization-server");
     }
 
     #[test]
-    fn expires_in_as_number_or_string() {
-        assert_eq!(ok(r#"{"access_token":"a","expires_in":3600}"#).unwrap().lifetime, Duration::from_secs(3600));
-        assert_eq!(ok(r#"{"access_token":"a","expires_in":"120"}"#).unwrap().lifetime, Duration::from_secs(120));
-        assert_eq!(ok(r#"{"access_token":"a","expires_in":59.5}"#).unwrap().lifetime, Duration::from_millis(59_500));
-        assert!(matches!(ok(r#"{"access_token":"a","expires_in":-5}"#), Err(TokenError::Malformed(_))));
-        assert!(matches!(ok(r#"{"access_token":"a","expires_in":"soon"}"#), Err(TokenError::Malformed(_))));
-    }
-
-    #[test]
-    fn missing_expires_in_uses_jwt_exp_then_default() {
-        use base64::Engine;
-        let exp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() + 600;
-        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        let jwt = format!("{}.{}.sig", b64(r#"{"alg":"RS256"}"#), b64(&format!(r#"{{"exp":{exp}}}"#)));
-        let lifetime = ok(&format!(r#"{{"access_token":"{jwt}"}}"#)).unwrap().lifetime;
-        assert!(lifetime > Duration::from_secs(595) && lifetime <= Duration::from_secs(600), "{lifetime:?}");
-        assert_eq!(ok(r#"{"access_token":"opaque"}"#).unwrap().lifetime, DEFAULT);
-        assert_eq!(ok(r#"{"access_token":"opaque","expires_in":0}"#).unwrap().lifetime, DEFAULT);
-    }
-
-    #[test]
-    fn refuses_tokens_that_are_not_header_values() {
-        for bad in [r#"{"access_token":"a\r\nX-Evil: 1"}"#, r#"{"access_token":"a b"}"#, r#"{"access_token":""}"#] {
-            let err = ok(bad).unwrap_err();
-            assert!(matches!(err, TokenError::Malformed(_)), "{bad}");
-            assert!(!err.to_string().contains("Evil"));
-        }
-        assert!(matches!(ok(r#"{"token":"a"}"#), Err(TokenError::Malformed(_))));
-        assert!(matches!(ok("<html>"), Err(TokenError::Malformed(_))));
-    }
-
-    #[test]
-    fn form_urlencoded_responses() {
-        let r = parse_response(
-            StatusCode::OK,
-            &with_content_type("application/x-www-form-urlencoded; charset=utf-8"),
-            b"access_token=gho_abc&scope=repo&token_type=bearer",
-            DEFAULT,
-        )
-        .unwrap();
-        assert_eq!(r.access_token, "gho_abc");
-        assert_eq!(r.scope.as_deref(), Some("repo"));
-    }
-
-    #[test]
-    fn errors_are_classified() {
-        let rejected = |status: u16, body: &str| {
-            parse_response(StatusCode::from_u16(status).unwrap(), &HeaderMap::new(), body.as_bytes(), DEFAULT)
-                .unwrap_err()
-        };
-        let e = rejected(401, r#"{"error":"invalid_client","error_description":"bad secret\nnext"}"#);
-        assert!(e.is_permanent());
-        assert_eq!(e.to_string(), "the identity provider answered 401 invalid_client: bad secret next");
-        assert!(rejected(400, r#"{"error":"invalid_scope"}"#).is_permanent());
-        assert!(!rejected(503, r#"{"error":"temporarily_unavailable"}"#).is_permanent());
-        assert!(!rejected(502, "<html>bad gateway</html>").is_permanent());
-        assert!(rejected(403, "forbidden").is_permanent());
-        let mut headers = with_content_type("text/html");
-        headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));
-        let e = parse_response(StatusCode::TOO_MANY_REQUESTS, &headers, b"slow down", DEFAULT).unwrap_err();
-        assert!(!e.is_permanent());
-        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
-        let mut headers = HeaderMap::new();
-        headers.insert(LOCATION, HeaderValue::from_static("https://idp/login"));
-        let e = parse_response(StatusCode::FOUND, &headers, b"", DEFAULT).unwrap_err();
-        assert!(e.is_permanent() && e.to_string().contains("never followed"));
-        // An error inside a 200.
-        assert!(ok(r#"{"error":"invalid_grant"}"#).unwrap_err().is_permanent());
-    }
-
-    #[test]
-    fn retry_after_http_date() {
-        let mut headers = HeaderMap::new();
-        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
-        headers.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
-        let d = retry_after(&headers).unwrap();
-        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120));
+    fn metadata_for_another_issuer_is_refused() {
+        let issuer = Url::parse("https://idp.example").unwrap();
+        let good = br#"{"issuer":"https://idp.example","token_endpoint":"https://idp.example/token","revocation_endpoint":"https://idp.example/revoke"}"#;
+        let endpoints = parse_metadata(&issuer, good).unwrap();
+        assert_eq!(endpoints.token.as_str(), "https://idp.example/token");
+        assert_eq!(endpoints.revocation.unwrap().as_str(), "https://idp.example/revoke");
+        assert!(endpoints.device_authorization.is_none());
+        let evil = br#"{"issuer":"https://evil.example","token_endpoint":"https://evil.example/token"}"#;
+        assert!(parse_metadata(&issuer, evil).unwrap_err().contains("refusing"));
+        assert!(parse_metadata(&issuer, br#"{"issuer":"https://idp.example"}"#)
+            .unwrap_err()
+            .contains("token_endpoint"));
+        let bad = br#"{"issuer":"https://idp.example","token_endpoint":"file:///etc/passwd"}"#;
+        assert!(parse_metadata(&issuer, bad).is_err());
     }
 }

@@ -8,9 +8,13 @@
 //! The proxy sees the engine only through [`TokenSource`], so its tests can hand it a fake.
 
 pub mod cache;
+pub mod device;
 pub mod grant;
 pub mod idp;
 pub mod refresh;
+pub mod response;
+pub mod session;
+pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -20,8 +24,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use cache::{SlotStatus, Token, TokenSlot, TokenUnavailable};
-pub use idp::{IdpClient, TokenError, TokenResponse};
+pub use grant::GrantFetcher;
+pub use idp::IdpClient;
 pub use refresh::{RefreshScheduler, Timing, TokenFetcher};
+pub use response::{TokenError, TokenResponse};
+pub use store::StateStore;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -69,7 +76,8 @@ impl TokenEngine {
         for (name, provider) in &config.providers {
             let slot = Arc::new(TokenSlot::new(name, metrics.provider(name), provider.timeout));
             let timing = Timing { refresh_at: provider.refresh_at, expiry_skew: provider.expiry_skew };
-            let fetcher: Arc<dyn TokenFetcher> = Arc::new(IdpClient::new(provider.clone())?);
+            let store = StateStore::new(&config.state.dir);
+            let fetcher: Arc<dyn TokenFetcher> = Arc::new(GrantFetcher::new(provider.clone(), store)?);
             providers.insert(name.clone(), Provider { slot, fetcher, timing, routed: routed.contains(name.as_str()) });
         }
         Ok(TokenEngine { providers })

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::cache::{lock, Token, TokenSlot};
-use super::idp::{IdpClient, TokenError, TokenResponse};
+use super::response::{TokenError, TokenResponse};
 use crate::metrics::RefreshReason;
 
 /// Timing knobs of one provider, from its config.
@@ -108,12 +108,6 @@ pub trait TokenFetcher: Send + Sync + 'static {
     fn fetch(&self) -> futures_util::future::BoxFuture<'_, Result<TokenResponse, TokenError>>;
 }
 
-impl TokenFetcher for IdpClient {
-    fn fetch(&self) -> futures_util::future::BoxFuture<'_, Result<TokenResponse, TokenError>> {
-        Box::pin(IdpClient::fetch(self))
-    }
-}
-
 impl RefreshScheduler {
     /// A scheduler for `slot`; `eager` fetches the first token at once.
     pub fn new(slot: Arc<TokenSlot>, idp: Arc<dyn TokenFetcher>, timing: Timing, eager: bool) -> Self {
@@ -155,15 +149,21 @@ impl RefreshScheduler {
                     slot.metrics.token_success.inc();
                     backoff.reset();
                     ever_had_token = true;
-                    let schedule = self.timing.schedule(response.lifetime, random.random());
+                    let mut schedule = self.timing.schedule(response.lifetime, random.random());
+                    if let Some(rt_lifetime) = response.refresh_token_lifetime {
+                        // Refresh before the refresh token itself expires (idle sessions of Keycloak and others).
+                        schedule.refresh_after =
+                            schedule.refresh_after.min(rt_lifetime.mul_f64(self.timing.refresh_at));
+                    }
                     let generation = slot.latest_generation() + 1;
-                    let token = Token::new(
+                    let mut token = Token::new(
                         response.access_token,
                         generation,
                         started_instant + schedule.usable_for,
                         started_wall + response.lifetime,
                         SystemTime::now(),
                     );
+                    token.refresh_token_expires_at = response.refresh_token_lifetime.map(|l| started_wall + l);
                     slot.install(token);
                     next_at = Some(started_instant + schedule.refresh_after);
                     tracing::info!(
@@ -178,6 +178,7 @@ impl RefreshScheduler {
                     status.in_flight = false;
                     status.last_error = None;
                     status.permanent_failure = false;
+                    slot.metrics.permanent_failure.set(0);
                     status.backoff_until = None;
                     status.last_refresh = Some(SystemTime::now());
                     status.refreshes += 1;
@@ -199,6 +200,7 @@ impl RefreshScheduler {
                     status.in_flight = false;
                     status.last_error = Some(error.to_string());
                     status.permanent_failure = error.is_permanent();
+                    slot.metrics.permanent_failure.set(i64::from(error.is_permanent()));
                     status.backoff_until = Some(retry_at);
                     *lock(&slot.demand) = Default::default();
                 }
