@@ -116,13 +116,14 @@ struct EnvLayer {
 }
 
 impl EnvLayer {
-    /// Collects the variables now, ignoring [`CONFIG_FILE_VARIABLE`] (it names the file, it is not a key).
+    /// Collects the variables now, ignoring [`CONFIG_FILE_VARIABLE`] (it names the file, it is not a key) and
+    /// `TOKENPROXY_FAILPOINT` (a test hook of the state store).
     fn from_process() -> Self {
         let ignored =
             CONFIG_FILE_VARIABLE.strip_prefix(ENV_PREFIX).unwrap_or(CONFIG_FILE_VARIABLE).to_ascii_lowercase();
         let mut vars: Vec<(Vec<String>, String)> = Env::prefixed(ENV_PREFIX)
             .split(ENV_SEPARATOR)
-            .ignore(&[ignored.as_str()])
+            .ignore(&[ignored.as_str(), "failpoint"])
             .iter()
             .map(|(key, value)| (key.as_str().split('.').map(str::to_owned).collect(), value))
             .collect();

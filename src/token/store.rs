@@ -158,7 +158,7 @@ impl StateStore {
         let tmp = self.dir.join(format!(".{}.json.tmp", record.provider));
         let json = serde_json::to_vec_pretty(&RecordOnDisk(record))
             .map_err(|e| StoreError::Corrupt { path: path.clone(), message: e.to_string() })?;
-        failpoint("before_state_write");
+        failpoint("before_state_write").map_err(Self::io(&tmp))?;
         {
             let mut options = OpenOptions::new();
             options.write(true).create(true).truncate(true);
@@ -171,7 +171,7 @@ impl StateStore {
         }
         fs::rename(&tmp, &path).map_err(Self::io(&path))?;
         File::open(&self.dir).and_then(|dir| dir.sync_all()).map_err(Self::io(&self.dir))?;
-        failpoint("after_state_write");
+        failpoint("after_state_write").map_err(Self::io(&path))?;
         Ok(())
     }
 
@@ -231,13 +231,23 @@ impl Serialize for RecordOnDisk<'_> {
     }
 }
 
-/// Test hook for crash tests: `TOKENPROXY_FAILPOINT=NAME` aborts the process (as `kill -9` would) at that point.
-fn failpoint(name: &str) {
+/// Test hook for crash tests: `TOKENPROXY_FAILPOINT=NAME` aborts the process (as `kill -9` would) at that point;
+/// `TOKENPROXY_FAILPOINT=NAME:error` makes the first pass through it fail with an I/O error instead.
+fn failpoint(name: &str) -> std::io::Result<()> {
     static FAILPOINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if FAILPOINT.get_or_init(|| std::env::var("TOKENPROXY_FAILPOINT").ok()).as_deref() == Some(name) {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(configured) = FAILPOINT.get_or_init(|| std::env::var("TOKENPROXY_FAILPOINT").ok()).as_deref() else {
+        return Ok(());
+    };
+    if configured == name {
         eprintln!("tokenproxy: failpoint {name}: aborting");
         std::process::abort();
     }
+    let fires = configured.strip_suffix(":error") == Some(name);
+    if fires && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Err(std::io::Error::other(format!("failpoint {name}")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

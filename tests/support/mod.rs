@@ -2,6 +2,8 @@
 //! and fails on command, plus helpers to start tokenproxy in-process and to talk HTTP to it.
 #![allow(dead_code)]
 
+pub mod session_idp;
+
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Notify};
 
 /// Starts a hyper HTTP/1.1 server on 127.0.0.1:0 with `handler`; it stops when the returned sender is dropped.
-async fn spawn_server<F, Fut>(handler: F) -> (SocketAddr, watch::Sender<()>)
+pub async fn spawn_server<F, Fut>(handler: F) -> (SocketAddr, watch::Sender<()>)
 where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
@@ -54,7 +56,7 @@ where
     (addr, stop_tx)
 }
 
-fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+pub fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response.headers_mut().insert("content-type", "application/json".parse().unwrap());
@@ -494,4 +496,69 @@ provider = "api"
         idp.token_url(),
         upstream.url()
     )
+}
+
+/// The `tokenproxy run` binary as a child process, with the addresses it printed at startup.
+pub struct BinaryProxy {
+    pub child: tokio::process::Child,
+    pub addr: String,
+    pub admin: String,
+}
+
+impl BinaryProxy {
+    /// Runs `tokenproxy run --config CONFIG` with `env`, and waits for its "listening" line (the config should
+    /// listen on port 0).
+    pub async fn start(config: &std::path::Path, env: &[(&str, &str)]) -> BinaryProxy {
+        use tokio::io::AsyncBufReadExt;
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
+        command
+            .args(["run", "--config"])
+            .arg(config)
+            .env_remove("TOKENPROXY_CONFIG")
+            .env_remove("TOKENPROXY_FAILPOINT")
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn tokenproxy");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let field = |name: &str| {
+                    line.find(name)
+                        .map(|i| line[i + name.len()..].split_whitespace().next().unwrap_or_default().to_owned())
+                };
+                if let (Some(addr), Some(admin)) = (field("proxy="), field("admin=")) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send((addr, admin));
+                    }
+                }
+                eprintln!("[tokenproxy] {line}");
+            }
+        });
+        let (addr, admin) =
+            tokio::time::timeout(Duration::from_secs(20), rx).await.expect("tokenproxy started").expect("address line");
+        BinaryProxy { child, addr, admin }
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Polls `/readyz` until 200 (panics after 20 s).
+    pub async fn wait_ready(&self) {
+        let client = Client::new();
+        let url = self.admin_url("/readyz");
+        let ready = async {
+            while client.get(&url).await.status != 200 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), ready).await.expect("tokenproxy never became ready");
+    }
 }
