@@ -19,7 +19,7 @@ pub(super) fn duration<S: Serializer>(value: &Duration, serializer: S) -> Result
 pub(super) fn size<S: Serializer>(value: &usize, serializer: S) -> Result<S::Ok, S::Error> {
     const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
     let bytes = *value as u64;
-    match UNITS.iter().find(|(unit, _)| bytes != 0 && bytes % unit == 0) {
+    match UNITS.iter().find(|(unit, _)| bytes != 0 && bytes.is_multiple_of(*unit)) {
         Some((unit, name)) => serializer.serialize_str(&format!("{}{name}", bytes / unit)),
         None => serializer.serialize_u64(bytes),
     }
