@@ -96,7 +96,7 @@ impl SessionIdp {
                     "/token" => {
                         calls.fetch_add(1, Ordering::SeqCst);
                         let expires = s.refresh_expires_in;
-                        let mut tokens = |s: &mut State| {
+                        let tokens = |s: &mut State| {
                             s.issued += 1;
                             let n = s.issued;
                             let refresh = format!("rt-{n}");
