@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -15,16 +16,23 @@ use serde_json::{json, Map, Value};
 use crate::metrics::Metrics;
 use crate::token::{TokenEngine, TokenSlot};
 
+/// Something that reloads the configuration (implemented where the parts are wired: `lib.rs`).
+pub trait Reload: Send + Sync + 'static {
+    /// Reloads; `Ok` with a summary of what changed, or every error (the running config is then kept).
+    fn reload(&self) -> Result<String, Vec<String>>;
+}
+
 /// The admin API over the token engine and the metrics registry.
 pub struct Admin {
-    engine: Arc<TokenEngine>,
+    engine: Arc<ArcSwap<TokenEngine>>,
     metrics: Arc<Metrics>,
+    reload: Option<Arc<dyn Reload>>,
 }
 
 impl Admin {
-    /// An admin API for `engine`.
-    pub fn new(engine: Arc<TokenEngine>, metrics: Arc<Metrics>) -> Admin {
-        Admin { engine, metrics }
+    /// An admin API for the current engine of `engine` (it changes with reloads).
+    pub fn new(engine: Arc<ArcSwap<TokenEngine>>, metrics: Arc<Metrics>, reload: Option<Arc<dyn Reload>>) -> Admin {
+        Admin { engine, metrics, reload }
     }
 
     /// Answers one admin request.
@@ -38,10 +46,13 @@ impl Admin {
                 text(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.encode())
             }
             (&Method::GET | &Method::HEAD, "/tokens") => {
+                let engine = self.engine.load();
                 let providers: Map<String, Value> =
-                    self.engine.providers().map(|(name, slot, _)| (name.to_owned(), describe(slot))).collect();
+                    engine.providers().map(|(name, slot, _)| (name.to_owned(), describe(slot))).collect();
                 json_response(StatusCode::OK, &json!({ "providers": providers }))
             }
+            (&Method::POST, "/admin/reload") => self.reload().await,
+            (_, "/admin/reload") => method_not_allowed("POST"),
             (_, "/healthz" | "/readyz" | "/metrics" | "/tokens") => method_not_allowed("GET, HEAD"),
             (_, _) => match refresh_target(path) {
                 Some(name) if method == Method::POST => self.refresh(name).await,
@@ -51,10 +62,26 @@ impl Admin {
         }
     }
 
+    async fn reload(&self) -> Response<Full<Bytes>> {
+        let Some(reload) = self.reload.clone() else {
+            return json_response(
+                StatusCode::CONFLICT,
+                &json!({ "reloaded": false, "errors": ["reload is not available"] }),
+            );
+        };
+        // Reading and validating the config touches the file system: off the async threads.
+        match tokio::task::spawn_blocking(move || reload.reload()).await {
+            Ok(Ok(summary)) => json_response(StatusCode::OK, &json!({ "reloaded": true, "summary": summary })),
+            Ok(Err(errors)) => json_response(StatusCode::BAD_REQUEST, &json!({ "reloaded": false, "errors": errors })),
+            Err(_) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({ "reloaded": false })),
+        }
+    }
+
     fn readyz(&self) -> Response<Full<Bytes>> {
         let mut ready = true;
         let mut providers = Map::new();
-        for (name, slot, routed) in self.engine.providers() {
+        let engine = self.engine.load();
+        for (name, slot, routed) in engine.providers() {
             if !routed {
                 continue;
             }
@@ -71,7 +98,7 @@ impl Admin {
     }
 
     async fn refresh(&self, name: &str) -> Response<Full<Bytes>> {
-        let Some(slot) = self.engine.slot(name) else {
+        let Some(slot) = self.engine.load().slot(name) else {
             return json_response(StatusCode::NOT_FOUND, &json!({ "error": format!("no provider named `{name}`") }));
         };
         let status = match slot.refresh_now().await {

@@ -22,19 +22,22 @@ pub mod token;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, Reload};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::route::{Route, RouteTable};
-use crate::proxy::{Connection, Proxy, ProxyBody, UpstreamClient};
+use crate::proxy::{Connection, Proxy, ProxyBody, ProxyOptions, UpstreamClient};
 use crate::server::{Handler, ListenerOptions};
 use crate::token::{TokenEngine, TokenSource};
 
@@ -67,40 +70,52 @@ pub enum StartError {
 /// Every part of a running tokenproxy, wired from one [`Config`].
 pub struct App {
     config: Config,
+    /// Where a reload reads the config again (`None`: built from text, reload is refused).
+    config_path: Option<PathBuf>,
     metrics: Arc<Metrics>,
-    engine: Arc<TokenEngine>,
-    proxy: Arc<Proxy>,
+    engine: Arc<ArcSwap<TokenEngine>>,
+    proxy: Arc<ArcSwap<Proxy>>,
+    client: Arc<UpstreamClient>,
 }
 
 impl App {
     /// Builds the token engine, the routes and the proxy from `config` (nothing runs yet).
     pub fn build(config: Config) -> Result<App, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let engine = Arc::new(
-            TokenEngine::new(&config, &metrics)
-                .map_err(|source| StartError::Tls { what: "providers (ca_file, client_cert_file)", source })?,
-        );
-        let lookup = |name: &str| engine.slot(name).map(|slot| slot as Arc<dyn TokenSource>);
-        let routes = config.routes.iter().map(|r| Route::new(r, &lookup, &metrics)).collect::<Result<Vec<_>, _>>()?;
-        let client = UpstreamClient::new().map_err(|source| StartError::Tls { what: "upstream TLS", source })?;
-        let proxy = Arc::new(Proxy::new(
-            RouteTable::new(routes),
+        let engine = TokenEngine::new(&config, &metrics)
+            .map_err(|source| StartError::Tls { what: "providers (ca_file, client_cert_file)", source })?;
+        let client =
+            Arc::new(UpstreamClient::new().map_err(|source| StartError::Tls { what: "upstream TLS", source })?);
+        let proxy = build_proxy(&config, &engine, &client, &metrics)?;
+        Ok(App {
+            config,
+            config_path: None,
+            metrics,
+            engine: Arc::new(ArcSwap::from_pointee(engine)),
+            proxy: Arc::new(ArcSwap::from_pointee(proxy)),
             client,
-            config.server.replay_buffer,
-            config.server.request_timeout,
-            metrics.unrouted(),
-        ));
-        Ok(App { config, metrics, engine, proxy })
+        })
     }
 
-    /// The token engine (for the admin API and tests).
-    pub fn engine(&self) -> &Arc<TokenEngine> {
-        &self.engine
+    /// Lets SIGHUP and `POST /admin/reload` re-read the config from `path`.
+    pub fn reload_from(mut self, path: impl Into<PathBuf>) -> App {
+        self.config_path = Some(path.into());
+        self
+    }
+
+    /// The current token engine (for the admin API and tests).
+    pub fn engine(&self) -> Arc<TokenEngine> {
+        self.engine.load_full()
     }
 
     /// The metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// One summary line per route and provider: what this config will do.
+    pub fn summary(&self) -> Vec<String> {
+        summary(&self.config)
     }
 
     /// Binds the proxy and admin listeners of the config.
@@ -129,6 +144,159 @@ impl App {
     }
 }
 
+fn build_proxy(
+    config: &Config,
+    engine: &TokenEngine,
+    client: &Arc<UpstreamClient>,
+    metrics: &Metrics,
+) -> Result<Proxy, StartError> {
+    let lookup = |name: &str| engine.slot(name).map(|slot| slot as Arc<dyn TokenSource>);
+    let routes = config.routes.iter().map(|r| Route::new(r, &lookup, metrics)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Proxy::new(
+        RouteTable::new(routes),
+        Arc::clone(client),
+        ProxyOptions {
+            replay_buffer: config.server.replay_buffer,
+            request_timeout: config.server.request_timeout,
+            access_log: config.log.access,
+        },
+        metrics.unrouted(),
+    ))
+}
+
+fn summary(config: &Config) -> Vec<String> {
+    let mut lines = Vec::new();
+    for route in &config.routes {
+        let matcher = match (&route.host, route.prefix.as_str()) {
+            (Some(host), "/") => format!("host {host}"),
+            (Some(host), prefix) => format!("host {host} prefix {prefix}"),
+            (None, prefix) => format!("prefix {prefix}"),
+        };
+        let token = match &route.provider {
+            Some(p) => format!("token of provider {p}"),
+            None => "no token (pass-through)".to_owned(),
+        };
+        lines.push(format!(
+            "route {}: {matcher} -> {}{} with {token}",
+            route.name,
+            route.upstream,
+            if route.strip_prefix { " (prefix stripped)" } else { "" }
+        ));
+    }
+    for (name, provider) in &config.providers {
+        let endpoint = match (&provider.token_url, &provider.issuer) {
+            (Some(url), _) => url.to_string(),
+            (None, Some(issuer)) => format!("discovered from {issuer}"),
+            (None, None) => "?".to_owned(),
+        };
+        lines.push(format!(
+            "provider {name}: {} grant as client {} ({}) at {endpoint}{}",
+            provider.grant.as_str(),
+            provider.client_id,
+            provider.client_auth.as_str(),
+            provider.scope.as_deref().map(|s| format!(", scope \"{s}\"")).unwrap_or_default()
+        ));
+    }
+    lines
+}
+
+/// Reloads the config of a running app (SIGHUP, `POST /admin/reload`).
+struct AppReloader {
+    path: Option<PathBuf>,
+    running: Config,
+    metrics: Arc<Metrics>,
+    engine: Arc<ArcSwap<TokenEngine>>,
+    proxy: Arc<ArcSwap<Proxy>>,
+    client: Arc<UpstreamClient>,
+    /// One reload at a time.
+    lock: std::sync::Mutex<()>,
+}
+
+impl Reload for AppReloader {
+    fn reload(&self) -> Result<String, Vec<String>> {
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let outcome = self.try_reload();
+        let label = if outcome.is_ok() { "success" } else { "error" };
+        self.metrics.config_reloaded(label);
+        match &outcome {
+            Ok(summary) => tracing::info!("config reloaded: {summary}"),
+            Err(errors) => {
+                tracing::error!("config reload refused, the running config is kept:");
+                for error in errors {
+                    tracing::error!("  {error}");
+                }
+            }
+        }
+        outcome
+    }
+}
+
+impl AppReloader {
+    fn try_reload(&self) -> Result<String, Vec<String>> {
+        let Some(path) = &self.path else {
+            return Err(vec!["this tokenproxy was started without a config file: nothing to reload".to_owned()]);
+        };
+        let config = Config::load(path).map_err(|error| match error {
+            config::ConfigError::Invalid(problems) => problems.iter().map(ToString::to_string).collect(),
+            other => vec![other.to_string()],
+        })?;
+        let old = self.engine.load_full();
+        let (engine, changes) = old.rebuild(&config, &self.metrics).map_err(|e| vec![e.to_string()])?;
+        let proxy = build_proxy(&config, &engine, &self.client, &self.metrics).map_err(|e| vec![e.to_string()])?;
+        let restart_needed = restart_needed(&self.running, &config);
+        // Routes switch atomically: a request sees the old table or the new one, never a mix.
+        self.engine.store(Arc::new(engine));
+        self.engine.load().spawn();
+        self.proxy.store(Arc::new(proxy));
+        for key in &restart_needed {
+            tracing::warn!("{key} changed: it takes effect at the next restart");
+        }
+        Ok(format!(
+            "{} route(s); providers kept with their tokens: [{}], started: [{}], removed: [{}]{}",
+            config.routes.len(),
+            changes.kept.join(", "),
+            changes.started.join(", "),
+            changes.removed.join(", "),
+            if restart_needed.is_empty() {
+                String::new()
+            } else {
+                format!("; needs a restart: {}", restart_needed.join(", "))
+            }
+        ))
+    }
+}
+
+/// Settings a reload cannot apply to a running process.
+fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&running.server, &new.server);
+    let mut keys = Vec::new();
+    if a.listen != b.listen {
+        keys.push("server.listen");
+    }
+    if a.tls.as_ref().map(|t| (&t.cert_file, &t.key_file)) != b.tls.as_ref().map(|t| (&t.cert_file, &t.key_file)) {
+        keys.push("server.tls");
+    }
+    if a.max_connections != b.max_connections {
+        keys.push("server.max_connections");
+    }
+    if a.header_read_timeout != b.header_read_timeout {
+        keys.push("server.header_read_timeout");
+    }
+    if a.shutdown_grace != b.shutdown_grace {
+        keys.push("server.shutdown_grace");
+    }
+    if a.worker_threads != b.worker_threads {
+        keys.push("server.worker_threads");
+    }
+    if running.admin.listen != new.admin.listen {
+        keys.push("admin.listen");
+    }
+    if running.log.format != new.log.format || running.log.level != new.log.level {
+        keys.push("log");
+    }
+    keys
+}
+
 /// An [`App`] with its listeners bound, ready to run.
 pub struct BoundApp {
     app: App,
@@ -136,6 +304,9 @@ pub struct BoundApp {
     admin_listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
+
+/// How often `*_file` secrets are checked for a change.
+const SECRET_FILE_CHECK: Duration = Duration::from_secs(2);
 
 impl BoundApp {
     /// The proxy listener's address (useful with port 0).
@@ -148,16 +319,31 @@ impl BoundApp {
         self.admin_listener.local_addr().unwrap_or(self.app.config.admin.listen)
     }
 
-    /// The token engine.
-    pub fn engine(&self) -> &Arc<TokenEngine> {
-        &self.app.engine
+    /// The current token engine.
+    pub fn engine(&self) -> Arc<TokenEngine> {
+        self.app.engine()
     }
 
-    /// Runs until `shutdown` completes: fetches tokens, serves, then drains within `shutdown_grace`.
+    /// Runs until `shutdown` completes: fetches tokens, serves, reloads on SIGHUP (when built with
+    /// [`App::reload_from`] and `reload_on_sighup`), then drains within `shutdown_grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        self.run_with(shutdown, false).await
+    }
+
+    /// [`BoundApp::run`], also reloading the config on SIGHUP when `reload_on_sighup`.
+    pub async fn run_with(self, shutdown: impl Future<Output = ()> + Send, reload_on_sighup: bool) {
         let BoundApp { app, proxy_listener, admin_listener, tls } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let refreshers = app.engine.spawn(&stop_rx);
+        app.engine.load().spawn();
+        let reloader = Arc::new(AppReloader {
+            path: app.config_path.clone(),
+            running: app.config.clone(),
+            metrics: Arc::clone(&app.metrics),
+            engine: Arc::clone(&app.engine),
+            proxy: Arc::clone(&app.proxy),
+            client: Arc::clone(&app.client),
+            lock: std::sync::Mutex::new(()),
+        });
         let server = &app.config.server;
         let proxy_options = ListenerOptions {
             max_connections: server.max_connections,
@@ -167,27 +353,60 @@ impl BoundApp {
         };
         let admin_options = ListenerOptions { max_connections: 64, tls: None, ..proxy_options.clone() };
         let proxy = Arc::new(ProxyHandler(Arc::clone(&app.proxy)));
-        let admin = Arc::new(AdminHandler(Admin::new(Arc::clone(&app.engine), Arc::clone(&app.metrics))));
+        let admin = Arc::new(AdminHandler(Admin::new(
+            Arc::clone(&app.engine),
+            Arc::clone(&app.metrics),
+            Some(Arc::clone(&reloader) as Arc<dyn Reload>),
+        )));
         let proxy_task = tokio::spawn(server::serve(proxy_listener, proxy, proxy_options, stop_rx.clone()));
         let admin_task = tokio::spawn(server::serve(admin_listener, admin, admin_options, stop_rx.clone()));
+        tokio::spawn(token::watch_secret_files(Arc::clone(&app.engine), SECRET_FILE_CHECK, stop_rx.clone()));
+        if reload_on_sighup {
+            tokio::spawn(reload_on_hangup(Arc::clone(&reloader), stop_rx.clone()));
+        }
         shutdown.await;
         tracing::info!("shutting down: draining in-flight requests");
         let _ = stop_tx.send(true);
         let _ = proxy_task.await;
         let _ = admin_task.await;
-        for refresher in refreshers {
-            refresher.abort();
-        }
+        app.engine.load().stop();
     }
 }
 
-struct ProxyHandler(Arc<Proxy>);
+/// Reloads on every SIGHUP until shutdown.
+async fn reload_on_hangup(reloader: Arc<AppReloader>, mut shutdown: watch::Receiver<bool>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: reload with POST /admin/reload instead");
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = stopped(&mut shutdown) => return,
+                Some(()) = hangups.recv() => {
+                    let reloader = Arc::clone(&reloader);
+                    let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (reloader, shutdown);
+    }
+}
+
+struct ProxyHandler(Arc<ArcSwap<Proxy>>);
 
 impl Handler for ProxyHandler {
     type Body = ProxyBody;
 
     async fn call(self: &Arc<Self>, request: Request<Incoming>, peer: SocketAddr, tls: bool) -> Response<ProxyBody> {
-        self.0.handle(request, Connection { peer, tls }).await
+        // The routes as they are when the request arrives; a reload does not change them under it.
+        let proxy = self.0.load_full();
+        proxy.handle(request, Connection { peer, tls }).await
     }
 }
 

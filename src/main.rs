@@ -81,17 +81,17 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => {
-            let config = match load(&config) {
+        Command::Run { config: path } => {
+            let config = match load(&path) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
             init_tracing(&config.log);
             let Some(runtime) = runtime(config.server.worker_threads) else { return ExitCode::from(EXIT_START) };
-            runtime.block_on(run(config))
+            runtime.block_on(run(config, path))
         }
         Command::Demo { listen, admin_listen } => {
-            init_tracing(&LogConfig { format: LogFormat::Pretty, level: "info".into() });
+            init_tracing(&LogConfig { format: LogFormat::Pretty, level: "info".into(), access: true });
             let Some(runtime) = runtime(None) else { return ExitCode::from(EXIT_START) };
             runtime.block_on(run_demo(listen, admin_listen))
         }
@@ -164,14 +164,17 @@ fn init_tracing(log: &LogConfig) {
     }
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, path: PathBuf) -> ExitCode {
     let app = match App::build(config) {
-        Ok(app) => app,
+        Ok(app) => app.reload_from(path),
         Err(error) => {
             eprintln!("tokenproxy: {error}");
             return ExitCode::from(EXIT_START);
         }
     };
+    for line in app.summary() {
+        tracing::info!("{line}");
+    }
     let bound = match app.bind().await {
         Ok(bound) => bound,
         Err(error) => {
@@ -180,7 +183,7 @@ async fn run(config: Config) -> ExitCode {
         }
     };
     tracing::info!(proxy = %bound.proxy_addr(), admin = %bound.admin_addr(), "tokenproxy listening");
-    bound.run(tokenproxy::server::shutdown_signal()).await;
+    bound.run_with(tokenproxy::server::shutdown_signal(), true).await;
     ExitCode::SUCCESS
 }
 

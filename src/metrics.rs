@@ -66,6 +66,7 @@ pub struct Metrics {
     upstream_unauthorized: IntCounterVec,
     replays: IntCounterVec,
     inflight: IntGauge,
+    config_reloads: IntCounterVec,
 }
 
 /// Metric handles for one token provider.
@@ -181,6 +182,14 @@ impl Metrics {
         let inflight = IntGauge::new("tokenproxy_inflight_requests", "Requests being served now.")
             .expect("static metric definition");
         registry.register(Box::new(inflight.clone())).expect("metric registered once");
+        let config_reloads = counter(
+            "tokenproxy_config_reloads_total",
+            "Config reloads (SIGHUP, POST /admin/reload), by outcome.",
+            &["outcome"],
+        );
+        for outcome in ["success", "error"] {
+            config_reloads.with_label_values(&[outcome]);
+        }
         let build_info = IntGaugeVec::new(Opts::new("tokenproxy_build_info", "Build information."), &["version"])
             .expect("static metric definition");
         registry.register(Box::new(build_info.clone())).expect("metric registered once");
@@ -198,7 +207,13 @@ impl Metrics {
             upstream_unauthorized,
             replays,
             inflight,
+            config_reloads,
         }
+    }
+
+    /// Counts a config reload; `outcome` is `success` or `error`.
+    pub fn config_reloaded(&self, outcome: &str) {
+        self.config_reloads.with_label_values(&[outcome]).inc();
     }
 
     /// Handles for provider `name`; creating them makes the series visible at zero.

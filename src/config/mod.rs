@@ -106,6 +106,8 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// Level filter: a level (`info`) or `RUST_LOG` directive syntax (`info,tokenproxy=debug`).
     pub level: String,
+    /// One access-log line per proxied request (at level info, target `access`).
+    pub access: bool,
 }
 
 /// `[state]`: the embedded store.
@@ -148,7 +150,7 @@ pub enum ClientAuth {
 }
 
 /// `[providers.NAME]`: one token profile.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProviderConfig {
     /// The provider's name (its key under `[providers]`), used in routes, metrics and the admin API.
     pub name: String,
@@ -350,7 +352,7 @@ impl Default for AdminConfig {
 impl Default for LogConfig {
     /// The SPEC default: pretty, info.
     fn default() -> Self {
-        LogConfig { format: LogFormat::Pretty, level: "info".to_owned() }
+        LogConfig { format: LogFormat::Pretty, level: "info".to_owned(), access: true }
     }
 }
 

@@ -114,6 +114,7 @@ fn log(r: &mut Reader<'_>, root: &mut Table<'_>) -> LogConfig {
     let log = LogConfig {
         format: value_or(r.get(&mut t, "format", reader::choice(LOG_FORMATS)), d.format),
         level: value_or(r.get(&mut t, "level", reader::non_empty_string), d.level),
+        access: value_or(r.get(&mut t, "access", reader::boolean), d.access),
     };
     r.finish(t);
     log

@@ -45,12 +45,24 @@ pub struct Connection {
     pub tls: bool,
 }
 
+/// Settings that apply to every request.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyOptions {
+    /// Request bodies up to this size are kept for a replay after a 401.
+    pub replay_buffer: usize,
+    /// The whole upstream exchange (and its replay) must have its response head within this.
+    pub request_timeout: Duration,
+    /// One access-log line per request.
+    pub access_log: bool,
+}
+
 /// The reverse proxy: routes, the upstream client and the limits that apply to every request.
 pub struct Proxy {
     table: RouteTable,
-    client: UpstreamClient,
+    client: Arc<UpstreamClient>,
     replay_buffer: usize,
     request_timeout: Duration,
+    access_log: bool,
     unrouted: RouteMetrics,
 }
 
@@ -79,40 +91,63 @@ impl Target {
 
 impl Proxy {
     /// A proxy over `table`.
-    pub fn new(
-        table: RouteTable,
-        client: UpstreamClient,
-        replay_buffer: usize,
-        request_timeout: Duration,
-        unrouted: RouteMetrics,
-    ) -> Proxy {
-        Proxy { table, client, replay_buffer, request_timeout, unrouted }
+    pub fn new(table: RouteTable, client: Arc<UpstreamClient>, options: ProxyOptions, unrouted: RouteMetrics) -> Proxy {
+        Proxy {
+            table,
+            client,
+            replay_buffer: options.replay_buffer,
+            request_timeout: options.request_timeout,
+            access_log: options.access_log,
+            unrouted,
+        }
     }
 
     /// Serves one request; never fails (errors are responses).
-    pub async fn handle(&self, request: Request<Incoming>, connection: Connection) -> Response<ProxyBody> {
+    pub async fn handle(&self, mut request: Request<Incoming>, connection: Connection) -> Response<ProxyBody> {
         let started = Instant::now();
-        let route = match self.select_route(&request) {
-            Ok(route) => route,
+        let request_id = request_id(request.headers_mut());
+        // Kept for the access log only: the path without its query (which may carry a token).
+        let logged = self.access_log.then(|| (request.method().clone(), request.uri().path().to_owned()));
+        let mut replayed = false;
+        let (route, mut response) = match self.select_route(&request) {
+            Ok(route) => {
+                let metrics = &route.metrics;
+                metrics.inflight.inc();
+                let response = match self.serve(route, request, connection, started, &mut replayed).await {
+                    Ok(response) => response,
+                    Err(error) => {
+                        let context =
+                            ErrorContext { route: Some(Arc::clone(&route.name)), provider: route.provider.clone() };
+                        tracing::debug!(route = %route.name, code = error.code(), "proxy error: {}", error_detail(&error));
+                        error.into_response(&context)
+                    }
+                };
+                metrics.inflight.dec();
+                metrics.count_status(response.status());
+                metrics.duration.observe(started.elapsed().as_secs_f64());
+                (Some(route), response)
+            }
             Err(error) => {
                 let response = error.into_response(&ErrorContext::default());
                 self.unrouted.count_status(response.status());
-                return response;
+                (None, response)
             }
         };
-        let metrics = &route.metrics;
-        metrics.inflight.inc();
-        let response = match self.serve(route, request, connection, started).await {
-            Ok(response) => response,
-            Err(error) => {
-                let context = ErrorContext { route: Some(Arc::clone(&route.name)), provider: route.provider.clone() };
-                tracing::debug!(route = %route.name, code = error.code(), "proxy error: {}", error_detail(&error));
-                error.into_response(&context)
-            }
-        };
-        metrics.inflight.dec();
-        metrics.count_status(response.status());
-        metrics.duration.observe(started.elapsed().as_secs_f64());
+        response.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
+        if let Some((method, path)) = logged {
+            tracing::info!(
+                target: "access",
+                route = route.map_or("-", |r| &r.name),
+                method = %method,
+                path = %path,
+                status = response.status().as_u16(),
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                upstream = route.map_or("-", |r| r.upstream_authority()),
+                replayed,
+                request_id = request_id.to_str().unwrap_or("-"),
+                "request"
+            );
+        }
         response
     }
 
@@ -152,6 +187,7 @@ impl Proxy {
         request: Request<Incoming>,
         connection: Connection,
         started: Instant,
+        replayed: &mut bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let deadline = started + self.request_timeout;
         let (mut parts, body) = request.into_parts();
@@ -178,7 +214,7 @@ impl Proxy {
         match (token, saved) {
             (Some(token), Some(parts)) => {
                 let first = Attempt { token: &token, replay, response };
-                self.replay_after_401(route, &target, parts, first, deadline).await
+                self.replay_after_401(route, &target, parts, first, deadline, replayed).await
             }
             _ => Ok(Self::finish(response)),
         }
@@ -308,6 +344,7 @@ impl Proxy {
         parts: Parts,
         first: Attempt<'_>,
         deadline: Instant,
+        replayed: &mut bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let Some(tokens) = &route.tokens else { return Ok(Self::finish(first.response)) };
         let body = match tokio::time::timeout_at(deadline, first.replay.replay()).await {
@@ -324,6 +361,7 @@ impl Proxy {
             _ => return Ok(Self::finish(first.response)),
         };
         drop(first.response);
+        *replayed = true;
         let request = Self::attach(route, target, parts, Some(&fresh), UpstreamBody::Replay { body })?;
         let response = self.forward(request, deadline).await?;
         if response.status() == StatusCode::UNAUTHORIZED {
@@ -341,6 +379,26 @@ impl Proxy {
         headers::strip_hop_by_hop(&mut parts.headers);
         Response::from_parts(parts, Either::Left(body))
     }
+}
+
+/// `x-request-id`: propagated from the caller, or created, and sent upstream and back.
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// The request's id: the caller's `x-request-id` if it is usable, else a new one (added to the request).
+fn request_id(headers: &mut http::HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(&X_REQUEST_ID).filter(|v| !v.is_empty() && v.len() <= 128) {
+        return id.clone();
+    }
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(rand::random);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // Unique within the process (counter) and across processes (random prefix); hex is always a valid header.
+    let id = HeaderValue::from_str(&format!("{prefix:016x}{n:016x}")).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
 }
 
 fn sensitive(mut value: HeaderValue) -> HeaderValue {

@@ -129,6 +129,11 @@ impl Route {
         })
     }
 
+    /// The upstream's `host[:port]`, for logs.
+    pub fn upstream_authority(&self) -> &str {
+        self.authority.as_str()
+    }
+
     fn matches_path(&self, path: &str) -> bool {
         self.prefix == "/"
             || (path.starts_with(self.prefix.as_str())

@@ -271,6 +271,12 @@ impl TokenSlot {
         }
     }
 
+    /// Asks the refresher for a refresh now, bypassing any backoff, without waiting for it.
+    pub fn request_refresh(&self) {
+        lock(&self.demand).manual = true;
+        self.wake.notify_one();
+    }
+
     /// Asks for a refresh now (admin API) and waits for its outcome.
     pub async fn refresh_now(&self) -> Result<Arc<Token>, TokenUnavailable> {
         let mut attempts = self.attempts.subscribe();

@@ -17,11 +17,12 @@ pub mod session;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 pub use cache::{SlotStatus, Token, TokenSlot, TokenUnavailable};
 pub use grant::GrantFetcher;
@@ -30,7 +31,7 @@ pub use refresh::{RefreshScheduler, Timing, TokenFetcher};
 pub use response::{TokenError, TokenResponse};
 pub use store::StateStore;
 
-use crate::config::Config;
+use crate::config::{Config, ProviderConfig, SecretSource};
 use crate::metrics::Metrics;
 use crate::tls::TlsError;
 
@@ -54,44 +55,118 @@ impl TokenSource for TokenSlot {
     }
 }
 
-/// One provider of the engine.
+/// One provider of the engine: its slot, its fetcher, and the refresher task that serves it.
 struct Provider {
+    config: ProviderConfig,
     slot: Arc<TokenSlot>,
     fetcher: Arc<dyn TokenFetcher>,
     timing: Timing,
-    /// A route uses it: fetch at startup and count it for readiness.
-    routed: bool,
+    /// Stops the refresher task; sent when the provider is dropped (removed by a reload, or at shutdown).
+    stop: watch::Sender<bool>,
+    started: AtomicBool,
+    /// SHA-256 of each `*_file` secret as last read, to notice a rotated Kubernetes Secret.
+    secret_files: Mutex<Option<Vec<String>>>,
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
 }
 
 /// Every provider's slot and refresher.
 pub struct TokenEngine {
-    providers: BTreeMap<String, Provider>,
+    providers: BTreeMap<String, Arc<Provider>>,
+    /// Providers that routes use: fetched at startup, counted for readiness.
+    routed: BTreeSet<String>,
+    state_dir: PathBuf,
+}
+
+/// What a reload did to the providers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProviderChanges {
+    /// Unchanged: kept with their tokens.
+    pub kept: Vec<String>,
+    /// New or changed: a new slot fetches a new token.
+    pub started: Vec<String>,
+    /// Gone: their refreshers stop.
+    pub removed: Vec<String>,
 }
 
 impl TokenEngine {
-    /// Builds a slot and an IdP client for every provider of `config`.
+    /// Builds a slot and an IdP client for every provider of `config` (nothing runs until [`TokenEngine::spawn`]).
     pub fn new(config: &Config, metrics: &Metrics) -> Result<TokenEngine, TlsError> {
-        let routed: BTreeSet<&str> = config.routes.iter().filter_map(|r| r.provider.as_deref()).collect();
+        Self::reusing(None, config, metrics).map(|(engine, _)| engine)
+    }
+
+    /// The engine for a reloaded `config`: providers whose settings (and state directory) did not change are kept,
+    /// with their tokens and refreshers; others are built anew.
+    pub fn rebuild(&self, config: &Config, metrics: &Metrics) -> Result<(TokenEngine, ProviderChanges), TlsError> {
+        Self::reusing(Some(self), config, metrics)
+    }
+
+    fn reusing(
+        old: Option<&TokenEngine>,
+        config: &Config,
+        metrics: &Metrics,
+    ) -> Result<(TokenEngine, ProviderChanges), TlsError> {
+        let routed: BTreeSet<String> = config.routes.iter().filter_map(|r| r.provider.clone()).collect();
+        let mut changes = ProviderChanges::default();
         let mut providers = BTreeMap::new();
         for (name, provider) in &config.providers {
+            let same = old
+                .filter(|old| old.state_dir == config.state.dir)
+                .and_then(|old| old.providers.get(name))
+                .filter(|p| p.config == *provider);
+            if let Some(kept) = same {
+                providers.insert(name.clone(), Arc::clone(kept));
+                changes.kept.push(name.clone());
+                continue;
+            }
             let slot = Arc::new(TokenSlot::new(name, metrics.provider(name), provider.timeout));
             let timing = Timing { refresh_at: provider.refresh_at, expiry_skew: provider.expiry_skew };
             let store = StateStore::new(&config.state.dir);
             let fetcher: Arc<dyn TokenFetcher> = Arc::new(GrantFetcher::new(provider.clone(), store)?);
-            providers.insert(name.clone(), Provider { slot, fetcher, timing, routed: routed.contains(name.as_str()) });
+            let (stop, _) = watch::channel(false);
+            let entry = Provider {
+                config: provider.clone(),
+                slot,
+                fetcher,
+                timing,
+                stop,
+                started: AtomicBool::new(false),
+                secret_files: Mutex::new(None),
+            };
+            providers.insert(name.clone(), Arc::new(entry));
+            changes.started.push(name.clone());
         }
-        Ok(TokenEngine { providers })
+        if let Some(old) = old {
+            changes.removed = old.providers.keys().filter(|n| !providers.contains_key(*n)).cloned().collect();
+        }
+        Ok((TokenEngine { providers, routed, state_dir: config.state.dir.clone() }, changes))
     }
 
-    /// Starts one refresher task per provider; routed providers fetch their first token at once.
-    pub fn spawn(&self, shutdown: &watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
-        self.providers
-            .values()
-            .map(|p| {
-                let scheduler = RefreshScheduler::new(Arc::clone(&p.slot), Arc::clone(&p.fetcher), p.timing, p.routed);
-                tokio::spawn(scheduler.run(shutdown.clone()))
-            })
-            .collect()
+    /// Starts the refresher of every provider not running yet; routed providers fetch their first token at once,
+    /// and a kept provider that a route now uses gets one if it has none.
+    pub fn spawn(&self) {
+        for (name, p) in &self.providers {
+            let routed = self.routed.contains(name);
+            if p.started.swap(true, Ordering::SeqCst) {
+                if routed && p.slot.latest().is_none() {
+                    p.slot.request_refresh();
+                }
+                continue;
+            }
+            let scheduler = RefreshScheduler::new(Arc::clone(&p.slot), Arc::clone(&p.fetcher), p.timing, routed);
+            tokio::spawn(scheduler.run(p.stop.subscribe()));
+        }
+    }
+
+    /// Stops every refresher (shutdown).
+    pub fn stop(&self) {
+        for p in self.providers.values() {
+            p.stop.send_replace(true);
+        }
     }
 
     /// The slot of provider `name`.
@@ -101,6 +176,57 @@ impl TokenEngine {
 
     /// Every provider: name, slot, and whether a route uses it.
     pub fn providers(&self) -> impl Iterator<Item = (&str, &Arc<TokenSlot>, bool)> {
-        self.providers.iter().map(|(name, p)| (name.as_str(), &p.slot, p.routed))
+        self.providers.iter().map(|(name, p)| (name.as_str(), &p.slot, self.routed.contains(name)))
+    }
+
+    /// Re-reads every `*_file` secret and refreshes at once the providers whose secret files changed (a rotated
+    /// Kubernetes Secret), even during a backoff: a new secret is the likely fix of an `invalid_client`.
+    /// Returns the providers refreshed.
+    pub fn check_secret_files(&self) -> Vec<String> {
+        let mut changed = Vec::new();
+        for (name, p) in &self.providers {
+            let now = secret_file_fingerprints(&p.config);
+            let mut last = p.secret_files.lock().unwrap_or_else(|e| e.into_inner());
+            match last.as_ref() {
+                Some(before) if *before != now => {
+                    tracing::info!(provider = %name, "a secret file changed: refreshing the token");
+                    p.slot.request_refresh();
+                    changed.push(name.clone());
+                }
+                _ => {}
+            }
+            *last = Some(now);
+        }
+        changed
+    }
+}
+
+/// SHA-256 of each `*_file` secret of a provider ("-" when unreadable), in a fixed order.
+fn secret_file_fingerprints(provider: &ProviderConfig) -> Vec<String> {
+    [&provider.client_secret, &provider.password, &provider.refresh_token]
+        .into_iter()
+        .flatten()
+        .filter(|source| matches!(source, SecretSource::File(_)))
+        .map(|source| source.read().map_or_else(|_| "-".to_owned(), |secret| store::sha256_hex(&secret)))
+        .collect()
+}
+
+/// Checks the secret files of the current engine every `period` until `shutdown`.
+pub async fn watch_secret_files(
+    engine: Arc<arc_swap::ArcSwap<TokenEngine>>,
+    period: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = crate::stopped(&mut shutdown) => return,
+            _ = ticks.tick() => {
+                let engine = engine.load_full();
+                // Reading a few small files: off the async threads.
+                let _ = tokio::task::spawn_blocking(move || engine.check_secret_files()).await;
+            }
+        }
     }
 }
