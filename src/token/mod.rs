@@ -135,7 +135,8 @@ impl TokenEngine {
                 timing,
                 stop,
                 started: AtomicBool::new(false),
-                secret_files: Mutex::new(None),
+                // The baseline is what the config load read, so a change right after startup is not missed.
+                secret_files: Mutex::new(Some(secret_file_fingerprints(provider))),
             };
             providers.insert(name.clone(), Arc::new(entry));
             changes.started.push(name.clone());

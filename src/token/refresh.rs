@@ -138,7 +138,13 @@ impl RefreshScheduler {
                 () = sleep => self.scheduled_reason(ever_had_token),
             };
             slot.metrics.refreshes(reason).inc();
-            lock(&slot.status).in_flight = true;
+            {
+                // This call answers every demand made so far; demands made while it is in flight stay for the next
+                // turn (a secret that changed during the call must not be forgotten).
+                let mut status = lock(&slot.status);
+                status.in_flight = true;
+                *lock(&slot.demand) = Default::default();
+            }
             let started_instant = Instant::now();
             let started_wall = SystemTime::now();
             let result = self.idp.fetch().await;
@@ -182,7 +188,6 @@ impl RefreshScheduler {
                     status.backoff_until = None;
                     status.last_refresh = Some(SystemTime::now());
                     status.refreshes += 1;
-                    *lock(&slot.demand) = Default::default();
                 }
                 Err(error) => {
                     slot.metrics.token_error.inc();
@@ -202,7 +207,6 @@ impl RefreshScheduler {
                     status.permanent_failure = error.is_permanent();
                     slot.metrics.permanent_failure.set(i64::from(error.is_permanent()));
                     status.backoff_until = Some(retry_at);
-                    *lock(&slot.demand) = Default::default();
                 }
             }
             slot.attempts.send_modify(|n| *n += 1);

@@ -498,16 +498,18 @@ provider = "api"
     )
 }
 
-/// The `tokenproxy run` binary as a child process, with the addresses it printed at startup.
+/// The `tokenproxy run` binary as a child process, with the addresses it printed at startup and its log lines.
 pub struct BinaryProxy {
     pub child: tokio::process::Child,
     pub addr: String,
     pub admin: String,
+    captured: Arc<Mutex<Vec<String>>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl BinaryProxy {
     /// Runs `tokenproxy run --config CONFIG` with `env`, and waits for its "listening" line (the config should
-    /// listen on port 0).
+    /// listen on port 0). Pretty and JSON log formats are both understood.
     pub async fn start(config: &std::path::Path, env: &[(&str, &str)]) -> BinaryProxy {
         use tokio::io::AsyncBufReadExt;
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
@@ -525,25 +527,37 @@ impl BinaryProxy {
         let mut child = command.spawn().expect("spawn tokenproxy");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = oneshot::channel();
-        tokio::spawn(async move {
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let lines_out = Arc::clone(&captured);
+        let reader = tokio::spawn(async move {
             let mut tx = Some(tx);
             let mut lines = tokio::io::BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let field = |name: &str| {
-                    line.find(name)
-                        .map(|i| line[i + name.len()..].split_whitespace().next().unwrap_or_default().to_owned())
+                let addresses = match serde_json::from_str::<Value>(&line) {
+                    Ok(entry) => {
+                        entry["proxy"].as_str().zip(entry["admin"].as_str()).map(|(p, a)| (p.to_owned(), a.to_owned()))
+                    }
+                    Err(_) => {
+                        let field = |name: &str| {
+                            line.find(name).map(|i| {
+                                line[i + name.len()..].split_whitespace().next().unwrap_or_default().to_owned()
+                            })
+                        };
+                        field("proxy=").zip(field("admin="))
+                    }
                 };
-                if let (Some(addr), Some(admin)) = (field("proxy="), field("admin=")) {
+                if let Some(addresses) = addresses {
                     if let Some(tx) = tx.take() {
-                        let _ = tx.send((addr, admin));
+                        let _ = tx.send(addresses);
                     }
                 }
                 eprintln!("[tokenproxy] {line}");
+                lines_out.lock().unwrap().push(line);
             }
         });
         let (addr, admin) =
             tokio::time::timeout(Duration::from_secs(20), rx).await.expect("tokenproxy started").expect("address line");
-        BinaryProxy { child, addr, admin }
+        BinaryProxy { child, addr, admin, captured, reader: Some(reader) }
     }
 
     pub fn admin_url(&self, path: &str) -> String {
@@ -560,5 +574,17 @@ impl BinaryProxy {
             }
         };
         tokio::time::timeout(Duration::from_secs(20), ready).await.expect("tokenproxy never became ready");
+    }
+
+    /// Waits for the process to exit (after a signal), checks it exited 0, and returns everything it logged.
+    pub async fn finish(&mut self) -> String {
+        let status =
+            tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.expect("exit").expect("wait");
+        assert_eq!(status.code(), Some(0), "clean exit");
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.await;
+        }
+        let lines = self.captured.lock().unwrap().clone();
+        lines.join("\n")
     }
 }
