@@ -224,7 +224,10 @@ async fn check_fetch(config: &Config) -> ExitCode {
     let mut failed = 0;
     for (name, provider) in &config.providers {
         let outcome = match GrantFetcher::new(provider.clone(), StateStore::new(&config.state.dir)) {
-            Ok(fetcher) => fetcher.fetch().await.map_err(|e| e.to_string()),
+            Ok(fetcher) => fetcher.fetch().await.map_err(|e| match e.hint() {
+                Some(hint) => format!("{e}\n    hint: {hint}"),
+                None => e.to_string(),
+            }),
             Err(e) => Err(e.to_string()),
         };
         match outcome {

@@ -160,6 +160,7 @@ provider = "api"
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("provider api: ok, token lifetime 300s"), "{stderr}");
     assert!(stderr.contains("provider broken: FAILED: cannot reach the identity provider"), "{stderr}");
+    assert!(stderr.contains("hint: check the URL, DNS"), "{stderr}");
     assert!(!stderr.contains("tok-"));
 }
 

@@ -136,6 +136,38 @@ impl TokenError {
         }
     }
 
+    /// What to check for the common failures (`tokenproxy check --fetch` prints it under the error).
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            TokenError::Rejected { error, .. } => match error.as_str() {
+                "invalid_client" => Some(
+                    "the IdP refused the client's credentials: check client_id and the secret, and client_auth \
+                     (client_secret_basic sends them in an Authorization header, client_secret_post in the form; \
+                     many IdPs accept only the method registered for the client)",
+                ),
+                "invalid_scope" => Some("a requested scope is unknown or not allowed for this client: check `scope`"),
+                "unauthorized_client" => {
+                    Some("this client may not use this grant: enable it for the client at the IdP (e.g. client credentials)")
+                }
+                "unsupported_grant_type" => Some("the IdP does not offer this grant at this endpoint: check `grant` and token_url"),
+                "invalid_grant" => Some("the grant itself was refused: wrong username/password, or an expired or revoked refresh token"),
+                "invalid_target" | "invalid_request" => {
+                    Some("check `audience`, `resource` and `extra_params`: the IdP may want others (Entra ID: scope = \"api://APP/.default\")")
+                }
+                _ => None,
+            },
+            TokenError::Status { status: 404, .. } => Some("token_url does not exist at the IdP: check the path"),
+            TokenError::Status { status: 401 | 403, .. } => Some("the IdP refused the request: check the client credentials and client_auth"),
+            TokenError::Malformed(message) if message.contains("clock") => {
+                Some("this machine's clock looks wrong (clock skew): check NTP")
+            }
+            TokenError::Connect(_) | TokenError::Timeout(_) => {
+                Some("check the URL, DNS, firewalls and proxies; for a private CA set ca_file")
+            }
+            _ => None,
+        }
+    }
+
     /// The IdP's `Retry-After`, if it sent one.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
