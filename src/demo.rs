@@ -58,8 +58,8 @@ pub async fn start_services() -> std::io::Result<DemoServices> {
     let upstream_url = format!("http://{}", upstream_listener.local_addr()?);
     let idp = Arc::new(DemoIdp { key: EncodingKey::from_secret(&key), issued: Arc::clone(&issued) });
     let upstream = Arc::new(DemoUpstream { key: DecodingKey::from_secret(&key) });
-    tokio::spawn(serve(idp_listener, idp, options.clone(), stopped.clone()));
-    tokio::spawn(serve(upstream_listener, upstream, options, stopped));
+    tokio::spawn(serve(idp_listener, idp, options.clone(), stopped.clone(), None));
+    tokio::spawn(serve(upstream_listener, upstream, options, stopped, None));
     Ok(DemoServices { token_url, upstream_url, issued, _stop: stop })
 }
 
@@ -159,13 +159,11 @@ async fn read_body(body: Incoming) -> Option<Bytes> {
 
 impl Handler for DemoIdp {
     type Body = Full<Bytes>;
+    type Connection = ();
 
-    async fn call(
-        self: &Arc<Self>,
-        request: Request<Incoming>,
-        _peer: SocketAddr,
-        _tls: bool,
-    ) -> Response<Full<Bytes>> {
+    fn connection(&self, _peer: SocketAddr, _tls: bool) {}
+
+    async fn call(self: &Arc<Self>, request: Request<Incoming>, _connection: &Arc<()>) -> Response<Full<Bytes>> {
         if request.method() != Method::POST || request.uri().path() != "/token" {
             return json_reply(StatusCode::NOT_FOUND, json!({ "error": "not_found" }));
         }
@@ -207,13 +205,11 @@ struct DemoUpstream {
 
 impl Handler for DemoUpstream {
     type Body = Full<Bytes>;
+    type Connection = ();
 
-    async fn call(
-        self: &Arc<Self>,
-        request: Request<Incoming>,
-        _peer: SocketAddr,
-        _tls: bool,
-    ) -> Response<Full<Bytes>> {
+    fn connection(&self, _peer: SocketAddr, _tls: bool) {}
+
+    async fn call(self: &Arc<Self>, request: Request<Incoming>, _connection: &Arc<()>) -> Response<Full<Bytes>> {
         let token = request
             .headers()
             .get(AUTHORIZATION)

@@ -324,14 +324,15 @@ impl BoundApp {
         self.app.engine()
     }
 
-    /// Runs until `shutdown` completes: fetches tokens, serves, reloads on SIGHUP (when built with
-    /// [`App::reload_from`] and `reload_on_sighup`), then drains within `shutdown_grace`.
+    /// Runs until `shutdown` completes: fetches tokens, serves connections on the calling runtime, then drains
+    /// within `shutdown_grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
-        self.run_with(shutdown, false).await
+        self.run_with(shutdown, RunOptions::default()).await
     }
 
-    /// [`BoundApp::run`], also reloading the config on SIGHUP when `reload_on_sighup`.
-    pub async fn run_with(self, shutdown: impl Future<Output = ()> + Send, reload_on_sighup: bool) {
+    /// [`BoundApp::run`] with options: worker runtimes for the proxy's connections, reload on SIGHUP.
+    pub async fn run_with(self, shutdown: impl Future<Output = ()> + Send, options: RunOptions) {
+        let RunOptions { workers, reload_on_sighup } = options;
         let BoundApp { app, proxy_listener, admin_listener, tls } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         app.engine.load().spawn();
@@ -358,8 +359,8 @@ impl BoundApp {
             Arc::clone(&app.metrics),
             Some(Arc::clone(&reloader) as Arc<dyn Reload>),
         )));
-        let proxy_task = tokio::spawn(server::serve(proxy_listener, proxy, proxy_options, stop_rx.clone()));
-        let admin_task = tokio::spawn(server::serve(admin_listener, admin, admin_options, stop_rx.clone()));
+        let proxy_task = tokio::spawn(server::serve(proxy_listener, proxy, proxy_options, stop_rx.clone(), workers));
+        let admin_task = tokio::spawn(server::serve(admin_listener, admin, admin_options, stop_rx.clone(), None));
         tokio::spawn(token::watch_secret_files(Arc::clone(&app.engine), SECRET_FILE_CHECK, stop_rx.clone()));
         if reload_on_sighup {
             tokio::spawn(reload_on_hangup(Arc::clone(&reloader), stop_rx.clone()));
@@ -371,6 +372,15 @@ impl BoundApp {
         let _ = admin_task.await;
         app.engine.load().stop();
     }
+}
+
+/// How [`BoundApp::run_with`] runs.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Serve the proxy's connections on these worker runtimes (else on the calling runtime).
+    pub workers: Option<Arc<server::WorkerPool>>,
+    /// Reload the config on SIGHUP (needs [`App::reload_from`]).
+    pub reload_on_sighup: bool,
 }
 
 /// Reloads on every SIGHUP until shutdown.
@@ -402,11 +412,16 @@ struct ProxyHandler(Arc<ArcSwap<Proxy>>);
 
 impl Handler for ProxyHandler {
     type Body = ProxyBody;
+    type Connection = Connection;
 
-    async fn call(self: &Arc<Self>, request: Request<Incoming>, peer: SocketAddr, tls: bool) -> Response<ProxyBody> {
+    fn connection(&self, peer: SocketAddr, tls: bool) -> Connection {
+        Connection::new(peer, tls)
+    }
+
+    async fn call(self: &Arc<Self>, request: Request<Incoming>, connection: &Arc<Connection>) -> Response<ProxyBody> {
         // The routes as they are when the request arrives; a reload does not change them under it.
         let proxy = self.0.load_full();
-        proxy.handle(request, Connection { peer, tls }).await
+        proxy.handle(request, connection).await
     }
 }
 
@@ -414,8 +429,11 @@ struct AdminHandler(Admin);
 
 impl Handler for AdminHandler {
     type Body = Full<bytes::Bytes>;
+    type Connection = ();
 
-    async fn call(self: &Arc<Self>, request: Request<Incoming>, _peer: SocketAddr, _tls: bool) -> Response<Self::Body> {
+    fn connection(&self, _peer: SocketAddr, _tls: bool) {}
+
+    async fn call(self: &Arc<Self>, request: Request<Incoming>, _connection: &Arc<()>) -> Response<Self::Body> {
         self.0.handle(request).await
     }
 }

@@ -3,12 +3,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokenproxy::config::{Config, ConfigError, LogConfig, LogFormat};
+use tokenproxy::server::WorkerPool;
 use tokenproxy::token::device::{self, Logout};
 use tokenproxy::token::{GrantFetcher, StateStore};
-use tokenproxy::{demo, App};
+use tokenproxy::{demo, App, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -87,12 +89,13 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_tracing(&config.log);
-            let Some(runtime) = runtime(config.server.worker_threads) else { return ExitCode::from(EXIT_START) };
-            runtime.block_on(run(config, path))
+            let Some(runtime) = runtime() else { return ExitCode::from(EXIT_START) };
+            let Some(workers) = workers(config.server.worker_threads) else { return ExitCode::from(EXIT_START) };
+            runtime.block_on(run(config, path, workers))
         }
         Command::Demo { listen, admin_listen } => {
             init_tracing(&LogConfig { format: LogFormat::Pretty, level: "info".into(), access: true });
-            let Some(runtime) = runtime(None) else { return ExitCode::from(EXIT_START) };
+            let Some(runtime) = runtime() else { return ExitCode::from(EXIT_START) };
             runtime.block_on(run_demo(listen, admin_listen))
         }
         Command::Check { config, fetch } => {
@@ -104,7 +107,7 @@ fn main() -> ExitCode {
             if !fetch {
                 return ExitCode::SUCCESS;
             }
-            let Some(runtime) = runtime(Some(1)) else { return ExitCode::from(EXIT_START) };
+            let Some(runtime) = runtime() else { return ExitCode::from(EXIT_START) };
             runtime.block_on(check_fetch(&config))
         }
         Command::Token { provider, config } => one_provider(&config, &provider, print_token),
@@ -140,13 +143,23 @@ fn plural(n: usize) -> &'static str {
     }
 }
 
-fn runtime(worker_threads: Option<usize>) -> Option<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(n) = worker_threads {
-        builder.worker_threads(n.max(1));
-    }
-    builder.build().map_err(|e| eprintln!("tokenproxy: cannot start the runtime: {e}")).ok()
+/// The control runtime (token refreshers, admin listener, accept loop, signals): one thread is plenty. The
+/// proxy's connections run on a [`WorkerPool`] of `server.worker_threads` threads.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("tokenproxy: cannot start the runtime: {e}"))
+        .ok()
+}
+
+/// `server.worker_threads` worker runtimes, by default one per available core.
+fn workers(threads: Option<usize>) -> Option<Arc<WorkerPool>> {
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    WorkerPool::start(threads)
+        .map(Arc::new)
+        .map_err(|e| eprintln!("tokenproxy: cannot start the worker threads: {e}"))
+        .ok()
 }
 
 fn init_tracing(log: &LogConfig) {
@@ -164,7 +177,7 @@ fn init_tracing(log: &LogConfig) {
     }
 }
 
-async fn run(config: Config, path: PathBuf) -> ExitCode {
+async fn run(config: Config, path: PathBuf, workers: Arc<WorkerPool>) -> ExitCode {
     let app = match App::build(config) {
         Ok(app) => app.reload_from(path),
         Err(error) => {
@@ -183,7 +196,8 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
         }
     };
     tracing::info!(proxy = %bound.proxy_addr(), admin = %bound.admin_addr(), "tokenproxy listening");
-    bound.run_with(tokenproxy::server::shutdown_signal(), true).await;
+    let options = RunOptions { workers: Some(workers), reload_on_sighup: true };
+    bound.run_with(tokenproxy::server::shutdown_signal(), options).await;
     ExitCode::SUCCESS
 }
 
@@ -274,7 +288,7 @@ where
             return ExitCode::from(EXIT_START);
         }
     };
-    let Some(runtime) = runtime(Some(1)) else { return ExitCode::from(EXIT_START) };
+    let Some(runtime) = runtime() else { return ExitCode::from(EXIT_START) };
     runtime.block_on(command(fetcher))
 }
 

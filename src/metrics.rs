@@ -4,6 +4,8 @@
 //! structs ([`ProviderMetrics`], [`RouteMetrics`]) with the label values already resolved, so that recording on the
 //! hot path is an atomic add rather than a label lookup.
 
+use std::sync::{Arc, OnceLock};
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -99,6 +101,9 @@ impl ProviderMetrics {
 pub struct RouteMetrics {
     route: String,
     requests: IntCounterVec,
+    /// `requests_total{route, status}` handles by status (100–599), resolved on first use: the hot path then adds
+    /// to an atomic instead of hashing labels under a lock.
+    by_status: Arc<OnceLock<Box<[OnceLock<IntCounter>]>>>,
     /// Request duration in seconds, from the request's arrival to the response head.
     pub duration: Histogram,
     /// 401s seen from the upstream.
@@ -111,7 +116,13 @@ pub struct RouteMetrics {
 impl RouteMetrics {
     /// Counts one answered request with its final status.
     pub fn count_status(&self, status: http::StatusCode) {
-        self.requests.with_label_values(&[self.route.as_str(), status.as_str()]).inc();
+        let table = self.by_status.get_or_init(|| (100..600).map(|_| OnceLock::new()).collect());
+        match table.get(usize::from(status.as_u16()).wrapping_sub(100)) {
+            Some(slot) => {
+                slot.get_or_init(|| self.requests.with_label_values(&[self.route.as_str(), status.as_str()])).inc()
+            }
+            None => self.requests.with_label_values(&[self.route.as_str(), status.as_str()]).inc(),
+        }
     }
 
     /// The replay counter for `outcome`.
@@ -234,6 +245,7 @@ impl Metrics {
         RouteMetrics {
             route: name.to_owned(),
             requests: self.requests.clone(),
+            by_status: Arc::new(OnceLock::new()),
             duration: self.request_duration.with_label_values(&[name]),
             upstream_unauthorized: self.upstream_unauthorized.with_label_values(&[name]),
             replays: ["success", "still_unauthorized", "not_replayable"]

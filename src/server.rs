@@ -31,25 +31,65 @@ pub struct ListenerOptions {
     pub tls: Option<TlsAcceptor>,
 }
 
-/// Something that answers requests with the peer's address at hand.
+/// Something that answers requests, with per-connection state at hand.
 pub trait Handler: Send + Sync + 'static {
     /// The response body type.
     type Body: Body<Data = bytes::Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static;
+    /// What the handler keeps per connection (the peer's address, an upstream connection, …).
+    type Connection: Send + Sync + 'static;
+    /// Called once per accepted connection.
+    fn connection(&self, peer: SocketAddr, tls: bool) -> Self::Connection;
     /// Answers one request.
     fn call(
         self: &Arc<Self>,
         request: Request<Incoming>,
-        peer: SocketAddr,
-        tls: bool,
+        connection: &Arc<Self::Connection>,
     ) -> impl Future<Output = Response<Self::Body>> + Send;
 }
 
+/// Runtimes that serve connections: one `current_thread` tokio runtime per thread, fed round-robin by the accept
+/// loop. On a small machine shared with the upstream and the load, this beats a work-stealing runtime: no task
+/// migration, no cross-thread wake-ups, and each connection's upstream connection lives on the same thread.
+pub struct WorkerPool {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl WorkerPool {
+    /// Starts `threads` worker threads (at least one); they stop when the pool is dropped.
+    pub fn start(threads: usize) -> std::io::Result<WorkerPool> {
+        let mut handles = Vec::new();
+        let mut stops = Vec::new();
+        for i in 0..threads.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            handles.push(runtime.handle().clone());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            stops.push(stop);
+            std::thread::Builder::new().name(format!("tokenproxy-worker-{i}")).spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })?;
+        }
+        Ok(WorkerPool { handles, next: std::sync::atomic::AtomicUsize::new(0), _stop: stops })
+    }
+
+    /// Runs `task` on the next worker.
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.handles.len();
+        self.handles[i].spawn(task);
+    }
+}
+
 /// Accepts connections on `listener` until `shutdown` turns true, then drains for at most `shutdown_grace`.
+/// Connections are served on `workers` when given, else on the calling runtime.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     options: ListenerOptions,
     mut shutdown: watch::Receiver<bool>,
+    workers: Option<Arc<WorkerPool>>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout);
@@ -80,34 +120,24 @@ pub async fn serve<H: Handler>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let handler = Arc::clone(&handler);
-        let builder = Arc::clone(&builder);
-        match &options.tls {
+        let connection = serve_connection(
+            stream,
+            peer,
+            Arc::clone(&handler),
+            Arc::clone(&builder),
+            options.tls.clone(),
+            options.header_read_timeout,
+            graceful.watcher(),
+            workers.is_some(),
+        );
+        let connection = async move {
+            connection.await;
+            drop(permit);
+        };
+        match &workers {
+            Some(workers) => workers.spawn(connection),
             None => {
-                let connection = serve_io(&builder, TokioIo::new(stream), handler, peer, false);
-                let connection = graceful.watch(connection.into_owned());
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                    drop(permit);
-                });
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let handshake_timeout = options.header_read_timeout;
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(error)) => {
-                            tracing::debug!(%peer, "TLS handshake failed: {error}");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let connection = serve_io(&builder, TokioIo::new(tls), handler, peer, true);
-                    let _ = watcher.watch(connection.into_owned()).await;
-                    drop(permit);
-                });
+                tokio::spawn(connection);
             }
         }
     }
@@ -117,12 +147,56 @@ pub async fn serve<H: Handler>(
     }
 }
 
+/// Serves one connection to its end: TLS handshake if any, then HTTP/1.1 or h2, under the graceful watcher.
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection<H: Handler>(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    handler: Arc<H>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+    watcher: hyper_util::server::graceful::Watcher,
+    moved: bool,
+) {
+    // A connection handed to a worker runtime is registered with that runtime's reactor.
+    let stream = if moved {
+        match stream.into_std().and_then(tokio::net::TcpStream::from_std) {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%peer, "cannot move the connection to a worker: {error}");
+                return;
+            }
+        }
+    } else {
+        stream
+    };
+    let state = Arc::new(handler.connection(peer, tls.is_some()));
+    match tls {
+        None => {
+            let connection = serve_io(&builder, TokioIo::new(stream), handler, state);
+            let _ = watcher.watch(connection.into_owned()).await;
+        }
+        Some(acceptor) => {
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, "TLS handshake failed: {error}");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let connection = serve_io(&builder, TokioIo::new(tls), handler, state);
+            let _ = watcher.watch(connection.into_owned()).await;
+        }
+    }
+}
+
 fn serve_io<'a, H, I>(
     builder: &'a auto::Builder<TokioExecutor>,
     io: TokioIo<I>,
     handler: Arc<H>,
-    peer: SocketAddr,
-    tls: bool,
+    state: Arc<H::Connection>,
 ) -> auto::Connection<
     'a,
     TokioIo<I>,
@@ -141,7 +215,8 @@ where
 {
     let service = service_fn(move |request: Request<Incoming>| {
         let handler = Arc::clone(&handler);
-        async move { Ok::<_, Infallible>(handler.call(request, peer, tls).await) }
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(handler.call(request, &state).await) }
     });
     builder.serve_connection(io, service)
 }

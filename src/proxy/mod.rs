@@ -30,19 +30,27 @@ use tokio::time::Instant;
 pub use error::{ErrorContext, ProxyBody, ProxyError};
 use replay::{Replay, ReplayBody};
 use route::{Injection, Lookup, Route, RouteTable};
-pub use upstream::{UpstreamBody, UpstreamClient};
+pub use upstream::{UpstreamAffinity, UpstreamBody, UpstreamClient};
 
 use crate::config::IncomingAuthorization;
 use crate::metrics::{ReplayOutcome, RouteMetrics};
 use crate::token::Token;
 
 /// What the proxy knows of the connection a request came on.
-#[derive(Debug, Clone, Copy)]
 pub struct Connection {
     /// The caller's address.
     pub peer: SocketAddr,
     /// Whether it came over the TLS listener.
     pub tls: bool,
+    /// The dedicated upstream connection of this (HTTP/1.1) connection.
+    pub upstream: UpstreamAffinity,
+}
+
+impl Connection {
+    /// A new downstream connection from `peer`.
+    pub fn new(peer: SocketAddr, tls: bool) -> Connection {
+        Connection { peer, tls, upstream: UpstreamAffinity::default() }
+    }
 }
 
 /// Settings that apply to every request.
@@ -81,6 +89,10 @@ struct Attempt<'a> {
     token: &'a Token,
     replay: Replay,
     response: Response<Incoming>,
+    /// The request's deadline, which the replay shares.
+    deadline: Instant,
+    /// The connection the replay goes over.
+    affinity: Option<&'a UpstreamAffinity>,
 }
 
 impl Target {
@@ -103,7 +115,7 @@ impl Proxy {
     }
 
     /// Serves one request; never fails (errors are responses).
-    pub async fn handle(&self, mut request: Request<Incoming>, connection: Connection) -> Response<ProxyBody> {
+    pub async fn handle(&self, mut request: Request<Incoming>, connection: &Connection) -> Response<ProxyBody> {
         let started = Instant::now();
         let request_id = request_id(request.headers_mut());
         // Kept for the access log only: the path without its query (which may carry a token).
@@ -185,10 +197,12 @@ impl Proxy {
         &self,
         route: &Route,
         request: Request<Incoming>,
-        connection: Connection,
+        connection: &Connection,
         started: Instant,
         replayed: &mut bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        // HTTP/1.x callers send one request at a time: their upstream connection can be dedicated to them.
+        let affinity = (request.version() != Version::HTTP_2).then_some(&connection.upstream);
         let deadline = started + self.request_timeout;
         let (mut parts, body) = request.into_parts();
         let target = Self::prepare(route, &mut parts, connection)?;
@@ -206,22 +220,22 @@ impl Proxy {
             (UpstreamBody::Plain { body }, Replay::none())
         };
         let upstream_request = Self::attach(route, &target, parts, token.as_deref(), body)?;
-        let response = self.forward(upstream_request, deadline).await?;
+        let response = self.forward(upstream_request, deadline, affinity).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(Self::finish(response));
         }
         route.metrics.upstream_unauthorized.inc();
         match (token, saved) {
             (Some(token), Some(parts)) => {
-                let first = Attempt { token: &token, replay, response };
-                self.replay_after_401(route, &target, parts, first, deadline, replayed).await
+                let first = Attempt { token: &token, replay, response, deadline, affinity };
+                self.replay_after_401(route, &target, parts, first, replayed).await
             }
             _ => Ok(Self::finish(response)),
         }
     }
 
     /// Phase 2: the request as the upstream will see it, minus the token.
-    fn prepare(route: &Route, parts: &mut Parts, connection: Connection) -> Result<Target, ProxyError> {
+    fn prepare(route: &Route, parts: &mut Parts, connection: &Connection) -> Result<Target, ProxyError> {
         let original_host = match parts.version {
             Version::HTTP_2 => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
             _ => parts
@@ -328,8 +342,9 @@ impl Proxy {
         &self,
         request: Request<UpstreamBody>,
         deadline: Instant,
+        affinity: Option<&UpstreamAffinity>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout_at(deadline, self.client.send(request)).await {
+        match tokio::time::timeout_at(deadline, self.client.send(request, affinity)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(error)) => Err(ProxyError::UpstreamUnreachable(error.to_string())),
             Err(_) => Err(ProxyError::UpstreamTimeout(self.request_timeout)),
@@ -343,10 +358,10 @@ impl Proxy {
         target: &Target,
         parts: Parts,
         first: Attempt<'_>,
-        deadline: Instant,
         replayed: &mut bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let Some(tokens) = &route.tokens else { return Ok(Self::finish(first.response)) };
+        let (deadline, affinity) = (first.deadline, first.affinity);
         let body = match tokio::time::timeout_at(deadline, first.replay.replay()).await {
             Ok(Some(body)) => body,
             _ => {
@@ -363,7 +378,7 @@ impl Proxy {
         drop(first.response);
         *replayed = true;
         let request = Self::attach(route, target, parts, Some(&fresh), UpstreamBody::Replay { body })?;
-        let response = self.forward(request, deadline).await?;
+        let response = self.forward(request, deadline, affinity).await?;
         if response.status() == StatusCode::UNAUTHORIZED {
             route.metrics.upstream_unauthorized.inc();
             route.metrics.replays(ReplayOutcome::StillUnauthorized).inc();

@@ -1,16 +1,25 @@
-//! The upstream client: one small interface in front of hyper-util's pooled client, so it can be swapped.
+//! The upstream client: one small interface in front of two ways to reach an upstream.
+//!
+//! - A downstream HTTP/1.1 connection to a plain-HTTP upstream gets a dedicated upstream connection
+//!   ([`UpstreamAffinity`]): requests on a downstream connection come one at a time, so one upstream connection
+//!   per downstream connection is always free when the next request comes. It saves the pool's checkout and return
+//!   on every request and keeps the connection on the downstream connection's thread.
+//! - Everything else (h2 callers, TLS upstreams) goes through hyper-util's pooled client, which speaks h2 to
+//!   upstreams that offer it by ALPN.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::{Authority, Scheme};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::replay::{BufferedBody, ReplayBody};
 use crate::tls::{client_config, ClientTls, TlsError};
@@ -64,10 +73,39 @@ impl Body for UpstreamBody {
 #[error("{0}")]
 pub struct UpstreamError(String);
 
-/// Sends requests to upstreams over pooled keep-alive connections (HTTP/1.1, or h2 when TLS ALPN selects it).
+/// Sends requests to upstreams over keep-alive connections: dedicated per downstream connection, or pooled.
 pub struct UpstreamClient {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>,
 }
+
+/// The dedicated upstream connection of one downstream HTTP/1.1 connection.
+pub struct UpstreamAffinity {
+    idle: std::sync::Mutex<Option<Dedicated>>,
+}
+
+struct Dedicated {
+    authority: Authority,
+    sender: http1::SendRequest<UpstreamBody>,
+}
+
+impl UpstreamAffinity {
+    /// The idle connection to `authority`, if there is one.
+    fn take(&self, authority: &Authority) -> Option<http1::SendRequest<UpstreamBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        match idle.take() {
+            Some(d) if d.authority == *authority && !d.sender.is_closed() => Some(d.sender),
+            _ => None,
+        }
+    }
+
+    /// Keeps `sender` for the next request (only after a response head arrived on it).
+    fn keep(&self, authority: Authority, sender: http1::SendRequest<UpstreamBody>) {
+        *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some(Dedicated { authority, sender });
+    }
+}
+
+/// How long a fresh upstream connection may take to establish.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl UpstreamClient {
     /// A client trusting the webpki roots.
@@ -92,8 +130,71 @@ impl UpstreamClient {
         Ok(UpstreamClient { client })
     }
 
-    /// Sends one request and returns the response head with its streaming body.
-    pub async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<Incoming>, UpstreamError> {
-        self.client.request(request).await.map_err(|e| UpstreamError(crate::error_chain(&e)))
+    /// Sends one request and returns the response head with its streaming body. With `affinity` (a downstream
+    /// HTTP/1.1 connection) and a plain-HTTP upstream, the request goes over that connection's dedicated upstream
+    /// connection.
+    pub async fn send(
+        &self,
+        request: Request<UpstreamBody>,
+        affinity: Option<&UpstreamAffinity>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let dedicated = affinity.filter(|_| request.uri().scheme() == Some(&Scheme::HTTP));
+        let (Some(affinity), Some(authority)) = (dedicated, request.uri().authority().cloned()) else {
+            return self.client.request(request).await.map_err(|e| UpstreamError(crate::error_chain(&e)));
+        };
+        let mut request = request;
+        // On a connection of our own the request goes in origin form (`GET /path`), with the Host header the
+        // proxy already set, as the pooled client does.
+        let mut origin_form = http::uri::Parts::default();
+        origin_form.path_and_query = request.uri().path_and_query().cloned();
+        *request.uri_mut() = http::Uri::from_parts(origin_form).unwrap_or_else(|_| http::Uri::from_static("/"));
+        if let Some(mut sender) = affinity.take(&authority) {
+            // The previous exchange on it is over (the caller sent this request after reading the last response),
+            // unless the upstream closed it meanwhile: then the request comes back unsent and takes a new connection.
+            if sender.ready().await.is_ok() {
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        affinity.keep(authority, sender);
+                        return Ok(response);
+                    }
+                    Err(mut error) => match error.take_message() {
+                        Some(unsent) => request = unsent,
+                        None => return Err(UpstreamError(crate::error_chain(&error.into_error()))),
+                    },
+                }
+            }
+        }
+        let mut sender = connect(&authority).await?;
+        sender.ready().await.map_err(|e| UpstreamError(crate::error_chain(&e)))?;
+        let response = sender.send_request(request).await.map_err(|e| UpstreamError(crate::error_chain(&e)))?;
+        affinity.keep(authority, sender);
+        Ok(response)
+    }
+}
+
+/// A new HTTP/1.1 connection to a plain-HTTP upstream; its connection task runs on the current runtime.
+async fn connect(authority: &Authority) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+    let port = authority.port_u16().unwrap_or(80);
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| UpstreamError(format!("connecting to {authority} timed out after {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| UpstreamError(format!("connecting to {authority}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| UpstreamError(crate::error_chain(&e)))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!("upstream connection ended: {error}");
+        }
+    });
+    Ok(sender)
+}
+
+impl Default for UpstreamAffinity {
+    fn default() -> Self {
+        UpstreamAffinity { idle: std::sync::Mutex::new(None) }
     }
 }
