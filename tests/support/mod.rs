@@ -390,17 +390,7 @@ impl Proxy {
 
     /// Polls `/readyz` until it answers 200 (panics after 20 s).
     pub async fn wait_ready(&self) {
-        let client = Client::new();
-        let url = self.admin_url("/readyz");
-        let ready = async {
-            loop {
-                if client.get(&url).await.status == 200 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(20), ready).await.expect("tokenproxy never became ready");
+        wait_ready(&self.admin_url("/readyz")).await;
     }
 
     /// A metric's value from `/metrics` (sum of matching lines), 0 when absent.
@@ -566,14 +556,7 @@ impl BinaryProxy {
 
     /// Polls `/readyz` until 200 (panics after 20 s).
     pub async fn wait_ready(&self) {
-        let client = Client::new();
-        let url = self.admin_url("/readyz");
-        let ready = async {
-            while client.get(&url).await.status != 200 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(20), ready).await.expect("tokenproxy never became ready");
+        wait_ready(&self.admin_url("/readyz")).await;
     }
 
     /// Waits for the process to exit (after a signal), checks it exited 0, and returns everything it logged.
@@ -587,4 +570,15 @@ impl BinaryProxy {
         let lines = self.captured.lock().unwrap().clone();
         lines.join("\n")
     }
+}
+
+/// Polls a readiness URL until it answers 200 (panics after 20 s).
+pub async fn wait_ready(url: &str) {
+    let client = Client::new();
+    let ready = async {
+        while client.get(url).await.status != 200 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), ready).await.expect("tokenproxy never became ready");
 }
