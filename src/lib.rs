@@ -362,6 +362,7 @@ impl BoundApp {
         let proxy_task = tokio::spawn(server::serve(proxy_listener, proxy, proxy_options, stop_rx.clone(), workers));
         let admin_task = tokio::spawn(server::serve(admin_listener, admin, admin_options, stop_rx.clone(), None));
         tokio::spawn(token::watch_secret_files(Arc::clone(&app.engine), SECRET_FILE_CHECK, stop_rx.clone()));
+        tokio::spawn(return_memory_when_idle(Arc::clone(&app.metrics), stop_rx.clone()));
         if reload_on_sighup {
             tokio::spawn(reload_on_hangup(Arc::clone(&reloader), stop_rx.clone()));
         }
@@ -370,7 +371,7 @@ impl BoundApp {
         let _ = stop_tx.send(true);
         let _ = proxy_task.await;
         let _ = admin_task.await;
-        app.engine.load().stop();
+        app.engine.load_full().shutdown().await;
     }
 }
 
@@ -381,6 +382,28 @@ pub struct RunOptions {
     pub workers: Option<Arc<server::WorkerPool>>,
     /// Reload the config on SIGHUP (needs [`App::reload_from`]).
     pub reload_on_sighup: bool,
+}
+
+/// Gives memory freed after a burst back to the OS once no request is in flight.
+///
+/// glibc's malloc keeps freed memory in its arenas: after 10,000 connections closed, a proxy idling at 20 MB stayed
+/// at 340 MB (tests/cold_start.rs). `malloc_trim` returns it; it runs only when idle, so it never adds latency under
+/// load. (musl's allocator, in the static image, returns memory by itself.)
+async fn return_memory_when_idle(metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(10));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stopped(&mut shutdown) => return,
+            _ = ticks.tick() => {
+                if metrics.inflight() == 0 {
+                    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                    // SAFETY: malloc_trim has no preconditions.
+                    let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+                }
+            }
+        }
+    }
 }
 
 /// Reloads on every SIGHUP until shutdown.

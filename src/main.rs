@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+
 use tokenproxy::config::{Config, ConfigError, LogConfig, LogFormat};
 use tokenproxy::server::WorkerPool;
 use tokenproxy::token::device::{self, Logout};
@@ -82,6 +83,7 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+
     match cli.command {
         Command::Run { config: path } => {
             let config = match load(&path) {

@@ -222,6 +222,11 @@ impl Metrics {
         }
     }
 
+    /// Requests being served now.
+    pub fn inflight(&self) -> i64 {
+        self.inflight.get()
+    }
+
     /// Counts a config reload; `outcome` is `success` or `error`.
     pub fn config_reloaded(&self, outcome: &str) {
         self.config_reloads.with_label_values(&[outcome]).inc();

@@ -64,6 +64,8 @@ struct Provider {
     /// Stops the refresher task; sent when the provider is dropped (removed by a reload, or at shutdown).
     stop: watch::Sender<bool>,
     started: AtomicBool,
+    /// The refresher task, awaited at shutdown so that a refresh in flight (and its rotated refresh token) completes.
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// SHA-256 of each `*_file` secret as last read, to notice a rotated Kubernetes Secret.
     secret_files: Mutex<Option<Vec<String>>>,
 }
@@ -135,6 +137,7 @@ impl TokenEngine {
                 timing,
                 stop,
                 started: AtomicBool::new(false),
+                task: Mutex::new(None),
                 // The baseline is what the config load read, so a change right after startup is not missed.
                 secret_files: Mutex::new(Some(secret_file_fingerprints(provider))),
             };
@@ -159,14 +162,24 @@ impl TokenEngine {
                 continue;
             }
             let scheduler = RefreshScheduler::new(Arc::clone(&p.slot), Arc::clone(&p.fetcher), p.timing, routed);
-            tokio::spawn(scheduler.run(p.stop.subscribe()));
+            let task = tokio::spawn(scheduler.run(p.stop.subscribe()));
+            *p.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
     }
 
-    /// Stops every refresher (shutdown).
-    pub fn stop(&self) {
+    /// Stops every refresher, letting a token call in flight finish (and store a rotated refresh token): at most
+    /// the longest provider `timeout`, plus a second for the store.
+    pub async fn shutdown(&self) {
+        let mut tasks = Vec::new();
+        let mut longest = std::time::Duration::ZERO;
         for p in self.providers.values() {
             p.stop.send_replace(true);
+            longest = longest.max(p.config.timeout);
+            tasks.extend(p.task.lock().unwrap_or_else(|e| e.into_inner()).take());
+        }
+        let all = futures_util::future::join_all(tasks);
+        if tokio::time::timeout(longest + std::time::Duration::from_secs(1), all).await.is_err() {
+            tracing::warn!("a token call was still in flight at shutdown");
         }
     }
 

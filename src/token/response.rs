@@ -233,9 +233,13 @@ pub fn parse_response(
             tracing::debug!(token_type = %sanitize(kind, 40), "token_type is not Bearer; using the token as given");
         }
     }
-    let lifetime = match expires_in(fields.get("expires_in"))? {
-        Some(lifetime) => lifetime,
-        None => jwt_lifetime(token)?.unwrap_or(default_lifetime),
+    // The earlier of `expires_in` and a JWT's `exp`: IdPs that round `iat` down (oidc-provider) put `exp` up to a
+    // second before `expires_in` says, and an upstream checking `exp` would refuse the token in that second.
+    let lifetime = match (expires_in(fields.get("expires_in"))?, jwt_lifetime(token)?) {
+        (Some(stated), Some(jwt)) => stated.min(jwt),
+        (Some(stated), None) => stated,
+        (None, Some(jwt)) => jwt,
+        (None, None) => default_lifetime,
     };
     let scope = fields.get("scope").and_then(|s| s.as_str()).map(|s| sanitize(s, 1000));
     let refresh_token = fields.get("refresh_token").and_then(|t| t.as_str()).filter(|t| !t.is_empty()).map(Secret::new);
@@ -355,6 +359,11 @@ mod tests {
         let lifetime = ok(&format!(r#"{{"access_token":"{jwt}"}}"#)).unwrap().lifetime;
         assert!(lifetime > Duration::from_secs(595) && lifetime <= Duration::from_secs(600), "{lifetime:?}");
         assert_eq!(ok(r#"{"access_token":"opaque"}"#).unwrap().lifetime, DEFAULT);
+        // Both given: the earlier wins (an IdP that floors iat states a lifetime its exp does not honour).
+        let lifetime = ok(&format!(r#"{{"access_token":"{jwt}","expires_in":3600}}"#)).unwrap().lifetime;
+        assert!(lifetime <= Duration::from_secs(600), "{lifetime:?}");
+        let lifetime = ok(&format!(r#"{{"access_token":"{jwt}","expires_in":60}}"#)).unwrap().lifetime;
+        assert_eq!(lifetime, Duration::from_secs(60));
         assert_eq!(ok(r#"{"access_token":"opaque","expires_in":0}"#).unwrap().lifetime, DEFAULT);
     }
 

@@ -126,14 +126,16 @@ impl RefreshSession {
         Ok(response)
     }
 
-    /// Stores a refresh token obtained by `tokenproxy login` (a new session, replacing any stored one).
+    /// Stores a refresh token obtained by `tokenproxy login` (a new session, replacing any stored one). The
+    /// configured seed, if any, is recorded as seen: only a seed that changes after the login wins over it.
     pub fn store_login(&self, refresh_token: Secret, lifetime: Option<Duration>) -> Result<(), TokenError> {
         let now = SystemTime::now();
+        let seed = self.seed.as_ref().map(SecretSource::read).transpose()?;
         let record = Record {
             version: 1,
             provider: self.provider.clone(),
             refresh_token,
-            seed_sha256: None,
+            seed_sha256: seed.as_ref().map(sha256_hex),
             stored_at: unix(now),
             refresh_token_expires_at: lifetime.map(|l| unix(now + l)),
             rotations: 0,

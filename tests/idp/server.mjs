@@ -9,19 +9,48 @@
 // Each must use its registered method (oidc-provider alone would accept either): a client that sends its
 // secret the other way gets 401 invalid_client. IDP_LENIENT_CLIENT_AUTH=1 turns that check off.
 //
+// tp-rotate / tp-rotate-secret (client_secret_basic) holds a user session: grants refresh_token and
+// device_code, refresh tokens rotate on every use (`rotateRefreshToken: true`; presenting a rotated one
+// again makes oidc-provider answer invalid_grant AND revoke the whole grant, the newest token included),
+// and the access tokens a refresh issues are the same JWTs (aud urn:tokenproxy:test-api, IDP_TOKEN_TTL)
+// because the grant holds that resource and `useGrantedResource` is on. Refresh tokens live
+// IDP_REFRESH_TOKEN_TTL seconds (default 86400). Device flow (RFC 8628) and revocation (RFC 7009) are on;
+// the device authorization answer carries `interval` = IDP_DEVICE_INTERVAL (default 1) seconds.
+//
 // Control API (outside the provider's own paths):
 //   GET  /_test/stats                      counts of /token calls per client_id and outcome
 //   POST /_test/fail?count=N&status=503    the next N /token calls answer that status
 //        [&error=temporarily_unavailable] [&retry_after=SECONDS] [&delay_ms=MS]
 //   POST /_test/delay?count=N&ms=M         the next N /token calls are held M ms, then served normally
-//   POST /_test/reset                      zero the counters, drop pending failures and delays
+//   POST /_test/hold-answer?count=N&ms=M   the next N /token calls are served at once (a refresh token
+//                                          is rotated) but their answers held M ms: a client that gives
+//                                          up meanwhile never learns what the provider did
+//   POST /_test/reset                      zero the counters, drop pending failures and delays (the
+//                                          record of redeemed refresh tokens is kept: the provider's
+//                                          own state is not reset either)
+//   POST /_test/seed-refresh-token         a fresh refresh token for tp-rotate, made through the
+//        [?account=ID]                     provider's own models (a Grant for the account with scope
+//                                          'openid offline_access api.read' and the resource, then a
+//                                          RefreshToken): {refresh_token, sha256, grant_id, account_id, scope, resource}
+//   POST /_test/approve-device             approves a pending device login (RFC 8628) as the user would:
+//        [?user_code=XXXX-XXXX] [&deny=1]  a Grant through the models, stored on the DeviceCode (default:
+//                                          the newest pending code); {approved, user_code, grant_id}
+//
+// /_test/stats also reports `refresh`: the /token calls with grant_type=refresh_token, as the provider
+// answered them (before any injected failure replaced the answer): calls, ok, invalid_grant,
+// other_error, injected, reused (a presented refresh token that an earlier call had already redeemed:
+// every redeemed token's SHA-256 is remembered), unknown (never issued by this process), by_grant
+// {GRANT_ID: {ok, invalid_grant}}, and `log`, one entry per call in order: {sha256 of the presented token,
+// status, error, detail (oidc-provider's error_detail), grant_id, reused, rotated_to (sha256 of the
+// new one)}. `device` counts device authorizations / approvals, `revocation` the /token/revocation
+// calls. Refresh tokens themselves never appear in stats or logs, only their SHA-256.
 //
 // stdout carries exactly one line, `READY http://127.0.0.1:PORT`; everything else goes to stderr.
 // The process exits on SIGTERM, SIGINT, and when its stdin closes (set IDP_IGNORE_STDIN=1 to keep it
 // running with a closed stdin), so a test that dies does not leave it behind.
 
 import { createServer } from 'node:http';
-import { randomBytes, randomUUID } from 'node:crypto';
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import process from 'node:process';
 
 // oidc-provider prints its notices with console.info (stdout). stdout is reserved for the READY line,
@@ -36,6 +65,15 @@ const { exportJWK, generateKeyPair } = await import('jose');
 
 const RESOURCE = 'urn:tokenproxy:test-api';
 const RESOURCE_SCOPE = 'api.read api.write';
+// The session client: refresh tokens (rotating), device flow.
+const ROTATE_CLIENT_ID = 'tp-rotate';
+const ROTATE_CLIENT_SECRET = 'tp-rotate-secret';
+const DEVICE_CODE_GRANT = 'urn:ietf:params:oauth:grant-type:device_code';
+// What a seeded or device-approved session is granted: OpenID scopes, and api.read on the resource.
+const SESSION_OIDC_SCOPE = 'openid offline_access';
+const SESSION_RESOURCE_SCOPE = 'api.read';
+const SESSION_SCOPE = `${SESSION_OIDC_SCOPE} ${SESSION_RESOURCE_SCOPE}`;
+const DEFAULT_ACCOUNT = 'test-user';
 
 function envInt(name, fallback, { min = 0 } = {}) {
   const raw = process.env[name];
@@ -50,6 +88,8 @@ function envInt(name, fallback, { min = 0 } = {}) {
 
 const port = envInt('IDP_PORT', 0);
 const tokenTtl = envInt('IDP_TOKEN_TTL', 5, { min: 1 });
+const refreshTokenTtl = envInt('IDP_REFRESH_TOKEN_TTL', 86400, { min: 1 });
+const deviceInterval = envInt('IDP_DEVICE_INTERVAL', 1, { min: 1 });
 
 // ---- lifetime --------------------------------------------------------------------------------------
 
@@ -77,7 +117,71 @@ const control = {
   failures: [],
   // pending delays (ms), consumed in order by the next /token calls
   delays: [],
+  // pending answer holds (ms), consumed in order by the next /token calls
+  holds: [],
+  refresh: freshRefreshStats(),
+  device: { authorizations: 0, approved: 0, denied: 0 },
+  revocation: { calls: 0, ok: 0, error: 0 },
 };
+
+// SHA-256 (hex) of every refresh token a refresh_token grant redeemed (the provider consumed it), and of
+// every refresh token this process handed out (seeded or returned by /token). Not cleared by a reset:
+// the provider does not forget a consumed token either.
+const redeemedRefreshTokens = new Set();
+const issuedRefreshTokens = new Set();
+// user_codes of device authorizations not yet approved or denied, oldest first.
+const pendingUserCodes = [];
+
+function freshRefreshStats() {
+  return {
+    calls: 0, ok: 0, invalid_grant: 0, other_error: 0, injected: 0, reused: 0, unknown: 0, by_grant: {}, log: [],
+  };
+}
+
+function sha256(text) {
+  return createHash('sha256').update(text).digest('hex');
+}
+
+// Records one /token call with grant_type=refresh_token, as the provider itself answered it.
+function recordRefresh(ctx, injected) {
+  const presented = ctx.oidc?.body?.refresh_token;
+  const stats = control.refresh;
+  const presentedSha = typeof presented === 'string' && presented ? sha256(presented) : null;
+  const reused = presentedSha !== null && redeemedRefreshTokens.has(presentedSha);
+  const ok = ctx.status >= 200 && ctx.status < 300;
+  const error = ok ? null : (ctx.body?.error ?? `http_${ctx.status}`);
+  const grantId = ctx.oidc?.entities?.RefreshToken?.grantId ?? ctx.oidc?.entities?.Grant?.jti ?? null;
+  let rotatedTo = null;
+  if (ok && presentedSha) {
+    redeemedRefreshTokens.add(presentedSha);
+    const issued = ctx.body?.refresh_token;
+    if (typeof issued === 'string' && issued) {
+      rotatedTo = sha256(issued);
+      issuedRefreshTokens.add(rotatedTo);
+    }
+  }
+  stats.calls += 1;
+  if (ok) stats.ok += 1;
+  else if (error === 'invalid_grant') stats.invalid_grant += 1;
+  else stats.other_error += 1;
+  if (injected) stats.injected += 1;
+  if (reused) stats.reused += 1;
+  if (presentedSha && !issuedRefreshTokens.has(presentedSha)) stats.unknown += 1;
+  if (grantId) {
+    const entry = stats.by_grant[grantId] ??= { ok: 0, invalid_grant: 0 };
+    if (ok) entry.ok += 1;
+    else if (error === 'invalid_grant') entry.invalid_grant += 1;
+  }
+  const detail = grantErrorDetail.get(ctx) ?? null;
+  stats.log.push({
+    sha256: presentedSha, status: ctx.status, error, detail, grant_id: grantId, reused, rotated_to: rotatedTo, injected,
+  });
+  return { presentedSha, reused, detail };
+}
+
+// oidc-provider's own reason for a refused grant (`error_detail`, e.g. "refresh token already used"),
+// which its answer does not carry (error_description is generic).
+const grantErrorDetail = new WeakMap();
 
 function record(clientId, status, injected, authMethod) {
   const entry = control.clients[clientId] ??= {
@@ -139,7 +243,11 @@ function handleControl(req, res, url) {
         clients: control.clients,
         pending_failures: control.failures.length,
         pending_delays: control.delays.length,
+        pending_holds: control.holds.length,
         token_ttl: tokenTtl,
+        refresh: { ...control.refresh, redeemed: redeemedRefreshTokens.size, issued: issuedRefreshTokens.size },
+        device: { ...control.device, pending: pendingUserCodes.length },
+        revocation: control.revocation,
       });
     case 'POST /_test/fail': {
       const count = positiveInt(params, 'count', 1);
@@ -165,15 +273,106 @@ function handleControl(req, res, url) {
       for (let i = 0; i < count; i += 1) control.delays.push(ms);
       return sendJson(res, 200, { pending_delays: control.delays.length });
     }
+    case 'POST /_test/hold-answer': {
+      const count = positiveInt(params, 'count', 1);
+      const ms = positiveInt(params, 'ms', 1000);
+      if (Number.isNaN(count) || Number.isNaN(ms)) {
+        return sendJson(res, 400, { error: 'count and ms must be non-negative integers' });
+      }
+      for (let i = 0; i < count; i += 1) control.holds.push(ms);
+      return sendJson(res, 200, { pending_holds: control.holds.length });
+    }
     case 'POST /_test/reset':
       control.clients = {};
       control.total = 0;
       control.failures = [];
       control.delays = [];
+      control.holds = [];
+      control.refresh = freshRefreshStats();
+      control.device = { authorizations: 0, approved: 0, denied: 0 };
+      control.revocation = { calls: 0, ok: 0, error: 0 };
       return sendJson(res, 200, { reset: true });
+    case 'POST /_test/seed-refresh-token':
+      return seedRefreshToken(res, params);
+    case 'POST /_test/approve-device':
+      return approveDevice(res, params);
     default:
       return sendJson(res, 404, { error: `no control endpoint ${route}` });
   }
+}
+
+// ---- sessions made through the provider's own models ---------------------------------------------------
+
+// A Grant for tp-rotate and `accountId`: the OpenID scopes, and api.read on the resource. Saved; its id
+// is what the refresh tokens and device codes of the session point at.
+async function sessionGrant(accountId) {
+  const grant = new provider.Grant({ accountId, clientId: ROTATE_CLIENT_ID });
+  grant.addOIDCScope(SESSION_OIDC_SCOPE);
+  grant.addResourceScope(RESOURCE, SESSION_RESOURCE_SCOPE);
+  return grant.save();
+}
+
+// What a browser login + consent would have produced, without a browser: the Grant, then a RefreshToken
+// like the one the authorization_code grant issues (same fields), saved in the provider's adapter. It is
+// redeemed through the real /token endpoint like any other.
+async function seedRefreshToken(res, params) {
+  if (!providerCallback) return sendJson(res, 503, { error: 'provider starting' });
+  const accountId = params.get('account') || DEFAULT_ACCOUNT;
+  const client = await provider.Client.find(ROTATE_CLIENT_ID);
+  const grantId = await sessionGrant(accountId);
+  const refreshToken = new provider.RefreshToken({
+    accountId,
+    authTime: Math.floor(Date.now() / 1000),
+    client,
+    grantId,
+    gty: 'authorization_code',
+    resource: RESOURCE,
+    rotations: 0,
+    scope: SESSION_SCOPE,
+  });
+  const value = await refreshToken.save();
+  const digest = sha256(value);
+  issuedRefreshTokens.add(digest);
+  console.error(`idp: seeded a refresh token for ${ROTATE_CLIENT_ID} account=${accountId} grant=${grantId} sha256=${digest.slice(0, 12)}`);
+  return sendJson(res, 200, {
+    refresh_token: value, sha256: digest, grant_id: grantId, account_id: accountId, scope: SESSION_SCOPE, resource: RESOURCE,
+  });
+}
+
+// Does what the user-code page and a login + consent would: the DeviceCode of `user_code` gets the
+// account, a Grant and its scope/resource (as oidc-provider's own device flow stores them), so the next
+// poll of /token with its device_code issues tokens. deny=1 stores access_denied instead.
+async function approveDevice(res, params) {
+  if (!providerCallback) return sendJson(res, 503, { error: 'provider starting' });
+  const userCode = params.get('user_code') || pendingUserCodes[pendingUserCodes.length - 1];
+  if (!userCode) return sendJson(res, 404, { error: 'no pending device authorization' });
+  // As oidc-provider normalises what the user types: upper case, no separators.
+  const normalized = userCode.replace(/[a-z]/g, (c) => c.toUpperCase()).replace(/\W/g, '');
+  const code = await provider.DeviceCode.findByUserCode(normalized);
+  if (!code || code.isExpired || code.accountId || code.error || code.consumed) {
+    return sendJson(res, 404, { error: `no pending device authorization for user_code ${userCode}` });
+  }
+  const index = pendingUserCodes.indexOf(userCode);
+  if (index >= 0) pendingUserCodes.splice(index, 1);
+  if (params.get('deny') === '1') {
+    Object.assign(code, { error: 'access_denied', errorDescription: 'denied by the test control API' });
+    await code.save();
+    control.device.denied += 1;
+    return sendJson(res, 200, { approved: false, user_code: userCode });
+  }
+  const accountId = params.get('account') || DEFAULT_ACCOUNT;
+  const grantId = await sessionGrant(accountId);
+  Object.assign(code, {
+    accountId,
+    authTime: Math.floor(Date.now() / 1000),
+    grantId,
+    resource: RESOURCE,
+    scope: SESSION_SCOPE,
+  });
+  await code.save();
+  control.device.approved += 1;
+  console.error(`idp: approved device login user_code=${userCode} account=${accountId} grant=${grantId}`);
+  return sendJson(res, 200, { approved: true, user_code: userCode, grant_id: grantId });
 }
 
 // ---- server ----------------------------------------------------------------------------------------
@@ -183,7 +382,12 @@ let providerCallback = null;
 const server = createServer((req, res) => {
   const url = new URL(req.url ?? '/', 'http://127.0.0.1');
   if (url.pathname.startsWith('/_test/')) {
-    handleControl(req, res, url);
+    Promise.resolve()
+      .then(() => handleControl(req, res, url))
+      .catch((err) => {
+        console.error(`idp: control ${req.method} ${url.pathname} failed`, err);
+        if (!res.headersSent) sendJson(res, 500, { error: String(err?.message ?? err) });
+      });
     return;
   }
   if (!providerCallback) {
@@ -227,7 +431,20 @@ const provider = new Provider(issuer, {
       client_secret: 'tp-post-secret',
       token_endpoint_auth_method: 'client_secret_post',
     },
+    {
+      client_id: ROTATE_CLIENT_ID,
+      client_secret: ROTATE_CLIENT_SECRET,
+      token_endpoint_auth_method: 'client_secret_basic',
+      grant_types: ['refresh_token', DEVICE_CODE_GRANT],
+      response_types: [],
+      redirect_uris: [],
+    },
   ],
+  // Every use of a refresh token returns a new one and consumes the old (the default rotates only past
+  // 70 % of the token's life, or for public clients).
+  rotateRefreshToken: true,
+  issueRefreshToken: async (_ctx, client) => client.clientId === ROTATE_CLIENT_ID && client.grantTypeAllowed('refresh_token'),
+  findAccount: async (_ctx, sub) => ({ accountId: sub, claims: async () => ({ sub }) }),
   jwks: { keys: [signingKey] },
   cookies: { keys: [randomBytes(32).toString('base64url')] },
   features: {
@@ -235,6 +452,7 @@ const provider = new Provider(issuer, {
     clientCredentials: { enabled: true },
     introspection: { enabled: true },
     revocation: { enabled: true },
+    deviceFlow: { enabled: true },
     resourceIndicators: {
       enabled: true,
       defaultResource: async () => RESOURCE,
@@ -251,6 +469,12 @@ const provider = new Provider(issuer, {
   ttl: {
     ClientCredentials: (_ctx, token) => token.resourceServer?.accessTokenTTL ?? tokenTtl,
     AccessToken: (_ctx, token) => token.resourceServer?.accessTokenTTL ?? tokenTtl,
+    RefreshToken: refreshTokenTtl,
+    Grant: Math.max(refreshTokenTtl, 3600),
+    DeviceCode: 600,
+    IdToken: 3600,
+    Interaction: 3600,
+    Session: 86400,
   },
 });
 
@@ -277,6 +501,28 @@ function sleep(ms) {
 // The provider handles the request first and any injected failure replaces its answer afterwards, so the
 // request's client_id is known (the form body is parsed only inside the provider) and counted correctly.
 provider.use(async (ctx, next) => {
+  if (ctx.path === '/device/auth') {
+    await next();
+    // RFC 8628 §3.2 `interval`: oidc-provider leaves it out (the client then waits 5 s between polls).
+    if (ctx.status === 200 && ctx.body && typeof ctx.body === 'object') {
+      ctx.body.interval = deviceInterval;
+      control.device.authorizations += 1;
+      pendingUserCodes.push(ctx.body.user_code);
+      console.error(`idp: device authorization for ${claimedClientId(ctx)} user_code=${ctx.body.user_code}`);
+    }
+    return;
+  }
+  if (ctx.path === '/token/revocation') {
+    await next();
+    const ok = ctx.status >= 200 && ctx.status < 300;
+    control.revocation.calls += 1;
+    control.revocation[ok ? 'ok' : 'error'] += 1;
+    const hint = ctx.oidc?.body?.token_type_hint ?? '-';
+    const token = ctx.oidc?.body?.token;
+    const digest = typeof token === 'string' && token ? sha256(token).slice(0, 12) : '-';
+    console.error(`idp: /token/revocation client=${claimedClientId(ctx)} hint=${hint} sha256=${digest} status=${ctx.status}`);
+    return;
+  }
   if (ctx.path !== '/token') {
     await next();
     return;
@@ -285,6 +531,7 @@ provider.use(async (ctx, next) => {
   if (delayMs) await sleep(delayMs);
   const failure = control.failures.shift();
   if (failure?.delayMs) await sleep(failure.delayMs);
+  const holdMs = control.holds.shift();
 
   try {
     await next();
@@ -296,6 +543,13 @@ provider.use(async (ctx, next) => {
   const clientId = claimedClientId(ctx);
   const method = presentedAuthMethod(ctx);
   const registered = ctx.oidc?.client?.clientAuthMethod;
+  const grantType = ctx.oidc?.params?.grant_type ?? ctx.oidc?.body?.grant_type;
+  // What the provider did with a refresh token, before an injected failure hides its answer (a rotation
+  // the client never hears of is exactly what an injected failure after a refresh simulates).
+  const refresh = grantType === 'refresh_token' ? recordRefresh(ctx, Boolean(failure)) : null;
+  if (grantType === DEVICE_CODE_GRANT && ctx.status === 200 && typeof ctx.body?.refresh_token === 'string') {
+    issuedRefreshTokens.add(sha256(ctx.body.refresh_token));
+  }
   if (
     !failure
     && process.env.IDP_LENIENT_CLIENT_AUTH !== '1'
@@ -319,7 +573,19 @@ provider.use(async (ctx, next) => {
   record(clientId, ctx.status, Boolean(failure), method);
   // One line per token call on stderr (never a secret or a token), shown when a test fails.
   const error = ctx.status >= 400 ? ` error=${ctx.body?.error ?? '?'}` : '';
-  console.error(`idp: /token client=${clientId} auth=${method} status=${ctx.status}${error}${failure ? ' (injected)' : ''}`);
+  let extra = '';
+  if (refresh) {
+    extra = ` grant_type=refresh_token rt_sha256=${refresh.presentedSha?.slice(0, 12) ?? '-'}`
+      + `${refresh.reused ? ' REUSED' : ''}${refresh.detail ? ` detail=${JSON.stringify(refresh.detail)}` : ''}`;
+  } else if (grantType && grantType !== 'client_credentials') {
+    extra = ` grant_type=${grantType}`;
+  }
+  console.error(`idp: /token client=${clientId} auth=${method} status=${ctx.status}${error}${extra}${failure ? ' (injected)' : ''}${holdMs ? ` (answer held ${holdMs} ms)` : ''}`);
+  if (holdMs) await sleep(holdMs);
+});
+
+provider.on('grant.error', (ctx, err) => {
+  if (err?.error_detail) grantErrorDetail.set(ctx, err.error_detail);
 });
 
 provider.on('server_error', (_ctx, err) => console.error('idp: server_error', err));

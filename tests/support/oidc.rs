@@ -7,34 +7,29 @@
 //!
 //! Needs `node` (>= 20) and `npm` on PATH; `tests/idp/node_modules` is installed with `npm ci` on first
 //! use (once per machine, guarded against concurrent tests and test binaries).
+//!
+//! The HTTP client, polling and the shapes of the control APIs' answers live in `oidc_http.rs`, re-exported
+//! from here: a test declares `mod support { pub mod oidc; }` and uses `support::oidc::…` for everything.
 #![allow(dead_code)]
 
-use std::fmt::Write as _;
-use std::future::Future;
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::header::HeaderMap;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::{Method, StatusCode};
 use serde_json::Value;
+
+#[path = "oidc_http.rs"]
+mod oidc_http;
+pub use oidc_http::*;
 
 /// How long a Node process may take to print its READY line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long tokenproxy may take to answer on its admin listener after it was spawned.
 pub const PROXY_START_TIMEOUT: Duration = Duration::from_secs(20);
-/// Upper bound for one HTTP exchange made by a test.
-pub const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
-/// Interval between two polls of a condition (readiness, counters).
-pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The resource (JWT `aud`) the test provider issues tokens for.
 pub const TEST_AUDIENCE: &str = "urn:tokenproxy:test-api";
@@ -42,6 +37,11 @@ pub const TEST_AUDIENCE: &str = "urn:tokenproxy:test-api";
 pub const BASIC_CLIENT: (&str, &str) = ("tp-basic", "tp-basic-secret");
 /// client_id / secret of the provider's client_secret_post client.
 pub const POST_CLIENT: (&str, &str) = ("tp-post", "tp-post-secret");
+/// client_id / secret of the provider's session client (client_secret_basic): rotating refresh tokens,
+/// device flow, revocation.
+pub const ROTATE_CLIENT: (&str, &str) = ("tp-rotate", "tp-rotate-secret");
+/// The scope a seeded or device-approved session of [`ROTATE_CLIENT`] holds.
+pub const SESSION_SCOPE: &str = "openid offline_access api.read";
 
 /// `tests/idp`, where the Node harness lives.
 pub fn idp_dir() -> PathBuf {
@@ -244,6 +244,28 @@ impl ChildProcess {
         }
     }
 
+    /// Waits up to `limit` for the process to exit, without blocking the runtime.
+    pub async fn wait_exit_async(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+                _ => return None,
+            }
+        }
+    }
+
+    /// Sends `signal` (a name such as `TERM`) to the process, with `kill(1)`.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill -{signal}: {e}"));
+        assert!(status.success(), "kill -{signal} {} failed ({status})", self.child.id());
+    }
+
     /// The exit status, if the process has already exited.
     pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
@@ -280,19 +302,6 @@ fn node_command(script: &str) -> Command {
 
 // ---- the OpenID provider -----------------------------------------------------------------------
 
-/// Counts of /token calls the provider saw for one client_id.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TokenCalls {
-    /// All calls.
-    pub calls: u64,
-    /// Calls answered 2xx.
-    pub ok: u64,
-    /// Calls the provider refused (4xx/5xx), injected failures excluded.
-    pub error: u64,
-    /// Calls answered with a failure injected through `/_test/fail`.
-    pub injected: u64,
-}
-
 /// `node tests/idp/server.mjs`: oidc-provider 9.13.3 on 127.0.0.1, issuer `http://127.0.0.1:PORT`.
 pub struct IdpProcess {
     process: ChildProcess,
@@ -302,7 +311,7 @@ pub struct IdpProcess {
 }
 
 impl IdpProcess {
-    /// Starts the provider with client credentials access tokens living `ttl_secs` seconds.
+    /// Starts the provider with access tokens living `ttl_secs` seconds.
     pub async fn start(ttl_secs: u64) -> IdpProcess {
         tokio::task::spawn_blocking(ensure_node_modules).await.expect("npm ci task");
         let mut command = node_command("server.mjs");
@@ -350,10 +359,53 @@ impl IdpProcess {
         assert_eq!(reply.status, StatusCode::OK, "{url}: {}", reply.text());
     }
 
+    /// `POST /_test/hold-answer`: the next `count` /token calls are served at once but their answers are
+    /// held `ms` milliseconds (the provider has acted; a client that gives up meanwhile never learns it).
+    pub async fn hold_next_answers(&self, count: u32, ms: u64) {
+        let url = format!("{}/_test/hold-answer?count={count}&ms={ms}", self.issuer);
+        let reply = self.http.post(&url, Bytes::new()).await;
+        assert_eq!(reply.status, StatusCode::OK, "{url}: {}", reply.text());
+    }
+
     /// `POST /_test/reset`: zero the counters, drop pending failures and delays.
     pub async fn reset(&self) {
         let reply = self.http.post(&format!("{}/_test/reset", self.issuer), Bytes::new()).await;
         assert_eq!(reply.status, StatusCode::OK, "reset: {}", reply.text());
+    }
+
+    /// `POST /_test/seed-refresh-token`: a fresh refresh token for [`ROTATE_CLIENT`], as a login would
+    /// have produced (a new Grant, through the provider's own models).
+    pub async fn seed_refresh_token(&self) -> SeededRefreshToken {
+        let url = format!("{}/_test/seed-refresh-token", self.issuer);
+        let reply = self.http.post(&url, Bytes::new()).await;
+        assert_eq!(reply.status, StatusCode::OK, "{url}: {}", reply.text());
+        serde_json::from_value(reply.json()).unwrap_or_else(|e| panic!("{url}: {e}: {}", reply.text()))
+    }
+
+    /// `POST /_test/approve-device?user_code=…`: approves a pending device login as the user would.
+    pub async fn approve_device(&self, user_code: &str) -> Value {
+        let url = format!("{}/_test/approve-device?user_code={user_code}", self.issuer);
+        let reply = self.http.post(&url, Bytes::new()).await;
+        assert_eq!(reply.status, StatusCode::OK, "{url}: {}", reply.text());
+        reply.json()
+    }
+
+    /// What the provider did with `grant_type=refresh_token` calls (`refresh` in `/_test/stats`).
+    pub async fn refresh_stats(&self) -> RefreshStats {
+        let stats = self.stats().await;
+        serde_json::from_value(stats["refresh"].clone()).unwrap_or_else(|e| panic!("refresh stats: {e}: {stats}"))
+    }
+
+    /// Redeems `refresh_token` at the token endpoint as [`ROTATE_CLIENT`] itself (not through tokenproxy).
+    pub async fn redeem_refresh_token(&self, refresh_token: &str) -> Reply {
+        let body: String = form_urlencoded_pairs(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token)]);
+        let basic = basic_auth(ROTATE_CLIENT.0, ROTATE_CLIENT.1);
+        let headers = [("content-type", "application/x-www-form-urlencoded"), ("authorization", basic.as_str())];
+        let url = self.token_endpoint().await;
+        self.http
+            .try_send(Method::POST, &url, &headers, Bytes::from(body))
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: {e}"))
     }
 
     /// The child process (output, pid).
@@ -416,33 +468,8 @@ impl UpstreamProcess {
 
 // ---- tokenproxy ----------------------------------------------------------------------------------
 
-/// Quotes `s` as a TOML basic string.
-pub fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04X}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// A free port on 127.0.0.1 at the time of the call (bound to port 0, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"))
-}
-
-/// The real `tokenproxy run --config FILE`, with its config in a temporary directory.
+/// The real `tokenproxy run --config FILE`, with its config in a directory (a temporary one it owns, or
+/// one the test keeps across several runs).
 pub struct TokenProxyProcess {
     process: ChildProcess,
     /// Base URL of the proxy listener.
@@ -451,70 +478,143 @@ pub struct TokenProxyProcess {
     pub admin_url: String,
     /// The config file written for this run.
     pub config_path: PathBuf,
+    /// `[state] dir` of the config: `DIR/state`.
+    pub state_dir: PathBuf,
     /// When the process was spawned (for rate bounds on token calls).
     pub started_at: Instant,
     http: HttpClient,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// Writes `[server]`, `[admin]` (on the given ports), `[log]` and `[state]` (`dir/state`) followed by
+/// `body` (the providers and routes) to `dir/tokenproxy.toml`; returns the path and the text.
+pub fn write_proxy_config(dir: &Path, body: &str, proxy_port: u16, admin_port: u16) -> (PathBuf, String) {
+    let config_path = dir.join("tokenproxy.toml");
+    let state_dir = dir.join("state");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{proxy_port}\"\nrequest_timeout = \"10s\"\nshutdown_grace = \"1s\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n\
+         [log]\nformat = \"pretty\"\nlevel = \"info,tokenproxy=debug\"\n\n\
+         [state]\ndir = {}\n\n{body}",
+        toml_string(&state_dir.to_string_lossy()),
+    );
+    std::fs::write(&config_path, &config).unwrap_or_else(|e| panic!("cannot write {config_path:?}: {e}"));
+    (config_path, config)
+}
+
+/// `tokenproxy ARGS…` run in `dir`, with no `TOKENPROXY_*` variable from the developer's shell (the
+/// test's config alone decides) and `env` added.
+pub fn tokenproxy_command(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
+    command.args(args).current_dir(dir);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TOKENPROXY_") {
+            command.env_remove(key);
+        }
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command
+}
+
+/// Spawns `tokenproxy ARGS…` (see [`tokenproxy_command`]) as a [`ChildProcess`] named `name`: for the
+/// one-shot commands (`login`, `logout`, `token`).
+pub fn spawn_tokenproxy(name: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> ChildProcess {
+    ChildProcess::spawn(name, tokenproxy_command(dir, args, env), None).0
 }
 
 impl TokenProxyProcess {
-    /// Writes `[server]`, `[admin]`, `[log]` and `[state]` (ports picked here) followed by `body` (the
-    /// providers and routes) to `dir/tokenproxy.toml`, starts tokenproxy on it and waits until its admin
-    /// listener answers `/healthz`. If the process exits with status 1 (it could not start: most likely
-    /// a port taken by someone else between picking and binding) it is tried again on new ports, up to
-    /// three times.
+    /// Writes the config (see [`write_proxy_config`], ports picked here) to `dir/tokenproxy.toml`, starts
+    /// tokenproxy on it and waits until its admin listener answers `/healthz`. If the process exits with
+    /// status 1 (it could not start: most likely a port taken by someone else between picking and binding)
+    /// it is tried again on new ports, up to three times.
     pub async fn start(dir: tempfile::TempDir, body: &str) -> TokenProxyProcess {
-        let config_path = dir.path().join("tokenproxy.toml");
-        let state_dir = dir.path().join("state");
-        let http = HttpClient::new();
+        let mut proxy = Self::start_in(dir.path(), body, &[]).await;
+        proxy._dir = Some(dir);
+        proxy
+    }
+
+    /// As [`TokenProxyProcess::start`] in a directory the caller keeps (a later run can use the same
+    /// config and state), with `env` added to tokenproxy's environment.
+    pub async fn start_in(dir: &Path, body: &str, env: &[(&str, &str)]) -> TokenProxyProcess {
         let mut attempt = 1;
         loop {
-            let (proxy_port, admin_port) = (free_port(), free_port());
-            let config = format!(
-                "[server]\nlisten = \"127.0.0.1:{proxy_port}\"\nrequest_timeout = \"10s\"\nshutdown_grace = \"1s\"\n\n\
-                 [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n\
-                 [log]\nformat = \"pretty\"\nlevel = \"info,tokenproxy=debug\"\n\n\
-                 [state]\ndir = {}\n\n{body}",
-                toml_string(&state_dir.to_string_lossy()),
-            );
-            std::fs::write(&config_path, &config).unwrap_or_else(|e| panic!("cannot write {config_path:?}: {e}"));
-
-            let mut command = Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
-            command.arg("run").arg("--config").arg(&config_path).current_dir(dir.path());
-            // The test's config alone decides: no TOKENPROXY_* override from the developer's shell.
-            for (key, _) in std::env::vars_os() {
-                if key.to_string_lossy().starts_with("TOKENPROXY_") {
-                    command.env_remove(key);
-                }
-            }
-            let started_at = Instant::now();
-            let (mut process, _) = ChildProcess::spawn(format!("tokenproxy (attempt {attempt})"), command, None);
-            let admin_url = format!("http://127.0.0.1:{admin_port}");
-            match wait_admin_up(&http, &mut process, &admin_url).await {
-                Ok(()) => {
-                    return TokenProxyProcess {
-                        process,
-                        proxy_url: format!("http://127.0.0.1:{proxy_port}"),
-                        admin_url,
-                        config_path,
-                        started_at,
-                        http,
-                        _dir: dir,
-                    };
-                }
+            let mut proxy = Self::spawn_in(dir, body, env, &format!("tokenproxy (attempt {attempt})"));
+            match wait_admin_up(&proxy.http, &mut proxy.process, &proxy.admin_url).await {
+                Ok(()) => return proxy,
                 Err(status) if status.code() == Some(1) && attempt < 3 => {
                     eprintln!(
                         "tokenproxy could not start ({status}), retrying on new ports:\n{}",
-                        process.output.tail(20)
+                        proxy.process.output.tail(20)
                     );
                     attempt += 1;
                 }
                 Err(status) => panic!(
-                    "tokenproxy exited at startup ({status}); config:\n{config}\noutput:\n{}",
-                    process.output.tail(80)
+                    "tokenproxy exited at startup ({status}); config:\n{}\noutput:\n{}",
+                    std::fs::read_to_string(&proxy.config_path).unwrap_or_default(),
+                    proxy.process.output.tail(80)
                 ),
             }
         }
+    }
+
+    /// Writes the config on fresh ports and spawns `tokenproxy run` on it, without waiting for anything
+    /// (for a run expected to die early, e.g. at a failpoint).
+    pub fn spawn_in(dir: &Path, body: &str, env: &[(&str, &str)], name: &str) -> TokenProxyProcess {
+        let (proxy_port, admin_port) = (free_port(), free_port());
+        let (config_path, _) = write_proxy_config(dir, body, proxy_port, admin_port);
+        let config_arg = config_path.to_string_lossy().into_owned();
+        let command = tokenproxy_command(dir, &["run", "--config", &config_arg], env);
+        let started_at = Instant::now();
+        let (process, _) = ChildProcess::spawn(name, command, None);
+        TokenProxyProcess {
+            process,
+            proxy_url: format!("http://127.0.0.1:{proxy_port}"),
+            admin_url: format!("http://127.0.0.1:{admin_port}"),
+            config_path,
+            state_dir: dir.join("state"),
+            started_at,
+            http: HttpClient::new(),
+            _dir: None,
+        }
+    }
+
+    /// SIGTERM, then waits (up to 10 s) for the exit and returns its status.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.process.signal("TERM");
+        self.wait_exit(Duration::from_secs(10)).await
+    }
+
+    /// Waits up to `limit` for the process to exit by itself; panics with its output if it does not.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        match self.process.wait_exit_async(limit).await {
+            Some(status) => status,
+            None => panic!("tokenproxy did not exit within {limit:?}:\n{}", self.process.output.tail(60)),
+        }
+    }
+
+    /// The state store's record of `provider` (`state/PROVIDER.json`).
+    pub fn state_file(&self, provider: &str) -> PathBuf {
+        self.state_dir.join(format!("{provider}.json"))
+    }
+
+    /// The value of the `/metrics` sample of `name` with exactly `labels` (in any order), e.g.
+    /// `("tokenproxy_replays_total", &[("route", "api"), ("outcome", "success")])`; `None` if absent.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let text = self.admin_get("/metrics").await.text();
+        let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        wanted.sort();
+        text.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((metric, rest)) => (metric, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let mut have: Vec<String> = label_text.split(',').filter(|l| !l.is_empty()).map(str::to_owned).collect();
+            have.sort();
+            (metric == name && have == wanted).then(|| value.parse().unwrap_or_else(|e| panic!("{line:?}: {e}")))
+        })
     }
 
     /// Polls `GET /readyz` until it answers 200, and returns its body.
@@ -551,6 +651,11 @@ impl TokenProxyProcess {
         self.http.get(&format!("{}{path}", self.admin_url)).await
     }
 
+    /// `POST` (empty body) on the admin listener.
+    pub async fn admin_post(&self, path: &str) -> Reply {
+        self.http.post(&format!("{}{path}", self.admin_url), Bytes::new()).await
+    }
+
     /// Everything tokenproxy printed so far (stdout and stderr).
     pub fn logs(&self) -> String {
         self.process.output.text()
@@ -580,119 +685,6 @@ async fn wait_admin_up(http: &HttpClient, process: &mut ChildProcess, admin_url:
             "tokenproxy's admin listener did not answer {url} within {PROXY_START_TIMEOUT:?}:\n{}",
             process.output.tail(80)
         );
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-}
-
-// ---- HTTP ----------------------------------------------------------------------------------------
-
-/// An answer, fully read.
-#[derive(Debug, Clone)]
-pub struct Reply {
-    /// Status code.
-    pub status: StatusCode,
-    /// Headers.
-    pub headers: HeaderMap,
-    /// Body.
-    pub body: Bytes,
-}
-
-impl Reply {
-    /// The body as (lossy) UTF-8.
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// The body parsed as JSON; panics with the body if it is not.
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}), status {}: {}", self.status, self.text()))
-    }
-
-    /// A header's value, if present and visible ASCII.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-}
-
-/// A plain HTTP/1 client (hyper-util's pooled legacy client) with a timeout on every exchange.
-#[derive(Clone)]
-pub struct HttpClient {
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl Default for HttpClient {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl HttpClient {
-    /// A client whose idle connections are dropped after a second, well before any server here would
-    /// close them under it.
-    pub fn new() -> HttpClient {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(1))
-            .build_http();
-        HttpClient { client }
-    }
-
-    /// One exchange; `Err` on a connection error, a malformed URL or a timeout.
-    pub async fn try_send(
-        &self,
-        method: Method,
-        url: &str,
-        headers: &[(&str, &str)],
-        body: Bytes,
-    ) -> Result<Reply, String> {
-        let mut builder = Request::builder().method(method).uri(url);
-        for (name, value) in headers {
-            builder = builder.header(*name, *value);
-        }
-        let request = builder.body(Full::new(body)).map_err(|e| format!("bad request: {e}"))?;
-        let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| format!("{e:?}"))?;
-            let (parts, body) = response.into_parts();
-            let body = body.collect().await.map_err(|e| format!("reading body: {e}"))?.to_bytes();
-            Ok(Reply { status: parts.status, headers: parts.headers, body })
-        };
-        tokio::time::timeout(HTTP_TIMEOUT, exchange).await.map_err(|_| format!("no answer within {HTTP_TIMEOUT:?}"))?
-    }
-
-    /// `GET`, panicking on a transport error.
-    pub async fn get(&self, url: &str) -> Reply {
-        self.try_send(Method::GET, url, &[], Bytes::new()).await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
-    }
-
-    /// `POST` with `body`, panicking on a transport error.
-    pub async fn post(&self, url: &str, body: Bytes) -> Reply {
-        self.try_send(Method::POST, url, &[], body).await.unwrap_or_else(|e| panic!("POST {url}: {e}"))
-    }
-
-    /// `GET` expecting 200 and a JSON body.
-    pub async fn get_json(&self, url: &str) -> Value {
-        let reply = self.get(url).await;
-        assert_eq!(reply.status, StatusCode::OK, "GET {url}: {}", reply.text());
-        reply.json()
-    }
-}
-
-// ---- waiting -------------------------------------------------------------------------------------
-
-/// Polls `probe` every [`POLL_INTERVAL`] until it returns `Some`, and returns that; panics naming
-/// `what` after `timeout`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
