@@ -208,8 +208,8 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
         async move { client.get(&url).await }
     });
     upstream.wait_requests(1).await;
-    let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let pid = child.id().unwrap();
+    support::signal(pid, libc::SIGTERM);
     // New connections are refused once the listener is closed.
     let refused = async {
         loop {

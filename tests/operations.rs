@@ -57,8 +57,8 @@ async fn reload_keeps_unchanged_providers_tokens_and_refuses_a_bad_config() {
         route("/b", &upstream, "b")
     );
     std::fs::write(&path, config).unwrap();
-    let pid = proxy.child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let pid = proxy.child.id().unwrap();
+    support::signal(pid, libc::SIGHUP);
     wait_metric(&client, &proxy, "tokenproxy_config_reloads_total{outcome=\"success\"} 1").await;
     proxy.wait_ready().await;
     assert_eq!(idp_a.calls(), 1, "provider a kept its token: no new token call");
@@ -192,8 +192,8 @@ inject = "query"
         client.get(&proxy.admin_url("/readyz")).await.text(),
     ]
     .join("\n");
-    let pid = proxy.child.id().unwrap().to_string();
-    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let pid = proxy.child.id().unwrap();
+    support::signal(pid, libc::SIGTERM);
     let logs = proxy.finish().await;
 
     // Every line is one JSON object with timestamp, level and message.

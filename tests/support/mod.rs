@@ -582,3 +582,10 @@ pub async fn wait_ready(url: &str) {
     };
     tokio::time::timeout(Duration::from_secs(20), ready).await.expect("tokenproxy never became ready");
 }
+
+/// Sends a signal (`libc::SIGTERM`, `libc::SIGHUP`, …) to a child process.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a pid of a child we started and a valid signal number.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}

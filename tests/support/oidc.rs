@@ -256,14 +256,18 @@ impl ChildProcess {
         }
     }
 
-    /// Sends `signal` (a name such as `TERM`) to the process, with `kill(1)`.
+    /// Sends `signal` (a name such as `TERM`) to the process.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run kill -{signal}: {e}"));
-        assert!(status.success(), "kill -{signal} {} failed ({status})", self.child.id());
+        let number = match signal {
+            "TERM" => libc::SIGTERM,
+            "HUP" => libc::SIGHUP,
+            "INT" => libc::SIGINT,
+            "KILL" => libc::SIGKILL,
+            other => panic!("unknown signal {other}"),
+        };
+        // SAFETY: kill(2) with the pid of a child we started and a valid signal number.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, number) };
+        assert_eq!(rc, 0, "kill -{signal} {} failed", self.child.id());
     }
 
     /// The exit status, if the process has already exited.
