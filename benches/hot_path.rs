@@ -7,6 +7,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Version};
 use tokenproxy::metrics::Metrics;
 use tokenproxy::proxy::headers;
+use tokenproxy::proxy::route::{Lookup, Route, RouteTable};
 use tokenproxy::token::{Token, TokenSlot};
 
 fn slot() -> Arc<TokenSlot> {
@@ -54,5 +55,24 @@ fn hot_path(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hot_path);
+/// A gateway's table: 50 prefix routes and 10 host routes; the lookup is a scan in match order.
+fn routing(c: &mut Criterion) {
+    let mut toml = String::new();
+    for i in 0..50 {
+        toml.push_str(&format!("[[routes]]\nprefix = \"/service-{i}/api\"\nupstream = \"http://127.0.0.1:{}\"\n", 9000 + i));
+    }
+    for i in 0..10 {
+        toml.push_str(&format!("[[routes]]\nhost = \"svc{i}.internal\"\nupstream = \"http://127.0.0.1:{}\"\n", 9100 + i));
+    }
+    let config = tokenproxy::config::Config::from_toml_str(&toml, "bench.toml").expect("bench config");
+    let metrics = Metrics::new();
+    let none = |_: &str| None;
+    let routes = config.routes.iter().map(|r| Route::new(r, &none, &metrics).expect("route")).collect();
+    let table = RouteTable::new(routes);
+    c.bench_function("route lookup (60 routes, last prefix)", |b| {
+        b.iter(|| black_box(matches!(table.lookup_origin(Some("localhost:8080"), "/service-49/api/orders/42"), Lookup::Route(_))))
+    });
+}
+
+criterion_group!(benches, hot_path, routing);
 criterion_main!(benches);
