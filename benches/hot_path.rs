@@ -59,10 +59,16 @@ fn hot_path(c: &mut Criterion) {
 fn routing(c: &mut Criterion) {
     let mut toml = String::new();
     for i in 0..50 {
-        toml.push_str(&format!("[[routes]]\nprefix = \"/service-{i}/api\"\nupstream = \"http://127.0.0.1:{}\"\n", 9000 + i));
+        toml.push_str(&format!(
+            "[[routes]]\nprefix = \"/service-{i}/api\"\nupstream = \"http://127.0.0.1:{}\"\n",
+            9000 + i
+        ));
     }
     for i in 0..10 {
-        toml.push_str(&format!("[[routes]]\nhost = \"svc{i}.internal\"\nupstream = \"http://127.0.0.1:{}\"\n", 9100 + i));
+        toml.push_str(&format!(
+            "[[routes]]\nhost = \"svc{i}.internal\"\nupstream = \"http://127.0.0.1:{}\"\n",
+            9100 + i
+        ));
     }
     let config = tokenproxy::config::Config::from_toml_str(&toml, "bench.toml").expect("bench config");
     let metrics = Metrics::new();
@@ -70,7 +76,12 @@ fn routing(c: &mut Criterion) {
     let routes = config.routes.iter().map(|r| Route::new(r, &none, &metrics).expect("route")).collect();
     let table = RouteTable::new(routes);
     c.bench_function("route lookup (60 routes, last prefix)", |b| {
-        b.iter(|| black_box(matches!(table.lookup_origin(Some("localhost:8080"), "/service-49/api/orders/42"), Lookup::Route(_))))
+        b.iter(|| {
+            black_box(matches!(
+                table.lookup_origin(Some("localhost:8080"), "/service-49/api/orders/42"),
+                Lookup::Route(_)
+            ))
+        })
     });
 }
 
