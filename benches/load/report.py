@@ -118,7 +118,8 @@ def main(results):
 
     out = []
     out.append(f"tokenproxy load benchmark — {facts.get('date', '?')}, {facts.get('cpus', '?')} cores, "
-               f"{facts.get('rounds', '?')} rounds × {facts.get('duration', '?')} s, medians over rounds; "
+               f"{facts.get('rounds', '?')} rounds × {facts.get('duration', '?')} s, build {facts.get('build', '?')}, "
+               f"medians over rounds; "
                f"ratios are tokenproxy / nginx (req/s: higher is better; p99: lower is better)")
     out.append("")
     out.append("| case | nginx req/s | tokenproxy req/s | ratio req/s | nginx p50 ms | tokenproxy p50 ms "
