@@ -40,12 +40,13 @@ fn hot_path(c: &mut Criterion) {
     let slot = slot();
     c.bench_function("token read (current token, usable check)", |b| b.iter(|| black_box(slot.current())));
     let template = request_headers();
+    let peer = headers::peer_value([127, 0, 0, 1].into());
     c.bench_function("header rewrite + token injection", |b| {
         b.iter(|| {
             let mut h = template.clone();
             headers::strip_hop_by_hop(&mut h);
             let host = h.get("host").cloned();
-            headers::add_forwarding(&mut h, [127, 0, 0, 1].into(), false, host);
+            headers::add_forwarding(&mut h, &peer, false, host);
             headers::append_via(&mut h, Version::HTTP_11);
             if let Some(token) = slot.current() {
                 h.insert(http::header::AUTHORIZATION, token.bearer.clone());

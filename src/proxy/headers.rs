@@ -3,6 +3,7 @@
 use std::net::IpAddr;
 
 use http::header::{CONNECTION, TE, TRANSFER_ENCODING, VIA};
+
 use http::{HeaderMap, HeaderName, HeaderValue, Version};
 
 /// Hop-by-hop headers of RFC 9110 §7.6.1, plus the non-standard ones proxies have always stripped.
@@ -11,6 +12,13 @@ const HOP_BY_HOP: &[&str] =
 
 /// Removes hop-by-hop headers and every header named in `Connection`. `TE: trailers` survives (gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (no hashing) settles that.
+    let any = headers.keys().any(|name| {
+        name == CONNECTION || name == TE || name == TRANSFER_ENCODING || HOP_BY_HOP.contains(&name.as_str())
+    });
+    if !any {
+        return;
+    }
     // Names listed in Connection first; removing by &str looks up without allocating.
     if headers.contains_key(CONNECTION) {
         let listed: Vec<HeaderName> = headers
@@ -65,19 +73,24 @@ pub fn append_via(headers: &mut HeaderMap, version: Version) {
     }
 }
 
-/// `X-Forwarded-For` (appended), `X-Forwarded-Proto` and `X-Forwarded-Host` (set) of a request from `peer`.
-pub fn add_forwarding(headers: &mut HeaderMap, peer: IpAddr, tls: bool, original_host: Option<HeaderValue>) {
+/// The caller's address as a header value, made once per connection.
+pub fn peer_value(peer: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&peer.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// `X-Forwarded-For` (appended), `X-Forwarded-Proto` and `X-Forwarded-Host` (set) of a request from `peer`
+/// (see [`peer_value`]).
+pub fn add_forwarding(headers: &mut HeaderMap, peer: &HeaderValue, tls: bool, original_host: Option<HeaderValue>) {
     static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
-    let peer = peer.to_string();
-    let forwarded_for = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {peer}"),
-        _ => peer,
+    let appended = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => {
+            HeaderValue::from_str(&format!("{existing}, {}", peer.to_str().unwrap_or_default())).ok()
+        }
+        _ => None,
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(XFF.clone(), value);
-    }
+    headers.insert(XFF.clone(), appended.unwrap_or_else(|| peer.clone()));
     headers.insert(XFP.clone(), HeaderValue::from_static(if tls { "https" } else { "http" }));
     match original_host {
         Some(host) => {
@@ -124,7 +137,12 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "10.1.1.1".parse().unwrap());
         h.insert("x-forwarded-proto", "https".parse().unwrap());
-        add_forwarding(&mut h, "127.0.0.1".parse().unwrap(), false, Some("api.local:8080".parse().unwrap()));
+        add_forwarding(
+            &mut h,
+            &peer_value("127.0.0.1".parse().unwrap()),
+            false,
+            Some("api.local:8080".parse().unwrap()),
+        );
         assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.local:8080");

@@ -44,12 +44,15 @@ pub struct Connection {
     pub tls: bool,
     /// The dedicated upstream connection of this (HTTP/1.1) connection.
     pub upstream: UpstreamAffinity,
+    /// The peer's address as an `X-Forwarded-For` value, made once.
+    forwarded_for: HeaderValue,
 }
 
 impl Connection {
     /// A new downstream connection from `peer`.
     pub fn new(peer: SocketAddr, tls: bool) -> Connection {
-        Connection { peer, tls, upstream: UpstreamAffinity::default() }
+        let forwarded_for = headers::peer_value(peer.ip());
+        Connection { peer, tls, upstream: UpstreamAffinity::default(), forwarded_for }
     }
 }
 
@@ -119,7 +122,8 @@ impl Proxy {
         let started = Instant::now();
         let request_id = request_id(request.headers_mut());
         // Kept for the access log only: the path without its query (which may carry a token).
-        let logged = self.access_log.then(|| (request.method().clone(), request.uri().path().to_owned()));
+        let access_log = self.access_log && tracing::enabled!(target: "access", tracing::Level::INFO);
+        let logged = access_log.then(|| (request.method().clone(), request.uri().path().to_owned()));
         let mut replayed = false;
         let (route, mut response) = match self.select_route(&request) {
             Ok(route) => {
@@ -211,8 +215,15 @@ impl Proxy {
             _ => None,
         };
         let replayable = token.is_some() && route.retry_on_401;
-        // Keep what a replay needs: the request head here, the body in ReplayBody.
-        let saved = replayable.then(|| parts.clone());
+        // Keep what a replay needs: the request head here (without the extensions, which hyper fills per
+        // connection and which only cost allocations to copy), the body in ReplayBody.
+        let saved = replayable.then(|| {
+            let (mut head, ()) = Request::new(()).into_parts();
+            head.method = parts.method.clone();
+            head.version = parts.version;
+            head.headers = parts.headers.clone();
+            head
+        });
         let (body, replay) = if replayable {
             let (body, replay) = ReplayBody::new(body, self.replay_buffer);
             (UpstreamBody::Kept { body }, replay)
@@ -228,7 +239,8 @@ impl Proxy {
         match (token, saved) {
             (Some(token), Some(parts)) => {
                 let first = Attempt { token: &token, replay, response, deadline, affinity };
-                self.replay_after_401(route, &target, parts, first, replayed).await
+                // The rare path is boxed, so that every request's future stays small.
+                Box::pin(self.replay_after_401(route, &target, parts, first, replayed)).await
             }
             _ => Ok(Self::finish(response)),
         }
@@ -246,7 +258,7 @@ impl Proxy {
         };
         let version = parts.version;
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::add_forwarding(&mut parts.headers, connection.peer.ip(), connection.tls, original_host);
+        headers::add_forwarding(&mut parts.headers, &connection.forwarded_for, connection.tls, original_host);
         headers::append_via(&mut parts.headers, version);
         parts.headers.insert(HOST, route.host_header.clone());
         // The upstream connection's protocol is the client's business; the request head is version-neutral.
@@ -410,8 +422,13 @@ fn request_id(headers: &mut http::HeaderMap) -> HeaderValue {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(rand::random);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    // Unique within the process (counter) and across processes (random prefix); hex is always a valid header.
-    let id = HeaderValue::from_str(&format!("{prefix:016x}{n:016x}")).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    // Unique within the process (counter) and across processes (random prefix), as 32 hex digits.
+    let mut hex = [0u8; 32];
+    for (i, byte) in prefix.to_be_bytes().iter().chain(n.to_be_bytes().iter()).enumerate() {
+        hex[2 * i] = b"0123456789abcdef"[usize::from(byte >> 4)];
+        hex[2 * i + 1] = b"0123456789abcdef"[usize::from(byte & 0xf)];
+    }
+    let id = HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"));
     headers.insert(X_REQUEST_ID.clone(), id.clone());
     id
 }

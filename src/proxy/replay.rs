@@ -48,7 +48,17 @@ pin_project_lite::pin_project! {
 /// The handle that yields a replay of the body once the first attempt is done with it.
 #[derive(Debug)]
 pub struct Replay {
-    rx: Option<oneshot::Receiver<Kept>>,
+    state: ReplayState,
+}
+
+#[derive(Debug)]
+enum ReplayState {
+    /// Never replayable.
+    Never,
+    /// An empty body: replayable at once, without a channel (most requests: GET, HEAD, DELETE).
+    Empty,
+    /// Told by the first attempt's body when it is done with it.
+    Pending(oneshot::Receiver<Kept>),
 }
 
 impl<B: Body<Data = Bytes>> ReplayBody<B> {
@@ -56,33 +66,33 @@ impl<B: Body<Data = Bytes>> ReplayBody<B> {
     pub fn new(inner: B, cap: usize) -> (ReplayBody<B>, Replay) {
         let declared_too_large = inner.size_hint().lower() > cap as u64;
         if declared_too_large {
-            return (ReplayBody { inner, kept: None, cap, tx: None }, Replay { rx: None });
+            return (ReplayBody { inner, kept: None, cap, tx: None }, Replay { state: ReplayState::Never });
+        }
+        if inner.is_end_stream() {
+            // An empty body may never be polled: it is complete already, and there is nothing to keep.
+            return (ReplayBody { inner, kept: None, cap, tx: None }, Replay { state: ReplayState::Empty });
         }
         let (tx, rx) = oneshot::channel();
-        let mut body = ReplayBody { inner, kept: Some(Kept::default()), cap, tx: Some(tx) };
-        if body.inner.is_end_stream() {
-            // An empty body may never be polled: it is complete already.
-            body.finish();
-        }
-        (body, Replay { rx: Some(rx) })
-    }
-
-    fn finish(&mut self) {
-        if let (Some(kept), Some(tx)) = (self.kept.take(), self.tx.take()) {
-            let _ = tx.send(kept);
-        }
+        (
+            ReplayBody { inner, kept: Some(Kept::default()), cap, tx: Some(tx) },
+            Replay { state: ReplayState::Pending(rx) },
+        )
     }
 }
 
 impl Replay {
     /// A handle for a body that will never be replayable.
     pub fn none() -> Replay {
-        Replay { rx: None }
+        Replay { state: ReplayState::Never }
     }
 
     /// Waits until the first attempt's body ended (a replay body), outgrew the cap, failed or was dropped (`None`).
     pub async fn replay(self) -> Option<BufferedBody> {
-        let kept = self.rx?.await.ok()?;
+        let kept = match self.state {
+            ReplayState::Never => return None,
+            ReplayState::Empty => Kept::default(),
+            ReplayState::Pending(rx) => rx.await.ok()?,
+        };
         Some(BufferedBody { chunks: kept.chunks.into(), len: kept.len, trailers: kept.trailers })
     }
 }

@@ -140,7 +140,8 @@ impl UpstreamClient {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let dedicated = affinity.filter(|_| request.uri().scheme() == Some(&Scheme::HTTP));
         let (Some(affinity), Some(authority)) = (dedicated, request.uri().authority().cloned()) else {
-            return self.client.request(request).await.map_err(|e| UpstreamError(crate::error_chain(&e)));
+            // Boxed: the pooled path is the less common one, and its future is large.
+            return Box::pin(self.client.request(request)).await.map_err(|e| UpstreamError(crate::error_chain(&e)));
         };
         let mut request = request;
         // On a connection of our own the request goes in origin form (`GET /path`), with the Host header the
@@ -164,7 +165,8 @@ impl UpstreamClient {
                 }
             }
         }
-        let mut sender = connect(&authority).await?;
+        // Boxed: a new connection is made once per downstream connection, not per request.
+        let mut sender = Box::pin(connect(&authority)).await?;
         sender.ready().await.map_err(|e| UpstreamError(crate::error_chain(&e)))?;
         let response = sender.send_request(request).await.map_err(|e| UpstreamError(crate::error_chain(&e)))?;
         affinity.keep(authority, sender);
