@@ -5,6 +5,12 @@
 //!
 //! No cluster is needed. When `kubectl` is on the PATH, `kubectl kustomize` also renders both variants.
 
+mod support {
+    pub mod markdown;
+}
+
+use support::markdown;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -762,35 +768,11 @@ fn the_promql_scanner_finds_metric_names_only() {
     assert_eq!(names.into_iter().collect::<Vec<_>>(), ["bar", "baz", "foo_total"]);
 }
 
-/// GitHub's anchor of a Markdown heading: lowercase, punctuation dropped, spaces as hyphens.
-fn github_anchor(heading: &str) -> String {
-    heading
-        .trim()
-        .to_lowercase()
-        .chars()
-        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
-        .map(|c| if c == ' ' { '-' } else { c })
-        .collect()
-}
-
-fn markdown_anchors(text: &str) -> BTreeSet<String> {
-    let mut in_code = false;
-    let mut anchors = BTreeSet::new();
-    for line in text.lines() {
-        if line.trim_start().starts_with("```") {
-            in_code = !in_code;
-        } else if !in_code && line.starts_with('#') {
-            anchors.insert(github_anchor(line.trim_start_matches('#')));
-        }
-    }
-    anchors
-}
-
 #[test]
 fn alerts_use_only_tokenproxy_metrics_and_have_runbooks() {
     let base = Base::load();
     let troubleshooting = read(&repo().join("docs/troubleshooting.md"));
-    let anchors = markdown_anchors(&troubleshooting);
+    let anchors = markdown::anchors(&troubleshooting);
     let mut alerts = BTreeSet::new();
     for rule_set in objects(&base.docs, "PrometheusRule") {
         assert_eq!(rule_set["apiVersion"], "monitoring.coreos.com/v1");

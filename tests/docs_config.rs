@@ -3,6 +3,12 @@
 //! default the config code applies, and every relative link between the pages of `docs/` leads to a file and
 //! heading that exist.
 
+mod support {
+    pub mod markdown;
+}
+
+use support::markdown;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -250,31 +256,6 @@ fn documented_defaults_are_the_defaults_the_code_applies() {
     assert!(checked >= 20, "only {checked} defaults were checked");
 }
 
-/// GitHub's anchor of a Markdown heading: lowercase, punctuation dropped, spaces as hyphens.
-fn github_anchor(heading: &str) -> String {
-    heading
-        .trim()
-        .to_lowercase()
-        .chars()
-        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
-        .map(|c| if c == ' ' { '-' } else { c })
-        .collect()
-}
-
-/// The anchors of a Markdown file's headings (outside code blocks).
-fn anchors(text: &str) -> BTreeSet<String> {
-    let mut in_code = false;
-    let mut anchors = BTreeSet::new();
-    for line in text.lines() {
-        if line.trim_start().starts_with("```") {
-            in_code = !in_code;
-        } else if !in_code && line.starts_with('#') {
-            anchors.insert(github_anchor(line.trim_start_matches('#')));
-        }
-    }
-    anchors
-}
-
 /// The targets of the inline links `[text](target)` of a Markdown text, outside code blocks and code spans.
 fn link_targets(text: &str) -> Vec<String> {
     let mut in_code = false;
@@ -337,7 +318,7 @@ fn links_between_the_guide_pages_lead_somewhere() {
             assert!(file.exists(), "docs/{name}: link to {target}, but {} does not exist", file.display());
             if !anchor.is_empty() {
                 assert!(
-                    anchors(&read(&file)).contains(anchor),
+                    markdown::anchors(&read(&file)).contains(anchor),
                     "docs/{name}: link to {target}, but {} has no heading #{anchor}",
                     file.display()
                 );
