@@ -98,12 +98,6 @@ struct Attempt<'a> {
     affinity: Option<&'a UpstreamAffinity>,
 }
 
-impl Target {
-    fn query(&self) -> Option<&str> {
-        self.query.as_deref().or(self.original.query())
-    }
-}
-
 impl Proxy {
     /// A proxy over `table`.
     pub fn new(table: RouteTable, client: Arc<UpstreamClient>, options: ProxyOptions, unrouted: RouteMetrics) -> Proxy {
@@ -343,7 +337,7 @@ impl Proxy {
             }
         }
         let uri = route
-            .upstream_uri(target.original.path(), target.query(), extra_query.as_deref())
+            .upstream_uri(&target.original, target.query.as_deref(), extra_query.as_deref())
             .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
         parts.uri = uri;
         Ok(Request::from_parts(parts, body))

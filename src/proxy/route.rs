@@ -141,7 +141,25 @@ impl Route {
     }
 
     /// The upstream URI for a request path and query (`extra_query` is appended, already encoded).
-    pub fn upstream_uri(&self, path: &str, query: Option<&str>, extra_query: Option<&str>) -> Result<Uri, http::Error> {
+    pub fn upstream_uri(
+        &self,
+        original: &Uri,
+        query_override: Option<&str>,
+        extra_query: Option<&str>,
+    ) -> Result<Uri, http::Error> {
+        let keeps_path = self.base_path.is_empty() && (!self.strip_prefix || self.prefix == "/");
+        if let Some(unchanged) = original.path_and_query().filter(|_| keeps_path && query_override.is_none()) {
+            if extra_query.is_none() {
+                // The common sidecar case: the caller's path and query go upstream as they are (no copy).
+                return Uri::builder()
+                    .scheme(self.scheme.clone())
+                    .authority(self.authority.clone())
+                    .path_and_query(unchanged.clone())
+                    .build();
+            }
+        }
+        let path = original.path();
+        let query = query_override.or(original.query());
         let rest =
             if self.strip_prefix && self.prefix != "/" { &path[self.prefix.len().min(path.len())..] } else { path };
         let mut target = String::with_capacity(self.base_path.len() + rest.len() + 1 + query.map_or(0, str::len) + 64);
