@@ -37,6 +37,9 @@ pub struct Schedule {
     pub refresh_after: Duration,
 }
 
+/// The most a refresh is moved ahead of the end of the token's usable window (see [`Timing::schedule`]).
+const MAX_LEAD: Duration = Duration::from_secs(5);
+
 /// Refreshes never follow each other closer than this, whatever the IdP says of lifetimes.
 const MIN_REFRESH_DELAY: Duration = Duration::from_millis(100);
 
@@ -45,7 +48,10 @@ impl Timing {
     pub fn schedule(&self, lifetime: Duration, jitter: f64) -> Schedule {
         let skew = self.expiry_skew.min(lifetime / 4);
         let usable_for = lifetime - skew;
-        let planned = lifetime.mul_f64(self.refresh_at).min(usable_for);
+        // Start early enough that the call can finish while the old token is still usable, even with no jitter:
+        // a lead of 5 % of the lifetime, at most 5 s.
+        let lead = (lifetime / 20).min(MAX_LEAD);
+        let planned = lifetime.mul_f64(self.refresh_at).min(usable_for.saturating_sub(lead));
         let jitter = lifetime.mul_f64(0.1 * jitter.clamp(0.0, 1.0));
         let refresh_after = planned.saturating_sub(jitter).max(MIN_REFRESH_DELAY.min(usable_for));
         Schedule { usable_for, refresh_after }
@@ -268,10 +274,10 @@ mod tests {
 
     #[test]
     fn schedule_never_refreshes_after_usable_window() {
-        // refresh_at = 1.0 would be at expiry: capped at L − S.
+        // refresh_at = 1.0 would be at expiry: capped at L − S, minus the lead that leaves time for the call.
         let s = timing(1.0, 30).schedule(Duration::from_secs(300), 0.0);
         assert_eq!(s.usable_for, Duration::from_secs(270));
-        assert_eq!(s.refresh_after, Duration::from_secs(270));
+        assert_eq!(s.refresh_after, Duration::from_secs(265));
         // Short tokens: the skew is capped at a quarter of the lifetime.
         let s = timing(0.9, 30).schedule(Duration::from_secs(8), 0.5);
         assert_eq!(s.usable_for, Duration::from_secs(6));
@@ -279,7 +285,7 @@ mod tests {
         for jitter in [0.0, 0.3, 0.99] {
             for lifetime in [1, 2, 5, 30, 60, 600, 86_400] {
                 let s = timing(0.75, 30).schedule(Duration::from_secs(lifetime), jitter);
-                assert!(s.refresh_after <= s.usable_for, "lifetime {lifetime} jitter {jitter}: {s:?}");
+                assert!(s.refresh_after < s.usable_for, "lifetime {lifetime} jitter {jitter}: {s:?}");
                 assert!(s.usable_for < Duration::from_secs(lifetime));
             }
         }
