@@ -47,7 +47,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const TICK: Duration = Duration::from_millis(200);
 /// Enough for one rotation (a refresh every ≈ 2–2.25 s with 3 s tokens), with slack for a loaded machine.
 const PER_ROTATION: Duration = Duration::from_secs(6);
-/// SIGABRT, what `TOKENPROXY_FAILPOINT` ends the process with.
+/// SIGABRT, what `TP_FAILPOINT` ends the process with.
 const SIGABRT: i32 = 6;
 
 /// How the provider table finds the token endpoint.
@@ -199,10 +199,10 @@ impl Session {
         self.stopped.push(proxy);
     }
 
-    /// Starts tokenproxy with `TOKENPROXY_FAILPOINT=failpoint` and waits for it to abort there.
+    /// Starts tokenproxy with `TP_FAILPOINT=failpoint` and waits for it to abort there.
     async fn crash_at(&mut self, failpoint: &str) {
         assert!(self.proxy.is_none(), "tokenproxy is already running");
-        let env = [("TOKENPROXY_FAILPOINT", failpoint)];
+        let env = [("TP_FAILPOINT", failpoint)];
         let mut proxy =
             TokenProxyProcess::spawn_in(self.dir.path(), &self.body, &env, &format!("tokenproxy ({failpoint})"));
         let status = proxy.wait_exit(READY_TIMEOUT).await;

@@ -233,7 +233,7 @@ async fn a_failed_state_write_keeps_the_rotated_token_and_stores_it_first_next_t
     std::fs::write(&config, format!("{listen}{}", setup.config())).unwrap();
     // The first write of a rotated refresh token fails (as on a full disk): rt-1 then exists only in memory, its
     // access token is not used, and the next attempt stores rt-1 before redeeming it.
-    let proxy = support::BinaryProxy::start(&config, &[("TOKENPROXY_FAILPOINT", "before_state_write:error")]).await;
+    let proxy = support::BinaryProxy::start(&config, &[("TP_FAILPOINT", "before_state_write:error")]).await;
     proxy.wait_ready().await;
     let stored = record(&setup.state());
     assert_eq!(stored["refresh_token"], "rt-2");
@@ -248,7 +248,7 @@ async fn a_failed_state_write_keeps_the_rotated_token_and_stores_it_first_next_t
 
 fn tokenproxy(args: &[&str], config: &Path) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
-    command.args(args).arg("--config").arg(config).env_remove("TOKENPROXY_CONFIG").env_remove("TOKENPROXY_FAILPOINT");
+    command.args(args).arg("--config").arg(config).env_remove("TOKENPROXY_CONFIG").env_remove("TP_FAILPOINT");
     command
 }
 
@@ -312,7 +312,7 @@ async fn killed_between_the_idp_answer_and_the_write_never_leaves_a_corrupt_stat
             .args(["run", "--config"])
             .arg(&config)
             .env_remove("TOKENPROXY_CONFIG")
-            .env("TOKENPROXY_FAILPOINT", failpoint)
+            .env("TP_FAILPOINT", failpoint)
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()

@@ -116,14 +116,13 @@ struct EnvLayer {
 }
 
 impl EnvLayer {
-    /// Collects the variables now, ignoring [`CONFIG_FILE_VARIABLE`] (it names the file, it is not a key) and
-    /// `TOKENPROXY_FAILPOINT` (a test hook of the state store).
+    /// Collects the variables now, ignoring [`CONFIG_FILE_VARIABLE`] (it names the file, it is not a key).
     fn from_process() -> Self {
         let ignored =
             CONFIG_FILE_VARIABLE.strip_prefix(ENV_PREFIX).unwrap_or(CONFIG_FILE_VARIABLE).to_ascii_lowercase();
         let mut vars: Vec<(Vec<String>, String)> = Env::prefixed(ENV_PREFIX)
             .split(ENV_SEPARATOR)
-            .ignore(&[ignored.as_str(), "failpoint"])
+            .ignore(&[ignored.as_str()])
             .iter()
             .map(|(key, value)| (key.as_str().split('.').map(str::to_owned).collect(), value))
             .collect();

@@ -231,12 +231,12 @@ impl Serialize for RecordOnDisk<'_> {
     }
 }
 
-/// Test hook for crash tests: `TOKENPROXY_FAILPOINT=NAME` aborts the process (as `kill -9` would) at that point;
-/// `TOKENPROXY_FAILPOINT=NAME:error` makes the first pass through it fail with an I/O error instead.
+/// Test hook for crash tests (named outside the `TOKENPROXY_` config prefix on purpose): `TP_FAILPOINT=NAME` aborts the process (as `kill -9` would) at that point;
+/// `TP_FAILPOINT=NAME:error` makes the first pass through it fail with an I/O error instead.
 fn failpoint(name: &str) -> std::io::Result<()> {
     static FAILPOINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let Some(configured) = FAILPOINT.get_or_init(|| std::env::var("TOKENPROXY_FAILPOINT").ok()).as_deref() else {
+    let Some(configured) = FAILPOINT.get_or_init(|| std::env::var("TP_FAILPOINT").ok()).as_deref() else {
         return Ok(());
     };
     if configured == name {

@@ -507,7 +507,7 @@ impl BinaryProxy {
             .args(["run", "--config"])
             .arg(config)
             .env_remove("TOKENPROXY_CONFIG")
-            .env_remove("TOKENPROXY_FAILPOINT")
+            .env_remove("TP_FAILPOINT")
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
