@@ -14,7 +14,7 @@ use http_body_util::Full;
 use serde_json::{json, Map, Value};
 
 use crate::metrics::Metrics;
-use crate::token::{TokenEngine, TokenSlot};
+use crate::token::{SlotStatus, TokenEngine, TokenSlot};
 
 /// Something that reloads the configuration (implemented where the parts are wired: `lib.rs`).
 pub trait Reload: Send + Sync + 'static {
@@ -90,7 +90,7 @@ impl Admin {
             let status = slot.status();
             providers.insert(
                 name.to_owned(),
-                json!({ "state": state(slot), "ready": usable, "last_error": status.last_error }),
+                json!({ "state": state(slot, &status), "ready": usable, "last_error": status.last_error }),
             );
         }
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -116,8 +116,7 @@ fn refresh_target(path: &str) -> Option<&str> {
 }
 
 /// `valid`, `refreshing`, `expired` or `failed`.
-fn state(slot: &TokenSlot) -> &'static str {
-    let status = slot.status();
+fn state(slot: &TokenSlot, status: &SlotStatus) -> &'static str {
     if status.in_flight {
         "refreshing"
     } else if slot.current().is_some() {
@@ -134,7 +133,7 @@ fn describe(slot: &TokenSlot) -> Value {
     let token = slot.latest();
     let now = SystemTime::now();
     json!({
-        "state": state(slot),
+        "state": state(slot, &status),
         "expires_at": token.as_ref().map(|t| rfc3339(t.expires_at)),
         "expires_in_seconds": token.as_ref().map(|t| t.expires_at.duration_since(now).map_or(0, |d| d.as_secs())),
         "last_refresh": status.last_refresh.map(rfc3339),

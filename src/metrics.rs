@@ -11,6 +11,24 @@ use prometheus::{
     TextEncoder,
 };
 
+/// Every metric tokenproxy exports: SPEC.md's table plus `tokenproxy_provider_permanent_failure` and
+/// `tokenproxy_config_reloads_total`. A unit test keeps it equal to what the registry holds.
+pub const METRIC_NAMES: &[&str] = &[
+    "tokenproxy_token_requests_total",
+    "tokenproxy_token_request_duration_seconds",
+    "tokenproxy_token_refreshes_total",
+    "tokenproxy_token_expires_at_seconds",
+    "tokenproxy_singleflight_waiters_total",
+    "tokenproxy_provider_permanent_failure",
+    "tokenproxy_requests_total",
+    "tokenproxy_request_duration_seconds",
+    "tokenproxy_upstream_unauthorized_total",
+    "tokenproxy_replays_total",
+    "tokenproxy_inflight_requests",
+    "tokenproxy_config_reloads_total",
+    "tokenproxy_build_info",
+];
+
 /// Why a token call was made (label `reason` of `tokenproxy_token_refreshes_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefreshReason {
@@ -276,5 +294,24 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_names_lists_exactly_what_is_registered() {
+        let metrics = Metrics::new();
+        let _provider = metrics.provider("p");
+        let route = metrics.route("r");
+        route.count_status(http::StatusCode::OK);
+        route.duration.observe(0.001);
+        let mut registered: Vec<String> = metrics.registry.gather().iter().map(|f| f.name().to_owned()).collect();
+        let mut listed: Vec<String> = METRIC_NAMES.iter().map(|n| n.to_string()).collect();
+        registered.sort();
+        listed.sort();
+        assert_eq!(registered, listed);
     }
 }

@@ -19,24 +19,8 @@ use serde_json::{Map, Value};
 use tokenproxy::config::Config;
 use yaml_rust2::{Yaml, YamlLoader};
 
-/// Metric names tokenproxy exports: the table of SPEC.md "Metrics" (kept by hand: SPEC.md is not part of this
-/// repository), plus `tokenproxy_provider_permanent_failure` (1 while a provider's last token call failed with an
-/// error no retry fixes) and `tokenproxy_config_reloads_total` (issue 5), both defined in src/metrics.rs.
-const KNOWN_METRICS: &[&str] = &[
-    "tokenproxy_token_requests_total",
-    "tokenproxy_token_request_duration_seconds",
-    "tokenproxy_token_refreshes_total",
-    "tokenproxy_token_expires_at_seconds",
-    "tokenproxy_singleflight_waiters_total",
-    "tokenproxy_requests_total",
-    "tokenproxy_request_duration_seconds",
-    "tokenproxy_upstream_unauthorized_total",
-    "tokenproxy_replays_total",
-    "tokenproxy_inflight_requests",
-    "tokenproxy_build_info",
-    "tokenproxy_provider_permanent_failure",
-    "tokenproxy_config_reloads_total",
-];
+/// Metric names tokenproxy exports (SPEC.md's table plus two of its own), as src/metrics.rs defines them.
+const KNOWN_METRICS: &[&str] = tokenproxy::metrics::METRIC_NAMES;
 
 /// Histograms: their `_bucket`, `_sum` and `_count` series may be used too.
 const HISTOGRAMS: &[&str] = &["tokenproxy_token_request_duration_seconds", "tokenproxy_request_duration_seconds"];

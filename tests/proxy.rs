@@ -513,19 +513,7 @@ async fn admin_endpoints_never_show_a_token() {
     assert_eq!(client.post(&proxy.admin_url("/tokens/nope/refresh"), Bytes::new()).await.status, 404);
     assert_eq!(client.get(&proxy.url("/api/x")).await.status, 200);
     let metrics = client.get(&proxy.admin_url("/metrics")).await.text();
-    for name in [
-        "tokenproxy_token_requests_total",
-        "tokenproxy_token_request_duration_seconds",
-        "tokenproxy_token_refreshes_total",
-        "tokenproxy_token_expires_at_seconds",
-        "tokenproxy_singleflight_waiters_total",
-        "tokenproxy_requests_total",
-        "tokenproxy_request_duration_seconds",
-        "tokenproxy_upstream_unauthorized_total",
-        "tokenproxy_replays_total",
-        "tokenproxy_inflight_requests",
-        "tokenproxy_build_info",
-    ] {
+    for name in tokenproxy::metrics::METRIC_NAMES {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
     for text in [tokens.text(), refreshed.text(), metrics] {

@@ -79,6 +79,7 @@ pub struct UpstreamClient {
 }
 
 /// The dedicated upstream connection of one downstream HTTP/1.1 connection.
+#[derive(Default)]
 pub struct UpstreamAffinity {
     idle: std::sync::Mutex<Option<Dedicated>>,
 }
@@ -193,10 +194,4 @@ async fn connect(authority: &Authority) -> Result<http1::SendRequest<UpstreamBod
         }
     });
     Ok(sender)
-}
-
-impl Default for UpstreamAffinity {
-    fn default() -> Self {
-        UpstreamAffinity { idle: std::sync::Mutex::new(None) }
-    }
 }
