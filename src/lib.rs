@@ -30,6 +30,7 @@ use arc_swap::ArcSwap;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -37,7 +38,7 @@ use crate::admin::{Admin, Reload};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::route::{Route, RouteTable};
-use crate::proxy::{Connection, Proxy, ProxyBody, ProxyOptions, UpstreamClient};
+use crate::proxy::{Connection, Ended, Proxy, ProxyBody, ProxyOptions, UpstreamClient};
 use crate::server::{Handler, ListenerOptions};
 use crate::token::{TokenEngine, TokenSource};
 
@@ -445,6 +446,16 @@ impl Handler for ProxyHandler {
         // The routes as they are when the request arrives; a reload does not change them under it.
         let proxy = self.0.load_full();
         proxy.handle(request, connection).await
+    }
+
+    async fn serve_direct<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        self: &Arc<Self>,
+        io: I,
+        connection: &Arc<Connection>,
+        shutdown: watch::Receiver<bool>,
+        header_read_timeout: Duration,
+    ) -> Ended<I> {
+        proxy::serve_direct(&self.0, connection, io, shutdown, header_read_timeout).await
     }
 }
 

@@ -4,7 +4,9 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -17,6 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
+
+use crate::proxy::Ended;
 
 /// How a listener serves its connections.
 #[derive(Clone)]
@@ -45,6 +49,18 @@ pub trait Handler: Send + Sync + 'static {
         request: Request<Incoming>,
         connection: &Arc<Self::Connection>,
     ) -> impl Future<Output = Response<Self::Body>> + Send;
+
+    /// Serves a new connection's HTTP/1.1 requests itself for as long as it can, and hands the rest of the connection
+    /// to hyper with the bytes already read (see `proxy::direct`). By default everything goes to hyper.
+    fn serve_direct<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        self: &Arc<Self>,
+        io: I,
+        _connection: &Arc<Self::Connection>,
+        _shutdown: watch::Receiver<bool>,
+        _header_read_timeout: Duration,
+    ) -> impl Future<Output = crate::proxy::Ended<I>> + Send {
+        std::future::ready(crate::proxy::Ended::Handoff { io, buffered: bytes::Bytes::new() })
+    }
 }
 
 /// Runtimes that serve connections: one `current_thread` tokio runtime per thread, fed round-robin by the accept
@@ -127,7 +143,7 @@ pub async fn serve<H: Handler>(
             Arc::clone(&builder),
             options.tls.clone(),
             options.header_read_timeout,
-            graceful.watcher(),
+            (graceful.watcher(), shutdown.clone()),
             workers.is_some(),
         );
         let connection = async move {
@@ -142,7 +158,14 @@ pub async fn serve<H: Handler>(
         }
     }
     drop(listener);
-    if tokio::time::timeout(options.shutdown_grace, graceful.shutdown()).await.is_err() {
+    // Hyper's connections are told to finish; the direct path's see `shutdown` themselves. Every connection holds a
+    // permit until it ends.
+    let drained = async {
+        graceful.shutdown().await;
+        let all = u32::try_from(options.max_connections).unwrap_or(u32::MAX);
+        let _ = limit.acquire_many(all).await;
+    };
+    if tokio::time::timeout(options.shutdown_grace, drained).await.is_err() {
         tracing::warn!("shutdown_grace ({:?}) passed with requests still in flight", options.shutdown_grace);
     }
 }
@@ -155,8 +178,8 @@ async fn serve_connection<H: Handler>(
     handler: Arc<H>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     tls: Option<TlsAcceptor>,
-    handshake_timeout: Duration,
-    watcher: hyper_util::server::graceful::Watcher,
+    header_read_timeout: Duration,
+    (watcher, shutdown): (hyper_util::server::graceful::Watcher, watch::Receiver<bool>),
     moved: bool,
 ) {
     // A connection handed to a worker runtime is registered with that runtime's reactor.
@@ -174,11 +197,14 @@ async fn serve_connection<H: Handler>(
     let state = Arc::new(handler.connection(peer, tls.is_some()));
     match tls {
         None => {
-            let connection = serve_io(&builder, TokioIo::new(stream), handler, state);
-            let _ = watcher.watch(connection.into_owned()).await;
+            let ended = handler.serve_direct(stream, &state, shutdown, header_read_timeout).await;
+            if let Ended::Handoff { io, buffered } = ended {
+                let connection = serve_io(&builder, TokioIo::new(Rewind::new(io, buffered)), handler, state);
+                let _ = watcher.watch(connection.into_owned()).await;
+            }
         }
         Some(acceptor) => {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            let tls = match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
                     tracing::debug!(%peer, "TLS handshake failed: {error}");
@@ -186,9 +212,71 @@ async fn serve_connection<H: Handler>(
                 }
                 Err(_) => return,
             };
-            let connection = serve_io(&builder, TokioIo::new(tls), handler, state);
-            let _ = watcher.watch(connection.into_owned()).await;
+            // A client that chose h2 by ALPN speaks it from the first byte.
+            let ended = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                Ended::Handoff { io: tls, buffered: bytes::Bytes::new() }
+            } else {
+                handler.serve_direct(tls, &state, shutdown, header_read_timeout).await
+            };
+            if let Ended::Handoff { io, buffered } = ended {
+                let connection = serve_io(&builder, TokioIo::new(Rewind::new(io, buffered)), handler, state);
+                let _ = watcher.watch(connection.into_owned()).await;
+            }
         }
+    }
+}
+
+/// A connection with bytes already read from it put back in front.
+pub struct Rewind<I> {
+    prefix: bytes::Bytes,
+    io: I,
+}
+
+impl<I> Rewind<I> {
+    /// `io`, to be read after `prefix`.
+    pub fn new(io: I, prefix: bytes::Bytes) -> Rewind<I> {
+        Rewind { prefix, io }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -98,6 +98,12 @@ impl ProxyError {
 
     /// The problem+json response for this error.
     pub fn into_response(self, context: &ErrorContext) -> Response<ProxyBody> {
+        let (parts, body) = self.into_parts(context);
+        Response::from_parts(parts, Either::Right(Full::new(body)))
+    }
+
+    /// The problem+json response for this error, as its head and its body.
+    pub fn into_parts(self, context: &ErrorContext) -> (http::response::Parts, Bytes) {
         let status = self.status();
         let code = self.code();
         let mut body = serde_json::json!({
@@ -113,15 +119,15 @@ impl ProxyError {
         if let Some(provider) = &context.provider {
             body["provider"] = serde_json::Value::from(provider.as_ref());
         }
-        let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
+        let (mut parts, ()) = Response::new(()).into_parts();
+        parts.status = status;
+        let headers = &mut parts.headers;
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         headers.insert(X_TOKENPROXY_ERROR.clone(), HeaderValue::from_static(code));
         if let ProxyError::TokenUnavailable { retry_after, .. } = &self {
             let seconds = retry_after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
             headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
-        response
+        (parts, Bytes::from(body.to_string()))
     }
 }

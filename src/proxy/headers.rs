@@ -7,15 +7,24 @@ use http::header::{CONNECTION, TE, TRANSFER_ENCODING, VIA};
 use http::{HeaderMap, HeaderName, HeaderValue, Version};
 
 /// Hop-by-hop headers of RFC 9110 §7.6.1, plus the non-standard ones proxies have always stripped.
-const HOP_BY_HOP: &[&str] =
-    &["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "trailer", "upgrade"];
+const HOP_BY_HOP: &[&str] = &["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "upgrade"];
+
+/// Whether a header of this name is hop-by-hop in itself (names listed in `Connection` aside). `TE` and
+/// `Transfer-Encoding` are left to the caller: they are framing, which only the caller knows how it rewrites.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"connection") || HOP_BY_HOP.iter().any(|hop| name.eq_ignore_ascii_case(hop.as_bytes()))
+}
+
+/// Whether `Connection` header values list `name` (an option such as `close`, or a header to strip).
+pub fn connection_lists<'a>(mut values: impl Iterator<Item = &'a [u8]>, name: &[u8]) -> bool {
+    values.any(|value| value.split(|&b| b == b',').any(|option| option.trim_ascii().eq_ignore_ascii_case(name)))
+}
 
 /// Removes hop-by-hop headers and every header named in `Connection`. `TE: trailers` survives (gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names (no hashing) settles that.
-    let any = headers.keys().any(|name| {
-        name == CONNECTION || name == TE || name == TRANSFER_ENCODING || HOP_BY_HOP.contains(&name.as_str())
-    });
+    let any =
+        headers.keys().any(|name| name == TE || name == TRANSFER_ENCODING || is_hop_by_hop(name.as_str().as_bytes()));
     if !any {
         return;
     }
@@ -37,12 +46,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(*name);
     }
     headers.remove(TRANSFER_ENCODING);
-    if let Some(te) = headers.get(TE) {
-        let only_trailers = te.to_str().is_ok_and(|v| v.split(',').all(|p| p.trim().eq_ignore_ascii_case("trailers")));
-        if !only_trailers {
-            headers.remove(TE);
-        }
+    if headers.get(TE).is_some_and(|te| !only_trailers(te.as_bytes())) {
+        headers.remove(TE);
     }
+}
+
+/// Whether a `TE` value asks for trailers only (the one `TE` that passes a proxy: gRPC needs it).
+pub fn only_trailers(te: &[u8]) -> bool {
+    te.split(|&b| b == b',').all(|p| p.trim_ascii().eq_ignore_ascii_case(b"trailers"))
 }
 
 /// The `Via` element this proxy adds, by the protocol version it received.

@@ -10,6 +10,8 @@
 //!
 //! Errors become problem+json responses in one place ([`error::ProxyError::into_response`]).
 
+pub mod chunked;
+mod direct;
 pub mod error;
 pub mod headers;
 pub mod replay;
@@ -22,11 +24,12 @@ use std::time::Duration;
 
 use http::header::HOST;
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+pub use direct::{serve as serve_direct, Ended};
 pub use error::{ErrorContext, ProxyBody, ProxyError};
 use replay::{Replay, ReplayBody};
 use route::{Injection, Lookup, Route, RouteTable};
@@ -87,6 +90,14 @@ struct Target {
     attach: bool,
 }
 
+/// A request's bookkeeping from its arrival to its answer.
+struct Exchange {
+    started: Instant,
+    request_id: HeaderValue,
+    /// Method and path for the access log, when it is on.
+    logged: Option<(Method, String)>,
+}
+
 /// The first attempt of a request that got a 401.
 struct Attempt<'a> {
     token: &'a Token,
@@ -112,72 +123,89 @@ impl Proxy {
     }
 
     /// Serves one request; never fails (errors are responses).
-    pub async fn handle(&self, mut request: Request<Incoming>, connection: &Connection) -> Response<ProxyBody> {
-        let started = Instant::now();
-        let request_id = request_id(request.headers_mut());
-        // Kept for the access log only: the path without its query (which may carry a token).
-        let access_log = self.access_log && tracing::enabled!(target: "access", tracing::Level::INFO);
-        let logged = access_log.then(|| (request.method().clone(), request.uri().path().to_owned()));
+    pub async fn handle(&self, request: Request<Incoming>, connection: &Connection) -> Response<ProxyBody> {
+        let (mut parts, body) = request.into_parts();
+        let exchange = self.begin(&mut parts);
         let mut replayed = false;
-        let (route, mut response) = match self.select_route(&request) {
+        let (route, mut response) = match self.select_route(&parts) {
             Ok(route) => {
-                let metrics = &route.metrics;
-                metrics.inflight.inc();
-                let response = match self.serve(route, request, connection, started, &mut replayed).await {
+                route.metrics.inflight.inc();
+                let response = match self.serve(route, parts, body, connection, exchange.started, &mut replayed).await {
                     Ok(response) => response,
-                    Err(error) => {
-                        let context =
-                            ErrorContext { route: Some(Arc::clone(&route.name)), provider: route.provider.clone() };
-                        tracing::debug!(route = %route.name, code = error.code(), "proxy error: {}", error_detail(&error));
-                        error.into_response(&context)
-                    }
+                    Err(error) => Self::error_response(route, error),
                 };
-                metrics.inflight.dec();
-                metrics.count_status(response.status());
-                metrics.duration.observe(started.elapsed().as_secs_f64());
                 (Some(route), response)
             }
-            Err(error) => {
-                let response = error.into_response(&ErrorContext::default());
-                self.unrouted.count_status(response.status());
-                (None, response)
-            }
+            Err(error) => (None, error.into_response(&ErrorContext::default())),
         };
-        response.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
-        if let Some((method, path)) = logged {
+        response.headers_mut().insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
+        self.end(exchange, route, response.status(), replayed);
+        response
+    }
+
+    /// The bookkeeping of a request that starts: its id (taken from the caller or made), and what the access log
+    /// will need.
+    fn begin(&self, parts: &mut Parts) -> Exchange {
+        let started = Instant::now();
+        let request_id = request_id(&mut parts.headers);
+        // Kept for the access log only: the path without its query (which may carry a token).
+        let access_log = self.access_log && tracing::enabled!(target: "access", tracing::Level::INFO);
+        let logged = access_log.then(|| (parts.method.clone(), parts.uri.path().to_owned()));
+        Exchange { started, request_id, logged }
+    }
+
+    /// The bookkeeping of a request answered with `status`: metrics (the route's `inflight` was raised when its
+    /// route was found) and the access log.
+    fn end(&self, exchange: Exchange, route: Option<&Route>, status: StatusCode, replayed: bool) {
+        match route {
+            Some(route) => {
+                let metrics = &route.metrics;
+                metrics.inflight.dec();
+                metrics.count_status(status);
+                metrics.duration.observe(exchange.started.elapsed().as_secs_f64());
+            }
+            None => self.unrouted.count_status(status),
+        }
+        if let Some((method, path)) = exchange.logged {
             tracing::info!(
                 target: "access",
                 route = route.map_or("-", |r| &r.name),
                 method = %method,
                 path = %path,
-                status = response.status().as_u16(),
-                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                status = status.as_u16(),
+                duration_ms = exchange.started.elapsed().as_secs_f64() * 1000.0,
                 upstream = route.map_or("-", |r| r.upstream_authority()),
                 replayed,
-                request_id = request_id.to_str().unwrap_or("-"),
+                request_id = exchange.request_id.to_str().unwrap_or("-"),
                 "request"
             );
         }
-        response
+    }
+
+    /// The problem+json answer to an error serving a request on `route`.
+    fn error_response(route: &Route, error: ProxyError) -> Response<ProxyBody> {
+        let context = ErrorContext { route: Some(Arc::clone(&route.name)), provider: route.provider.clone() };
+        tracing::debug!(route = %route.name, code = error.code(), "proxy error: {}", error_detail(&error));
+        error.into_response(&context)
     }
 
     /// Phase 1: admission and routing.
-    fn select_route(&self, request: &Request<Incoming>) -> Result<&Route, ProxyError> {
-        if request.method() == Method::CONNECT {
+    fn select_route(&self, request: &Parts) -> Result<&Route, ProxyError> {
+        if request.method == Method::CONNECT {
             return Err(ProxyError::HostNotAllowed("CONNECT is refused: tokenproxy is not a forward proxy".into()));
         }
-        let path = request.uri().path();
-        let absolute_host = match request.version() {
+        let path = request.uri.path();
+        let absolute_host = match request.version {
             // HTTP/2 always carries :authority; it plays the role of Host.
             Version::HTTP_2 => None,
-            _ => request.uri().host(),
+            _ => request.uri.host(),
         };
         let lookup = match absolute_host {
             Some(host) => self.table.lookup_absolute(host, path),
             None => {
-                let host = match request.version() {
-                    Version::HTTP_2 => request.uri().authority().map(|a| a.as_str()),
-                    _ => request.headers().get(HOST).and_then(|h| h.to_str().ok()),
+                let host = match request.version {
+                    Version::HTTP_2 => request.uri.authority().map(|a| a.as_str()),
+                    _ => request.headers.get(HOST).and_then(|h| h.to_str().ok()),
                 };
                 self.table.lookup_origin(host, path)
             }
@@ -194,15 +222,15 @@ impl Proxy {
     async fn serve(
         &self,
         route: &Route,
-        request: Request<Incoming>,
+        mut parts: Parts,
+        body: Incoming,
         connection: &Connection,
         started: Instant,
         replayed: &mut bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // HTTP/1.x callers send one request at a time: their upstream connection can be dedicated to them.
-        let affinity = (request.version() != Version::HTTP_2).then_some(&connection.upstream);
+        let affinity = (parts.version != Version::HTTP_2).then_some(&connection.upstream);
         let deadline = started + self.request_timeout;
-        let (mut parts, body) = request.into_parts();
         let target = Self::prepare(route, &mut parts, connection)?;
         let token = match (&route.tokens, target.attach) {
             (Some(tokens), true) => Some(Self::credential(tokens.as_ref(), None).await?),
@@ -307,39 +335,18 @@ impl Proxy {
     }
 
     /// Builds the upstream request with `token` attached as the route says.
-    fn attach(
+    fn attach<B>(
         route: &Route,
         target: &Target,
         mut parts: Parts,
         token: Option<&Token>,
-        body: UpstreamBody,
-    ) -> Result<Request<UpstreamBody>, ProxyError> {
-        let mut extra_query = None;
-        if let Some(token) = token {
-            match &route.injection {
-                Injection::Bearer => {
-                    parts.headers.insert(http::header::AUTHORIZATION, sensitive(token.bearer.clone()));
-                }
-                Injection::Header { name, prefix } => {
-                    let mut value = Vec::with_capacity(prefix.len() + token.raw.len());
-                    value.extend_from_slice(prefix.as_bytes());
-                    value.extend_from_slice(token.raw.as_bytes());
-                    let value = HeaderValue::from_bytes(&value)
-                        .map_err(|_| ProxyError::BadRequest("cannot format the token header".into()))?;
-                    parts.headers.insert(name.clone(), sensitive(value));
-                }
-                Injection::Query { param } => {
-                    let encoded: String = form_urlencoded::Serializer::new(String::new())
-                        .append_pair(param, token.raw.to_str().unwrap_or_default())
-                        .finish();
-                    extra_query = Some(encoded);
-                }
-            }
+        body: B,
+    ) -> Result<Request<B>, ProxyError> {
+        let extra_query = token.and_then(|token| token_query(route, token));
+        if let Some((name, value)) = token.map(|token| token_header(route, token)).transpose()?.flatten() {
+            parts.headers.insert(name.clone(), value);
         }
-        let uri = route
-            .upstream_uri(&target.original, target.query.as_deref(), extra_query.as_deref())
-            .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
-        parts.uri = uri;
+        parts.uri = upstream_uri(route, target, extra_query.as_deref())?;
         Ok(Request::from_parts(parts, body))
     }
 
@@ -425,6 +432,42 @@ fn request_id(headers: &mut http::HeaderMap) -> HeaderValue {
     let id = HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"));
     headers.insert(X_REQUEST_ID.clone(), id.clone());
     id
+}
+
+/// The header that carries `token` on `route` (none when the route puts it in the query).
+fn token_header<'r>(route: &'r Route, token: &Token) -> Result<Option<(&'r HeaderName, HeaderValue)>, ProxyError> {
+    static AUTHORIZATION: HeaderName = http::header::AUTHORIZATION;
+    match &route.injection {
+        Injection::Bearer => Ok(Some((&AUTHORIZATION, sensitive(token.bearer.clone())))),
+        Injection::Header { name, prefix } => {
+            let mut value = Vec::with_capacity(prefix.len() + token.raw.len());
+            value.extend_from_slice(prefix.as_bytes());
+            value.extend_from_slice(token.raw.as_bytes());
+            let value = HeaderValue::from_bytes(&value)
+                .map_err(|_| ProxyError::BadRequest("cannot format the token header".into()))?;
+            Ok(Some((name, sensitive(value))))
+        }
+        Injection::Query { .. } => Ok(None),
+    }
+}
+
+/// The query parameter that carries `token` on `route`, encoded (none when the route puts it in a header).
+fn token_query(route: &Route, token: &Token) -> Option<String> {
+    match &route.injection {
+        Injection::Query { param } => Some(
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair(param, token.raw.to_str().unwrap_or_default())
+                .finish(),
+        ),
+        _ => None,
+    }
+}
+
+/// The upstream URI of `target` on `route`, with `extra_query` (the token parameter) appended.
+fn upstream_uri(route: &Route, target: &Target, extra_query: Option<&str>) -> Result<http::Uri, ProxyError> {
+    route
+        .upstream_uri(&target.original, target.query.as_deref(), extra_query)
+        .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))
 }
 
 fn sensitive(mut value: HeaderValue) -> HeaderValue {

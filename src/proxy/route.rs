@@ -129,6 +129,11 @@ impl Route {
         })
     }
 
+    /// The upstream's authority when it is reached over plain HTTP/1.1 (the direct path's case).
+    pub fn plain_http_upstream(&self) -> Option<&Authority> {
+        (self.scheme == Scheme::HTTP).then_some(&self.authority)
+    }
+
     /// The upstream's `host[:port]`, for logs.
     pub fn upstream_authority(&self) -> &str {
         self.authority.as_str()

@@ -177,13 +177,7 @@ impl UpstreamClient {
 
 /// A new HTTP/1.1 connection to a plain-HTTP upstream; its connection task runs on the current runtime.
 async fn connect(authority: &Authority) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
-    let port = authority.port_u16().unwrap_or(80);
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host, port)))
-        .await
-        .map_err(|_| UpstreamError(format!("connecting to {authority} timed out after {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| UpstreamError(format!("connecting to {authority}: {e}")))?;
-    let _ = stream.set_nodelay(true);
+    let stream = connect_tcp(authority).await?;
     let (sender, connection) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -194,4 +188,16 @@ async fn connect(authority: &Authority) -> Result<http1::SendRequest<UpstreamBod
         }
     });
     Ok(sender)
+}
+
+/// A new TCP connection to a plain-HTTP upstream, with `TCP_NODELAY`.
+pub(super) async fn connect_tcp(authority: &Authority) -> Result<tokio::net::TcpStream, UpstreamError> {
+    let port = authority.port_u16().unwrap_or(80);
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| UpstreamError(format!("connecting to {authority} timed out after {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| UpstreamError(format!("connecting to {authority}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }

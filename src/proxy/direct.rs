@@ -1,0 +1,812 @@
+//! The direct HTTP/1.1 path: plain HTTP/1.1 requests to plain-HTTP upstreams, served without hyper.
+//!
+//! A sidecar's requests are nearly all of one shape: an HTTP/1.1 request with no body or a small one, to an
+//! HTTP/1.1 upstream. For those, one task per downstream connection reads the request head (parsed by `httparse`),
+//! runs the same phases as the hyper path (routing, [`Proxy::prepare`], the token, the 401 replay, the error
+//! responses, metrics and the access log), writes the upstream request on the connection's own upstream connection
+//! and forwards the response head and body as they come: a `Content-Length` body is copied, a chunked body is passed
+//! through undecoded ([`ChunkedScanner`] finds its end), a body delimited by the upstream closing is copied until then.
+//! No channel, no second task, no per-message buffers: that is what lets a proxy on a small machine keep up with
+//! nginx.
+//!
+//! Anything else is handed to hyper with the bytes already read, for the rest of the connection: HTTP/1.0, request
+//! bodies that are chunked, larger than the replay buffer or announced with `Expect`, `Upgrade`, absolute-form and
+//! CONNECT requests, heads that do not parse or are very large, h2c (the connection preface does not parse as
+//! HTTP/1.1), and routes to TLS upstreams. Hyper then answers exactly as it would have from the first byte.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::uri::Authority;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::chunked::{ChunkedScanner, Scan};
+use super::headers::{connection_lists, is_hop_by_hop};
+use super::upstream::connect_tcp;
+use super::{
+    token_header, token_query, upstream_uri, Connection, ErrorContext, Proxy, ProxyError, Route, X_REQUEST_ID,
+};
+use crate::metrics::ReplayOutcome;
+use crate::token::Token;
+
+/// A request head larger than this goes to hyper (which refuses heads beyond its own, larger, limit).
+const MAX_HEAD: usize = 64 * 1024;
+/// Request bodies up to this size (and up to `replay_buffer`) are read whole before the request goes upstream.
+const MAX_BODY: usize = 64 * 1024;
+/// An upstream response head larger than this is refused.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Headers per message, as hyper allows.
+const MAX_HEADERS: usize = 100;
+/// The size of a connection's read buffers (each side), and of each read.
+const READ_SIZE: usize = 8 * 1024;
+
+/// How a connection served by the direct path ended.
+pub enum Ended<I> {
+    /// The connection is over (closed by either side, timed out, or shut down).
+    Closed,
+    /// The rest of the connection is hyper's: `buffered` holds the bytes already read from it.
+    Handoff {
+        /// The connection.
+        io: I,
+        /// What was read and not served, to be read again first.
+        buffered: Bytes,
+    },
+}
+
+/// A read buffer that keeps its memory across messages.
+struct Buffer {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Buffer {
+    fn new() -> Buffer {
+        Buffer { data: Vec::new(), start: 0, end: 0 }
+    }
+
+    /// The bytes read and not consumed.
+    fn filled(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads more bytes (returns 0 at the end of the stream), keeping at most `limit` bytes unconsumed.
+    async fn read_from<R: AsyncRead + Unpin>(&mut self, io: &mut R, limit: usize) -> io::Result<usize> {
+        if self.data.len() - self.end < READ_SIZE / 2 {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            let wanted = (self.end + READ_SIZE).min(limit.max(self.end + 1));
+            if self.data.len() < wanted {
+                self.data.resize(wanted, 0);
+            }
+        }
+        if self.end == self.data.len() {
+            return Err(io::Error::new(io::ErrorKind::OutOfMemory, "message larger than the buffer allows"));
+        }
+        let n = io.read(&mut self.data[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    fn take_all(&mut self) -> Bytes {
+        let bytes = Bytes::copy_from_slice(self.filled());
+        self.consume(self.end - self.start);
+        bytes
+    }
+}
+
+/// A request parsed from the downstream buffer.
+struct Parsed {
+    parts: Parts,
+    head_len: usize,
+    body_len: usize,
+    /// The caller asked to close the connection after this request.
+    close: bool,
+}
+
+enum Parse {
+    Complete(Box<Parsed>),
+    Partial,
+    /// Not for the direct path: hyper takes the connection from here.
+    Handoff,
+}
+
+/// Parses one request head from `input`, if it is complete and of the shape the direct path serves.
+fn parse_request(input: &[u8]) -> Parse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let head_len = match request.parse(input) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if input.len() < MAX_HEAD => return Parse::Partial,
+        _ => return Parse::Handoff,
+    };
+    let (Some(method), Some(path), Some(1)) = (request.method, request.path, request.version) else {
+        return Parse::Handoff;
+    };
+    if !path.starts_with('/') || method == "CONNECT" {
+        return Parse::Handoff;
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else { return Parse::Handoff };
+    // The head once, as shared bytes: the URI and the header values are slices of it.
+    let head = Bytes::copy_from_slice(&input[..head_len]);
+    // `part` is a slice of `input`: the same bytes of `head`.
+    let shared = |part: &[u8]| {
+        let start = (part.as_ptr() as usize).wrapping_sub(input.as_ptr() as usize).min(head_len);
+        head.slice(start..(start + part.len()).min(head_len))
+    };
+    let Ok(uri) = Uri::from_maybe_shared(shared(path.as_bytes())) else { return Parse::Handoff };
+    let mut map = HeaderMap::with_capacity(request.headers.len() + 6);
+    let mut body_len = None;
+    let mut close = false;
+    for header in request.headers.iter() {
+        let name = header.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return Parse::Handoff;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let length = std::str::from_utf8(header.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
+            match (length, body_len) {
+                (Some(n), None) if n <= MAX_BODY => body_len = Some(n),
+                // Too large, repeated or malformed: hyper's rules (and its 400) apply.
+                _ => return Parse::Handoff,
+            }
+        }
+        if name.eq_ignore_ascii_case(b"connection") {
+            if connection_lists(std::iter::once(header.value), b"upgrade") {
+                return Parse::Handoff;
+            }
+            close |= connection_lists(std::iter::once(header.value), b"close");
+        }
+        let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_maybe_shared(shared(header.value)))
+        else {
+            return Parse::Handoff;
+        };
+        map.append(name, value);
+    }
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    parts.headers = map;
+    Parse::Complete(Box::new(Parsed { parts, head_len, body_len: body_len.unwrap_or(0), close }))
+}
+
+/// Serves `io` with the direct path for as long as its requests are of the direct path's shape.
+pub async fn serve<I>(
+    proxies: &arc_swap::ArcSwap<Proxy>,
+    connection: &Connection,
+    mut io: I,
+    mut shutdown: watch::Receiver<bool>,
+    header_read_timeout: Duration,
+) -> Ended<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut input = Buffer::new();
+    let mut state = DirectState { upstream: None, request: Vec::new(), response: Vec::new() };
+    loop {
+        if *shutdown.borrow() {
+            return Ended::Closed;
+        }
+        // Slowloris guard, as hyper's `header_read_timeout`: the whole head (and an idle wait) within the limit.
+        let head_deadline = Instant::now() + header_read_timeout;
+        let mut parsed = loop {
+            match parse_request(input.filled()) {
+                Parse::Complete(parsed) => break parsed,
+                Parse::Handoff => return Ended::Handoff { buffered: input.take_all(), io },
+                Parse::Partial => {}
+            }
+            let idle = input.filled().is_empty();
+            let read = tokio::select! {
+                biased;
+                read = tokio::time::timeout_at(head_deadline, input.read_from(&mut io, MAX_HEAD)) => read,
+                _ = shutdown.changed(), if idle => return Ended::Closed,
+            };
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Ended::Closed,
+            }
+        };
+        let proxy = proxies.load_full();
+        let route = proxy.select_route(&parsed.parts);
+        let handoff = match &route {
+            Ok(route) => route.plain_http_upstream().is_none() || parsed.body_len > proxy.replay_buffer,
+            Err(_) => false,
+        };
+        if handoff {
+            return Ended::Handoff { buffered: input.take_all(), io };
+        }
+        let exchange = proxy.begin(&mut parsed.parts);
+        // The body, read whole: it is small, and kept for a replay.
+        let message_len = parsed.head_len + parsed.body_len;
+        let body_deadline = exchange.started + proxy.request_timeout;
+        while input.filled().len() < message_len {
+            match tokio::time::timeout_at(body_deadline, input.read_from(&mut io, message_len)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Ended::Closed,
+            }
+        }
+        let body = &input.filled()[parsed.head_len..message_len];
+        let close = parsed.close || *shutdown.borrow();
+        let reply = Reply {
+            request_id: &exchange.request_id,
+            close,
+            head_request: parsed.parts.method == Method::HEAD,
+            deadline: body_deadline,
+        };
+        let (route, outcome) = match route {
+            Ok(route) => {
+                route.metrics.inflight.inc();
+                let outcome =
+                    proxy.serve_direct(route, parsed.parts, body, connection, &mut state, &reply, &mut io).await;
+                (Some(route), outcome)
+            }
+            Err(error) => (None, Outcome::Error(error)),
+        };
+        let (status, replayed, done) = match outcome {
+            Outcome::Answered { status, replayed, open } => (status, replayed, !open),
+            Outcome::Error(error) => {
+                let context = route.map_or_else(ErrorContext::default, |route| ErrorContext {
+                    route: Some(Arc::clone(&route.name)),
+                    provider: route.provider.clone(),
+                });
+                if route.is_some() {
+                    tracing::debug!(code = error.code(), "proxy error: {}", super::error_detail(&error));
+                }
+                let status = error.status();
+                let written = write_error(&mut io, &mut state.response, error, &context, &reply).await;
+                (status, false, written.is_err() || close)
+            }
+            Outcome::Broken { status } => (status, false, true),
+        };
+        proxy.end(exchange, route, status, replayed);
+        input.consume(message_len);
+        if done {
+            let _ = io.shutdown().await;
+            return Ended::Closed;
+        }
+    }
+}
+
+/// What a connection keeps between requests.
+struct DirectState {
+    /// The connection's own upstream connection, idle between requests.
+    upstream: Option<Upstream>,
+    /// The upstream request being sent.
+    request: Vec<u8>,
+    /// The response head being written.
+    response: Vec<u8>,
+}
+
+/// What the response to a request depends on.
+struct Reply<'a> {
+    request_id: &'a HeaderValue,
+    /// Close the downstream connection after this response.
+    close: bool,
+    /// A HEAD request: no body in the response, whatever its headers say.
+    head_request: bool,
+    /// The request's deadline (`request_timeout` after its arrival) for the response head.
+    deadline: Instant,
+}
+
+/// How serving a request on the direct path ended.
+enum Outcome {
+    /// A response was written (`open`: the connection can take the next request).
+    Answered { status: StatusCode, replayed: bool, open: bool },
+    /// Nothing was written yet: the error is the answer.
+    Error(ProxyError),
+    /// The response could not be completed (a side went away mid-body): the connection ends.
+    Broken { status: StatusCode },
+}
+
+impl Proxy {
+    /// The phases of [`Proxy::handle`] for a direct-path request; the response is written to `io`.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_direct<I: AsyncWrite + Unpin>(
+        &self,
+        route: &Route,
+        mut parts: Parts,
+        body: &[u8],
+        connection: &Connection,
+        state: &mut DirectState,
+        reply: &Reply<'_>,
+        io: &mut I,
+    ) -> Outcome {
+        let Some(authority) = route.plain_http_upstream() else {
+            return Outcome::Error(ProxyError::UpstreamUnreachable("not a plain-HTTP upstream".into()));
+        };
+        // An idempotent request may go again on a new connection when a kept one turns out closed (RFC 9110 §9.2.2).
+        let retryable = parts.method.is_idempotent();
+        let target = match Self::prepare(route, &mut parts, connection) {
+            Ok(target) => target,
+            Err(error) => return Outcome::Error(error),
+        };
+        let mut token = match (&route.tokens, target.attach) {
+            (Some(tokens), true) => match Self::credential(tokens.as_ref(), None).await {
+                Ok(token) => Some(token),
+                Err(error) => return Outcome::Error(error),
+            },
+            _ => None,
+        };
+        let mut replayed = false;
+        loop {
+            if let Err(error) = encode_request(&mut state.request, route, &target, &parts, token.as_deref(), body) {
+                return Outcome::Error(error);
+            }
+            let exchange =
+                round_trip(&mut state.upstream, authority, &state.request, retryable, reply, &mut state.response);
+            let head = match tokio::time::timeout_at(reply.deadline, exchange).await {
+                Ok(Ok(head)) => head,
+                Ok(Err(error)) => return Outcome::Error(ProxyError::UpstreamUnreachable(error)),
+                Err(_) => {
+                    state.upstream = None;
+                    return Outcome::Error(ProxyError::UpstreamTimeout(self.request_timeout));
+                }
+            };
+            if head.status != StatusCode::UNAUTHORIZED {
+                if replayed {
+                    route.metrics.replays(ReplayOutcome::Success).inc();
+                }
+                return forward_response(io, state, head, replayed).await;
+            }
+            route.metrics.upstream_unauthorized.inc();
+            if replayed {
+                route.metrics.replays(ReplayOutcome::StillUnauthorized).inc();
+                return forward_response(io, state, head, replayed).await;
+            }
+            let (Some(tokens), Some(first), true) = (&route.tokens, &token, route.retry_on_401) else {
+                return forward_response(io, state, head, replayed).await;
+            };
+            let rejected = Some(first.generation);
+            match tokio::time::timeout_at(reply.deadline, Self::credential(tokens.as_ref(), rejected)).await {
+                Ok(Ok(fresh)) => {
+                    discard_body(&mut state.upstream, head);
+                    token = Some(fresh);
+                    replayed = true;
+                }
+                // No newer token to be had: the upstream's own 401 is the honest answer.
+                _ => return forward_response(io, state, head, replayed).await,
+            }
+        }
+    }
+}
+
+/// Writes the upstream request: the request line and the prepared headers, the token, the body.
+fn encode_request(
+    out: &mut Vec<u8>,
+    route: &Route,
+    target: &super::Target,
+    parts: &Parts,
+    token: Option<&Token>,
+    body: &[u8],
+) -> Result<(), ProxyError> {
+    let extra_query = token.and_then(|token| token_query(route, token));
+    let uri = upstream_uri(route, target, extra_query.as_deref())?;
+    let credential = token.map(|token| token_header(route, token)).transpose()?.flatten();
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if credential.as_ref().is_some_and(|(credential, _)| *credential == name) {
+            continue;
+        }
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some((name, value)) = credential {
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    Ok(())
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn put_status_line(out: &mut Vec<u8>, status: StatusCode, reason: Option<&str>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().or(reason).unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Ends a response head with our own headers.
+fn put_own_headers(out: &mut Vec<u8>, reply: &Reply<'_>, close: bool) {
+    put_header(out, X_REQUEST_ID.as_str().as_bytes(), reply.request_id.as_bytes());
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes one of the proxy's own (problem+json) answers.
+async fn write_error<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    out: &mut Vec<u8>,
+    error: ProxyError,
+    context: &ErrorContext,
+    reply: &Reply<'_>,
+) -> io::Result<()> {
+    let (parts, body) = error.into_parts(context);
+    out.clear();
+    put_status_line(out, parts.status, None);
+    for (name, value) in &parts.headers {
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    put_header(out, b"content-length", itoa::Buffer::new().format(body.len()).as_bytes());
+    put_own_headers(out, reply, reply.close);
+    if !reply.head_request {
+        out.extend_from_slice(&body);
+    }
+    io.write_all(out).await
+}
+
+/// How an upstream response's body ends.
+enum Framing {
+    /// No body (HEAD, 204, 304, or `Content-Length: 0`).
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// A chunked body, passed through as it is.
+    Chunked(ChunkedScanner),
+    /// Until the upstream closes the connection.
+    UntilClose,
+}
+
+/// An upstream response head, already rewritten for the caller into the connection's response buffer.
+struct ResponseHead {
+    status: StatusCode,
+    framing: Framing,
+    /// The upstream connection can take another request once the body is read.
+    reusable: bool,
+    /// The downstream connection ends after this response.
+    close: bool,
+}
+
+/// The connection's own upstream connection.
+struct Upstream {
+    authority: Authority,
+    stream: TcpStream,
+    input: Buffer,
+}
+
+/// Why an exchange failed, and whether the upstream may not have seen the request at all.
+struct Failure {
+    message: String,
+    /// Nothing at all came back: on a kept connection, the upstream may have closed it before reading the request.
+    unanswered: bool,
+}
+
+impl Upstream {
+    /// Whether the kept connection is still open as far as can be told without a system call: the reactor has seen
+    /// no readiness on it (an upstream's close would have made it readable).
+    fn still_open(&self) -> bool {
+        if !self.input.filled().is_empty() {
+            return false;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            std::task::Poll::Pending => true,
+            std::task::Poll::Ready(Err(_)) => false,
+            // Readable while idle: a close, or bytes nobody asked for. A probe tells (a stale readiness is cleared).
+            std::task::Poll::Ready(Ok(())) => {
+                matches!(self.stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Sends `request` and reads the final response head (1xx heads are skipped), rewriting it into `out`.
+    async fn exchange(
+        &mut self,
+        request: &[u8],
+        reply: &Reply<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<ResponseHead, Failure> {
+        let failed = |message: String, unanswered: bool| Failure { message, unanswered };
+        if let Err(error) = self.stream.write_all(request).await {
+            return Err(failed(format!("sending the request to {}: {error}", self.authority), true));
+        }
+        let mut answered = false;
+        loop {
+            match parse_response(self.input.filled(), reply, out) {
+                Ok(None) => {}
+                Ok(Some((head_len, None))) => {
+                    self.input.consume(head_len);
+                    continue;
+                }
+                Ok(Some((head_len, Some(head)))) => {
+                    self.input.consume(head_len);
+                    return Ok(head);
+                }
+                Err(message) => return Err(failed(format!("{message} (upstream {})", self.authority), false)),
+            }
+            match self.input.read_from(&mut self.stream, MAX_RESPONSE_HEAD).await {
+                Ok(0) => {
+                    let message = format!("{} closed the connection before answering", self.authority);
+                    return Err(failed(message, !answered));
+                }
+                Ok(_) => answered = true,
+                Err(error) => {
+                    let message = format!("reading the response of {}: {error}", self.authority);
+                    return Err(failed(message, !answered));
+                }
+            }
+        }
+    }
+}
+
+/// Sends `request` on the kept upstream connection, or a new one, and reads the response head.
+async fn round_trip(
+    slot: &mut Option<Upstream>,
+    authority: &Authority,
+    request: &[u8],
+    retryable: bool,
+    reply: &Reply<'_>,
+    out: &mut Vec<u8>,
+) -> Result<ResponseHead, String> {
+    let mut retried = false;
+    loop {
+        let kept = slot.take().filter(|up| up.authority == *authority && up.still_open());
+        let reused = kept.is_some();
+        let upstream = match kept {
+            Some(upstream) => slot.insert(upstream),
+            None => {
+                let stream = connect_tcp(authority).await.map_err(|e| e.to_string())?;
+                slot.insert(Upstream { authority: authority.clone(), stream, input: Buffer::new() })
+            }
+        };
+        match upstream.exchange(request, reply, out).await {
+            Ok(head) => return Ok(head),
+            Err(failure) => {
+                *slot = None;
+                if reused && retryable && failure.unanswered && !retried {
+                    retried = true;
+                    continue;
+                }
+                return Err(failure.message);
+            }
+        }
+    }
+}
+
+/// Parses an upstream response head: `None` while incomplete; the head's length, with `None` for a 1xx to skip, or
+/// the final head (then rewritten for the caller into `out`).
+#[allow(clippy::type_complexity)]
+fn parse_response(
+    input: &[u8],
+    reply: &Reply<'_>,
+    out: &mut Vec<u8>,
+) -> Result<Option<(usize, Option<ResponseHead>)>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(input) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if input.len() < MAX_RESPONSE_HEAD => return Ok(None),
+        Ok(httparse::Status::Partial) => return Err("the response head is too large".into()),
+        Err(error) => return Err(format!("invalid response head: {error}")),
+    };
+    let code = response.code.unwrap_or_default();
+    let status = StatusCode::from_u16(code).map_err(|_| format!("invalid response status {code}"))?;
+    if status.is_informational() {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err("the upstream switched protocols unasked".into());
+        }
+        return Ok(Some((head_len, None)));
+    }
+    let headers = &*response.headers;
+    let connection = || headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")).map(|h| h.value);
+    let has_connection = connection().next().is_some();
+    let mut transfer_encoding: Option<&[u8]> = None;
+    let mut length: Option<u64> = None;
+    for header in headers {
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encoding = Some(header.value);
+        } else if header.name.eq_ignore_ascii_case("content-length") {
+            let value = std::str::from_utf8(header.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+            match (value, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => return Err("invalid Content-Length in the response".into()),
+            }
+        }
+    }
+    let framing = if reply.head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        Framing::Empty
+    } else if let Some(codings) = transfer_encoding {
+        let last = codings.rsplit(|&b| b == b',').next().unwrap_or_default();
+        if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            Framing::Chunked(ChunkedScanner::new())
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        match length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        }
+    };
+    let until_close = matches!(framing, Framing::UntilClose);
+    let reusable = response.version == Some(1) && !connection_lists(connection(), b"close") && !until_close;
+    let close = reply.close || until_close;
+    out.clear();
+    put_status_line(out, status, response.reason);
+    for header in headers {
+        let name = header.name.as_bytes();
+        let dropped = is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(X_REQUEST_ID.as_str().as_bytes())
+            || (name.eq_ignore_ascii_case(b"te") && !super::headers::only_trailers(header.value))
+            // With Transfer-Encoding, Content-Length is wrong and must not reach the caller (RFC 9112 §6.3).
+            || (transfer_encoding.is_some() && name.eq_ignore_ascii_case(b"content-length"))
+            || (has_connection && connection_lists(connection(), name));
+        if !dropped {
+            put_header(out, name, header.value);
+        }
+    }
+    put_own_headers(out, reply, close);
+    Ok(Some((head_len, Some(ResponseHead { status, framing, reusable, close }))))
+}
+
+/// Skips the body of a response that will not be forwarded (a 401 before its replay); the upstream connection is
+/// kept only when the whole body is already here.
+fn discard_body(slot: &mut Option<Upstream>, head: ResponseHead) {
+    let Some(upstream) = slot else { return };
+    let buffered = upstream.input.filled();
+    let body = match head.framing {
+        Framing::Empty => Some(0),
+        Framing::Length(n) => usize::try_from(n).ok().filter(|&n| n <= buffered.len()),
+        Framing::Chunked(mut scanner) => match scanner.scan(buffered) {
+            Ok(Scan::Done(n)) => Some(n),
+            _ => None,
+        },
+        Framing::UntilClose => None,
+    };
+    match body {
+        Some(n) if head.reusable && n == buffered.len() => upstream.input.consume(n),
+        _ => *slot = None,
+    }
+}
+
+/// Writes the response head (already in the state's response buffer) and copies the body as it comes.
+async fn forward_response<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    state: &mut DirectState,
+    head: ResponseHead,
+    replayed: bool,
+) -> Outcome {
+    let status = head.status;
+    let Some(upstream) = state.upstream.as_mut() else { return Outcome::Broken { status } };
+    let out = &mut state.response;
+    let complete = match head.framing {
+        Framing::Empty => io.write_all(out).await.is_ok(),
+        Framing::Length(length) => copy_length(io, out, upstream, length).await,
+        Framing::Chunked(scanner) => copy_chunked(io, out, upstream, scanner).await,
+        Framing::UntilClose => {
+            copy_until_close(io, out, upstream).await;
+            state.upstream = None;
+            return Outcome::Answered { status, replayed, open: false };
+        }
+    };
+    if !complete {
+        state.upstream = None;
+        return Outcome::Broken { status };
+    }
+    if !head.reusable || !upstream.input.filled().is_empty() {
+        state.upstream = None;
+    }
+    Outcome::Answered { status, replayed, open: !head.close }
+}
+
+/// Copies a `Content-Length` body; false when either side failed before its end.
+async fn copy_length<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>, up: &mut Upstream, length: u64) -> bool {
+    let mut remaining = length;
+    // The first part of the body goes with the head, in one write.
+    let take = |buffered: usize, remaining: u64| usize::try_from(remaining).map_or(buffered, |r| r.min(buffered));
+    let first = take(up.input.filled().len(), remaining);
+    out.extend_from_slice(&up.input.filled()[..first]);
+    up.input.consume(first);
+    remaining -= first as u64;
+    if io.write_all(out).await.is_err() {
+        return false;
+    }
+    while remaining > 0 {
+        match up.input.read_from(&mut up.stream, READ_SIZE).await {
+            Ok(n) if n > 0 => {}
+            _ => return false,
+        }
+        let n = take(up.input.filled().len(), remaining);
+        if io.write_all(&up.input.filled()[..n]).await.is_err() {
+            return false;
+        }
+        up.input.consume(n);
+        remaining -= n as u64;
+    }
+    true
+}
+
+/// Copies a chunked body as it is, up to its last chunk and trailers; false when either side failed before.
+async fn copy_chunked<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    out: &mut Vec<u8>,
+    up: &mut Upstream,
+    mut scanner: ChunkedScanner,
+) -> bool {
+    let mut first = true;
+    loop {
+        let buffered = up.input.filled();
+        let (n, done) = match scanner.scan(buffered) {
+            Ok(Scan::Done(n)) => (n, true),
+            Ok(Scan::More) => (buffered.len(), false),
+            Err(error) => {
+                tracing::debug!(upstream = %up.authority, "{error}");
+                return false;
+            }
+        };
+        let written = if first {
+            first = false;
+            out.extend_from_slice(&buffered[..n]);
+            io.write_all(out).await
+        } else {
+            io.write_all(&buffered[..n]).await
+        };
+        if written.is_err() {
+            return false;
+        }
+        up.input.consume(n);
+        if done {
+            return true;
+        }
+        match up.input.read_from(&mut up.stream, READ_SIZE).await {
+            Ok(n) if n > 0 => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Copies a body that ends when the upstream closes the connection.
+async fn copy_until_close<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>, up: &mut Upstream) {
+    let buffered = up.input.filled().len();
+    out.extend_from_slice(up.input.filled());
+    up.input.consume(buffered);
+    if io.write_all(out).await.is_err() {
+        return;
+    }
+    loop {
+        match up.input.read_from(&mut up.stream, READ_SIZE).await {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+        if io.write_all(up.input.filled()).await.is_err() {
+            return;
+        }
+        let n = up.input.filled().len();
+        up.input.consume(n);
+    }
+}
