@@ -91,10 +91,30 @@ impl WorkerPool {
         Ok(WorkerPool { handles, next: std::sync::atomic::AtomicUsize::new(0), _stop: stops })
     }
 
-    /// Runs `task` on the next worker.
-    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.handles.len();
-        self.handles[i].spawn(task);
+    /// The next worker, round-robin.
+    fn next(&self) -> usize {
+        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.handles.len()
+    }
+
+    /// One receiver of `shutdown` per worker, fed on that worker's thread: a worker's connections then watch for
+    /// shutdown without sharing a lock with the other workers' connections.
+    fn local_shutdowns(&self, shutdown: &watch::Receiver<bool>) -> Vec<watch::Receiver<bool>> {
+        self.handles
+            .iter()
+            .map(|handle| {
+                let (local, receiver) = watch::channel(*shutdown.borrow());
+                let mut global = shutdown.clone();
+                handle.spawn(async move {
+                    tokio::select! {
+                        () = crate::stopped(&mut global) => {
+                            let _ = local.send(true);
+                        }
+                        () = local.closed() => {}
+                    }
+                });
+                receiver
+            })
+            .collect()
     }
 }
 
@@ -113,6 +133,7 @@ pub async fn serve<H: Handler>(
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(options.max_connections));
+    let local_shutdowns = workers.as_ref().map(|workers| workers.local_shutdowns(&shutdown));
     loop {
         let permit = tokio::select! {
             biased;
@@ -136,6 +157,11 @@ pub async fn serve<H: Handler>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let worker = workers.as_ref().map(|workers| workers.next());
+        let connection_shutdown = match (worker, &local_shutdowns) {
+            (Some(i), Some(locals)) => locals[i].clone(),
+            _ => shutdown.clone(),
+        };
         let connection = serve_connection(
             stream,
             peer,
@@ -143,16 +169,18 @@ pub async fn serve<H: Handler>(
             Arc::clone(&builder),
             options.tls.clone(),
             options.header_read_timeout,
-            (graceful.watcher(), shutdown.clone()),
+            (graceful.watcher(), connection_shutdown),
             workers.is_some(),
         );
         let connection = async move {
             connection.await;
             drop(permit);
         };
-        match &workers {
-            Some(workers) => workers.spawn(connection),
-            None => {
+        match (&workers, worker) {
+            (Some(workers), Some(i)) => {
+                workers.handles[i].spawn(connection);
+            }
+            _ => {
                 tokio::spawn(connection);
             }
         }

@@ -952,6 +952,52 @@ async fn upstream_closing_an_idle_connection_does_not_fail_the_next_request() {
     proxy.stop().await;
 }
 
+/// An upstream that answers the first request on its first connection, then closes that connection on reading the
+/// next one without answering it: the race every keep-alive client meets when an upstream times out an idle
+/// connection just as a request goes out on it.
+async fn upstream_dropping_the_second_request_on_its_first_connection() -> RawUpstream {
+    let on_first = Arc::new(AtomicUsize::new(0));
+    RawUpstream::start(move |r| {
+        if r.connection == 1 && on_first.fetch_add(1, Ordering::SeqCst) == 1 {
+            return Answer::raw(Vec::new()).then_close();
+        }
+        Answer::ok(format!("{} on connection {}", r.head.start.split(' ').next().unwrap_or_default(), r.connection))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_idempotent_request_lost_on_a_kept_connection_is_sent_once_more_on_a_new_one() {
+    let (_idp, upstream, proxy) = setup(upstream_dropping_the_second_request_on_its_first_connection().await).await;
+    let mut client = RawClient::connect(&proxy).await;
+
+    assert_eq!(client.get("/api/first").await.text(), "GET on connection 1");
+    let second = client.get("/api/second").await;
+    assert_eq!((second.status, second.text().as_str()), (200, "GET on connection 2"), "{:?}", second.head);
+    let targets: Vec<(usize, String)> =
+        upstream.received().iter().map(|r| (r.connection, r.target().to_owned())).collect();
+    assert_eq!(
+        targets,
+        [(1, "/first".to_owned()), (1, "/second".to_owned()), (2, "/second".to_owned())],
+        "sent on the kept connection, then once more on a new one"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_post_lost_on_a_kept_connection_is_not_sent_twice() {
+    let (_idp, upstream, proxy) = setup(upstream_dropping_the_second_request_on_its_first_connection().await).await;
+    let mut client = RawClient::connect(&proxy).await;
+
+    assert_eq!(client.get("/api/first").await.text(), "GET on connection 1");
+    let post = client.exchange("POST", &with_body("POST", "/api/order", "", b"one order")).await;
+    post.assert_problem(502, "upstream_unreachable");
+    assert_eq!(upstream.received().len(), 2, "the POST reached the upstream once and was not sent again");
+    // The caller's connection survives the error, and the next request takes a new upstream connection.
+    assert_eq!(client.get("/api/after").await.text(), "GET on connection 2");
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn upstream_announcing_connection_close_is_not_reused() {
     let upstream = RawUpstream::start(|r| {

@@ -15,13 +15,12 @@
 //! HTTP/1.1), and routes to TLS upstreams. Hyper then answers exactly as it would have from the first byte.
 
 use std::io;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http::request::Parts;
 use http::uri::Authority;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -82,16 +81,20 @@ impl Buffer {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
+            // A large message made it grow: an idle connection goes back to the usual size.
+            if self.data.len() > 2 * READ_SIZE {
+                self.data = Vec::new();
+            }
         }
     }
 
-    /// Reads more bytes (returns 0 at the end of the stream), keeping at most `limit` bytes unconsumed.
+    /// Reads more bytes (returns 0 at the end of the stream); the buffer grows to hold at most `limit` bytes.
     async fn read_from<R: AsyncRead + Unpin>(&mut self, io: &mut R, limit: usize) -> io::Result<usize> {
         if self.data.len() - self.end < READ_SIZE / 2 {
             self.data.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
-            let wanted = (self.end + READ_SIZE).min(limit.max(self.end + 1));
+            let wanted = (self.end + READ_SIZE).min(limit);
             if self.data.len() < wanted {
                 self.data.resize(wanted, 0);
             }
@@ -103,92 +106,144 @@ impl Buffer {
         self.end += n;
         Ok(n)
     }
-
-    fn take_all(&mut self) -> Bytes {
-        let bytes = Bytes::copy_from_slice(self.filled());
-        self.consume(self.end - self.start);
-        bytes
-    }
 }
 
-/// A request parsed from the downstream buffer.
+/// A request head parsed from the downstream buffer, as far as the direct path needs it besides its `Parts`.
 struct Parsed {
-    parts: Parts,
-    head_len: usize,
+    /// The head's bytes (split off the buffer): the URI and the header values are slices of it.
+    head: Bytes,
     body_len: usize,
     /// The caller asked to close the connection after this request.
     close: bool,
 }
 
 enum Parse {
-    Complete(Box<Parsed>),
+    Complete(Parsed),
     Partial,
-    /// Not for the direct path: hyper takes the connection from here.
-    Handoff,
+    /// Not for the direct path: hyper takes the connection from here, reading these bytes (if any were split off
+    /// the buffer) first.
+    Handoff(Bytes),
 }
 
-/// Parses one request head from `input`, if it is complete and of the shape the direct path serves.
-fn parse_request(input: &[u8]) -> Parse {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    let head_len = match request.parse(input) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if input.len() < MAX_HEAD => return Parse::Partial,
-        _ => return Parse::Handoff,
-    };
-    let (Some(method), Some(path), Some(1)) = (request.method, request.path, request.version) else {
-        return Parse::Handoff;
-    };
-    if !path.starts_with('/') || method == "CONNECT" {
-        return Parse::Handoff;
-    }
-    let Ok(method) = Method::from_bytes(method.as_bytes()) else { return Parse::Handoff };
-    // The head once, as shared bytes: the URI and the header values are slices of it.
-    let head = Bytes::copy_from_slice(&input[..head_len]);
-    // `part` is a slice of `input`: the same bytes of `head`.
-    let shared = |part: &[u8]| {
-        let start = (part.as_ptr() as usize).wrapping_sub(input.as_ptr() as usize).min(head_len);
-        head.slice(start..(start + part.len()).min(head_len))
-    };
-    let Ok(uri) = Uri::from_maybe_shared(shared(path.as_bytes())) else { return Parse::Handoff };
-    let mut map = HeaderMap::with_capacity(request.headers.len() + 6);
-    let mut body_len = None;
-    let mut close = false;
-    for header in request.headers.iter() {
-        let name = header.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"expect")
-            || name.eq_ignore_ascii_case(b"upgrade")
-        {
-            return Parse::Handoff;
-        }
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let length = std::str::from_utf8(header.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
-            match (length, body_len) {
-                (Some(n), None) if n <= MAX_BODY => body_len = Some(n),
-                // Too large, repeated or malformed: hyper's rules (and its 400) apply.
-                _ => return Parse::Handoff,
-            }
-        }
-        if name.eq_ignore_ascii_case(b"connection") {
-            if connection_lists(std::iter::once(header.value), b"upgrade") {
-                return Parse::Handoff;
-            }
-            close |= connection_lists(std::iter::once(header.value), b"close");
-        }
-        let (Ok(name), Ok(value)) =
-            (HeaderName::from_bytes(name), HeaderValue::from_maybe_shared(shared(header.value)))
-        else {
-            return Parse::Handoff;
+/// Where a header's name and value are in the head.
+type Span = (std::ops::Range<usize>, std::ops::Range<usize>);
+
+/// Parses one request head at the start of `input` into `parts`, if it is complete and of the shape the direct path
+/// serves. On `Complete` the head is split off `input`. `parts` keeps its header map's memory from request to
+/// request, and `spans` is scratch space: a request then costs no allocation here (bar header names outside the
+/// standard ones, which `http` allocates).
+fn parse_request(input: &mut BytesMut, parts: &mut Parts, spans: &mut Vec<Span>) -> Parse {
+    let (head_len, method, path, body_len, close) = {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        let head_len = match request.parse(input) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if input.len() < MAX_HEAD => return Parse::Partial,
+            _ => return Parse::Handoff(Bytes::new()),
         };
-        map.append(name, value);
+        let (Some(method), Some(path), Some(1)) = (request.method, request.path, request.version) else {
+            return Parse::Handoff(Bytes::new());
+        };
+        if !path.starts_with('/') || method == "CONNECT" {
+            return Parse::Handoff(Bytes::new());
+        }
+        let Ok(method) = Method::from_bytes(method.as_bytes()) else { return Parse::Handoff(Bytes::new()) };
+        let base = input.as_ptr() as usize;
+        let span = |part: &[u8]| {
+            let start = (part.as_ptr() as usize).wrapping_sub(base).min(head_len);
+            start..(start + part.len()).min(head_len)
+        };
+        let mut body_len = None;
+        let mut close = false;
+        spans.clear();
+        for header in request.headers.iter() {
+            let name = header.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"expect")
+                || name.eq_ignore_ascii_case(b"upgrade")
+            {
+                return Parse::Handoff(Bytes::new());
+            }
+            if name.eq_ignore_ascii_case(b"content-length") {
+                let length = std::str::from_utf8(header.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
+                match (length, body_len) {
+                    (Some(n), None) if n <= MAX_BODY => body_len = Some(n),
+                    // Too large, repeated or malformed: hyper's rules (and its 400) apply.
+                    _ => return Parse::Handoff(Bytes::new()),
+                }
+            }
+            if name.eq_ignore_ascii_case(b"connection") {
+                if connection_lists(std::iter::once(header.value), b"upgrade") {
+                    return Parse::Handoff(Bytes::new());
+                }
+                close |= connection_lists(std::iter::once(header.value), b"close");
+            }
+            spans.push((span(name), span(header.value)));
+        }
+        (head_len, method, span(path.as_bytes()), body_len.unwrap_or(0), close)
+    };
+    let head = input.split_to(head_len).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(path)) else { return Parse::Handoff(head) };
+    parts.headers.clear();
+    for (name, value) in spans.iter() {
+        let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(&head[name.clone()]), HeaderValue::from_maybe_shared(head.slice(value.clone())))
+        else {
+            return Parse::Handoff(head);
+        };
+        parts.headers.append(name, value);
     }
-    let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
     parts.uri = uri;
     parts.version = Version::HTTP_11;
-    parts.headers = map;
-    Parse::Complete(Box::new(Parsed { parts, head_len, body_len: body_len.unwrap_or(0), close }))
+    Parse::Complete(Parsed { head, body_len, close })
+}
+
+/// One timer per connection for all its deadlines (the request head's, the request's). A tokio timer armed per wait
+/// costs a wheel insertion and removal under the driver's lock, and may wake the driver; this one is set once and
+/// moved only when it fires before the deadline of the wait in progress, at most once per `period`.
+struct Timer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The shortest timeout a wait has: the timer then never fires after a wait's deadline.
+    period: Duration,
+}
+
+impl Timer {
+    fn new(period: Duration) -> Timer {
+        Timer { sleep: Box::pin(tokio::time::sleep(period)), period }
+    }
+
+    /// Follows a change of the timeouts (a reload): a shorter period moves the timer closer at once.
+    fn set_period(&mut self, period: Duration) {
+        if period < self.period {
+            self.sleep.as_mut().reset(Instant::now() + period);
+        }
+        self.period = period;
+    }
+
+    /// `future`'s output, or `None` if `deadline` passes first.
+    async fn within<F: std::future::Future>(&mut self, deadline: Instant, future: F) -> Option<F::Output> {
+        let mut future = std::pin::pin!(future);
+        loop {
+            tokio::select! {
+                biased;
+                output = &mut future => return Some(output),
+                () = self.sleep.as_mut() => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return None;
+                    }
+                    self.sleep.as_mut().reset(deadline.min(now + self.period));
+                }
+            }
+        }
+    }
+}
+
+/// The rest of the connection for hyper: what was split off, then what is still buffered.
+fn handoff<I>(io: I, head: Bytes, input: BytesMut) -> Ended<I> {
+    let buffered = if head.is_empty() { input.freeze() } else { [&head[..], &input[..]].concat().into() };
+    Ended::Handoff { io, buffered }
 }
 
 /// Serves `io` with the direct path for as long as its requests are of the direct path's shape.
@@ -202,63 +257,68 @@ pub async fn serve<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut input = Buffer::new();
+    let mut input = BytesMut::new();
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    let mut spans = Vec::new();
     let mut state = DirectState { upstream: None, request: Vec::new(), response: Vec::new() };
+    let mut timer = Timer::new(header_read_timeout.min(proxies.load().request_timeout));
     loop {
         if *shutdown.borrow() {
             return Ended::Closed;
         }
         // Slowloris guard, as hyper's `header_read_timeout`: the whole head (and an idle wait) within the limit.
         let head_deadline = Instant::now() + header_read_timeout;
-        let mut parsed = loop {
-            match parse_request(input.filled()) {
+        let parsed = loop {
+            match parse_request(&mut input, &mut parts, &mut spans) {
                 Parse::Complete(parsed) => break parsed,
-                Parse::Handoff => return Ended::Handoff { buffered: input.take_all(), io },
+                Parse::Handoff(head) => return handoff(io, head, input),
                 Parse::Partial => {}
             }
-            let idle = input.filled().is_empty();
+            let idle = input.is_empty();
+            input.reserve(READ_SIZE);
             let read = tokio::select! {
                 biased;
-                read = tokio::time::timeout_at(head_deadline, input.read_from(&mut io, MAX_HEAD)) => read,
+                read = timer.within(head_deadline, io.read_buf(&mut input)) => read,
                 _ = shutdown.changed(), if idle => return Ended::Closed,
             };
             match read {
-                Ok(Ok(n)) if n > 0 => {}
+                Some(Ok(n)) if n > 0 => {}
                 _ => return Ended::Closed,
             }
         };
         let proxy = proxies.load_full();
-        let route = proxy.select_route(&parsed.parts);
-        let handoff = match &route {
+        timer.set_period(header_read_timeout.min(proxy.request_timeout));
+        let route = proxy.select_route(&parts);
+        let handoff_now = match &route {
             Ok(route) => route.plain_http_upstream().is_none() || parsed.body_len > proxy.replay_buffer,
             Err(_) => false,
         };
-        if handoff {
-            return Ended::Handoff { buffered: input.take_all(), io };
+        if handoff_now {
+            return handoff(io, parsed.head, input);
         }
-        let exchange = proxy.begin(&mut parsed.parts);
+        let exchange = proxy.begin(&mut parts);
         // The body, read whole: it is small, and kept for a replay.
-        let message_len = parsed.head_len + parsed.body_len;
         let body_deadline = exchange.started + proxy.request_timeout;
-        while input.filled().len() < message_len {
-            match tokio::time::timeout_at(body_deadline, input.read_from(&mut io, message_len)).await {
-                Ok(Ok(n)) if n > 0 => {}
+        while input.len() < parsed.body_len {
+            input.reserve(parsed.body_len - input.len());
+            match timer.within(body_deadline, io.read_buf(&mut input)).await {
+                Some(Ok(n)) if n > 0 => {}
                 _ => return Ended::Closed,
             }
         }
-        let body = &input.filled()[parsed.head_len..message_len];
+        let body = &input[..parsed.body_len];
         let close = parsed.close || *shutdown.borrow();
         let reply = Reply {
             request_id: &exchange.request_id,
             close,
-            head_request: parsed.parts.method == Method::HEAD,
+            head_request: parts.method == Method::HEAD,
             deadline: body_deadline,
         };
         let (route, outcome) = match route {
             Ok(route) => {
                 route.metrics.inflight.inc();
-                let outcome =
-                    proxy.serve_direct(route, parsed.parts, body, connection, &mut state, &reply, &mut io).await;
+                let exchange = Direct { route, body, connection, reply: &reply };
+                let outcome = proxy.serve_direct(&exchange, &mut parts, &mut state, &mut timer, &mut io).await;
                 (Some(route), outcome)
             }
             Err(error) => (None, Outcome::Error(error)),
@@ -266,13 +326,7 @@ where
         let (status, replayed, done) = match outcome {
             Outcome::Answered { status, replayed, open } => (status, replayed, !open),
             Outcome::Error(error) => {
-                let context = route.map_or_else(ErrorContext::default, |route| ErrorContext {
-                    route: Some(Arc::clone(&route.name)),
-                    provider: route.provider.clone(),
-                });
-                if route.is_some() {
-                    tracing::debug!(code = error.code(), "proxy error: {}", super::error_detail(&error));
-                }
+                let context = Proxy::error_context(route, &error);
                 let status = error.status();
                 let written = write_error(&mut io, &mut state.response, error, &context, &reply).await;
                 (status, false, written.is_err() || close)
@@ -280,12 +334,28 @@ where
             Outcome::Broken { status } => (status, false, true),
         };
         proxy.end(exchange, route, status, replayed);
-        input.consume(message_len);
+        input.advance(parsed.body_len);
+        // Nothing refers to the head any more: the buffer's memory can be reused for the next request.
+        parts.headers.clear();
+        parts.uri = Uri::default();
+        drop(parsed);
+        if input.is_empty() && input.capacity() > 2 * READ_SIZE {
+            // A large message made it grow: an idle connection goes back to the usual size.
+            input = BytesMut::new();
+        }
         if done {
             let _ = io.shutdown().await;
             return Ended::Closed;
         }
     }
+}
+
+/// A request on the direct path, for [`Proxy::serve_direct`].
+struct Direct<'a> {
+    route: &'a Route,
+    body: &'a [u8],
+    connection: &'a Connection,
+    reply: &'a Reply<'a>,
 }
 
 /// What a connection keeps between requests.
@@ -321,23 +391,21 @@ enum Outcome {
 
 impl Proxy {
     /// The phases of [`Proxy::handle`] for a direct-path request; the response is written to `io`.
-    #[allow(clippy::too_many_arguments)]
     async fn serve_direct<I: AsyncWrite + Unpin>(
         &self,
-        route: &Route,
-        mut parts: Parts,
-        body: &[u8],
-        connection: &Connection,
+        request: &Direct<'_>,
+        parts: &mut Parts,
         state: &mut DirectState,
-        reply: &Reply<'_>,
+        timer: &mut Timer,
         io: &mut I,
     ) -> Outcome {
+        let Direct { route, body, connection, reply } = *request;
         let Some(authority) = route.plain_http_upstream() else {
             return Outcome::Error(ProxyError::UpstreamUnreachable("not a plain-HTTP upstream".into()));
         };
         // An idempotent request may go again on a new connection when a kept one turns out closed (RFC 9110 §9.2.2).
         let retryable = parts.method.is_idempotent();
-        let target = match Self::prepare(route, &mut parts, connection) {
+        let target = match Self::prepare(route, parts, connection) {
             Ok(target) => target,
             Err(error) => return Outcome::Error(error),
         };
@@ -350,15 +418,15 @@ impl Proxy {
         };
         let mut replayed = false;
         loop {
-            if let Err(error) = encode_request(&mut state.request, route, &target, &parts, token.as_deref(), body) {
+            if let Err(error) = encode_request(&mut state.request, route, &target, parts, token.as_deref(), body) {
                 return Outcome::Error(error);
             }
             let exchange =
                 round_trip(&mut state.upstream, authority, &state.request, retryable, reply, &mut state.response);
-            let head = match tokio::time::timeout_at(reply.deadline, exchange).await {
-                Ok(Ok(head)) => head,
-                Ok(Err(error)) => return Outcome::Error(ProxyError::UpstreamUnreachable(error)),
-                Err(_) => {
+            let head = match timer.within(reply.deadline, exchange).await {
+                Some(Ok(head)) => head,
+                Some(Err(error)) => return Outcome::Error(ProxyError::UpstreamUnreachable(error)),
+                None => {
                     state.upstream = None;
                     return Outcome::Error(ProxyError::UpstreamTimeout(self.request_timeout));
                 }
@@ -378,8 +446,8 @@ impl Proxy {
                 return forward_response(io, state, head, replayed).await;
             };
             let rejected = Some(first.generation);
-            match tokio::time::timeout_at(reply.deadline, Self::credential(tokens.as_ref(), rejected)).await {
-                Ok(Ok(fresh)) => {
+            match timer.within(reply.deadline, Self::credential(tokens.as_ref(), rejected)).await {
+                Some(Ok(fresh)) => {
                     discard_body(&mut state.upstream, head);
                     token = Some(fresh);
                     replayed = true;
@@ -808,5 +876,180 @@ async fn copy_until_close<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>, 
         }
         let n = up.input.filled().len();
         up.input.consume(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(bytes: &[u8]) -> (Parse, Parts, BytesMut) {
+        let mut input = BytesMut::from(bytes);
+        let (mut parts, ()) = http::Request::new(()).into_parts();
+        let parse = parse_request(&mut input, &mut parts, &mut Vec::new());
+        (parse, parts, input)
+    }
+
+    fn parsed(bytes: &[u8]) -> (Parsed, Parts, BytesMut) {
+        match parse(bytes) {
+            (Parse::Complete(parsed), parts, rest) => (parsed, parts, rest),
+            (Parse::Partial, ..) => panic!("partial: {}", bytes.escape_ascii()),
+            (Parse::Handoff(_), ..) => panic!("handed off: {}", bytes.escape_ascii()),
+        }
+    }
+
+    #[test]
+    fn a_plain_request_is_parsed_with_its_body_length() {
+        let bytes = b"POST /orders?id=1 HTTP/1.1\r\nHost: api.local\r\nContent-Length: 5\r\nX-Custom: a\r\n\r\nhello";
+        let (request, parts, rest) = parsed(bytes);
+        assert_eq!(parts.method, Method::POST);
+        assert_eq!(parts.uri, "/orders?id=1");
+        assert_eq!(parts.headers["host"], "api.local");
+        assert_eq!(parts.headers["x-custom"], "a");
+        assert_eq!((request.head.len(), request.body_len, request.close), (bytes.len() - 5, 5, false));
+        assert_eq!(&rest[..], b"hello", "the head is split off, the body stays");
+        assert!(parsed(b"GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n").0.close);
+    }
+
+    #[test]
+    fn a_reused_header_map_holds_only_the_new_request() {
+        let mut input = BytesMut::from(&b"GET /a HTTP/1.1\r\nX-One: 1\r\n\r\nGET /b HTTP/1.1\r\nX-Two: 2\r\n\r\n"[..]);
+        let (mut parts, ()) = http::Request::new(()).into_parts();
+        let mut spans = Vec::new();
+        assert!(matches!(parse_request(&mut input, &mut parts, &mut spans), Parse::Complete(_)));
+        assert_eq!((parts.uri.path(), parts.headers.len()), ("/a", 1));
+        assert!(matches!(parse_request(&mut input, &mut parts, &mut spans), Parse::Complete(_)));
+        assert_eq!((parts.uri.path(), parts.headers.len()), ("/b", 1));
+        assert_eq!(parts.headers["x-two"], "2");
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_for_more() {
+        for bytes in [&b""[..], b"GET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nHost: a\r\n\r"] {
+            assert!(matches!(parse(bytes).0, Parse::Partial), "{}", bytes.escape_ascii());
+        }
+    }
+
+    #[test]
+    fn requests_of_another_shape_go_to_hyper() {
+        let many_headers = format!("GET / HTTP/1.1\r\n{}\r\n", "X-A: 1\r\n".repeat(MAX_HEADERS + 1));
+        let huge_head = format!("GET / HTTP/1.1\r\nX-A: {}", "a".repeat(MAX_HEAD));
+        for bytes in [
+            &b"GET / HTTP/1.0\r\n\r\n"[..],
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"CONNECT api.local:443 HTTP/1.1\r\nHost: api.local:443\r\n\r\n",
+            b"GET http://api.local/ HTTP/1.1\r\nHost: api.local\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\nHost: api.local\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            b"GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad Header: 1\r\n\r\n",
+            b"\x16\x03\x01\x02\x00",
+            many_headers.as_bytes(),
+            huge_head.as_bytes(),
+        ] {
+            let (parse, _, rest) = parse(bytes);
+            let Parse::Handoff(head) = parse else { panic!("not handed off: {}", bytes.escape_ascii()) };
+            assert_eq!([&head[..], &rest[..]].concat(), bytes, "every byte goes to hyper");
+        }
+    }
+
+    fn reply(request_id: &HeaderValue, head_request: bool) -> Reply<'_> {
+        Reply { request_id, close: false, head_request, deadline: Instant::now() }
+    }
+
+    /// The head rewritten for the caller, and how its body is framed.
+    fn response(bytes: &[u8], head_request: bool) -> Result<(String, ResponseHead), String> {
+        let id = HeaderValue::from_static("req-1");
+        let mut out = Vec::new();
+        match parse_response(bytes, &reply(&id, head_request), &mut out)? {
+            Some((_, Some(head))) => Ok((String::from_utf8(out).expect("text"), head)),
+            other => panic!("not a final head: {:?}", other.map(|(n, _)| n)),
+        }
+    }
+
+    #[test]
+    fn response_heads_lose_hop_by_hop_headers_and_get_the_request_id() {
+        let (head, parsed) = response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n\
+              Upgrade: h2c\r\nProxy-Authenticate: Basic\r\nX-Request-Id: theirs\r\nTrailer: X-Sum\r\nX-End: kept\r\n\r\nok",
+            false,
+        )
+        .expect("valid");
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTrailer: X-Sum\r\nX-End: kept\r\nx-request-id: req-1\r\n\r\n"
+        );
+        assert!(matches!(parsed.framing, Framing::Length(2)) && parsed.reusable && !parsed.close);
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let framing = |bytes: &[u8], head_request| response(bytes, head_request).expect("valid").1;
+        let chunked =
+            framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n", false);
+        assert!(matches!(chunked.framing, Framing::Chunked(_)) && chunked.reusable);
+        let (head, _) = response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n", false)
+            .expect("valid");
+        assert!(!head.to_ascii_lowercase().contains("content-length"), "Content-Length dropped beside chunked: {head}");
+        let until_close = framing(b"HTTP/1.1 200 OK\r\n\r\n", false);
+        assert!(matches!(until_close.framing, Framing::UntilClose) && !until_close.reusable && until_close.close);
+        let not_chunked_last = framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", false);
+        assert!(matches!(not_chunked_last.framing, Framing::UntilClose));
+        for (bytes, head_request) in [
+            (&b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"[..], true),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 42\r\n\r\n", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false),
+        ] {
+            let head = framing(bytes, head_request);
+            assert!(matches!(head.framing, Framing::Empty) && head.reusable, "{}", bytes.escape_ascii());
+        }
+        assert!(!framing(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", false).reusable);
+        assert!(!framing(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false).reusable);
+    }
+
+    #[test]
+    fn informational_heads_are_skipped_and_bad_heads_refused() {
+        let id = HeaderValue::from_static("req-1");
+        let early = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n";
+        let skipped = parse_response(early, &reply(&id, false), &mut Vec::new()).expect("valid");
+        assert!(matches!(skipped, Some((n, None)) if n == early.len()));
+        for bytes in [
+            &b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+        ] {
+            assert!(response(bytes, false).is_err(), "{}", bytes.escape_ascii());
+        }
+    }
+
+    #[test]
+    fn the_buffer_keeps_what_is_not_consumed_and_bounds_what_it_holds() {
+        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(async {
+            let mut buffer = Buffer::new();
+            let mut input: &[u8] = b"first second";
+            assert_eq!(buffer.read_from(&mut input, 64).await.expect("read"), 12);
+            buffer.consume(6);
+            assert_eq!(buffer.filled(), b"second");
+            buffer.consume(6);
+            assert!(buffer.filled().is_empty());
+            let mut endless = tokio::io::repeat(b'x');
+            let mut held = 0;
+            let error = loop {
+                match buffer.read_from(&mut endless, 10_000).await {
+                    Ok(n) => held += n,
+                    Err(error) => break error,
+                }
+            };
+            assert_eq!((held, buffer.filled().len(), error.kind()), (10_000, 10_000, io::ErrorKind::OutOfMemory));
+        });
     }
 }

@@ -184,9 +184,16 @@ impl Proxy {
 
     /// The problem+json answer to an error serving a request on `route`.
     fn error_response(route: &Route, error: ProxyError) -> Response<ProxyBody> {
-        let context = ErrorContext { route: Some(Arc::clone(&route.name)), provider: route.provider.clone() };
-        tracing::debug!(route = %route.name, code = error.code(), "proxy error: {}", error_detail(&error));
+        let context = Self::error_context(Some(route), &error);
         error.into_response(&context)
+    }
+
+    /// What the answer to `error` names: the route and its provider, when the request had a route (then the error
+    /// is logged at debug level).
+    fn error_context(route: Option<&Route>, error: &ProxyError) -> ErrorContext {
+        let Some(route) = route else { return ErrorContext::default() };
+        tracing::debug!(route = %route.name, code = error.code(), "proxy error: {}", error_detail(error));
+        ErrorContext { route: Some(Arc::clone(&route.name)), provider: route.provider.clone() }
     }
 
     /// Phase 1: admission and routing.
@@ -429,7 +436,9 @@ fn request_id(headers: &mut http::HeaderMap) -> HeaderValue {
         hex[2 * i] = b"0123456789abcdef"[usize::from(byte >> 4)];
         hex[2 * i + 1] = b"0123456789abcdef"[usize::from(byte & 0xf)];
     }
-    let id = HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    // Shared bytes (one allocation), so that the copy kept for the response costs none.
+    let id =
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex)).unwrap_or_else(|_| HeaderValue::from_static("-"));
     headers.insert(X_REQUEST_ID.clone(), id.clone());
     id
 }
