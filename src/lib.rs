@@ -6,7 +6,8 @@
 //! - [`metrics`]: the Prometheus registry and typed handles; the only place metric names are defined;
 //! - [`tls`]: rustls server and client configurations;
 //! - [`token`]: the token engine: slots, single flight, generations, the refresher tasks, the IdP client;
-//! - [`proxy`]: the request path: routing, header rewriting, token injection, 401 replay, problem+json errors;
+//! - [`proxy`]: the request path: routing, header rewriting, token injection, 401 replay, problem+json errors; a
+//!   direct HTTP/1.1 transport for plain requests, hyper for the rest;
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/tokens`;
 //! - [`server`]: listeners, connection limits, graceful shutdown;
 //! - [`demo`]: the in-process demo IdP and upstream behind `tokenproxy demo`.

@@ -8,7 +8,14 @@
 //! 5. [`Proxy::replay_after_401`]: on a 401, invalidate that token generation, get the next token, replay once.
 //! 6. [`Proxy::finish`]: strip hop-by-hop headers from the response and count it.
 //!
-//! Errors become problem+json responses in one place ([`error::ProxyError::into_response`]).
+//! Errors become problem+json responses in one place ([`error::ProxyError::into_parts`]).
+//!
+//! Two transports run these phases. Plain HTTP/1.1 requests to plain-HTTP upstreams, nearly all of a sidecar's, take
+//! the direct path ([`serve_direct`], in `direct.rs`): one task per connection, heads parsed with `httparse`, the
+//! upstream request written and its response forwarded as they come, with no per-request task, channel or buffer.
+//! Everything else (h2, TLS upstreams, HTTP/1.0, chunked or large request bodies, `Expect`, `Upgrade`) is served by
+//! hyper through [`Proxy::handle`]; a connection moves from the first to the second at the first request the
+//! direct path does not take, with the bytes already read.
 
 pub mod chunked;
 mod direct;
