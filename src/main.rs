@@ -155,9 +155,13 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
         .ok()
 }
 
-/// `server.worker_threads` worker runtimes, by default one per available core.
+/// `server.worker_threads` worker runtimes; by default one per available core but one (at least one). A sidecar
+/// shares its cores with the application beside it: a busy thread on every core competes with it and costs tail
+/// latency (on 2 cores shared with the load and the upstream, 2 threads gave a p99 1.03–1.7× nginx's, 1 thread
+/// 0.82–1.05×; docs/benchmarks.md). `available_parallelism` follows a container's CPU limit.
 fn workers(threads: Option<usize>) -> Option<Arc<WorkerPool>> {
-    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)));
     WorkerPool::start(threads)
         .map(Arc::new)
         .map_err(|e| eprintln!("tokenproxy: cannot start the worker threads: {e}"))

@@ -68,7 +68,7 @@ pub struct ServerConfig {
     /// Drain time after SIGTERM before in-flight requests are dropped.
     #[serde(serialize_with = "redact::duration")]
     pub shutdown_grace: Duration,
-    /// Runtime worker threads (`server.worker_threads`); `None` means one per CPU core.
+    /// Runtime worker threads (`server.worker_threads`); `None` means one per available core but one, at least one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<usize>,
 }

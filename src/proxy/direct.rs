@@ -43,8 +43,11 @@ const MAX_BODY: usize = 64 * 1024;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Headers per message, as hyper allows.
 const MAX_HEADERS: usize = 100;
-/// The size of a connection's read buffers (each side), and of each read.
+/// The size of the upstream read buffer, and of each read from the upstream.
 const READ_SIZE: usize = 8 * 1024;
+/// The room made for each read from the caller: a request head and a small body (8 KiB with its head) come in one
+/// read. Only what arrives is touched, so the memory of an idle connection stays small.
+const CALLER_READ_SIZE: usize = 16 * 1024;
 
 /// How a connection served by the direct path ended.
 pub enum Ended<I> {
@@ -201,42 +204,57 @@ fn parse_request(input: &mut BytesMut, parts: &mut Parts, spans: &mut Vec<Span>)
 
 /// One timer per connection for all its deadlines (the request head's, the request's). A tokio timer armed per wait
 /// costs a wheel insertion and removal under the driver's lock, and may wake the driver; this one is set once and
-/// moved only when it fires before the deadline of the wait in progress, at most once per `period`.
+/// moved only when it fires before the deadline of the wait in progress, at most once per `period`. It is polled
+/// once after each move: the waker it keeps is the connection task's, the same for every wait.
 struct Timer {
     sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// The shortest timeout a wait has: the timer then never fires after a wait's deadline.
     period: Duration,
+    /// The timer holds the connection task's waker since it was last moved.
+    armed: bool,
 }
 
 impl Timer {
     fn new(period: Duration) -> Timer {
-        Timer { sleep: Box::pin(tokio::time::sleep(period)), period }
+        Timer { sleep: Box::pin(tokio::time::sleep(period)), period, armed: false }
     }
 
     /// Follows a change of the timeouts (a reload): a shorter period moves the timer closer at once.
     fn set_period(&mut self, period: Duration) {
         if period < self.period {
             self.sleep.as_mut().reset(Instant::now() + period);
+            self.armed = false;
         }
         self.period = period;
     }
 
-    /// `future`'s output, or `None` if `deadline` passes first.
+    /// `future`'s output, or `None` if `deadline` passes first. Only for futures of the connection's own task.
     async fn within<F: std::future::Future>(&mut self, deadline: Instant, future: F) -> Option<F::Output> {
+        use std::future::Future;
+        use std::task::Poll;
         let mut future = std::pin::pin!(future);
-        loop {
-            tokio::select! {
-                biased;
-                output = &mut future => return Some(output),
-                () = self.sleep.as_mut() => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return None;
-                    }
-                    self.sleep.as_mut().reset(deadline.min(now + self.period));
-                }
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(output) = future.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
             }
-        }
+            loop {
+                if !self.armed {
+                    if self.sleep.as_mut().poll(cx).is_pending() {
+                        self.armed = true;
+                        return Poll::Pending;
+                    }
+                } else if !self.sleep.is_elapsed() {
+                    return Poll::Pending;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Poll::Ready(None);
+                }
+                self.sleep.as_mut().reset(deadline.min(now + self.period));
+                self.armed = false;
+            }
+        })
+        .await
     }
 }
 
@@ -275,7 +293,7 @@ where
                 Parse::Partial => {}
             }
             let idle = input.is_empty();
-            input.reserve(READ_SIZE);
+            input.reserve(CALLER_READ_SIZE);
             let read = tokio::select! {
                 biased;
                 read = timer.within(head_deadline, io.read_buf(&mut input)) => read,
@@ -339,7 +357,7 @@ where
         parts.headers.clear();
         parts.uri = Uri::default();
         drop(parsed);
-        if input.is_empty() && input.capacity() > 2 * READ_SIZE {
+        if input.is_empty() && input.capacity() > 2 * CALLER_READ_SIZE {
             // A large message made it grow: an idle connection goes back to the usual size.
             input = BytesMut::new();
         }
@@ -1029,6 +1047,33 @@ mod tests {
         ] {
             assert!(response(bytes, false).is_err(), "{}", bytes.escape_ascii());
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_ends_a_wait_at_its_deadline_and_not_before() {
+        let mut timer = Timer::new(Duration::from_secs(1));
+        let start = Instant::now();
+        assert_eq!(timer.within(start + Duration::from_secs(3), std::future::pending::<()>()).await, None);
+        assert_eq!(start.elapsed(), Duration::from_secs(3), "not before the deadline, and not after");
+        // Waits one after another, each finishing before its own deadline: none is cut short.
+        for _ in 0..5 {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let work = tokio::time::sleep(Duration::from_millis(1500));
+            assert_eq!(timer.within(deadline, work).await, Some(()));
+        }
+        let start = Instant::now();
+        assert_eq!(timer.within(start + Duration::from_secs(1), std::future::pending::<()>()).await, None);
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shorter_period_moves_the_timer_at_once() {
+        let mut timer = Timer::new(Duration::from_secs(10));
+        assert_eq!(timer.within(Instant::now() + Duration::from_secs(20), async { 7 }).await, Some(7));
+        timer.set_period(Duration::from_millis(300));
+        let start = Instant::now();
+        assert_eq!(timer.within(start + Duration::from_millis(300), std::future::pending::<()>()).await, None);
+        assert_eq!(start.elapsed(), Duration::from_millis(300));
     }
 
     #[test]
