@@ -83,6 +83,7 @@ impl WorkerPool {
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             stops.push(stop);
             std::thread::Builder::new().name(format!("tokenproxy-worker-{i}")).spawn(move || {
+                crate::proxy::UpstreamClient::set_worker(i);
                 runtime.block_on(async {
                     let _ = stopped.await;
                 });

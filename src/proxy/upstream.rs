@@ -73,9 +73,35 @@ impl Body for UpstreamBody {
 #[error("{0}")]
 pub struct UpstreamError(String);
 
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+type PooledClient = Client<Connector, UpstreamBody>;
+
+/// A pooled client over `connector`.
+fn pooled(connector: Connector) -> PooledClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
 /// Sends requests to upstreams over keep-alive connections: dedicated per downstream connection, or pooled.
 pub struct UpstreamClient {
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>,
+    connector: Connector,
+    /// The pool of the threads that are not workers.
+    client: PooledClient,
+    /// One pool per worker thread, made on first use: a pooled connection's task runs on the thread that opened it,
+    /// so a pool shared by the workers would wake other threads on every request.
+    per_worker: Box<[std::sync::OnceLock<PooledClient>]>,
+}
+
+/// Worker threads with a pool of their own; a worker beyond them shares the pool of the threads that are not workers.
+const WORKER_POOLS: usize = 64;
+
+std::thread_local! {
+    /// This thread's worker index (see [`UpstreamClient::set_worker`]).
+    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 /// The dedicated upstream connection of one downstream HTTP/1.1 connection.
@@ -122,13 +148,23 @@ impl UpstreamClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
-        Ok(UpstreamClient { client })
+        let client = pooled(connector.clone());
+        let per_worker = (0..WORKER_POOLS).map(|_| std::sync::OnceLock::new()).collect();
+        Ok(UpstreamClient { connector, client, per_worker })
+    }
+
+    /// Marks the calling thread as worker `index`: its requests then use a pool of their own.
+    pub fn set_worker(index: usize) {
+        WORKER.with(|worker| worker.set(Some(index)));
+    }
+
+    /// The pool of the calling thread.
+    fn pool(&self) -> &PooledClient {
+        match WORKER.with(std::cell::Cell::get).and_then(|index| self.per_worker.get(index)) {
+            // The same connector (and TLS configuration), a pool of its own.
+            Some(slot) => slot.get_or_init(|| pooled(self.connector.clone())),
+            None => &self.client,
+        }
     }
 
     /// Sends one request and returns the response head with its streaming body. With `affinity` (a downstream
@@ -142,7 +178,7 @@ impl UpstreamClient {
         let dedicated = affinity.filter(|_| request.uri().scheme() == Some(&Scheme::HTTP));
         let (Some(affinity), Some(authority)) = (dedicated, request.uri().authority().cloned()) else {
             // Boxed: the pooled path is the less common one, and its future is large.
-            return Box::pin(self.client.request(request)).await.map_err(|e| UpstreamError(crate::error_chain(&e)));
+            return Box::pin(self.pool().request(request)).await.map_err(|e| UpstreamError(crate::error_chain(&e)));
         };
         let mut request = request;
         // On a connection of our own the request goes in origin form (`GET /path`), with the Host header the
@@ -200,4 +236,31 @@ pub(super) async fn connect_tcp(authority: &Authority) -> Result<tokio::net::Tcp
         .map_err(|e| UpstreamError(format!("connecting to {authority}: {e}")))?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_worker_thread_has_a_pool_of_its_own() {
+        let client = std::sync::Arc::new(UpstreamClient::new().expect("client"));
+        assert!(std::ptr::eq(client.pool(), &client.client), "a thread that is no worker uses the shared pool");
+        let on_worker = |index| {
+            let client = std::sync::Arc::clone(&client);
+            std::thread::spawn(move || {
+                UpstreamClient::set_worker(index);
+                let pool: *const PooledClient = client.pool();
+                assert!(std::ptr::eq(pool, client.pool()), "the same pool on every call");
+                pool as usize
+            })
+            .join()
+            .expect("worker thread")
+        };
+        let (first, second) = (on_worker(0), on_worker(1));
+        assert_ne!(first, second);
+        assert_ne!(first, &client.client as *const PooledClient as usize);
+        assert_eq!(on_worker(0), first, "a worker index keeps its pool");
+        assert_eq!(on_worker(WORKER_POOLS), &client.client as *const PooledClient as usize, "beyond them: shared");
+    }
 }
