@@ -62,55 +62,6 @@ pub enum Ended<I> {
     },
 }
 
-/// A read buffer that keeps its memory across messages.
-struct Buffer {
-    data: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl Buffer {
-    fn new() -> Buffer {
-        Buffer { data: Vec::new(), start: 0, end: 0 }
-    }
-
-    /// The bytes read and not consumed.
-    fn filled(&self) -> &[u8] {
-        &self.data[self.start..self.end]
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.end);
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-            // A large message made it grow: an idle connection goes back to the usual size.
-            if self.data.len() > 2 * READ_SIZE {
-                self.data = Vec::new();
-            }
-        }
-    }
-
-    /// Reads more bytes (returns 0 at the end of the stream); the buffer grows to hold at most `limit` bytes.
-    async fn read_from<R: AsyncRead + Unpin>(&mut self, io: &mut R, limit: usize) -> io::Result<usize> {
-        if self.data.len() - self.end < READ_SIZE / 2 {
-            self.data.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-            let wanted = (self.end + READ_SIZE).min(limit);
-            if self.data.len() < wanted {
-                self.data.resize(wanted, 0);
-            }
-        }
-        if self.end == self.data.len() {
-            return Err(io::Error::new(io::ErrorKind::OutOfMemory, "message larger than the buffer allows"));
-        }
-        let n = io.read(&mut self.data[self.end..]).await?;
-        self.end += n;
-        Ok(n)
-    }
-}
-
 /// A request head parsed from the downstream buffer, as far as the direct path needs it besides its `Parts`.
 struct Parsed {
     /// The head's bytes (split off the buffer): the URI and the header values are slices of it.
@@ -335,8 +286,8 @@ where
         let (route, outcome) = match route {
             Ok(route) => {
                 route.metrics.inflight.inc();
-                let exchange = Direct { route, body, connection, reply: &reply };
-                let outcome = proxy.serve_direct(&exchange, &mut parts, &mut state, &mut timer, &mut io).await;
+                let request = Direct { route, body, connection, reply: &reply };
+                let outcome = proxy.serve_direct(&request, &mut parts, &mut state, &mut timer, &mut io).await;
                 (Some(route), outcome)
             }
             Err(error) => (None, Outcome::Error(error)),
@@ -439,9 +390,9 @@ impl Proxy {
             if let Err(error) = encode_request(&mut state.request, route, &target, parts, token.as_deref(), body) {
                 return Outcome::Error(error);
             }
-            let exchange =
+            let answer =
                 round_trip(&mut state.upstream, authority, &state.request, retryable, reply, &mut state.response);
-            let head = match timer.within(reply.deadline, exchange).await {
+            let head = match timer.within(reply.deadline, answer).await {
                 Some(Ok(head)) => head,
                 Some(Err(error)) => return Outcome::Error(ProxyError::UpstreamUnreachable(error)),
                 None => {
@@ -580,7 +531,8 @@ struct ResponseHead {
 struct Upstream {
     authority: Authority,
     stream: TcpStream,
-    input: Buffer,
+    /// What was read from the upstream and not yet forwarded.
+    input: BytesMut,
 }
 
 /// Why an exchange failed, and whether the upstream may not have seen the request at all.
@@ -594,7 +546,7 @@ impl Upstream {
     /// Whether the kept connection is still open as far as can be told without a system call: the reactor has seen
     /// no readiness on it (an upstream's close would have made it readable).
     fn still_open(&self) -> bool {
-        if !self.input.filled().is_empty() {
+        if !self.input.is_empty() {
             return false;
         }
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -606,6 +558,13 @@ impl Upstream {
                 matches!(self.stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
         }
+    }
+
+    /// Reads what the upstream sent next (0 at the end of the stream). The response head's size is bounded by
+    /// [`parse_response`], bodies are forwarded a read at a time.
+    async fn read_more(&mut self) -> io::Result<usize> {
+        self.input.reserve(READ_SIZE);
+        self.stream.read_buf(&mut self.input).await
     }
 
     /// Sends `request` and reads the final response head (1xx heads are skipped), rewriting it into `out`.
@@ -621,19 +580,19 @@ impl Upstream {
         }
         let mut answered = false;
         loop {
-            match parse_response(self.input.filled(), reply, out) {
+            match parse_response(&self.input, reply, out) {
                 Ok(None) => {}
                 Ok(Some((head_len, None))) => {
-                    self.input.consume(head_len);
+                    self.input.advance(head_len);
                     continue;
                 }
                 Ok(Some((head_len, Some(head)))) => {
-                    self.input.consume(head_len);
+                    self.input.advance(head_len);
                     return Ok(head);
                 }
                 Err(message) => return Err(failed(format!("{message} (upstream {})", self.authority), false)),
             }
-            match self.input.read_from(&mut self.stream, MAX_RESPONSE_HEAD).await {
+            match self.read_more().await {
                 Ok(0) => {
                     let message = format!("{} closed the connection before answering", self.authority);
                     return Err(failed(message, !answered));
@@ -665,7 +624,7 @@ async fn round_trip(
             Some(upstream) => slot.insert(upstream),
             None => {
                 let stream = connect_tcp(authority).await.map_err(|e| e.to_string())?;
-                slot.insert(Upstream { authority: authority.clone(), stream, input: Buffer::new() })
+                slot.insert(Upstream { authority: authority.clone(), stream, input: BytesMut::new() })
             }
         };
         match upstream.exchange(request, reply, out).await {
@@ -764,7 +723,7 @@ fn parse_response(
 /// kept only when the whole body is already here.
 fn discard_body(slot: &mut Option<Upstream>, head: ResponseHead) {
     let Some(upstream) = slot else { return };
-    let buffered = upstream.input.filled();
+    let buffered = &upstream.input[..];
     let body = match head.framing {
         Framing::Empty => Some(0),
         Framing::Length(n) => usize::try_from(n).ok().filter(|&n| n <= buffered.len()),
@@ -775,7 +734,7 @@ fn discard_body(slot: &mut Option<Upstream>, head: ResponseHead) {
         Framing::UntilClose => None,
     };
     match body {
-        Some(n) if head.reusable && n == buffered.len() => upstream.input.consume(n),
+        Some(n) if head.reusable && n == buffered.len() => upstream.input.clear(),
         _ => *slot = None,
     }
 }
@@ -804,8 +763,11 @@ async fn forward_response<I: AsyncWrite + Unpin>(
         state.upstream = None;
         return Outcome::Broken { status };
     }
-    if !head.reusable || !upstream.input.filled().is_empty() {
+    if !head.reusable || !upstream.input.is_empty() {
         state.upstream = None;
+    } else if upstream.input.capacity() > 2 * READ_SIZE {
+        // A large response head made it grow: an idle connection goes back to the usual size.
+        upstream.input = BytesMut::new();
     }
     Outcome::Answered { status, replayed, open: !head.close }
 }
@@ -815,23 +777,23 @@ async fn copy_length<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>, up: &
     let mut remaining = length;
     // The first part of the body goes with the head, in one write.
     let take = |buffered: usize, remaining: u64| usize::try_from(remaining).map_or(buffered, |r| r.min(buffered));
-    let first = take(up.input.filled().len(), remaining);
-    out.extend_from_slice(&up.input.filled()[..first]);
-    up.input.consume(first);
+    let first = take(up.input.len(), remaining);
+    out.extend_from_slice(&up.input[..first]);
+    up.input.advance(first);
     remaining -= first as u64;
     if io.write_all(out).await.is_err() {
         return false;
     }
     while remaining > 0 {
-        match up.input.read_from(&mut up.stream, READ_SIZE).await {
+        match up.read_more().await {
             Ok(n) if n > 0 => {}
             _ => return false,
         }
-        let n = take(up.input.filled().len(), remaining);
-        if io.write_all(&up.input.filled()[..n]).await.is_err() {
+        let n = take(up.input.len(), remaining);
+        if io.write_all(&up.input[..n]).await.is_err() {
             return false;
         }
-        up.input.consume(n);
+        up.input.advance(n);
         remaining -= n as u64;
     }
     true
@@ -846,7 +808,7 @@ async fn copy_chunked<I: AsyncWrite + Unpin>(
 ) -> bool {
     let mut first = true;
     loop {
-        let buffered = up.input.filled();
+        let buffered = &up.input[..];
         let (n, done) = match scanner.scan(buffered) {
             Ok(Scan::Done(n)) => (n, true),
             Ok(Scan::More) => (buffered.len(), false),
@@ -865,11 +827,11 @@ async fn copy_chunked<I: AsyncWrite + Unpin>(
         if written.is_err() {
             return false;
         }
-        up.input.consume(n);
+        up.input.advance(n);
         if done {
             return true;
         }
-        match up.input.read_from(&mut up.stream, READ_SIZE).await {
+        match up.read_more().await {
             Ok(n) if n > 0 => {}
             _ => return false,
         }
@@ -878,22 +840,20 @@ async fn copy_chunked<I: AsyncWrite + Unpin>(
 
 /// Copies a body that ends when the upstream closes the connection.
 async fn copy_until_close<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>, up: &mut Upstream) {
-    let buffered = up.input.filled().len();
-    out.extend_from_slice(up.input.filled());
-    up.input.consume(buffered);
+    out.extend_from_slice(&up.input);
+    up.input.clear();
     if io.write_all(out).await.is_err() {
         return;
     }
     loop {
-        match up.input.read_from(&mut up.stream, READ_SIZE).await {
+        match up.read_more().await {
             Ok(n) if n > 0 => {}
             _ => return,
         }
-        if io.write_all(up.input.filled()).await.is_err() {
+        if io.write_all(&up.input).await.is_err() {
             return;
         }
-        let n = up.input.filled().len();
-        up.input.consume(n);
+        up.input.clear();
     }
 }
 
@@ -1074,27 +1034,5 @@ mod tests {
         let start = Instant::now();
         assert_eq!(timer.within(start + Duration::from_millis(300), std::future::pending::<()>()).await, None);
         assert_eq!(start.elapsed(), Duration::from_millis(300));
-    }
-
-    #[test]
-    fn the_buffer_keeps_what_is_not_consumed_and_bounds_what_it_holds() {
-        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(async {
-            let mut buffer = Buffer::new();
-            let mut input: &[u8] = b"first second";
-            assert_eq!(buffer.read_from(&mut input, 64).await.expect("read"), 12);
-            buffer.consume(6);
-            assert_eq!(buffer.filled(), b"second");
-            buffer.consume(6);
-            assert!(buffer.filled().is_empty());
-            let mut endless = tokio::io::repeat(b'x');
-            let mut held = 0;
-            let error = loop {
-                match buffer.read_from(&mut endless, 10_000).await {
-                    Ok(n) => held += n,
-                    Err(error) => break error,
-                }
-            };
-            assert_eq!((held, buffer.filled().len(), error.kind()), (10_000, 10_000, io::ErrorKind::OutOfMemory));
-        });
     }
 }
