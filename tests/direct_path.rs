@@ -1145,3 +1145,34 @@ async fn no_route_gives_404_problem_and_the_connection_stays_usable() {
     assert_eq!(upstream.received().len(), 1, "nothing was sent upstream for the unrouted request");
     proxy.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Framing the caller cannot bend
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A request whose body is itself a request, with the body's `Content-Length` listed in `Connection`: the upstream
+/// must receive exactly one request, whose body is those bytes, framed by the length the proxy read.
+#[tokio::test]
+async fn connection_listing_content_length_cannot_smuggle_a_second_request() {
+    let upstream = RawUpstream::start(|r| Answer::ok(format!("{} got {} bytes", r.target(), r.body.len()))).await;
+    let (_idp, upstream, proxy) = setup(upstream).await;
+    let smuggled = b"GET /admin HTTP/1.1\r\nHost: internal.example\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n";
+    for (i, connection) in ["content-length", "keep-alive, Content-Length", "Content-Length, host"].iter().enumerate() {
+        let mut client = RawClient::connect(&proxy).await;
+        let request = with_body("POST", "/api/x", &format!("Connection: {connection}\r\n"), smuggled);
+        let reply = client.exchange("POST", &request).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.text(), format!("/x got {} bytes", smuggled.len()));
+        // A second request from the same caller: with the hole, the upstream would answer the smuggled one here.
+        assert_eq!(client.get("/api/next").await.text(), "/next got 0 bytes");
+        let received = upstream.received();
+        assert_eq!(received.len(), 2 * (i + 1), "only the caller's requests reached the upstream: {received:#?}");
+        let post = &received[2 * i];
+        assert_eq!(post.request_line(), "POST /x HTTP/1.1");
+        assert_eq!(post.body, smuggled, "the body arrives as a body");
+        assert_eq!(post.head.all("content-length"), [smuggled.len().to_string().as_str()]);
+        assert_eq!(post.head.all("host"), [upstream.addr.to_string().as_str()], "Host is ours, exactly once");
+        assert!(received.iter().all(|r| r.target() != "/admin"), "{received:#?}");
+    }
+    proxy.stop().await;
+}

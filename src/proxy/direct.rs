@@ -67,6 +67,8 @@ struct Parsed {
     /// The head's bytes (split off the buffer): the URI and the header values are slices of it.
     head: Bytes,
     body_len: usize,
+    /// The caller sent a `Content-Length` (then the upstream gets one too, even for an empty body).
+    has_length: bool,
     /// The caller asked to close the connection after this request.
     close: bool,
 }
@@ -134,7 +136,7 @@ fn parse_request(input: &mut BytesMut, parts: &mut Parts, spans: &mut Vec<Span>)
             }
             spans.push((span(name), span(header.value)));
         }
-        (head_len, method, span(path.as_bytes()), body_len.unwrap_or(0), close)
+        (head_len, method, span(path.as_bytes()), body_len, close)
     };
     let head = input.split_to(head_len).freeze();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path)) else { return Parse::Handoff(head) };
@@ -150,7 +152,7 @@ fn parse_request(input: &mut BytesMut, parts: &mut Parts, spans: &mut Vec<Span>)
     parts.method = method;
     parts.uri = uri;
     parts.version = Version::HTTP_11;
-    Parse::Complete(Parsed { head, body_len, close })
+    Parse::Complete(Parsed { head, body_len: body_len.unwrap_or(0), has_length: body_len.is_some(), close })
 }
 
 /// One timer per connection for all its deadlines (the request head's, the request's). A tokio timer armed per wait
@@ -286,7 +288,7 @@ where
         let (route, outcome) = match route {
             Ok(route) => {
                 route.metrics.inflight.inc();
-                let request = Direct { route, body, connection, reply: &reply };
+                let request = Direct { route, body, has_length: parsed.has_length, connection, reply: &reply };
                 let outcome = proxy.serve_direct(&request, &mut parts, &mut state, &mut timer, &mut io).await;
                 (Some(route), outcome)
             }
@@ -323,6 +325,8 @@ where
 struct Direct<'a> {
     route: &'a Route,
     body: &'a [u8],
+    /// The caller framed the body with `Content-Length`.
+    has_length: bool,
     connection: &'a Connection,
     reply: &'a Reply<'a>,
 }
@@ -368,7 +372,7 @@ impl Proxy {
         timer: &mut Timer,
         io: &mut I,
     ) -> Outcome {
-        let Direct { route, body, connection, reply } = *request;
+        let Direct { route, body, has_length, connection, reply } = *request;
         let Some(authority) = route.plain_http_upstream() else {
             return Outcome::Error(ProxyError::UpstreamUnreachable("not a plain-HTTP upstream".into()));
         };
@@ -387,7 +391,8 @@ impl Proxy {
         };
         let mut replayed = false;
         loop {
-            if let Err(error) = encode_request(&mut state.request, route, &target, parts, token.as_deref(), body) {
+            let message = Message { parts, body, has_length };
+            if let Err(error) = encode_request(&mut state.request, route, &target, &message, token.as_deref()) {
                 return Outcome::Error(error);
             }
             let answer =
@@ -428,15 +433,27 @@ impl Proxy {
     }
 }
 
-/// Writes the upstream request: the request line and the prepared headers, the token, the body.
+/// A request to encode: the prepared head and the body read whole.
+struct Message<'a> {
+    parts: &'a Parts,
+    body: &'a [u8],
+    /// The caller framed the body with `Content-Length`.
+    has_length: bool,
+}
+
+/// Writes the upstream request: the request line and the prepared headers, the token, the framing, the body.
+///
+/// The framing is ours: `Content-Length` is written from the body actually read, and no framing header of the
+/// prepared head is copied. A header the caller listed in `Connection` can thus never leave a body unframed, which
+/// would let the upstream read it as a second request (request smuggling).
 fn encode_request(
     out: &mut Vec<u8>,
     route: &Route,
     target: &super::Target,
-    parts: &Parts,
+    message: &Message<'_>,
     token: Option<&Token>,
-    body: &[u8],
 ) -> Result<(), ProxyError> {
+    let Message { parts, body, has_length } = *message;
     let extra_query = token.and_then(|token| token_query(route, token));
     let uri = upstream_uri(route, target, extra_query.as_deref())?;
     let credential = token.map(|token| token_header(route, token)).transpose()?.flatten();
@@ -446,13 +463,19 @@ fn encode_request(
     out.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
-        if credential.as_ref().is_some_and(|(credential, _)| *credential == name) {
+        if credential.as_ref().is_some_and(|(credential, _)| *credential == name)
+            || name == http::header::CONTENT_LENGTH
+            || name == http::header::TRANSFER_ENCODING
+        {
             continue;
         }
         put_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if let Some((name, value)) = credential {
         put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if has_length || !body.is_empty() {
+        put_header(out, b"content-length", itoa::Buffer::new().format(body.len()).as_bytes());
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);

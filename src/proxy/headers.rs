@@ -20,7 +20,16 @@ pub fn connection_lists<'a>(mut values: impl Iterator<Item = &'a [u8]>, name: &[
     values.any(|value| value.split(|&b| b == b',').any(|option| option.trim_ascii().eq_ignore_ascii_case(name)))
 }
 
-/// Removes hop-by-hop headers and every header named in `Connection`. `TE: trailers` survives (gRPC needs it).
+/// Headers that `Connection` can never remove: the message's framing and its `Host`. A proxy that let a caller strip
+/// `Content-Length` this way would forward a body without a length, which the next hop reads as another request.
+pub fn never_connection_listed(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"content-length")
+        || name.eq_ignore_ascii_case(b"transfer-encoding")
+        || name.eq_ignore_ascii_case(b"host")
+}
+
+/// Removes hop-by-hop headers and every header named in `Connection` (but see [`never_connection_listed`]).
+/// `TE: trailers` survives (gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names (no hashing) settles that.
     let any =
@@ -35,7 +44,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|name| !never_connection_listed(name.as_bytes()))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
         for name in listed {
             headers.remove(name);
@@ -133,6 +144,19 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-end-to-end"], "kept");
+    }
+
+    #[test]
+    fn connection_never_removes_framing_or_host() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Content-Length, host, transfer-encoding, x-gone".parse().unwrap());
+        h.insert("content-length", "5".parse().unwrap());
+        h.insert("host", "api.local".parse().unwrap());
+        h.insert("x-gone", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["content-length"], "5");
+        assert_eq!(h["host"], "api.local");
     }
 
     #[test]
