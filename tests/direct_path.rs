@@ -1176,3 +1176,88 @@ async fn connection_listing_content_length_cannot_smuggle_a_second_request() {
     }
     proxy.stop().await;
 }
+
+/// An upstream listing `Content-Length` in `Connection`: the caller still gets the length, and the next response on
+/// the same connection starts where it should.
+#[tokio::test]
+async fn a_response_keeps_its_framing_whatever_connection_lists() {
+    let upstream = RawUpstream::start(|r| {
+        let body = format!("hello {}", r.target());
+        Answer::raw(format!(
+            "HTTP/1.1 200 OK\r\nConnection: content-length, transfer-encoding, X-Hop\r\nX-Hop: 1\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+    })
+    .await;
+    let (_idp, _upstream, proxy) = setup(upstream).await;
+    let mut client = RawClient::connect(&proxy).await;
+    let mut both = get("/api/a", "");
+    both.extend(get("/api/b", ""));
+    client.send(&both).await;
+    for path in ["/a", "/b"] {
+        let reply = client.read_reply("GET").await;
+        assert_eq!(reply.framing, Framing::ContentLength, "{:?}", reply.head);
+        assert_eq!(reply.header("content-length"), Some(format!("{}", 6 + path.len()).as_str()));
+        assert_eq!(reply.text(), format!("hello {path}"));
+        assert!(reply.header("x-hop").is_none());
+    }
+    proxy.stop().await;
+}
+
+/// Requests whose framing another hop could read differently, or with two `Host` headers: 400 from the proxy, the
+/// connection closed, nothing sent upstream.
+#[tokio::test]
+async fn requests_http_1_1_forbids_get_400_and_the_connection_closes() {
+    let (_idp, upstream, proxy) = setup(RawUpstream::echo_target().await).await;
+    let cases: &[&[u8]] = &[
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello",
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\xa0\r\n\r\nhello",
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 0x5\r\n\r\nhello",
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello",
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\nhello",
+        b"GET /api/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ];
+    for case in cases {
+        let mut client = RawClient::connect(&proxy).await;
+        let mut bytes = case.to_vec();
+        bytes.extend(get("/api/after", ""));
+        let reply = client.exchange("POST", &bytes).await;
+        reply.assert_problem(400, "bad_request");
+        assert_eq!(reply.header("connection"), Some("close"), "{}", case.escape_ascii());
+        client.assert_closed().await;
+    }
+    assert!(upstream.received().is_empty(), "nothing reached the upstream: {:#?}", upstream.received());
+    // Repeated identical lengths are one length (RFC 9110 §8.6), as hyper reads them.
+    let mut client = RawClient::connect(&proxy).await;
+    let same = b"POST /api/same HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello";
+    assert_eq!(client.exchange("POST", same).await.text(), "POST /same");
+    assert_eq!(upstream.received()[0].head.all("content-length"), ["5"]);
+    proxy.stop().await;
+}
+
+/// An upstream response with a signed or padded length is refused (502), never forwarded with its length.
+#[tokio::test]
+async fn a_response_with_a_malformed_length_is_refused() {
+    let upstream = RawUpstream::start(|r| match r.target() {
+        "/signed" => Answer::raw("HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello").then_close(),
+        "/conflict" => {
+            Answer::raw("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 4\r\n\r\nhello").then_close()
+        }
+        _ => Answer::ok("fine"),
+    })
+    .await;
+    let (_idp, _upstream, proxy) = setup(upstream).await;
+    let mut client = RawClient::connect(&proxy).await;
+    for path in ["/api/signed", "/api/conflict"] {
+        let reply = client.get(path).await;
+        reply.assert_problem(502, "upstream_unreachable");
+        assert!(reply.text().contains("Content-Length"), "{}", reply.text());
+    }
+    assert_eq!(client.get("/api/ok").await.text(), "fine", "the caller's connection stays usable");
+    proxy.stop().await;
+}

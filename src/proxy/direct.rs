@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::chunked::{ChunkedScanner, Scan};
+use super::h1::framing::{FramingError, FramingFields};
 use super::headers::{connection_lists, is_hop_by_hop};
 use super::upstream::connect_tcp;
 use super::{
@@ -79,6 +80,9 @@ enum Parse {
     /// Not for the direct path: hyper takes the connection from here, reading these bytes (if any were split off
     /// the buffer) first.
     Handoff(Bytes),
+    /// A request HTTP/1.1 forbids (a framing that another hop could read differently, two `Host` headers): 400,
+    /// and the connection closes, since where the next request would start is not known.
+    Refuse(String),
 }
 
 /// Where a header's name and value are in the head.
@@ -109,32 +113,47 @@ fn parse_request(input: &mut BytesMut, parts: &mut Parts, spans: &mut Vec<Span>)
             let start = (part.as_ptr() as usize).wrapping_sub(base).min(head_len);
             start..(start + part.len()).min(head_len)
         };
-        let mut body_len = None;
+        let mut framing = FramingFields::default();
+        let mut hosts = 0;
         let mut close = false;
+        let mut other_shape = false;
         spans.clear();
         for header in request.headers.iter() {
             let name = header.name.as_bytes();
-            if name.eq_ignore_ascii_case(b"transfer-encoding")
-                || name.eq_ignore_ascii_case(b"expect")
-                || name.eq_ignore_ascii_case(b"upgrade")
-            {
-                return Parse::Handoff(Bytes::new());
+            if let Err(error) = framing.add(name, header.value) {
+                return Parse::Refuse(error.to_string());
             }
-            if name.eq_ignore_ascii_case(b"content-length") {
-                let length = std::str::from_utf8(header.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
-                match (length, body_len) {
-                    (Some(n), None) if n <= MAX_BODY => body_len = Some(n),
-                    // Too large, repeated or malformed: hyper's rules (and its 400) apply.
-                    _ => return Parse::Handoff(Bytes::new()),
-                }
+            if name.eq_ignore_ascii_case(b"host") {
+                hosts += 1;
             }
+            other_shape |= name.eq_ignore_ascii_case(b"expect") || name.eq_ignore_ascii_case(b"upgrade");
             if name.eq_ignore_ascii_case(b"connection") {
-                if connection_lists(std::iter::once(header.value), b"upgrade") {
-                    return Parse::Handoff(Bytes::new());
-                }
+                other_shape |= connection_lists(std::iter::once(header.value), b"upgrade");
                 close |= connection_lists(std::iter::once(header.value), b"close");
             }
             spans.push((span(name), span(header.value)));
+        }
+        if hosts > 1 {
+            return Parse::Refuse("more than one Host header".into());
+        }
+        if framing.has_transfer_encoding() {
+            if framing.length.is_some() {
+                return Parse::Refuse(FramingError::LengthWithTransferEncoding.to_string());
+            }
+            if !framing.chunked {
+                return Parse::Refuse(FramingError::NotChunked.to_string());
+            }
+            // A chunked body: hyper decodes it and frames it again for the upstream.
+            return Parse::Handoff(Bytes::new());
+        }
+        let body_len = match framing.length.map(usize::try_from) {
+            None => None,
+            Some(Ok(n)) if n <= MAX_BODY && !other_shape => Some(n),
+            // Too large for the direct path, or announced with `Expect` / an upgrade: hyper's.
+            Some(_) => return Parse::Handoff(Bytes::new()),
+        };
+        if other_shape {
+            return Parse::Handoff(Bytes::new());
         }
         (head_len, method, span(path.as_bytes()), body_len, close)
     };
@@ -243,6 +262,10 @@ where
             match parse_request(&mut input, &mut parts, &mut spans) {
                 Parse::Complete(parsed) => break parsed,
                 Parse::Handoff(head) => return handoff(io, head, input),
+                Parse::Refuse(reason) => {
+                    refuse(&mut io, &proxies.load(), &mut state.response, reason).await;
+                    return Ended::Closed;
+                }
                 Parse::Partial => {}
             }
             let idle = input.is_empty();
@@ -319,6 +342,17 @@ where
             return Ended::Closed;
         }
     }
+}
+
+/// Answers a request HTTP/1.1 forbids with 400 and closes the connection.
+async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, proxy: &Proxy, out: &mut Vec<u8>, reason: String) {
+    let request_id = super::request_id(&mut http::HeaderMap::new());
+    let reply = Reply { request_id: &request_id, close: true, head_request: false, deadline: Instant::now() };
+    tracing::debug!("refused a request: {reason}");
+    let error = ProxyError::BadRequest(format!("{reason}: refused"));
+    let _ = write_error(io, out, error, &ErrorContext::default(), &reply).await;
+    proxy.unrouted.count_status(StatusCode::BAD_REQUEST);
+    let _ = io.shutdown().await;
 }
 
 /// A request on the direct path, for [`Proxy::serve_direct`].
@@ -691,38 +725,32 @@ fn parse_response(
     let headers = &*response.headers;
     let connection = || headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")).map(|h| h.value);
     let has_connection = connection().next().is_some();
-    let mut transfer_encoding: Option<&[u8]> = None;
-    let mut length: Option<u64> = None;
+    let mut fields = FramingFields::default();
     for header in headers {
-        if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            transfer_encoding = Some(header.value);
-        } else if header.name.eq_ignore_ascii_case("content-length") {
-            let value = std::str::from_utf8(header.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
-            match (value, length) {
-                (Some(n), None) => length = Some(n),
-                (Some(n), Some(m)) if n == m => {}
-                _ => return Err("invalid Content-Length in the response".into()),
-            }
-        }
+        fields.add(header.name.as_bytes(), header.value).map_err(|e| format!("{e} in the response"))?;
     }
-    let framing = if reply.head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+    let bodiless = reply.head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let framing = if bodiless {
         Framing::Empty
-    } else if let Some(codings) = transfer_encoding {
-        let last = codings.rsplit(|&b| b == b',').next().unwrap_or_default();
-        if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+    } else if fields.has_transfer_encoding() {
+        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3), which is then not forwarded.
+        if fields.chunked {
             Framing::Chunked(ChunkedScanner::new())
         } else {
             Framing::UntilClose
         }
     } else {
-        match length {
+        match fields.length {
             Some(0) => Framing::Empty,
             Some(n) => Framing::Length(n),
             None => Framing::UntilClose,
         }
     };
     let until_close = matches!(framing, Framing::UntilClose);
-    let reusable = response.version == Some(1) && !connection_lists(connection(), b"close") && !until_close;
+    // Both lengths at once may be an attempt at response splitting: the connection is not used again.
+    let ambiguous = fields.has_transfer_encoding() && fields.length.is_some();
+    let reusable =
+        response.version == Some(1) && !connection_lists(connection(), b"close") && !until_close && !ambiguous;
     let close = reply.close || until_close;
     out.clear();
     put_status_line(out, status, response.reason);
@@ -730,12 +758,29 @@ fn parse_response(
         let name = header.name.as_bytes();
         let dropped = is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(X_REQUEST_ID.as_str().as_bytes())
+            || name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(b"transfer-encoding")
             || (name.eq_ignore_ascii_case(b"te") && !super::headers::only_trailers(header.value))
-            // With Transfer-Encoding, Content-Length is wrong and must not reach the caller (RFC 9112 §6.3).
-            || (transfer_encoding.is_some() && name.eq_ignore_ascii_case(b"content-length"))
             || (has_connection && connection_lists(connection(), name));
         if !dropped {
             put_header(out, name, header.value);
+        }
+    }
+    // The framing headers, ours: derived from the framing above, never removed by `Connection`.
+    let length = match framing {
+        Framing::Length(n) => Some(n),
+        Framing::Empty if !bodiless => Some(0),
+        // HEAD and 304 describe the representation a GET would have had: its length, when the upstream gave it.
+        Framing::Empty if status != StatusCode::NO_CONTENT && !fields.has_transfer_encoding() => fields.length,
+        _ => None,
+    };
+    if let Some(length) = length {
+        put_header(out, b"content-length", itoa::Buffer::new().format(length).as_bytes());
+    }
+    if fields.has_transfer_encoding() && status != StatusCode::NO_CONTENT {
+        // The codings as the upstream listed them: the body passes through still coded.
+        for header in headers.iter().filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding")) {
+            put_header(out, b"transfer-encoding", header.value);
         }
     }
     put_own_headers(out, reply, close);
@@ -896,6 +941,7 @@ mod tests {
             (Parse::Complete(parsed), parts, rest) => (parsed, parts, rest),
             (Parse::Partial, ..) => panic!("partial: {}", bytes.escape_ascii()),
             (Parse::Handoff(_), ..) => panic!("handed off: {}", bytes.escape_ascii()),
+            (Parse::Refuse(reason), ..) => panic!("refused ({reason}): {}", bytes.escape_ascii()),
         }
     }
 
@@ -926,6 +972,22 @@ mod tests {
     }
 
     #[test]
+    fn framings_http_1_1_forbids_are_refused() {
+        for bytes in [
+            &b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\nx",
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxy",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(matches!(parse(bytes).0, Parse::Refuse(_)), "{}", bytes.escape_ascii());
+        }
+        let (request, ..) = parsed(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx");
+        assert_eq!((request.body_len, request.has_length), (1, true), "identical lengths are one length");
+    }
+
+    #[test]
     fn an_incomplete_head_waits_for_more() {
         for bytes in [&b""[..], b"GET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nHost: a\r\n\r"] {
             assert!(matches!(parse(bytes).0, Parse::Partial), "{}", bytes.escape_ascii());
@@ -946,8 +1008,6 @@ mod tests {
             b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
             b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
             b"GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
-            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
             b"GET / HTTP/1.1\r\nBad Header: 1\r\n\r\n",
             b"\x16\x03\x01\x02\x00",
@@ -984,7 +1044,7 @@ mod tests {
         .expect("valid");
         assert_eq!(
             head,
-            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTrailer: X-Sum\r\nX-End: kept\r\nx-request-id: req-1\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nTrailer: X-Sum\r\nX-End: kept\r\ncontent-length: 2\r\nx-request-id: req-1\r\n\r\n"
         );
         assert!(matches!(parsed.framing, Framing::Length(2)) && parsed.reusable && !parsed.close);
     }
@@ -992,9 +1052,10 @@ mod tests {
     #[test]
     fn response_framing_follows_rfc_9112() {
         let framing = |bytes: &[u8], head_request| response(bytes, head_request).expect("valid").1;
-        let chunked =
-            framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n", false);
+        let chunked = framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false);
         assert!(matches!(chunked.framing, Framing::Chunked(_)) && chunked.reusable);
+        let both = framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n", false);
+        assert!(matches!(both.framing, Framing::Chunked(_)) && !both.reusable, "both lengths: not reused");
         let (head, _) = response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n", false)
             .expect("valid");
         assert!(!head.to_ascii_lowercase().contains("content-length"), "Content-Length dropped beside chunked: {head}");

@@ -20,6 +20,7 @@
 pub mod chunked;
 mod direct;
 pub mod error;
+pub mod h1;
 pub mod headers;
 pub mod replay;
 pub mod route;
