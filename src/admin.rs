@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE};
+use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{json, Map, Value};
@@ -39,6 +39,12 @@ impl Admin {
     pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>> {
         let path = request.uri().path();
         let method = request.method();
+        if method == Method::POST {
+            if let Some(why) = cross_site(request.headers()) {
+                let body = json!({ "error": format!("cross-site request refused: {why}") });
+                return json_response(StatusCode::FORBIDDEN, &body);
+            }
+        }
         match (method, path) {
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
             (&Method::GET | &Method::HEAD, "/readyz") => self.readyz(),
@@ -103,9 +109,36 @@ impl Admin {
         };
         let status = match slot.refresh_now().await {
             Ok(_) => StatusCode::OK,
+            Err(refused) if refused.rate_limited => {
+                let seconds = refused.retry_after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
+                let body = json!({ "provider": name, "error": refused.reason, "retry_after_seconds": seconds });
+                let mut response = json_response(StatusCode::TOO_MANY_REQUESTS, &body);
+                response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
+                return response;
+            }
             Err(_) => StatusCode::BAD_GATEWAY,
         };
         json_response(status, &json!({ "provider": name, "status": describe(&slot) }))
+    }
+}
+
+/// Why a POST looks like a browser's cross-site request, if it does. A bare cross-site POST (a form, `fetch` with
+/// `mode: "no-cors"`) needs no CORS preflight, so a web page could otherwise force token refreshes or reloads: a
+/// browser says where a request comes from in `Sec-Fetch-Site`, and in `Origin`, which must then name the admin
+/// listener itself. Tools such as curl send neither and pass.
+fn cross_site(headers: &http::HeaderMap) -> Option<String> {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        let site = site.to_str().unwrap_or("?");
+        if !site.eq_ignore_ascii_case("same-origin") && !site.eq_ignore_ascii_case("none") {
+            return Some(format!("Sec-Fetch-Site: {site}"));
+        }
+    }
+    let origin = headers.get(http::header::ORIGIN)?;
+    let host = headers.get(http::header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, rest)| rest);
+    match (origin_host, host) {
+        (Some(origin_host), Some(host)) if origin_host.eq_ignore_ascii_case(host) => None,
+        _ => Some(format!("Origin: {}", origin.to_str().unwrap_or("?"))),
     }
 }
 

@@ -17,6 +17,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "tokenproxy_token_requests_total",
     "tokenproxy_token_request_duration_seconds",
     "tokenproxy_token_refreshes_total",
+    "tokenproxy_token_refreshes_skipped_total",
     "tokenproxy_token_expires_at_seconds",
     "tokenproxy_singleflight_waiters_total",
     "tokenproxy_provider_permanent_failure",
@@ -70,6 +71,34 @@ pub enum ReplayOutcome {
     StillUnauthorized,
     /// The request body could not be kept (too large or not fully read), so the 401 passed through.
     NotReplayable,
+    /// The 401 came with the newest token and a 401-driven refresh was made less than the provider's
+    /// `unauthorized_refresh_interval` ago: the 401 passed through, no token call was made.
+    RateLimited,
+}
+
+impl ReplayOutcome {
+    /// Every outcome, in label order.
+    pub const ALL: [ReplayOutcome; 4] =
+        [Self::Success, Self::StillUnauthorized, Self::NotReplayable, Self::RateLimited];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::StillUnauthorized => "still_unauthorized",
+            Self::NotReplayable => "not_replayable",
+            Self::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// A refresh that a limit refused (label `reason` of `tokenproxy_token_refreshes_skipped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkippedRefresh {
+    /// A 401 would have caused a refresh inside `unauthorized_refresh_interval`.
+    Unauthorized,
+    /// `POST /tokens/{provider}/refresh` inside `manual_refresh_interval` (answered 429).
+    Manual,
 }
 
 /// The process-wide registry with every tokenproxy metric.
@@ -78,6 +107,7 @@ pub struct Metrics {
     token_requests: IntCounterVec,
     token_request_duration: HistogramVec,
     token_refreshes: IntCounterVec,
+    token_refreshes_skipped: IntCounterVec,
     token_expires_at: IntGaugeVec,
     singleflight_waiters: IntCounterVec,
     permanent_failure: IntGaugeVec,
@@ -99,6 +129,7 @@ pub struct ProviderMetrics {
     /// Duration of IdP calls, in seconds.
     pub token_duration: Histogram,
     refreshes: [IntCounter; 5],
+    skipped: [IntCounter; 2],
     /// Unix time at which the current token expires.
     pub expires_at: IntGauge,
     /// Requests that waited on a token call already in flight.
@@ -111,6 +142,11 @@ impl ProviderMetrics {
     /// The refresh counter for `reason`.
     pub fn refreshes(&self, reason: RefreshReason) -> &IntCounter {
         &self.refreshes[reason as usize]
+    }
+
+    /// The counter of refreshes a limit refused, for `reason`.
+    pub fn skipped(&self, reason: SkippedRefresh) -> &IntCounter {
+        &self.skipped[reason as usize]
     }
 }
 
@@ -126,7 +162,7 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     /// 401s seen from the upstream.
     pub upstream_unauthorized: IntCounter,
-    replays: [IntCounter; 3],
+    replays: [IntCounter; 4],
     /// Requests being served now (shared by all routes).
     pub inflight: IntGauge,
 }
@@ -180,6 +216,11 @@ impl Metrics {
         );
         let token_refreshes =
             counter("tokenproxy_token_refreshes_total", "Token refreshes started, by reason.", &["provider", "reason"]);
+        let token_refreshes_skipped = counter(
+            "tokenproxy_token_refreshes_skipped_total",
+            "Refreshes refused by unauthorized_refresh_interval or manual_refresh_interval, by reason.",
+            &["provider", "reason"],
+        );
         let token_expires_at = IntGaugeVec::new(
             Opts::new("tokenproxy_token_expires_at_seconds", "Unix time at which the current token expires."),
             &["provider"],
@@ -228,6 +269,7 @@ impl Metrics {
             token_requests,
             token_request_duration,
             token_refreshes,
+            token_refreshes_skipped,
             token_expires_at,
             singleflight_waiters,
             permanent_failure,
@@ -257,6 +299,7 @@ impl Metrics {
             token_error: self.token_requests.with_label_values(&[name, "error"]),
             token_duration: self.token_request_duration.with_label_values(&[name]),
             refreshes: RefreshReason::ALL.map(|r| self.token_refreshes.with_label_values(&[name, r.as_str()])),
+            skipped: ["unauthorized", "manual"].map(|r| self.token_refreshes_skipped.with_label_values(&[name, r])),
             expires_at: self.token_expires_at.with_label_values(&[name]),
             singleflight_waiters: self.singleflight_waiters.with_label_values(&[name]),
             permanent_failure: self.permanent_failure.with_label_values(&[name]),
@@ -271,8 +314,7 @@ impl Metrics {
             by_status: Arc::new(OnceLock::new()),
             duration: self.request_duration.with_label_values(&[name]),
             upstream_unauthorized: self.upstream_unauthorized.with_label_values(&[name]),
-            replays: ["success", "still_unauthorized", "not_replayable"]
-                .map(|outcome| self.replays.with_label_values(&[name, outcome])),
+            replays: ReplayOutcome::ALL.map(|outcome| self.replays.with_label_values(&[name, outcome.as_str()])),
             inflight: self.inflight.clone(),
         }
     }

@@ -116,6 +116,116 @@ async fn second_401_passes_through_and_large_bodies_are_not_replayed() {
     proxy.stop().await;
 }
 
+/// An endpoint that answers 401 to everything (a permission problem reported as 401) is hammered while other paths
+/// are used: one 401-driven token call per `unauthorized_refresh_interval`, and no request on another path fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_always_401_endpoint_cannot_turn_requests_into_token_calls() {
+    let idp = FakeIdp::start(300).await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(&basic_config(&idp, &upstream)).await;
+    proxy.wait_ready().await;
+    assert_eq!(idp.calls(), 1);
+    let client = Client::new();
+
+    let requests: Vec<_> = (0..200)
+        .map(|i| {
+            let client = client.clone();
+            let path = if i % 2 == 0 { format!("/api/always401/{i}") } else { format!("/api/orders/{i}") };
+            let url = proxy.url(&path);
+            tokio::spawn(async move { (path, client.get(&url).await.status) })
+        })
+        .collect();
+    for request in requests {
+        let (path, status) = request.await.unwrap();
+        let expected = if path.contains("always401") { 401 } else { 200 };
+        assert_eq!(status, expected, "{path}");
+    }
+    // And 100 more, one after another, after the burst.
+    for i in 0..100 {
+        assert_eq!(client.get(&proxy.url(&format!("/api/always401/after/{i}"))).await.status, 401);
+    }
+    println!("always-401 endpoint: 200 requests -> {} token call(s) after startup", idp.calls() - 1);
+    assert_eq!(idp.calls(), 2, "one startup call and one 401-driven refresh in the interval");
+    assert_eq!(proxy.metric("tokenproxy_token_refreshes_total{provider=\"api\",reason=\"unauthorized\"}").await, 1.0);
+    let limited = proxy.metric("tokenproxy_replays_total{outcome=\"rate_limited\",route=\"api\"}").await;
+    let skipped =
+        proxy.metric("tokenproxy_token_refreshes_skipped_total{provider=\"api\",reason=\"unauthorized\"}").await;
+    assert!(limited >= 100.0 && limited == skipped, "rate-limited replays {limited}, skipped refreshes {skipped}");
+    let outcomes = ["success", "still_unauthorized", "not_replayable", "rate_limited"];
+    let mut replays = 0.0;
+    for outcome in outcomes {
+        replays += proxy.metric(&format!("tokenproxy_replays_total{{outcome=\"{outcome}\",route=\"api\"}}")).await;
+    }
+    assert_eq!(replays, 200.0, "every 401 has one replay outcome");
+    proxy.stop().await;
+}
+
+/// A revoked token is still replaced within one round trip while the budget allows, and the interval is a setting.
+#[tokio::test]
+async fn a_zero_unauthorized_refresh_interval_refreshes_at_every_new_generation() {
+    let idp = FakeIdp::start(300).await;
+    let upstream = FakeUpstream::start().await;
+    let config = basic_config(&idp, &upstream)
+        .replace("[providers.api]", "[providers.api]\nunauthorized_refresh_interval = \"0s\"");
+    let proxy = Proxy::start(&config).await;
+    proxy.wait_ready().await;
+    let client = Client::new();
+    for round in 1..=3 {
+        upstream.revoke(&format!("tok-{round}"));
+        let reply = client.get(&proxy.url("/api/x")).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json()["token"], format!("tok-{}", round + 1));
+    }
+    assert_eq!(idp.calls(), 4);
+    proxy.stop().await;
+}
+
+/// Forced refreshes share a minimum interval (429 with Retry-After inside it), and browsers' cross-site POSTs are
+/// refused.
+#[tokio::test]
+async fn forced_refreshes_are_paced_and_cross_site_posts_refused() {
+    let idp = FakeIdp::start(300).await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(&basic_config(&idp, &upstream)).await;
+    proxy.wait_ready().await;
+    let client = Client::new();
+    let url = proxy.admin_url("/tokens/api/refresh");
+
+    let cross_site = |header: &'static str, value: &'static str| {
+        let mut request = Request::post(url.as_str()).body(Full::new(Bytes::new())).unwrap();
+        request.headers_mut().insert(header, value.parse().unwrap());
+        request
+    };
+    for (header, value) in [
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-site", "same-site"),
+        ("origin", "http://evil.example"),
+        ("origin", "null"),
+    ] {
+        let reply = client.send(cross_site(header, value)).await;
+        assert_eq!(reply.status, 403, "{header}: {value}: {}", reply.text());
+    }
+    assert_eq!(idp.calls(), 1, "no refresh for a cross-site request");
+    let mut statuses = Vec::new();
+    for _ in 0..30 {
+        let reply = client.post(&url, Bytes::new()).await;
+        if reply.status == 429 {
+            let retry: u64 = reply.headers["retry-after"].to_str().unwrap().parse().unwrap();
+            assert!((1..=10).contains(&retry), "{retry}");
+        }
+        statuses.push(reply.status);
+    }
+    println!("30 forced refreshes -> {} token call(s)", idp.calls() - 1);
+    assert_eq!(statuses[0], 200);
+    assert!(statuses[1..].iter().all(|s| *s == 429), "{statuses:?}");
+    assert_eq!(idp.calls(), 2, "one token call for 30 forced refreshes");
+    assert_eq!(
+        proxy.metric("tokenproxy_token_refreshes_skipped_total{provider=\"api\",reason=\"manual\"}").await,
+        29.0
+    );
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn idp_outage_with_a_valid_token_fails_no_request() {
     let idp = FakeIdp::start(300).await;

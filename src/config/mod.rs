@@ -192,6 +192,10 @@ pub struct ProviderConfig {
     pub default_lifetime: Duration,
     /// Deadline for one token call.
     pub timeout: Duration,
+    /// At most one refresh driven by upstream 401s per this interval (0: no limit).
+    pub unauthorized_refresh_interval: Duration,
+    /// Forced refreshes (`POST /tokens/{provider}/refresh`) no closer together than this (0: no limit).
+    pub manual_refresh_interval: Duration,
     /// PEM CA bundle trusted for TLS to the IdP (instead of the built-in web roots).
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate presented to the IdP.

@@ -16,6 +16,8 @@ mod provider_defaults {
     pub(super) const EXPIRY_SKEW: Duration = Duration::from_secs(30);
     pub(super) const DEFAULT_LIFETIME: Duration = Duration::from_secs(5 * 60);
     pub(super) const TIMEOUT: Duration = Duration::from_secs(10);
+    pub(super) const UNAUTHORIZED_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+    pub(super) const MANUAL_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 }
 
 /// Values of `grant`.
@@ -169,6 +171,8 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     let expiry_skew = r.get(t, "expiry_skew", reader::positive_duration);
     let default_lifetime = r.get(t, "default_lifetime", reader::positive_duration);
     let timeout = r.get(t, "timeout", reader::positive_duration);
+    let unauthorized_refresh_interval = r.get(t, "unauthorized_refresh_interval", reader::duration);
+    let manual_refresh_interval = r.get(t, "manual_refresh_interval", reader::duration);
     let ca_file = r.get(t, "ca_file", reader::readable_file);
     let client_cert_file = r.get(t, "client_cert_file", reader::readable_file);
     let client_key_file = r.get(t, "client_key_file", reader::readable_file);
@@ -202,6 +206,11 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         expiry_skew: value_or(expiry_skew, provider_defaults::EXPIRY_SKEW),
         default_lifetime: value_or(default_lifetime, provider_defaults::DEFAULT_LIFETIME),
         timeout: value_or(timeout, provider_defaults::TIMEOUT),
+        unauthorized_refresh_interval: value_or(
+            unauthorized_refresh_interval,
+            provider_defaults::UNAUTHORIZED_REFRESH_INTERVAL,
+        ),
+        manual_refresh_interval: value_or(manual_refresh_interval, provider_defaults::MANUAL_REFRESH_INTERVAL),
         ca_file: ca_file.map(|leaf| leaf.value),
         client_cert_file: client_cert_file.map(|leaf| leaf.value),
         client_key_file: client_key_file.map(|leaf| leaf.value),

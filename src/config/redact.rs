@@ -73,6 +73,10 @@ struct ProviderView<'a> {
     default_lifetime: Duration,
     #[serde(serialize_with = "duration")]
     timeout: Duration,
+    #[serde(serialize_with = "duration")]
+    unauthorized_refresh_interval: Duration,
+    #[serde(serialize_with = "duration")]
+    manual_refresh_interval: Duration,
     #[serde(skip_serializing_if = "Option::is_none")]
     ca_file: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -111,6 +115,8 @@ impl Serialize for ProviderConfig {
             expiry_skew: self.expiry_skew,
             default_lifetime: self.default_lifetime,
             timeout: self.timeout,
+            unauthorized_refresh_interval: self.unauthorized_refresh_interval,
+            manual_refresh_interval: self.manual_refresh_interval,
             ca_file: self.ca_file.as_deref(),
             client_cert_file: self.client_cert_file.as_deref(),
             client_key_file: self.client_key_file.as_deref(),

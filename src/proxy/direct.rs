@@ -33,7 +33,6 @@ use super::upstream::connect_tcp;
 use super::{
     token_header, token_query, upstream_uri, Connection, ErrorContext, Proxy, ProxyError, Route, X_REQUEST_ID,
 };
-use crate::metrics::ReplayOutcome;
 use crate::token::Token;
 
 /// A request head larger than this goes to hyper (which refuses heads beyond its own, larger, limit).
@@ -439,23 +438,20 @@ impl Proxy {
                     return Outcome::Error(ProxyError::UpstreamTimeout(self.request_timeout));
                 }
             };
+            if replayed {
+                Self::count_replay(route, head.status);
+                return forward_response(io, state, head, replayed).await;
+            }
             if head.status != StatusCode::UNAUTHORIZED {
-                if replayed {
-                    route.metrics.replays(ReplayOutcome::Success).inc();
-                }
                 return forward_response(io, state, head, replayed).await;
             }
             route.metrics.upstream_unauthorized.inc();
-            if replayed {
-                route.metrics.replays(ReplayOutcome::StillUnauthorized).inc();
-                return forward_response(io, state, head, replayed).await;
-            }
             let (Some(tokens), Some(first), true) = (&route.tokens, &token, route.retry_on_401) else {
                 return forward_response(io, state, head, replayed).await;
             };
-            let rejected = Some(first.generation);
-            match timer.within(reply.deadline, Self::credential(tokens.as_ref(), rejected)).await {
-                Some(Ok(fresh)) => {
+            let replacement = Self::replacement(route, tokens.as_ref(), first.generation, reply.deadline);
+            match timer.within(reply.deadline, replacement).await {
+                Some(Some(fresh)) => {
                     discard_body(&mut state.upstream, head);
                     token = Some(fresh);
                     replayed = true;

@@ -397,23 +397,43 @@ impl Proxy {
                 return Ok(Self::finish(first.response));
             }
         };
-        let rejected = Some(first.token.generation);
-        let fresh = match tokio::time::timeout_at(deadline, Self::credential(tokens.as_ref(), rejected)).await {
-            Ok(Ok(fresh)) => fresh,
-            // No newer token to be had: the upstream's own 401 is the honest answer.
-            _ => return Ok(Self::finish(first.response)),
+        let Some(fresh) = Self::replacement(route, tokens.as_ref(), first.token.generation, deadline).await else {
+            return Ok(Self::finish(first.response));
         };
         drop(first.response);
         *replayed = true;
         let request = Self::attach(route, target, parts, Some(&fresh), UpstreamBody::Replay { body })?;
         let response = self.forward(request, deadline, affinity).await?;
-        if response.status() == StatusCode::UNAUTHORIZED {
+        Self::count_replay(route, response.status());
+        Ok(Self::finish(response))
+    }
+
+    /// Phase 5, the token for the one replay after a 401 to generation `rejected`: a newer token, unless the 401
+    /// budget refuses a refresh now or none can be had; then the upstream's own 401 is the honest answer.
+    async fn replacement(
+        route: &Route,
+        tokens: &dyn crate::token::TokenSource,
+        rejected: u64,
+        deadline: Instant,
+    ) -> Option<Arc<Token>> {
+        match tokio::time::timeout_at(deadline, tokens.obtain(Some(rejected))).await {
+            Ok(Ok(fresh)) => Some(fresh),
+            Ok(Err(unavailable)) if unavailable.rate_limited => {
+                route.metrics.replays(ReplayOutcome::RateLimited).inc();
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Phase 5, after the replay: counts its outcome by the status it got.
+    fn count_replay(route: &Route, status: StatusCode) {
+        if status == StatusCode::UNAUTHORIZED {
             route.metrics.upstream_unauthorized.inc();
             route.metrics.replays(ReplayOutcome::StillUnauthorized).inc();
         } else {
             route.metrics.replays(ReplayOutcome::Success).inc();
         }
-        Ok(Self::finish(response))
     }
 
     /// Phase 6: the upstream's response as the caller gets it.

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::metrics::ProviderMetrics;
+use crate::metrics::{ProviderMetrics, SkippedRefresh};
 
 /// One access token as the proxy uses it. Its `Debug` never shows the token.
 pub struct Token {
@@ -112,6 +112,22 @@ pub struct SlotStatus {
     pub backoff_until: Option<Instant>,
 }
 
+/// How often refreshes that callers can cause may happen (SPEC: the 401 budget and the forced-refresh interval).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RefreshLimits {
+    /// At most one refresh driven by upstream 401s per this interval (zero: no limit).
+    pub unauthorized_interval: Duration,
+    /// Forced refreshes (`POST /tokens/{provider}/refresh`) no closer together than this (zero: no limit).
+    pub manual_interval: Duration,
+}
+
+/// When the limited refreshes last happened.
+#[derive(Debug, Default)]
+struct Pacing {
+    last_unauthorized: Option<Instant>,
+    last_manual: Option<Instant>,
+}
+
 /// The token state of one provider, shared by requests, the refresher task and the admin API.
 pub struct TokenSlot {
     pub(crate) name: Arc<str>,
@@ -124,6 +140,8 @@ pub struct TokenSlot {
     pub(crate) metrics: ProviderMetrics,
     /// How long a request waits for a token call in flight.
     pub(crate) wait_timeout: Duration,
+    limits: RefreshLimits,
+    pacing: Mutex<Pacing>,
 }
 
 impl TokenSlot {
@@ -138,7 +156,15 @@ impl TokenSlot {
             status: Mutex::new(SlotStatus::default()),
             metrics,
             wait_timeout,
+            limits: RefreshLimits::default(),
+            pacing: Mutex::new(Pacing::default()),
         }
+    }
+
+    /// The same slot with `limits` on the refreshes callers can cause.
+    pub fn with_limits(mut self, limits: RefreshLimits) -> TokenSlot {
+        self.limits = limits;
+        self
     }
 
     /// The provider's name.
@@ -173,13 +199,38 @@ impl TokenSlot {
         self.current.load().as_ref().map_or(0, |t| t.generation)
     }
 
-    /// Marks `generation` as rejected by an upstream, if it is still the current one.
-    pub(crate) fn reject(&self, generation: u64) {
-        if let Some(token) = &*self.current.load() {
-            if token.generation == generation {
-                token.rejected.store(true, Ordering::Relaxed);
+    /// Marks `generation` as rejected by an upstream, if it is still the current one and the 401 budget allows a
+    /// refresh now; `Err` (rate-limited) when it does not.
+    fn reject_within_limits(&self, generation: u64) -> Result<(), TokenUnavailable> {
+        let guard = self.current.load();
+        let Some(token) = guard.as_ref().filter(|t| t.generation == generation) else { return Ok(()) };
+        if token.rejected.load(Ordering::Relaxed) {
+            // A refresh for this generation was asked for already: join it.
+            return Ok(());
+        }
+        let mut pacing = lock(&self.pacing);
+        let now = Instant::now();
+        if let Some(last) = pacing.last_unauthorized {
+            let next = last + self.limits.unauthorized_interval;
+            if now < next {
+                self.metrics.skipped(SkippedRefresh::Unauthorized).inc();
+                return Err(TokenUnavailable {
+                    provider: Arc::clone(&self.name),
+                    reason: format!(
+                        "a 401-driven refresh was made {:?} ago (unauthorized_refresh_interval = {:?})",
+                        now - last,
+                        self.limits.unauthorized_interval
+                    ),
+                    retry_after: Some(next - now),
+                    rate_limited: true,
+                });
             }
         }
+        // Checked and set under one lock: of concurrent first 401s, one starts the refresh and the others join it.
+        if !token.rejected.swap(true, Ordering::Relaxed) {
+            pacing.last_unauthorized = Some(now);
+        }
+        Ok(())
     }
 
     /// A copy of the status (the lock is held only for the copy).
@@ -203,14 +254,21 @@ pub struct TokenUnavailable {
     pub reason: String,
     /// When a retry may succeed (the end of the IdP backoff).
     pub retry_after: Option<Duration>,
+    /// No token call was made because a refresh limit refused it (see [`RefreshLimits`]).
+    pub rate_limited: bool,
 }
 
 impl TokenSlot {
     /// A usable token now, or the result of the single token call in flight (or started for us), waiting at most
     /// the provider's timeout. `rejected` is the generation an upstream refused, if that is why we ask.
+    ///
+    /// A rejection of the newest generation starts a refresh at most once per
+    /// [`RefreshLimits::unauthorized_interval`]; inside it the newest token is kept and the answer is
+    /// `rate_limited`, so an endpoint that answers 401 to everything cannot turn requests into token calls. Requests
+    /// that saw a 401 from a generation already rejected join the refresh in flight.
     pub async fn obtain(&self, rejected: Option<u64>) -> Result<Arc<Token>, TokenUnavailable> {
         if let Some(generation) = rejected {
-            self.reject(generation);
+            self.reject_within_limits(generation)?;
         }
         let fresh_enough = |t: &Token| rejected.is_none_or(|g| t.generation > g);
         if let Some(token) = self.current().filter(|t| fresh_enough(t)) {
@@ -268,6 +326,7 @@ impl TokenSlot {
             provider: Arc::clone(&self.name),
             reason: status.last_error.clone().unwrap_or_else(|| "no token obtained yet".to_owned()),
             retry_after,
+            rate_limited: false,
         }
     }
 
@@ -277,8 +336,26 @@ impl TokenSlot {
         self.wake.notify_one();
     }
 
-    /// Asks for a refresh now (admin API) and waits for its outcome.
+    /// Asks for a refresh now (admin API) and waits for its outcome; refused (`rate_limited`, with the time left)
+    /// inside [`RefreshLimits::manual_interval`] of the last one.
     pub async fn refresh_now(&self) -> Result<Arc<Token>, TokenUnavailable> {
+        {
+            let mut pacing = lock(&self.pacing);
+            let now = Instant::now();
+            if let Some(next) = pacing.last_manual.map(|last| last + self.limits.manual_interval).filter(|n| now < *n) {
+                self.metrics.skipped(SkippedRefresh::Manual).inc();
+                return Err(TokenUnavailable {
+                    provider: Arc::clone(&self.name),
+                    reason: format!(
+                        "a forced refresh was made less than manual_refresh_interval ({:?}) ago",
+                        self.limits.manual_interval
+                    ),
+                    retry_after: Some(next - now),
+                    rate_limited: true,
+                });
+            }
+            pacing.last_manual = Some(now);
+        }
         let mut attempts = self.attempts.subscribe();
         lock(&self.demand).manual = true;
         self.wake.notify_one();

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
-pub use cache::{SlotStatus, Token, TokenSlot, TokenUnavailable};
+pub use cache::{RefreshLimits, SlotStatus, Token, TokenSlot, TokenUnavailable};
 pub use grant::GrantFetcher;
 pub use idp::IdpClient;
 pub use refresh::{RefreshScheduler, Timing, TokenFetcher};
@@ -125,7 +125,11 @@ impl TokenEngine {
                 changes.kept.push(name.clone());
                 continue;
             }
-            let slot = Arc::new(TokenSlot::new(name, metrics.provider(name), provider.timeout));
+            let limits = RefreshLimits {
+                unauthorized_interval: provider.unauthorized_refresh_interval,
+                manual_interval: provider.manual_refresh_interval,
+            };
+            let slot = Arc::new(TokenSlot::new(name, metrics.provider(name), provider.timeout).with_limits(limits));
             let timing = Timing { refresh_at: provider.refresh_at, expiry_skew: provider.expiry_skew };
             let store = StateStore::new(&config.state.dir);
             let fetcher: Arc<dyn TokenFetcher> = Arc::new(GrantFetcher::new(provider.clone(), store)?);
