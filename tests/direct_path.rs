@@ -1261,3 +1261,54 @@ async fn a_response_with_a_malformed_length_is_refused() {
     assert_eq!(client.get("/api/ok").await.text(), "fine", "the caller's connection stays usable");
     proxy.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Where a token may go: methods and paths
+// ---------------------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn trace_and_track_are_answered_405_and_never_forwarded() {
+    let (_idp, upstream, proxy) = setup(RawUpstream::echo_target().await).await;
+    let mut client = RawClient::connect(&proxy).await;
+    for method in ["TRACE", "TRACK", "trace"] {
+        let reply = client.exchange(method, format!("{method} /api/x HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes()).await;
+        reply.assert_problem(405, "method_not_allowed");
+        assert!(!reply.text().contains("tok-1"));
+    }
+    assert_eq!(client.get("/api/after").await.text(), "GET /after", "the connection stays usable");
+    assert_eq!(upstream.received().len(), 1, "only the GET reached the upstream");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn dot_segments_are_removed_before_routing_and_the_normalised_path_is_forwarded() {
+    let idp = FakeIdp::start(300).await;
+    let upstream = RawUpstream::echo_target().await;
+    let config = format!(
+        "{}{}{}",
+        provider(&idp),
+        route("api", "/api", &upstream.url(), "strip_prefix = true"),
+        route("strict", "/strict", &upstream.url(), "encoded_slashes = \"reject\"")
+    );
+    let proxy = start(&config).await;
+    let mut client = RawClient::connect(&proxy).await;
+
+    // Climbing out of /api lands where no route is: nothing is forwarded, with or without encoding.
+    for path in ["/api/../admin", "/api/%2e%2e/admin", "/api/%2E%2E/admin", "/api/./../admin"] {
+        client.get(path).await.assert_problem(404, "no_route");
+    }
+    // A path that would climb above `/`, or where a dot segment meets an encoded separator: 400.
+    for path in ["/../api/x", "/api/../../x", "/api/..%2fadmin", "/api/%2e%2e%5cadmin", "/api/..%5C..%5Cadmin"] {
+        client.get(path).await.assert_problem(400, "bad_request");
+    }
+    // Dot segments inside the route are removed and the normalised path goes upstream.
+    assert_eq!(client.get("/api/a/../b/./c?q=1").await.text(), "GET /b/c?q=1");
+    assert_eq!(client.get("/api/x/%2e%2e/y").await.text(), "GET /y");
+    // Encoded slashes stay as they are by default, and are refused where the route says so.
+    assert_eq!(client.get("/api/projects/group%2Fname").await.text(), "GET /projects/group%2Fname");
+    client.get("/strict/projects/group%2Fname").await.assert_problem(400, "bad_request");
+    assert_eq!(client.get("/strict/plain").await.text(), "GET /strict/plain");
+    let targets: Vec<String> = upstream.received().iter().map(|r| r.target().to_owned()).collect();
+    assert_eq!(targets, ["/b/c?q=1", "/y", "/projects/group%2Fname", "/strict/plain"]);
+    proxy.stop().await;
+}

@@ -253,6 +253,18 @@ pub struct RouteConfig {
     pub retry_on_401: bool,
     /// What happens to an `Authorization` header the caller sent.
     pub incoming_authorization: IncomingAuthorization,
+    /// Whether paths with an encoded `/` or `\\` (`%2F`, `%5C`) are forwarded or refused.
+    pub encoded_slashes: EncodedSlashes,
+}
+
+/// `routes[N].encoded_slashes`: paths with `%2F` or `%5C`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodedSlashes {
+    /// Forwarded as they are (an API may put `%2F` inside a segment).
+    Keep,
+    /// Refused with 400 `bad_request`.
+    Reject,
 }
 
 /// Why a configuration could not be loaded.

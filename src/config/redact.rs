@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
-use super::{ClientAuth, Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, SecretSource};
+use super::{
+    ClientAuth, EncodedSlashes, Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, SecretSource,
+};
 
 /// Serializes a duration as a humantime string: `"30s"`, `"5m"`, `"1m 30s"`.
 pub(super) fn duration<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
@@ -151,6 +153,7 @@ struct RouteView<'a> {
     retry_on_401: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     incoming_authorization: Option<IncomingAuthorization>,
+    encoded_slashes: EncodedSlashes,
 }
 
 impl Serialize for RouteConfig {
@@ -173,6 +176,7 @@ impl Serialize for RouteConfig {
             query_param: query.then_some(self.query_param.as_str()),
             retry_on_401: with_token.then_some(self.retry_on_401),
             incoming_authorization: with_token.then_some(self.incoming_authorization),
+            encoded_slashes: self.encoded_slashes,
         }
         .serialize(serializer)
     }

@@ -7,7 +7,7 @@ use http::HeaderName;
 
 use super::reader::{self, KeyPath, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
-use super::{IncomingAuthorization, Inject, RouteConfig};
+use super::{EncodedSlashes, IncomingAuthorization, Inject, RouteConfig};
 
 /// Default of `routes[N].scheme`.
 const DEFAULT_SCHEME: &str = "Bearer";
@@ -24,6 +24,10 @@ const INCOMING: &[(&str, IncomingAuthorization)] = &[
     ("keep", IncomingAuthorization::Keep),
     ("reject", IncomingAuthorization::Reject),
 ];
+
+/// Values of `encoded_slashes`.
+const ENCODED_SLASHES: &[(&str, EncodedSlashes)] =
+    &[("keep", EncodedSlashes::Keep), ("reject", EncodedSlashes::Reject)];
 
 /// Route keys that only mean something when the route attaches a token.
 const TOKEN_KEYS: &[&str] =
@@ -153,6 +157,7 @@ fn route(
     let query_param = r.get(t, "query_param", reader::non_empty_string);
     let retry_on_401 = r.get(t, "retry_on_401", reader::boolean);
     let incoming_authorization = r.get(t, "incoming_authorization", reader::choice(INCOMING));
+    let encoded_slashes = r.get(t, "encoded_slashes", reader::choice(ENCODED_SLASHES));
     let inject = value_or(inject, Inject::Header);
 
     // Keys that would silently do nothing are errors, like unknown keys.
@@ -197,6 +202,7 @@ fn route(
         query_param: value_or(query_param, DEFAULT_QUERY_PARAM.to_owned()),
         retry_on_401: value_or(retry_on_401, true),
         incoming_authorization: value_or(incoming_authorization, IncomingAuthorization::Replace),
+        encoded_slashes: value_or(encoded_slashes, EncodedSlashes::Keep),
     };
     Some((config, name))
 }

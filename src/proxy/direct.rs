@@ -281,7 +281,7 @@ where
         };
         let proxy = proxies.load_full();
         timer.set_period(header_read_timeout.min(proxy.request_timeout));
-        let route = proxy.select_route(&parts);
+        let route = proxy.admit(&mut parts);
         let handoff_now = match &route {
             Ok(route) => route.plain_http_upstream().is_none() || parsed.body_len > proxy.replay_buffer,
             Err(_) => false,

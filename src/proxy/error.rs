@@ -38,6 +38,8 @@ pub enum ProxyError {
     HostNotAllowed(String),
     /// A malformed request, or one a route refuses.
     BadRequest(String),
+    /// A method that is never forwarded (TRACE, TRACK: they would echo the token back).
+    MethodNotAllowed(String),
 }
 
 /// Where an error happened, for the problem body.
@@ -59,6 +61,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::HostNotAllowed(_) => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -71,6 +74,7 @@ impl ProxyError {
             ProxyError::NoRoute => "no_route",
             ProxyError::HostNotAllowed(_) => "host_not_allowed",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
         }
     }
 
@@ -82,6 +86,7 @@ impl ProxyError {
             ProxyError::NoRoute => "No route matches this request",
             ProxyError::HostNotAllowed(_) => "This host is not served by tokenproxy",
             ProxyError::BadRequest(_) => "Bad request",
+            ProxyError::MethodNotAllowed(_) => "This method is not forwarded",
         }
     }
 
@@ -93,6 +98,9 @@ impl ProxyError {
             ProxyError::NoRoute => "no configured route matches this host and path".to_owned(),
             ProxyError::HostNotAllowed(detail) => detail.clone(),
             ProxyError::BadRequest(detail) => detail.clone(),
+            ProxyError::MethodNotAllowed(method) => {
+                format!("{method} is never forwarded: an upstream would echo the request, token included")
+            }
         }
     }
 

@@ -22,6 +22,7 @@ mod direct;
 pub mod error;
 pub mod h1;
 pub mod headers;
+pub mod path;
 pub mod replay;
 pub mod route;
 pub mod upstream;
@@ -135,7 +136,7 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         let exchange = self.begin(&mut parts);
         let mut replayed = false;
-        let (route, mut response) = match self.select_route(&parts) {
+        let (route, mut response) = match self.admit(&mut parts) {
             Ok(route) => {
                 route.metrics.inflight.inc();
                 let response = match self.serve(route, parts, body, connection, exchange.started, &mut replayed).await {
@@ -144,7 +145,15 @@ impl Proxy {
                 };
                 (Some(route), response)
             }
-            Err(error) => (None, error.into_response(&ErrorContext::default())),
+            Err(error) => {
+                // A request refused before routing may be malformed: where the next one starts is not known.
+                let close = matches!(error, ProxyError::BadRequest(_)) && parts.version < Version::HTTP_2;
+                let mut response = error.into_response(&ErrorContext::default());
+                if close {
+                    response.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                (None, response)
+            }
         };
         response.headers_mut().insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
         self.end(exchange, route, response.status(), replayed);
@@ -204,7 +213,31 @@ impl Proxy {
         ErrorContext { route: Some(Arc::clone(&route.name)), provider: route.provider.clone() }
     }
 
-    /// Phase 1: admission and routing.
+    /// Phase 1, the request filter: the method and path policy, then routing. CONNECT and hosts no route names are
+    /// refused (never an open proxy); TRACE and TRACK are never forwarded (they echo the token back); two `Host`
+    /// headers are refused; dot segments are removed from the path before routing ([`path`]), and the normalised
+    /// path is the one forwarded.
+    fn admit(&self, request: &mut Parts) -> Result<&Route, ProxyError> {
+        let method = request.method.as_str();
+        if method.eq_ignore_ascii_case("TRACE") || method.eq_ignore_ascii_case("TRACK") {
+            return Err(ProxyError::MethodNotAllowed(method.to_owned()));
+        }
+        if request.headers.get_all(HOST).iter().nth(1).is_some() {
+            return Err(ProxyError::BadRequest("more than one Host header".into()));
+        }
+        let normalized = path::remove_dot_segments(request.uri.path())
+            .map_err(|e| ProxyError::BadRequest(format!("path refused: {e}")))?;
+        if let Some(normalized) = normalized {
+            request.uri = with_path(&request.uri, &normalized)?;
+        }
+        let route = self.select_route(request)?;
+        if route.reject_encoded_slashes && path::has_encoded_slash(request.uri.path()) {
+            return Err(ProxyError::BadRequest(format!("path refused: {}", path::PathError::EncodedSlash)));
+        }
+        Ok(route)
+    }
+
+    /// Phase 1, routing.
     fn select_route(&self, request: &Parts) -> Result<&Route, ProxyError> {
         if request.method == Method::CONNECT {
             return Err(ProxyError::HostNotAllowed("CONNECT is refused: tokenproxy is not a forward proxy".into()));
@@ -442,6 +475,18 @@ impl Proxy {
         headers::strip_hop_by_hop(&mut parts.headers);
         Response::from_parts(parts, Either::Left(body))
     }
+}
+
+/// `uri` with its path replaced (its query kept).
+fn with_path(uri: &http::Uri, path: &str) -> Result<http::Uri, ProxyError> {
+    let mut parts = uri.clone().into_parts();
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    parts.path_and_query =
+        Some(path_and_query.parse().map_err(|e| ProxyError::BadRequest(format!("cannot rebuild the path: {e}")))?);
+    http::Uri::from_parts(parts).map_err(|e| ProxyError::BadRequest(format!("cannot rebuild the path: {e}")))
 }
 
 /// `x-request-id`: propagated from the caller, or created, and sent upstream and back.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
-use crate::config::{IncomingAuthorization, Inject, RouteConfig};
+use crate::config::{EncodedSlashes, IncomingAuthorization, Inject, RouteConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::token::TokenSource;
 
@@ -58,6 +58,8 @@ pub struct Route {
     pub retry_on_401: bool,
     /// What to do with a caller's own credential.
     pub incoming_authorization: IncomingAuthorization,
+    /// Refuse paths with an encoded `/` or `\\`.
+    pub reject_encoded_slashes: bool,
     /// The route's metric handles.
     pub metrics: RouteMetrics,
 }
@@ -125,6 +127,7 @@ impl Route {
             },
             retry_on_401: config.retry_on_401,
             incoming_authorization: config.incoming_authorization,
+            reject_encoded_slashes: config.encoded_slashes == EncodedSlashes::Reject,
             metrics: metrics.route(&config.name),
         })
     }

@@ -1,0 +1,194 @@
+//! The path policy: dot segments are removed before routing (RFC 3986 §5.2.4), so that `/api/../admin` is routed,
+//! checked and forwarded as `/admin`, the way the upstream will read it.
+//!
+//! A dot segment may be percent-encoded (`%2e%2e`): it is removed the same way. A path that would climb above `/` is
+//! refused, and so is a segment in which a dot segment meets an encoded slash or backslash (`..%2f`, `%2e%2e%5c`),
+//! since servers disagree on whether that is one segment or two. Other encoded slashes stay as they are (APIs such as
+//! GitLab's put `%2F` inside a segment) unless a route sets `encoded_slashes = "reject"`.
+
+/// Why a path is refused (the detail of a 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// More `..` segments than there are segments above them.
+    #[error("the path climbs above `/`")]
+    AboveRoot,
+    /// `..%2f`, `%2e%2e%5c`, `.\`: a dot segment joined to another by an encoded separator.
+    #[error("a dot segment meets an encoded slash or backslash")]
+    DotWithEncodedSlash,
+    /// An encoded `/` or `\` on a route that refuses them.
+    #[error("encoded slashes are refused on this route (encoded_slashes = \"reject\")")]
+    EncodedSlash,
+}
+
+/// The path with its dot segments removed: `None` when it has none (nearly every request), else the new path.
+pub fn remove_dot_segments(path: &str) -> Result<Option<String>, PathError> {
+    if !needs_a_look(path) {
+        return Ok(None);
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let mut changed = false;
+    let mut ends_in_dot = false;
+    // A path starts with `/`: the first piece is empty.
+    for segment in path.split('/').skip(1) {
+        ends_in_dot = false;
+        match dots(segment) {
+            Some(1) => {
+                changed = true;
+                ends_in_dot = true;
+            }
+            Some(2) => {
+                out.pop().ok_or(PathError::AboveRoot)?;
+                changed = true;
+                ends_in_dot = true;
+            }
+            _ => {
+                if has_encoded_separator(segment) && pieces(segment).any(|piece| dots(piece).is_some()) {
+                    return Err(PathError::DotWithEncodedSlash);
+                }
+                out.push(segment);
+            }
+        }
+    }
+    if !changed {
+        return Ok(None);
+    }
+    let mut normalized = String::with_capacity(path.len());
+    for segment in &out {
+        normalized.push('/');
+        normalized.push_str(segment);
+    }
+    // `/a/b/..` is the directory `/a/`: the trailing slash stays (RFC 3986 §5.2.4).
+    if ends_in_dot || normalized.is_empty() {
+        normalized.push('/');
+    }
+    Ok(Some(normalized))
+}
+
+/// Whether the path has an encoded `/` or `\` (for `encoded_slashes = "reject"`).
+pub fn has_encoded_slash(path: &str) -> bool {
+    path.contains('%') && has_encoded_separator(path)
+}
+
+/// Cheap test: only a path with `/.`, `%` or `\` can have a dot segment or an encoded separator.
+fn needs_a_look(path: &str) -> bool {
+    path.as_bytes().iter().any(|&b| b == b'%' || b == b'\\') || path.contains("/.")
+}
+
+/// `Some(n)` when `segment` is a dot segment of `n` dots (`.`, `..`, raw or as `%2e`).
+fn dots(segment: &str) -> Option<usize> {
+    let bytes = segment.as_bytes();
+    let mut i = 0;
+    let mut n = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'.' {
+            i += 1;
+        } else if bytes[i] == b'%' && bytes.get(i + 1) == Some(&b'2') && matches!(bytes.get(i + 2), Some(b'e' | b'E')) {
+            i += 3;
+        } else {
+            return None;
+        }
+        n += 1;
+    }
+    (1..=2).contains(&n).then_some(n)
+}
+
+fn has_encoded_separator(segment: &str) -> bool {
+    let bytes = segment.as_bytes();
+    bytes.contains(&b'\\')
+        || bytes.windows(3).any(|w| {
+            w[0] == b'%' && (w[1] == b'2' && matches!(w[2], b'f' | b'F') || w[1] == b'5' && matches!(w[2], b'c' | b'C'))
+        })
+}
+
+/// The pieces of a segment between its encoded separators (`%2f`, `%5c`) and raw backslashes.
+fn pieces(segment: &str) -> impl Iterator<Item = &str> {
+    let bytes = segment.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if start > bytes.len() {
+            return None;
+        }
+        while i < bytes.len() {
+            let width = match &bytes[i..] {
+                [b'\\', ..] => 1,
+                [b'%', b'2', b'f' | b'F', ..] | [b'%', b'5', b'c' | b'C', ..] => 3,
+                _ => 0,
+            };
+            if width > 0 {
+                let piece = &segment[start..i];
+                i += width;
+                start = i;
+                return Some(piece);
+            }
+            i += 1;
+        }
+        let piece = &segment[start..];
+        start = bytes.len() + 1;
+        Some(piece)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn normalized(path: &str) -> String {
+        match remove_dot_segments(path) {
+            Ok(Some(new)) => new,
+            Ok(None) => path.to_owned(),
+            Err(e) => panic!("{path}: {e}"),
+        }
+    }
+
+    #[test]
+    fn dot_segments_are_removed() {
+        for (path, expected) in [
+            ("/api/x", "/api/x"),
+            ("/api/../admin", "/admin"),
+            ("/api/./x", "/api/x"),
+            ("/api/%2e%2e/admin", "/admin"),
+            ("/api/%2E./admin", "/admin"),
+            ("/api/.%2e/admin", "/admin"),
+            ("/api/%2e/x", "/api/x"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/a/..", "/"),
+            ("/..a/.b/a../...", "/..a/.b/a../..."),
+            ("/.well-known/openid-configuration", "/.well-known/openid-configuration"),
+            ("/a//b/../c", "/a//c"),
+            ("/a%2Fb/c", "/a%2Fb/c"),
+            ("/", "/"),
+        ] {
+            assert_eq!(normalized(path), expected, "{path}");
+        }
+        assert_eq!(remove_dot_segments("/api/x").unwrap(), None, "no copy when nothing changes");
+    }
+
+    #[test]
+    fn climbing_above_the_root_and_dots_with_encoded_slashes_are_refused() {
+        for path in ["/..", "/../admin", "/api/../../etc/passwd", "/%2e%2e/x"] {
+            assert_eq!(remove_dot_segments(path), Err(PathError::AboveRoot), "{path}");
+        }
+        for path in
+            ["/api/..%2fadmin", "/api/..%2Fadmin", "/api/%2e%2e%5cadmin", "/api/..\\admin", "/x/a%2f..%2fb", "/x/.%5c"]
+        {
+            assert_eq!(remove_dot_segments(path), Err(PathError::DotWithEncodedSlash), "{path}");
+        }
+    }
+
+    #[test]
+    fn segments_split_at_encoded_separators() {
+        let split: Vec<&str> = pieces("a%2fb%5C%2e%2e\\c").collect();
+        assert_eq!(split, ["a", "b", "%2e%2e", "c"]);
+        assert_eq!(pieces("plain").collect::<Vec<_>>(), ["plain"]);
+        assert_eq!(pieces("x%2f").collect::<Vec<_>>(), ["x", ""]);
+    }
+
+    #[test]
+    fn encoded_slashes_are_seen() {
+        assert!(has_encoded_slash("/projects/group%2Fname"));
+        assert!(has_encoded_slash("/a%5cb"));
+        assert!(!has_encoded_slash("/a%20b/c"));
+    }
+}
