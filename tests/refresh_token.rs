@@ -26,6 +26,8 @@ grant = "refresh_token"
 client_id = "client-1"
 client_secret = "s3cret-value"
 refresh_token_file = "{seed}"
+# Forced refreshes one after another drive the rotations here.
+manual_refresh_interval = "0s"
 [[routes]]
 prefix = "/api"
 upstream = "{up}"
