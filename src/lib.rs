@@ -6,8 +6,9 @@
 //! - [`metrics`]: the Prometheus registry and typed handles; the only place metric names are defined;
 //! - [`tls`]: rustls server and client configurations;
 //! - [`token`]: the token engine: slots, single flight, generations, the refresher tasks, the IdP client;
-//! - [`proxy`]: the request path: routing, header rewriting, token injection, 401 replay, problem+json errors; a
-//!   direct HTTP/1.1 transport for plain requests, hyper for the rest;
+//! - [`proxy`]: the request path: one lifecycle (routing, method and path policy, header rewriting, token injection,
+//!   the 401 replay, problem+json errors) driven by two transports, tokenproxy's own HTTP/1.1 one for plain
+//!   requests and hyper for the rest, over one upstream client with a bounded per-worker pool;
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/tokens`;
 //! - [`server`]: listeners, connection limits, graceful shutdown;
 //! - [`demo`]: the in-process demo IdP and upstream behind `tokenproxy demo`.
@@ -86,8 +87,9 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let engine = TokenEngine::new(&config, &metrics)
             .map_err(|source| StartError::Tls { what: "providers (ca_file, client_cert_file)", source })?;
-        let client =
-            Arc::new(UpstreamClient::new().map_err(|source| StartError::Tls { what: "upstream TLS", source })?);
+        let client = UpstreamClient::new(config.server.max_idle_upstream_connections)
+            .map_err(|source| StartError::Tls { what: "upstream TLS", source })?;
+        let client = Arc::new(client);
         let proxy = build_proxy(&config, &engine, &client, &metrics)?;
         Ok(App {
             config,
@@ -161,6 +163,7 @@ fn build_proxy(
             replay_buffer: config.server.replay_buffer,
             request_timeout: config.server.request_timeout,
             access_log: config.log.access,
+            direct_http1: config.server.direct_http1,
         },
         metrics.unrouted(),
     ))
@@ -289,6 +292,9 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
     }
     if a.worker_threads != b.worker_threads {
         keys.push("server.worker_threads");
+    }
+    if a.max_idle_upstream_connections != b.max_idle_upstream_connections {
+        keys.push("server.max_idle_upstream_connections");
     }
     if running.admin.listen != new.admin.listen {
         keys.push("admin.listen");
@@ -456,7 +462,10 @@ impl Handler for ProxyHandler {
         shutdown: watch::Receiver<bool>,
         header_read_timeout: Duration,
     ) -> Ended<I> {
-        proxy::serve_direct(&self.0, connection, io, shutdown, header_read_timeout).await
+        if !self.0.load().direct_http1() {
+            return Ended::Handoff { io, buffered: bytes::Bytes::new() };
+        }
+        proxy::drive_http1(&self.0, connection, io, shutdown, header_read_timeout).await
     }
 }
 

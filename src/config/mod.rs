@@ -71,6 +71,11 @@ pub struct ServerConfig {
     /// Runtime worker threads (`server.worker_threads`); `None` means one per available core but one, at least one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<usize>,
+    /// Idle upstream connections kept per upstream and worker thread; beyond them, idle ones are closed.
+    pub max_idle_upstream_connections: usize,
+    /// Plain HTTP/1.1 requests are served by tokenproxy's own HTTP/1.1 transport; `false` serves every request with
+    /// hyper.
+    pub direct_http1: bool,
 }
 
 /// `[server.tls]`: certificate chain and private key of the proxy listener (PEM files).
@@ -354,6 +359,8 @@ impl Default for ServerConfig {
             replay_buffer: 64 * 1024,
             shutdown_grace: Duration::from_secs(20),
             worker_threads: None,
+            max_idle_upstream_connections: 128,
+            direct_http1: true,
         }
     }
 }

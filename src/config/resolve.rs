@@ -74,6 +74,11 @@ fn server(r: &mut Reader<'_>, root: &mut Table<'_>) -> (ServerConfig, Option<Lea
         replay_buffer: value_or(r.get(&mut t, "replay_buffer", reader::size), d.replay_buffer),
         shutdown_grace: value_or(r.get(&mut t, "shutdown_grace", reader::duration), d.shutdown_grace),
         worker_threads: r.get(&mut t, "worker_threads", reader::positive_count).map(|leaf| leaf.value),
+        max_idle_upstream_connections: value_or(
+            r.get(&mut t, "max_idle_upstream_connections", reader::count),
+            d.max_idle_upstream_connections,
+        ),
+        direct_http1: value_or(r.get(&mut t, "direct_http1", reader::boolean), d.direct_http1),
     };
     r.finish(t);
     (server, listen)

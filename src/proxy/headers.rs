@@ -28,8 +28,18 @@ pub fn never_connection_listed(name: &[u8]) -> bool {
         || name.eq_ignore_ascii_case(b"host")
 }
 
-/// Removes hop-by-hop headers and every header named in `Connection` (but see [`never_connection_listed`]).
-/// `TE: trailers` survives (gRPC needs it).
+/// The one rule for which headers go on to the next hop, requests and responses alike (RFC 9110 §7.6.1): not a
+/// hop-by-hop header, not `Transfer-Encoding` (framing, which the transport writes from the message it forwards), not
+/// a header named in `Connection` (`listed_in_connection`, but see [`never_connection_listed`]), and `TE` only as
+/// `trailers` (gRPC needs it).
+pub fn forwarded(name: &[u8], value: &[u8], listed_in_connection: bool) -> bool {
+    !(is_hop_by_hop(name)
+        || name.eq_ignore_ascii_case(b"transfer-encoding")
+        || (name.eq_ignore_ascii_case(b"te") && !only_trailers(value))
+        || (listed_in_connection && !never_connection_listed(name)))
+}
+
+/// Removes from `headers` what [`forwarded`] does not forward.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names (no hashing) settles that.
     let any =
@@ -37,28 +47,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !any {
         return;
     }
-    // Names listed in Connection first; removing by &str looks up without allocating.
-    if headers.contains_key(CONNECTION) {
-        let listed: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|name| !never_connection_listed(name.as_bytes()))
-            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
-        headers.remove(CONNECTION);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
-    }
-    headers.remove(TRANSFER_ENCODING);
-    if headers.get(TE).is_some_and(|te| !only_trailers(te.as_bytes())) {
-        headers.remove(TE);
+    let listed: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let dropped: Vec<HeaderName> = headers
+        .iter()
+        .filter(|(name, value)| !forwarded(name.as_str().as_bytes(), value.as_bytes(), listed.contains(name)))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in dropped {
+        headers.remove(name);
     }
 }
 

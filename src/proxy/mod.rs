@@ -1,27 +1,33 @@
-//! The proxy service: a request's life as a short list of phases.
+//! The proxy: one request lifecycle, written once against `http` types, driven by two transports.
 //!
-//! 1. [`Proxy::select_route`]: refuse CONNECT and hosts no route names (never an open proxy), find the route.
-//! 2. [`Proxy::prepare`]: rewrite the request for the upstream (URI, hop-by-hop, forwarding headers) and apply the
-//!    route's `incoming_authorization` rule.
-//! 3. [`Proxy::credential`]: the provider's current token (the hot path), or a wait on the single token call.
-//! 4. [`Proxy::forward`]: send it, keeping a replayable body when a 401 replay is possible.
-//! 5. [`Proxy::replay_after_401`]: on a 401, invalidate that token generation, get the next token, replay once.
-//! 6. [`Proxy::finish`]: strip hop-by-hop headers from the response and count it.
+//! A request's life is a short list of phases, each a method of [`Proxy`] (in the spirit of pingora's `ProxyHttp`):
+//!
+//! 1. **Request filter** ([`Proxy::admit`]): the method and path policy (TRACE and TRACK never forwarded, dot
+//!    segments removed, two `Host` headers refused), then routing: CONNECT and hosts no route names are refused, so
+//!    tokenproxy is never an open proxy.
+//! 2. **Prepare** ([`Proxy::prepare`]): the request as the upstream will see it (URI, hop-by-hop headers stripped,
+//!    forwarding headers set) and the route's `incoming_authorization` rule.
+//! 3. **Credential** ([`Proxy::credential`]): the provider's current token (the hot path), or a wait on the single
+//!    token call in flight.
+//! 4. **Upstream request** ([`Proxy::upstream_target`]): the upstream URI and the header that carries the token.
+//! 5. **Status decision** ([`Proxy::decide`], [`Proxy::replacement`]): deliver the response, or, on a 401 to a token
+//!    we attached, get a newer token (within the 401 budget) and replay once.
+//! 6. **Response filter** ([`headers::forwarded`]): which of the upstream's headers reach the caller.
+//! 7. **Logging** ([`Proxy::begin`], [`Proxy::end`]): request id, metrics and the access log; an exchange dropped
+//!    before its end (the caller went away) still lowers the in-flight gauge.
 //!
 //! Errors become problem+json responses in one place ([`error::ProxyError::into_parts`]).
 //!
-//! Two transports run these phases. Plain HTTP/1.1 requests to plain-HTTP upstreams, nearly all of a sidecar's, take
-//! the direct path ([`serve_direct`], in `direct.rs`): one task per connection, heads parsed with `httparse`, the
-//! upstream request written and its response forwarded as they come, with no per-request task, channel or buffer.
-//! Everything else (h2, TLS upstreams, HTTP/1.0, chunked or large request bodies, `Expect`, `Upgrade`) is served by
-//! hyper through [`Proxy::handle`]; a connection moves from the first to the second at the first request the
-//! direct path does not take, with the bytes already read.
+//! The transports contain I/O and framing only: [`h1`] serves plain HTTP/1.1 requests to plain-HTTP upstreams (nearly
+//! all of a sidecar's) with its own parser and a per-worker upstream pool; [`hyper_transport`] serves everything else
+//! (h2, TLS upstreams, HTTP/1.0, chunked or large request bodies, `Expect`, upgrades), and a connection moves from the
+//! first to the second at the first request the first does not take. Upstream connections for both come from
+//! [`upstream`].
 
-pub mod chunked;
-mod direct;
 pub mod error;
 pub mod h1;
 pub mod headers;
+pub mod hyper_transport;
 pub mod path;
 pub mod replay;
 pub mod route;
@@ -33,20 +39,17 @@ use std::time::Duration;
 
 use http::header::HOST;
 use http::request::Parts;
-use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
-use http_body_util::Either;
-use hyper::body::Incoming;
+use http::{HeaderName, HeaderValue, Method, StatusCode, Version};
 use tokio::time::Instant;
 
-pub use direct::{serve as serve_direct, Ended};
 pub use error::{ErrorContext, ProxyBody, ProxyError};
-use replay::{Replay, ReplayBody};
+pub use h1::connection::{drive as drive_http1, Ended};
 use route::{Injection, Lookup, Route, RouteTable};
-pub use upstream::{UpstreamAffinity, UpstreamBody, UpstreamClient};
+pub use upstream::{UpstreamBody, UpstreamClient};
 
 use crate::config::IncomingAuthorization;
 use crate::metrics::{ReplayOutcome, RouteMetrics};
-use crate::token::Token;
+use crate::token::{Token, TokenSource};
 
 /// What the proxy knows of the connection a request came on.
 pub struct Connection {
@@ -54,17 +57,15 @@ pub struct Connection {
     pub peer: SocketAddr,
     /// Whether it came over the TLS listener.
     pub tls: bool,
-    /// The dedicated upstream connection of this (HTTP/1.1) connection.
-    pub upstream: UpstreamAffinity,
     /// The peer's address as an `X-Forwarded-For` value, made once.
     forwarded_for: HeaderValue,
 }
 
 impl Connection {
-    /// A new downstream connection from `peer`.
+    /// A new caller connection from `peer`.
     pub fn new(peer: SocketAddr, tls: bool) -> Connection {
         let forwarded_for = headers::peer_value(peer.ip());
-        Connection { peer, tls, upstream: UpstreamAffinity::default(), forwarded_for }
+        Connection { peer, tls, forwarded_for }
     }
 }
 
@@ -77,6 +78,8 @@ pub struct ProxyOptions {
     pub request_timeout: Duration,
     /// One access-log line per request.
     pub access_log: bool,
+    /// Plain HTTP/1.1 requests are served by the [`h1`] transport; `false` sends every request to hyper.
+    pub direct_http1: bool,
 }
 
 /// The reverse proxy: routes, the upstream client and the limits that apply to every request.
@@ -86,6 +89,7 @@ pub struct Proxy {
     replay_buffer: usize,
     request_timeout: Duration,
     access_log: bool,
+    direct_http1: bool,
     unrouted: RouteMetrics,
 }
 
@@ -99,23 +103,72 @@ struct Target {
     attach: bool,
 }
 
-/// A request's bookkeeping from its arrival to its answer.
-struct Exchange {
+/// A request's bookkeeping from its arrival to its answer. Dropped before [`Proxy::end`] (the caller went away and
+/// the transport cancelled the exchange), it still lowers the in-flight gauge and counts the request as 499.
+pub struct Exchange<'p> {
     started: Instant,
     request_id: HeaderValue,
     /// Method and path for the access log, when it is on.
     logged: Option<(Method, String)>,
+    /// The route, once found (its `inflight` gauge was raised then).
+    route: Option<&'p Route>,
+    ended: bool,
 }
 
-/// The first attempt of a request that got a 401.
-struct Attempt<'a> {
-    token: &'a Token,
-    replay: Replay,
-    response: Response<Incoming>,
-    /// The request's deadline, which the replay shares.
-    deadline: Instant,
-    /// The connection the replay goes over.
-    affinity: Option<&'a UpstreamAffinity>,
+/// The status counted and logged for a request whose caller went away before its answer (nginx's 499).
+pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
+impl<'p> Exchange<'p> {
+    /// When the request arrived.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The request's id.
+    pub fn request_id(&self) -> &HeaderValue {
+        &self.request_id
+    }
+
+    /// The request's route, once found.
+    pub fn route(&self) -> Option<&'p Route> {
+        self.route
+    }
+
+    /// The request has a route: it is in flight on it until the exchange ends.
+    pub fn routed(&mut self, route: &'p Route) {
+        route.metrics.inflight.inc();
+        self.route = Some(route);
+    }
+}
+
+impl Drop for Exchange<'_> {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        if let Some(route) = self.route {
+            route.metrics.inflight.dec();
+            route.metrics.count_status(CLIENT_CLOSED_REQUEST);
+        }
+    }
+}
+
+/// The header that carries a token, and its value (sensitive).
+type Credential<'r> = Option<(&'r HeaderName, HeaderValue)>;
+
+/// What to do with an upstream's response (phase 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Give it to the caller.
+    Deliver,
+    /// A 401 to the token of generation `rejected`: replay once with a newer token, if one can be had.
+    Replay {
+        /// The generation the upstream refused.
+        rejected: u64,
+    },
 }
 
 impl Proxy {
@@ -127,53 +180,39 @@ impl Proxy {
             replay_buffer: options.replay_buffer,
             request_timeout: options.request_timeout,
             access_log: options.access_log,
+            direct_http1: options.direct_http1,
             unrouted,
         }
     }
 
-    /// Serves one request; never fails (errors are responses).
-    pub async fn handle(&self, request: Request<Incoming>, connection: &Connection) -> Response<ProxyBody> {
-        let (mut parts, body) = request.into_parts();
-        let exchange = self.begin(&mut parts);
-        let mut replayed = false;
-        let (route, mut response) = match self.admit(&mut parts) {
-            Ok(route) => {
-                route.metrics.inflight.inc();
-                let response = match self.serve(route, parts, body, connection, exchange.started, &mut replayed).await {
-                    Ok(response) => response,
-                    Err(error) => Self::error_response(route, error),
-                };
-                (Some(route), response)
-            }
-            Err(error) => {
-                // A request refused before routing may be malformed: where the next one starts is not known.
-                let close = matches!(error, ProxyError::BadRequest(_)) && parts.version < Version::HTTP_2;
-                let mut response = error.into_response(&ErrorContext::default());
-                if close {
-                    response.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                (None, response)
-            }
-        };
-        response.headers_mut().insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
-        self.end(exchange, route, response.status(), replayed);
-        response
+    /// Whether plain HTTP/1.1 requests are served by the [`h1`] transport (else every request goes to hyper).
+    pub fn direct_http1(&self) -> bool {
+        self.direct_http1
     }
 
-    /// The bookkeeping of a request that starts: its id (taken from the caller or made), and what the access log
-    /// will need.
-    fn begin(&self, parts: &mut Parts) -> Exchange {
+    /// Serves one request that hyper parsed; never fails (errors are responses). See [`hyper_transport`].
+    pub async fn handle(
+        &self,
+        request: http::Request<hyper::body::Incoming>,
+        connection: &Connection,
+    ) -> http::Response<ProxyBody> {
+        hyper_transport::handle(self, request, connection).await
+    }
+
+    /// Phase 7, at the start: the request's id (taken from the caller or made), and what the access log will need.
+    pub fn begin(&self, parts: &mut Parts) -> Exchange<'_> {
         let started = Instant::now();
         let request_id = request_id(&mut parts.headers);
         // Kept for the access log only: the path without its query (which may carry a token).
         let access_log = self.access_log && tracing::enabled!(target: "access", tracing::Level::INFO);
         let logged = access_log.then(|| (parts.method.clone(), parts.uri.path().to_owned()));
-        Exchange { started, request_id, logged }
+        Exchange { started, request_id, logged, route: None, ended: false }
     }
 
-    /// The bookkeeping of a request answered with `status`: metrics (the route's `inflight` was raised when its
-    /// route was found) and the access log.
-    fn end(&self, exchange: Exchange, route: Option<&Route>, status: StatusCode, replayed: bool) {
+    /// Phase 7, at the end: a request answered with `status`: metrics and the access log.
+    pub fn end(&self, mut exchange: Exchange<'_>, status: StatusCode, replayed: bool) {
+        exchange.ended = true;
+        let route = exchange.route;
         match route {
             Some(route) => {
                 let metrics = &route.metrics;
@@ -183,7 +222,7 @@ impl Proxy {
             }
             None => self.unrouted.count_status(status),
         }
-        if let Some((method, path)) = exchange.logged {
+        if let Some((method, path)) = exchange.logged.take() {
             tracing::info!(
                 target: "access",
                 route = route.map_or("-", |r| &r.name),
@@ -199,15 +238,20 @@ impl Proxy {
         }
     }
 
+    /// Counts a request refused before it could be parsed into one (a framing HTTP/1.1 forbids).
+    fn count_refused(&self, status: StatusCode) {
+        self.unrouted.count_status(status);
+    }
+
     /// The problem+json answer to an error serving a request on `route`.
-    fn error_response(route: &Route, error: ProxyError) -> Response<ProxyBody> {
-        let context = Self::error_context(Some(route), &error);
+    fn error_response(&self, route: &Route, error: ProxyError) -> http::Response<ProxyBody> {
+        let context = self.error_context(Some(route), &error);
         error.into_response(&context)
     }
 
     /// What the answer to `error` names: the route and its provider, when the request had a route (then the error
     /// is logged at debug level).
-    fn error_context(route: Option<&Route>, error: &ProxyError) -> ErrorContext {
+    fn error_context(&self, route: Option<&Route>, error: &ProxyError) -> ErrorContext {
         let Some(route) = route else { return ErrorContext::default() };
         tracing::debug!(route = %route.name, code = error.code(), "proxy error: {}", error_detail(error));
         ErrorContext { route: Some(Arc::clone(&route.name)), provider: route.provider.clone() }
@@ -217,7 +261,7 @@ impl Proxy {
     /// refused (never an open proxy); TRACE and TRACK are never forwarded (they echo the token back); two `Host`
     /// headers are refused; dot segments are removed from the path before routing ([`path`]), and the normalised
     /// path is the one forwarded.
-    fn admit(&self, request: &mut Parts) -> Result<&Route, ProxyError> {
+    pub fn admit(&self, request: &mut Parts) -> Result<&Route, ProxyError> {
         let method = request.method.as_str();
         if method.eq_ignore_ascii_case("TRACE") || method.eq_ignore_ascii_case("TRACK") {
             return Err(ProxyError::MethodNotAllowed(method.to_owned()));
@@ -267,55 +311,6 @@ impl Proxy {
         }
     }
 
-    async fn serve(
-        &self,
-        route: &Route,
-        mut parts: Parts,
-        body: Incoming,
-        connection: &Connection,
-        started: Instant,
-        replayed: &mut bool,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        // HTTP/1.x callers send one request at a time: their upstream connection can be dedicated to them.
-        let affinity = (parts.version != Version::HTTP_2).then_some(&connection.upstream);
-        let deadline = started + self.request_timeout;
-        let target = Self::prepare(route, &mut parts, connection)?;
-        let token = match (&route.tokens, target.attach) {
-            (Some(tokens), true) => Some(Self::credential(tokens.as_ref(), None).await?),
-            _ => None,
-        };
-        let replayable = token.is_some() && route.retry_on_401;
-        // Keep what a replay needs: the request head here (without the extensions, which hyper fills per
-        // connection and which only cost allocations to copy), the body in ReplayBody.
-        let saved = replayable.then(|| {
-            let (mut head, ()) = Request::new(()).into_parts();
-            head.method = parts.method.clone();
-            head.version = parts.version;
-            head.headers = parts.headers.clone();
-            head
-        });
-        let (body, replay) = if replayable {
-            let (body, replay) = ReplayBody::new(body, self.replay_buffer);
-            (UpstreamBody::Kept { body }, replay)
-        } else {
-            (UpstreamBody::Plain { body }, Replay::none())
-        };
-        let upstream_request = Self::attach(route, &target, parts, token.as_deref(), body)?;
-        let response = self.forward(upstream_request, deadline, affinity).await?;
-        if response.status() != StatusCode::UNAUTHORIZED {
-            return Ok(Self::finish(response));
-        }
-        route.metrics.upstream_unauthorized.inc();
-        match (token, saved) {
-            (Some(token), Some(parts)) => {
-                let first = Attempt { token: &token, replay, response, deadline, affinity };
-                // The rare path is boxed, so that every request's future stays small.
-                Box::pin(self.replay_after_401(route, &target, parts, first, replayed)).await
-            }
-            _ => Ok(Self::finish(response)),
-        }
-    }
-
     /// Phase 2: the request as the upstream will see it, minus the token.
     fn prepare(route: &Route, parts: &mut Parts, connection: &Connection) -> Result<Target, ProxyError> {
         let original_host = match parts.version {
@@ -331,7 +326,7 @@ impl Proxy {
         headers::add_forwarding(&mut parts.headers, &connection.forwarded_for, connection.tls, original_host);
         headers::append_via(&mut parts.headers, version);
         parts.headers.insert(HOST, route.host_header.clone());
-        // The upstream connection's protocol is the client's business; the request head is version-neutral.
+        // The upstream connection's protocol is the transport's business; the request head is version-neutral.
         parts.version = Version::HTTP_11;
 
         let caller_credential = match &route.injection {
@@ -367,10 +362,7 @@ impl Proxy {
     }
 
     /// Phase 3: the token to attach: the current one, or a wait for the single token call in flight.
-    async fn credential(
-        tokens: &dyn crate::token::TokenSource,
-        rejected: Option<u64>,
-    ) -> Result<Arc<Token>, ProxyError> {
+    async fn credential(tokens: &dyn TokenSource, rejected: Option<u64>) -> Result<Arc<Token>, ProxyError> {
         if rejected.is_none() {
             if let Some(token) = tokens.current() {
                 return Ok(token);
@@ -382,70 +374,42 @@ impl Proxy {
             .map_err(|e| ProxyError::TokenUnavailable { detail: e.to_string(), retry_after: e.retry_after })
     }
 
-    /// Builds the upstream request with `token` attached as the route says.
-    fn attach<B>(
-        route: &Route,
+    /// Phase 4: the upstream URI of a request, and the header that carries `token` (none when the route puts it in
+    /// the query, or nothing is attached).
+    fn upstream_target<'r>(
+        route: &'r Route,
         target: &Target,
-        mut parts: Parts,
         token: Option<&Token>,
-        body: B,
-    ) -> Result<Request<B>, ProxyError> {
+    ) -> Result<(http::Uri, Credential<'r>), ProxyError> {
         let extra_query = token.and_then(|token| token_query(route, token));
-        if let Some((name, value)) = token.map(|token| token_header(route, token)).transpose()?.flatten() {
-            parts.headers.insert(name.clone(), value);
-        }
-        parts.uri = upstream_uri(route, target, extra_query.as_deref())?;
-        Ok(Request::from_parts(parts, body))
+        let credential = token.map(|token| token_header(route, token)).transpose()?.flatten();
+        Ok((upstream_uri(route, target, extra_query.as_deref())?, credential))
     }
 
-    /// Phase 4: one exchange with the upstream, bounded by the request's deadline.
-    async fn forward(
-        &self,
-        request: Request<UpstreamBody>,
-        deadline: Instant,
-        affinity: Option<&UpstreamAffinity>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout_at(deadline, self.client.send(request, affinity)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(ProxyError::UpstreamUnreachable(error.to_string())),
-            Err(_) => Err(ProxyError::UpstreamTimeout(self.request_timeout)),
+    /// Phase 5, the status decision on the response to an attempt: a 401 to a token we attached, on a route that
+    /// replays, calls for the one replay (not after a replay). Counts the upstream's 401s and a replay's outcome.
+    fn decide(route: &Route, status: StatusCode, token: Option<&Token>, replayed: bool) -> Decision {
+        if replayed {
+            Self::count_replay(route, status);
+            return Decision::Deliver;
         }
-    }
-
-    /// Phase 5: a 401 to a token we attached: refresh that generation (single flight) and replay once.
-    async fn replay_after_401(
-        &self,
-        route: &Route,
-        target: &Target,
-        parts: Parts,
-        first: Attempt<'_>,
-        replayed: &mut bool,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let Some(tokens) = &route.tokens else { return Ok(Self::finish(first.response)) };
-        let (deadline, affinity) = (first.deadline, first.affinity);
-        let body = match tokio::time::timeout_at(deadline, first.replay.replay()).await {
-            Ok(Some(body)) => body,
-            _ => {
-                route.metrics.replays(ReplayOutcome::NotReplayable).inc();
-                return Ok(Self::finish(first.response));
+        if status != StatusCode::UNAUTHORIZED {
+            return Decision::Deliver;
+        }
+        route.metrics.upstream_unauthorized.inc();
+        match token {
+            Some(token) if route.retry_on_401 && route.tokens.is_some() => {
+                Decision::Replay { rejected: token.generation }
             }
-        };
-        let Some(fresh) = Self::replacement(route, tokens.as_ref(), first.token.generation, deadline).await else {
-            return Ok(Self::finish(first.response));
-        };
-        drop(first.response);
-        *replayed = true;
-        let request = Self::attach(route, target, parts, Some(&fresh), UpstreamBody::Replay { body })?;
-        let response = self.forward(request, deadline, affinity).await?;
-        Self::count_replay(route, response.status());
-        Ok(Self::finish(response))
+            _ => Decision::Deliver,
+        }
     }
 
     /// Phase 5, the token for the one replay after a 401 to generation `rejected`: a newer token, unless the 401
     /// budget refuses a refresh now or none can be had; then the upstream's own 401 is the honest answer.
     async fn replacement(
         route: &Route,
-        tokens: &dyn crate::token::TokenSource,
+        tokens: &dyn TokenSource,
         rejected: u64,
         deadline: Instant,
     ) -> Option<Arc<Token>> {
@@ -467,13 +431,6 @@ impl Proxy {
         } else {
             route.metrics.replays(ReplayOutcome::Success).inc();
         }
-    }
-
-    /// Phase 6: the upstream's response as the caller gets it.
-    fn finish(response: Response<Incoming>) -> Response<ProxyBody> {
-        let (mut parts, body) = response.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
-        Response::from_parts(parts, Either::Left(body))
     }
 }
 
@@ -497,6 +454,13 @@ fn request_id(headers: &mut http::HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get(&X_REQUEST_ID).filter(|v| !v.is_empty() && v.len() <= 128) {
         return id.clone();
     }
+    let id = new_request_id();
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+/// A new request id: unique within the process (a counter) and across processes (a random prefix).
+pub(crate) fn new_request_id() -> HeaderValue {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
     static PREFIX: OnceLock<u64> = OnceLock::new();
@@ -510,10 +474,7 @@ fn request_id(headers: &mut http::HeaderMap) -> HeaderValue {
         hex[2 * i + 1] = b"0123456789abcdef"[usize::from(byte & 0xf)];
     }
     // Shared bytes (one allocation), so that the copy kept for the response costs none.
-    let id =
-        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex)).unwrap_or_else(|_| HeaderValue::from_static("-"));
-    headers.insert(X_REQUEST_ID.clone(), id.clone());
-    id
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex)).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// The header that carries `token` on `route` (none when the route puts it in the query).

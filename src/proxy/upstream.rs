@@ -1,30 +1,52 @@
-//! The upstream client: one small interface in front of two ways to reach an upstream.
+//! Upstream connections: one interface, two ways to use a connection, one bound on what is kept idle.
 //!
-//! - A downstream HTTP/1.1 connection to a plain-HTTP upstream gets a dedicated upstream connection
-//!   ([`UpstreamAffinity`]): requests on a downstream connection come one at a time, so one upstream connection
-//!   per downstream connection is always free when the next request comes. It saves the pool's checkout and return
-//!   on every request and keeps the connection on the downstream connection's thread.
-//! - Everything else (h2 callers, TLS upstreams) goes through hyper-util's pooled client, which speaks h2 to
-//!   upstreams that offer it by ALPN.
+//! - The HTTP/1.1 transport (`h1`) writes and reads upstream messages itself: it checks a plain connection out of a
+//!   pool of this worker thread ([`UpstreamClient::checkout`]), and gives it back when the response is complete
+//!   ([`UpstreamClient::checkin`]). The pool is a thread-local list per upstream: checkout and return are a `Vec`
+//!   pop and push on the worker's own thread, with no lock and no atomic. A burst opens what it needs (HTTP/1.1 has
+//!   one request in flight per connection); only idle connections beyond `max_idle_upstream_connections` per upstream
+//!   and worker are closed, as nginx's `keepalive` does.
+//! - The hyper transport (h2 callers, TLS upstreams, what the HTTP/1.1 transport hands over) sends through
+//!   hyper-util's pooled client, one per worker thread, bounded the same way; it speaks h2 to TLS upstreams that
+//!   offer it by ALPN.
+//!
+//! Plain connections are opened by a [`Dial`]: TCP in production, an in-memory upstream in tests, so that the same
+//! code paths run in both.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::uri::{Authority, Scheme};
-use http::{Request, Response};
+use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_rustls::MaybeHttpsStream;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::replay::{BufferedBody, ReplayBody};
 use crate::tls::{client_config, ClientTls, TlsError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error of the caller's request body (malformed chunked coding, a connection that ended early): the caller's
+/// fault, answered 400, not an upstream failure.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body could not be read: {0}")]
+pub struct CallerBodyError(#[source] pub hyper::Error);
 
 pin_project_lite::pin_project! {
     /// The body of a request sent upstream.
@@ -45,8 +67,8 @@ impl Body for UpstreamBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            UpstreamBodyProj::Plain { body } => body.poll_frame(cx).map_err(Into::into),
-            UpstreamBodyProj::Kept { body } => body.poll_frame(cx).map_err(Into::into),
+            UpstreamBodyProj::Plain { body } => body.poll_frame(cx).map_err(|e| CallerBodyError(e).into()),
+            UpstreamBodyProj::Kept { body } => body.poll_frame(cx).map_err(|e| CallerBodyError(e).into()),
             UpstreamBodyProj::Replay { body } => body.poll_frame(cx).map_err(|e| match e {}),
         }
     }
@@ -70,172 +92,419 @@ impl Body for UpstreamBody {
 
 /// Why an upstream exchange failed before a response head arrived.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UpstreamError(String);
-
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-type PooledClient = Client<Connector, UpstreamBody>;
-
-/// A pooled client over `connector`.
-fn pooled(connector: Connector) -> PooledClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
+pub enum UpstreamError {
+    /// The upstream could not be reached, or failed the exchange.
+    #[error("{0}")]
+    Failed(String),
+    /// The caller's body failed while it was being sent.
+    #[error("{0}")]
+    CallerBody(String),
 }
 
-/// Sends requests to upstreams over keep-alive connections: dedicated per downstream connection, or pooled.
-pub struct UpstreamClient {
-    connector: Connector,
-    /// The pool of the threads that are not workers.
-    client: PooledClient,
-    /// One pool per worker thread, made on first use: a pooled connection's task runs on the thread that opened it,
-    /// so a pool shared by the workers would wake other threads on every request.
-    per_worker: Box<[std::sync::OnceLock<PooledClient>]>,
-}
-
-/// Worker threads with a pool of their own; a worker beyond them shares the pool of the threads that are not workers.
-const WORKER_POOLS: usize = 64;
-
-std::thread_local! {
-    /// This thread's worker index (see [`UpstreamClient::set_worker`]).
-    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-}
-
-/// The dedicated upstream connection of one downstream HTTP/1.1 connection.
-#[derive(Default)]
-pub struct UpstreamAffinity {
-    idle: std::sync::Mutex<Option<Dedicated>>,
-}
-
-struct Dedicated {
-    authority: Authority,
-    sender: http1::SendRequest<UpstreamBody>,
-}
-
-impl UpstreamAffinity {
-    /// The idle connection to `authority`, if there is one.
-    fn take(&self, authority: &Authority) -> Option<http1::SendRequest<UpstreamBody>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        match idle.take() {
-            Some(d) if d.authority == *authority && !d.sender.is_closed() => Some(d.sender),
-            _ => None,
-        }
-    }
-
-    /// Keeps `sender` for the next request (only after a response head arrived on it).
-    fn keep(&self, authority: Authority, sender: http1::SendRequest<UpstreamBody>) {
-        *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some(Dedicated { authority, sender });
-    }
+/// Opens plain (unencrypted) connections to upstreams: TCP in production; tests put an in-memory upstream here.
+pub trait Dial: Send + Sync + 'static {
+    /// A new connection to `authority`.
+    fn dial<'a>(&'a self, authority: &'a Authority) -> BoxFuture<'a, io::Result<UpstreamStream>>;
 }
 
 /// How long a fresh upstream connection may take to establish.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// TCP with `TCP_NODELAY`, within [`CONNECT_TIMEOUT`].
+pub struct TcpDial;
+
+impl Dial for TcpDial {
+    fn dial<'a>(&'a self, authority: &'a Authority) -> BoxFuture<'a, io::Result<UpstreamStream>> {
+        Box::pin(async move {
+            let port = authority.port_u16().unwrap_or(80);
+            let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+            let stream =
+                tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await.map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, format!("timed out after {CONNECT_TIMEOUT:?}"))
+                })??;
+            let _ = stream.set_nodelay(true);
+            Ok(UpstreamStream::Tcp(stream))
+        })
+    }
+}
+
+/// A plain connection to an upstream.
+#[derive(Debug)]
+pub enum UpstreamStream {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// An in-memory connection (tests).
+    Memory(DuplexStream),
+}
+
+impl UpstreamStream {
+    /// Whether an idle connection is still open as far as can be told without waiting: nothing to read (an
+    /// upstream's close, or bytes nobody asked for, would be). For TCP this asks the reactor first, so a connection
+    /// with no readiness costs no system call.
+    fn idle_and_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self {
+            UpstreamStream::Tcp(stream) => match stream.poll_read_ready(&mut cx) {
+                Poll::Pending => true,
+                Poll::Ready(Err(_)) => false,
+                // Readable while idle: a close, or bytes nobody asked for. A probe tells (a stale readiness is cleared).
+                Poll::Ready(Ok(())) => {
+                    matches!(stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                }
+            },
+            UpstreamStream::Memory(stream) => {
+                let mut byte = [0u8; 1];
+                let mut buf = ReadBuf::new(&mut byte);
+                Pin::new(stream).poll_read(&mut cx, &mut buf).is_pending()
+            }
+        }
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Memory(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Memory(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Memory(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Tcp(s) => s.is_write_vectored(),
+            UpstreamStream::Memory(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Memory(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Memory(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A plain HTTP/1.1 connection to one upstream, checked out of the pool for one exchange.
+#[derive(Debug)]
+pub struct PlainConnection {
+    /// The upstream it goes to.
+    pub authority: Authority,
+    /// The connection.
+    pub stream: UpstreamStream,
+    /// It came from the pool (it served an exchange before), rather than being opened for this one.
+    pub reused: bool,
+    /// When it went back to the pool.
+    idle_since: Instant,
+    /// The client it belongs to.
+    owner: u64,
+}
+
+/// Whether a request that failed on a connection may be sent once more on a new one: only when the connection was
+/// reused (a fresh one failing says the upstream is the problem) and the upstream cannot have acted on it: it was
+/// never written, or nothing at all came back and the method is idempotent (RFC 9110 §9.2.2). The one rule for every
+/// transport; hyper's client applies the first half itself (`retry_canceled_requests`).
+pub fn may_retry(reused: bool, written: bool, answered: bool, idempotent: bool) -> bool {
+    reused && (!written || (!answered && idempotent))
+}
+
+/// Idle connections of the HTTP/1.1 transport on this thread: per client and upstream, most recently used last.
+struct IdlePool {
+    upstreams: Vec<(u64, Authority, VecDeque<PlainConnection>)>,
+}
+
+std::thread_local! {
+    static IDLE: RefCell<IdlePool> = const { RefCell::new(IdlePool { upstreams: Vec::new() }) };
+    /// This thread's worker index (see [`UpstreamClient::set_worker`]).
+    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// A pooled connection idle longer than this is closed rather than used (hyper's pool uses 90 s too).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Worker threads with a hyper pool of their own; a worker beyond them shares the pool of the non-worker threads.
+const WORKER_POOLS: usize = 64;
+
+/// Sends requests to upstreams; see the module docs.
+pub struct UpstreamClient {
+    id: u64,
+    dial: Arc<dyn Dial>,
+    max_idle: usize,
+    connector: Connector,
+    /// The hyper pool of the threads that are not workers.
+    client: PooledClient,
+    /// One hyper pool per worker thread, made on first use: a pooled connection's task runs on the thread that
+    /// opened it, so a pool shared by the workers would wake other threads on every request.
+    per_worker: Box<[std::sync::OnceLock<PooledClient>]>,
+}
+
+type PooledClient = Client<Connector, UpstreamBody>;
+
 impl UpstreamClient {
-    /// A client trusting the webpki roots.
-    pub fn new() -> Result<UpstreamClient, TlsError> {
+    /// A client dialing TCP and trusting the webpki roots, keeping at most `max_idle` idle connections per upstream
+    /// and worker thread.
+    pub fn new(max_idle: usize) -> Result<UpstreamClient, TlsError> {
+        Self::with_dial(max_idle, Arc::new(TcpDial))
+    }
+
+    /// A client whose plain connections come from `dial`.
+    pub fn with_dial(max_idle: usize, dial: Arc<dyn Dial>) -> Result<UpstreamClient, TlsError> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let tls = client_config(&ClientTls::default())?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
-            .https_or_http()
+            .https_only()
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = pooled(connector.clone());
+        let connector = Connector { https, dial: Arc::clone(&dial) };
+        let client = pooled(connector.clone(), max_idle);
         let per_worker = (0..WORKER_POOLS).map(|_| std::sync::OnceLock::new()).collect();
-        Ok(UpstreamClient { connector, client, per_worker })
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(UpstreamClient { id, dial, max_idle, connector, client, per_worker })
     }
 
-    /// Marks the calling thread as worker `index`: its requests then use a pool of their own.
+    /// Marks the calling thread as worker `index`: its hyper requests then use a pool of their own.
     pub fn set_worker(index: usize) {
         WORKER.with(|worker| worker.set(Some(index)));
     }
 
-    /// The pool of the calling thread.
+    /// The hyper pool of the calling thread.
     fn pool(&self) -> &PooledClient {
         match WORKER.with(std::cell::Cell::get).and_then(|index| self.per_worker.get(index)) {
-            // The same connector (and TLS configuration), a pool of its own.
-            Some(slot) => slot.get_or_init(|| pooled(self.connector.clone())),
+            Some(slot) => slot.get_or_init(|| pooled(self.connector.clone(), self.max_idle)),
             None => &self.client,
         }
     }
 
-    /// Sends one request and returns the response head with its streaming body. With `affinity` (a downstream
-    /// HTTP/1.1 connection) and a plain-HTTP upstream, the request goes over that connection's dedicated upstream
-    /// connection.
-    pub async fn send(
-        &self,
-        request: Request<UpstreamBody>,
-        affinity: Option<&UpstreamAffinity>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let dedicated = affinity.filter(|_| request.uri().scheme() == Some(&Scheme::HTTP));
-        let (Some(affinity), Some(authority)) = (dedicated, request.uri().authority().cloned()) else {
-            // Boxed: the pooled path is the less common one, and its future is large.
-            return Box::pin(self.pool().request(request)).await.map_err(|e| UpstreamError(crate::error_chain(&e)));
-        };
-        let mut request = request;
-        // On a connection of our own the request goes in origin form (`GET /path`), with the Host header the
-        // proxy already set, as the pooled client does.
-        let mut origin_form = http::uri::Parts::default();
-        origin_form.path_and_query = request.uri().path_and_query().cloned();
-        *request.uri_mut() = http::Uri::from_parts(origin_form).unwrap_or_else(|_| http::Uri::from_static("/"));
-        if let Some(mut sender) = affinity.take(&authority) {
-            // The previous exchange on it is over (the caller sent this request after reading the last response),
-            // unless the upstream closed it meanwhile: then the request comes back unsent and takes a new connection.
-            if sender.ready().await.is_ok() {
-                match sender.try_send_request(request).await {
-                    Ok(response) => {
-                        affinity.keep(authority, sender);
-                        return Ok(response);
-                    }
-                    Err(mut error) => match error.take_message() {
-                        Some(unsent) => request = unsent,
-                        None => return Err(UpstreamError(crate::error_chain(&error.into_error()))),
-                    },
+    /// Sends one request through hyper and returns the response head with its streaming body.
+    pub async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<Incoming>, UpstreamError> {
+        self.pool().request(request).await.map_err(|error| {
+            let chain = crate::error_chain(&error);
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+            while let Some(cause) = source {
+                if cause.is::<CallerBodyError>() {
+                    return UpstreamError::CallerBody(chain);
+                }
+                source = cause.source();
+            }
+            UpstreamError::Failed(chain)
+        })
+    }
+
+    /// An idle connection to `authority` from this thread's pool, if one is still open.
+    pub fn checkout(&self, authority: &Authority) -> Option<PlainConnection> {
+        IDLE.with(|idle| {
+            let mut idle = idle.borrow_mut();
+            let list = idle.upstreams.iter_mut().find(|(id, a, _)| *id == self.id && a == authority)?;
+            let now = Instant::now();
+            while let Some(mut connection) = list.2.pop_back() {
+                if now.duration_since(connection.idle_since) < IDLE_TIMEOUT && connection.stream.idle_and_open() {
+                    connection.reused = true;
+                    return Some(connection);
                 }
             }
+            None
+        })
+    }
+
+    /// Gives a connection whose exchange completed back to this thread's pool (closed when the pool is full).
+    pub fn checkin(&self, mut connection: PlainConnection) {
+        if connection.owner != self.id || self.max_idle == 0 {
+            return;
         }
-        // Boxed: a new connection is made once per downstream connection, not per request.
-        let mut sender = Box::pin(connect(&authority)).await?;
-        sender.ready().await.map_err(|e| UpstreamError(crate::error_chain(&e)))?;
-        let response = sender.send_request(request).await.map_err(|e| UpstreamError(crate::error_chain(&e)))?;
-        affinity.keep(authority, sender);
-        Ok(response)
+        connection.idle_since = Instant::now();
+        IDLE.with(|idle| {
+            let mut idle = idle.borrow_mut();
+            let position = idle.upstreams.iter().position(|(id, a, _)| *id == self.id && *a == connection.authority);
+            let list = match position {
+                Some(i) => &mut idle.upstreams[i].2,
+                None => {
+                    idle.upstreams.push((self.id, connection.authority.clone(), VecDeque::new()));
+                    &mut idle.upstreams.last_mut().expect("just pushed").2
+                }
+            };
+            if list.len() >= self.max_idle {
+                // The longest idle one goes: it is the likeliest to be closed by the upstream soon.
+                list.pop_front();
+            }
+            list.push_back(connection);
+        });
+    }
+
+    /// A new plain connection to `authority`.
+    pub async fn connect(&self, authority: &Authority) -> Result<PlainConnection, UpstreamError> {
+        let stream = self
+            .dial
+            .dial(authority)
+            .await
+            .map_err(|e| UpstreamError::Failed(format!("connecting to {authority}: {e}")))?;
+        Ok(PlainConnection {
+            authority: authority.clone(),
+            stream,
+            reused: false,
+            idle_since: Instant::now(),
+            owner: self.id,
+        })
+    }
+
+    /// Idle connections this thread's pool holds for `authority` (for tests and the benchmark's checks).
+    pub fn idle_connections(&self, authority: &Authority) -> usize {
+        IDLE.with(|idle| {
+            idle.borrow().upstreams.iter().find(|(id, a, _)| *id == self.id && a == authority).map_or(0, |l| l.2.len())
+        })
     }
 }
 
-/// A new HTTP/1.1 connection to a plain-HTTP upstream; its connection task runs on the current runtime.
-async fn connect(authority: &Authority) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
-    let stream = connect_tcp(authority).await?;
-    let (sender, connection) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| UpstreamError(crate::error_chain(&e)))?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!("upstream connection ended: {error}");
-        }
-    });
-    Ok(sender)
+impl Drop for UpstreamClient {
+    fn drop(&mut self) {
+        // This thread's idle connections of this client go with it (other threads' go when they next look).
+        let id = self.id;
+        let _ = IDLE.try_with(|idle| {
+            if let Ok(mut idle) = idle.try_borrow_mut() {
+                idle.upstreams.retain(|(owner, _, _)| *owner != id);
+            }
+        });
+    }
 }
 
-/// A new TCP connection to a plain-HTTP upstream, with `TCP_NODELAY`.
-pub(super) async fn connect_tcp(authority: &Authority) -> Result<tokio::net::TcpStream, UpstreamError> {
-    let port = authority.port_u16().unwrap_or(80);
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host, port)))
-        .await
-        .map_err(|_| UpstreamError(format!("connecting to {authority} timed out after {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| UpstreamError(format!("connecting to {authority}: {e}")))?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
+/// A hyper pool over `connector`.
+fn pooled(connector: Connector, max_idle: usize) -> PooledClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(IDLE_TIMEOUT)
+        .pool_max_idle_per_host(max_idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// hyper's connector: TLS upstreams through hyper-rustls, plain ones through the [`Dial`].
+#[derive(Clone)]
+struct Connector {
+    https: hyper_rustls::HttpsConnector<HttpConnector>,
+    dial: Arc<dyn Dial>,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = UpstreamIo;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.https.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        if uri.scheme() == Some(&Scheme::HTTPS) {
+            let connecting = self.https.call(uri);
+            return Box::pin(async move { Ok(UpstreamIo::Tls(Box::new(connecting.await?))) });
+        }
+        let dial = Arc::clone(&self.dial);
+        Box::pin(async move {
+            let authority = uri.authority().ok_or("the upstream URI has no authority")?.clone();
+            let stream = dial.dial(&authority).await.map_err(|e| format!("connecting to {authority}: {e}"))?;
+            Ok(UpstreamIo::Plain(TokioIo::new(stream)))
+        })
+    }
+}
+
+/// A connection hyper's client uses.
+enum UpstreamIo {
+    Tls(Box<MaybeHttpsStream<TokioIo<TcpStream>>>),
+    Plain(TokioIo<UpstreamStream>),
+}
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamIo::Tls(stream) => stream.connected(),
+            UpstreamIo::Plain(_) => Connected::new(),
+        }
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -243,11 +512,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_worker_thread_has_a_pool_of_its_own() {
-        let client = std::sync::Arc::new(UpstreamClient::new().expect("client"));
+    fn each_worker_thread_has_a_hyper_pool_of_its_own() {
+        let client = Arc::new(UpstreamClient::new(8).expect("client"));
         assert!(std::ptr::eq(client.pool(), &client.client), "a thread that is no worker uses the shared pool");
         let on_worker = |index| {
-            let client = std::sync::Arc::clone(&client);
+            let client = Arc::clone(&client);
             std::thread::spawn(move || {
                 UpstreamClient::set_worker(index);
                 let pool: *const PooledClient = client.pool();
@@ -262,5 +531,51 @@ mod tests {
         assert_ne!(first, &client.client as *const PooledClient as usize);
         assert_eq!(on_worker(0), first, "a worker index keeps its pool");
         assert_eq!(on_worker(WORKER_POOLS), &client.client as *const PooledClient as usize, "beyond them: shared");
+    }
+
+    /// A dialer of in-memory connections whose far ends are kept, so they stay open.
+    struct Memory(std::sync::Mutex<Vec<DuplexStream>>);
+
+    impl Dial for Memory {
+        fn dial<'a>(&'a self, _: &'a Authority) -> BoxFuture<'a, io::Result<UpstreamStream>> {
+            let (near, far) = tokio::io::duplex(64);
+            self.0.lock().unwrap().push(far);
+            Box::pin(async move { Ok(UpstreamStream::Memory(near)) })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_pool_keeps_at_most_max_idle_open_connections_per_upstream() {
+        let dial = Arc::new(Memory(std::sync::Mutex::new(Vec::new())));
+        let client = UpstreamClient::with_dial(2, Arc::clone(&dial) as Arc<dyn Dial>).expect("client");
+        let (a, b): (Authority, Authority) = ("a:80".parse().unwrap(), "b:80".parse().unwrap());
+        assert!(client.checkout(&a).is_none());
+        let mut burst = Vec::new();
+        for _ in 0..5 {
+            burst.push(client.connect(&a).await.unwrap());
+        }
+        for connection in burst {
+            client.checkin(connection);
+        }
+        assert_eq!(client.idle_connections(&a), 2, "the idle surplus beyond the bound is closed");
+        assert_eq!(client.idle_connections(&b), 0);
+        let reused = client.checkout(&a).expect("an idle connection");
+        assert!(reused.reused);
+        // An upstream that closed an idle connection: it is not handed out.
+        dial.0.lock().unwrap().clear();
+        assert!(client.checkout(&a).is_none(), "closed connections are dropped at checkout");
+        // Another client's pool is its own, even on the same thread.
+        let other = UpstreamClient::with_dial(2, dial as Arc<dyn Dial>).expect("client");
+        other.checkin(reused);
+        assert_eq!(other.idle_connections(&a), 0, "a connection goes back only to its own client");
+    }
+
+    #[test]
+    fn a_request_is_retried_only_where_the_upstream_cannot_have_acted_on_it() {
+        assert!(may_retry(true, false, false, false), "never written: any method");
+        assert!(may_retry(true, true, false, true), "written, nothing back, idempotent");
+        assert!(!may_retry(true, true, false, false), "a POST that may have been processed");
+        assert!(!may_retry(true, true, true, true), "an answer came back");
+        assert!(!may_retry(false, false, false, true), "a fresh connection failing: the upstream is the problem");
     }
 }

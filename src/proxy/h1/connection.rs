@@ -1,0 +1,757 @@
+//! The HTTP/1.1 connection driver: I/O and framing for plain HTTP/1.1 requests to plain-HTTP upstreams, with the
+//! request's phases taken from [`Proxy`].
+//!
+//! One task per caller connection reads the request head, reads a small body whole, writes the upstream request on
+//! a connection from the worker's pool ([`UpstreamClient::checkout`]) and forwards the response head and body as
+//! they come: a `Content-Length` body is copied, a chunked body is passed through undecoded ([`ChunkedScanner`]
+//! finds its end), a body delimited by the upstream closing is copied until then. No channel, no second task.
+//!
+//! An idle connection holds no buffer: what a request needs ([`Scratch`]: the read buffers, the parsed head, the
+//! encoding buffers) is taken from a per-thread list when its first bytes arrive and given back when it is answered,
+//! and its upstream connection goes back to the pool. While the upstream prepares its answer, the caller's side is
+//! watched: a caller that goes away cancels the exchange (and its upstream connection is closed, not pooled).
+//!
+//! Everything else is handed to hyper with the bytes already read, for the rest of the connection (see
+//! [`super::Parse::Handoff`]), and so are routes to TLS upstreams. Hyper then answers exactly as it would have from
+//! the first byte.
+
+use std::cell::RefCell;
+use std::io;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::request::Parts;
+use http::uri::Authority;
+use http::{Method, StatusCode, Uri};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::chunked::{ChunkedScanner, Scan};
+use super::{encode_error, encode_request, parse_request, parse_response, Framing, Parse, ReplyTo, ResponseHead};
+use super::{Span, UpstreamRequest};
+use crate::proxy::upstream::{may_retry, PlainConnection, UpstreamClient};
+use crate::proxy::{Connection, Decision, ErrorContext, Proxy, ProxyError, Route, CLIENT_CLOSED_REQUEST};
+
+/// The size of each read from the upstream.
+const READ_SIZE: usize = 8 * 1024;
+/// The room made for each read from the caller: a request head and a small body (8 KiB with its head) come in one
+/// read.
+const CALLER_READ_SIZE: usize = 16 * 1024;
+/// Spare [`Scratch`]es a thread keeps for the next requests; beyond them, they are freed.
+const SPARE_SCRATCH: usize = 256;
+/// While the upstream prepares its answer, at most this much of the caller's next requests is read ahead.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// How a connection served by this driver ended.
+pub enum Ended<I> {
+    /// The connection is over (closed by either side, timed out, or shut down).
+    Closed,
+    /// The rest of the connection is hyper's: `buffered` holds the bytes already read from it.
+    Handoff {
+        /// The connection.
+        io: I,
+        /// What was read and not served, to be read again first.
+        buffered: Bytes,
+    },
+}
+
+/// What a request in progress needs; kept on a per-thread list between requests, so that an idle connection holds
+/// none of it and a busy one allocates nothing per request.
+struct Scratch {
+    /// What the caller sent and was not served yet.
+    input: BytesMut,
+    /// The request head, parsed.
+    parts: Parts,
+    /// Where the head's fields are, while parsing.
+    spans: Vec<Span>,
+    /// The upstream request being written.
+    request: Vec<u8>,
+    /// The response head being written.
+    response: Vec<u8>,
+    /// What the upstream sent and was not forwarded yet.
+    upstream_input: BytesMut,
+}
+
+std::thread_local! {
+    // Boxed: a connection then holds a pointer while it reads ahead, not the struct itself.
+    #[allow(clippy::vec_box)]
+    static SPARE: RefCell<Vec<Box<Scratch>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Scratch {
+    /// A spare one of this thread, or a new one.
+    fn take() -> Box<Scratch> {
+        SPARE.with(|spare| spare.borrow_mut().pop()).unwrap_or_else(|| {
+            let (parts, ()) = http::Request::new(()).into_parts();
+            Box::new(Scratch {
+                input: BytesMut::new(),
+                parts,
+                spans: Vec::new(),
+                request: Vec::new(),
+                response: Vec::new(),
+                upstream_input: BytesMut::new(),
+            })
+        })
+    }
+
+    /// Keeps it for the next request of this thread, unless a large message made it grow or enough are kept.
+    fn give_back(mut self: Box<Scratch>) {
+        let small = self.input.capacity() <= 2 * CALLER_READ_SIZE
+            && self.upstream_input.capacity() <= 2 * READ_SIZE
+            && self.request.capacity() <= 2 * CALLER_READ_SIZE
+            && self.response.capacity() <= 2 * READ_SIZE
+            && self.parts.headers.capacity() <= 128;
+        if !small {
+            return;
+        }
+        self.input.clear();
+        self.upstream_input.clear();
+        self.parts.headers.clear();
+        self.parts.uri = Uri::default();
+        let _ = SPARE.try_with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < SPARE_SCRATCH {
+                spare.push(self);
+            }
+        });
+    }
+}
+
+/// One timer per connection for all its deadlines (the request head's, the request's). A tokio timer armed per wait
+/// costs a wheel insertion and removal under the driver's lock, and may wake the driver; this one is set once and
+/// moved only when it fires before the deadline of the wait in progress, at most once per `period`. It is polled
+/// once after each move: the waker it keeps is the connection task's, the same for every wait.
+struct Timer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The shortest timeout a wait has: the timer then never fires after a wait's deadline.
+    period: Duration,
+    /// The timer holds the connection task's waker since it was last moved.
+    armed: bool,
+}
+
+impl Timer {
+    fn new(period: Duration) -> Timer {
+        Timer { sleep: Box::pin(tokio::time::sleep(period)), period, armed: false }
+    }
+
+    /// Follows a change of the timeouts (a reload): a shorter period moves the timer closer at once.
+    fn set_period(&mut self, period: Duration) {
+        if period < self.period {
+            self.sleep.as_mut().reset(Instant::now() + period);
+            self.armed = false;
+        }
+        self.period = period;
+    }
+
+    /// `future`'s output, or `None` if `deadline` passes first. Only for futures of the connection's own task.
+    async fn within<F: std::future::Future>(&mut self, deadline: Instant, future: F) -> Option<F::Output> {
+        use std::future::Future;
+        use std::task::Poll;
+        let mut future = std::pin::pin!(future);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(output) = future.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            loop {
+                if !self.armed {
+                    if self.sleep.as_mut().poll(cx).is_pending() {
+                        self.armed = true;
+                        return Poll::Pending;
+                    }
+                } else if !self.sleep.is_elapsed() {
+                    return Poll::Pending;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Poll::Ready(None);
+                }
+                self.sleep.as_mut().reset(deadline.min(now + self.period));
+                self.armed = false;
+            }
+        })
+        .await
+    }
+}
+
+/// The rest of the connection for hyper: what was split off, then what is still buffered.
+fn handoff<I>(io: I, head: Bytes, scratch: Option<Box<Scratch>>) -> Ended<I> {
+    let input = scratch.map(|s| s.input).unwrap_or_default();
+    let buffered = if head.is_empty() { input.freeze() } else { [&head[..], &input[..]].concat().into() };
+    Ended::Handoff { io, buffered }
+}
+
+/// Waits for an idle connection's next bytes without holding a buffer: a [`Scratch`] is taken for each attempt to
+/// read and given back when nothing came. `None` at the end of the stream or on an error.
+async fn read_idle<I: AsyncRead + Unpin>(io: &mut I) -> Option<Box<Scratch>> {
+    use std::future::Future;
+    use std::task::Poll;
+    std::future::poll_fn(|cx| {
+        let mut scratch = Scratch::take();
+        scratch.input.reserve(CALLER_READ_SIZE);
+        let read = std::pin::pin!(io.read_buf(&mut scratch.input)).poll(cx);
+        match read {
+            Poll::Pending => {
+                scratch.give_back();
+                Poll::Pending
+            }
+            Poll::Ready(Ok(n)) if n > 0 => Poll::Ready(Some(scratch)),
+            Poll::Ready(_) => {
+                scratch.give_back();
+                Poll::Ready(None)
+            }
+        }
+    })
+    .await
+}
+
+/// Serves `io`'s requests for as long as they are of this transport's shape.
+pub async fn drive<I>(
+    proxies: &arc_swap::ArcSwap<Proxy>,
+    connection: &Connection,
+    mut io: I,
+    mut shutdown: watch::Receiver<bool>,
+    header_read_timeout: Duration,
+) -> Ended<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut scratch: Option<Box<Scratch>> = None;
+    let mut timer = Timer::new(header_read_timeout.min(proxies.load().request_timeout));
+    loop {
+        if *shutdown.borrow() {
+            return Ended::Closed;
+        }
+        // Slowloris guard, as hyper's `header_read_timeout`: the whole head (and an idle wait) within the limit.
+        let head_deadline = Instant::now() + header_read_timeout;
+        let parsed = loop {
+            if let Some(s) = scratch.as_mut().filter(|s| !s.input.is_empty()) {
+                match parse_request(&mut s.input, &mut s.parts, &mut s.spans) {
+                    Parse::Complete(parsed) => break parsed,
+                    Parse::Handoff(head) => return handoff(io, head, scratch),
+                    Parse::Refuse(reason) => {
+                        refuse(&mut io, &proxies.load(), &mut s.response, reason).await;
+                        return Ended::Closed;
+                    }
+                    Parse::Partial => {}
+                }
+            }
+            match scratch.as_mut().filter(|s| !s.input.is_empty()) {
+                Some(s) => {
+                    s.input.reserve(CALLER_READ_SIZE);
+                    match timer.within(head_deadline, io.read_buf(&mut s.input)).await {
+                        Some(Ok(n)) if n > 0 => {}
+                        _ => return Ended::Closed,
+                    }
+                }
+                None => {
+                    if let Some(s) = scratch.take() {
+                        s.give_back();
+                    }
+                    let read = tokio::select! {
+                        biased;
+                        read = timer.within(head_deadline, read_idle(&mut io)) => read,
+                        _ = shutdown.changed() => return Ended::Closed,
+                    };
+                    match read {
+                        Some(Some(s)) => scratch = Some(s),
+                        _ => return Ended::Closed,
+                    }
+                }
+            }
+        };
+        let Some(s) = scratch.as_mut() else { return Ended::Closed };
+        let proxy = proxies.load_full();
+        timer.set_period(header_read_timeout.min(proxy.request_timeout));
+        let route = proxy.admit(&mut s.parts);
+        let to_hyper = match &route {
+            Ok(route) => route.plain_http_upstream().is_none() || parsed.body_len > proxy.replay_buffer,
+            Err(_) => false,
+        };
+        if to_hyper {
+            return handoff(io, parsed.head, scratch);
+        }
+        let mut exchange = proxy.begin(&mut s.parts);
+        // The body, read whole: it is small, and kept for a replay.
+        let deadline = exchange.started() + proxy.request_timeout;
+        while s.input.len() < parsed.body_len {
+            s.input.reserve(parsed.body_len - s.input.len());
+            match timer.within(deadline, io.read_buf(&mut s.input)).await {
+                Some(Ok(n)) if n > 0 => {}
+                _ => return Ended::Closed,
+            }
+        }
+        let close = parsed.close || *shutdown.borrow();
+        let request_id = exchange.request_id().clone();
+        let reply = ReplyTo { request_id: &request_id, close, head_request: s.parts.method == Method::HEAD };
+        let outcome = match route {
+            Ok(route) => {
+                exchange.routed(route);
+                let request = Request {
+                    route,
+                    body_len: parsed.body_len,
+                    has_length: parsed.has_length,
+                    connection,
+                    reply: &reply,
+                    deadline,
+                };
+                forward(&proxy, &request, s, &mut timer, &mut io).await
+            }
+            Err(error) => Outcome::Error(error),
+        };
+        let (status, replayed, done) = match outcome {
+            Outcome::Answered { status, replayed, open } => (status, replayed, !open),
+            Outcome::Error(error) => {
+                let context = proxy.error_context(exchange.route(), &error);
+                let status = error.status();
+                let (head, body) = error.into_parts(&context);
+                encode_error(&mut s.response, &head, &body, &reply);
+                let written = io.write_all(&s.response).await;
+                (status, false, written.is_err() || close)
+            }
+            Outcome::Broken { status } => (status, false, true),
+            Outcome::Gone => (CLIENT_CLOSED_REQUEST, false, true),
+        };
+        proxy.end(exchange, status, replayed);
+        s.input.advance(parsed.body_len);
+        // Nothing refers to the head any more: the buffer's memory can be reused for the next request.
+        s.parts.headers.clear();
+        s.parts.uri = Uri::default();
+        drop(parsed);
+        if done {
+            let _ = io.shutdown().await;
+            if let Some(s) = scratch.take() {
+                s.give_back();
+            }
+            return Ended::Closed;
+        }
+    }
+}
+
+/// Answers a request HTTP/1.1 forbids with 400 and closes the connection.
+async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, proxy: &Proxy, out: &mut Vec<u8>, reason: String) {
+    let request_id = crate::proxy::new_request_id();
+    let reply = ReplyTo { request_id: &request_id, close: true, head_request: false };
+    tracing::debug!("refused a request: {reason}");
+    let error = ProxyError::BadRequest(format!("{reason}: refused"));
+    let (head, body) = error.into_parts(&ErrorContext::default());
+    encode_error(out, &head, &body, &reply);
+    let _ = io.write_all(out).await;
+    proxy.count_refused(StatusCode::BAD_REQUEST);
+    let _ = io.shutdown().await;
+}
+
+/// A request read whole, for [`forward`].
+struct Request<'a> {
+    route: &'a Route,
+    body_len: usize,
+    /// The caller framed the body with `Content-Length`.
+    has_length: bool,
+    connection: &'a Connection,
+    reply: &'a ReplyTo<'a>,
+    /// `request_timeout` after the request's arrival: the response head must have come by then.
+    deadline: Instant,
+}
+
+/// How serving a request ended.
+enum Outcome {
+    /// A response was written (`open`: the connection can take the next request).
+    Answered { status: StatusCode, replayed: bool, open: bool },
+    /// Nothing was written yet: the error is the answer.
+    Error(ProxyError),
+    /// The response could not be completed (a side went away mid-body): the connection ends.
+    Broken { status: StatusCode },
+    /// The caller went away before the response head came: the exchange was cancelled.
+    Gone,
+}
+
+/// The proxy's phases for one request (prepare, credential, upstream request, status decision, and the one replay),
+/// with this transport's I/O; the response is written to `io`.
+async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
+    proxy: &Proxy,
+    request: &Request<'_>,
+    s: &mut Scratch,
+    timer: &mut Timer,
+    io: &mut I,
+) -> Outcome {
+    let Request { route, body_len, has_length, connection, reply, deadline } = *request;
+    let Some(authority) = route.plain_http_upstream() else {
+        return Outcome::Error(ProxyError::UpstreamUnreachable("not a plain-HTTP upstream".into()));
+    };
+    let client = &proxy.client;
+    let idempotent = s.parts.method.is_idempotent();
+    let target = match Proxy::prepare(route, &mut s.parts, connection) {
+        Ok(target) => target,
+        Err(error) => return Outcome::Error(error),
+    };
+    let mut token = match (&route.tokens, target.attach) {
+        (Some(tokens), true) => match Proxy::credential(tokens.as_ref(), None).await {
+            Ok(token) => Some(token),
+            Err(error) => return Outcome::Error(error),
+        },
+        _ => None,
+    };
+    let mut replayed = false;
+    let mut upstream: Option<PlainConnection> = None;
+    loop {
+        let (uri, credential) = match Proxy::upstream_target(route, &target, token.as_deref()) {
+            Ok(parts) => parts,
+            Err(error) => return Outcome::Error(error),
+        };
+        let message = UpstreamRequest {
+            method: &s.parts.method,
+            target: uri.path_and_query().map_or("/", |p| p.as_str()),
+            headers: &s.parts.headers,
+            credential,
+            body: &s.input[..body_len],
+            has_length,
+        };
+        encode_request(&mut s.request, &message);
+        let mut buffers = ScratchBuffers { response: &mut s.response, upstream_input: &mut s.upstream_input };
+        let exchange = round_trip(client, authority, &mut upstream, &s.request, idempotent, reply, &mut buffers);
+        let head = match timer.within(deadline, watch_caller(exchange, io, &mut s.input)).await {
+            Some(Some(Ok(head))) => head,
+            Some(Some(Err(error))) => return Outcome::Error(ProxyError::UpstreamUnreachable(error)),
+            Some(None) => return Outcome::Gone,
+            None => return Outcome::Error(ProxyError::UpstreamTimeout(proxy.request_timeout)),
+        };
+        let rejected = match Proxy::decide(route, head.status, token.as_deref(), replayed) {
+            Decision::Deliver => return forward_response(io, s, upstream, client, head, replayed).await,
+            Decision::Replay { rejected } => rejected,
+        };
+        let Some(tokens) = &route.tokens else {
+            return forward_response(io, s, upstream, client, head, replayed).await;
+        };
+        match timer.within(deadline, Proxy::replacement(route, tokens.as_ref(), rejected, deadline)).await {
+            Some(Some(fresh)) => {
+                discard_body(&mut upstream, &mut s.upstream_input, head);
+                token = Some(fresh);
+                replayed = true;
+            }
+            // No newer token to be had: the upstream's own 401 is the honest answer.
+            _ => return forward_response(io, s, upstream, client, head, replayed).await,
+        }
+    }
+}
+
+/// `exchange`'s outcome, or `None` if the caller closes its connection first. The caller's next bytes (pipelined
+/// requests) are read ahead into `input` meanwhile, up to [`READ_AHEAD`].
+async fn watch_caller<F, T, I>(exchange: F, io: &mut I, input: &mut BytesMut) -> Option<T>
+where
+    F: std::future::Future<Output = T>,
+    I: AsyncRead + Unpin,
+{
+    let caller = async {
+        while input.len() < READ_AHEAD {
+            input.reserve(4096);
+            match io.read_buf(input).await {
+                Ok(n) if n > 0 => {}
+                _ => return,
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        biased;
+        outcome = exchange => Some(outcome),
+        () = caller => None,
+    }
+}
+
+/// Why an exchange on one upstream connection failed.
+struct Failure {
+    message: String,
+    /// The request was written (so the upstream may have acted on it).
+    written: bool,
+    /// Something came back.
+    answered: bool,
+}
+
+/// Sends `request` on a pooled connection (or a new one) and reads the final response head into `s`; a request the
+/// upstream cannot have acted on goes once more on a new connection ([`may_retry`]).
+async fn round_trip(
+    client: &UpstreamClient,
+    authority: &Authority,
+    slot: &mut Option<PlainConnection>,
+    request: &[u8],
+    idempotent: bool,
+    reply: &ReplyTo<'_>,
+    s: &mut ScratchBuffers<'_>,
+) -> Result<ResponseHead, String> {
+    let mut retried = false;
+    loop {
+        let pooled = if retried { None } else { slot.take().or_else(|| client.checkout(authority)) };
+        let mut upstream = match pooled {
+            Some(upstream) => upstream,
+            // Boxed: a new connection is the rarer case, and its future is large.
+            None => Box::pin(client.connect(authority)).await.map_err(|e| e.to_string())?,
+        };
+        s.upstream_input.clear();
+        match exchange(&mut upstream, request, reply, s).await {
+            Ok(head) => {
+                *slot = Some(upstream);
+                return Ok(head);
+            }
+            Err(failure) => {
+                if !retried && may_retry(upstream.reused, failure.written, failure.answered, idempotent) {
+                    retried = true;
+                    continue;
+                }
+                return Err(failure.message);
+            }
+        }
+    }
+}
+
+/// The buffers of a [`Scratch`] that an upstream exchange writes to.
+struct ScratchBuffers<'a> {
+    /// The response head rewritten for the caller.
+    response: &'a mut Vec<u8>,
+    /// What the upstream sent and was not forwarded yet.
+    upstream_input: &'a mut BytesMut,
+}
+
+/// Reads what the upstream sent next (0 at the end of the stream).
+async fn read_more(upstream: &mut PlainConnection, input: &mut BytesMut) -> io::Result<usize> {
+    input.reserve(READ_SIZE);
+    upstream.stream.read_buf(input).await
+}
+
+/// Sends `request` and reads the final response head (1xx heads are skipped), rewriting it for the caller.
+async fn exchange(
+    upstream: &mut PlainConnection,
+    request: &[u8],
+    reply: &ReplyTo<'_>,
+    s: &mut ScratchBuffers<'_>,
+) -> Result<ResponseHead, Failure> {
+    let authority = &upstream.authority;
+    if let Err(error) = upstream.stream.write_all(request).await {
+        let message = format!("sending the request to {authority}: {error}");
+        return Err(Failure { message, written: false, answered: false });
+    }
+    let mut answered = false;
+    loop {
+        match parse_response(s.upstream_input, reply, s.response) {
+            Ok(None) => {}
+            Ok(Some((head_len, None))) => {
+                s.upstream_input.advance(head_len);
+                continue;
+            }
+            Ok(Some((head_len, Some(head)))) => {
+                s.upstream_input.advance(head_len);
+                return Ok(head);
+            }
+            Err(message) => {
+                let message = format!("{message} (upstream {})", upstream.authority);
+                return Err(Failure { message, written: true, answered: true });
+            }
+        }
+        match read_more(upstream, s.upstream_input).await {
+            Ok(0) => {
+                let message = format!("{} closed the connection before answering", upstream.authority);
+                return Err(Failure { message, written: true, answered });
+            }
+            Ok(_) => answered = true,
+            Err(error) => {
+                let message = format!("reading the response of {}: {error}", upstream.authority);
+                return Err(Failure { message, written: true, answered });
+            }
+        }
+    }
+}
+
+/// Skips the body of a response that will not be forwarded (a 401 before its replay); the upstream connection is
+/// kept for the replay only when the whole body is already here.
+fn discard_body(slot: &mut Option<PlainConnection>, input: &mut BytesMut, head: ResponseHead) {
+    let buffered = &input[..];
+    let body = match head.framing {
+        Framing::Empty => Some(0),
+        Framing::Length(n) => usize::try_from(n).ok().filter(|&n| n <= buffered.len()),
+        Framing::Chunked(mut scanner) => match scanner.scan(buffered) {
+            Ok(Scan::Done(n)) => Some(n),
+            _ => None,
+        },
+        Framing::UntilClose => None,
+    };
+    match body {
+        Some(n) if head.reusable && n == buffered.len() => input.clear(),
+        _ => *slot = None,
+    }
+}
+
+/// Writes the response head (in the scratch's response buffer) and copies the body as it comes; the upstream
+/// connection goes back to the pool when the response is complete and the connection reusable.
+async fn forward_response<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    s: &mut Scratch,
+    slot: Option<PlainConnection>,
+    client: &UpstreamClient,
+    head: ResponseHead,
+    replayed: bool,
+) -> Outcome {
+    let status = head.status;
+    let Some(mut upstream) = slot else { return Outcome::Broken { status } };
+    let (out, input) = (&mut s.response, &mut s.upstream_input);
+    let complete = match head.framing {
+        Framing::Empty => io.write_all(out).await.is_ok(),
+        Framing::Length(length) => copy_length(io, out, &mut upstream, input, length).await,
+        Framing::Chunked(scanner) => copy_chunked(io, out, &mut upstream, input, scanner).await,
+        Framing::UntilClose => {
+            copy_until_close(io, out, &mut upstream, input).await;
+            return Outcome::Answered { status, replayed, open: false };
+        }
+    };
+    if !complete {
+        return Outcome::Broken { status };
+    }
+    if head.reusable && input.is_empty() {
+        client.checkin(upstream);
+    }
+    Outcome::Answered { status, replayed, open: !head.close }
+}
+
+/// Copies a `Content-Length` body; false when either side failed before its end.
+async fn copy_length<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    out: &mut Vec<u8>,
+    up: &mut PlainConnection,
+    input: &mut BytesMut,
+    length: u64,
+) -> bool {
+    let mut remaining = length;
+    // The first part of the body goes with the head, in one write.
+    let take = |buffered: usize, remaining: u64| usize::try_from(remaining).map_or(buffered, |r| r.min(buffered));
+    let first = take(input.len(), remaining);
+    out.extend_from_slice(&input[..first]);
+    input.advance(first);
+    remaining -= first as u64;
+    if io.write_all(out).await.is_err() {
+        return false;
+    }
+    while remaining > 0 {
+        match read_more(up, input).await {
+            Ok(n) if n > 0 => {}
+            _ => return false,
+        }
+        let n = take(input.len(), remaining);
+        if io.write_all(&input[..n]).await.is_err() {
+            return false;
+        }
+        input.advance(n);
+        remaining -= n as u64;
+    }
+    true
+}
+
+/// Copies a chunked body as it is, up to its last chunk and trailers; false when either side failed before.
+async fn copy_chunked<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    out: &mut Vec<u8>,
+    up: &mut PlainConnection,
+    input: &mut BytesMut,
+    mut scanner: ChunkedScanner,
+) -> bool {
+    let mut first = true;
+    loop {
+        let buffered = &input[..];
+        let (n, done) = match scanner.scan(buffered) {
+            Ok(Scan::Done(n)) => (n, true),
+            Ok(Scan::More) => (buffered.len(), false),
+            Err(error) => {
+                tracing::debug!(upstream = %up.authority, "{error}");
+                return false;
+            }
+        };
+        let written = if first {
+            first = false;
+            out.extend_from_slice(&buffered[..n]);
+            io.write_all(out).await
+        } else {
+            io.write_all(&buffered[..n]).await
+        };
+        if written.is_err() {
+            return false;
+        }
+        input.advance(n);
+        if done {
+            return true;
+        }
+        match read_more(up, input).await {
+            Ok(n) if n > 0 => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Copies a body that ends when the upstream closes the connection.
+async fn copy_until_close<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    out: &mut Vec<u8>,
+    up: &mut PlainConnection,
+    input: &mut BytesMut,
+) {
+    out.extend_from_slice(input);
+    input.clear();
+    if io.write_all(out).await.is_err() {
+        return;
+    }
+    loop {
+        match read_more(up, input).await {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+        if io.write_all(input).await.is_err() {
+            return;
+        }
+        input.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_ends_a_wait_at_its_deadline_and_not_before() {
+        let mut timer = Timer::new(Duration::from_secs(1));
+        let start = Instant::now();
+        assert_eq!(timer.within(start + Duration::from_secs(3), std::future::pending::<()>()).await, None);
+        assert_eq!(start.elapsed(), Duration::from_secs(3), "not before the deadline, and not after");
+        // Waits one after another, each finishing before its own deadline: none is cut short.
+        for _ in 0..5 {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let work = tokio::time::sleep(Duration::from_millis(1500));
+            assert_eq!(timer.within(deadline, work).await, Some(()));
+        }
+        let start = Instant::now();
+        assert_eq!(timer.within(start + Duration::from_secs(1), std::future::pending::<()>()).await, None);
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shorter_period_moves_the_timer_at_once() {
+        let mut timer = Timer::new(Duration::from_secs(10));
+        assert_eq!(timer.within(Instant::now() + Duration::from_secs(20), async { 7 }).await, Some(7));
+        timer.set_period(Duration::from_millis(300));
+        let start = Instant::now();
+        assert_eq!(timer.within(start + Duration::from_millis(300), std::future::pending::<()>()).await, None);
+        assert_eq!(start.elapsed(), Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn an_idle_read_holds_no_scratch_and_a_busy_one_reuses_them() {
+        let (mut caller, mut proxy_side) = tokio::io::duplex(1024);
+        let spare = || SPARE.with(|s| s.borrow().len());
+        Scratch::take().give_back();
+        let before = spare();
+        let mut read = std::pin::pin!(read_idle(&mut proxy_side));
+        assert!(futures_util::FutureExt::now_or_never(read.as_mut()).is_none());
+        assert_eq!(spare(), before, "the scratch tried for the read went back while nothing came");
+        caller.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let scratch = read.await.expect("bytes");
+        assert_eq!(&scratch.input[..], b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(spare(), before - 1, "a spare one was taken, none allocated");
+        scratch.give_back();
+        assert_eq!(spare(), before);
+    }
+}
