@@ -106,6 +106,9 @@ fn main() -> ExitCode {
                 Err(_) => return ExitCode::from(EXIT_CONFIG),
             };
             print!("{}", config.to_redacted_toml());
+            for warning in config.warnings() {
+                eprintln!("tokenproxy: warning: {warning}");
+            }
             if !fetch {
                 return ExitCode::SUCCESS;
             }
@@ -184,6 +187,9 @@ fn init_tracing(log: &LogConfig) {
 }
 
 async fn run(config: Config, path: PathBuf, workers: Arc<WorkerPool>) -> ExitCode {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let app = match App::build(config) {
         Ok(app) => app.reload_from(path),
         Err(error) => {

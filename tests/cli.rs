@@ -226,3 +226,29 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.unwrap().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn check_warns_about_an_exposed_admin_listener_and_tokens_over_plain_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        r#"
+[admin]
+listen = "0.0.0.0:9090"
+[providers.orders]
+token_url = "https://idp.example/token"
+client_id = "orders"
+client_secret = "hunter2-secret"
+[[routes]]
+prefix = "/orders"
+upstream = "http://orders.internal"
+provider = "orders"
+"#,
+    );
+    let output = tokenproxy().args(["check", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "warnings do not fail the check");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("warning: admin.listen: 0.0.0.0:9090 is not a loopback address"), "{stderr}");
+    assert!(stderr.contains("warning: routes[0].upstream: tokens of provider `orders` go over plain HTTP"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "no secret in warnings: {stderr}");
+}

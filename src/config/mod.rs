@@ -12,6 +12,7 @@ mod redact;
 mod resolve;
 mod routes;
 mod secret;
+mod warnings;
 #[cfg(test)]
 mod tests;
 

@@ -1,0 +1,97 @@
+//! Settings that are valid but risky: `tokenproxy check` prints them (exit 0) and `run` logs them at startup.
+
+use url::{Host, Url};
+
+use super::Config;
+
+impl Config {
+    /// Valid settings a demanding operator would want to be told about, each naming its key: an admin listener on
+    /// a non-loopback address (it has no authentication), and tokens or secrets sent over plain HTTP to a host that
+    /// is not a loopback address.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if !self.admin.listen.ip().is_loopback() {
+            warnings.push(format!(
+                "admin.listen: {} is not a loopback address, and the admin API has no authentication (it forces token \
+                 refreshes and reloads the config); keep it on 127.0.0.1, or let only the kubelet and Prometheus reach it",
+                self.admin.listen
+            ));
+        }
+        for (name, provider) in &self.providers {
+            for (key, url) in [("token_url", &provider.token_url), ("issuer", &provider.issuer)] {
+                if let Some(url) = url.as_ref().filter(|url| plain_http_off_machine(url)) {
+                    warnings.push(format!(
+                        "providers.{name}.{key}: the client's credentials and its tokens go over plain HTTP to {}, \
+                         which is not a loopback address; use https",
+                        url.host_str().unwrap_or("?")
+                    ));
+                }
+            }
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if let Some(provider) = route.provider.as_ref().filter(|_| plain_http_off_machine(&route.upstream)) {
+                warnings.push(format!(
+                    "routes[{i}].upstream: tokens of provider `{provider}` go over plain HTTP to {}, which is not a \
+                     loopback address; use https",
+                    route.upstream.host_str().unwrap_or("?")
+                ));
+            }
+        }
+        warnings
+    }
+}
+
+/// An `http://` URL to a host that is not this machine.
+fn plain_http_off_machine(url: &Url) -> bool {
+    if url.scheme() != "http" {
+        return false;
+    }
+    match url.host() {
+        Some(Host::Ipv4(ip)) => !ip.is_loopback(),
+        Some(Host::Ipv6(ip)) => !ip.is_loopback(),
+        Some(Host::Domain(domain)) => !domain.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+
+    #[test]
+    fn risky_settings_are_named_and_safe_ones_are_not() {
+        let toml = r#"
+[admin]
+listen = "0.0.0.0:9090"
+[providers.remote]
+token_url = "http://idp.example/token"
+client_id = "c"
+client_secret = "s"
+[providers.local]
+token_url = "http://127.0.0.1:8081/token"
+client_id = "c"
+client_secret = "s"
+[[routes]]
+prefix = "/a"
+upstream = "http://orders.internal"
+provider = "remote"
+[[routes]]
+prefix = "/b"
+upstream = "http://localhost:3000"
+provider = "local"
+[[routes]]
+prefix = "/c"
+upstream = "http://plain.internal"
+[[routes]]
+prefix = "/d"
+upstream = "https://secure.internal"
+provider = "remote"
+"#;
+        let warnings = Config::from_toml_str(toml, "t.toml").expect("valid").warnings();
+        let keys: Vec<&str> = warnings.iter().map(|w| w.split(':').next().unwrap()).collect();
+        assert_eq!(keys, ["admin.listen", "providers.remote.token_url", "routes[0].upstream"], "{warnings:#?}");
+        let quiet = "[providers.p]\ntoken_url = \"https://idp/t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+                     [[routes]]\nupstream = \"http://127.0.0.1:3000\"\nprovider = \"p\"\n";
+        assert!(Config::from_toml_str(quiet, "t.toml").expect("valid").warnings().is_empty());
+    }
+}
