@@ -74,7 +74,8 @@ fn routing(c: &mut Criterion) {
     let config = tokenproxy::config::Config::from_toml_str(&toml, "bench.toml").expect("bench config");
     let metrics = Metrics::new();
     let none = |_: &str| None;
-    let routes = config.routes.iter().map(|r| Route::new(r, &none, &metrics).expect("route")).collect();
+    let client = tokenproxy::proxy::UpstreamClient::new(1).expect("client");
+    let routes = config.routes.iter().map(|r| Route::new(r, &none, &metrics, &client).expect("route")).collect();
     let table = RouteTable::new(routes);
     c.bench_function("route lookup (60 routes, last prefix)", |b| {
         b.iter(|| {

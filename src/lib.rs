@@ -84,10 +84,15 @@ pub struct App {
 impl App {
     /// Builds the token engine, the routes and the proxy from `config` (nothing runs yet).
     pub fn build(config: Config) -> Result<App, StartError> {
+        Self::build_with_dial(config, Arc::new(proxy::upstream::TcpDial))
+    }
+
+    /// [`App::build`], with plain upstream connections opened by `dial` (tests put an in-memory upstream here).
+    pub fn build_with_dial(config: Config, dial: Arc<dyn proxy::upstream::Dial>) -> Result<App, StartError> {
         let metrics = Arc::new(Metrics::new());
         let engine = TokenEngine::new(&config, &metrics)
             .map_err(|source| StartError::Tls { what: "providers (ca_file, client_cert_file)", source })?;
-        let client = UpstreamClient::new(config.server.max_idle_upstream_connections)
+        let client = UpstreamClient::with_dial(config.server.max_idle_upstream_connections, dial)
             .map_err(|source| StartError::Tls { what: "upstream TLS", source })?;
         let client = Arc::new(client);
         let proxy = build_proxy(&config, &engine, &client, &metrics)?;
@@ -115,6 +120,18 @@ impl App {
     /// The metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Serves one caller connection as the proxy listener does (the HTTP/1.1 transport, then hyper), until it ends:
+    /// for tests and embedders that bring their own connection. Tokens come from the engine, which must be running
+    /// ([`TokenEngine::spawn`]).
+    pub async fn serve_connection<I>(&self, io: I, peer: SocketAddr)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let handler = Arc::new(ProxyHandler(Arc::clone(&self.proxy)));
+        let (_never, shutdown) = watch::channel(false);
+        server::serve_plain(io, peer, handler, self.config.server.header_read_timeout, shutdown).await;
     }
 
     /// One summary line per route and provider: what this config will do.
@@ -155,7 +172,8 @@ fn build_proxy(
     metrics: &Metrics,
 ) -> Result<Proxy, StartError> {
     let lookup = |name: &str| engine.slot(name).map(|slot| slot as Arc<dyn TokenSource>);
-    let routes = config.routes.iter().map(|r| Route::new(r, &lookup, metrics)).collect::<Result<Vec<_>, _>>()?;
+    let routes =
+        config.routes.iter().map(|r| Route::new(r, &lookup, metrics, client)).collect::<Result<Vec<_>, _>>()?;
     Ok(Proxy::new(
         RouteTable::new(routes),
         Arc::clone(client),

@@ -128,10 +128,7 @@ pub async fn serve<H: Handler>(
     mut shutdown: watch::Receiver<bool>,
     workers: Option<Arc<WorkerPool>>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
-    let builder = Arc::new(builder);
+    let builder = Arc::new(hyper_builder(options.header_read_timeout));
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(options.max_connections));
     let local_shutdowns = workers.as_ref().map(|workers| workers.local_shutdowns(&shutdown));
@@ -196,6 +193,34 @@ pub async fn serve<H: Handler>(
     };
     if tokio::time::timeout(options.shutdown_grace, drained).await.is_err() {
         tracing::warn!("shutdown_grace ({:?}) passed with requests still in flight", options.shutdown_grace);
+    }
+}
+
+/// hyper's server settings: HTTP/1.1 and h2c on one port, the slowloris guard on request heads.
+fn hyper_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Serves one plain (unencrypted) connection the way the listener does: the handler's own HTTP/1.1 transport first,
+/// then hyper (HTTP/1.1 and h2c) for the rest of the connection. The listener adds TLS, the connection limit and
+/// graceful draining; this is for tests and embedders that bring their own connection (an in-memory one, say).
+pub async fn serve_plain<H, I>(
+    io: I,
+    peer: SocketAddr,
+    handler: Arc<H>,
+    header_read_timeout: Duration,
+    shutdown: watch::Receiver<bool>,
+) where
+    H: Handler,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = Arc::new(handler.connection(peer, false));
+    if let Ended::Handoff { io, buffered } = handler.serve_direct(io, &state, shutdown, header_read_timeout).await {
+        let builder = hyper_builder(header_read_timeout);
+        let _ = serve_io(&builder, TokioIo::new(Rewind::new(io, buffered)), handler, state).await;
     }
 }
 

@@ -62,13 +62,19 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<ServerConfig, 
 pub struct ClientTls<'a> {
     /// Extra CA certificates to trust besides the webpki roots.
     pub ca_file: Option<&'a Path>,
+    /// Trust only `ca_file`, not the webpki roots (a private upstream needs no public CA).
+    pub only_ca_file: bool,
     /// Client certificate and key to present.
     pub client_cert: Option<(&'a Path, &'a Path)>,
 }
 
 /// A client config (webpki roots + optional CA file + optional client certificate). ALPN is left to the connector.
 pub fn client_config(tls: &ClientTls<'_>) -> Result<ClientConfig, TlsError> {
-    let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let mut roots = if tls.only_ca_file && tls.ca_file.is_some() {
+        RootCertStore::empty()
+    } else {
+        RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }
+    };
     if let Some(ca_file) = tls.ca_file {
         for cert in certificates(ca_file)? {
             roots

@@ -1223,11 +1223,23 @@ async fn requests_http_1_1_forbids_get_400_and_the_connection_closes() {
         b"GET /api/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
     ];
     for case in cases {
+        let length_with_te = String::from_utf8_lossy(case).contains("Content-Length: 5\r\nTransfer-Encoding")
+            || String::from_utf8_lossy(case).contains("chunked\r\nContent-Length");
+        if support::hyper_only() && length_with_te {
+            // hyper drops the length and reads chunks: the one verdict where tokenproxy's HTTP/1.1 transport is
+            // deliberately stricter (tests/differential.rs lists it).
+            continue;
+        }
         let mut client = RawClient::connect(&proxy).await;
         let mut bytes = case.to_vec();
         bytes.extend(get("/api/after", ""));
         let reply = client.exchange("POST", &bytes).await;
-        reply.assert_problem(400, "bad_request");
+        if support::hyper_only() {
+            // hyper answers malformed heads itself: 400, without a problem body.
+            assert_eq!(reply.status, 400, "{}", case.escape_ascii());
+        } else {
+            reply.assert_problem(400, "bad_request");
+        }
         assert_eq!(reply.header("connection"), Some("close"), "{}", case.escape_ascii());
         client.assert_closed().await;
     }
@@ -1256,7 +1268,7 @@ async fn a_response_with_a_malformed_length_is_refused() {
     for path in ["/api/signed", "/api/conflict"] {
         let reply = client.get(path).await;
         reply.assert_problem(502, "upstream_unreachable");
-        assert!(reply.text().contains("Content-Length"), "{}", reply.text());
+        assert!(reply.text().to_ascii_lowercase().contains("content-length"), "{}", reply.text());
     }
     assert_eq!(client.get("/api/ok").await.text(), "fine", "the caller's connection stays usable");
     proxy.stop().await;
@@ -1310,5 +1322,23 @@ async fn dot_segments_are_removed_before_routing_and_the_normalised_path_is_forw
     assert_eq!(client.get("/strict/plain").await.text(), "GET /strict/plain");
     let targets: Vec<String> = upstream.received().iter().map(|r| r.target().to_owned()).collect();
     assert_eq!(targets, ["/b/c?q=1", "/y", "/projects/group%2Fname", "/strict/plain"]);
+    proxy.stop().await;
+}
+
+/// A chunked request body that turns out malformed after part of it went upstream: the caller's fault, 400, and the
+/// connection closes (where the next request would start is not known).
+#[tokio::test]
+async fn a_malformed_chunked_body_is_the_callers_fault() {
+    let (_idp, upstream, proxy) = setup(RawUpstream::echo_target().await).await;
+    let mut client = RawClient::connect(&proxy).await;
+    let request = format!(
+        "POST /api/x HTTP/1.1\r\nHost: {CLIENT_HOST}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nbad\r\n0\r\n\r\n"
+    );
+    let reply = client.exchange("POST", request.as_bytes()).await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    reply.assert_problem(400, "bad_request");
+    assert!(reply.text().contains("request body"), "{}", reply.text());
+    client.assert_closed().await;
+    assert!(upstream.received().is_empty(), "the upstream never received a complete message");
     proxy.stop().await;
 }

@@ -261,6 +261,8 @@ pub struct RouteConfig {
     pub incoming_authorization: IncomingAuthorization,
     /// Whether paths with an encoded `/` or `\\` (`%2F`, `%5C`) are forwarded or refused.
     pub encoded_slashes: EncodedSlashes,
+    /// PEM CA bundle trusted for this route's HTTPS upstream, instead of the built-in web roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `routes[N].encoded_slashes`: paths with `%2F` or `%5C`.

@@ -154,6 +154,8 @@ struct RouteView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     incoming_authorization: Option<IncomingAuthorization>,
     encoded_slashes: EncodedSlashes,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_file: Option<&'a Path>,
 }
 
 impl Serialize for RouteConfig {
@@ -177,6 +179,7 @@ impl Serialize for RouteConfig {
             retry_on_401: with_token.then_some(self.retry_on_401),
             incoming_authorization: with_token.then_some(self.incoming_authorization),
             encoded_slashes: self.encoded_slashes,
+            ca_file: self.ca_file.as_deref(),
         }
         .serialize(serializer)
     }

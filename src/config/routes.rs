@@ -158,6 +158,12 @@ fn route(
     let retry_on_401 = r.get(t, "retry_on_401", reader::boolean);
     let incoming_authorization = r.get(t, "incoming_authorization", reader::choice(INCOMING));
     let encoded_slashes = r.get(t, "encoded_slashes", reader::choice(ENCODED_SLASHES));
+    let ca_file = r.get(t, "ca_file", reader::readable_file);
+    if let (Some(leaf), Some(upstream)) = (&ca_file, &upstream) {
+        if upstream.value.scheme() != "https" {
+            r.report_leaf(leaf, "only used with an https upstream; this route's upstream is plain http");
+        }
+    }
     let inject = value_or(inject, Inject::Header);
 
     // Keys that would silently do nothing are errors, like unknown keys.
@@ -203,6 +209,7 @@ fn route(
         retry_on_401: value_or(retry_on_401, true),
         incoming_authorization: value_or(incoming_authorization, IncomingAuthorization::Replace),
         encoded_slashes: value_or(encoded_slashes, EncodedSlashes::Keep),
+        ca_file: ca_file.map(|leaf| leaf.value),
     };
     Some((config, name))
 }

@@ -30,14 +30,20 @@ pub enum ProxyError {
     },
     /// Connect or TLS to the upstream failed.
     UpstreamUnreachable(String),
-    /// `request_timeout` passed.
+    /// `request_timeout` passed while the upstream had the whole request.
     UpstreamTimeout(Duration),
+    /// `request_timeout` passed while the caller had not sent all of its request body.
+    RequestTimeout(Duration),
     /// No route matches.
     NoRoute,
     /// Absolute-form, CONNECT, or a Host no route names.
     HostNotAllowed(String),
-    /// A malformed request, or one a route refuses.
+    /// A request a route or the path policy refuses.
     BadRequest(String),
+    /// A request HTTP/1.1 forbids (two `Host` headers, a framing another hop could read differently, a body that
+    /// is not valid chunked coding): 400 too, and the connection ends, since where the next request starts is not
+    /// known.
+    Malformed(String),
     /// A method that is never forwarded (TRACE, TRACK: they would echo the token back).
     MethodNotAllowed(String),
 }
@@ -58,11 +64,18 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::HostNotAllowed(_) => StatusCode::FORBIDDEN,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::Malformed(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
+    }
+
+    /// Whether an HTTP/1.x connection ends after this error is answered: a malformed request leaves unknown where the
+    /// next one starts.
+    pub fn ends_connection(&self) -> bool {
+        matches!(self, ProxyError::Malformed(_))
     }
 
     /// The stable error code of SPEC.md.
@@ -71,9 +84,10 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::RequestTimeout(_) => "request_timeout",
             ProxyError::NoRoute => "no_route",
             ProxyError::HostNotAllowed(_) => "host_not_allowed",
-            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BadRequest(_) | ProxyError::Malformed(_) => "bad_request",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
         }
     }
@@ -83,9 +97,11 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => "No valid access token is available for this route",
             ProxyError::UpstreamUnreachable(_) => "The upstream could not be reached",
             ProxyError::UpstreamTimeout(_) => "The upstream did not answer in time",
+            ProxyError::RequestTimeout(_) => "The request body did not arrive in time",
             ProxyError::NoRoute => "No route matches this request",
             ProxyError::HostNotAllowed(_) => "This host is not served by tokenproxy",
             ProxyError::BadRequest(_) => "Bad request",
+            ProxyError::Malformed(_) => "Malformed request",
             ProxyError::MethodNotAllowed(_) => "This method is not forwarded",
         }
     }
@@ -95,9 +111,12 @@ impl ProxyError {
             ProxyError::TokenUnavailable { detail, .. } => detail.clone(),
             ProxyError::UpstreamUnreachable(detail) => detail.clone(),
             ProxyError::UpstreamTimeout(after) => format!("no response within request_timeout ({after:?})"),
+            ProxyError::RequestTimeout(after) => {
+                format!("the request body was not complete within request_timeout ({after:?})")
+            }
             ProxyError::NoRoute => "no configured route matches this host and path".to_owned(),
             ProxyError::HostNotAllowed(detail) => detail.clone(),
-            ProxyError::BadRequest(detail) => detail.clone(),
+            ProxyError::BadRequest(detail) | ProxyError::Malformed(detail) => detail.clone(),
             ProxyError::MethodNotAllowed(method) => {
                 format!("{method} is never forwarded: an upstream would echo the request, token included")
             }
@@ -136,6 +155,7 @@ impl ProxyError {
             let seconds = retry_after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
             headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
-        (parts, Bytes::from(body.to_string()))
+        // A final newline: the body reads well in a terminal (`curl`), and a response never runs into the next.
+        (parts, Bytes::from(format!("{body}\n")))
     }
 }

@@ -7,14 +7,17 @@
 //! hyper drops the request's future: the upstream exchange is dropped with it and its [`super::Exchange`] still
 //! lowers the in-flight gauge.
 
+use http::header::CONTENT_LENGTH;
 use http::request::Parts;
-use http::{HeaderValue, Request, Response, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::Body;
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::h1::framing::parse_length;
 use super::replay::{Replay, ReplayBody};
-use super::upstream::{UpstreamBody, UpstreamError};
+use super::upstream::{may_retry, CallerWait, UpstreamBody, UpstreamError};
 use super::{Connection, Decision, ErrorContext, Proxy, ProxyBody, ProxyError, Route, Target, X_REQUEST_ID};
 use crate::metrics::ReplayOutcome;
 use crate::token::Token;
@@ -35,7 +38,7 @@ pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Conn
         }
         Err(error) => {
             // A request refused before routing may be malformed: where the next one starts is not known.
-            let close = matches!(error, ProxyError::BadRequest(_)) && parts.version < Version::HTTP_2;
+            let close = error.ends_connection() && parts.version < Version::HTTP_2;
             let mut response = error.into_response(&ErrorContext::default());
             if close {
                 response.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -55,6 +58,8 @@ struct Attempt<'a> {
     response: Response<Incoming>,
     /// The request's deadline, which the replay shares.
     deadline: Instant,
+    /// The request is a HEAD (its response has no body, whatever its length says).
+    head_request: bool,
 }
 
 /// Phases 2 to 6 for one request.
@@ -68,39 +73,87 @@ async fn forward(
     replayed: &mut bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let deadline = started + proxy.request_timeout;
+    let head_request = parts.method == Method::HEAD;
     let target = Proxy::prepare(route, &mut parts, connection)?;
+    frame_request(&mut parts, &body);
     let token = match (&route.tokens, target.attach) {
         (Some(tokens), true) => Some(Proxy::credential(tokens.as_ref(), None).await?),
         _ => None,
     };
     let replayable = token.is_some() && route.retry_on_401;
-    // Keep what a replay needs: the request head here (without the extensions, which hyper fills per connection
-    // and which only cost allocations to copy), the body in ReplayBody.
-    let saved = replayable.then(|| {
-        let (mut head, ()) = Request::new(()).into_parts();
-        head.method = parts.method.clone();
-        head.version = parts.version;
-        head.headers = parts.headers.clone();
-        head
-    });
+    // A bodiless idempotent request may go once more if its connection turns out stale (`may_retry`).
+    let resendable = parts.method.is_idempotent() && body.is_end_stream();
+    // Keep what a replay or a second send needs: the request head here (without the extensions, which hyper fills
+    // per connection and which only cost allocations to copy), the body in ReplayBody.
+    let saved = (replayable || resendable).then(|| copy_head(&parts));
+    let waiting = CallerWait::for_body(&body);
     let (body, replay) = if replayable {
         let (body, replay) = ReplayBody::new(body, proxy.replay_buffer);
-        (UpstreamBody::Kept { body }, replay)
+        (UpstreamBody::Kept { body, waiting: waiting.clone() }, replay)
     } else {
-        (UpstreamBody::Plain { body }, Replay::none())
+        (UpstreamBody::Plain { body, waiting: waiting.clone() }, Replay::none())
     };
     let upstream_request = attach(route, &target, parts, token.as_deref(), body)?;
-    let response = send(proxy, upstream_request, deadline).await?;
+    let response = match send(proxy, route, upstream_request, deadline, resendable).await {
+        // The upstream was still waiting for the caller's body: the caller's delay, not the upstream's.
+        Err(Failure::Error(ProxyError::UpstreamTimeout(after))) if waiting.is_some_and(|w| w.waiting()) => {
+            return Err(ProxyError::RequestTimeout(after));
+        }
+        Err(Failure::Resend { reused, detail }) => match (&saved, may_retry(reused, true, false, true)) {
+            (Some(head), true) => {
+                tracing::debug!(route = %route.name, "sending once more on a new connection: {detail}");
+                let again = attach(route, &target, copy_head(head), token.as_deref(), UpstreamBody::empty())?;
+                send(proxy, route, again, deadline, false).await.map_err(Failure::into_error)?
+            }
+            _ => return Err(ProxyError::UpstreamUnreachable(detail)),
+        },
+        Err(other) => return Err(other.into_error()),
+        Ok(response) => response,
+    };
     let Decision::Replay { .. } = Proxy::decide(route, response.status(), token.as_deref(), false) else {
-        return Ok(finish(response));
+        return Ok(finish(response, head_request));
     };
     match (token, saved) {
         (Some(token), Some(parts)) => {
-            let first = Attempt { token: &token, replay, response, deadline };
+            let first = Attempt { token: &token, replay, response, deadline, head_request };
             // The rare path is boxed, so that every request's future stays small.
             Box::pin(replay_after_401(proxy, route, &target, parts, first, replayed)).await
         }
-        _ => Ok(finish(response)),
+        _ => Ok(finish(response, head_request)),
+    }
+}
+
+/// A copy of a request head without its extensions.
+fn copy_head(parts: &Parts) -> Parts {
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = parts.method.clone();
+    head.version = parts.version;
+    head.headers = parts.headers.clone();
+    head
+}
+
+/// Why an exchange failed: an error to answer, or a request the upstream did not answer, which may go once more.
+enum Failure {
+    Error(ProxyError),
+    Resend { reused: bool, detail: String },
+}
+
+impl Failure {
+    fn into_error(self) -> ProxyError {
+        match self {
+            Failure::Error(error) => error,
+            Failure::Resend { detail, .. } => ProxyError::UpstreamUnreachable(detail),
+        }
+    }
+}
+
+/// The request's framing, ours: the caller's `Content-Length` is never copied; hyper's client derives the length from
+/// the body it reads (or chunks a body of unknown length), and a caller's explicit empty body keeps its
+/// `Content-Length: 0`, as the HTTP/1.1 transport writes it.
+fn frame_request(parts: &mut Parts, body: &Incoming) {
+    let had_length = parts.headers.remove(CONTENT_LENGTH).is_some();
+    if had_length && body.is_end_stream() {
+        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
     }
 }
 
@@ -120,18 +173,22 @@ fn attach<B>(
     Ok(Request::from_parts(parts, body))
 }
 
-/// One exchange with the upstream, bounded by the request's deadline.
+/// One exchange with the upstream, bounded by the request's deadline (`resendable`: the request could go once
+/// more, so a connection that closed without answering is reported as such).
 async fn send(
     proxy: &Proxy,
+    route: &Route,
     request: Request<UpstreamBody>,
     deadline: Instant,
-) -> Result<Response<Incoming>, ProxyError> {
-    match tokio::time::timeout_at(deadline, proxy.client.send(request)).await {
+    resendable: bool,
+) -> Result<Response<Incoming>, Failure> {
+    match tokio::time::timeout_at(deadline, proxy.client.send(request, route.tls.as_ref(), resendable)).await {
         Ok(Ok(response)) => Ok(response),
         // The caller's body was malformed or cut short: the caller's fault.
-        Ok(Err(UpstreamError::CallerBody(detail))) => Err(ProxyError::BadRequest(detail)),
-        Ok(Err(UpstreamError::Failed(detail))) => Err(ProxyError::UpstreamUnreachable(detail)),
-        Err(_) => Err(ProxyError::UpstreamTimeout(proxy.request_timeout)),
+        Ok(Err(UpstreamError::CallerBody(detail))) => Err(Failure::Error(ProxyError::Malformed(detail))),
+        Ok(Err(UpstreamError::Failed(detail))) => Err(Failure::Error(ProxyError::UpstreamUnreachable(detail))),
+        Ok(Err(UpstreamError::Unanswered { detail, reused })) => Err(Failure::Resend { reused, detail }),
+        Err(_) => Err(Failure::Error(ProxyError::UpstreamTimeout(proxy.request_timeout))),
     }
 }
 
@@ -144,30 +201,42 @@ async fn replay_after_401(
     first: Attempt<'_>,
     replayed: &mut bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let Some(tokens) = &route.tokens else { return Ok(finish(first.response)) };
+    let Some(tokens) = &route.tokens else { return Ok(finish(first.response, first.head_request)) };
     let deadline = first.deadline;
     let body = match tokio::time::timeout_at(deadline, first.replay.replay()).await {
         Ok(Some(body)) => body,
         _ => {
             route.metrics.replays(ReplayOutcome::NotReplayable).inc();
-            return Ok(finish(first.response));
+            return Ok(finish(first.response, first.head_request));
         }
     };
     let Some(fresh) = Proxy::replacement(route, tokens.as_ref(), first.token.generation, deadline).await else {
-        return Ok(finish(first.response));
+        return Ok(finish(first.response, first.head_request));
     };
+    let head_request = first.head_request;
     drop(first.response);
     *replayed = true;
     let request = attach(route, target, parts, Some(&fresh), UpstreamBody::Replay { body })?;
-    let response = send(proxy, request, deadline).await?;
+    let response = send(proxy, route, request, deadline, false).await.map_err(Failure::into_error)?;
     Proxy::decide(route, response.status(), Some(&fresh), true);
-    Ok(finish(response))
+    Ok(finish(response, head_request))
 }
 
-/// Phase 6: the upstream's response as the caller gets it: headers as [`super::headers::forwarded`] says; hyper
-/// frames the body.
-fn finish(response: Response<Incoming>) -> Response<ProxyBody> {
+/// Phase 6: the upstream's response as the caller gets it: headers as [`super::headers::forwarded`] says, and its
+/// length ours, never copied: the length of the body hyper read, or for HEAD and 304 the upstream's, as a number.
+fn finish(response: Response<Incoming>, head_request: bool) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     super::headers::strip_hop_by_hop(&mut parts.headers);
+    let stated = parts.headers.remove(CONTENT_LENGTH).and_then(|value| parse_length(value.as_bytes()));
+    let length = if head_request || parts.status == StatusCode::NOT_MODIFIED {
+        stated
+    } else if parts.status == StatusCode::NO_CONTENT {
+        None
+    } else {
+        body.size_hint().exact()
+    };
+    if let Some(length) = length {
+        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+    }
     Response::from_parts(parts, Either::Left(body))
 }

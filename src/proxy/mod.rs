@@ -262,12 +262,13 @@ impl Proxy {
     /// headers are refused; dot segments are removed from the path before routing ([`path`]), and the normalised
     /// path is the one forwarded.
     pub fn admit(&self, request: &mut Parts) -> Result<&Route, ProxyError> {
+        // A malformed message first (the HTTP/1.1 transport's parser refuses it before anything else), then policy.
+        if request.headers.get_all(HOST).iter().nth(1).is_some() {
+            return Err(ProxyError::Malformed("more than one Host header".into()));
+        }
         let method = request.method.as_str();
         if method.eq_ignore_ascii_case("TRACE") || method.eq_ignore_ascii_case("TRACK") {
             return Err(ProxyError::MethodNotAllowed(method.to_owned()));
-        }
-        if request.headers.get_all(HOST).iter().nth(1).is_some() {
-            return Err(ProxyError::BadRequest("more than one Host header".into()));
         }
         let normalized = path::remove_dot_segments(request.uri.path())
             .map_err(|e| ProxyError::BadRequest(format!("path refused: {e}")))?;

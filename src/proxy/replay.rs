@@ -156,6 +156,13 @@ pub struct BufferedBody {
     trailers: Option<HeaderMap>,
 }
 
+impl BufferedBody {
+    /// A body with nothing in it.
+    pub fn empty() -> BufferedBody {
+        BufferedBody { chunks: VecDeque::new(), len: 0, trailers: None }
+    }
+}
+
 impl Body for BufferedBody {
     type Data = Bytes;
     type Error = std::convert::Infallible;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
+use super::upstream::{RouteTls, UpstreamClient};
 use crate::config::{EncodedSlashes, IncomingAuthorization, Inject, RouteConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::token::TokenSource;
@@ -60,6 +61,8 @@ pub struct Route {
     pub incoming_authorization: IncomingAuthorization,
     /// Refuse paths with an encoded `/` or `\\`.
     pub reject_encoded_slashes: bool,
+    /// The route's own TLS trust for its upstream (`ca_file`), if it has one.
+    pub tls: Option<RouteTls>,
     /// The route's metric handles.
     pub metrics: RouteMetrics,
 }
@@ -78,6 +81,7 @@ impl Route {
         config: &RouteConfig,
         tokens: &dyn Fn(&str) -> Option<Arc<dyn TokenSource>>,
         metrics: &Metrics,
+        client: &UpstreamClient,
     ) -> Result<Route, RouteError> {
         let error = |message: String| RouteError { route: config.name.clone(), message };
         let upstream = &config.upstream;
@@ -128,6 +132,12 @@ impl Route {
             retry_on_401: config.retry_on_401,
             incoming_authorization: config.incoming_authorization,
             reject_encoded_slashes: config.encoded_slashes == EncodedSlashes::Reject,
+            tls: config
+                .ca_file
+                .as_deref()
+                .map(|ca_file| client.route_tls(ca_file))
+                .transpose()
+                .map_err(|e| error(format!("ca_file: {e}")))?,
             metrics: metrics.route(&config.name),
         })
     }

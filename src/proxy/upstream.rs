@@ -53,11 +53,39 @@ pin_project_lite::pin_project! {
     #[project = UpstreamBodyProj]
     pub enum UpstreamBody {
         /// The caller's body, streamed as is.
-        Plain { #[pin] body: Incoming },
+        Plain { #[pin] body: Incoming, waiting: Option<CallerWait> },
         /// The caller's body, streamed and kept for a replay.
-        Kept { #[pin] body: ReplayBody<Incoming> },
+        Kept { #[pin] body: ReplayBody<Incoming>, waiting: Option<CallerWait> },
         /// A replay of a kept body.
         Replay { #[pin] body: BufferedBody },
+    }
+}
+
+/// Whether the upstream exchange is waiting for more of the caller's body: set while the body is asked for a frame
+/// that has not come, so that a timeout can blame the right side (408 for the caller, 504 for the upstream).
+#[derive(Debug, Clone, Default)]
+pub struct CallerWait(Arc<std::sync::atomic::AtomicBool>);
+
+impl CallerWait {
+    /// A tracker for a caller's body, unless the body is already complete (then there is nothing to wait for).
+    pub fn for_body(body: &Incoming) -> Option<CallerWait> {
+        (!body.is_end_stream()).then(CallerWait::default)
+    }
+
+    /// Whether the last request for the caller's body's next frame is still unanswered.
+    pub fn waiting(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn track<T>(&self, poll: &Poll<T>) {
+        self.0.store(poll.is_pending(), Ordering::Relaxed);
+    }
+}
+
+impl UpstreamBody {
+    /// An empty body (a bodiless request sent once more).
+    pub fn empty() -> UpstreamBody {
+        UpstreamBody::Replay { body: BufferedBody::empty() }
     }
 }
 
@@ -67,24 +95,36 @@ impl Body for UpstreamBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            UpstreamBodyProj::Plain { body } => body.poll_frame(cx).map_err(|e| CallerBodyError(e).into()),
-            UpstreamBodyProj::Kept { body } => body.poll_frame(cx).map_err(|e| CallerBodyError(e).into()),
+            UpstreamBodyProj::Plain { body, waiting } => {
+                let poll = body.poll_frame(cx);
+                if let Some(waiting) = waiting {
+                    waiting.track(&poll);
+                }
+                poll.map_err(|e| CallerBodyError(e).into())
+            }
+            UpstreamBodyProj::Kept { body, waiting } => {
+                let poll = body.poll_frame(cx);
+                if let Some(waiting) = waiting {
+                    waiting.track(&poll);
+                }
+                poll.map_err(|e| CallerBodyError(e).into())
+            }
             UpstreamBodyProj::Replay { body } => body.poll_frame(cx).map_err(|e| match e {}),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            UpstreamBody::Plain { body } => body.is_end_stream(),
-            UpstreamBody::Kept { body } => body.is_end_stream(),
+            UpstreamBody::Plain { body, .. } => body.is_end_stream(),
+            UpstreamBody::Kept { body, .. } => body.is_end_stream(),
             UpstreamBody::Replay { body } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpstreamBody::Plain { body } => body.size_hint(),
-            UpstreamBody::Kept { body } => body.size_hint(),
+            UpstreamBody::Plain { body, .. } => body.size_hint(),
+            UpstreamBody::Kept { body, .. } => body.size_hint(),
             UpstreamBody::Replay { body } => body.size_hint(),
         }
     }
@@ -99,6 +139,14 @@ pub enum UpstreamError {
     /// The caller's body failed while it was being sent.
     #[error("{0}")]
     CallerBody(String),
+    /// The request was written and the connection closed without any answer.
+    #[error("{detail}")]
+    Unanswered {
+        /// What happened.
+        detail: String,
+        /// The connection had served an exchange before this one.
+        reused: bool,
+    },
 }
 
 /// Opens plain (unencrypted) connections to upstreams: TCP in production; tests put an in-memory upstream here.
@@ -276,18 +324,7 @@ impl UpstreamClient {
     /// A client whose plain connections come from `dial`.
     pub fn with_dial(max_idle: usize, dial: Arc<dyn Dial>) -> Result<UpstreamClient, TlsError> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        let tls = client_config(&ClientTls::default())?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let connector = Connector { https, dial: Arc::clone(&dial) };
+        let connector = Connector { https: https_connector(&ClientTls::default())?, dial: Arc::clone(&dial) };
         let client = pooled(connector.clone(), max_idle);
         let per_worker = (0..WORKER_POOLS).map(|_| std::sync::OnceLock::new()).collect();
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -307,18 +344,51 @@ impl UpstreamClient {
         }
     }
 
-    /// Sends one request through hyper and returns the response head with its streaming body.
-    pub async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<Incoming>, UpstreamError> {
-        self.pool().request(request).await.map_err(|error| {
+    /// A hyper pool of its own for a route whose HTTPS upstream is trusted through `ca_file` only
+    /// (`routes[].ca_file`).
+    pub fn route_tls(&self, ca_file: &std::path::Path) -> Result<RouteTls, TlsError> {
+        let tls = ClientTls { ca_file: Some(ca_file), only_ca_file: true, client_cert: None };
+        let connector = Connector { https: https_connector(&tls)?, dial: Arc::clone(&self.dial) };
+        Ok(RouteTls { client: pooled(connector, self.max_idle) })
+    }
+
+    /// Sends one request through hyper (the route's own TLS pool, if it has one) and returns the response head with
+    /// its streaming body.
+    ///
+    /// With `watch_reuse` (a request that could be sent again), a failure tells whether the connection had served an
+    /// exchange before ([`UpstreamError::Unanswered`]), for [`may_retry`]; hyper's client itself sends again a
+    /// request that a reused connection never took.
+    pub async fn send(
+        &self,
+        mut request: Request<UpstreamBody>,
+        tls: Option<&RouteTls>,
+        watch_reuse: bool,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let pool = tls.map_or_else(|| self.pool(), |tls| &tls.client);
+        let captured = watch_reuse.then(|| hyper_util::client::legacy::connect::capture_connection(&mut request));
+        let result = pool.request(request).await;
+        // Count the exchange on its connection, whatever its outcome: the next one on it is a reuse.
+        let exchanges_before = captured.as_ref().and_then(|captured| {
+            let metadata = captured.connection_metadata();
+            let mut extensions = http::Extensions::new();
+            metadata.as_ref()?.get_extras(&mut extensions);
+            Some(extensions.get::<Exchanges>()?.0.fetch_add(1, Ordering::Relaxed))
+        });
+        result.map_err(|error| {
             let chain = crate::error_chain(&error);
+            let mut unanswered = false;
             let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
             while let Some(cause) = source {
                 if cause.is::<CallerBodyError>() {
                     return UpstreamError::CallerBody(chain);
                 }
+                unanswered |= cause.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_incomplete_message);
                 source = cause.source();
             }
-            UpstreamError::Failed(chain)
+            match exchanges_before {
+                Some(before) if unanswered => UpstreamError::Unanswered { detail: chain, reused: before > 0 },
+                _ => UpstreamError::Failed(chain),
+            }
         })
     }
 
@@ -398,6 +468,26 @@ impl Drop for UpstreamClient {
     }
 }
 
+/// A route's own TLS trust for its upstream: a hyper pool whose connector trusts only the route's CA bundle.
+pub struct RouteTls {
+    client: PooledClient,
+}
+
+/// An HTTPS connector with `tls`'s trust, offering h2 and http/1.1 by ALPN.
+fn https_connector(tls: &ClientTls<'_>) -> Result<hyper_rustls::HttpsConnector<HttpConnector>, TlsError> {
+    let tls = client_config(tls)?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http))
+}
+
 /// A hyper pool over `connector`.
 fn pooled(connector: Connector, max_idle: usize) -> PooledClient {
     Client::builder(TokioExecutor::new())
@@ -427,28 +517,35 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         if uri.scheme() == Some(&Scheme::HTTPS) {
             let connecting = self.https.call(uri);
-            return Box::pin(async move { Ok(UpstreamIo::Tls(Box::new(connecting.await?))) });
+            return Box::pin(async move {
+                Ok(UpstreamIo::Tls { stream: Box::new(connecting.await?), exchanges: Exchanges::default() })
+            });
         }
         let dial = Arc::clone(&self.dial);
         Box::pin(async move {
             let authority = uri.authority().ok_or("the upstream URI has no authority")?.clone();
             let stream = dial.dial(&authority).await.map_err(|e| format!("connecting to {authority}: {e}"))?;
-            Ok(UpstreamIo::Plain(TokioIo::new(stream)))
+            Ok(UpstreamIo::Plain { stream: TokioIo::new(stream), exchanges: Exchanges::default() })
         })
     }
 }
 
 /// A connection hyper's client uses.
 enum UpstreamIo {
-    Tls(Box<MaybeHttpsStream<TokioIo<TcpStream>>>),
-    Plain(TokioIo<UpstreamStream>),
+    Tls { stream: Box<MaybeHttpsStream<TokioIo<TcpStream>>>, exchanges: Exchanges },
+    Plain { stream: TokioIo<UpstreamStream>, exchanges: Exchanges },
 }
+
+/// Exchanges a hyper connection has carried (an extra of its [`Connected`]), counted by [`UpstreamClient::send`]:
+/// hyper does not say whether it reused a connection.
+#[derive(Debug, Clone, Default)]
+struct Exchanges(Arc<AtomicU64>);
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
         match self {
-            UpstreamIo::Tls(stream) => stream.connected(),
-            UpstreamIo::Plain(_) => Connected::new(),
+            UpstreamIo::Tls { stream, exchanges } => stream.connected().extra(exchanges.clone()),
+            UpstreamIo::Plain { exchanges, .. } => Connected::new().extra(exchanges.clone()),
         }
     }
 }
@@ -460,8 +557,8 @@ impl hyper::rt::Read for UpstreamIo {
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_read(cx, buf),
+            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -469,8 +566,8 @@ impl hyper::rt::Read for UpstreamIo {
 impl hyper::rt::Write for UpstreamIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_write(cx, buf),
+            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -480,29 +577,29 @@ impl hyper::rt::Write for UpstreamIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            UpstreamIo::Tls(s) => s.is_write_vectored(),
-            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls { stream: s, .. } => s.is_write_vectored(),
+            UpstreamIo::Plain { stream: s, .. } => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
-            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_flush(cx),
+            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
-            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_shutdown(cx),
+            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -60,7 +60,7 @@ impl IdpClient {
             (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
             _ => None,
         };
-        let tls = client_config(&ClientTls { ca_file: provider.ca_file.as_deref(), client_cert })?;
+        let tls = client_config(&ClientTls { ca_file: provider.ca_file.as_deref(), only_ca_file: false, client_cert })?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);

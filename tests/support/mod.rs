@@ -348,6 +348,13 @@ impl FakeUpstream {
     }
 }
 
+/// Whether this run serves every request with hyper (`TP_TEST_HTTP1=hyper`), so that the HTTP/1.1 suites test the
+/// hyper transport too. Tests of behaviour only the HTTP/1.1 transport has (its stricter verdicts, its connection
+/// reuse) ask this.
+pub fn hyper_only() -> bool {
+    std::env::var("TP_TEST_HTTP1").is_ok_and(|v| v == "hyper")
+}
+
 /// tokenproxy running in-process on ports chosen by the OS.
 pub struct Proxy {
     pub addr: SocketAddr,
@@ -365,8 +372,12 @@ impl Proxy {
         Self::start_config(config).await
     }
 
-    /// Starts tokenproxy with a ready config.
-    pub async fn start_config(config: tokenproxy::config::Config) -> Proxy {
+    /// Starts tokenproxy with a ready config. With `TP_TEST_HTTP1=hyper` in the environment, every request is served
+    /// by hyper (`server.direct_http1 = false`): `scripts/test` runs the HTTP/1.1 suites a second time that way.
+    pub async fn start_config(mut config: tokenproxy::config::Config) -> Proxy {
+        if hyper_only() {
+            config.server.direct_http1 = false;
+        }
         let app = tokenproxy::App::build(config).expect("build");
         let bound = app.bind().await.expect("bind");
         let addr = bound.proxy_addr();

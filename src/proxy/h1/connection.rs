@@ -263,30 +263,53 @@ where
         let Some(s) = scratch.as_mut() else { return Ended::Closed };
         let proxy = proxies.load_full();
         timer.set_period(header_read_timeout.min(proxy.request_timeout));
-        let route = proxy.admit(&mut s.parts);
-        let to_hyper = match &route {
-            Ok(route) => route.plain_http_upstream().is_none() || parsed.body_len > proxy.replay_buffer,
-            Err(_) => false,
-        };
-        if to_hyper {
-            return handoff(io, parsed.head, scratch);
-        }
         let mut exchange = proxy.begin(&mut s.parts);
-        // The body, read whole: it is small, and kept for a replay.
-        let deadline = exchange.started() + proxy.request_timeout;
-        while s.input.len() < parsed.body_len {
-            s.input.reserve(parsed.body_len - s.input.len());
-            match timer.within(deadline, io.read_buf(&mut s.input)).await {
-                Some(Ok(n)) if n > 0 => {}
-                _ => return Ended::Closed,
+        let route = proxy.admit(&mut s.parts);
+        if let Ok(route) = route {
+            if route.plain_http_upstream().is_none() || parsed.body_len > proxy.replay_buffer {
+                return handoff(io, parsed.head, scratch);
             }
+            exchange.routed(route);
         }
         let close = parsed.close || *shutdown.borrow();
         let request_id = exchange.request_id().clone();
-        let reply = ReplyTo { request_id: &request_id, close, head_request: s.parts.method == Method::HEAD };
-        let outcome = match route {
+        let head_request = s.parts.method == Method::HEAD;
+        let (status, replayed, done) = match route {
+            Err(error) => {
+                // Refused before routing: answered at once, without waiting for a body. A malformed request, or a
+                // body not read yet, ends the connection (where the next request starts is not known).
+                let close = close || error.ends_connection() || s.input.len() < parsed.body_len;
+                let reply = ReplyTo { request_id: &request_id, close, head_request };
+                let context = proxy.error_context(None, &error);
+                let status = error.status();
+                let (head, body) = error.into_parts(&context);
+                encode_error(&mut s.response, &head, &body, &reply);
+                let written = io.write_all(&s.response).await;
+                (status, false, written.is_err() || close)
+            }
             Ok(route) => {
-                exchange.routed(route);
+                // The body, read whole: it is small, and kept for a replay.
+                let deadline = exchange.started() + proxy.request_timeout;
+                while s.input.len() < parsed.body_len {
+                    s.input.reserve(parsed.body_len - s.input.len());
+                    match timer.within(deadline, io.read_buf(&mut s.input)).await {
+                        Some(Ok(n)) if n > 0 => {}
+                        Some(_) => return Ended::Closed,
+                        None => {
+                            // The body did not come in time; where the next request would start is unknown.
+                            let error = ProxyError::RequestTimeout(proxy.request_timeout);
+                            let reply = ReplyTo { request_id: &request_id, close: true, head_request };
+                            let context = proxy.error_context(Some(route), &error);
+                            let (head, body) = error.into_parts(&context);
+                            encode_error(&mut s.response, &head, &body, &reply);
+                            let _ = io.write_all(&s.response).await;
+                            proxy.end(exchange, StatusCode::REQUEST_TIMEOUT, false);
+                            let _ = io.shutdown().await;
+                            return Ended::Closed;
+                        }
+                    }
+                }
+                let reply = ReplyTo { request_id: &request_id, close, head_request };
                 let request = Request {
                     route,
                     body_len: parsed.body_len,
@@ -295,25 +318,25 @@ where
                     reply: &reply,
                     deadline,
                 };
-                forward(&proxy, &request, s, &mut timer, &mut io).await
+                match forward(&proxy, &request, s, &mut timer, &mut io).await {
+                    Outcome::Answered { status, replayed, open } => (status, replayed, !open),
+                    Outcome::Error(error) => {
+                        let context = proxy.error_context(Some(route), &error);
+                        let status = error.status();
+                        let (head, body) = error.into_parts(&context);
+                        encode_error(&mut s.response, &head, &body, &reply);
+                        let written = io.write_all(&s.response).await;
+                        (status, false, written.is_err() || close)
+                    }
+                    Outcome::Broken { status } => (status, false, true),
+                    Outcome::Gone => (CLIENT_CLOSED_REQUEST, false, true),
+                }
             }
-            Err(error) => Outcome::Error(error),
-        };
-        let (status, replayed, done) = match outcome {
-            Outcome::Answered { status, replayed, open } => (status, replayed, !open),
-            Outcome::Error(error) => {
-                let context = proxy.error_context(exchange.route(), &error);
-                let status = error.status();
-                let (head, body) = error.into_parts(&context);
-                encode_error(&mut s.response, &head, &body, &reply);
-                let written = io.write_all(&s.response).await;
-                (status, false, written.is_err() || close)
-            }
-            Outcome::Broken { status } => (status, false, true),
-            Outcome::Gone => (CLIENT_CLOSED_REQUEST, false, true),
         };
         proxy.end(exchange, status, replayed);
-        s.input.advance(parsed.body_len);
+        // A request refused before its body came ends the connection; the body is skipped only when it is here.
+        let body = parsed.body_len.min(s.input.len());
+        s.input.advance(body);
         // Nothing refers to the head any more: the buffer's memory can be reused for the next request.
         s.parts.headers.clear();
         s.parts.uri = Uri::default();
@@ -333,7 +356,7 @@ async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, proxy: &Proxy, out: &mut Vec<
     let request_id = crate::proxy::new_request_id();
     let reply = ReplyTo { request_id: &request_id, close: true, head_request: false };
     tracing::debug!("refused a request: {reason}");
-    let error = ProxyError::BadRequest(format!("{reason}: refused"));
+    let error = ProxyError::Malformed(format!("{reason}: refused"));
     let (head, body) = error.into_parts(&ErrorContext::default());
     encode_error(out, &head, &body, &reply);
     let _ = io.write_all(out).await;

@@ -32,36 +32,59 @@ pub fn parse_length(value: &[u8]) -> Option<u64> {
     })
 }
 
-/// Accumulates the framing fields of one message, field by field.
+/// Accumulates the framing fields of one message, field by field; the verdict comes once all are seen (with both
+/// `Content-Length` and `Transfer-Encoding`, the second decides whatever the first says).
 #[derive(Debug, Default, Clone)]
 pub struct FramingFields {
-    /// The agreed `Content-Length`, if any was seen.
-    pub length: Option<u64>,
-    /// How many `Transfer-Encoding` fields were seen.
-    pub transfer_encodings: usize,
-    /// The last coding of the last `Transfer-Encoding` field is `chunked`.
-    pub chunked: bool,
+    length: Option<u64>,
+    length_error: Option<FramingError>,
+    lengths: usize,
+    transfer_encodings: usize,
+    chunked: bool,
 }
 
 impl FramingFields {
     /// Takes one header field into account; other fields are ignored.
-    pub fn add(&mut self, name: &[u8], value: &[u8]) -> Result<(), FramingError> {
+    pub fn add(&mut self, name: &[u8], value: &[u8]) {
         if name.eq_ignore_ascii_case(b"content-length") {
-            let length = parse_length(value).ok_or(FramingError::InvalidLength)?;
-            match self.length {
-                Some(seen) if seen != length => return Err(FramingError::ConflictingLengths),
-                _ => self.length = Some(length),
+            self.lengths += 1;
+            if self.length_error.is_some() {
+                return;
+            }
+            match (parse_length(value), self.length) {
+                (None, _) => self.length_error = Some(FramingError::InvalidLength),
+                (Some(length), Some(seen)) if seen != length => {
+                    self.length_error = Some(FramingError::ConflictingLengths)
+                }
+                (Some(length), _) => self.length = Some(length),
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             self.transfer_encodings += 1;
             self.chunked = last_coding_is_chunked(value);
         }
-        Ok(())
+    }
+
+    /// The agreed `Content-Length` (`None` without one), or why the fields are refused.
+    pub fn length(&self) -> Result<Option<u64>, FramingError> {
+        match self.length_error {
+            Some(error) => Err(error),
+            None => Ok(self.length),
+        }
+    }
+
+    /// Whether the message has a `Content-Length` field, valid or not.
+    pub fn has_length(&self) -> bool {
+        self.lengths > 0
     }
 
     /// Whether the message has a `Transfer-Encoding`.
     pub fn has_transfer_encoding(&self) -> bool {
         self.transfer_encodings > 0
+    }
+
+    /// Whether the last coding of the last `Transfer-Encoding` field is `chunked`.
+    pub fn chunked(&self) -> bool {
+        self.chunked
     }
 }
 
@@ -87,19 +110,24 @@ mod tests {
     #[test]
     fn repeated_lengths_must_agree() {
         let mut fields = FramingFields::default();
-        fields.add(b"Content-Length", b"5").unwrap();
-        fields.add(b"content-length", b"5").unwrap();
-        assert_eq!(fields.length, Some(5));
-        assert_eq!(fields.add(b"CONTENT-LENGTH", b"6"), Err(FramingError::ConflictingLengths));
+        fields.add(b"Content-Length", b"5");
+        fields.add(b"content-length", b"5");
+        assert_eq!(fields.length(), Ok(Some(5)));
+        fields.add(b"CONTENT-LENGTH", b"6");
+        assert_eq!(fields.length(), Err(FramingError::ConflictingLengths));
+        let mut fields = FramingFields::default();
+        fields.add(b"Content-Length", b"+5");
+        assert_eq!((fields.length(), fields.has_length()), (Err(FramingError::InvalidLength), true));
+        assert_eq!(FramingFields::default().length(), Ok(None));
     }
 
     #[test]
     fn chunked_is_the_last_coding_of_the_last_field() {
         let mut fields = FramingFields::default();
-        fields.add(b"Transfer-Encoding", b"gzip, chunked").unwrap();
-        assert!(fields.chunked && fields.has_transfer_encoding());
-        fields.add(b"Transfer-Encoding", b"gzip").unwrap();
-        assert!(!fields.chunked);
+        fields.add(b"Transfer-Encoding", b"gzip, chunked");
+        assert!(fields.chunked() && fields.has_transfer_encoding());
+        fields.add(b"Transfer-Encoding", b"gzip");
+        assert!(!fields.chunked());
         assert!(last_coding_is_chunked(b"chunked"));
         assert!(last_coding_is_chunked(b"identity ,  CHUNKED "));
         assert!(!last_coding_is_chunked(b"chunked, gzip"));

@@ -94,9 +94,7 @@ pub fn parse_request(input: &mut BytesMut, parts: &mut Parts, spans: &mut Vec<Sp
         spans.clear();
         for header in request.headers.iter() {
             let name = header.name.as_bytes();
-            if let Err(error) = framing.add(name, header.value) {
-                return Parse::Refuse(error.to_string());
-            }
+            framing.add(name, header.value);
             if name.eq_ignore_ascii_case(b"host") {
                 hosts += 1;
             }
@@ -111,16 +109,20 @@ pub fn parse_request(input: &mut BytesMut, parts: &mut Parts, spans: &mut Vec<Sp
             return Parse::Refuse("more than one Host header".into());
         }
         if framing.has_transfer_encoding() {
-            if framing.length.is_some() {
+            if framing.has_length() {
                 return Parse::Refuse(FramingError::LengthWithTransferEncoding.to_string());
             }
-            if !framing.chunked {
+            if !framing.chunked() {
                 return Parse::Refuse(FramingError::NotChunked.to_string());
             }
             // A chunked body: hyper decodes it and frames it again for the upstream.
             return Parse::Handoff(Bytes::new());
         }
-        let body_len = match framing.length.map(usize::try_from) {
+        let length = match framing.length() {
+            Ok(length) => length,
+            Err(error) => return Parse::Refuse(error.to_string()),
+        };
+        let body_len = match length.map(usize::try_from) {
             None => None,
             Some(Ok(n)) if n <= MAX_BODY && !other_shape => Some(n),
             // Too large to be read whole, or announced with `Expect` / an upgrade: hyper's.
@@ -303,20 +305,26 @@ pub fn parse_response(input: &[u8], reply: &ReplyTo<'_>, out: &mut Vec<u8>) -> R
     let has_connection = connection().next().is_some();
     let mut fields = FramingFields::default();
     for header in headers {
-        fields.add(header.name.as_bytes(), header.value).map_err(|e| format!("{e} in the response"))?;
+        fields.add(header.name.as_bytes(), header.value);
     }
+    // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): a length is only checked without it.
+    let stated = if fields.has_transfer_encoding() {
+        None
+    } else {
+        fields.length().map_err(|e| format!("{e} in the response"))?
+    };
     let bodiless = reply.head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let framing = if bodiless {
         Framing::Empty
     } else if fields.has_transfer_encoding() {
         // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3), which is then not forwarded.
-        if fields.chunked {
+        if fields.chunked() {
             Framing::Chunked(ChunkedScanner::new())
         } else {
             Framing::UntilClose
         }
     } else {
-        match fields.length {
+        match stated {
             Some(0) => Framing::Empty,
             Some(n) => Framing::Length(n),
             None => Framing::UntilClose,
@@ -324,7 +332,7 @@ pub fn parse_response(input: &[u8], reply: &ReplyTo<'_>, out: &mut Vec<u8>) -> R
     };
     let until_close = matches!(framing, Framing::UntilClose);
     // Both lengths at once may be an attempt at response splitting: the connection is not used again.
-    let ambiguous = fields.has_transfer_encoding() && fields.length.is_some();
+    let ambiguous = fields.has_transfer_encoding() && fields.has_length();
     let reusable =
         response.version == Some(1) && !connection_lists(connection(), b"close") && !until_close && !ambiguous;
     let close = reply.close || until_close;
@@ -345,7 +353,7 @@ pub fn parse_response(input: &[u8], reply: &ReplyTo<'_>, out: &mut Vec<u8>) -> R
         Framing::Length(n) => Some(n),
         Framing::Empty if !bodiless => Some(0),
         // HEAD and 304 describe the representation a GET would have had: its length, when the upstream gave it.
-        Framing::Empty if status != StatusCode::NO_CONTENT && !fields.has_transfer_encoding() => fields.length,
+        Framing::Empty if status != StatusCode::NO_CONTENT => stated,
         _ => None,
     };
     if let Some(length) = length {
