@@ -253,30 +253,56 @@ async fn serve_connection<H: Handler>(
         None => {
             let ended = handler.serve_direct(stream, &state, shutdown, header_read_timeout).await;
             if let Ended::Handoff { io, buffered } = ended {
+                // Boxed, like the TLS branch, in a statement of its own (a temporary of an `.await` expression is kept
+                // in the state): a connection's task is as large as its largest state, and an idle plain connection
+                // served by the HTTP/1.1 transport should not carry hyper's.
                 let connection = serve_io(&builder, TokioIo::new(Rewind::new(io, buffered)), handler, state);
-                let _ = watcher.watch(connection.into_owned()).await;
+                let hyper = Box::pin(watcher.watch(connection.into_owned()));
+                let _ = hyper.await;
             }
         }
         Some(acceptor) => {
-            let tls = match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    tracing::debug!(%peer, "TLS handshake failed: {error}");
-                    return;
-                }
-                Err(_) => return,
-            };
-            // A client that chose h2 by ALPN speaks it from the first byte.
-            let ended = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                Ended::Handoff { io: tls, buffered: bytes::Bytes::new() }
-            } else {
-                handler.serve_direct(tls, &state, shutdown, header_read_timeout).await
-            };
-            if let Ended::Handoff { io, buffered } = ended {
-                let connection = serve_io(&builder, TokioIo::new(Rewind::new(io, buffered)), handler, state);
-                let _ = watcher.watch(connection.into_owned()).await;
-            }
+            let tls = (&*builder, acceptor, header_read_timeout, (watcher, shutdown));
+            let serving = Box::pin(serve_tls(stream, peer, handler, state, tls));
+            serving.await;
         }
+    }
+}
+
+/// What the TLS branch needs besides the connection: hyper's settings, the acceptor, the head timeout, the graceful
+/// watcher and the shutdown signal.
+type TlsSettings<'a> = (
+    &'a auto::Builder<TokioExecutor>,
+    TlsAcceptor,
+    Duration,
+    (hyper_util::server::graceful::Watcher, watch::Receiver<bool>),
+);
+
+/// The TLS branch of [`serve_connection`]: the handshake, then h2 (by ALPN) or the HTTP/1.1 transport and hyper.
+async fn serve_tls<H: Handler>(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    handler: Arc<H>,
+    state: Arc<H::Connection>,
+    (builder, acceptor, header_read_timeout, (watcher, shutdown)): TlsSettings<'_>,
+) {
+    let tls = match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, "TLS handshake failed: {error}");
+            return;
+        }
+        Err(_) => return,
+    };
+    // A client that chose h2 by ALPN speaks it from the first byte.
+    let ended = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        Ended::Handoff { io: tls, buffered: bytes::Bytes::new() }
+    } else {
+        handler.serve_direct(tls, &state, shutdown, header_read_timeout).await
+    };
+    if let Ended::Handoff { io, buffered } = ended {
+        let connection = serve_io(builder, TokioIo::new(Rewind::new(io, buffered)), handler, state);
+        let _ = watcher.watch(connection.into_owned()).await;
     }
 }
 

@@ -166,6 +166,21 @@ def main(results):
                    ", ".join(f"{c} r{r} {int(kb) / 1024:.1f}" for c, r, kb in trace))
     out.append("")
 
+    # Idle keep-alive callers: memory per idle connection, upstream connections held.
+    idle = {t: facts.get(k, "").split() for t, k in (("nginx", "idle_ngx"), ("tokenproxy", "idle_tp"))}
+    if all(len(v) == 5 for v in idle.values()):
+        n_callers = int(facts.get("idle_callers", "0") or 0)
+        out.append(f"| {n_callers:,} idle keep-alive callers (one request each, 64 at a time, then idle) "
+                   f"| RSS before | RSS with them idle | bytes per idle connection | upstream connections held "
+                   f"| callers ok / failed |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        for t in TARGETS:
+            before, after, held, ok, failed = (int(x) for x in idle[t])
+            per = (after - before) * 1024 / ok if ok else None
+            out.append(f"| {t} | {before / 1024:.1f} MB | {after / 1024:.1f} MB | {fmt(per)} | {held} "
+                       f"| {ok} / {failed} |")
+        out.append("")
+
     # Per-round numbers, so the noise is visible next to the medians.
     out.append("Per round, req/s as nginx / tokenproxy (odd rounds ran nginx first, even rounds tokenproxy first):")
     for case, label in CASES:

@@ -12,9 +12,9 @@ mod redact;
 mod resolve;
 mod routes;
 mod secret;
-mod warnings;
 #[cfg(test)]
 mod tests;
+mod warnings;
 
 use std::collections::BTreeMap;
 use std::fmt;

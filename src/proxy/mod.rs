@@ -462,20 +462,38 @@ fn request_id(headers: &mut http::HeaderMap) -> HeaderValue {
 
 /// A new request id: unique within the process (a counter) and across processes (a random prefix).
 pub(crate) fn new_request_id() -> HeaderValue {
+    use std::cell::RefCell;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
+    /// Ids made at once per thread: one allocation for this many requests, each id a slice of it.
+    const BLOCK: u64 = 256;
+    const ID: usize = 32;
     static PREFIX: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(rand::random);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    // Unique within the process (counter) and across processes (random prefix), as 32 hex digits.
-    let mut hex = [0u8; 32];
-    for (i, byte) in prefix.to_be_bytes().iter().chain(n.to_be_bytes().iter()).enumerate() {
-        hex[2 * i] = b"0123456789abcdef"[usize::from(byte >> 4)];
-        hex[2 * i + 1] = b"0123456789abcdef"[usize::from(byte & 0xf)];
+    std::thread_local! {
+        static IDS: RefCell<(bytes::Bytes, usize)> = const { RefCell::new((bytes::Bytes::new(), 0)) };
     }
-    // Shared bytes (one allocation), so that the copy kept for the response costs none.
-    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex)).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    IDS.with(|ids| {
+        let mut ids = ids.borrow_mut();
+        if ids.1 + ID > ids.0.len() {
+            // Unique within the process (a counter, a block of values reserved at once) and across processes (a
+            // random prefix), as 32 hex digits each.
+            let prefix = *PREFIX.get_or_init(rand::random);
+            let first = COUNTER.fetch_add(BLOCK, Ordering::Relaxed);
+            let mut block = Vec::with_capacity(BLOCK as usize * ID);
+            for n in first..first + BLOCK {
+                for byte in prefix.to_be_bytes().iter().chain(n.to_be_bytes().iter()) {
+                    block.push(b"0123456789abcdef"[usize::from(byte >> 4)]);
+                    block.push(b"0123456789abcdef"[usize::from(byte & 0xf)]);
+                }
+            }
+            *ids = (bytes::Bytes::from(block), 0);
+        }
+        let id = ids.0.slice(ids.1..ids.1 + ID);
+        ids.1 += ID;
+        // Shared bytes, so that the copy kept for the response costs no allocation either.
+        HeaderValue::from_maybe_shared(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    })
 }
 
 /// The header that carries `token` on `route` (none when the route puts it in the query).
@@ -541,4 +559,19 @@ fn without_param(query: &str, name: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_unique_hex_across_blocks_and_threads() {
+        let make = || (0..600).map(|_| new_request_id()).collect::<Vec<_>>();
+        let mut ids = make();
+        ids.extend(std::thread::spawn(make).join().expect("thread"));
+        let unique: std::collections::HashSet<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
+        assert_eq!(unique.len(), ids.len(), "no id is made twice");
+        assert!(ids.iter().all(|id| id.len() == 32 && id.as_bytes().iter().all(u8::is_ascii_hexdigit)));
+    }
 }

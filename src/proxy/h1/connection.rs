@@ -230,7 +230,9 @@ where
                     Parse::Complete(parsed) => break parsed,
                     Parse::Handoff(head) => return handoff(io, head, scratch),
                     Parse::Refuse(reason) => {
-                        refuse(&mut io, &proxies.load(), &mut s.response, reason).await;
+                        // Boxed, in a statement of its own: a rare path that would otherwise grow every connection.
+                        let refusal = Box::pin(refuse(&mut io, proxies, &mut s.response, reason));
+                        refusal.await;
                         return Ended::Closed;
                     }
                     Parse::Partial => {}
@@ -261,98 +263,141 @@ where
             }
         };
         let Some(s) = scratch.as_mut() else { return Ended::Closed };
-        let proxy = proxies.load_full();
-        timer.set_period(header_read_timeout.min(proxy.request_timeout));
-        let mut exchange = proxy.begin(&mut s.parts);
-        let route = proxy.admit(&mut s.parts);
-        if let Ok(route) = route {
-            if route.plain_http_upstream().is_none() || parsed.body_len > proxy.replay_buffer {
-                return handoff(io, parsed.head, scratch);
-            }
-            exchange.routed(route);
-        }
-        let close = parsed.close || *shutdown.borrow();
-        let request_id = exchange.request_id().clone();
-        let head_request = s.parts.method == Method::HEAD;
-        let (status, replayed, done) = match route {
-            Err(error) => {
-                // Refused before routing: answered at once, without waiting for a body. A malformed request, or a
-                // body not read yet, ends the connection (where the next request starts is not known).
-                let close = close || error.ends_connection() || s.input.len() < parsed.body_len;
-                let reply = ReplyTo { request_id: &request_id, close, head_request };
-                let context = proxy.error_context(None, &error);
-                let status = error.status();
-                let (head, body) = error.into_parts(&context);
-                encode_error(&mut s.response, &head, &body, &reply);
-                let written = io.write_all(&s.response).await;
-                (status, false, written.is_err() || close)
-            }
-            Ok(route) => {
-                // The body, read whole: it is small, and kept for a replay.
-                let deadline = exchange.started() + proxy.request_timeout;
-                while s.input.len() < parsed.body_len {
-                    s.input.reserve(parsed.body_len - s.input.len());
-                    match timer.within(deadline, io.read_buf(&mut s.input)).await {
-                        Some(Ok(n)) if n > 0 => {}
-                        Some(_) => return Ended::Closed,
-                        None => {
-                            // The body did not come in time; where the next request would start is unknown.
-                            let error = ProxyError::RequestTimeout(proxy.request_timeout);
-                            let reply = ReplyTo { request_id: &request_id, close: true, head_request };
-                            let context = proxy.error_context(Some(route), &error);
-                            let (head, body) = error.into_parts(&context);
-                            encode_error(&mut s.response, &head, &body, &reply);
-                            let _ = io.write_all(&s.response).await;
-                            proxy.end(exchange, StatusCode::REQUEST_TIMEOUT, false);
-                            let _ = io.shutdown().await;
-                            return Ended::Closed;
-                        }
-                    }
+        let close = *shutdown.borrow();
+        // Boxed: what a request needs while in flight is allocated per request, so that an idle connection's task
+        // stays small (its future is as large as its largest state).
+        let settings = (header_read_timeout, close);
+        // (In a statement of its own: a temporary of an `.await` expression is kept in the state.)
+        let request = Box::pin(serve_request(proxies, connection, parsed, s, &mut timer, &mut io, settings));
+        let step = request.await;
+        match step {
+            Step::Next => {}
+            Step::Handoff(head) => return handoff(io, head, scratch),
+            Step::Close => {
+                let _ = io.shutdown().await;
+                if let Some(s) = scratch.take() {
+                    s.give_back();
                 }
-                let reply = ReplyTo { request_id: &request_id, close, head_request };
-                let request = Request {
-                    route,
-                    body_len: parsed.body_len,
-                    has_length: parsed.has_length,
-                    connection,
-                    reply: &reply,
-                    deadline,
-                };
-                match forward(&proxy, &request, s, &mut timer, &mut io).await {
-                    Outcome::Answered { status, replayed, open } => (status, replayed, !open),
-                    Outcome::Error(error) => {
-                        let context = proxy.error_context(Some(route), &error);
-                        let status = error.status();
-                        let (head, body) = error.into_parts(&context);
-                        encode_error(&mut s.response, &head, &body, &reply);
-                        let written = io.write_all(&s.response).await;
-                        (status, false, written.is_err() || close)
-                    }
-                    Outcome::Broken { status } => (status, false, true),
-                    Outcome::Gone => (CLIENT_CLOSED_REQUEST, false, true),
-                }
+                return Ended::Closed;
             }
-        };
-        proxy.end(exchange, status, replayed);
-        // A request refused before its body came ends the connection; the body is skipped only when it is here.
-        let body = parsed.body_len.min(s.input.len());
-        s.input.advance(body);
-        // Nothing refers to the head any more: the buffer's memory can be reused for the next request.
-        s.parts.headers.clear();
-        s.parts.uri = Uri::default();
-        drop(parsed);
-        if done {
-            let _ = io.shutdown().await;
-            if let Some(s) = scratch.take() {
-                s.give_back();
-            }
-            return Ended::Closed;
         }
     }
 }
 
+/// What a connection does after a request.
+enum Step {
+    /// Reads the next request.
+    Next,
+    /// Closes.
+    Close,
+    /// Hands the rest of the connection to hyper, this request's head (split off the buffer) first.
+    Handoff(Bytes),
+}
+
+/// One request whose head was parsed: its phases and I/O, up to its answer. `closing`: the connection closes after
+/// it (shutdown has begun).
+async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
+    proxies: &arc_swap::ArcSwap<Proxy>,
+    connection: &Connection,
+    parsed: super::RequestHead,
+    s: &mut Scratch,
+    timer: &mut Timer,
+    io: &mut I,
+    (header_read_timeout, closing): (Duration, bool),
+) -> Step {
+    let proxy = proxies.load_full();
+    timer.set_period(header_read_timeout.min(proxy.request_timeout));
+    let mut exchange = proxy.begin(&mut s.parts);
+    let route = proxy.admit(&mut s.parts);
+    if let Ok(route) = route {
+        if route.plain_http_upstream().is_none() || parsed.body_len > proxy.replay_buffer {
+            return Step::Handoff(parsed.head);
+        }
+        exchange.routed(route);
+    }
+    let close = parsed.close || closing;
+    let request_id = exchange.request_id().clone();
+    let head_request = s.parts.method == Method::HEAD;
+    let (status, replayed, done) = match route {
+        Err(error) => {
+            // Refused before routing: answered at once, without waiting for a body. A malformed request, or a
+            // body not read yet, ends the connection (where the next request starts is not known).
+            let close = close || error.ends_connection() || s.input.len() < parsed.body_len;
+            let reply = ReplyTo { request_id: &request_id, close, head_request };
+            let context = proxy.error_context(None, &error);
+            let status = error.status();
+            let (head, body) = error.into_parts(&context);
+            encode_error(&mut s.response, &head, &body, &reply);
+            let written = io.write_all(&s.response).await;
+            (status, false, written.is_err() || close)
+        }
+        Ok(route) => {
+            // The body, read whole: it is small, and kept for a replay.
+            let deadline = exchange.started() + proxy.request_timeout;
+            while s.input.len() < parsed.body_len {
+                s.input.reserve(parsed.body_len - s.input.len());
+                match timer.within(deadline, io.read_buf(&mut s.input)).await {
+                    Some(Ok(n)) if n > 0 => {}
+                    Some(_) => return Step::Close,
+                    None => {
+                        // The body did not come in time; where the next request would start is unknown.
+                        let error = ProxyError::RequestTimeout(proxy.request_timeout);
+                        let reply = ReplyTo { request_id: &request_id, close: true, head_request };
+                        let context = proxy.error_context(Some(route), &error);
+                        let (head, body) = error.into_parts(&context);
+                        encode_error(&mut s.response, &head, &body, &reply);
+                        let _ = io.write_all(&s.response).await;
+                        proxy.end(exchange, StatusCode::REQUEST_TIMEOUT, false);
+                        return Step::Close;
+                    }
+                }
+            }
+            let reply = ReplyTo { request_id: &request_id, close, head_request };
+            let request = Request {
+                route,
+                body_len: parsed.body_len,
+                has_length: parsed.has_length,
+                connection,
+                reply: &reply,
+                deadline,
+            };
+            match forward(&proxy, &request, s, timer, io).await {
+                Outcome::Answered { status, replayed, open } => (status, replayed, !open),
+                Outcome::Error(error) => {
+                    let context = proxy.error_context(Some(route), &error);
+                    let status = error.status();
+                    let (head, body) = error.into_parts(&context);
+                    encode_error(&mut s.response, &head, &body, &reply);
+                    let written = io.write_all(&s.response).await;
+                    (status, false, written.is_err() || close)
+                }
+                Outcome::Broken { status } => (status, false, true),
+                Outcome::Gone => (CLIENT_CLOSED_REQUEST, false, true),
+            }
+        }
+    };
+    proxy.end(exchange, status, replayed);
+    // A request refused before its body came ends the connection; the body is skipped only when it is here.
+    let body = parsed.body_len.min(s.input.len());
+    s.input.advance(body);
+    // Nothing refers to the head any more: the buffer's memory can be reused for the next request.
+    s.parts.headers.clear();
+    s.parts.uri = Uri::default();
+    drop(parsed);
+    if done {
+        Step::Close
+    } else {
+        Step::Next
+    }
+}
+
 /// Answers a request HTTP/1.1 forbids with 400 and closes the connection.
-async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, proxy: &Proxy, out: &mut Vec<u8>, reason: String) {
+async fn refuse<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    proxies: &arc_swap::ArcSwap<Proxy>,
+    out: &mut Vec<u8>,
+    reason: String,
+) {
     let request_id = crate::proxy::new_request_id();
     let reply = ReplyTo { request_id: &request_id, close: true, head_request: false };
     tracing::debug!("refused a request: {reason}");
@@ -360,7 +405,7 @@ async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, proxy: &Proxy, out: &mut Vec<
     let (head, body) = error.into_parts(&ErrorContext::default());
     encode_error(out, &head, &body, &reply);
     let _ = io.write_all(out).await;
-    proxy.count_refused(StatusCode::BAD_REQUEST);
+    proxies.load().count_refused(StatusCode::BAD_REQUEST);
     let _ = io.shutdown().await;
 }
 
