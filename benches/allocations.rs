@@ -3,7 +3,9 @@
 //!
 //! Runs in one process: a tiny upstream, a tiny IdP, tokenproxy, and one keep-alive client connection. It counts
 //! allocations for N requests straight to the upstream, then for N requests through tokenproxy; the difference is
-//! what tokenproxy adds per request. `cargo bench --bench allocations`.
+//! what tokenproxy adds per request. Then it opens idle keep-alive connections (one request each) and reports the
+//! heap tokenproxy keeps per idle connection (live bytes, not RSS: no allocator slack, no kernel buffers).
+//! `cargo bench --bench allocations`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
@@ -20,22 +22,27 @@ struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
+/// Bytes allocated and not freed.
+static LIVE: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
 // SAFETY: forwards to the system allocator, counting on the way.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -94,6 +101,52 @@ async fn measure(addr: std::net::SocketAddr, path: &str) -> (f64, f64) {
     ((a1 - a0) as f64 / REQUESTS as f64, (b1 - b0) as f64 / REQUESTS as f64)
 }
 
+/// Live heap tokenproxy keeps per idle connection: `n` callers (plain sockets, which hold no heap) each send one
+/// request, read its answer, and stay connected; the heap grown meanwhile, over `n`.
+async fn idle_heap(proxy: std::net::SocketAddr, n: usize) -> f64 {
+    use std::io::{Read, Write};
+    let settle = || async {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let mut callers = Vec::with_capacity(n);
+    let mut buf = vec![0u8; 4096];
+    settle().await;
+    let before = LIVE.load(Ordering::Relaxed);
+    for _ in 0..n {
+        let mut caller = std::net::TcpStream::connect(proxy).expect("connect");
+        caller.set_nonblocking(true).expect("non-blocking");
+        caller.write_all(b"GET /x HTTP/1.1\r\nHost: bench\r\n\r\n").expect("write");
+        let mut got = 0;
+        loop {
+            match caller.read(&mut buf[got..]) {
+                Ok(0) => panic!("the proxy closed the connection"),
+                Ok(read) => got += read,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tokio::task::yield_now().await,
+                Err(e) => panic!("read: {e}"),
+            }
+            let text = String::from_utf8_lossy(&buf[..got]);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                if got >= end + 4 + length {
+                    break;
+                }
+            }
+        }
+        callers.push(caller);
+    }
+    settle().await;
+    let after = LIVE.load(Ordering::Relaxed);
+    drop(callers);
+    (after - before) as f64 / n as f64
+}
+
 fn main() {
     // `cargo test --benches` runs benches with `--bench` absent: do the work either way (it takes a second).
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -123,6 +176,10 @@ fn main() {
              {proxied_allocs:.1} ({proxied_bytes:.0} B): tokenproxy adds {:.1} allocations, {:.0} B",
             proxied_allocs - direct_allocs,
             proxied_bytes - direct_bytes
+        );
+        let per_connection = idle_heap(proxy, 1000).await;
+        println!(
+            "heap kept per idle keep-alive connection (1,000 connections, one request each): {per_connection:.0} B"
         );
     });
 }

@@ -8,7 +8,7 @@ use http::{HeaderMap, HeaderValue, Version};
 use tokenproxy::metrics::Metrics;
 use tokenproxy::proxy::headers;
 use tokenproxy::proxy::route::{Lookup, Route, RouteTable};
-use tokenproxy::token::{Token, TokenSlot};
+use tokenproxy::token::{AccessToken, Token, TokenSlot};
 
 fn slot() -> Arc<TokenSlot> {
     let metrics = Metrics::new();
@@ -17,7 +17,13 @@ fn slot() -> Arc<TokenSlot> {
     let _guard = runtime.enter();
     let raw = HeaderValue::from_static("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJiZW5jaCJ9.c2lnbmF0dXJl");
     let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-    slot.install(Token::new(raw, 1, far, SystemTime::now() + Duration::from_secs(3600), SystemTime::now()));
+    slot.install(Token::new(
+        AccessToken::new(raw),
+        1,
+        far,
+        SystemTime::now() + Duration::from_secs(3600),
+        SystemTime::now(),
+    ));
     slot
 }
 
@@ -49,7 +55,7 @@ fn hot_path(c: &mut Criterion) {
             headers::add_forwarding(&mut h, &peer, false, host);
             headers::append_via(&mut h, Version::HTTP_11);
             if let Some(token) = slot.current() {
-                h.insert(http::header::AUTHORIZATION, token.bearer.clone());
+                h.insert(http::header::AUTHORIZATION, token.bearer().expose().clone());
             }
             black_box(h)
         })

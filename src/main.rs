@@ -307,7 +307,7 @@ where
 async fn print_token(fetcher: GrantFetcher) -> ExitCode {
     let name = &fetcher.idp().provider().name;
     match fetcher.fetch().await {
-        Ok(token) => match token.access_token.to_str() {
+        Ok(token) => match token.access_token.expose().to_str() {
             Ok(token) => {
                 println!("{token}");
                 ExitCode::SUCCESS

@@ -1,6 +1,6 @@
 //! The Prometheus registry and typed metric handles.
 //!
-//! Every metric name of SPEC.md's table is defined here and nowhere else. Other modules get small typed handle
+//! Every metric name (docs/metrics-and-alerts.md) is defined here and nowhere else. Other modules get small typed handle
 //! structs ([`ProviderMetrics`], [`RouteMetrics`]) with the label values already resolved, so that recording on the
 //! hot path is an atomic add rather than a label lookup.
 
@@ -11,8 +11,7 @@ use prometheus::{
     TextEncoder,
 };
 
-/// Every metric tokenproxy exports: SPEC.md's table plus `tokenproxy_provider_permanent_failure` and
-/// `tokenproxy_config_reloads_total`. A unit test keeps it equal to what the registry holds.
+/// Every metric tokenproxy exports (docs/metrics-and-alerts.md). A unit test keeps it equal to what the registry holds.
 pub const METRIC_NAMES: &[&str] = &[
     "tokenproxy_token_requests_total",
     "tokenproxy_token_request_duration_seconds",

@@ -168,12 +168,8 @@ pub async fn serve<H: Handler>(
             options.tls.clone(),
             options.header_read_timeout,
             (graceful.watcher(), connection_shutdown),
-            workers.is_some(),
+            (workers.is_some(), permit),
         );
-        let connection = async move {
-            connection.await;
-            drop(permit);
-        };
         match (&workers, worker) {
             (Some(workers), Some(i)) => {
                 workers.handles[i].spawn(connection);
@@ -234,7 +230,9 @@ async fn serve_connection<H: Handler>(
     tls: Option<TlsAcceptor>,
     header_read_timeout: Duration,
     (watcher, shutdown): (hyper_util::server::graceful::Watcher, watch::Receiver<bool>),
-    moved: bool,
+    // The connection's permit is held until the function returns. (Spawning `async { serve_connection(..).await;
+    // drop(permit) }` instead would keep two copies of this future's state in the task.)
+    (moved, _permit): (bool, tokio::sync::OwnedSemaphorePermit),
 ) {
     // A connection handed to a worker runtime is registered with that runtime's reactor.
     let stream = if moved {

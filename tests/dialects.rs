@@ -62,7 +62,7 @@ fn run(name: &str) {
     let rt_lifetime = response.refresh_token_lifetime.map(|d| d.as_secs());
     assert_eq!(rt_lifetime, expect["refresh_token_lifetime_secs"].as_u64(), "{name}");
     let debug = format!("{response:?}");
-    assert!(!debug.contains(response.access_token.to_str().unwrap()), "{name}: Debug shows no token");
+    assert!(!debug.contains(response.access_token.expose().to_str().unwrap()), "{name}: Debug shows no token");
 }
 
 macro_rules! dialect {

@@ -242,15 +242,27 @@ struct Stricter {
     check: fn(&[u8]) -> bool,
 }
 
-/// The head of a request: up to the first empty line.
+/// The head of a request: up to the first empty line, after the empty lines a server skips before a request line.
 fn head_of(request: &[u8]) -> &[u8] {
+    let skipped = request.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(request.len());
+    &request[skipped..skipped + head_len(&request[skipped..])]
+}
+
+/// The head with the empty lines before it (where a bare LF counts too).
+fn head_with_leading_lines(request: &[u8]) -> &[u8] {
+    let skipped = request.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(request.len());
+    &request[..skipped + head_len(&request[skipped..])]
+}
+
+/// The length of a head that starts at the request line: up to and with the first empty line.
+fn head_len(request: &[u8]) -> usize {
     let end = request.windows(4).position(|w| w == b"\r\n\r\n").map(|e| e + 4);
     let end = end.or_else(|| request.windows(2).position(|w| w == b"\n\n").map(|e| e + 2));
-    &request[..end.unwrap_or(request.len())]
+    end.unwrap_or(request.len())
 }
 
 fn has_bare_lf(request: &[u8]) -> bool {
-    let head = head_of(request);
+    let head = head_with_leading_lines(request);
     head.iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
 }
 
@@ -319,7 +331,7 @@ fn compare(bytes: &[u8], direct: &Verdict, hyper: &Verdict) -> Result<Option<&'s
 fn corpus() -> Vec<Vec<u8>> {
     let smuggled = "GET /api/admin HTTP/1.1\r\nHost: internal\r\n\r\n";
     let mut cases: Vec<String> = vec![
-        // The defects of issue 9, one by one.
+        // The framing and policy defects this project has had, one by one.
         format!("POST /api/x HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\nContent-Length: {}\r\n\r\n{smuggled}", smuggled.len()),
         format!("POST /api/x HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Content-Length\r\nContent-Length: {}\r\n\r\n{smuggled}", smuggled.len()),
         "POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello".into(),

@@ -78,7 +78,7 @@ impl ProxyError {
         matches!(self, ProxyError::Malformed(_))
     }
 
-    /// The stable error code of SPEC.md.
+    /// The stable error code (docs/troubleshooting.md, "Errors the proxy returns").
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::TokenUnavailable { .. } => "token_unavailable",

@@ -478,14 +478,19 @@ pub(crate) fn new_request_id() -> HeaderValue {
         if ids.1 + ID > ids.0.len() {
             // Unique within the process (a counter, a block of values reserved at once) and across processes (a
             // random prefix), as 32 hex digits each.
-            let prefix = *PREFIX.get_or_init(rand::random);
+            let hex = |n: u64| {
+                let mut digits = [0u8; 16];
+                for (i, digit) in digits.iter_mut().enumerate() {
+                    *digit = b"0123456789abcdef"[((n >> (60 - 4 * i)) & 0xf) as usize];
+                }
+                digits
+            };
+            let prefix = hex(*PREFIX.get_or_init(rand::random));
             let first = COUNTER.fetch_add(BLOCK, Ordering::Relaxed);
             let mut block = Vec::with_capacity(BLOCK as usize * ID);
             for n in first..first + BLOCK {
-                for byte in prefix.to_be_bytes().iter().chain(n.to_be_bytes().iter()) {
-                    block.push(b"0123456789abcdef"[usize::from(byte >> 4)]);
-                    block.push(b"0123456789abcdef"[usize::from(byte & 0xf)]);
-                }
+                block.extend_from_slice(&prefix);
+                block.extend_from_slice(&hex(n));
             }
             *ids = (bytes::Bytes::from(block), 0);
         }
@@ -500,11 +505,12 @@ pub(crate) fn new_request_id() -> HeaderValue {
 fn token_header<'r>(route: &'r Route, token: &Token) -> Result<Option<(&'r HeaderName, HeaderValue)>, ProxyError> {
     static AUTHORIZATION: HeaderName = http::header::AUTHORIZATION;
     match &route.injection {
-        Injection::Bearer => Ok(Some((&AUTHORIZATION, sensitive(token.bearer.clone())))),
+        Injection::Bearer => Ok(Some((&AUTHORIZATION, token.bearer().expose().clone()))),
         Injection::Header { name, prefix } => {
-            let mut value = Vec::with_capacity(prefix.len() + token.raw.len());
+            let raw = token.access_token().expose();
+            let mut value = Vec::with_capacity(prefix.len() + raw.len());
             value.extend_from_slice(prefix.as_bytes());
-            value.extend_from_slice(token.raw.as_bytes());
+            value.extend_from_slice(raw.as_bytes());
             let value = HeaderValue::from_bytes(&value)
                 .map_err(|_| ProxyError::BadRequest("cannot format the token header".into()))?;
             Ok(Some((name, sensitive(value))))
@@ -518,7 +524,7 @@ fn token_query(route: &Route, token: &Token) -> Option<String> {
     match &route.injection {
         Injection::Query { param } => Some(
             form_urlencoded::Serializer::new(String::new())
-                .append_pair(param, token.raw.to_str().unwrap_or_default())
+                .append_pair(param, token.access_token().expose().to_str().unwrap_or_default())
                 .finish(),
         ),
         _ => None,

@@ -1,6 +1,6 @@
 //! The routing table: which route a request belongs to, and where that route sends it.
 //!
-//! SPEC.md "Routing": an origin-form request matches routes whose `host` equals its Host (port ignored) and routes
+//! docs/configuration.md "[[routes]]": an origin-form request matches routes whose `host` equals its Host (port ignored) and routes
 //! without `host`; the longest `prefix` wins, a route with `host` before one without. An absolute-form request
 //! matches only routes whose `host` equals the URI's host. Prefixes match whole path segments: `/orders` matches
 //! `/orders` and `/orders/1`, not `/ordersx`.

@@ -14,14 +14,15 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use super::response::AccessToken;
 use crate::metrics::{ProviderMetrics, SkippedRefresh};
 
 /// One access token as the proxy uses it. Its `Debug` never shows the token.
 pub struct Token {
     /// The token itself, validated as a header value.
-    pub raw: HeaderValue,
+    raw: AccessToken,
     /// `Bearer <token>`, preformatted for the common case of header injection.
-    pub bearer: HeaderValue,
+    bearer: AccessToken,
     /// Increases by one with every token the slot installs; a 401 invalidates only its own generation.
     pub generation: u64,
     /// First 8 hex digits of the token's SHA-256, safe to show.
@@ -51,18 +52,18 @@ impl std::fmt::Debug for Token {
 impl Token {
     /// Builds a token; `raw` must already be a valid header value.
     pub fn new(
-        raw: HeaderValue,
+        raw: AccessToken,
         generation: u64,
         usable_until: Instant,
         expires_at: SystemTime,
         obtained_at: SystemTime,
     ) -> Token {
-        let mut bearer = Vec::with_capacity(raw.len() + 7);
+        let mut bearer = Vec::with_capacity(raw.expose().len() + 7);
         bearer.extend_from_slice(b"Bearer ");
-        bearer.extend_from_slice(raw.as_bytes());
+        bearer.extend_from_slice(raw.expose().as_bytes());
         // `raw` is a valid header value and "Bearer " adds only visible ASCII.
-        let bearer = HeaderValue::from_bytes(&bearer).unwrap_or_else(|_| raw.clone());
-        let digest = Sha256::digest(raw.as_bytes());
+        let bearer = HeaderValue::from_bytes(&bearer).map_or_else(|_| raw.clone(), AccessToken::new);
+        let digest = Sha256::digest(raw.expose().as_bytes());
         let fingerprint = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
         Token {
             raw,
@@ -75,6 +76,16 @@ impl Token {
             refresh_token_expires_at: None,
             rejected: AtomicBool::new(false),
         }
+    }
+
+    /// The token itself.
+    pub fn access_token(&self) -> &AccessToken {
+        &self.raw
+    }
+
+    /// `Bearer <token>`, preformatted for the common case of header injection.
+    pub fn bearer(&self) -> &AccessToken {
+        &self.bearer
     }
 
     /// Whether the token may be sent at `now`.

@@ -28,7 +28,7 @@ pub use cache::{RefreshLimits, SlotStatus, Token, TokenSlot, TokenUnavailable};
 pub use grant::GrantFetcher;
 pub use idp::IdpClient;
 pub use refresh::{RefreshScheduler, Timing, TokenFetcher};
-pub use response::{TokenError, TokenResponse};
+pub use response::{AccessToken, TokenError, TokenResponse};
 pub use store::StateStore;
 
 use crate::config::{Config, ProviderConfig, SecretSource};

@@ -4,7 +4,7 @@
 //! refreshes are all requests to this task, and at most one call is in flight at a time. The task sleeps until the
 //! earlier of the scheduled refresh and a demand (a `Notify`), like mini-redis's expiry purger.
 //!
-//! Timing follows SPEC.md "Token timing": a token of lifetime L is usable until L − S with S = min(expiry_skew, L/4),
+//! Timing follows docs/configuration.md "Token timing": a token of lifetime L is usable until L − S with S = min(expiry_skew, L/4),
 //! and its refresh is scheduled at min(refresh_at × L, L − S) minus a random jitter of up to 10 % of L. Failed calls
 //! back off exponentially with jitter; permanent errors (the IdP refused the client or the grant) back off in minutes.
 

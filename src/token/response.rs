@@ -12,10 +12,42 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use super::store::StoreError;
 use crate::config::{Secret, SecretError};
 
+/// An access token: a secret from the moment it is parsed (oauth2-rs's `new_secret_type!` is the model). Its bytes
+/// are private, `Debug` and `Display` print `[redacted]`, and it is a sensitive header value from construction (hyper
+/// keeps sensitive values out of HTTP/2's compression tables). The token is read only through
+/// [`AccessToken::expose`], so every place that puts it on the wire says so.
+#[derive(Clone)]
+pub struct AccessToken(HeaderValue);
+
+impl AccessToken {
+    /// A token, marked sensitive.
+    pub fn new(mut value: HeaderValue) -> AccessToken {
+        value.set_sensitive(true);
+        AccessToken(value)
+    }
+
+    /// The token itself, to send where it belongs (and nowhere else).
+    pub fn expose(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccessToken([redacted])")
+    }
+}
+
+impl std::fmt::Display for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
 /// A token the IdP issued, with its lifetime resolved.
 pub struct TokenResponse {
     /// The access token, validated as a header value.
-    pub access_token: HeaderValue,
+    pub access_token: AccessToken,
     /// From `expires_in`, else the JWT `exp`, else the provider's `default_lifetime`.
     pub lifetime: Duration,
     /// The scopes granted, when the IdP says.
@@ -30,6 +62,7 @@ pub struct TokenResponse {
 impl TokenResponse {
     /// A response with just a token and its lifetime (tests, fakes).
     pub fn new(access_token: HeaderValue, lifetime: Duration) -> TokenResponse {
+        let access_token = AccessToken::new(access_token);
         TokenResponse { access_token, lifetime, scope: None, refresh_token: None, refresh_token_lifetime: None }
     }
 }
@@ -249,6 +282,7 @@ pub fn parse_response(
             Some(value) => expires_in(Some(value)).unwrap_or(None),
             None => None,
         };
+    let access_token = AccessToken::new(access_token);
     Ok(TokenResponse { access_token, lifetime, scope, refresh_token, refresh_token_lifetime })
 }
 
@@ -329,6 +363,16 @@ fn sanitize(text: &str, max: usize) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_access_token_never_shows_itself_and_is_sensitive() {
+        let token = AccessToken::new(HeaderValue::from_static("eyJ.secret-token"));
+        assert_eq!(format!("{token:?} {token}"), "AccessToken([redacted]) [redacted]");
+        assert!(token.expose().is_sensitive());
+        assert_eq!(token.expose(), "eyJ.secret-token");
+        let response = TokenResponse::new(HeaderValue::from_static("eyJ.secret-token"), Duration::from_secs(60));
+        assert!(!format!("{response:?}").contains("secret-token"));
+    }
+
     const DEFAULT: Duration = Duration::from_secs(300);
 
     fn ok(body: &str) -> Result<TokenResponse, TokenError> {
@@ -387,7 +431,7 @@ mod tests {
             DEFAULT,
         )
         .unwrap();
-        assert_eq!(r.access_token, "gho_abc");
+        assert_eq!(r.access_token.expose(), "gho_abc");
         assert_eq!(r.scope.as_deref(), Some("repo"));
     }
 

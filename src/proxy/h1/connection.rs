@@ -16,25 +16,20 @@
 //! the first byte.
 
 use std::cell::RefCell;
-use std::io;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::request::Parts;
-use http::uri::Authority;
 use http::{Method, StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::chunked::{ChunkedScanner, Scan};
-use super::{encode_error, encode_request, parse_request, parse_response, Framing, Parse, ReplyTo, ResponseHead};
-use super::{Span, UpstreamRequest};
-use crate::proxy::upstream::{may_retry, PlainConnection, UpstreamClient};
+use super::exchange::{discard_body, forward_response, round_trip, Buffers, Outcome, READ_SIZE};
+use super::{encode_error, encode_request, parse_request, Parse, ReplyTo, Span, UpstreamRequest};
+use crate::proxy::upstream::PlainConnection;
 use crate::proxy::{Connection, Decision, ErrorContext, Proxy, ProxyError, Route, CLIENT_CLOSED_REQUEST};
 
-/// The size of each read from the upstream.
-const READ_SIZE: usize = 8 * 1024;
 /// The room made for each read from the caller: a request head and a small body (8 KiB with its head) come in one
 /// read.
 const CALLER_READ_SIZE: usize = 16 * 1024;
@@ -105,10 +100,14 @@ impl Scratch {
         if !small {
             return;
         }
+        // Each is usually empty already (an idle read gives back what it took unused): clearing a header map costs
+        // a pass over its table even then.
         self.input.clear();
         self.upstream_input.clear();
-        self.parts.headers.clear();
-        self.parts.uri = Uri::default();
+        if !self.parts.headers.is_empty() {
+            self.parts.headers.clear();
+            self.parts.uri = Uri::default();
+        }
         let _ = SPARE.try_with(|spare| {
             let mut spare = spare.borrow_mut();
             if spare.len() < SPARE_SCRATCH {
@@ -421,18 +420,6 @@ struct Request<'a> {
     deadline: Instant,
 }
 
-/// How serving a request ended.
-enum Outcome {
-    /// A response was written (`open`: the connection can take the next request).
-    Answered { status: StatusCode, replayed: bool, open: bool },
-    /// Nothing was written yet: the error is the answer.
-    Error(ProxyError),
-    /// The response could not be completed (a side went away mid-body): the connection ends.
-    Broken { status: StatusCode },
-    /// The caller went away before the response head came: the exchange was cancelled.
-    Gone,
-}
-
 /// The proxy's phases for one request (prepare, credential, upstream request, status decision, and the one replay),
 /// with this transport's I/O; the response is written to `io`.
 async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
@@ -443,6 +430,8 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
     io: &mut I,
 ) -> Outcome {
     let Request { route, body_len, has_length, connection, reply, deadline } = *request;
+    // The pool's clock reading for this request: its start (`request_timeout` before its deadline).
+    let started = deadline.checked_sub(proxy.request_timeout).unwrap_or(deadline);
     let Some(authority) = route.plain_http_upstream() else {
         return Outcome::Error(ProxyError::UpstreamUnreachable("not a plain-HTTP upstream".into()));
     };
@@ -475,8 +464,9 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
             has_length,
         };
         encode_request(&mut s.request, &message);
-        let mut buffers = ScratchBuffers { response: &mut s.response, upstream_input: &mut s.upstream_input };
-        let exchange = round_trip(client, authority, &mut upstream, &s.request, idempotent, reply, &mut buffers);
+        let mut buffers = Buffers { response: &mut s.response, upstream_input: &mut s.upstream_input };
+        let exchange =
+            round_trip((client, started), authority, &mut upstream, &s.request, idempotent, reply, &mut buffers);
         let head = match timer.within(deadline, watch_caller(exchange, io, &mut s.input)).await {
             Some(Some(Ok(head))) => head,
             Some(Some(Err(error))) => return Outcome::Error(ProxyError::UpstreamUnreachable(error)),
@@ -484,11 +474,29 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
             None => return Outcome::Error(ProxyError::UpstreamTimeout(proxy.request_timeout)),
         };
         let rejected = match Proxy::decide(route, head.status, token.as_deref(), replayed) {
-            Decision::Deliver => return forward_response(io, s, upstream, client, head, replayed).await,
+            Decision::Deliver => {
+                return forward_response(
+                    io,
+                    &mut s.response,
+                    &mut s.upstream_input,
+                    (upstream, client, started),
+                    head,
+                    replayed,
+                )
+                .await
+            }
             Decision::Replay { rejected } => rejected,
         };
         let Some(tokens) = &route.tokens else {
-            return forward_response(io, s, upstream, client, head, replayed).await;
+            return forward_response(
+                io,
+                &mut s.response,
+                &mut s.upstream_input,
+                (upstream, client, started),
+                head,
+                replayed,
+            )
+            .await;
         };
         match timer.within(deadline, Proxy::replacement(route, tokens.as_ref(), rejected, deadline)).await {
             Some(Some(fresh)) => {
@@ -497,7 +505,17 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
                 replayed = true;
             }
             // No newer token to be had: the upstream's own 401 is the honest answer.
-            _ => return forward_response(io, s, upstream, client, head, replayed).await,
+            _ => {
+                return forward_response(
+                    io,
+                    &mut s.response,
+                    &mut s.upstream_input,
+                    (upstream, client, started),
+                    head,
+                    replayed,
+                )
+                .await
+            }
         }
     }
 }
@@ -523,255 +541,6 @@ where
         biased;
         outcome = exchange => Some(outcome),
         () = caller => None,
-    }
-}
-
-/// Why an exchange on one upstream connection failed.
-struct Failure {
-    message: String,
-    /// The request was written (so the upstream may have acted on it).
-    written: bool,
-    /// Something came back.
-    answered: bool,
-}
-
-/// Sends `request` on a pooled connection (or a new one) and reads the final response head into `s`; a request the
-/// upstream cannot have acted on goes once more on a new connection ([`may_retry`]).
-async fn round_trip(
-    client: &UpstreamClient,
-    authority: &Authority,
-    slot: &mut Option<PlainConnection>,
-    request: &[u8],
-    idempotent: bool,
-    reply: &ReplyTo<'_>,
-    s: &mut ScratchBuffers<'_>,
-) -> Result<ResponseHead, String> {
-    let mut retried = false;
-    loop {
-        let pooled = if retried { None } else { slot.take().or_else(|| client.checkout(authority)) };
-        let mut upstream = match pooled {
-            Some(upstream) => upstream,
-            // Boxed: a new connection is the rarer case, and its future is large.
-            None => Box::pin(client.connect(authority)).await.map_err(|e| e.to_string())?,
-        };
-        s.upstream_input.clear();
-        match exchange(&mut upstream, request, reply, s).await {
-            Ok(head) => {
-                *slot = Some(upstream);
-                return Ok(head);
-            }
-            Err(failure) => {
-                if !retried && may_retry(upstream.reused, failure.written, failure.answered, idempotent) {
-                    retried = true;
-                    continue;
-                }
-                return Err(failure.message);
-            }
-        }
-    }
-}
-
-/// The buffers of a [`Scratch`] that an upstream exchange writes to.
-struct ScratchBuffers<'a> {
-    /// The response head rewritten for the caller.
-    response: &'a mut Vec<u8>,
-    /// What the upstream sent and was not forwarded yet.
-    upstream_input: &'a mut BytesMut,
-}
-
-/// Reads what the upstream sent next (0 at the end of the stream).
-async fn read_more(upstream: &mut PlainConnection, input: &mut BytesMut) -> io::Result<usize> {
-    input.reserve(READ_SIZE);
-    upstream.stream.read_buf(input).await
-}
-
-/// Sends `request` and reads the final response head (1xx heads are skipped), rewriting it for the caller.
-async fn exchange(
-    upstream: &mut PlainConnection,
-    request: &[u8],
-    reply: &ReplyTo<'_>,
-    s: &mut ScratchBuffers<'_>,
-) -> Result<ResponseHead, Failure> {
-    let authority = &upstream.authority;
-    if let Err(error) = upstream.stream.write_all(request).await {
-        let message = format!("sending the request to {authority}: {error}");
-        return Err(Failure { message, written: false, answered: false });
-    }
-    let mut answered = false;
-    loop {
-        match parse_response(s.upstream_input, reply, s.response) {
-            Ok(None) => {}
-            Ok(Some((head_len, None))) => {
-                s.upstream_input.advance(head_len);
-                continue;
-            }
-            Ok(Some((head_len, Some(head)))) => {
-                s.upstream_input.advance(head_len);
-                return Ok(head);
-            }
-            Err(message) => {
-                let message = format!("{message} (upstream {})", upstream.authority);
-                return Err(Failure { message, written: true, answered: true });
-            }
-        }
-        match read_more(upstream, s.upstream_input).await {
-            Ok(0) => {
-                let message = format!("{} closed the connection before answering", upstream.authority);
-                return Err(Failure { message, written: true, answered });
-            }
-            Ok(_) => answered = true,
-            Err(error) => {
-                let message = format!("reading the response of {}: {error}", upstream.authority);
-                return Err(Failure { message, written: true, answered });
-            }
-        }
-    }
-}
-
-/// Skips the body of a response that will not be forwarded (a 401 before its replay); the upstream connection is
-/// kept for the replay only when the whole body is already here.
-fn discard_body(slot: &mut Option<PlainConnection>, input: &mut BytesMut, head: ResponseHead) {
-    let buffered = &input[..];
-    let body = match head.framing {
-        Framing::Empty => Some(0),
-        Framing::Length(n) => usize::try_from(n).ok().filter(|&n| n <= buffered.len()),
-        Framing::Chunked(mut scanner) => match scanner.scan(buffered) {
-            Ok(Scan::Done(n)) => Some(n),
-            _ => None,
-        },
-        Framing::UntilClose => None,
-    };
-    match body {
-        Some(n) if head.reusable && n == buffered.len() => input.clear(),
-        _ => *slot = None,
-    }
-}
-
-/// Writes the response head (in the scratch's response buffer) and copies the body as it comes; the upstream
-/// connection goes back to the pool when the response is complete and the connection reusable.
-async fn forward_response<I: AsyncWrite + Unpin>(
-    io: &mut I,
-    s: &mut Scratch,
-    slot: Option<PlainConnection>,
-    client: &UpstreamClient,
-    head: ResponseHead,
-    replayed: bool,
-) -> Outcome {
-    let status = head.status;
-    let Some(mut upstream) = slot else { return Outcome::Broken { status } };
-    let (out, input) = (&mut s.response, &mut s.upstream_input);
-    let complete = match head.framing {
-        Framing::Empty => io.write_all(out).await.is_ok(),
-        Framing::Length(length) => copy_length(io, out, &mut upstream, input, length).await,
-        Framing::Chunked(scanner) => copy_chunked(io, out, &mut upstream, input, scanner).await,
-        Framing::UntilClose => {
-            copy_until_close(io, out, &mut upstream, input).await;
-            return Outcome::Answered { status, replayed, open: false };
-        }
-    };
-    if !complete {
-        return Outcome::Broken { status };
-    }
-    if head.reusable && input.is_empty() {
-        client.checkin(upstream);
-    }
-    Outcome::Answered { status, replayed, open: !head.close }
-}
-
-/// Copies a `Content-Length` body; false when either side failed before its end.
-async fn copy_length<I: AsyncWrite + Unpin>(
-    io: &mut I,
-    out: &mut Vec<u8>,
-    up: &mut PlainConnection,
-    input: &mut BytesMut,
-    length: u64,
-) -> bool {
-    let mut remaining = length;
-    // The first part of the body goes with the head, in one write.
-    let take = |buffered: usize, remaining: u64| usize::try_from(remaining).map_or(buffered, |r| r.min(buffered));
-    let first = take(input.len(), remaining);
-    out.extend_from_slice(&input[..first]);
-    input.advance(first);
-    remaining -= first as u64;
-    if io.write_all(out).await.is_err() {
-        return false;
-    }
-    while remaining > 0 {
-        match read_more(up, input).await {
-            Ok(n) if n > 0 => {}
-            _ => return false,
-        }
-        let n = take(input.len(), remaining);
-        if io.write_all(&input[..n]).await.is_err() {
-            return false;
-        }
-        input.advance(n);
-        remaining -= n as u64;
-    }
-    true
-}
-
-/// Copies a chunked body as it is, up to its last chunk and trailers; false when either side failed before.
-async fn copy_chunked<I: AsyncWrite + Unpin>(
-    io: &mut I,
-    out: &mut Vec<u8>,
-    up: &mut PlainConnection,
-    input: &mut BytesMut,
-    mut scanner: ChunkedScanner,
-) -> bool {
-    let mut first = true;
-    loop {
-        let buffered = &input[..];
-        let (n, done) = match scanner.scan(buffered) {
-            Ok(Scan::Done(n)) => (n, true),
-            Ok(Scan::More) => (buffered.len(), false),
-            Err(error) => {
-                tracing::debug!(upstream = %up.authority, "{error}");
-                return false;
-            }
-        };
-        let written = if first {
-            first = false;
-            out.extend_from_slice(&buffered[..n]);
-            io.write_all(out).await
-        } else {
-            io.write_all(&buffered[..n]).await
-        };
-        if written.is_err() {
-            return false;
-        }
-        input.advance(n);
-        if done {
-            return true;
-        }
-        match read_more(up, input).await {
-            Ok(n) if n > 0 => {}
-            _ => return false,
-        }
-    }
-}
-
-/// Copies a body that ends when the upstream closes the connection.
-async fn copy_until_close<I: AsyncWrite + Unpin>(
-    io: &mut I,
-    out: &mut Vec<u8>,
-    up: &mut PlainConnection,
-    input: &mut BytesMut,
-) {
-    out.extend_from_slice(input);
-    input.clear();
-    if io.write_all(out).await.is_err() {
-        return;
-    }
-    loop {
-        match read_more(up, input).await {
-            Ok(n) if n > 0 => {}
-            _ => return,
-        }
-        if io.write_all(input).await.is_err() {
-            return;
-        }
-        input.clear();
     }
 }
 

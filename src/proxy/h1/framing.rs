@@ -46,6 +46,10 @@ pub struct FramingFields {
 impl FramingFields {
     /// Takes one header field into account; other fields are ignored.
     pub fn add(&mut self, name: &[u8], value: &[u8]) {
+        // Most fields are neither: their length says so without a comparison.
+        if name.len() != 14 && name.len() != 17 {
+            return;
+        }
         if name.eq_ignore_ascii_case(b"content-length") {
             self.lengths += 1;
             if self.length_error.is_some() {

@@ -7,6 +7,7 @@
 
 pub mod chunked;
 pub mod connection;
+mod exchange;
 pub mod framing;
 
 use bytes::{Bytes, BytesMut};
@@ -340,11 +341,10 @@ pub fn parse_response(input: &[u8], reply: &ReplyTo<'_>, out: &mut Vec<u8>) -> R
     put_status_line(out, status, response.reason);
     for header in headers {
         let name = header.name.as_bytes();
-        let listed = has_connection && connection_lists(connection(), name);
-        if forwarded(name, header.value, listed)
-            && !name.eq_ignore_ascii_case(b"content-length")
-            && !name.eq_ignore_ascii_case(super::X_REQUEST_ID.as_str().as_bytes())
-        {
+        let ours = name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(super::X_REQUEST_ID.as_str().as_bytes());
+        // `Connection` is looked at only when the response has one (rarely), and only for headers still in question.
+        if !ours && forwarded(name, header.value, has_connection && connection_lists(connection(), name)) {
             put_header(out, name, header.value);
         }
     }

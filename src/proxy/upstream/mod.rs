@@ -13,9 +13,11 @@
 //! Plain connections are opened by a [`Dial`]: TCP in production, an in-memory upstream in tests, so that the same
 //! code paths run in both.
 
+mod body;
+mod connector;
+
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,112 +25,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri};
-use http_body::{Body, Frame, SizeHint};
+use http::uri::Authority;
+use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_rustls::MaybeHttpsStream;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::replay::{BufferedBody, ReplayBody};
-use crate::tls::{client_config, ClientTls, TlsError};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// An error of the caller's request body (malformed chunked coding, a connection that ended early): the caller's
-/// fault, answered 400, not an upstream failure.
-#[derive(Debug, thiserror::Error)]
-#[error("the request body could not be read: {0}")]
-pub struct CallerBodyError(#[source] pub hyper::Error);
-
-pin_project_lite::pin_project! {
-    /// The body of a request sent upstream.
-    #[project = UpstreamBodyProj]
-    pub enum UpstreamBody {
-        /// The caller's body, streamed as is.
-        Plain { #[pin] body: Incoming, waiting: Option<CallerWait> },
-        /// The caller's body, streamed and kept for a replay.
-        Kept { #[pin] body: ReplayBody<Incoming>, waiting: Option<CallerWait> },
-        /// A replay of a kept body.
-        Replay { #[pin] body: BufferedBody },
-    }
-}
-
-/// Whether the upstream exchange is waiting for more of the caller's body: set while the body is asked for a frame
-/// that has not come, so that a timeout can blame the right side (408 for the caller, 504 for the upstream).
-#[derive(Debug, Clone, Default)]
-pub struct CallerWait(Arc<std::sync::atomic::AtomicBool>);
-
-impl CallerWait {
-    /// A tracker for a caller's body, unless the body is already complete (then there is nothing to wait for).
-    pub fn for_body(body: &Incoming) -> Option<CallerWait> {
-        (!body.is_end_stream()).then(CallerWait::default)
-    }
-
-    /// Whether the last request for the caller's body's next frame is still unanswered.
-    pub fn waiting(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    fn track<T>(&self, poll: &Poll<T>) {
-        self.0.store(poll.is_pending(), Ordering::Relaxed);
-    }
-}
-
-impl UpstreamBody {
-    /// An empty body (a bodiless request sent once more).
-    pub fn empty() -> UpstreamBody {
-        UpstreamBody::Replay { body: BufferedBody::empty() }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project() {
-            UpstreamBodyProj::Plain { body, waiting } => {
-                let poll = body.poll_frame(cx);
-                if let Some(waiting) = waiting {
-                    waiting.track(&poll);
-                }
-                poll.map_err(|e| CallerBodyError(e).into())
-            }
-            UpstreamBodyProj::Kept { body, waiting } => {
-                let poll = body.poll_frame(cx);
-                if let Some(waiting) = waiting {
-                    waiting.track(&poll);
-                }
-                poll.map_err(|e| CallerBodyError(e).into())
-            }
-            UpstreamBodyProj::Replay { body } => body.poll_frame(cx).map_err(|e| match e {}),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Plain { body, .. } => body.is_end_stream(),
-            UpstreamBody::Kept { body, .. } => body.is_end_stream(),
-            UpstreamBody::Replay { body } => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Plain { body, .. } => body.size_hint(),
-            UpstreamBody::Kept { body, .. } => body.size_hint(),
-            UpstreamBody::Replay { body } => body.size_hint(),
-        }
-    }
-}
+use crate::tls::{ClientTls, TlsError};
+pub use body::{CallerBodyError, CallerWait, UpstreamBody};
+use connector::{https_connector, pooled, Connector, Exchanges};
 
 /// Why an upstream exchange failed before a response head arrived.
 #[derive(Debug, thiserror::Error)]
@@ -392,12 +300,14 @@ impl UpstreamClient {
         })
     }
 
-    /// An idle connection to `authority` from this thread's pool, if one is still open.
-    pub fn checkout(&self, authority: &Authority) -> Option<PlainConnection> {
+    /// An idle connection to `authority` from this thread's pool, if one is still open (`now`: the caller's clock
+    /// reading, to spare a second one).
+    pub fn checkout(&self, authority: &Authority, now: Instant) -> Option<PlainConnection> {
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
-            let list = idle.upstreams.iter_mut().find(|(id, a, _)| *id == self.id && a == authority)?;
-            let now = Instant::now();
+            // Route authorities are canonical: an exact comparison (not `Authority`'s case-insensitive one) will do.
+            let list =
+                idle.upstreams.iter_mut().find(|(id, a, _)| *id == self.id && a.as_str() == authority.as_str())?;
             while let Some(mut connection) = list.2.pop_back() {
                 if now.duration_since(connection.idle_since) < IDLE_TIMEOUT && connection.stream.idle_and_open() {
                     connection.reused = true;
@@ -408,15 +318,17 @@ impl UpstreamClient {
         })
     }
 
-    /// Gives a connection whose exchange completed back to this thread's pool (closed when the pool is full).
-    pub fn checkin(&self, mut connection: PlainConnection) {
+    /// Gives a connection whose exchange completed back to this thread's pool (closed when the pool is full);
+    /// `now`: when its exchange ended, or a little before.
+    pub fn checkin(&self, mut connection: PlainConnection, now: Instant) {
         if connection.owner != self.id || self.max_idle == 0 {
             return;
         }
-        connection.idle_since = Instant::now();
+        connection.idle_since = now;
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
-            let position = idle.upstreams.iter().position(|(id, a, _)| *id == self.id && *a == connection.authority);
+            let authority = connection.authority.as_str();
+            let position = idle.upstreams.iter().position(|(id, a, _)| *id == self.id && a.as_str() == authority);
             let list = match position {
                 Some(i) => &mut idle.upstreams[i].2,
                 None => {
@@ -473,137 +385,6 @@ pub struct RouteTls {
     client: PooledClient,
 }
 
-/// An HTTPS connector with `tls`'s trust, offering h2 and http/1.1 by ALPN.
-fn https_connector(tls: &ClientTls<'_>) -> Result<hyper_rustls::HttpsConnector<HttpConnector>, TlsError> {
-    let tls = client_config(tls)?;
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http))
-}
-
-/// A hyper pool over `connector`.
-fn pooled(connector: Connector, max_idle: usize) -> PooledClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(IDLE_TIMEOUT)
-        .pool_max_idle_per_host(max_idle)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
-}
-
-/// hyper's connector: TLS upstreams through hyper-rustls, plain ones through the [`Dial`].
-#[derive(Clone)]
-struct Connector {
-    https: hyper_rustls::HttpsConnector<HttpConnector>,
-    dial: Arc<dyn Dial>,
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = UpstreamIo;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.https.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        if uri.scheme() == Some(&Scheme::HTTPS) {
-            let connecting = self.https.call(uri);
-            return Box::pin(async move {
-                Ok(UpstreamIo::Tls { stream: Box::new(connecting.await?), exchanges: Exchanges::default() })
-            });
-        }
-        let dial = Arc::clone(&self.dial);
-        Box::pin(async move {
-            let authority = uri.authority().ok_or("the upstream URI has no authority")?.clone();
-            let stream = dial.dial(&authority).await.map_err(|e| format!("connecting to {authority}: {e}"))?;
-            Ok(UpstreamIo::Plain { stream: TokioIo::new(stream), exchanges: Exchanges::default() })
-        })
-    }
-}
-
-/// A connection hyper's client uses.
-enum UpstreamIo {
-    Tls { stream: Box<MaybeHttpsStream<TokioIo<TcpStream>>>, exchanges: Exchanges },
-    Plain { stream: TokioIo<UpstreamStream>, exchanges: Exchanges },
-}
-
-/// Exchanges a hyper connection has carried (an extra of its [`Connected`]), counted by [`UpstreamClient::send`]:
-/// hyper does not say whether it reused a connection.
-#[derive(Debug, Clone, Default)]
-struct Exchanges(Arc<AtomicU64>);
-
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        match self {
-            UpstreamIo::Tls { stream, exchanges } => stream.connected().extra(exchanges.clone()),
-            UpstreamIo::Plain { exchanges, .. } => Connected::new().extra(exchanges.clone()),
-        }
-    }
-}
-
-impl hyper::rt::Read for UpstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_read(cx, buf),
-            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl hyper::rt::Write for UpstreamIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_write(cx, buf),
-            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamIo::Tls { stream: s, .. } => s.is_write_vectored(),
-            UpstreamIo::Plain { stream: s, .. } => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_flush(cx),
-            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_shutdown(cx),
-            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -646,24 +427,24 @@ mod tests {
         let dial = Arc::new(Memory(std::sync::Mutex::new(Vec::new())));
         let client = UpstreamClient::with_dial(2, Arc::clone(&dial) as Arc<dyn Dial>).expect("client");
         let (a, b): (Authority, Authority) = ("a:80".parse().unwrap(), "b:80".parse().unwrap());
-        assert!(client.checkout(&a).is_none());
+        assert!(client.checkout(&a, Instant::now()).is_none());
         let mut burst = Vec::new();
         for _ in 0..5 {
             burst.push(client.connect(&a).await.unwrap());
         }
         for connection in burst {
-            client.checkin(connection);
+            client.checkin(connection, Instant::now());
         }
         assert_eq!(client.idle_connections(&a), 2, "the idle surplus beyond the bound is closed");
         assert_eq!(client.idle_connections(&b), 0);
-        let reused = client.checkout(&a).expect("an idle connection");
+        let reused = client.checkout(&a, Instant::now()).expect("an idle connection");
         assert!(reused.reused);
         // An upstream that closed an idle connection: it is not handed out.
         dial.0.lock().unwrap().clear();
-        assert!(client.checkout(&a).is_none(), "closed connections are dropped at checkout");
+        assert!(client.checkout(&a, Instant::now()).is_none(), "closed connections are dropped at checkout");
         // Another client's pool is its own, even on the same thread.
         let other = UpstreamClient::with_dial(2, dial as Arc<dyn Dial>).expect("client");
-        other.checkin(reused);
+        other.checkin(reused, Instant::now());
         assert_eq!(other.idle_connections(&a), 0, "a connection goes back only to its own client");
     }
 

@@ -1,0 +1,153 @@
+//! hyper's side of the upstream client: the connector (TLS upstreams through hyper-rustls, offering h2 and
+//! http/1.1 by ALPN; plain ones through the [`Dial`]) and the pool settings.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::uri::Scheme;
+use http::Uri;
+use hyper_rustls::MaybeHttpsStream;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::{Dial, PooledClient, UpstreamStream, CONNECT_TIMEOUT, IDLE_TIMEOUT};
+use crate::tls::{client_config, ClientTls, TlsError};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An HTTPS connector with `tls`'s trust, offering h2 and http/1.1 by ALPN.
+pub(super) fn https_connector(tls: &ClientTls<'_>) -> Result<hyper_rustls::HttpsConnector<HttpConnector>, TlsError> {
+    let tls = client_config(tls)?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http))
+}
+
+/// A hyper pool over `connector`.
+pub(super) fn pooled(connector: Connector, max_idle: usize) -> PooledClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(IDLE_TIMEOUT)
+        .pool_max_idle_per_host(max_idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// hyper's connector: TLS upstreams through hyper-rustls, plain ones through the [`Dial`].
+#[derive(Clone)]
+pub(super) struct Connector {
+    pub(super) https: hyper_rustls::HttpsConnector<HttpConnector>,
+    pub(super) dial: Arc<dyn Dial>,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = UpstreamIo;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.https.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        if uri.scheme() == Some(&Scheme::HTTPS) {
+            let connecting = self.https.call(uri);
+            return Box::pin(async move {
+                Ok(UpstreamIo::Tls { stream: Box::new(connecting.await?), exchanges: Exchanges::default() })
+            });
+        }
+        let dial = Arc::clone(&self.dial);
+        Box::pin(async move {
+            let authority = uri.authority().ok_or("the upstream URI has no authority")?.clone();
+            let stream = dial.dial(&authority).await.map_err(|e| format!("connecting to {authority}: {e}"))?;
+            Ok(UpstreamIo::Plain { stream: TokioIo::new(stream), exchanges: Exchanges::default() })
+        })
+    }
+}
+
+/// A connection hyper's client uses.
+pub(super) enum UpstreamIo {
+    Tls { stream: Box<MaybeHttpsStream<TokioIo<TcpStream>>>, exchanges: Exchanges },
+    Plain { stream: TokioIo<UpstreamStream>, exchanges: Exchanges },
+}
+
+/// Exchanges a hyper connection has carried (an extra of its [`Connected`]), counted by [`UpstreamClient::send`]:
+/// hyper does not say whether it reused a connection.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Exchanges(pub(super) Arc<AtomicU64>);
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamIo::Tls { stream, exchanges } => stream.connected().extra(exchanges.clone()),
+            UpstreamIo::Plain { exchanges, .. } => Connected::new().extra(exchanges.clone()),
+        }
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_read(cx, buf),
+            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_write(cx, buf),
+            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Tls { stream: s, .. } => s.is_write_vectored(),
+            UpstreamIo::Plain { stream: s, .. } => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_flush(cx),
+            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tls { stream: s, .. } => Pin::new(&mut **s).poll_shutdown(cx),
+            UpstreamIo::Plain { stream: s, .. } => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
