@@ -91,7 +91,8 @@ impl Admin {
             if !routed {
                 continue;
             }
-            let usable = slot.current().is_some();
+            // A refresh that holds the old token back briefly (`during_refresh = "wait"`) does not make it unready.
+            let usable = slot.serving();
             ready &= usable;
             let status = slot.status();
             providers.insert(

@@ -19,6 +19,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "tokenproxy_token_refreshes_skipped_total",
     "tokenproxy_token_expires_at_seconds",
     "tokenproxy_singleflight_waiters_total",
+    "tokenproxy_refresh_wait_seconds",
     "tokenproxy_provider_permanent_failure",
     "tokenproxy_requests_total",
     "tokenproxy_request_duration_seconds",
@@ -109,6 +110,7 @@ pub struct Metrics {
     token_refreshes_skipped: IntCounterVec,
     token_expires_at: IntGaugeVec,
     singleflight_waiters: IntCounterVec,
+    refresh_wait: HistogramVec,
     permanent_failure: IntGaugeVec,
     requests: IntCounterVec,
     request_duration: HistogramVec,
@@ -133,6 +135,9 @@ pub struct ProviderMetrics {
     pub expires_at: IntGauge,
     /// Requests that waited on a token call already in flight.
     pub singleflight_waiters: IntCounter,
+    /// How long requests waited for the token a refresh in flight brought, its token held back
+    /// (`during_refresh = "wait"`).
+    pub refresh_wait: Histogram,
     /// 1 while the provider's last token call failed permanently (a new login or config is needed).
     pub permanent_failure: IntGauge,
 }
@@ -231,6 +236,11 @@ impl Metrics {
             "Requests that waited on a token call already in flight.",
             &["provider"],
         );
+        let refresh_wait = histogram(
+            "tokenproxy_refresh_wait_seconds",
+            "Waits of requests for the token of a refresh in flight, the old one held back (during_refresh = wait).",
+            &["provider"],
+        );
         let permanent_failure = IntGaugeVec::new(
             Opts::new(
                 "tokenproxy_provider_permanent_failure",
@@ -271,6 +281,7 @@ impl Metrics {
             token_refreshes_skipped,
             token_expires_at,
             singleflight_waiters,
+            refresh_wait,
             permanent_failure,
             requests,
             request_duration,
@@ -301,6 +312,7 @@ impl Metrics {
             skipped: ["unauthorized", "manual"].map(|r| self.token_refreshes_skipped.with_label_values(&[name, r])),
             expires_at: self.token_expires_at.with_label_values(&[name]),
             singleflight_waiters: self.singleflight_waiters.with_label_values(&[name]),
+            refresh_wait: self.refresh_wait.with_label_values(&[name]),
             permanent_failure: self.permanent_failure.with_label_values(&[name]),
         }
     }

@@ -15,9 +15,15 @@ use tokio::time::Instant;
 /// What the fake IdP does on each call.
 #[derive(Clone, Copy)]
 enum Answer {
-    Token { lifetime: u64 },
+    Token {
+        lifetime: u64,
+    },
     Transient,
     Permanent,
+    /// The connection could not be made: nothing reached the IdP.
+    Unreachable,
+    /// The connection broke after the request was sent: the IdP may have rotated.
+    Interrupted,
 }
 
 struct FakeFetcher {
@@ -62,6 +68,8 @@ impl TokenFetcher for FakeFetcher {
                 Answer::Permanent => {
                     Err(TokenError::Rejected { status: 401, error: "invalid_client".into(), description: None })
                 }
+                Answer::Unreachable => Err(TokenError::Connect("connection refused".into())),
+                Answer::Interrupted => Err(TokenError::Interrupted("connection reset".into())),
             }
         })
     }
@@ -70,18 +78,25 @@ impl TokenFetcher for FakeFetcher {
 struct Engine {
     slot: Arc<TokenSlot>,
     fetcher: Arc<FakeFetcher>,
+    metrics: Metrics,
     _stop: watch::Sender<bool>,
 }
 
 fn start(answer: Answer, refresh_at: f64, skew: u64) -> Engine {
+    start_with(answer, refresh_at, skew, false)
+}
+
+/// An engine whose slot holds its token back during refresh calls when `wait` (`during_refresh = "wait"`).
+fn start_with(answer: Answer, refresh_at: f64, skew: u64, wait: bool) -> Engine {
     let metrics = Metrics::new();
-    let slot = Arc::new(TokenSlot::new("p", metrics.provider("p"), Duration::from_secs(10)));
+    let slot = TokenSlot::new("p", metrics.provider("p"), Duration::from_secs(10)).waiting_during_refresh(wait);
+    let slot = Arc::new(slot);
     let fetcher = FakeFetcher::new(answer);
     let timing = Timing { refresh_at, expiry_skew: Duration::from_secs(skew) };
     let scheduler = RefreshScheduler::new(Arc::clone(&slot), fetcher.clone() as Arc<dyn TokenFetcher>, timing, true);
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(scheduler.run(stopped));
-    Engine { slot, fetcher, _stop: stop }
+    Engine { slot, fetcher, metrics, _stop: stop }
 }
 
 #[tokio::test(start_paused = true)]
@@ -192,4 +207,95 @@ async fn a_request_without_a_token_waits_at_most_the_provider_timeout() {
     let err = engine.slot.obtain(None).await.unwrap_err();
     assert_eq!(started.elapsed(), Duration::from_secs(10), "waited exactly the provider's timeout");
     assert!(err.reason.contains("did not answer"), "{}", err.reason);
+}
+
+/// Starts a refresh of generation 1 and returns once its call is in flight, held at the gate.
+async fn hold_a_refresh(engine: &Engine) {
+    assert_eq!(engine.slot.obtain(None).await.unwrap().generation, 1);
+    engine.fetcher.gate.forget_permits(Semaphore::MAX_PERMITS);
+    engine.slot.request_refresh();
+    while engine.fetcher.calls() < 2 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The `count` of a histogram in the metrics text.
+fn histogram_count(metrics: &Metrics, name: &str) -> u64 {
+    let text = metrics.encode();
+    let prefix = format!("{name}_count{{provider=\"p\"}} ");
+    let line = text.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {prefix} in\n{text}"));
+    line[prefix.len()..].parse().unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_a_refresh_is_in_flight_requests_wait_for_its_token_instead_of_sending_the_old_one() {
+    let engine = start_with(Answer::Token { lifetime: 300 }, 0.75, 30, true);
+    hold_a_refresh(&engine).await;
+    assert!(engine.slot.current().is_none(), "the old token is held back once the refresh call is sent");
+    assert!(engine.slot.serving(), "a rotation in flight does not make the provider unready");
+    let waiters: Vec<_> = (0..20)
+        .map(|_| {
+            let slot = Arc::clone(&engine.slot);
+            tokio::spawn(async move { slot.obtain(None).await.map(|t| t.generation) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    engine.fetcher.gate.add_permits(1);
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap().expect("token"), 2, "every waiter gets the new token");
+    }
+    assert_eq!(engine.fetcher.calls(), 2, "the waiters joined the call in flight");
+    assert_eq!(histogram_count(&engine.metrics, "tokenproxy_refresh_wait_seconds"), 20);
+    let text = engine.metrics.encode();
+    let sum = text.lines().find(|l| l.starts_with("tokenproxy_refresh_wait_seconds_sum")).unwrap();
+    let sum: f64 = sum.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((sum - 20.0 * 0.150).abs() < 1e-6, "each waited the 150 ms the call took: sum {sum}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_use_current_the_old_token_is_sent_during_the_refresh() {
+    let engine = start_with(Answer::Token { lifetime: 300 }, 0.75, 30, false);
+    hold_a_refresh(&engine).await;
+    assert_eq!(engine.slot.obtain(None).await.unwrap().generation, 1);
+    engine.fetcher.gate.add_permits(1);
+    while engine.slot.current().unwrap().generation == 1 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(histogram_count(&engine.metrics, "tokenproxy_refresh_wait_seconds"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_the_idp_never_saw_or_refused_gives_the_old_token_back() {
+    for failure in [Answer::Unreachable, Answer::Transient, Answer::Permanent] {
+        let engine = start_with(Answer::Token { lifetime: 300 }, 0.75, 30, true);
+        hold_a_refresh(&engine).await;
+        engine.fetcher.set(failure);
+        let waiter = {
+            let slot = Arc::clone(&engine.slot);
+            tokio::spawn(async move { slot.obtain(None).await.map(|t| t.generation) })
+        };
+        tokio::task::yield_now().await;
+        engine.fetcher.gate.add_permits(1);
+        // The waiter is answered by the failed call; the next request gets the old token, still usable.
+        let _ = waiter.await.unwrap();
+        assert_eq!(engine.slot.obtain(None).await.expect("old token back").generation, 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_whose_outcome_is_unknown_never_sends_the_old_token_again() {
+    let engine = start_with(Answer::Token { lifetime: 300 }, 0.75, 30, true);
+    hold_a_refresh(&engine).await;
+    engine.fetcher.set(Answer::Interrupted);
+    engine.fetcher.gate.add_permits(Semaphore::MAX_PERMITS - 1);
+    while engine.slot.status().last_error.is_none() {
+        tokio::task::yield_now().await;
+    }
+    let err = engine.slot.obtain(None).await.expect_err("the old token may be revoked: not sent");
+    assert!(!engine.slot.serving(), "no token can be sent: not ready");
+    assert!(err.reason.contains("connection reset"), "{}", err.reason);
+    // The retry (after its backoff) succeeds and brings generation 2; generation 1 is never handed out again.
+    engine.fetcher.set(Answer::Token { lifetime: 300 });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(engine.slot.obtain(None).await.unwrap().generation, 2);
 }

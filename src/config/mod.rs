@@ -202,12 +202,25 @@ pub struct ProviderConfig {
     pub unauthorized_refresh_interval: Duration,
     /// Forced refreshes (`POST /tokens/{provider}/refresh`) no closer together than this (0: no limit).
     pub manual_refresh_interval: Duration,
+    /// What requests do while a refresh call is in flight.
+    pub during_refresh: DuringRefresh,
     /// PEM CA bundle trusted for TLS to the IdP (instead of the built-in web roots).
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate presented to the IdP.
     pub client_cert_file: Option<PathBuf>,
     /// PEM private key of `client_cert_file`.
     pub client_key_file: Option<PathBuf>,
+}
+
+/// `providers.NAME.during_refresh`: what requests do while a refresh call is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DuringRefresh {
+    /// Keep sending the current token until the new one arrives (the IdP revokes nothing when it issues one).
+    UseCurrent,
+    /// Stop using the current token once the call is sent, and wait for the new one: for IdPs that revoke the old
+    /// access token when its refresh token is redeemed. The default for grants that rotate refresh tokens.
+    Wait,
 }
 
 /// `routes[N].inject`: where the token goes in the upstream request.
@@ -263,6 +276,9 @@ pub struct RouteConfig {
     pub encoded_slashes: EncodedSlashes,
     /// PEM CA bundle trusted for this route's HTTPS upstream, instead of the built-in web roots.
     pub ca_file: Option<PathBuf>,
+    /// Upstream statuses that mean "the token was refused" (besides any answer with `WWW-Authenticate: Bearer
+    /// error="invalid_token"`): a refresh and one replay follow, as for 401.
+    pub retry_on_status: Vec<u16>,
 }
 
 /// `routes[N].encoded_slashes`: paths with `%2F` or `%5C`.

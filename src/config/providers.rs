@@ -6,7 +6,7 @@ use figment::value::Value;
 
 use super::reader::{self, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
-use super::{ClientAuth, Grant, ProviderConfig, Secret, SecretSource};
+use super::{ClientAuth, DuringRefresh, Grant, ProviderConfig, Secret, SecretSource};
 
 /// Defaults of a provider (SPEC).
 mod provider_defaults {
@@ -19,6 +19,10 @@ mod provider_defaults {
     pub(super) const UNAUTHORIZED_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
     pub(super) const MANUAL_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 }
+
+/// Values of `during_refresh`.
+const DURING_REFRESH: &[(&str, DuringRefresh)] =
+    &[("wait", DuringRefresh::Wait), ("use_current", DuringRefresh::UseCurrent)];
 
 /// Values of `grant`.
 const GRANTS: &[(&str, Grant)] = &[
@@ -173,6 +177,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     let timeout = r.get(t, "timeout", reader::positive_duration);
     let unauthorized_refresh_interval = r.get(t, "unauthorized_refresh_interval", reader::duration);
     let manual_refresh_interval = r.get(t, "manual_refresh_interval", reader::duration);
+    let during_refresh = r.get(t, "during_refresh", reader::choice(DURING_REFRESH));
     let ca_file = r.get(t, "ca_file", reader::readable_file);
     let client_cert_file = r.get(t, "client_cert_file", reader::readable_file);
     let client_key_file = r.get(t, "client_key_file", reader::readable_file);
@@ -211,6 +216,14 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
             provider_defaults::UNAUTHORIZED_REFRESH_INTERVAL,
         ),
         manual_refresh_interval: value_or(manual_refresh_interval, provider_defaults::MANUAL_REFRESH_INTERVAL),
+        // Grants whose refresh rotates a refresh token may revoke the old access token with it.
+        during_refresh: value_or(
+            during_refresh,
+            match grant {
+                Grant::RefreshToken | Grant::Password => DuringRefresh::Wait,
+                _ => DuringRefresh::UseCurrent,
+            },
+        ),
         ca_file: ca_file.map(|leaf| leaf.value),
         client_cert_file: client_cert_file.map(|leaf| leaf.value),
         client_key_file: client_key_file.map(|leaf| leaf.value),

@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde::{Serialize, Serializer};
 
 use super::{
-    ClientAuth, EncodedSlashes, Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, SecretSource,
+    ClientAuth, DuringRefresh, EncodedSlashes, Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig,
+    SecretSource,
 };
 
 /// Serializes a duration as a humantime string: `"30s"`, `"5m"`, `"1m 30s"`.
@@ -79,6 +80,7 @@ struct ProviderView<'a> {
     unauthorized_refresh_interval: Duration,
     #[serde(serialize_with = "duration")]
     manual_refresh_interval: Duration,
+    during_refresh: DuringRefresh,
     #[serde(skip_serializing_if = "Option::is_none")]
     ca_file: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -119,6 +121,7 @@ impl Serialize for ProviderConfig {
             timeout: self.timeout,
             unauthorized_refresh_interval: self.unauthorized_refresh_interval,
             manual_refresh_interval: self.manual_refresh_interval,
+            during_refresh: self.during_refresh,
             ca_file: self.ca_file.as_deref(),
             client_cert_file: self.client_cert_file.as_deref(),
             client_key_file: self.client_key_file.as_deref(),
@@ -156,6 +159,8 @@ struct RouteView<'a> {
     encoded_slashes: EncodedSlashes,
     #[serde(skip_serializing_if = "Option::is_none")]
     ca_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_on_status: Option<&'a [u16]>,
 }
 
 impl Serialize for RouteConfig {
@@ -180,6 +185,7 @@ impl Serialize for RouteConfig {
             incoming_authorization: with_token.then_some(self.incoming_authorization),
             encoded_slashes: self.encoded_slashes,
             ca_file: self.ca_file.as_deref(),
+            retry_on_status: with_token.then_some(self.retry_on_status.as_slice()),
         }
         .serialize(serializer)
     }

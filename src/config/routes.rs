@@ -31,7 +31,7 @@ const ENCODED_SLASHES: &[(&str, EncodedSlashes)] =
 
 /// Route keys that only mean something when the route attaches a token.
 const TOKEN_KEYS: &[&str] =
-    &["inject", "header_name", "scheme", "query_param", "retry_on_401", "incoming_authorization"];
+    &["inject", "header_name", "scheme", "query_param", "retry_on_401", "retry_on_status", "incoming_authorization"];
 
 /// Headers that cannot carry a token: hop-by-hop (stripped on the way) or message framing.
 const RESERVED_HEADERS: &[&str] = &[
@@ -159,6 +159,7 @@ fn route(
     let incoming_authorization = r.get(t, "incoming_authorization", reader::choice(INCOMING));
     let encoded_slashes = r.get(t, "encoded_slashes", reader::choice(ENCODED_SLASHES));
     let ca_file = r.get(t, "ca_file", reader::readable_file);
+    let retry_on_status = r.get(t, "retry_on_status", status_list);
     if let (Some(leaf), Some(upstream)) = (&ca_file, &upstream) {
         if upstream.value.scheme() != "https" {
             r.report_leaf(leaf, "only used with an https upstream; this route's upstream is plain http");
@@ -210,6 +211,7 @@ fn route(
         incoming_authorization: value_or(incoming_authorization, IncomingAuthorization::Replace),
         encoded_slashes: value_or(encoded_slashes, EncodedSlashes::Keep),
         ca_file: ca_file.map(|leaf| leaf.value),
+        retry_on_status: retry_on_status.map_or_else(|| vec![401], |leaf| leaf.value),
     };
     Some((config, name))
 }
@@ -285,4 +287,23 @@ fn auth_scheme(value: &Value) -> Result<String, String> {
     } else {
         Err("must be an auth scheme such as \"Bearer\" (no spaces), or \"\" to send the raw token".to_owned())
     }
+}
+
+/// `retry_on_status`: a list of 4xx statuses (`[401, 403]`).
+fn status_list(value: &Value) -> Result<Vec<u16>, String> {
+    let Value::Array(_, items) = value else {
+        return Err(format!("expected a list of statuses such as [401, 403], found {}", reader::kind(value)));
+    };
+    let mut statuses = Vec::with_capacity(items.len());
+    for item in items {
+        let status = reader::count(item).ok().and_then(|n| u16::try_from(n).ok()).filter(|n| (400..500).contains(n));
+        match status {
+            Some(status) => statuses.push(status),
+            None => return Err("each status must be a 4xx code (the token was refused), e.g. 401 or 403".to_owned()),
+        }
+    }
+    if statuses.is_empty() {
+        return Err("an empty list replays nothing: set retry_on_401 = false instead".to_owned());
+    }
+    Ok(statuses)
 }

@@ -103,6 +103,7 @@ fn defaults_apply_to_a_minimal_config() {
     assert_eq!(route.scheme, "Bearer");
     assert_eq!(route.query_param, "access_token");
     assert!(route.retry_on_401);
+    assert_eq!(route.retry_on_status, [401]);
     assert_eq!(route.incoming_authorization, IncomingAuthorization::Replace);
 }
 
@@ -120,6 +121,50 @@ fn provider_defaults() {
     assert_eq!(orders.scope, None);
     assert!(orders.extra_params.is_empty());
     assert_eq!(orders.client_secret, Some(SecretSource::Inline(Secret::new("s3cret-value"))));
+    assert_eq!(orders.during_refresh, DuringRefresh::UseCurrent, "issuing a client-credentials token revokes nothing");
+}
+
+#[test]
+fn during_refresh_waits_by_default_for_grants_that_rotate_refresh_tokens() {
+    let seeded = with_provider("grant = \"refresh_token\"\nrefresh_token = \"rt-seed\"");
+    assert_eq!(load(&seeded).unwrap().providers["orders"].during_refresh, DuringRefresh::Wait);
+    let password = with_provider("grant = \"password\"\nusername = \"svc\"\npassword = \"pw\"");
+    assert_eq!(load(&password).unwrap().providers["orders"].during_refresh, DuringRefresh::Wait);
+    let chosen =
+        with_provider("grant = \"refresh_token\"\nrefresh_token = \"rt-seed\"\nduring_refresh = \"use_current\"");
+    assert_eq!(load(&chosen).unwrap().providers["orders"].during_refresh, DuringRefresh::UseCurrent);
+    assert_eq!(
+        problems(load(&with_provider("during_refresh = \"block\""))),
+        ["providers.orders.during_refresh: unknown value `block` (expected one of: wait, use_current) (from tokenproxy.toml)"]
+    );
+}
+
+#[test]
+fn retry_on_status_takes_4xx_statuses_on_routes_with_a_token() {
+    let route =
+        |line: &str| with_provider("").replace("provider = \"orders\"", &format!("provider = \"orders\"\n{line}"));
+    let config = load(&route("retry_on_status = [401, 403]")).unwrap();
+    assert_eq!(config.routes[0].retry_on_status, [401, 403]);
+    for (line, problem) in [
+        ("retry_on_status = [401, 500]", "each status must be a 4xx code (the token was refused), e.g. 401 or 403"),
+        (
+            "retry_on_status = [\"forbidden\"]",
+            "each status must be a 4xx code (the token was refused), e.g. 401 or 403",
+        ),
+        ("retry_on_status = []", "an empty list replays nothing: set retry_on_401 = false instead"),
+        ("retry_on_status = 403", "expected a list of statuses such as [401, 403], found a number"),
+    ] {
+        assert_eq!(
+            problems(load(&route(line))),
+            [format!("routes[0].retry_on_status: {problem} (from tokenproxy.toml)")],
+            "{line}"
+        );
+    }
+    let plain = "[[routes]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:3000\"\nretry_on_status = [403]\n";
+    assert_eq!(
+        problems(load(plain)),
+        ["routes[0].retry_on_status: only used with `provider`; this route has none (a plain pass-through) (from tokenproxy.toml)"]
+    );
 }
 
 #[test]
@@ -331,7 +376,7 @@ fn unknown_keys_are_errors_with_suggestions() {
         problems(load(toml)),
         [
             "server.listn: unknown key; did you mean `listen`? (from tokenproxy.toml)",
-            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, ca_file) (from tokenproxy.toml)",
+            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, ca_file, retry_on_status) (from tokenproxy.toml)",
             "routes[0].strip_prefx: unknown key; did you mean `strip_prefix`? (from tokenproxy.toml)",
             "provider: unknown key; did you mean `providers`? (from tokenproxy.toml)",
         ]

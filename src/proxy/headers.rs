@@ -64,6 +64,35 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether a `WWW-Authenticate` value says the Bearer token was refused as invalid (RFC 6750 §3.1:
+/// `Bearer error="invalid_token"`), whatever the status it came with. A value may hold several challenges
+/// (`Basic realm="x", Bearer error="invalid_token"`): the parameter counts when a Bearer challenge precedes it.
+pub fn says_invalid_token(value: &[u8]) -> bool {
+    let value = value.to_ascii_lowercase();
+    let Some(bearer) = find(&value, b"bearer") else { return false };
+    let mut rest = &value[bearer + b"bearer".len()..];
+    while let Some(at) = find(rest, b"error") {
+        let before = at.checked_sub(1).map(|i| rest[i]);
+        let after = rest[at + b"error".len()..].trim_ascii_start();
+        rest = &rest[at + b"error".len()..];
+        if before.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            continue;
+        }
+        let Some(after) = after.strip_prefix(b"=") else { continue };
+        let after = after.trim_ascii_start();
+        let after = after.strip_prefix(b"\"").unwrap_or(after);
+        if let Some(end) = after.strip_prefix(b"invalid_token") {
+            return end.first().is_none_or(|b| matches!(b, b'"' | b',' | b' ' | b'\t'));
+        }
+    }
+    false
+}
+
+/// The position of `needle` in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
 /// Whether a `TE` value asks for trailers only (the one `TE` that passes a proxy: gRPC needs it).
 pub fn only_trailers(te: &[u8]) -> bool {
     te.split(|&b| b == b',').all(|p| p.trim_ascii().eq_ignore_ascii_case(b"trailers"))
@@ -129,6 +158,30 @@ pub fn add_forwarding(headers: &mut HeaderMap, peer: &HeaderValue, tls: bool, or
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bearer_invalid_token_challenge_is_recognised() {
+        for yes in [
+            "Bearer error=\"invalid_token\"",
+            "Bearer realm=\"api\", error=\"invalid_token\", error_description=\"The access token expired\"",
+            "bearer ERROR = \"Invalid_Token\"",
+            "Bearer error=invalid_token",
+            "Basic realm=\"x\", Bearer error=\"invalid_token\"",
+        ] {
+            assert!(says_invalid_token(yes.as_bytes()), "{yes}");
+        }
+        for no in [
+            "Bearer realm=\"api\"",
+            "Bearer error=\"insufficient_scope\"",
+            "Bearer error_description=\"invalid_token\"",
+            "Bearer xerror=\"invalid_token\"",
+            "Bearer error=\"invalid_token_type\"",
+            "Basic error=\"invalid_token\"",
+            "",
+        ] {
+            assert!(!says_invalid_token(no.as_bytes()), "{no}");
+        }
+    }
 
     #[test]
     fn strips_standard_and_connection_listed_headers() {

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::h1::framing::parse_length;
 use super::replay::{Replay, ReplayBody};
 use super::upstream::{may_retry, CallerWait, UpstreamBody, UpstreamError};
-use super::{Connection, Decision, ErrorContext, Proxy, ProxyBody, ProxyError, Route, Target, X_REQUEST_ID};
+use super::{Answer, Connection, Decision, ErrorContext, Proxy, ProxyBody, ProxyError, Route, Target, X_REQUEST_ID};
 use crate::metrics::ReplayOutcome;
 use crate::token::Token;
 
@@ -110,7 +110,7 @@ async fn forward(
         Err(other) => return Err(other.into_error()),
         Ok(response) => response,
     };
-    let Decision::Replay { .. } = Proxy::decide(route, response.status(), token.as_deref(), false) else {
+    let Decision::Replay { .. } = Proxy::decide(route, answer(&response), token.as_deref(), false) else {
         return Ok(finish(response, head_request));
     };
     match (token, saved) {
@@ -121,6 +121,18 @@ async fn forward(
         }
         _ => Ok(finish(response, head_request)),
     }
+}
+
+/// What the status decision looks at in a response.
+fn answer(response: &Response<Incoming>) -> Answer {
+    // Only a 4xx can be a refusal of the token (docs/configuration.md, "The 401 budget").
+    let invalid_token = response.status().is_client_error()
+        && response
+            .headers()
+            .get_all(http::header::WWW_AUTHENTICATE)
+            .iter()
+            .any(|value| super::headers::says_invalid_token(value.as_bytes()));
+    Answer { status: response.status(), invalid_token }
 }
 
 /// A copy of a request head without its extensions.
@@ -218,7 +230,7 @@ async fn replay_after_401(
     *replayed = true;
     let request = attach(route, target, parts, Some(&fresh), UpstreamBody::Replay { body })?;
     let response = send(proxy, route, request, deadline, false).await.map_err(Failure::into_error)?;
-    Proxy::decide(route, response.status(), Some(&fresh), true);
+    Proxy::decide(route, answer(&response), Some(&fresh), true);
     Ok(finish(response, head_request))
 }
 

@@ -159,6 +159,15 @@ impl Drop for Exchange<'_> {
 /// The header that carries a token, and its value (sensitive).
 type Credential<'r> = Option<(&'r HeaderName, HeaderValue)>;
 
+/// What the status decision looks at in an upstream's answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer {
+    /// Its status.
+    pub status: StatusCode,
+    /// It says `WWW-Authenticate: Bearer error="invalid_token"`.
+    pub invalid_token: bool,
+}
+
 /// What to do with an upstream's response (phase 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -387,14 +396,20 @@ impl Proxy {
         Ok((upstream_uri(route, target, extra_query.as_deref())?, credential))
     }
 
-    /// Phase 5, the status decision on the response to an attempt: a 401 to a token we attached, on a route that
-    /// replays, calls for the one replay (not after a replay). Counts the upstream's 401s and a replay's outcome.
-    fn decide(route: &Route, status: StatusCode, token: Option<&Token>, replayed: bool) -> Decision {
+    /// Phase 5, the status decision on the response to an attempt: a refusal of a token we attached (a status of the
+    /// route's `retry_on_status`, 401 by default, or any 4xx saying `Bearer error="invalid_token"`), on a route
+    /// that replays, calls for the one replay (not after a replay). A 403 to a token that a refresh call sent during
+    /// the exchange may have revoked (`during_refresh = "wait"` holds it back) is such a refusal too: its replay waits
+    /// for that call and makes none of its own. Counts the upstream's refusals and a replay's outcome.
+    fn decide(route: &Route, answer: Answer, token: Option<&Token>, replayed: bool) -> Decision {
+        let refused = answer.invalid_token
+            || route.refusal(answer.status)
+            || (answer.status == StatusCode::FORBIDDEN && token.is_some_and(Token::is_suspended));
         if replayed {
-            Self::count_replay(route, status);
+            Self::count_replay(route, refused);
             return Decision::Deliver;
         }
-        if status != StatusCode::UNAUTHORIZED {
+        if !refused {
             return Decision::Deliver;
         }
         route.metrics.upstream_unauthorized.inc();
@@ -424,9 +439,9 @@ impl Proxy {
         }
     }
 
-    /// Phase 5, after the replay: counts its outcome by the status it got.
-    fn count_replay(route: &Route, status: StatusCode) {
-        if status == StatusCode::UNAUTHORIZED {
+    /// Phase 5, after the replay: counts its outcome by whether the token was refused again.
+    fn count_replay(route: &Route, refused: bool) {
+        if refused {
             route.metrics.upstream_unauthorized.inc();
             route.metrics.replays(ReplayOutcome::StillUnauthorized).inc();
         } else {

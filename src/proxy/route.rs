@@ -57,6 +57,8 @@ pub struct Route {
     pub credential_header: HeaderName,
     /// Replay once after a 401.
     pub retry_on_401: bool,
+    /// The statuses that mean the token was refused (`retry_on_status`).
+    refusals: Box<[u16]>,
     /// What to do with a caller's own credential.
     pub incoming_authorization: IncomingAuthorization,
     /// Refuse paths with an encoded `/` or `\\`.
@@ -130,6 +132,7 @@ impl Route {
                 Inject::Query => http::header::AUTHORIZATION,
             },
             retry_on_401: config.retry_on_401,
+            refusals: config.retry_on_status.clone().into_boxed_slice(),
             incoming_authorization: config.incoming_authorization,
             reject_encoded_slashes: config.encoded_slashes == EncodedSlashes::Reject,
             tls: config
@@ -140,6 +143,11 @@ impl Route {
                 .map_err(|e| error(format!("ca_file: {e}")))?,
             metrics: metrics.route(&config.name),
         })
+    }
+
+    /// Whether an answer of `status` means the token was refused (`retry_on_status`, 401 by default).
+    pub fn refusal(&self, status: http::StatusCode) -> bool {
+        self.refusals.contains(&status.as_u16())
     }
 
     /// The upstream's authority when it is reached over plain HTTP/1.1 (the direct path's case).

@@ -37,6 +37,9 @@ pub struct Token {
     pub refresh_token_expires_at: Option<SystemTime>,
     /// Set when an upstream answered 401 to this generation: it is then never sent again.
     rejected: AtomicBool,
+    /// Set while a refresh call that may revoke it is in flight (`during_refresh = "wait"`): requests wait for the
+    /// next token instead of sending this one.
+    suspended: AtomicBool,
 }
 
 impl std::fmt::Debug for Token {
@@ -75,6 +78,7 @@ impl Token {
             obtained_at,
             refresh_token_expires_at: None,
             rejected: AtomicBool::new(false),
+            suspended: AtomicBool::new(false),
         }
     }
 
@@ -91,7 +95,22 @@ impl Token {
     /// Whether the token may be sent at `now`.
     #[inline]
     pub fn is_usable(&self, now: Instant) -> bool {
-        now < self.usable_until && !self.rejected.load(Ordering::Relaxed)
+        now < self.usable_until && !self.rejected.load(Ordering::Relaxed) && !self.suspended.load(Ordering::Relaxed)
+    }
+
+    /// Stops sending this token while a refresh that may revoke it is in flight.
+    pub(crate) fn suspend(&self) {
+        self.suspended.store(true, Ordering::Relaxed);
+    }
+
+    /// Sends it again (the refresh failed before the IdP could have acted on it).
+    pub(crate) fn resume(&self) {
+        self.suspended.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether it is held back by a refresh in flight.
+    pub fn is_suspended(&self) -> bool {
+        self.suspended.load(Ordering::Relaxed)
     }
 }
 
@@ -153,6 +172,8 @@ pub struct TokenSlot {
     pub(crate) wait_timeout: Duration,
     limits: RefreshLimits,
     pacing: Mutex<Pacing>,
+    /// Hold the current token back while a refresh call is in flight (`during_refresh = "wait"`).
+    pub(crate) wait_during_refresh: bool,
 }
 
 impl TokenSlot {
@@ -169,7 +190,15 @@ impl TokenSlot {
             wait_timeout,
             limits: RefreshLimits::default(),
             pacing: Mutex::new(Pacing::default()),
+            wait_during_refresh: false,
         }
+    }
+
+    /// The same slot holding its token back during refresh calls (`during_refresh = "wait"`): for IdPs that revoke
+    /// the old access token when its refresh token is redeemed.
+    pub fn waiting_during_refresh(mut self, wait: bool) -> TokenSlot {
+        self.wait_during_refresh = wait;
+        self
     }
 
     /// The same slot with `limits` on the refreshes callers can cause.
@@ -191,6 +220,19 @@ impl TokenSlot {
             Some(token) if token.is_usable(Instant::now()) => Some(Arc::clone(token)),
             _ => None,
         }
+    }
+
+    /// Whether requests are served: a usable token, or one held back only while the refresh call that replaces it
+    /// is in flight (`during_refresh = "wait"`: requests wait for that call). For readiness.
+    pub fn serving(&self) -> bool {
+        let guard = self.current.load();
+        let Some(token) = &*guard else { return false };
+        let now = Instant::now();
+        token.is_usable(now)
+            || (token.is_suspended()
+                && now < token.usable_until
+                && !token.rejected.load(Ordering::Relaxed)
+                && lock(&self.status).in_flight)
     }
 
     /// The latest token, usable or not (for the admin API).
@@ -215,6 +257,11 @@ impl TokenSlot {
     fn reject_within_limits(&self, generation: u64) -> Result<(), TokenUnavailable> {
         let guard = self.current.load();
         let Some(token) = guard.as_ref().filter(|t| t.generation == generation) else { return Ok(()) };
+        if token.is_suspended() {
+            // A refresh call is replacing it already (`during_refresh = "wait"`): the request waits for its token
+            // and asks for no refresh of its own.
+            return Ok(());
+        }
         if token.rejected.load(Ordering::Relaxed) {
             // A refresh for this generation was asked for already: join it.
             return Ok(());
@@ -281,6 +328,16 @@ impl TokenSlot {
         if let Some(generation) = rejected {
             self.reject_within_limits(generation)?;
         }
+        // A wait for the token a refresh in flight is about to bring (`during_refresh = "wait"`) is measured.
+        let rotation = (rejected.is_none() && self.latest().is_some_and(|t| t.is_suspended())).then(Instant::now);
+        let result = self.obtain_after_rejection(rejected).await;
+        if let (Some(started), Ok(_)) = (rotation, &result) {
+            self.metrics.refresh_wait.observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn obtain_after_rejection(&self, rejected: Option<u64>) -> Result<Arc<Token>, TokenUnavailable> {
         let fresh_enough = |t: &Token| rejected.is_none_or(|g| t.generation > g);
         if let Some(token) = self.current().filter(|t| fresh_enough(t)) {
             return Ok(token);

@@ -184,12 +184,19 @@ impl IdpClient {
         };
         let request =
             builder.body(Full::new(body)).map_err(|e| TokenError::Connect(format!("invalid URL {url}: {e}")))?;
-        let response = self.client.request(request).await.map_err(|e| TokenError::Connect(crate::error_chain(&e)))?;
+        let response = self.client.request(request).await.map_err(|e| {
+            // A connect error means nothing was sent; any other failure may come after the IdP read the request.
+            if e.is_connect() {
+                TokenError::Connect(crate::error_chain(&e))
+            } else {
+                TokenError::Interrupted(crate::error_chain(&e))
+            }
+        })?;
         let (parts, body) = response.into_parts();
         let body = Limited::new(body, MAX_RESPONSE)
             .collect()
             .await
-            .map_err(|e| TokenError::Connect(format!("reading the response: {e}")))?
+            .map_err(|e| TokenError::Interrupted(format!("reading the response: {e}")))?
             .to_bytes();
         Ok(FormAnswer { status: parts.status, headers: parts.headers, body })
     }

@@ -31,7 +31,7 @@ pub use refresh::{RefreshScheduler, Timing, TokenFetcher};
 pub use response::{AccessToken, TokenError, TokenResponse};
 pub use store::StateStore;
 
-use crate::config::{Config, ProviderConfig, SecretSource};
+use crate::config::{Config, DuringRefresh, ProviderConfig, SecretSource};
 use crate::metrics::Metrics;
 use crate::tls::TlsError;
 
@@ -129,7 +129,10 @@ impl TokenEngine {
                 unauthorized_interval: provider.unauthorized_refresh_interval,
                 manual_interval: provider.manual_refresh_interval,
             };
-            let slot = Arc::new(TokenSlot::new(name, metrics.provider(name), provider.timeout).with_limits(limits));
+            let slot = TokenSlot::new(name, metrics.provider(name), provider.timeout)
+                .with_limits(limits)
+                .waiting_during_refresh(provider.during_refresh == DuringRefresh::Wait);
+            let slot = Arc::new(slot);
             let timing = Timing { refresh_at: provider.refresh_at, expiry_skew: provider.expiry_skew };
             let store = StateStore::new(&config.state.dir);
             let fetcher: Arc<dyn TokenFetcher> = Arc::new(GrantFetcher::new(provider.clone(), store)?);

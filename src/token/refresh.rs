@@ -151,9 +151,24 @@ impl RefreshScheduler {
                 status.in_flight = true;
                 *lock(&slot.demand) = Default::default();
             }
+            // For IdPs that revoke the old access token when its refresh token is redeemed: from the moment the call
+            // is sent, requests wait for the new token rather than send the old one.
+            // (A token already held back by an earlier call whose outcome is unknown stays so.)
+            let held_back = slot.latest().filter(|t| slot.wait_during_refresh && !t.is_suspended());
+            if let Some(token) = &held_back {
+                token.suspend();
+            }
             let started_instant = Instant::now();
             let started_wall = SystemTime::now();
             let result = self.idp.fetch().await;
+            if let (Some(token), Err(error)) = (&held_back, &result) {
+                // Nothing reached the token endpoint, or the IdP refused: the old token is as good as before (an IdP
+                // outage does not stop a usable token). If the outcome is not known, it may be revoked: it stays
+                // held back until a call succeeds.
+                if !error.may_have_rotated() {
+                    token.resume();
+                }
+            }
             slot.metrics.token_duration.observe(started_instant.elapsed().as_secs_f64());
             let mut random = rand::rng();
             match result {

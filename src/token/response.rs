@@ -110,9 +110,12 @@ pub enum TokenError {
     /// No answer within the provider's `timeout`.
     #[error("the token call timed out after {0:?}")]
     Timeout(Duration),
-    /// Connection or TLS failure.
+    /// Connection or TLS failure: the request was not sent.
     #[error("cannot reach the identity provider: {0}")]
     Connect(String),
+    /// The connection failed after the request was sent: whether the IdP acted on it is not known.
+    #[error("the connection to the identity provider failed during the call: {0}")]
+    Interrupted(String),
     /// The IdP's answer could not be used.
     #[error("unusable token response: {0}")]
     Malformed(String),
@@ -151,6 +154,26 @@ const PERMANENT_ERRORS: &[&str] = &[
 ];
 
 impl TokenError {
+    /// Whether the call may have rotated the tokens without tokenproxy getting the new ones: no answer came (a
+    /// timeout, a connection lost after the request was sent), or the IdP's success could not be used or stored.
+    /// An access token the call would have replaced may then be revoked. Every other failure leaves the old tokens
+    /// as they were: nothing was sent (no connection, no secret, no endpoint), or the IdP answered with an error.
+    pub fn may_have_rotated(&self) -> bool {
+        match self {
+            TokenError::Timeout(_) | TokenError::Interrupted(_) | TokenError::Malformed(_) | TokenError::Store(_) => {
+                true
+            }
+            TokenError::Rejected { .. }
+            | TokenError::Status { .. }
+            | TokenError::Redirect { .. }
+            | TokenError::Connect(_)
+            | TokenError::Secret(_)
+            | TokenError::LoginNeeded { .. }
+            | TokenError::NoRefreshToken(_)
+            | TokenError::Discovery(_) => false,
+        }
+    }
+
     /// Permanent errors back off in minutes instead of seconds.
     pub fn is_permanent(&self) -> bool {
         match self {
@@ -162,6 +185,7 @@ impl TokenError {
             TokenError::Redirect { .. } | TokenError::LoginNeeded { .. } | TokenError::NoRefreshToken(_) => true,
             TokenError::Timeout(_)
             | TokenError::Connect(_)
+            | TokenError::Interrupted(_)
             | TokenError::Malformed(_)
             | TokenError::Secret(_)
             | TokenError::Store(_)
@@ -194,7 +218,7 @@ impl TokenError {
             TokenError::Malformed(message) if message.contains("clock") => {
                 Some("this machine's clock looks wrong (clock skew): check NTP")
             }
-            TokenError::Connect(_) | TokenError::Timeout(_) => {
+            TokenError::Connect(_) | TokenError::Interrupted(_) | TokenError::Timeout(_) => {
                 Some("check the URL, DNS, firewalls and proxies; for a private CA set ca_file")
             }
             _ => None,

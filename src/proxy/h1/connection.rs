@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use super::exchange::{discard_body, forward_response, round_trip, Buffers, Outcome, READ_SIZE};
 use super::{encode_error, encode_request, parse_request, Parse, ReplyTo, Span, UpstreamRequest};
 use crate::proxy::upstream::PlainConnection;
-use crate::proxy::{Connection, Decision, ErrorContext, Proxy, ProxyError, Route, CLIENT_CLOSED_REQUEST};
+use crate::proxy::{Answer, Connection, Decision, ErrorContext, Proxy, ProxyError, Route, CLIENT_CLOSED_REQUEST};
 
 /// The room made for each read from the caller: a request head and a small body (8 KiB with its head) come in one
 /// read.
@@ -473,7 +473,8 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
             Some(None) => return Outcome::Gone,
             None => return Outcome::Error(ProxyError::UpstreamTimeout(proxy.request_timeout)),
         };
-        let rejected = match Proxy::decide(route, head.status, token.as_deref(), replayed) {
+        let answer = Answer { status: head.status, invalid_token: head.invalid_token };
+        let rejected = match Proxy::decide(route, answer, token.as_deref(), replayed) {
             Decision::Deliver => {
                 return forward_response(
                     io,

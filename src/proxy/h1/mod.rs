@@ -277,6 +277,8 @@ pub struct ResponseHead {
     pub reusable: bool,
     /// The caller's connection ends after this response.
     pub close: bool,
+    /// It says `WWW-Authenticate: Bearer error="invalid_token"`.
+    pub invalid_token: bool,
 }
 
 /// A parsed upstream response head: a 1xx to skip, or the final head.
@@ -305,8 +307,14 @@ pub fn parse_response(input: &[u8], reply: &ReplyTo<'_>, out: &mut Vec<u8>) -> R
     let connection = || headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")).map(|h| h.value);
     let has_connection = connection().next().is_some();
     let mut fields = FramingFields::default();
+    // Only a 4xx can be a refusal of the token (docs/configuration.md, "The 401 budget").
+    let mut invalid_token = false;
+    let client_error = status.is_client_error();
     for header in headers {
         fields.add(header.name.as_bytes(), header.value);
+        invalid_token |= client_error
+            && header.name.eq_ignore_ascii_case("www-authenticate")
+            && super::headers::says_invalid_token(header.value);
     }
     // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): a length is only checked without it.
     let stated = if fields.has_transfer_encoding() {
@@ -366,7 +374,7 @@ pub fn parse_response(input: &[u8], reply: &ReplyTo<'_>, out: &mut Vec<u8>) -> R
         }
     }
     put_own_headers(out, reply, close);
-    Ok(Some((head_len, Some(ResponseHead { status, framing, reusable, close }))))
+    Ok(Some((head_len, Some(ResponseHead { status, framing, reusable, close, invalid_token }))))
 }
 
 #[cfg(test)]
