@@ -31,6 +31,8 @@ struct State {
     issued: usize,
     /// Calls to the token endpoint.
     token_calls: usize,
+    /// Tells waiters each new count of token calls.
+    calls: watch::Sender<usize>,
     /// Resource answers refusing a token, by the generation of the token refused.
     refused: BTreeMap<usize, usize>,
     /// Resource answers accepting a token.
@@ -77,6 +79,12 @@ impl RevokingServer {
         self.state.lock().unwrap().token_calls
     }
 
+    /// Returns once the token endpoint has been called `n` times in all.
+    async fn wait_token_calls(&self, n: usize) {
+        let mut calls = self.state.lock().unwrap().calls.subscribe();
+        calls.wait_for(|&c| c >= n).await.expect("the server is running");
+    }
+
     fn refused(&self) -> usize {
         self.state.lock().unwrap().refused.values().sum()
     }
@@ -110,6 +118,7 @@ async fn serve(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Ful
         {
             let mut s = state.lock().unwrap();
             s.token_calls += 1;
+            s.calls.send_replace(s.token_calls);
             if field("grant_type") != "refresh_token" || field("refresh_token") != s.refresh {
                 return json_response(StatusCode::BAD_REQUEST, json!({ "error": "invalid_grant" }));
             }
@@ -218,12 +227,9 @@ async fn steady_traffic(server: &RevokingServer, proxy: &Proxy, rotations: usize
             })
         })
         .collect();
-    let rotated = async {
-        while server.token_calls() < first + rotations {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), rotated).await.expect("the session rotates about once a second");
+    tokio::time::timeout(Duration::from_secs(60), server.wait_token_calls(first + rotations))
+        .await
+        .expect("the session rotates about once a second");
     done.store(true, Ordering::Relaxed);
     let mut traffic = Traffic { requests: 0, failed: 0, rotations: server.token_calls() - first };
     for caller in callers {
@@ -406,9 +412,7 @@ async fn a_request_in_flight_when_the_refresh_revokes_its_token_is_replayed_with
         let (client, url) = (client.clone(), proxy.admin_url("/tokens/app/refresh"));
         tokio::spawn(async move { client.post(&url, Bytes::new()).await.status })
     };
-    while server.token_calls() == before {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    server.wait_token_calls(before + 1).await;
     release.notify_one();
     // The 403 the revoked tok-1 met is replayed once the refresh in flight brings tok-2; no call of its own.
     let reply = request.await.unwrap();

@@ -95,7 +95,12 @@ impl Token {
     /// Whether the token may be sent at `now`.
     #[inline]
     pub fn is_usable(&self, now: Instant) -> bool {
-        now < self.usable_until && !self.rejected.load(Ordering::Relaxed) && !self.suspended.load(Ordering::Relaxed)
+        self.usable_apart_from_a_refresh(now) && !self.suspended.load(Ordering::Relaxed)
+    }
+
+    /// Whether it would be usable at `now` if no refresh call were holding it back.
+    fn usable_apart_from_a_refresh(&self, now: Instant) -> bool {
+        now < self.usable_until && !self.rejected.load(Ordering::Relaxed)
     }
 
     /// Stops sending this token while a refresh that may revoke it is in flight.
@@ -228,11 +233,7 @@ impl TokenSlot {
         let guard = self.current.load();
         let Some(token) = &*guard else { return false };
         let now = Instant::now();
-        token.is_usable(now)
-            || (token.is_suspended()
-                && now < token.usable_until
-                && !token.rejected.load(Ordering::Relaxed)
-                && lock(&self.status).in_flight)
+        token.usable_apart_from_a_refresh(now) && (!token.is_suspended() || lock(&self.status).in_flight)
     }
 
     /// The latest token, usable or not (for the admin API).
@@ -329,7 +330,8 @@ impl TokenSlot {
             self.reject_within_limits(generation)?;
         }
         // A wait for the token a refresh in flight is about to bring (`during_refresh = "wait"`) is measured.
-        let rotation = (rejected.is_none() && self.latest().is_some_and(|t| t.is_suspended())).then(Instant::now);
+        let rotation =
+            (rejected.is_none() && self.current.load().as_ref().is_some_and(|t| t.is_suspended())).then(Instant::now);
         let result = self.obtain_after_rejection(rejected).await;
         if let (Some(started), Ok(_)) = (rotation, &result) {
             self.metrics.refresh_wait.observe(started.elapsed().as_secs_f64());

@@ -474,21 +474,14 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
             None => return Outcome::Error(ProxyError::UpstreamTimeout(proxy.request_timeout)),
         };
         let answer = Answer { status: head.status, invalid_token: head.invalid_token };
-        let rejected = match Proxy::decide(route, answer, token.as_deref(), replayed) {
-            Decision::Deliver => {
-                return forward_response(
-                    io,
-                    &mut s.response,
-                    &mut s.upstream_input,
-                    (upstream, client, started),
-                    head,
-                    replayed,
-                )
-                .await
+        let fresh = match (Proxy::decide(route, answer, token.as_deref(), replayed), &route.tokens) {
+            (Decision::Replay { rejected }, Some(tokens)) => {
+                timer.within(deadline, Proxy::replacement(route, tokens.as_ref(), rejected, deadline)).await.flatten()
             }
-            Decision::Replay { rejected } => rejected,
+            _ => None,
         };
-        let Some(tokens) = &route.tokens else {
+        let Some(fresh) = fresh else {
+            // No replay called for, or no newer token to be had: the upstream's own answer is the honest one.
             return forward_response(
                 io,
                 &mut s.response,
@@ -499,25 +492,9 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
             )
             .await;
         };
-        match timer.within(deadline, Proxy::replacement(route, tokens.as_ref(), rejected, deadline)).await {
-            Some(Some(fresh)) => {
-                discard_body(&mut upstream, &mut s.upstream_input, head);
-                token = Some(fresh);
-                replayed = true;
-            }
-            // No newer token to be had: the upstream's own 401 is the honest answer.
-            _ => {
-                return forward_response(
-                    io,
-                    &mut s.response,
-                    &mut s.upstream_input,
-                    (upstream, client, started),
-                    head,
-                    replayed,
-                )
-                .await
-            }
-        }
+        discard_body(&mut upstream, &mut s.upstream_input, head);
+        token = Some(fresh);
+        replayed = true;
     }
 }
 
