@@ -27,6 +27,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "tokenproxy_replays_total",
     "tokenproxy_inflight_requests",
     "tokenproxy_config_reloads_total",
+    "tokenproxy_upstream_tls_reloads_total",
     "tokenproxy_build_info",
 ];
 
@@ -118,6 +119,7 @@ pub struct Metrics {
     replays: IntCounterVec,
     inflight: IntGauge,
     config_reloads: IntCounterVec,
+    upstream_tls_reloads: IntCounterVec,
 }
 
 /// Metric handles for one token provider.
@@ -269,6 +271,11 @@ impl Metrics {
         for outcome in ["success", "error"] {
             config_reloads.with_label_values(&[outcome]);
         }
+        let upstream_tls_reloads = counter(
+            "tokenproxy_upstream_tls_reloads_total",
+            "Times a route's upstream TLS files (ca_file, client certificate) changed and were loaded.",
+            &["route"],
+        );
         let build_info = IntGaugeVec::new(Opts::new("tokenproxy_build_info", "Build information."), &["version"])
             .expect("static metric definition");
         registry.register(Box::new(build_info.clone())).expect("metric registered once");
@@ -289,7 +296,13 @@ impl Metrics {
             replays,
             inflight,
             config_reloads,
+            upstream_tls_reloads,
         }
+    }
+
+    /// The counter of a route's upstream TLS reloads.
+    pub fn upstream_tls_reloads(&self, route: &str) -> IntCounter {
+        self.upstream_tls_reloads.with_label_values(&[route])
     }
 
     /// Requests being served now.
@@ -361,6 +374,7 @@ mod tests {
         let route = metrics.route("r");
         route.count_status(http::StatusCode::OK);
         route.duration.observe(0.001);
+        let _tls = metrics.upstream_tls_reloads("r");
         let mut registered: Vec<String> = metrics.registry.gather().iter().map(|f| f.name().to_owned()).collect();
         let mut listed: Vec<String> = METRIC_NAMES.iter().map(|n| n.to_string()).collect();
         registered.sort();

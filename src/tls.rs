@@ -22,6 +22,9 @@ pub enum TlsError {
         /// What is wrong with it.
         message: String,
     },
+    /// A TLS server name that is neither a DNS name nor an IP address.
+    #[error("server name: {0}")]
+    Name(String),
     /// rustls refused the configuration (e.g. a key that does not match its certificate).
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),

@@ -6,15 +6,13 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::tls::{Ca, TlsUpstream};
 use support::{basic_config, FakeIdp, FakeUpstream, Proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -56,70 +54,15 @@ async fn an_h2c_caller_gets_the_one_replay_after_a_401() {
     proxy.stop().await;
 }
 
-/// A private CA, and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
-fn private_ca(dir: &std::path::Path) -> (std::path::PathBuf, rcgen::CertifiedKey<rcgen::KeyPair>) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "tokenproxy test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf_params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    (ca_file, rcgen::CertifiedKey { cert: leaf, signing_key: leaf_key })
-}
-
-/// A TLS upstream on 127.0.0.1 offering h2 and http/1.1: 401 to `tok-1`, else the protocol and the token it got.
-async fn tls_upstream(leaf: &rcgen::CertifiedKey<rcgen::KeyPair>) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let cert = rustls_pki_types::CertificateDer::from(leaf.cert.der().to_vec());
-    let key = rustls_pki_types::PrivateKeyDer::try_from(leaf.signing_key.serialize_der()).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = Arc::clone(&seen);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else { return };
-                let service = service_fn(move |request: Request<Incoming>| {
-                    let log = Arc::clone(&log);
-                    async move {
-                        let token = request.headers().get("authorization").map(|v| v.to_str().unwrap().to_owned());
-                        let token = token.unwrap_or_default();
-                        log.lock().unwrap().push(format!("{:?} {token}", request.version()));
-                        let status = if token == "Bearer tok-1" { StatusCode::UNAUTHORIZED } else { StatusCode::OK };
-                        let body = format!("{:?} {token}", request.version());
-                        let mut response = Response::new(Full::new(Bytes::from(body)));
-                        *response.status_mut() = status;
-                        Ok::<_, std::convert::Infallible>(response)
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    (addr, seen)
-}
-
 #[tokio::test]
 async fn a_tls_upstream_trusted_through_ca_file_gets_the_replay_over_h2() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca_file, leaf) = private_ca(dir.path());
-    let (addr, seen) = tls_upstream(&leaf).await;
+    let ca = Ca::new("tokenproxy test CA");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let upstream = TlsUpstream::start(&ca.leaf(&["127.0.0.1"]), &[]).await;
+    let addr = upstream.addr;
+    let seen = || upstream.seen().iter().map(|s| format!("{} {}", s.version, s.authorization)).collect::<Vec<_>>();
     let idp = FakeIdp::start(300).await;
     let config = format!(
         "[providers.api]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
@@ -135,7 +78,7 @@ async fn a_tls_upstream_trusted_through_ca_file_gets_the_replay_over_h2() {
 
     let reply = client.get(&proxy.url("/private/x")).await;
     assert_eq!((reply.status, reply.text().as_str()), (200, "HTTP/2.0 Bearer tok-2"), "replayed over h2");
-    assert_eq!(*seen.lock().unwrap(), ["HTTP/2.0 Bearer tok-1", "HTTP/2.0 Bearer tok-2"]);
+    assert_eq!(seen(), ["HTTP/2.0 Bearer tok-1", "HTTP/2.0 Bearer tok-2"]);
     assert_eq!(proxy.metric("tokenproxy_replays_total{outcome=\"success\",route=\"private\"}").await, 1.0);
 
     // Without the route's CA bundle, the private CA is not trusted: 502, and nothing reaches the upstream.
@@ -143,7 +86,7 @@ async fn a_tls_upstream_trusted_through_ca_file_gets_the_replay_over_h2() {
     assert_eq!(reply.status, 502, "{}", reply.text());
     assert_eq!(reply.headers["x-tokenproxy-error"], "upstream_unreachable");
     assert!(reply.text().to_ascii_lowercase().contains("certificate"), "{}", reply.text());
-    assert_eq!(seen.lock().unwrap().len(), 2);
+    assert_eq!(seen().len(), 2);
     proxy.stop().await;
 }
 

@@ -274,11 +274,29 @@ pub struct RouteConfig {
     pub incoming_authorization: IncomingAuthorization,
     /// Whether paths with an encoded `/` or `\\` (`%2F`, `%5C`) are forwarded or refused.
     pub encoded_slashes: EncodedSlashes,
-    /// PEM CA bundle trusted for this route's HTTPS upstream, instead of the built-in web roots.
-    pub ca_file: Option<PathBuf>,
+    /// TLS to the route's HTTPS upstream.
+    pub tls: UpstreamTlsConfig,
     /// Upstream statuses that mean "the token was refused" (besides any answer with `WWW-Authenticate: Bearer
     /// error="invalid_token"`): a refresh and one replay follow, as for 401.
     pub retry_on_status: Vec<u16>,
+}
+
+/// TLS settings of a route's HTTPS upstream (docs/upstream-tls.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTlsConfig {
+    /// PEM CA bundle trusted instead of the built-in web roots.
+    pub ca_file: Option<PathBuf>,
+    /// The name the upstream's certificate is verified against, and sent as SNI, instead of the URL's host.
+    pub server_name: Option<String>,
+    /// PEM client certificate and its key, presented to the upstream (mutual TLS).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl UpstreamTlsConfig {
+    /// Whether the route has TLS settings of its own (else it uses the shared pool, trusting the web roots).
+    pub fn is_custom(&self) -> bool {
+        self != &UpstreamTlsConfig::default()
+    }
 }
 
 /// `routes[N].encoded_slashes`: paths with `%2F` or `%5C`.

@@ -160,6 +160,12 @@ struct RouteView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     ca_file: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    server_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_cert_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_key_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     retry_on_status: Option<&'a [u16]>,
 }
 
@@ -184,7 +190,10 @@ impl Serialize for RouteConfig {
             retry_on_401: with_token.then_some(self.retry_on_401),
             incoming_authorization: with_token.then_some(self.incoming_authorization),
             encoded_slashes: self.encoded_slashes,
-            ca_file: self.ca_file.as_deref(),
+            ca_file: self.tls.ca_file.as_deref(),
+            server_name: self.tls.server_name.as_deref(),
+            client_cert_file: self.tls.client_cert.as_ref().map(|(cert, _)| cert.as_path()),
+            client_key_file: self.tls.client_cert.as_ref().map(|(_, key)| key.as_path()),
             retry_on_status: with_token.then_some(self.retry_on_status.as_slice()),
         }
         .serialize(serializer)

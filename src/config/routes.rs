@@ -7,7 +7,7 @@ use http::HeaderName;
 
 use super::reader::{self, KeyPath, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
-use super::{EncodedSlashes, IncomingAuthorization, Inject, RouteConfig};
+use super::{EncodedSlashes, IncomingAuthorization, Inject, RouteConfig, UpstreamTlsConfig};
 
 /// Default of `routes[N].scheme`.
 const DEFAULT_SCHEME: &str = "Bearer";
@@ -32,6 +32,9 @@ const ENCODED_SLASHES: &[(&str, EncodedSlashes)] =
 /// Route keys that only mean something when the route attaches a token.
 const TOKEN_KEYS: &[&str] =
     &["inject", "header_name", "scheme", "query_param", "retry_on_401", "retry_on_status", "incoming_authorization"];
+
+/// Route keys about TLS to the upstream, only meaningful for an `https` upstream.
+const TLS_KEYS: &[&str] = &["ca_file", "server_name", "client_cert_file", "client_key_file"];
 
 /// Headers that cannot carry a token: hop-by-hop (stripped on the way) or message framing.
 const RESERVED_HEADERS: &[&str] = &[
@@ -159,10 +162,20 @@ fn route(
     let incoming_authorization = r.get(t, "incoming_authorization", reader::choice(INCOMING));
     let encoded_slashes = r.get(t, "encoded_slashes", reader::choice(ENCODED_SLASHES));
     let ca_file = r.get(t, "ca_file", reader::readable_file);
+    let server_name = r.get(t, "server_name", server_name);
+    let client_cert_file = r.get(t, "client_cert_file", reader::readable_file);
+    let client_key_file = r.get(t, "client_key_file", reader::readable_file);
+    match (t.has("client_cert_file"), t.has("client_key_file")) {
+        (true, false) => r.report_missing(t, "client_key_file", "missing; `client_cert_file` needs its private key"),
+        (false, true) => r.report_missing(t, "client_cert_file", "missing; `client_key_file` needs its certificate"),
+        _ => {}
+    }
     let retry_on_status = r.get(t, "retry_on_status", status_list);
-    if let (Some(leaf), Some(upstream)) = (&ca_file, &upstream) {
-        if upstream.value.scheme() != "https" {
-            r.report_leaf(leaf, "only used with an https upstream; this route's upstream is plain http");
+    if upstream.as_ref().is_some_and(|upstream| upstream.value.scheme() != "https") {
+        for key in TLS_KEYS {
+            if let Some(field) = t.field(key) {
+                r.report_field(&field, "only used with an https upstream; this route's upstream is plain http");
+            }
         }
     }
     let inject = value_or(inject, Inject::Header);
@@ -210,10 +223,23 @@ fn route(
         retry_on_401: value_or(retry_on_401, true),
         incoming_authorization: value_or(incoming_authorization, IncomingAuthorization::Replace),
         encoded_slashes: value_or(encoded_slashes, EncodedSlashes::Keep),
-        ca_file: ca_file.map(|leaf| leaf.value),
+        tls: UpstreamTlsConfig {
+            ca_file: ca_file.map(|leaf| leaf.value),
+            server_name: server_name.map(|leaf| leaf.value),
+            client_cert: client_cert_file.zip(client_key_file).map(|(cert, key)| (cert.value, key.value)),
+        },
         retry_on_status: retry_on_status.map_or_else(|| vec![401], |leaf| leaf.value),
     };
     Some((config, name))
+}
+
+/// `server_name`: a DNS name or an IP address, as TLS verifies it.
+fn server_name(value: &Value) -> Result<String, String> {
+    let name = reader::non_empty_string(value)?;
+    match rustls_pki_types::ServerName::try_from(name.as_str()) {
+        Ok(_) => Ok(name),
+        Err(_) => Err(format!("`{name}` is neither a DNS name nor an IP address")),
+    }
 }
 
 /// An explicit route name.

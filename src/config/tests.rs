@@ -376,7 +376,7 @@ fn unknown_keys_are_errors_with_suggestions() {
         problems(load(toml)),
         [
             "server.listn: unknown key; did you mean `listen`? (from tokenproxy.toml)",
-            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, ca_file, retry_on_status) (from tokenproxy.toml)",
+            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, ca_file, server_name, client_cert_file, client_key_file, retry_on_status) (from tokenproxy.toml)",
             "routes[0].strip_prefx: unknown key; did you mean `strip_prefix`? (from tokenproxy.toml)",
             "provider: unknown key; did you mean `providers`? (from tokenproxy.toml)",
         ]
@@ -604,4 +604,40 @@ fn suggestions_are_close_matches_only() {
     assert_eq!(reader::suggest("LISTEN", known), Some("listen"));
     assert_eq!(reader::suggest("request_timoeut", known), Some("request_timeout"));
     assert_eq!(reader::suggest("colour", known), None);
+}
+
+#[test]
+fn route_tls_keys_need_an_https_upstream_a_valid_name_and_a_whole_key_pair() {
+    let (cert, key) = (temp_file("cert"), temp_file("key"));
+    let route = |upstream: &str, keys: &str| format!("[[routes]]\nprefix = \"/\"\nupstream = \"{upstream}\"\n{keys}");
+    let pair = format!(
+        "server_name = \"orders.internal\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+        cert.path().display(),
+        key.path().display()
+    );
+    let config = load(&route("https://10.0.0.7:8443", &pair)).unwrap();
+    let tls = &config.routes[0].tls;
+    assert_eq!(tls.server_name.as_deref(), Some("orders.internal"));
+    assert_eq!(tls.client_cert, Some((cert.path().to_owned(), key.path().to_owned())));
+    assert!(tls.is_custom());
+    assert!(!load(&route("https://a", "")).unwrap().routes[0].tls.is_custom());
+    assert!(load(&route("https://a", "server_name = \"10.0.0.7\"")).is_ok(), "an IP address is a name TLS verifies");
+
+    assert_eq!(
+        problems(load(&route("http://a", &pair))),
+        [
+            "routes[0].server_name: only used with an https upstream; this route's upstream is plain http (from tokenproxy.toml)",
+            "routes[0].client_cert_file: only used with an https upstream; this route's upstream is plain http (from tokenproxy.toml)",
+            "routes[0].client_key_file: only used with an https upstream; this route's upstream is plain http (from tokenproxy.toml)",
+        ]
+    );
+    let lone_cert = format!("client_cert_file = \"{}\"", cert.path().display());
+    assert_eq!(
+        problems(load(&route("https://a", &lone_cert))),
+        ["routes[0].client_key_file: missing; `client_cert_file` needs its private key (from tokenproxy.toml)"]
+    );
+    assert_eq!(
+        problems(load(&route("https://a", "server_name = \"not a name\""))),
+        ["routes[0].server_name: `not a name` is neither a DNS name nor an IP address (from tokenproxy.toml)"]
+    );
 }

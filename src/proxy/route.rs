@@ -63,7 +63,7 @@ pub struct Route {
     pub incoming_authorization: IncomingAuthorization,
     /// Refuse paths with an encoded `/` or `\\`.
     pub reject_encoded_slashes: bool,
-    /// The route's own TLS trust for its upstream (`ca_file`), if it has one.
+    /// The route's own TLS settings for its upstream (`ca_file`, `server_name`, client certificate), if it has any.
     pub tls: Option<RouteTls>,
     /// The route's metric handles.
     pub metrics: RouteMetrics,
@@ -115,6 +115,10 @@ impl Route {
                 prefix: if config.scheme.is_empty() { String::new() } else { format!("{} ", config.scheme) },
             },
         };
+        let tls = (scheme == Scheme::HTTPS && config.tls.is_custom())
+            .then(|| client.route_tls(&config.name, &config.tls, metrics.upstream_tls_reloads(&config.name)))
+            .transpose()
+            .map_err(|e| error(format!("upstream TLS: {e}")))?;
         Ok(Route {
             name: Arc::from(config.name.as_str()),
             host: config.host.as_ref().map(|h| h.to_ascii_lowercase()),
@@ -135,12 +139,7 @@ impl Route {
             refusals: config.retry_on_status.clone().into_boxed_slice(),
             incoming_authorization: config.incoming_authorization,
             reject_encoded_slashes: config.encoded_slashes == EncodedSlashes::Reject,
-            tls: config
-                .ca_file
-                .as_deref()
-                .map(|ca_file| client.route_tls(ca_file))
-                .transpose()
-                .map_err(|e| error(format!("ca_file: {e}")))?,
+            tls,
             metrics: metrics.route(&config.name),
         })
     }

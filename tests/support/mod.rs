@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod session_idp;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::convert::Infallible;

@@ -10,10 +10,11 @@ use std::task::{Context, Poll};
 
 use http::uri::Scheme;
 use http::Uri;
-use hyper_rustls::MaybeHttpsStream;
+use hyper_rustls::{FixedServerNameResolver, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::{Dial, PooledClient, UpstreamStream, CONNECT_TIMEOUT, IDLE_TIMEOUT};
@@ -21,19 +22,23 @@ use crate::tls::{client_config, ClientTls, TlsError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// An HTTPS connector with `tls`'s trust, offering h2 and http/1.1 by ALPN.
-pub(super) fn https_connector(tls: &ClientTls<'_>) -> Result<hyper_rustls::HttpsConnector<HttpConnector>, TlsError> {
+/// An HTTPS connector with `tls`'s trust, offering h2 and http/1.1 by ALPN, verifying `server_name` (and sending it
+/// as SNI) instead of the URL's host when it is set.
+pub(super) fn https_connector(
+    tls: &ClientTls<'_>,
+    server_name: Option<ServerName<'static>>,
+) -> Result<hyper_rustls::HttpsConnector<HttpConnector>, TlsError> {
     let tls = client_config(tls)?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http))
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only();
+    let builder = match server_name {
+        Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name)),
+        None => builder,
+    };
+    Ok(builder.enable_http1().enable_http2().wrap_connector(http))
 }
 
 /// A hyper pool over `connector`.

@@ -15,6 +15,7 @@
 
 mod body;
 mod connector;
+mod tls;
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -37,6 +38,7 @@ use tokio::time::Instant;
 use crate::tls::{ClientTls, TlsError};
 pub use body::{CallerBodyError, CallerWait, UpstreamBody};
 use connector::{https_connector, pooled, Connector, Exchanges};
+pub use tls::RouteTls;
 
 /// Why an upstream exchange failed before a response head arrived.
 #[derive(Debug, thiserror::Error)]
@@ -232,7 +234,7 @@ impl UpstreamClient {
     /// A client whose plain connections come from `dial`.
     pub fn with_dial(max_idle: usize, dial: Arc<dyn Dial>) -> Result<UpstreamClient, TlsError> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        let connector = Connector { https: https_connector(&ClientTls::default())?, dial: Arc::clone(&dial) };
+        let connector = Connector { https: https_connector(&ClientTls::default(), None)?, dial: Arc::clone(&dial) };
         let client = pooled(connector.clone(), max_idle);
         let per_worker = (0..WORKER_POOLS).map(|_| std::sync::OnceLock::new()).collect();
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -252,12 +254,15 @@ impl UpstreamClient {
         }
     }
 
-    /// A hyper pool of its own for a route whose HTTPS upstream is trusted through `ca_file` only
-    /// (`routes[].ca_file`).
-    pub fn route_tls(&self, ca_file: &std::path::Path) -> Result<RouteTls, TlsError> {
-        let tls = ClientTls { ca_file: Some(ca_file), only_ca_file: true, client_cert: None };
-        let connector = Connector { https: https_connector(&tls)?, dial: Arc::clone(&self.dial) };
-        Ok(RouteTls { client: pooled(connector, self.max_idle) })
+    /// A hyper pool of its own for a route with TLS settings of its own (`routes[].ca_file`, `server_name`,
+    /// `client_cert_file`); `reloads` counts its pool's replacements after the files changed.
+    pub fn route_tls(
+        &self,
+        route: &str,
+        settings: &crate::config::UpstreamTlsConfig,
+        reloads: prometheus::IntCounter,
+    ) -> Result<RouteTls, TlsError> {
+        RouteTls::new(route, settings, Arc::clone(&self.dial), self.max_idle, reloads)
     }
 
     /// Sends one request through hyper (the route's own TLS pool, if it has one) and returns the response head with
@@ -272,7 +277,8 @@ impl UpstreamClient {
         tls: Option<&RouteTls>,
         watch_reuse: bool,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let pool = tls.map_or_else(|| self.pool(), |tls| &tls.client);
+        let route_pool = tls.map(RouteTls::client);
+        let pool = route_pool.as_deref().unwrap_or_else(|| self.pool());
         let captured = watch_reuse.then(|| hyper_util::client::legacy::connect::capture_connection(&mut request));
         let result = pool.request(request).await;
         // Count the exchange on its connection, whatever its outcome: the next one on it is a reuse.
@@ -283,6 +289,11 @@ impl UpstreamClient {
             Some(extensions.get::<Exchanges>()?.0.fetch_add(1, Ordering::Relaxed))
         });
         result.map_err(|error| {
+            // A TLS failure is told in words, and never sent again: a client certificate refused after the request
+            // was written (TLS 1.3) looks like a connection closed without an answer.
+            if let Some(detail) = tls::describe_failure(&error, tls) {
+                return UpstreamError::Failed(detail);
+            }
             let chain = crate::error_chain(&error);
             let mut unanswered = false;
             let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
@@ -378,11 +389,6 @@ impl Drop for UpstreamClient {
             }
         });
     }
-}
-
-/// A route's own TLS trust for its upstream: a hyper pool whose connector trusts only the route's CA bundle.
-pub struct RouteTls {
-    client: PooledClient,
 }
 
 #[cfg(test)]
