@@ -47,8 +47,12 @@ enum Command {
         #[arg(long, short, env = "TOKENPROXY_CONFIG", default_value = "tokenproxy.toml")]
         config: PathBuf,
         /// Also get one token from every provider and report each outcome.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "offline")]
         fetch: bool,
+        /// For a machine without the secrets (CI): an unset `*_env` variable or a missing `*_file` is a warning,
+        /// not an error; everything else is checked.
+        #[arg(long)]
+        offline: bool,
     },
     /// Start a refresh-token session for PROVIDER with the device authorization grant (RFC 8628).
     Login {
@@ -100,8 +104,9 @@ fn main() -> ExitCode {
             let Some(runtime) = runtime() else { return ExitCode::from(EXIT_START) };
             runtime.block_on(run_demo(listen, admin_listen))
         }
-        Command::Check { config, fetch } => {
-            let config = match load(&config) {
+        Command::Check { config, fetch, offline } => {
+            let loaded = if offline { load_offline(&config) } else { load(&config) };
+            let config = match loaded {
                 Ok(config) => config,
                 Err(_) => return ExitCode::from(EXIT_CONFIG),
             };
@@ -123,21 +128,29 @@ fn main() -> ExitCode {
 
 /// Loads the config, printing its errors on stderr; the exit code says whether it was unreadable or invalid.
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|error| {
-        match &error {
-            ConfigError::Invalid(problems) => {
-                eprintln!("tokenproxy: invalid configuration ({} problem{}):", problems.len(), plural(problems.len()));
-                for problem in problems {
-                    eprintln!("  {problem}");
-                }
+    Config::load(path).map_err(report)
+}
+
+/// Like [`load`], without the secrets: what cannot be had here becomes a warning (`check --offline`).
+fn load_offline(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load_offline(path).map_err(report)
+}
+
+/// Prints a config error on stderr; the exit code says whether it was unreadable or invalid.
+fn report(error: ConfigError) -> ExitCode {
+    match &error {
+        ConfigError::Invalid(problems) => {
+            eprintln!("tokenproxy: invalid configuration ({} problem{}):", problems.len(), plural(problems.len()));
+            for problem in problems {
+                eprintln!("  {problem}");
             }
-            other => eprintln!("tokenproxy: {other}"),
         }
-        match error {
-            ConfigError::Invalid(_) => ExitCode::from(EXIT_CONFIG),
-            _ => ExitCode::from(EXIT_START),
-        }
-    })
+        other => eprintln!("tokenproxy: {other}"),
+    }
+    match error {
+        ConfigError::Invalid(_) => ExitCode::from(EXIT_CONFIG),
+        _ => ExitCode::from(EXIT_START),
+    }
 }
 
 fn plural(n: usize) -> &'static str {

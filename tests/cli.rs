@@ -96,6 +96,55 @@ fn the_example_config_is_valid() {
 }
 
 #[test]
+fn check_offline_lints_a_config_without_its_secrets_and_plain_check_still_needs_them() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    let check = |args: &[&str]| {
+        let output = tokenproxy()
+            .arg("check")
+            .args(args)
+            .args(["--config", example])
+            .env_remove("ORDERS_CLIENT_SECRET")
+            .output();
+        let output = output.unwrap();
+        (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (code, stderr) = check(&["--offline"]);
+    assert_eq!(code, Some(0), "the example passes offline as shipped: {stderr}");
+    assert!(
+        stderr.contains(
+            "warning: providers.orders.client_secret_env: environment variable `ORDERS_CLIENT_SECRET` is not set"
+        ) && stderr.contains("not checked offline"),
+        "{stderr}"
+    );
+    let (code, stderr) = check(&[]);
+    assert_eq!(code, Some(2), "a running proxy would fail: {stderr}");
+    assert!(stderr.contains("`ORDERS_CLIENT_SECRET` is not set"), "{stderr}");
+
+    // Absent files are warnings offline; what is wrong in the file itself still fails.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenproxy.toml");
+    let config = "[providers.a]\ntoken_url = \"https://idp/token\"\nclient_id = \"c\"\n\
+                  client_secret_file = \"/run/secrets/absent\"\n[[routes]]\nprefix = \"/\"\nupstream = \"https://a\"\n\
+                  provider = \"a\"\nca_file = \"/etc/absent-ca.pem\"\n";
+    std::fs::write(&path, config).unwrap();
+    let output = tokenproxy().args(["check", "--offline", "--config"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: providers.a.client_secret_file: cannot read secret file /run/secrets/absent"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("warning: routes[0].ca_file: cannot read /etc/absent-ca.pem"), "{stderr}");
+    std::fs::write(&path, config.replace("client_id = \"c\"\n", "client_id = \"c\"\nrefresh_at = 2.0\n")).unwrap();
+    let output = tokenproxy().args(["check", "--offline", "--config"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("providers.a.refresh_at") && stderr.contains("1 problem"), "{stderr}");
+    let both = tokenproxy().args(["check", "--offline", "--fetch", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(both.status.code(), Some(2), "--fetch needs the secrets: the two do not go together");
+}
+
+#[test]
 fn a_missing_config_file_cannot_start() {
     let output = tokenproxy().args(["run", "--config", "/nonexistent/tokenproxy.toml"]).output().unwrap();
     assert_eq!(output.status.code(), Some(1));

@@ -6,7 +6,7 @@ use figment::value::Value;
 
 use super::reader::{self, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
-use super::{ClientAuth, DuringRefresh, Grant, ProviderConfig, Secret, SecretSource};
+use super::{ClientAuth, DuringRefresh, Grant, ProviderConfig, Secret, SecretError, SecretSource};
 
 /// Defaults of a provider (SPEC).
 mod provider_defaults {
@@ -178,9 +178,9 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     let unauthorized_refresh_interval = r.get(t, "unauthorized_refresh_interval", reader::duration);
     let manual_refresh_interval = r.get(t, "manual_refresh_interval", reader::duration);
     let during_refresh = r.get(t, "during_refresh", reader::choice(DURING_REFRESH));
-    let ca_file = r.get(t, "ca_file", reader::readable_file);
-    let client_cert_file = r.get(t, "client_cert_file", reader::readable_file);
-    let client_key_file = r.get(t, "client_key_file", reader::readable_file);
+    let ca_file = r.file(t, "ca_file");
+    let client_cert_file = r.file(t, "client_cert_file");
+    let client_key_file = r.file(t, "client_key_file");
     match (t.has("client_cert_file"), t.has("client_key_file")) {
         (true, false) => r.report_missing(t, "client_key_file", "missing; `client_cert_file` needs its private key"),
         (false, true) => r.report_missing(t, "client_cert_file", "missing; `client_key_file` needs its certificate"),
@@ -262,13 +262,25 @@ fn secret(r: &mut Reader<'_>, t: &mut Table<'_>, key: &str) -> Option<Leaf<Secre
         }),
     };
     // The error names the file or variable, never the value.
-    match source.and_then(|source| source.read().map(|_| source).map_err(|e| e.to_string())) {
-        Ok(source) => Some(Leaf { value: source, path: field.path.clone(), tag: field.value.tag() }),
+    let source = match source {
+        Ok(source) => source,
         Err(message) => {
             r.report_field(field, message);
-            None
+            return None;
         }
-    }
+    };
+    let usable = match source.read() {
+        Ok(_) => true,
+        // Not there (yet): a problem, or offline a warning.
+        Err(e @ (SecretError::FileUnreadable { .. } | SecretError::EnvMissing { .. })) => {
+            r.report_unavailable(field, e.to_string())
+        }
+        Err(e) => {
+            r.report_field(field, e.to_string());
+            false
+        }
+    };
+    usable.then(|| Leaf { value: source, path: field.path.clone(), tag: field.value.tag() })
 }
 
 /// "`a` and `b`", "`a`, `b` and `c`".

@@ -135,12 +135,79 @@ pub(super) struct Reader<'f> {
     root_source: &'f str,
     problems: Vec<Problem>,
     unknown: Vec<Problem>,
+    /// Offline (`check --offline`): a secret or file that is not there is only reported in `unavailable`.
+    offline: bool,
+    unavailable: Vec<Problem>,
 }
 
 impl<'f> Reader<'f> {
     /// A reader over `figment`'s values; `root_source` names the TOML text.
     pub(super) fn new(figment: &'f Figment, root_source: &'f str) -> Self {
-        Reader { figment, root_source, problems: Vec::new(), unknown: Vec::new() }
+        Reader {
+            figment,
+            root_source,
+            problems: Vec::new(),
+            unknown: Vec::new(),
+            offline: false,
+            unavailable: Vec::new(),
+        }
+    }
+
+    /// A reader for `check --offline`: secrets and files that are absent here are warnings, not problems.
+    pub(super) fn offline(mut self) -> Self {
+        self.offline = true;
+        self
+    }
+
+    /// What could not be had here but may be where the proxy runs (offline only), one line each.
+    pub(super) fn take_unavailable(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.unavailable)
+            .into_iter()
+            .map(|problem| format!("{problem}; not checked offline, `run` needs it"))
+            .collect()
+    }
+
+    /// Records that a secret or file named at `field` cannot be had here: a problem, or, offline, a warning. Tells
+    /// whether the value may still be used (offline).
+    pub(super) fn report_unavailable(&mut self, field: &Field<'_>, message: impl Into<String>) -> bool {
+        if self.offline {
+            let source = self.source(field.value.tag(), &field.path);
+            self.unavailable.push(Problem { key: field.path.to_string(), message: message.into(), source });
+        } else {
+            self.report_field(field, message);
+        }
+        self.offline
+    }
+
+    /// `key` of `table`: the path of a file that must exist and be readable when the proxy runs.
+    pub(super) fn file(&mut self, table: &mut Table<'_>, key: &str) -> Option<Leaf<PathBuf>> {
+        let field = table.field(key)?;
+        let path = match path(field.value) {
+            Ok(path) => path,
+            Err(message) => {
+                self.report_field(&field, message);
+                return None;
+            }
+        };
+        let usable = match std::fs::File::open(&path).and_then(|file| file.metadata()) {
+            Ok(metadata) if metadata.is_file() => true,
+            Ok(_) => {
+                self.report_field(&field, format!("{} is not a file", path.display()));
+                false
+            }
+            Err(e) => self.report_unavailable(&field, format!("cannot read {}: {e}", path.display())),
+        };
+        usable.then(|| Leaf { value: path, path: field.path.clone(), tag: field.value.tag() })
+    }
+
+    /// Like [`Reader::file`], but an absent key is a problem too.
+    pub(super) fn require_file(&mut self, table: &mut Table<'_>, key: &str, missing: &str) -> Option<Leaf<PathBuf>> {
+        if !table.has(key) {
+            table.field(key);
+            self.report_missing(table, key, missing);
+            return None;
+        }
+        self.file(table, key)
     }
 
     /// All problems: those found while reading, then unknown keys.
@@ -295,16 +362,6 @@ pub(super) fn path(value: &Value) -> Result<PathBuf, String> {
         return Err("must not be empty".to_owned());
     }
     Ok(PathBuf::from(s))
-}
-
-/// A path to a file that exists and can be opened now.
-pub(super) fn readable_file(value: &Value) -> Result<PathBuf, String> {
-    let path = path(value)?;
-    match std::fs::File::open(&path).and_then(|file| file.metadata()) {
-        Ok(metadata) if metadata.is_file() => Ok(path),
-        Ok(_) => Err(format!("{} is not a file", path.display())),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-    }
 }
 
 /// `true` or `false` (also as a string, as environment variables give it).

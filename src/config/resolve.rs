@@ -17,8 +17,9 @@ const LOG_FORMATS: &[(&str, LogFormat)] = &[("pretty", LogFormat::Pretty), ("jso
 /// What names of providers and routes may contain.
 pub(super) const NAME_RULE: &str = "names may only contain letters, digits, `_`, `.` and `-`";
 
-/// Reads and checks the whole configuration; every problem found is returned at once.
-pub(super) fn config(figment: &Figment, root_source: &str) -> Result<Config, ConfigError> {
+/// Reads and checks the whole configuration; every problem found is returned at once. `offline`: secrets and files
+/// that cannot be had here are warnings (in [`Config::unavailable`]), not problems.
+pub(super) fn config(figment: &Figment, root_source: &str, offline: bool) -> Result<Config, ConfigError> {
     let mut data = figment.data().map_err(|e| {
         ConfigError::Invalid(vec![Problem {
             key: String::new(),
@@ -28,6 +29,9 @@ pub(super) fn config(figment: &Figment, root_source: &str) -> Result<Config, Con
     })?;
     let root_dict = data.remove(&Profile::Default).unwrap_or_default();
     let mut r = Reader::new(figment, root_source);
+    if offline {
+        r = r.offline();
+    }
     let mut root = Table::new(KeyPath::default(), Tag::Default, &root_dict);
 
     let (server, server_listen) = server(&mut r, &mut root);
@@ -44,11 +48,12 @@ pub(super) fn config(figment: &Figment, root_source: &str) -> Result<Config, Con
     let routes = routes::routes(&mut r, &mut root, &provider_names);
     r.finish(root);
 
+    let unavailable = r.take_unavailable();
     let problems = r.into_problems();
     if !problems.is_empty() {
         return Err(ConfigError::Invalid(problems));
     }
-    Ok(Config { server, admin, log, state, providers, routes })
+    Ok(Config { server, admin, log, state, providers, routes, unavailable })
 }
 
 /// The value of a leaf, or `default` when it is absent or invalid (invalid ones are already reported).
@@ -90,14 +95,8 @@ fn server_tls(r: &mut Reader<'_>, server: &mut Table<'_>) -> Option<ServerTls> {
     if !t.is_present() {
         return None;
     }
-    let cert_file = r.require(
-        &mut t,
-        "cert_file",
-        "missing; a TLS listener needs its PEM certificate chain",
-        reader::readable_file,
-    );
-    let key_file =
-        r.require(&mut t, "key_file", "missing; a TLS listener needs its PEM private key", reader::readable_file);
+    let cert_file = r.require_file(&mut t, "cert_file", "missing; a TLS listener needs its PEM certificate chain");
+    let key_file = r.require_file(&mut t, "key_file", "missing; a TLS listener needs its PEM private key");
     r.finish(t);
     Some(ServerTls { cert_file: cert_file?.value, key_file: key_file?.value })
 }

@@ -161,10 +161,10 @@ fn route(
     let retry_on_401 = r.get(t, "retry_on_401", reader::boolean);
     let incoming_authorization = r.get(t, "incoming_authorization", reader::choice(INCOMING));
     let encoded_slashes = r.get(t, "encoded_slashes", reader::choice(ENCODED_SLASHES));
-    let ca_file = r.get(t, "ca_file", reader::readable_file);
+    let ca_file = r.file(t, "ca_file");
     let server_name = r.get(t, "server_name", server_name);
-    let client_cert_file = r.get(t, "client_cert_file", reader::readable_file);
-    let client_key_file = r.get(t, "client_key_file", reader::readable_file);
+    let client_cert_file = r.file(t, "client_cert_file");
+    let client_key_file = r.file(t, "client_key_file");
     match (t.has("client_cert_file"), t.has("client_key_file")) {
         (true, false) => r.report_missing(t, "client_key_file", "missing; `client_cert_file` needs its private key"),
         (false, true) => r.report_missing(t, "client_cert_file", "missing; `client_key_file` needs its certificate"),

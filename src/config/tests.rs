@@ -641,3 +641,31 @@ fn route_tls_keys_need_an_https_upstream_a_valid_name_and_a_whole_key_pair() {
         ["routes[0].server_name: `not a name` is neither a DNS name nor an IP address (from tokenproxy.toml)"]
     );
 }
+
+#[test]
+fn offline_an_absent_secret_or_file_is_a_warning_and_a_directory_still_a_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenproxy.toml");
+    let config = |cert: &str| {
+        format!(
+            "[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"/absent/key.pem\"\n\
+             [providers.orders]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c\"\n\
+             client_secret_env = \"TOKENPROXY_TEST_UNSET_VARIABLE\"\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"https://api.example\"\nprovider = \"orders\"\n"
+        )
+    };
+    std::fs::write(&path, config("/absent/cert.pem")).unwrap();
+    let offline = Config::load_offline(&path).unwrap();
+    assert_eq!(offline.unavailable.len(), 3, "{:?}", offline.unavailable);
+    assert!(offline.unavailable[0].starts_with("server.tls.cert_file: cannot read /absent/cert.pem"));
+    assert!(offline.unavailable[2].starts_with(
+        "providers.orders.client_secret_env: environment variable `TOKENPROXY_TEST_UNSET_VARIABLE` is not set"
+    ));
+    assert_eq!(offline.warnings()[..3], offline.unavailable[..]);
+    assert_eq!(problems(Config::load(&path)).len(), 3, "online, each is a problem");
+
+    std::fs::write(&path, config(&dir.path().display().to_string())).unwrap();
+    let problems = problems(Config::load_offline(&path));
+    assert_eq!(problems.len(), 1);
+    assert!(problems[0].contains("is not a file"), "{problems:?}");
+}

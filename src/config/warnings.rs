@@ -8,8 +8,10 @@ impl Config {
     /// Valid settings a demanding operator would want to be told about, each naming its key: an admin listener on
     /// a non-loopback address (it has no authentication), and tokens or secrets sent over plain HTTP to a host that
     /// is not a loopback address.
+    ///
+    /// Offline (`check --offline`), the secrets and files that could not be had come first.
     pub fn warnings(&self) -> Vec<String> {
-        let mut warnings = Vec::new();
+        let mut warnings = self.unavailable.clone();
         if !self.admin.listen.ip().is_loopback() {
             warnings.push(format!(
                 "admin.listen: {} is not a loopback address, and the admin API has no authentication (it forces token \
