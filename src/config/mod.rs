@@ -237,6 +237,16 @@ pub enum Inject {
     Query,
 }
 
+/// `routes[N].upstream_protocol`: how requests go to a plain-HTTP upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (an `https` upstream: h2 or HTTP/1.1, as ALPN decides).
+    Http1,
+    /// HTTP/2 with prior knowledge over plain TCP (gRPC backends in a cluster).
+    H2c,
+}
+
 /// `routes[N].incoming_authorization`: what happens to an `Authorization` header the caller sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -280,6 +290,11 @@ pub struct RouteConfig {
     pub encoded_slashes: EncodedSlashes,
     /// TLS to the route's HTTPS upstream.
     pub tls: UpstreamTlsConfig,
+    /// HTTP/1.1 or h2c to a plain-HTTP upstream.
+    pub upstream_protocol: UpstreamProtocol,
+    /// A gRPC `UNAUTHENTICATED` status (in trailers, or a trailers-only answer) retires the token like a 401, under
+    /// the same budget; the call itself is not replayed.
+    pub grpc_unauthenticated_refresh: bool,
     /// Upstream statuses that mean "the token was refused" (besides any answer with `WWW-Authenticate: Bearer
     /// error="invalid_token"`): a refresh and one replay follow, as for 401.
     pub retry_on_status: Vec<u16>,

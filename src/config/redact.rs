@@ -10,7 +10,7 @@ use serde::{Serialize, Serializer};
 
 use super::{
     ClientAuth, DuringRefresh, EncodedSlashes, Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig,
-    SecretSource,
+    SecretSource, UpstreamProtocol,
 };
 
 /// Serializes a duration as a humantime string: `"30s"`, `"5m"`, `"1m 30s"`.
@@ -167,6 +167,9 @@ struct RouteView<'a> {
     client_key_file: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
     retry_on_status: Option<&'a [u16]>,
+    upstream_protocol: UpstreamProtocol,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_unauthenticated_refresh: Option<bool>,
 }
 
 impl Serialize for RouteConfig {
@@ -195,6 +198,8 @@ impl Serialize for RouteConfig {
             client_cert_file: self.tls.client_cert.as_ref().map(|(cert, _)| cert.as_path()),
             client_key_file: self.tls.client_cert.as_ref().map(|(_, key)| key.as_path()),
             retry_on_status: with_token.then_some(self.retry_on_status.as_slice()),
+            upstream_protocol: self.upstream_protocol,
+            grpc_unauthenticated_refresh: with_token.then_some(self.grpc_unauthenticated_refresh),
         }
         .serialize(serializer)
     }

@@ -7,7 +7,7 @@ use http::HeaderName;
 
 use super::reader::{self, KeyPath, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
-use super::{EncodedSlashes, IncomingAuthorization, Inject, RouteConfig, UpstreamTlsConfig};
+use super::{EncodedSlashes, IncomingAuthorization, Inject, RouteConfig, UpstreamProtocol, UpstreamTlsConfig};
 
 /// Default of `routes[N].scheme`.
 const DEFAULT_SCHEME: &str = "Bearer";
@@ -25,13 +25,24 @@ const INCOMING: &[(&str, IncomingAuthorization)] = &[
     ("reject", IncomingAuthorization::Reject),
 ];
 
+/// Values of `upstream_protocol`.
+const PROTOCOLS: &[(&str, UpstreamProtocol)] = &[("http1", UpstreamProtocol::Http1), ("h2c", UpstreamProtocol::H2c)];
+
 /// Values of `encoded_slashes`.
 const ENCODED_SLASHES: &[(&str, EncodedSlashes)] =
     &[("keep", EncodedSlashes::Keep), ("reject", EncodedSlashes::Reject)];
 
 /// Route keys that only mean something when the route attaches a token.
-const TOKEN_KEYS: &[&str] =
-    &["inject", "header_name", "scheme", "query_param", "retry_on_401", "retry_on_status", "incoming_authorization"];
+const TOKEN_KEYS: &[&str] = &[
+    "inject",
+    "header_name",
+    "scheme",
+    "query_param",
+    "retry_on_401",
+    "retry_on_status",
+    "incoming_authorization",
+    "grpc_unauthenticated_refresh",
+];
 
 /// Route keys about TLS to the upstream, only meaningful for an `https` upstream.
 const TLS_KEYS: &[&str] = &["ca_file", "server_name", "client_cert_file", "client_key_file"];
@@ -171,6 +182,13 @@ fn route(
         _ => {}
     }
     let retry_on_status = r.get(t, "retry_on_status", status_list);
+    let upstream_protocol = r.get(t, "upstream_protocol", reader::choice(PROTOCOLS));
+    let grpc_unauthenticated_refresh = r.get(t, "grpc_unauthenticated_refresh", reader::boolean);
+    if let (Some(leaf), Some(upstream)) = (&upstream_protocol, &upstream) {
+        if leaf.value == UpstreamProtocol::H2c && upstream.value.scheme() == "https" {
+            r.report_leaf(leaf, "h2c is HTTP/2 over plain TCP; an https upstream gets h2 by ALPN when it offers it");
+        }
+    }
     if upstream.as_ref().is_some_and(|upstream| upstream.value.scheme() != "https") {
         for key in TLS_KEYS {
             if let Some(field) = t.field(key) {
@@ -229,6 +247,8 @@ fn route(
             client_cert: client_cert_file.zip(client_key_file).map(|(cert, key)| (cert.value, key.value)),
         },
         retry_on_status: retry_on_status.map_or_else(|| vec![401], |leaf| leaf.value),
+        upstream_protocol: value_or(upstream_protocol, UpstreamProtocol::Http1),
+        grpc_unauthenticated_refresh: value_or(grpc_unauthenticated_refresh, false),
     };
     Some((config, name))
 }

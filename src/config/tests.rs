@@ -376,7 +376,7 @@ fn unknown_keys_are_errors_with_suggestions() {
         problems(load(toml)),
         [
             "server.listn: unknown key; did you mean `listen`? (from tokenproxy.toml)",
-            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, ca_file, server_name, client_cert_file, client_key_file, retry_on_status) (from tokenproxy.toml)",
+            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, ca_file, server_name, client_cert_file, client_key_file, retry_on_status, upstream_protocol, grpc_unauthenticated_refresh) (from tokenproxy.toml)",
             "routes[0].strip_prefx: unknown key; did you mean `strip_prefix`? (from tokenproxy.toml)",
             "provider: unknown key; did you mean `providers`? (from tokenproxy.toml)",
         ]
@@ -668,4 +668,20 @@ fn offline_an_absent_secret_or_file_is_a_warning_and_a_directory_still_a_problem
     let problems = problems(Config::load_offline(&path));
     assert_eq!(problems.len(), 1);
     assert!(problems[0].contains("is not a file"), "{problems:?}");
+}
+
+#[test]
+fn h2c_is_for_plain_upstreams_and_grpc_refresh_for_token_routes() {
+    let route = |upstream: &str, keys: &str| format!("[[routes]]\nprefix = \"/\"\nupstream = \"{upstream}\"\n{keys}");
+    let config = load(&route("http://grpc.internal:50051", "upstream_protocol = \"h2c\"")).unwrap();
+    assert_eq!(config.routes[0].upstream_protocol, UpstreamProtocol::H2c);
+    assert_eq!(load(&route("https://a", "")).unwrap().routes[0].upstream_protocol, UpstreamProtocol::Http1);
+    assert_eq!(
+        problems(load(&route("https://a", "upstream_protocol = \"h2c\""))),
+        ["routes[0].upstream_protocol: h2c is HTTP/2 over plain TCP; an https upstream gets h2 by ALPN when it offers it (from tokenproxy.toml)"]
+    );
+    assert_eq!(
+        problems(load(&route("http://a", "grpc_unauthenticated_refresh = true"))),
+        ["routes[0].grpc_unauthenticated_refresh: only used with `provider`; this route has none (a plain pass-through) (from tokenproxy.toml)"]
+    );
 }

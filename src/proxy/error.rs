@@ -10,10 +10,11 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+
+use super::grpc::{self, ResponseBody};
 
 /// The body of every proxied response: the upstream's, streamed, or one of ours.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
 /// The header that marks the proxy's own error responses.
 pub static X_TOKENPROXY_ERROR: HeaderName = HeaderName::from_static("x-tokenproxy-error");
@@ -55,6 +56,8 @@ pub struct ErrorContext {
     pub route: Option<Arc<str>>,
     /// The provider's name.
     pub provider: Option<Arc<str>>,
+    /// The caller speaks gRPC: the error goes as a gRPC status (trailers-only), not as problem+json.
+    pub grpc: bool,
 }
 
 impl ProxyError {
@@ -154,6 +157,11 @@ impl ProxyError {
         if let ProxyError::TokenUnavailable { retry_after, .. } = &self {
             let seconds = retry_after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
             headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if context.grpc {
+            let message = format!("{}: {}", self.title(), self.detail());
+            grpc::trailers_only(&mut parts, grpc::code(&self), &message);
+            return (parts, Bytes::new());
         }
         // A final newline: the body reads well in a terminal (`curl`), and a response never runs into the next.
         (parts, Bytes::from(format!("{body}\n")))

@@ -15,6 +15,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::grpc::{self, ResponseBody, UnauthenticatedWatch};
 use super::h1::framing::parse_length;
 use super::replay::{Replay, ReplayBody};
 use super::upstream::{may_retry, CallerWait, UpstreamBody, UpstreamError};
@@ -27,19 +28,27 @@ pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Conn
     let (mut parts, body) = request.into_parts();
     let mut exchange = proxy.begin(&mut parts);
     let mut replayed = false;
+    let grpc = grpc::is_grpc(&parts.headers);
+    // A gRPC caller's error goes as HTTP 200 with a grpc-status: metrics and the access log count the HTTP status
+    // the error has.
+    let mut error_status = None;
     let mut response = match proxy.admit(&mut parts) {
         Ok(route) => {
             exchange.routed(route);
             let started = exchange.started();
             match forward(proxy, route, parts, body, connection, started, &mut replayed).await {
                 Ok(response) => response,
-                Err(error) => proxy.error_response(route, error),
+                Err(error) => {
+                    error_status = Some(error.status());
+                    proxy.error_response(route, error, grpc)
+                }
             }
         }
         Err(error) => {
             // A request refused before routing may be malformed: where the next one starts is not known.
             let close = error.ends_connection() && parts.version < Version::HTTP_2;
-            let mut response = error.into_response(&ErrorContext::default());
+            error_status = Some(error.status());
+            let mut response = error.into_response(&ErrorContext { grpc, ..ErrorContext::default() });
             if close {
                 response.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
@@ -47,7 +56,7 @@ pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Conn
         }
     };
     response.headers_mut().insert(X_REQUEST_ID.clone(), exchange.request_id().clone());
-    proxy.end(exchange, response.status(), replayed);
+    proxy.end(exchange, error_status.unwrap_or(response.status()), replayed);
     response
 }
 
@@ -60,6 +69,8 @@ struct Attempt<'a> {
     deadline: Instant,
     /// The request is a HEAD (its response has no body, whatever its length says).
     head_request: bool,
+    /// The request is a gRPC call.
+    grpc: bool,
 }
 
 /// Phases 2 to 6 for one request.
@@ -73,6 +84,7 @@ async fn forward(
     replayed: &mut bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let deadline = started + proxy.request_timeout;
+    let grpc = grpc::is_grpc(&parts.headers);
     let head_request = parts.method == Method::HEAD;
     let target = Proxy::prepare(route, &mut parts, connection)?;
     frame_request(&mut parts, &body);
@@ -110,17 +122,31 @@ async fn forward(
         Err(other) => return Err(other.into_error()),
         Ok(response) => response,
     };
+    let watch = grpc.then(|| unauthenticated_watch(route, token.as_deref())).flatten();
     let Decision::Replay { .. } = Proxy::decide(route, answer(&response), token.as_deref(), false) else {
-        return Ok(finish(response, head_request));
+        return Ok(finish(response, head_request, watch));
     };
     match (token, saved) {
         (Some(token), Some(parts)) => {
-            let first = Attempt { token: &token, replay, response, deadline, head_request };
+            let first = Attempt { token: &token, replay, response, deadline, head_request, grpc };
             // The rare path is boxed, so that every request's future stays small.
             Box::pin(replay_after_401(proxy, route, &target, parts, first, replayed)).await
         }
-        _ => Ok(finish(response, head_request)),
+        _ => Ok(finish(response, head_request, watch)),
     }
+}
+
+/// For a gRPC call carrying `token` on a route with `grpc_unauthenticated_refresh`: what retires the token when the
+/// call is answered `UNAUTHENTICATED`.
+fn unauthenticated_watch(route: &Route, token: Option<&Token>) -> Option<Box<UnauthenticatedWatch>> {
+    let (tokens, token) = (route.tokens.as_ref()?, token?);
+    route.grpc_unauthenticated_refresh.then(|| {
+        Box::new(UnauthenticatedWatch {
+            tokens: std::sync::Arc::clone(tokens),
+            generation: token.generation,
+            unauthorized: route.metrics.upstream_unauthorized.clone(),
+        })
+    })
 }
 
 /// What the status decision looks at in a response.
@@ -194,7 +220,7 @@ async fn send(
     deadline: Instant,
     resendable: bool,
 ) -> Result<Response<Incoming>, Failure> {
-    match tokio::time::timeout_at(deadline, proxy.client.send(request, route.tls.as_ref(), resendable)).await {
+    match tokio::time::timeout_at(deadline, proxy.client.send(request, route.via(), resendable)).await {
         Ok(Ok(response)) => Ok(response),
         // The caller's body was malformed or cut short: the caller's fault.
         Ok(Err(UpstreamError::CallerBody(detail))) => Err(Failure::Error(ProxyError::Malformed(detail))),
@@ -213,17 +239,17 @@ async fn replay_after_401(
     first: Attempt<'_>,
     replayed: &mut bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let Some(tokens) = &route.tokens else { return Ok(finish(first.response, first.head_request)) };
+    let Some(tokens) = &route.tokens else { return Ok(finish(first.response, first.head_request, None)) };
     let deadline = first.deadline;
     let body = match tokio::time::timeout_at(deadline, first.replay.replay()).await {
         Ok(Some(body)) => body,
         _ => {
             route.metrics.replays(ReplayOutcome::NotReplayable).inc();
-            return Ok(finish(first.response, first.head_request));
+            return Ok(finish(first.response, first.head_request, None));
         }
     };
     let Some(fresh) = Proxy::replacement(route, tokens.as_ref(), first.token.generation, deadline).await else {
-        return Ok(finish(first.response, first.head_request));
+        return Ok(finish(first.response, first.head_request, None));
     };
     let head_request = first.head_request;
     drop(first.response);
@@ -231,13 +257,22 @@ async fn replay_after_401(
     let request = attach(route, target, parts, Some(&fresh), UpstreamBody::Replay { body })?;
     let response = send(proxy, route, request, deadline, false).await.map_err(Failure::into_error)?;
     Proxy::decide(route, answer(&response), Some(&fresh), true);
-    Ok(finish(response, head_request))
+    let watch = first.grpc.then(|| unauthenticated_watch(route, Some(&fresh))).flatten();
+    Ok(finish(response, head_request, watch))
 }
 
 /// Phase 6: the upstream's response as the caller gets it: headers as [`super::headers::forwarded`] says, and its
 /// length ours, never copied: the length of the body hyper read, or for HEAD and 304 the upstream's, as a number.
-fn finish(response: Response<Incoming>, head_request: bool) -> Response<ProxyBody> {
+/// `watch` looks for a gRPC `UNAUTHENTICATED` in a trailers-only head or in the trailers.
+fn finish(
+    response: Response<Incoming>,
+    head_request: bool,
+    mut watch: Option<Box<UnauthenticatedWatch>>,
+) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
+    if watch.as_mut().is_some_and(|watch| watch.check(&parts.headers)) {
+        watch = None;
+    }
     super::headers::strip_hop_by_hop(&mut parts.headers);
     let stated = parts.headers.remove(CONTENT_LENGTH).and_then(|value| parse_length(value.as_bytes()));
     let length = if head_request || parts.status == StatusCode::NOT_MODIFIED {
@@ -250,5 +285,5 @@ fn finish(response: Response<Incoming>, head_request: bool) -> Response<ProxyBod
     if let Some(length) = length {
         parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
     }
-    Response::from_parts(parts, Either::Left(body))
+    Response::from_parts(parts, Either::Left(ResponseBody::new(body, watch)))
 }

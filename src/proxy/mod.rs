@@ -25,6 +25,7 @@
 //! [`upstream`].
 
 pub mod error;
+pub mod grpc;
 pub mod h1;
 pub mod headers;
 pub mod hyper_transport;
@@ -253,8 +254,8 @@ impl Proxy {
     }
 
     /// The problem+json answer to an error serving a request on `route`.
-    fn error_response(&self, route: &Route, error: ProxyError) -> http::Response<ProxyBody> {
-        let context = self.error_context(Some(route), &error);
+    fn error_response(&self, route: &Route, error: ProxyError, grpc: bool) -> http::Response<ProxyBody> {
+        let context = ErrorContext { grpc, ..self.error_context(Some(route), &error) };
         error.into_response(&context)
     }
 
@@ -263,7 +264,7 @@ impl Proxy {
     fn error_context(&self, route: Option<&Route>, error: &ProxyError) -> ErrorContext {
         let Some(route) = route else { return ErrorContext::default() };
         tracing::debug!(route = %route.name, code = error.code(), "proxy error: {}", error_detail(error));
-        ErrorContext { route: Some(Arc::clone(&route.name)), provider: route.provider.clone() }
+        ErrorContext { route: Some(Arc::clone(&route.name)), provider: route.provider.clone(), grpc: false }
     }
 
     /// Phase 1, the request filter: the method and path policy, then routing. CONNECT and hosts no route names are

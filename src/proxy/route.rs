@@ -10,8 +10,8 @@ use std::sync::Arc;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
-use super::upstream::{RouteTls, UpstreamClient};
-use crate::config::{EncodedSlashes, IncomingAuthorization, Inject, RouteConfig};
+use super::upstream::{RouteTls, UpstreamClient, Via};
+use crate::config::{EncodedSlashes, IncomingAuthorization, Inject, RouteConfig, UpstreamProtocol};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::token::TokenSource;
 
@@ -65,6 +65,10 @@ pub struct Route {
     pub reject_encoded_slashes: bool,
     /// The route's own TLS settings for its upstream (`ca_file`, `server_name`, client certificate), if it has any.
     pub tls: Option<RouteTls>,
+    /// Requests go to the (plain) upstream as h2 with prior knowledge.
+    h2c: bool,
+    /// A gRPC `UNAUTHENTICATED` answer retires the token (`grpc_unauthenticated_refresh`).
+    pub grpc_unauthenticated_refresh: bool,
     /// The route's metric handles.
     pub metrics: RouteMetrics,
 }
@@ -140,6 +144,8 @@ impl Route {
             incoming_authorization: config.incoming_authorization,
             reject_encoded_slashes: config.encoded_slashes == EncodedSlashes::Reject,
             tls,
+            h2c: config.upstream_protocol == UpstreamProtocol::H2c,
+            grpc_unauthenticated_refresh: config.grpc_unauthenticated_refresh,
             metrics: metrics.route(&config.name),
         })
     }
@@ -151,7 +157,16 @@ impl Route {
 
     /// The upstream's authority when it is reached over plain HTTP/1.1 (the direct path's case).
     pub fn plain_http_upstream(&self) -> Option<&Authority> {
-        (self.scheme == Scheme::HTTP).then_some(&self.authority)
+        (self.scheme == Scheme::HTTP && !self.h2c).then_some(&self.authority)
+    }
+
+    /// The pool the hyper transport sends this route's requests through.
+    pub fn via(&self) -> Via<'_> {
+        match &self.tls {
+            Some(tls) => Via::Tls(tls),
+            None if self.h2c => Via::H2c,
+            None => Via::Shared,
+        }
     }
 
     /// The upstream's `host[:port]`, for logs.

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::uri::Scheme;
 use http::Uri;
@@ -41,13 +42,32 @@ pub(super) fn https_connector(
     Ok(builder.enable_http1().enable_http2().wrap_connector(http))
 }
 
-/// A hyper pool over `connector`.
-pub(super) fn pooled(connector: Connector, max_idle: usize) -> PooledClient {
+/// Which HTTP version a pool speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Protocol {
+    /// HTTP/1.1 to plain upstreams; h2 or HTTP/1.1 to TLS upstreams, as ALPN decides.
+    Negotiated,
+    /// h2 with prior knowledge (h2c on plain TCP).
+    H2PriorKnowledge,
+}
+
+/// How long an h2 connection may stay silent before a PING checks it, and how long the answer may take: a
+/// connection the network lost is found and closed even while no request uses it.
+const H2_KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));
+
+/// A hyper pool over `connector`. h2 connections size their flow-control windows from the measured bandwidth-delay
+/// product (hyper's adaptive window), so one connection multiplexing a worker's requests is not held to the
+/// protocol's 64 KiB default window.
+pub(super) fn pooled(connector: Connector, protocol: Protocol, max_idle: usize) -> PooledClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(IDLE_TIMEOUT)
         .pool_max_idle_per_host(max_idle)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
+        .http2_only(protocol == Protocol::H2PriorKnowledge)
+        .http2_adaptive_window(true)
+        .http2_keep_alive_interval(H2_KEEP_ALIVE.0)
+        .http2_keep_alive_timeout(H2_KEEP_ALIVE.1)
         .build(connector)
 }
 

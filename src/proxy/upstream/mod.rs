@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::tls::{ClientTls, TlsError};
 pub use body::{CallerBodyError, CallerWait, UpstreamBody};
-use connector::{https_connector, pooled, Connector, Exchanges};
+use connector::{https_connector, pooled, Connector, Exchanges, Protocol};
 pub use tls::RouteTls;
 
 /// Why an upstream exchange failed before a response head arrived.
@@ -214,12 +214,48 @@ pub struct UpstreamClient {
     id: u64,
     dial: Arc<dyn Dial>,
     max_idle: usize,
+    /// HTTP/1.1 to plain upstreams, h2 or HTTP/1.1 by ALPN to TLS ones.
+    pools: WorkerPools,
+    /// h2 with prior knowledge to plain upstreams (`upstream_protocol = "h2c"`).
+    h2c: WorkerPools,
+}
+
+/// hyper pools of one kind: one per worker thread, made on first use (a pooled connection's task runs on the thread
+/// that opened it, so a pool shared by the workers would wake other threads on every request; with h2, each worker
+/// multiplexes its requests on a connection of its own), and one for the threads that are not workers.
+struct WorkerPools {
     connector: Connector,
-    /// The hyper pool of the threads that are not workers.
-    client: PooledClient,
-    /// One hyper pool per worker thread, made on first use: a pooled connection's task runs on the thread that
-    /// opened it, so a pool shared by the workers would wake other threads on every request.
+    protocol: Protocol,
+    max_idle: usize,
+    shared: PooledClient,
     per_worker: Box<[std::sync::OnceLock<PooledClient>]>,
+}
+
+impl WorkerPools {
+    fn new(connector: Connector, protocol: Protocol, max_idle: usize) -> WorkerPools {
+        let shared = pooled(connector.clone(), protocol, max_idle);
+        let per_worker = (0..WORKER_POOLS).map(|_| std::sync::OnceLock::new()).collect();
+        WorkerPools { connector, protocol, max_idle, shared, per_worker }
+    }
+
+    /// The pool of the calling thread.
+    fn pool(&self) -> &PooledClient {
+        match WORKER.with(std::cell::Cell::get).and_then(|index| self.per_worker.get(index)) {
+            Some(slot) => slot.get_or_init(|| pooled(self.connector.clone(), self.protocol, self.max_idle)),
+            None => &self.shared,
+        }
+    }
+}
+
+/// Which pool a request goes through.
+#[derive(Clone, Copy)]
+pub enum Via<'a> {
+    /// The proxy's pools: HTTP/1.1 to plain upstreams, ALPN to TLS ones.
+    Shared,
+    /// h2 with prior knowledge to a plain upstream.
+    H2c,
+    /// The route's own TLS settings.
+    Tls(&'a RouteTls),
 }
 
 type PooledClient = Client<Connector, UpstreamBody>;
@@ -235,23 +271,15 @@ impl UpstreamClient {
     pub fn with_dial(max_idle: usize, dial: Arc<dyn Dial>) -> Result<UpstreamClient, TlsError> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let connector = Connector { https: https_connector(&ClientTls::default(), None)?, dial: Arc::clone(&dial) };
-        let client = pooled(connector.clone(), max_idle);
-        let per_worker = (0..WORKER_POOLS).map(|_| std::sync::OnceLock::new()).collect();
+        let pools = WorkerPools::new(connector.clone(), Protocol::Negotiated, max_idle);
+        let h2c = WorkerPools::new(connector, Protocol::H2PriorKnowledge, max_idle);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(UpstreamClient { id, dial, max_idle, connector, client, per_worker })
+        Ok(UpstreamClient { id, dial, max_idle, pools, h2c })
     }
 
     /// Marks the calling thread as worker `index`: its hyper requests then use a pool of their own.
     pub fn set_worker(index: usize) {
         WORKER.with(|worker| worker.set(Some(index)));
-    }
-
-    /// The hyper pool of the calling thread.
-    fn pool(&self) -> &PooledClient {
-        match WORKER.with(std::cell::Cell::get).and_then(|index| self.per_worker.get(index)) {
-            Some(slot) => slot.get_or_init(|| pooled(self.connector.clone(), self.max_idle)),
-            None => &self.client,
-        }
     }
 
     /// A hyper pool of its own for a route with TLS settings of its own (`routes[].ca_file`, `server_name`,
@@ -265,8 +293,8 @@ impl UpstreamClient {
         RouteTls::new(route, settings, Arc::clone(&self.dial), self.max_idle, reloads)
     }
 
-    /// Sends one request through hyper (the route's own TLS pool, if it has one) and returns the response head with
-    /// its streaming body.
+    /// Sends one request through hyper (`via` the pool the route uses) and returns the response head with its
+    /// streaming body.
     ///
     /// With `watch_reuse` (a request that could be sent again), a failure tells whether the connection had served an
     /// exchange before ([`UpstreamError::Unanswered`]), for [`may_retry`]; hyper's client itself sends again a
@@ -274,11 +302,18 @@ impl UpstreamClient {
     pub async fn send(
         &self,
         mut request: Request<UpstreamBody>,
-        tls: Option<&RouteTls>,
+        via: Via<'_>,
         watch_reuse: bool,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let route_pool = tls.map(RouteTls::client);
-        let pool = route_pool.as_deref().unwrap_or_else(|| self.pool());
+        let (route_pool, tls) = match via {
+            Via::Tls(tls) => (Some(tls.client()), Some(tls)),
+            Via::Shared | Via::H2c => (None, None),
+        };
+        let pool = match (&route_pool, via) {
+            (Some(pool), _) => pool,
+            (None, Via::H2c) => self.h2c.pool(),
+            (None, _) => self.pools.pool(),
+        };
         let captured = watch_reuse.then(|| hyper_util::client::legacy::connect::capture_connection(&mut request));
         let result = pool.request(request).await;
         // Count the exchange on its connection, whatever its outcome: the next one on it is a reuse.
@@ -398,13 +433,14 @@ mod tests {
     #[test]
     fn each_worker_thread_has_a_hyper_pool_of_its_own() {
         let client = Arc::new(UpstreamClient::new(8).expect("client"));
-        assert!(std::ptr::eq(client.pool(), &client.client), "a thread that is no worker uses the shared pool");
+        let pools = &client.pools;
+        assert!(std::ptr::eq(pools.pool(), &pools.shared), "a thread that is no worker uses the shared pool");
         let on_worker = |index| {
             let client = Arc::clone(&client);
             std::thread::spawn(move || {
                 UpstreamClient::set_worker(index);
-                let pool: *const PooledClient = client.pool();
-                assert!(std::ptr::eq(pool, client.pool()), "the same pool on every call");
+                let pool: *const PooledClient = client.pools.pool();
+                assert!(std::ptr::eq(pool, client.pools.pool()), "the same pool on every call");
                 pool as usize
             })
             .join()
@@ -412,9 +448,9 @@ mod tests {
         };
         let (first, second) = (on_worker(0), on_worker(1));
         assert_ne!(first, second);
-        assert_ne!(first, &client.client as *const PooledClient as usize);
+        assert_ne!(first, &pools.shared as *const PooledClient as usize);
         assert_eq!(on_worker(0), first, "a worker index keeps its pool");
-        assert_eq!(on_worker(WORKER_POOLS), &client.client as *const PooledClient as usize, "beyond them: shared");
+        assert_eq!(on_worker(WORKER_POOLS), &pools.shared as *const PooledClient as usize, "beyond them: shared");
     }
 
     /// A dialer of in-memory connections whose far ends are kept, so they stay open.

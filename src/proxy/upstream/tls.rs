@@ -13,7 +13,7 @@ use rustls::{AlertDescription, CertificateError};
 use rustls_pki_types::ServerName;
 use tokio::time::Instant;
 
-use super::connector::{https_connector, pooled, Connector};
+use super::connector::{https_connector, pooled, Connector, Protocol};
 use super::{Dial, PooledClient};
 use crate::config::UpstreamTlsConfig;
 use crate::tls::{ClientTls, TlsError};
@@ -153,7 +153,7 @@ fn build(
         client_cert: settings.client_cert.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path())),
     };
     let connector = Connector { https: https_connector(&tls, server_name)?, dial: Arc::clone(dial) };
-    Ok(pooled(connector, max_idle))
+    Ok(pooled(connector, Protocol::Negotiated, max_idle))
 }
 
 /// What a TLS failure says about the upstream, in words a user can act on, without secrets; `None` when `error`'s
