@@ -62,35 +62,48 @@ fn hot_path(c: &mut Criterion) {
     });
 }
 
-/// A gateway's table: 50 prefix routes and 10 host routes; the lookup is a scan in match order.
-fn routing(c: &mut Criterion) {
+/// A table of `n` routes as a gateway for many tenants has them: half by path prefix (`/tenant-I/api`), half by
+/// host (`tenantI.example`), in that order.
+fn table(n: usize) -> RouteTable {
     let mut toml = String::new();
-    for i in 0..50 {
-        toml.push_str(&format!(
-            "[[routes]]\nprefix = \"/service-{i}/api\"\nupstream = \"http://127.0.0.1:{}\"\n",
-            9000 + i
-        ));
-    }
-    for i in 0..10 {
-        toml.push_str(&format!(
-            "[[routes]]\nhost = \"svc{i}.internal\"\nupstream = \"http://127.0.0.1:{}\"\n",
-            9100 + i
-        ));
+    for i in 0..n {
+        if i % 2 == 0 {
+            toml.push_str(&format!("[[routes]]\nprefix = \"/tenant-{i}/api\"\nupstream = \"http://127.0.0.1:9000\"\n"));
+        } else {
+            toml.push_str(&format!("[[routes]]\nhost = \"tenant{i}.example\"\nupstream = \"http://127.0.0.1:9000\"\n"));
+        }
     }
     let config = tokenproxy::config::Config::from_toml_str(&toml, "bench.toml").expect("bench config");
     let metrics = Metrics::new();
     let none = |_: &str| None;
     let client = tokenproxy::proxy::UpstreamClient::new(1).expect("client");
-    let routes = config.routes.iter().map(|r| Route::new(r, &none, &metrics, &client).expect("route")).collect();
-    let table = RouteTable::new(routes);
-    c.bench_function("route lookup (60 routes, last prefix)", |b| {
-        b.iter(|| {
-            black_box(matches!(
-                table.lookup_origin(Some("localhost:8080"), "/service-49/api/orders/42"),
-                Lookup::Route(_)
-            ))
-        })
-    });
+    RouteTable::new(config.routes.iter().map(|r| Route::new(r, &none, &metrics, &client).expect("route")).collect())
+}
+
+/// Route lookup with 1 and 5,000 routes, for the first- and the last-listed route of each kind: the cost must not
+/// grow with the table (docs/benchmarks.md).
+fn routing(c: &mut Criterion) {
+    let mut group = c.benchmark_group("route lookup");
+    for n in [1, 5_000] {
+        let table = table(n);
+        let last_prefix = format!("/tenant-{}/api/orders/42", (n - 1) / 2 * 2);
+        let last_host = format!("tenant{}.example:8080", n.saturating_sub(1) / 2 * 2 + 1);
+        let mut cases = vec![("first prefix", "localhost:8080".to_owned(), "/tenant-0/api/orders/42".to_owned())];
+        if n > 1 {
+            cases.push(("last prefix", "localhost:8080".to_owned(), last_prefix));
+            cases.push(("first host", "tenant1.example:8080".to_owned(), "/orders/42".to_owned()));
+            cases.push(("last host", last_host, "/orders/42".to_owned()));
+        }
+        for (case, host, path) in cases {
+            assert!(matches!(table.lookup_origin(Some(&host), &path), Lookup::Route(_)), "{case} of {n}");
+            group.bench_function(format!("{n} routes, {case}"), |b| {
+                b.iter(|| {
+                    black_box(matches!(table.lookup_origin(Some(black_box(&host)), black_box(&path)), Lookup::Route(_)))
+                })
+            });
+        }
+    }
+    group.finish();
 }
 
 criterion_group!(benches, hot_path, routing);

@@ -1,5 +1,6 @@
 //! `[[routes]]`: which requests go where with which provider's token, and the checks across routes.
 
+use std::collections::HashMap;
 use std::net::Ipv6Addr;
 
 use figment::value::{Tag, Value};
@@ -114,13 +115,13 @@ pub(super) fn routes(r: &mut Reader<'_>, root: &mut Table<'_>, provider_names: &
     read.into_iter().map(|route| route.config).collect()
 }
 
-/// Two routes with the same host and prefix, or the same name, are an error.
+/// Two routes with the same host and prefix, or the same name, are an error (maps: thousands of routes load fast).
 fn check_duplicates(r: &mut Reader<'_>, routes: &[ReadRoute]) {
-    for (i, route) in routes.iter().enumerate() {
-        let earlier = &routes[..i];
+    let mut places: HashMap<(Option<&str>, &str), &ReadRoute> = HashMap::with_capacity(routes.len());
+    let mut names: HashMap<&str, &ReadRoute> = HashMap::with_capacity(routes.len());
+    for route in routes {
         let c = &route.config;
-        if let Some(first) = earlier.iter().find(|other| other.config.host == c.host && other.config.prefix == c.prefix)
-        {
+        if let Some(first) = places.get(&(c.host.as_deref(), c.prefix.as_str())) {
             let message = format!(
                 "same host and prefix (`{}{}`) as {}; only one of them could ever match",
                 c.host.as_deref().unwrap_or(""),
@@ -128,12 +129,17 @@ fn check_duplicates(r: &mut Reader<'_>, routes: &[ReadRoute]) {
                 first.path
             );
             r.report(&route.path, route.tag, message);
-        } else if let Some(first) = earlier.iter().find(|other| other.config.name == c.name) {
+            continue;
+        }
+        places.insert((c.host.as_deref(), c.prefix.as_str()), route);
+        if let Some(first) = names.get(c.name.as_str()) {
             let message = format!("route name `{}` is already used by {}", c.name, first.path);
             match &route.name_leaf {
                 Some(leaf) => r.report_leaf(leaf, message),
                 None => r.report(&route.path, route.tag, message),
             }
+        } else {
+            names.insert(c.name.as_str(), route);
         }
     }
 }

@@ -5,6 +5,7 @@
 //! matches only routes whose `host` equals the URI's host. Prefixes match whole path segments: `/orders` matches
 //! `/orders` and `/orders/1`, not `/ordersx`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -174,6 +175,8 @@ impl Route {
         self.authority.as_str()
     }
 
+    /// The matching rule itself, one route at a time: the reference the index is tested against.
+    #[cfg(test)]
     fn matches_path(&self, path: &str) -> bool {
         self.prefix == "/"
             || (path.starts_with(self.prefix.as_str())
@@ -229,10 +232,65 @@ impl Route {
     }
 }
 
-/// Every route, in match order.
+/// Every route, in match order, and an index that finds a request's route in a time that does not grow with the
+/// number of routes: a map from host to that host's prefixes, and the prefixes of the routes without a host. A
+/// lookup tries the path's own segment boundaries, longest first, in those maps (see [`Prefixes::longest`]).
 pub struct RouteTable {
     routes: Vec<Route>,
+    by_host: Map<Prefixes>,
+    hostless: Prefixes,
     has_hostless: bool,
+}
+
+/// The index's maps: string keys of the config, looked up with request text. Hashed with foldhash, several times
+/// faster than SipHash on short keys; nothing a caller sends is ever inserted, so there is no flooding to resist.
+type Map<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
+
+/// The prefixes of one host's routes (or of the routes without a host), each with its route's index.
+#[derive(Default)]
+struct Prefixes {
+    /// Prefixes other than `/`.
+    by_prefix: Map<usize>,
+    /// `lengths[n]`: some prefix is `n` bytes long (most path boundaries need no map lookup).
+    lengths: Vec<bool>,
+    /// The route with prefix `/`, which matches every path.
+    root: Option<usize>,
+}
+
+impl Prefixes {
+    fn insert(&mut self, prefix: &str, index: usize) {
+        if prefix == "/" {
+            self.root.get_or_insert(index);
+            return;
+        }
+        // The first in match order wins, as in a scan (a duplicate host and prefix is refused at config load).
+        self.by_prefix.entry(Box::from(prefix)).or_insert(index);
+        if self.lengths.len() <= prefix.len() {
+            self.lengths.resize(prefix.len() + 1, false);
+        }
+        self.lengths[prefix.len()] = true;
+    }
+
+    /// The route with the longest prefix that matches `path` on whole segments: `path` itself, then `path` cut at
+    /// each `/` from the right, then `/`.
+    fn longest(&self, path: &str) -> Option<usize> {
+        if !self.by_prefix.is_empty() {
+            let bytes = path.as_bytes();
+            let mut end = bytes.len();
+            loop {
+                if self.lengths.get(end) == Some(&true) {
+                    if let Some(&index) = self.by_prefix.get(&path[..end]) {
+                        return Some(index);
+                    }
+                }
+                match bytes[..end].iter().rposition(|&b| b == b'/') {
+                    Some(slash) if slash > 0 => end = slash,
+                    _ => break,
+                }
+            }
+        }
+        self.root
+    }
 }
 
 /// The result of looking a request up.
@@ -258,11 +316,19 @@ pub fn host_without_port(host: &str) -> &str {
 }
 
 impl RouteTable {
-    /// Orders routes for matching: with a host first, then longest prefix first.
+    /// Orders routes for matching (with a host first, then longest prefix first) and indexes them.
     pub fn new(mut routes: Vec<Route>) -> RouteTable {
         routes.sort_by(|a, b| b.host.is_some().cmp(&a.host.is_some()).then(b.prefix.len().cmp(&a.prefix.len())));
+        let mut by_host: Map<Prefixes> = Map::default();
+        let mut hostless = Prefixes::default();
+        for (index, route) in routes.iter().enumerate() {
+            match &route.host {
+                Some(host) => by_host.entry(Box::from(host.as_str())).or_default().insert(&route.prefix, index),
+                None => hostless.insert(&route.prefix, index),
+            }
+        }
         let has_hostless = routes.iter().any(|r| r.host.is_none());
-        RouteTable { routes, has_hostless }
+        RouteTable { routes, by_host, hostless, has_hostless }
     }
 
     /// The routes, in match order.
@@ -270,13 +336,53 @@ impl RouteTable {
         &self.routes
     }
 
+    /// The prefixes of the routes naming `host` (any case, no port).
+    fn host(&self, host: &str) -> Option<&Prefixes> {
+        if self.by_host.is_empty() {
+            return None;
+        }
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.by_host.get(host.to_ascii_lowercase().as_str())
+        } else {
+            self.by_host.get(host)
+        }
+    }
+
     /// Looks up an origin-form request by its Host header (if any) and path.
     pub fn lookup_origin(&self, host: Option<&str>, path: &str) -> Lookup<'_> {
-        let host = host.map(host_without_port);
+        let named = host.map(host_without_port).and_then(|host| self.host(host));
+        let found = named.and_then(|prefixes| prefixes.longest(path)).or_else(|| self.hostless.longest(path));
+        match found {
+            Some(index) => Lookup::Route(&self.routes[index]),
+            None if named.is_some() || self.has_hostless => Lookup::NoRoute,
+            None => Lookup::HostNotAllowed,
+        }
+    }
+
+    /// Looks up an absolute-form request: only routes naming the URI's host qualify.
+    pub fn lookup_absolute(&self, host: &str, path: &str) -> Lookup<'_> {
+        match self.host(host) {
+            Some(prefixes) => {
+                prefixes.longest(path).map_or(Lookup::NoRoute, |index| Lookup::Route(&self.routes[index]))
+            }
+            None => Lookup::HostNotAllowed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The reference: a scan of the routes in match order (how lookups were made before the index).
+    fn scan<'a>(table: &'a RouteTable, host: Option<&str>, path: &str, absolute: bool) -> Lookup<'a> {
+        let host = if absolute { host } else { host.map(host_without_port) };
         let mut host_known = false;
-        for route in &self.routes {
+        for route in &table.routes {
             let host_ok = match (&route.host, host) {
-                (None, _) => true,
+                (None, _) => !absolute,
                 (Some(rh), Some(h)) => rh.eq_ignore_ascii_case(h),
                 (Some(_), None) => false,
             };
@@ -285,28 +391,96 @@ impl RouteTable {
                 return Lookup::Route(route);
             }
         }
-        if host_known || self.has_hostless {
+        if host_known || (table.has_hostless && !absolute) {
             Lookup::NoRoute
         } else {
             Lookup::HostNotAllowed
         }
     }
 
-    /// Looks up an absolute-form request: only routes naming the URI's host qualify.
-    pub fn lookup_absolute(&self, host: &str, path: &str) -> Lookup<'_> {
-        let mut host_known = false;
-        for route in &self.routes {
-            if route.host.as_deref().is_some_and(|rh| rh.eq_ignore_ascii_case(host)) {
-                host_known = true;
-                if route.matches_path(path) {
-                    return Lookup::Route(route);
+    fn outcome(lookup: Lookup<'_>) -> String {
+        match lookup {
+            Lookup::Route(route) => format!("route {}", route.name),
+            Lookup::NoRoute => "no route".into(),
+            Lookup::HostNotAllowed => "host not allowed".into(),
+        }
+    }
+
+    fn table(routes: &[(Option<&str>, String)]) -> RouteTable {
+        let mut toml = String::new();
+        for (i, (host, prefix)) in routes.iter().enumerate() {
+            toml.push_str(&format!(
+                "[[routes]]\nname = \"r{i}\"\nprefix = \"{prefix}\"\nupstream = \"http://127.0.0.1:9\"\n"
+            ));
+            if let Some(host) = host {
+                toml.push_str(&format!("host = \"{host}\"\n"));
+            }
+        }
+        let config = crate::config::Config::from_toml_str(&toml, "routes.toml").expect("a valid table");
+        let (metrics, client) = (Metrics::new(), UpstreamClient::new(1).expect("client"));
+        let none = |_: &str| None;
+        RouteTable::new(config.routes.iter().map(|r| Route::new(r, &none, &metrics, &client).unwrap()).collect())
+    }
+
+    const HOSTS: [&str; 3] = ["a.example", "b.example", "[::1]"];
+    const SEGMENTS: [&str; 5] = ["api", "v1", "orders", "x", "api.v2"];
+
+    fn path() -> impl Strategy<Value = String> {
+        (prop::collection::vec(prop::sample::select(&SEGMENTS[..]), 0..4), any::<bool>())
+            .prop_map(|(segments, slash)| format!("/{}{}", segments.join("/"), if slash { "/" } else { "" }))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_index_finds_what_a_scan_in_match_order_finds(
+            routes in prop::collection::vec((prop::option::of(prop::sample::select(&HOSTS[..])), path()), 1..12),
+            requests in prop::collection::vec((prop::option::of(prop::sample::select(&["a.example", "A.Example:8080", "b.example:1", "c.example", "[::1]:8080", "[::1]"][..])), path()), 1..16),
+        ) {
+            // A duplicate host and prefix is refused at config load; keep the first.
+            let mut seen = std::collections::HashSet::new();
+            let routes: Vec<_> = routes
+                .into_iter()
+                .map(|(host, prefix)| (host, match prefix.trim_end_matches('/') { "" => "/".to_owned(), p => p.to_owned() }))
+                .filter(|(host, prefix)| seen.insert((*host, prefix.clone())))
+                .collect();
+            let table = table(&routes);
+            for (host, path) in &requests {
+                prop_assert_eq!(
+                    outcome(table.lookup_origin(*host, path)),
+                    outcome(scan(&table, *host, path, false)),
+                    "origin-form {:?} {}", host, path
+                );
+                if let Some(host) = host {
+                    let bare = host_without_port(host);
+                    prop_assert_eq!(
+                        outcome(table.lookup_absolute(bare, path)),
+                        outcome(scan(&table, Some(bare), path, true)),
+                        "absolute-form {} {}", bare, path
+                    );
                 }
             }
         }
-        if host_known {
-            Lookup::NoRoute
-        } else {
-            Lookup::HostNotAllowed
-        }
+    }
+
+    #[test]
+    fn prefixes_match_whole_segments_and_the_longest_wins() {
+        let table = table(&[
+            (None, "/".into()),
+            (None, "/orders".into()),
+            (None, "/orders/archive".into()),
+            (Some("a.example"), "/orders".into()),
+        ]);
+        let at = |host, path| outcome(table.lookup_origin(host, path));
+        assert_eq!(at(None, "/ordersx"), "route r0");
+        assert_eq!(at(None, "/orders"), "route r1");
+        assert_eq!(at(None, "/orders/"), "route r1");
+        assert_eq!(at(None, "/orders/archive/1"), "route r2");
+        assert_eq!(at(None, "/orders/archived"), "route r1");
+        assert_eq!(at(Some("A.EXAMPLE:8080"), "/orders/archive"), "route r3", "a host route comes first");
+        assert_eq!(at(Some("a.example"), "/other"), "route r0", "then the routes without a host");
+        assert_eq!(outcome(table.lookup_absolute("b.example", "/orders")), "host not allowed");
+        assert_eq!(outcome(table.lookup_absolute("a.example", "/other")), "no route");
     }
 }
