@@ -249,14 +249,14 @@ async fn serve_connection<H: Handler>(
     let state = Arc::new(handler.connection(peer, tls.is_some()));
     match tls {
         None => {
-            let ended = handler.serve_direct(stream, &state, shutdown, header_read_timeout).await;
+            let ended = handler.serve_direct(stream, &state, shutdown.clone(), header_read_timeout).await;
             if let Ended::Handoff { io, buffered } = ended {
                 // Boxed, like the TLS branch, in a statement of its own (a temporary of an `.await` expression is kept
                 // in the state): a connection's task is as large as its largest state, and an idle plain connection
                 // served by the HTTP/1.1 transport should not carry hyper's.
                 let connection = serve_io(&builder, TokioIo::new(Rewind::new(io, buffered)), handler, state);
-                let hyper = Box::pin(watcher.watch(connection.into_owned()));
-                let _ = hyper.await;
+                let hyper = Box::pin(drain(connection, watcher, shutdown));
+                hyper.await;
             }
         }
         Some(acceptor) => {
@@ -296,11 +296,48 @@ async fn serve_tls<H: Handler>(
     let ended = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
         Ended::Handoff { io: tls, buffered: bytes::Bytes::new() }
     } else {
-        handler.serve_direct(tls, &state, shutdown, header_read_timeout).await
+        handler.serve_direct(tls, &state, shutdown.clone(), header_read_timeout).await
     };
     if let Ended::Handoff { io, buffered } = ended {
         let connection = serve_io(builder, TokioIo::new(Rewind::new(io, buffered)), handler, state);
-        let _ = watcher.watch(connection.into_owned()).await;
+        drain(connection, watcher, shutdown).await;
+    }
+}
+
+/// Serves a hyper connection to its end; when shutdown begins, it finishes the request in flight and closes (an h2
+/// connection sends `GOAWAY`). `watcher` keeps the listener's drain waiting for it. (hyper-util's own
+/// `Watcher::watch` does not take a connection that can be upgraded.) A connection that was upgraded (a WebSocket)
+/// has left hyper: its tunnel is a task of its own.
+async fn drain<C>(connection: C, watcher: hyper_util::server::graceful::Watcher, mut shutdown: watch::Receiver<bool>)
+where
+    C: std::future::Future + GracefulClose,
+{
+    let _draining = watcher;
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        () = crate::stopped(&mut shutdown) => connection.as_mut().close_gracefully(),
+    }
+    let _ = connection.await;
+}
+
+/// A connection that can be asked to finish what is in flight and close.
+trait GracefulClose {
+    fn close_gracefully(self: Pin<&mut Self>);
+}
+
+impl<I, S, E, B> GracefulClose for auto::UpgradeableConnection<'_, I, S, E>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 
@@ -363,7 +400,7 @@ fn serve_io<'a, H, I>(
     io: TokioIo<I>,
     handler: Arc<H>,
     state: Arc<H::Connection>,
-) -> auto::Connection<
+) -> auto::UpgradeableConnection<
     'a,
     TokioIo<I>,
     impl hyper::service::Service<
@@ -384,7 +421,8 @@ where
         let state = Arc::clone(&state);
         async move { Ok::<_, Infallible>(handler.call(request, &state).await) }
     });
-    builder.serve_connection(io, service)
+    // `with_upgrades`: a 101 answer hands the connection to the request's upgrade (WebSockets and the like).
+    builder.serve_connection_with_upgrades(io, service)
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::grpc::{self, ResponseBody, UnauthenticatedWatch};
 use super::h1::framing::parse_length;
 use super::replay::{Replay, ReplayBody};
+use super::upgrade;
 use super::upstream::{may_retry, CallerWait, UpstreamBody, UpstreamError};
 use super::{Answer, Connection, Decision, ErrorContext, Proxy, ProxyBody, ProxyError, Route, Target, X_REQUEST_ID};
 use crate::metrics::ReplayOutcome;
@@ -86,12 +87,17 @@ async fn forward(
     let deadline = started + proxy.request_timeout;
     let grpc = grpc::is_grpc(&parts.headers);
     let head_request = parts.method == Method::HEAD;
+    let requested = upgrade::requested(&mut parts);
     let target = Proxy::prepare(route, &mut parts, connection)?;
     frame_request(&mut parts, &body);
     let token = match (&route.tokens, target.attach) {
         (Some(tokens), true) => Some(Proxy::credential(tokens.as_ref(), None).await?),
         _ => None,
     };
+    if let Some(requested) = requested {
+        let handshake = upgrade::Handshake { parts, body, token, requested, deadline };
+        return Box::pin(upgrade::forward(proxy, route, &target, handshake, replayed)).await;
+    }
     let replayable = token.is_some() && route.retry_on_401;
     // A bodiless idempotent request may go once more if its connection turns out stale (`may_retry`).
     let resendable = parts.method.is_idempotent() && body.is_end_stream();
@@ -150,7 +156,7 @@ fn unauthenticated_watch(route: &Route, token: Option<&Token>) -> Option<Box<Una
 }
 
 /// What the status decision looks at in a response.
-fn answer(response: &Response<Incoming>) -> Answer {
+pub(super) fn answer(response: &Response<Incoming>) -> Answer {
     // Only a 4xx can be a refusal of the token (docs/configuration.md, "The 401 budget").
     let invalid_token = response.status().is_client_error()
         && response
@@ -162,7 +168,7 @@ fn answer(response: &Response<Incoming>) -> Answer {
 }
 
 /// A copy of a request head without its extensions.
-fn copy_head(parts: &Parts) -> Parts {
+pub(super) fn copy_head(parts: &Parts) -> Parts {
     let (mut head, ()) = Request::new(()).into_parts();
     head.method = parts.method.clone();
     head.version = parts.version;
@@ -196,7 +202,7 @@ fn frame_request(parts: &mut Parts, body: &Incoming) {
 }
 
 /// Phase 4: the upstream request with `token` attached as the route says.
-fn attach<B>(
+pub(super) fn attach<B>(
     route: &Route,
     target: &Target,
     mut parts: Parts,
@@ -264,7 +270,7 @@ async fn replay_after_401(
 /// Phase 6: the upstream's response as the caller gets it: headers as [`super::headers::forwarded`] says, and its
 /// length ours, never copied: the length of the body hyper read, or for HEAD and 304 the upstream's, as a number.
 /// `watch` looks for a gRPC `UNAUTHENTICATED` in a trailers-only head or in the trailers.
-fn finish(
+pub(super) fn finish(
     response: Response<Incoming>,
     head_request: bool,
     mut watch: Option<Box<UnauthenticatedWatch>>,

@@ -32,6 +32,7 @@ pub mod hyper_transport;
 pub mod path;
 pub mod replay;
 pub mod route;
+mod upgrade;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -23,23 +23,28 @@ use crate::tls::{client_config, ClientTls, TlsError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// An HTTPS connector with `tls`'s trust, offering h2 and http/1.1 by ALPN, verifying `server_name` (and sending it
-/// as SNI) instead of the URL's host when it is set.
-pub(super) fn https_connector(
-    tls: &ClientTls<'_>,
-    server_name: Option<ServerName<'static>>,
-) -> Result<hyper_rustls::HttpsConnector<HttpConnector>, TlsError> {
-    let tls = client_config(tls)?;
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only();
-    let builder = match server_name {
-        Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name)),
-        None => builder,
+type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// HTTPS connectors with `tls`'s trust, verifying `server_name` (and sending it as SNI) instead of the URL's host when
+/// it is set: one offering h2 and http/1.1 by ALPN, one offering http/1.1 only (for an upgrade, which h2 cannot carry).
+fn https_connectors(tls: &ClientTls<'_>, server_name: Option<ServerName<'static>>) -> Result<(Https, Https), TlsError> {
+    let config = client_config(tls)?;
+    let connector = |config, http2: bool| {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only();
+        let builder = match &server_name {
+            Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name.clone())),
+            None => builder,
+        };
+        match http2 {
+            true => builder.enable_http1().enable_http2().wrap_connector(http),
+            false => builder.enable_http1().wrap_connector(http),
+        }
     };
-    Ok(builder.enable_http1().enable_http2().wrap_connector(http))
+    Ok((connector(config.clone(), true), connector(config, false)))
 }
 
 /// Which HTTP version a pool speaks.
@@ -74,8 +79,40 @@ pub(super) fn pooled(connector: Connector, protocol: Protocol, max_idle: usize) 
 /// hyper's connector: TLS upstreams through hyper-rustls, plain ones through the [`Dial`].
 #[derive(Clone)]
 pub(super) struct Connector {
-    pub(super) https: hyper_rustls::HttpsConnector<HttpConnector>,
-    pub(super) dial: Arc<dyn Dial>,
+    https: Https,
+    /// For upgrades: http/1.1 only by ALPN.
+    https_http1: Https,
+    dial: Arc<dyn Dial>,
+}
+
+impl Connector {
+    /// A connector with `tls`'s trust and `server_name` (see [`https_connectors`]).
+    pub(super) fn new(
+        tls: &ClientTls<'_>,
+        server_name: Option<ServerName<'static>>,
+        dial: Arc<dyn Dial>,
+    ) -> Result<Connector, TlsError> {
+        let (https, https_http1) = https_connectors(tls, server_name)?;
+        Ok(Connector { https, https_http1, dial })
+    }
+
+    /// A new connection to `uri`'s upstream that speaks HTTP/1.1 whatever the upstream offers (an upgrade).
+    pub(super) async fn connect_http1(&self, uri: Uri) -> Result<UpstreamIo, BoxError> {
+        if uri.scheme() == Some(&Scheme::HTTPS) {
+            let stream = tower_service::Service::call(&mut self.https_http1.clone(), uri).await?;
+            return Ok(UpstreamIo::Tls { stream: Box::new(stream), exchanges: Exchanges::default() });
+        }
+        self.plain(uri).await
+    }
+
+    fn plain(&self, uri: Uri) -> impl Future<Output = Result<UpstreamIo, BoxError>> + Send + 'static {
+        let dial = Arc::clone(&self.dial);
+        async move {
+            let authority = uri.authority().ok_or("the upstream URI has no authority")?.clone();
+            let stream = dial.dial(&authority).await.map_err(|e| format!("connecting to {authority}: {e}"))?;
+            Ok(UpstreamIo::Plain { stream: TokioIo::new(stream), exchanges: Exchanges::default() })
+        }
+    }
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -94,12 +131,7 @@ impl tower_service::Service<Uri> for Connector {
                 Ok(UpstreamIo::Tls { stream: Box::new(connecting.await?), exchanges: Exchanges::default() })
             });
         }
-        let dial = Arc::clone(&self.dial);
-        Box::pin(async move {
-            let authority = uri.authority().ok_or("the upstream URI has no authority")?.clone();
-            let stream = dial.dial(&authority).await.map_err(|e| format!("connecting to {authority}: {e}"))?;
-            Ok(UpstreamIo::Plain { stream: TokioIo::new(stream), exchanges: Exchanges::default() })
-        })
+        Box::pin(self.plain(uri))
     }
 }
 

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::tls::{ClientTls, TlsError};
 pub use body::{CallerBodyError, CallerWait, UpstreamBody};
-use connector::{https_connector, pooled, Connector, Exchanges, Protocol};
+use connector::{pooled, Connector, Exchanges, Protocol};
 pub use tls::RouteTls;
 
 /// Why an upstream exchange failed before a response head arrived.
@@ -270,7 +270,7 @@ impl UpstreamClient {
     /// A client whose plain connections come from `dial`.
     pub fn with_dial(max_idle: usize, dial: Arc<dyn Dial>) -> Result<UpstreamClient, TlsError> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        let connector = Connector { https: https_connector(&ClientTls::default(), None)?, dial: Arc::clone(&dial) };
+        let connector = Connector::new(&ClientTls::default(), None, Arc::clone(&dial))?;
         let pools = WorkerPools::new(connector.clone(), Protocol::Negotiated, max_idle);
         let h2c = WorkerPools::new(connector, Protocol::H2PriorKnowledge, max_idle);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -310,7 +310,7 @@ impl UpstreamClient {
             Via::Shared | Via::H2c => (None, None),
         };
         let pool = match (&route_pool, via) {
-            (Some(pool), _) => pool,
+            (Some(route), _) => &route.pool,
             (None, Via::H2c) => self.h2c.pool(),
             (None, _) => self.pools.pool(),
         };
@@ -344,6 +344,41 @@ impl UpstreamClient {
                 _ => UpstreamError::Failed(chain),
             }
         })
+    }
+
+    /// Sends an upgrade request (a WebSocket handshake) on a new HTTP/1.1 connection of its own, kept for the
+    /// upgrade: a `101` answer's connection is handed over by [`hyper::upgrade::on`] on the response.
+    pub async fn upgrade(
+        &self,
+        request: Request<UpstreamBody>,
+        via: Via<'_>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let route;
+        let connector = match via {
+            Via::Shared => &self.pools.connector,
+            Via::Tls(tls) => {
+                route = tls.client();
+                &route.connector
+            }
+            Via::H2c => {
+                return Err(UpstreamError::Failed(
+                    "the route speaks h2c to its upstream: an HTTP/1.1 upgrade cannot pass".into(),
+                ))
+            }
+        };
+        let tls = match via {
+            Via::Tls(tls) => Some(tls),
+            _ => None,
+        };
+        let failed = |error: &(dyn std::error::Error + 'static)| {
+            UpstreamError::Failed(tls::describe_failure(error, tls).unwrap_or_else(|| crate::error_chain(error)))
+        };
+        let io = connector.connect_http1(request.uri().clone()).await.map_err(|e| failed(&*e))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.map_err(|e| failed(&e))?;
+        tokio::spawn(async move {
+            let _ = connection.with_upgrades().await;
+        });
+        sender.send_request(request).await.map_err(|e| failed(&e))
     }
 
     /// An idle connection to `authority` from this thread's pool, if one is still open (`now`: the caller's clock

@@ -13,7 +13,7 @@ use rustls::{AlertDescription, CertificateError};
 use rustls_pki_types::ServerName;
 use tokio::time::Instant;
 
-use super::connector::{https_connector, pooled, Connector, Protocol};
+use super::connector::{pooled, Connector, Protocol};
 use super::{Dial, PooledClient};
 use crate::config::UpstreamTlsConfig;
 use crate::tls::{ClientTls, TlsError};
@@ -48,7 +48,7 @@ pub struct RouteTls {
     server_name: Option<ServerName<'static>>,
     dial: Arc<dyn Dial>,
     max_idle: usize,
-    client: ArcSwap<PooledClient>,
+    client: ArcSwap<RouteClient>,
     /// The files' stamp the pool was built from, and the last stamp that failed to load (reported once).
     stamps: Mutex<(Stamp, Option<Stamp>)>,
     /// Milliseconds after `epoch` before which the files are not looked at again.
@@ -89,7 +89,7 @@ impl RouteTls {
     /// The pool to send through: the current one, or a new one when the files changed since it was built (looked
     /// at no more often than [`CHECK_INTERVAL`]). Connections of a replaced pool are not used again; an exchange
     /// in flight on one finishes.
-    pub(super) fn client(&self) -> Arc<PooledClient> {
+    pub(super) fn client(&self) -> Arc<RouteClient> {
         let now = self.epoch.elapsed().as_millis() as u64;
         let due = self.next_check.load(Ordering::Relaxed);
         if now >= due
@@ -140,20 +140,27 @@ fn files(settings: &UpstreamTlsConfig) -> Vec<&Path> {
     files
 }
 
+/// What a route's TLS files were made into: its pool, and its connector (for upgrades, which go on connections of
+/// their own).
+pub(super) struct RouteClient {
+    pub(super) pool: PooledClient,
+    pub(super) connector: Connector,
+}
+
 /// A hyper pool whose connector uses `settings` (read from the files now).
 fn build(
     settings: &UpstreamTlsConfig,
     server_name: Option<ServerName<'static>>,
     dial: &Arc<dyn Dial>,
     max_idle: usize,
-) -> Result<PooledClient, TlsError> {
+) -> Result<RouteClient, TlsError> {
     let tls = ClientTls {
         ca_file: settings.ca_file.as_deref(),
         only_ca_file: true,
         client_cert: settings.client_cert.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path())),
     };
-    let connector = Connector { https: https_connector(&tls, server_name)?, dial: Arc::clone(dial) };
-    Ok(pooled(connector, Protocol::Negotiated, max_idle))
+    let connector = Connector::new(&tls, server_name, Arc::clone(dial))?;
+    Ok(RouteClient { pool: pooled(connector.clone(), Protocol::Negotiated, max_idle), connector })
 }
 
 /// What a TLS failure says about the upstream, in words a user can act on, without secrets; `None` when `error`'s

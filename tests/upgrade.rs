@@ -1,0 +1,130 @@
+//! WebSockets through tokenproxy (src/proxy/upgrade.rs), with tokio-tungstenite on both ends: the token on the
+//! handshake, the one replay after a 401 to it, 1,000 messages echoed through the tunnel, an upstream's refusal
+//! passed on as it is, and an upgrade to a host no route names refused before anything is sent.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use futures_util::{SinkExt, StreamExt};
+use support::{FakeIdp, Proxy};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A WebSocket echo server on 127.0.0.1 that requires `Authorization: Bearer tok-N` with N ≥ 2 on the handshake
+/// (401 to `tok-1`, 403 without a token); it records every handshake's `Authorization`.
+async fn echo_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handshakes = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&handshakes);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                // The callback's type is tungstenite's, large error and all.
+                #[allow(clippy::result_large_err)]
+                let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
+                    let token = request.headers().get("authorization").map(|v| v.to_str().unwrap().to_owned());
+                    seen.lock().unwrap().push(token.clone().unwrap_or_default());
+                    let status = match token.as_deref() {
+                        Some("Bearer tok-1") => 401,
+                        Some(t) if t.starts_with("Bearer tok-") => return Ok(response),
+                        _ => 403,
+                    };
+                    let mut refusal = ErrorResponse::new(Some("refused".to_owned()));
+                    *refusal.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                    Err(refusal)
+                };
+                let Ok(mut socket) = tokio_tungstenite::accept_hdr_async(stream, check).await else { return };
+                while let Some(Ok(message)) = socket.next().await {
+                    if message.is_close() {
+                        break;
+                    }
+                    if socket.send(message).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, handshakes)
+}
+
+fn config(idp: &FakeIdp, upstream: std::net::SocketAddr) -> String {
+    format!(
+        "[providers.api]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+         [[routes]]\nname = \"ws\"\nhost = \"ws.local\"\nprefix = \"/ws\"\nstrip_prefix = true\n\
+         upstream = \"http://{upstream}\"\nprovider = \"api\"\n\
+         [[routes]]\nname = \"open\"\nhost = \"ws.local\"\nprefix = \"/open\"\nupstream = \"http://{upstream}\"\n",
+        idp.token_url()
+    )
+}
+
+#[tokio::test]
+async fn a_websocket_gets_the_token_on_its_handshake_the_401_replay_and_1000_echoed_messages() {
+    let idp = FakeIdp::start(300).await;
+    let (upstream, handshakes) = echo_upstream().await;
+    let proxy = Proxy::start(&config(&idp, upstream)).await;
+    proxy.wait_ready().await;
+
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let request = http::Request::get("ws://ws.local/ws/echo")
+        .header("host", "ws.local")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", tokio_tungstenite::tungstenite::handshake::client::generate_key())
+        .body(())
+        .unwrap();
+    let (mut socket, response) = tokio_tungstenite::client_async(request, stream).await.expect("the handshake");
+    assert_eq!(response.status(), 101);
+    assert_eq!(*handshakes.lock().unwrap(), ["Bearer tok-1", "Bearer tok-2"], "refused once, replayed once");
+
+    for i in 0..1_000 {
+        socket.send(Message::text(format!("message {i}"))).await.unwrap();
+    }
+    for i in 0..1_000 {
+        let echoed = socket.next().await.expect("an echo").unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), format!("message {i}"));
+    }
+    socket.close(None).await.unwrap();
+    assert_eq!(proxy.metric("tokenproxy_replays_total{outcome=\"success\",route=\"ws\"}").await, 1.0);
+    assert_eq!(proxy.metric("tokenproxy_requests_total{route=\"ws\",status=\"101\"}").await, 1.0);
+    assert_eq!(idp.calls(), 2);
+    proxy.stop().await;
+}
+
+/// A raw HTTP/1.1 upgrade request, and the status line of the answer.
+async fn raw_upgrade(proxy: &Proxy, host: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = stream.read(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer[..n]).lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn refusals_pass_through_and_an_upgrade_to_an_unnamed_host_goes_nowhere() {
+    let idp = FakeIdp::start(300).await;
+    let (upstream, handshakes) = echo_upstream().await;
+    let proxy = Proxy::start(&config(&idp, upstream)).await;
+    proxy.wait_ready().await;
+
+    assert_eq!(raw_upgrade(&proxy, "elsewhere.example", "/ws/echo").await, "HTTP/1.1 403 Forbidden");
+    assert!(handshakes.lock().unwrap().is_empty(), "nothing was sent anywhere");
+
+    // A route without a token: the upstream refuses the handshake, and the caller gets that refusal as it is.
+    assert_eq!(raw_upgrade(&proxy, "ws.local", "/open/echo").await, "HTTP/1.1 403 Forbidden");
+    assert_eq!(*handshakes.lock().unwrap(), [""], "no token on a route without a provider");
+    assert_eq!(proxy.metric("tokenproxy_requests_total{route=\"open\",status=\"403\"}").await, 1.0);
+    // The raw handshake of a WebSocket client, through the token route.
+    assert_eq!(raw_upgrade(&proxy, "WS.local:80", "/ws/echo").await, "HTTP/1.1 101 Switching Protocols");
+    proxy.stop().await;
+}
