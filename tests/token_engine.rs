@@ -181,6 +181,31 @@ async fn an_idp_outage_is_ridden_out_on_the_valid_token() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_outage_that_ends_before_the_token_runs_out_never_leaves_requests_without_one() {
+    // L = 600 s, skew = min(30, 150) = 30 s: usable until 570 s; the refresh is due at 270–300 s. The IdP is down
+    // from then until 565 s: about 25 failures, enough for an uncapped backoff to wait minutes past the end.
+    for run in 0..5 {
+        let engine = start(Answer::Token { lifetime: 600 }, 0.5, 30);
+        let started = Instant::now();
+        engine.slot.obtain(None).await.unwrap();
+        engine.fetcher.set(Answer::Unreachable);
+        while started.elapsed() < Duration::from_secs(565) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        engine.fetcher.set(Answer::Token { lifetime: 600 });
+        while started.elapsed() < Duration::from_secs(900) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            assert!(engine.slot.current().is_some(), "run {run}: no usable token at {:?}", started.elapsed());
+        }
+        let times = engine.fetcher.times.lock().unwrap().clone();
+        let retries: Vec<u64> = times.iter().map(|t| (*t - started).as_millis() as u64).collect();
+        let during: Vec<&u64> = retries.iter().filter(|ms| (550_000..570_000).contains(*ms)).collect();
+        assert!(during.len() >= 2, "run {run}: retries grow denser before the end: {retries:?}");
+        assert!(retries.len() <= 60, "run {run}: the outage did not turn into a retry storm: {} calls", retries.len());
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn transient_errors_retry_in_seconds_permanent_ones_in_minutes() {
     let transient = start(Answer::Transient, 0.75, 30);
     let permanent = start(Answer::Permanent, 0.75, 30);

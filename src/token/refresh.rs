@@ -74,8 +74,11 @@ const BACKOFF_CAP: Duration = Duration::from_secs(300);
 const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
 
 impl Backoff {
-    /// The delay before the next call after `error`; `random` in `[0, 1)`.
-    pub fn next_delay(&mut self, error: &TokenError, random: f64) -> Duration {
+    /// The delay before the next call after `error`; `random` in `[0, 1)`. `usable_for`: how long the token in
+    /// use stays usable, if there is one. A transient error's retry then comes within half of that, so an outage
+    /// that ends before the token runs out is always noticed in time (the retries grow denser as the end nears,
+    /// never closer than [`MIN_REFRESH_DELAY`]); an IdP's own `Retry-After` is still honoured.
+    pub fn next_delay(&mut self, error: &TokenError, random: f64, usable_for: Option<Duration>) -> Duration {
         let exp = 2u32.saturating_pow(self.failures.min(16));
         self.failures = self.failures.saturating_add(1);
         let delay = if error.is_permanent() {
@@ -84,7 +87,8 @@ impl Backoff {
             ceiling.mul_f64(0.5 + 0.5 * random)
         } else {
             // Full jitter: uniform in [0, min(cap, 1 s × 2^n)].
-            TRANSIENT_BASE.saturating_mul(exp).min(BACKOFF_CAP).mul_f64(random)
+            let delay = TRANSIENT_BASE.saturating_mul(exp).min(BACKOFF_CAP).mul_f64(random);
+            usable_for.map_or(delay, |left| delay.min(left / 2))
         };
         let delay = delay.max(MIN_REFRESH_DELAY);
         match error.retry_after() {
@@ -212,7 +216,10 @@ impl RefreshScheduler {
                 }
                 Err(error) => {
                     slot.metrics.token_error.inc();
-                    let delay = backoff.next_delay(&error, random.random());
+                    // The token requests are using now (one held back during a rotation is not theirs to use).
+                    let usable_for =
+                        slot.current().map(|token| token.usable_until.saturating_duration_since(Instant::now()));
+                    let delay = backoff.next_delay(&error, random.random(), usable_for);
                     let retry_at = Instant::now() + delay;
                     next_at = Some(retry_at);
                     tracing::warn!(
@@ -310,14 +317,14 @@ mod tests {
     fn transient_backoff_grows_with_full_jitter_up_to_cap() {
         let err = TokenError::Timeout(Duration::from_secs(10));
         let mut b = Backoff::default();
-        let ceilings: Vec<Duration> = (0..12).map(|_| b.next_delay(&err, 0.999_999)).collect();
+        let ceilings: Vec<Duration> = (0..12).map(|_| b.next_delay(&err, 0.999_999, None)).collect();
         assert!(ceilings[0] <= Duration::from_secs(1));
         assert!(ceilings[3] > Duration::from_secs(7) && ceilings[3] <= Duration::from_secs(8));
         assert!(ceilings[11] <= BACKOFF_CAP && ceilings[11] > Duration::from_secs(299));
         let mut b = Backoff::default();
-        assert_eq!(b.next_delay(&err, 0.0), MIN_REFRESH_DELAY);
+        assert_eq!(b.next_delay(&err, 0.0, None), MIN_REFRESH_DELAY);
         b.reset();
-        assert!(b.next_delay(&err, 0.5) <= Duration::from_millis(500));
+        assert!(b.next_delay(&err, 0.5, None) <= Duration::from_millis(500));
     }
 
     #[test]
@@ -325,16 +332,38 @@ mod tests {
         let err = TokenError::Rejected { status: 401, error: "invalid_client".into(), description: None };
         let mut b = Backoff::default();
         for _ in 0..10 {
-            let d = b.next_delay(&err, 0.0);
+            let d = b.next_delay(&err, 0.0, None);
             assert!(d >= Duration::from_secs(30), "{d:?}");
             assert!(d <= BACKOFF_CAP);
         }
     }
 
     #[test]
+    fn a_transient_retry_comes_within_half_the_time_the_token_stays_usable() {
+        let err = TokenError::Connect("connection refused".into());
+        let mut b = Backoff::default();
+        // Far from the end: the backoff grows as without a token.
+        for _ in 0..12 {
+            b.next_delay(&err, 0.999_999, Some(Duration::from_secs(3600)));
+        }
+        assert!(b.next_delay(&err, 0.999_999, Some(Duration::from_secs(3600))) > Duration::from_secs(299));
+        // Near it: within half the time left, however many failures came before, and never busier than the floor.
+        for left in [100, 10, 1] {
+            let d = b.next_delay(&err, 0.999_999, Some(Duration::from_secs(left)));
+            assert_eq!(d, Duration::from_secs(left) / 2, "{left} s left");
+        }
+        assert_eq!(b.next_delay(&err, 0.999_999, Some(Duration::from_millis(50))), MIN_REFRESH_DELAY);
+        // A permanent error is not hurried (its cause needs a person), nor is an IdP's Retry-After.
+        let permanent = TokenError::Rejected { status: 401, error: "invalid_client".into(), description: None };
+        assert!(b.next_delay(&permanent, 0.0, Some(Duration::from_secs(10))) >= Duration::from_secs(30));
+        let busy = TokenError::Status { status: 429, retry_after: Some(Duration::from_secs(42)) };
+        assert_eq!(b.next_delay(&busy, 0.1, Some(Duration::from_secs(10))), Duration::from_secs(42));
+    }
+
+    #[test]
     fn retry_after_is_honoured() {
         let err = TokenError::Status { status: 429, retry_after: Some(Duration::from_secs(42)) };
         let mut b = Backoff::default();
-        assert_eq!(b.next_delay(&err, 0.1), Duration::from_secs(42));
+        assert_eq!(b.next_delay(&err, 0.1, None), Duration::from_secs(42));
     }
 }
