@@ -450,7 +450,6 @@ impl TokenSlot {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Barrier;
 
     use http::HeaderValue;
 
