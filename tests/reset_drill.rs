@@ -56,7 +56,7 @@ async fn resetting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                         break;
                     }
                     if reset {
-                        let _ = stream.set_linger(Some(Duration::ZERO));
+                        let _ = stream.set_zero_linger();
                         break 'connection;
                     }
                 }
