@@ -133,7 +133,8 @@ async fn an_upstream_resetting_5_percent_of_connections_fails_those_requests_onl
     drop(client);
     assert_eq!(proxy.metric("tokenproxy_inflight_requests").await, 0.0);
     let settled = async {
-        while open_descriptors() != baseline + 2 * upstream_open.load(Ordering::SeqCst) {
+        // At most: the baseline may hold a descriptor that closes meanwhile (the IdP connection of the startup call).
+        while open_descriptors() > baseline + 2 * upstream_open.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
