@@ -228,7 +228,8 @@ def main(results):
                f"{facts.get('loadavg_after', '?')} after; a compiler (rustc/cc1) was running at the start of "
                f"{facts.get('busy_runs', '?')} of {facts.get('measured_runs', '?')} measurements; "
                f"tokenproxy worker_threads: {facts.get('worker_threads', '?')}; "
-               f"tokenproxy routes: {facts.get('routes', '1')} (the measured one listed last)")
+               f"tokenproxy routes: {facts.get('routes', '1')} (the measured one listed last); "
+               f"upstream: {facts.get('upstream', 'h1')}")
     try:
         in_flight = int(facts.get("h2_clients", "16")) * int(facts.get("h2_streams", "4"))
         if ("h2-get", "nginx") in runs and in_flight > int(facts.get("nginx_keepalive", "128")):
