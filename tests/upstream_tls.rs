@@ -48,6 +48,8 @@ async fn private_ca_server_name_and_client_certificate_each_do_their_part_and_fa
         params.not_after = rcgen::date_time_ymd(2021, 1, 1);
     });
     let expired_upstream = TlsUpstream::start(&expired, &[]).await;
+    let http1_upstream = TlsUpstream::start(&ca.leaf(&["orders.internal"]), &[]).await;
+    http1_upstream.offer_http1_only();
     let expired_ca_file = dir.path().join("expired-ca.pem");
     std::fs::write(&expired_ca_file, expired_ca.pem()).unwrap();
 
@@ -67,6 +69,7 @@ async fn private_ca_server_name_and_client_certificate_each_do_their_part_and_fa
         route("noname", a, &[("ca_file", &ca_file), ("client_cert_file", &cert), ("client_key_file", &key)], ""),
         route("webroots", a, &[("client_cert_file", &cert), ("client_key_file", &key)], name),
         route("expired", expired_upstream.addr, &[("ca_file", &expired_ca_file)], ""),
+        route("http1", http1_upstream.addr, &[("ca_file", &ca_file)], name),
     ]
     .concat();
     let proxy = Proxy::start(&config).await;
@@ -81,7 +84,16 @@ async fn private_ca_server_name_and_client_certificate_each_do_their_part_and_fa
     for request in &seen {
         assert_eq!(request.sni.as_deref(), Some("orders.internal"), "server_name is sent as SNI");
         assert_eq!(request.client_cn.as_deref(), Some("orders-client"));
+        // The host goes in `:authority` alone: a `Host` header beside it makes nginx (before 1.25) answer 400.
+        assert_eq!(request.authority, Some(a.to_string()), "{request:?}");
+        assert!(request.hosts.is_empty(), "an h2 request carries no Host header: {request:?}");
     }
+
+    // Over HTTP/1.1 on TLS (ALPN), the host is a Host header, once.
+    let reply = client.get(&proxy.url("/http1/x")).await;
+    assert_eq!((reply.status, reply.text().as_str()), (200, "HTTP/1.1 Bearer tok-2"));
+    let seen = http1_upstream.seen();
+    assert_eq!(seen[0].hosts, [http1_upstream.addr.to_string()], "{seen:?}");
 
     let detail = failure(&client, &proxy, "/nocert/x").await;
     assert!(detail.contains("requires a client certificate") && detail.contains("client_cert_file"), "{detail}");

@@ -106,6 +106,11 @@ pub struct TlsSeen {
     pub version: String,
     /// The `Authorization` header.
     pub authorization: String,
+    /// Every `Host` header of the request, in order (an h2 request names its host in `:authority` and should
+    /// carry no `Host`: nginx before 1.25 answers 400 to both at once).
+    pub hosts: Vec<String>,
+    /// The request's `:authority` (h2) or the authority of its target.
+    pub authority: Option<String>,
 }
 
 /// A TLS upstream on 127.0.0.1 offering h2 and http/1.1; answers 401 to `Bearer tok-1`, else 200 with
@@ -177,7 +182,16 @@ impl TlsUpstream {
                                 .map(|v| v.to_str().unwrap().to_owned())
                                 .unwrap_or_default();
                             let version = format!("{:?}", request.version());
+                            let hosts = request
+                                .headers()
+                                .get_all("host")
+                                .iter()
+                                .map(|v| v.to_str().unwrap().to_owned())
+                                .collect();
+                            let authority = request.uri().authority().map(|a| a.as_str().to_owned());
                             log.lock().unwrap().push(TlsSeen {
+                                hosts,
+                                authority,
                                 connection,
                                 sni,
                                 client_cn,
@@ -204,6 +218,14 @@ impl TlsUpstream {
     /// From now on, new connections get `leaf` and must present a certificate from one of `client_cas`.
     pub fn replace(&self, leaf: &Leaf, client_cas: &[&Ca]) {
         *self.config.lock().unwrap() = server_config(leaf, client_cas);
+    }
+
+    /// From now on, new connections are offered `http/1.1` alone by ALPN.
+    pub fn offer_http1_only(&self) {
+        let mut config = self.config.lock().unwrap();
+        let mut http1 = rustls::ServerConfig::clone(&config);
+        http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        *config = Arc::new(http1);
     }
 
     pub fn seen(&self) -> Vec<TlsSeen> {

@@ -314,6 +314,13 @@ impl UpstreamClient {
             (None, Via::H2c) => self.h2c.pool(),
             (None, _) => self.pools.pool(),
         };
+        // A connection that may speak h2 (prior knowledge, or ALPN on TLS) gets the host from the URI's authority
+        // as `:authority`, and must not also carry a `Host` header: RFC 9113 §8.3.1 lets a server refuse the pair
+        // and nginx before 1.25 does (400 "duplicate host header"). hyper-util's pool writes `Host` from the same
+        // authority on the HTTP/1.1 connections among them; plain-HTTP upstreams keep the header they were given.
+        if !matches!(via, Via::Shared) || request.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
+            request.headers_mut().remove(http::header::HOST);
+        }
         let captured = watch_reuse.then(|| hyper_util::client::legacy::connect::capture_connection(&mut request));
         let result = pool.request(request).await;
         // Count the exchange on its connection, whatever its outcome: the next one on it is a reuse.
