@@ -99,13 +99,15 @@ async fn forward(
         return Box::pin(upgrade::forward(proxy, route, &target, handshake, replayed)).await;
     }
     let replayable = token.is_some() && route.retry_on_401;
-    // A bodiless idempotent request may go once more if its connection turns out stale (`may_retry`).
-    let resendable = parts.method.is_idempotent() && body.is_end_stream();
+    // A bodiless idempotent request may go once more if its connection turns out stale (`may_retry`); any request
+    // whose body is known (none, or kept) may go once more if the upstream refused it unprocessed.
+    let bodiless = body.is_end_stream();
+    let resendable = parts.method.is_idempotent() && bodiless;
     // Keep what a replay or a second send needs: the request head here (without the extensions, which hyper fills
     // per connection and which only cost allocations to copy), the body in ReplayBody.
-    let saved = (replayable || resendable).then(|| copy_head(&parts));
+    let saved = (replayable || bodiless).then(|| copy_head(&parts));
     let waiting = CallerWait::for_body(&body);
-    let (body, replay) = if replayable {
+    let (body, mut replay) = if replayable {
         let (body, replay) = ReplayBody::new(body, proxy.replay_buffer);
         (UpstreamBody::Kept { body, waiting: waiting.clone() }, replay)
     } else {
@@ -125,6 +127,27 @@ async fn forward(
             }
             _ => return Err(ProxyError::UpstreamUnreachable(detail)),
         },
+        Err(Failure::Unprocessed(detail)) => {
+            let again = match (&saved, bodiless) {
+                (Some(_), true) => Some(UpstreamBody::empty()),
+                (Some(_), false) => std::mem::replace(&mut replay, Replay::none()).replay().await.map(|body| {
+                    // Kept whole, it can go a third time after a 401; with a rest to stream, only this once.
+                    if let Some(copy) = body.try_clone() {
+                        replay = Replay::ready(copy);
+                    }
+                    UpstreamBody::Replay { body }
+                }),
+                (None, _) => None,
+            };
+            match (&saved, again) {
+                (Some(head), Some(body)) => {
+                    tracing::debug!(route = %route.name, "sending once more, the upstream did not process it: {detail}");
+                    let again = attach(route, &target, copy_head(head), token.as_deref(), body)?;
+                    send(proxy, route, again, deadline, false).await.map_err(Failure::into_error)?
+                }
+                _ => return Err(ProxyError::UpstreamUnreachable(detail)),
+            }
+        }
         Err(other) => return Err(other.into_error()),
         Ok(response) => response,
     };
@@ -179,14 +202,19 @@ pub(super) fn copy_head(parts: &Parts) -> Parts {
 /// Why an exchange failed: an error to answer, or a request the upstream did not answer, which may go once more.
 enum Failure {
     Error(ProxyError),
-    Resend { reused: bool, detail: String },
+    Resend {
+        reused: bool,
+        detail: String,
+    },
+    /// Refused unprocessed by the upstream ([`UpstreamError::Unprocessed`]): may go once more, any method.
+    Unprocessed(String),
 }
 
 impl Failure {
     fn into_error(self) -> ProxyError {
         match self {
             Failure::Error(error) => error,
-            Failure::Resend { detail, .. } => ProxyError::UpstreamUnreachable(detail),
+            Failure::Resend { detail, .. } | Failure::Unprocessed(detail) => ProxyError::UpstreamUnreachable(detail),
         }
     }
 }
@@ -232,6 +260,7 @@ async fn send(
         Ok(Err(UpstreamError::CallerBody(detail))) => Err(Failure::Error(ProxyError::Malformed(detail))),
         Ok(Err(UpstreamError::Failed(detail))) => Err(Failure::Error(ProxyError::UpstreamUnreachable(detail))),
         Ok(Err(UpstreamError::Unanswered { detail, reused })) => Err(Failure::Resend { reused, detail }),
+        Ok(Err(UpstreamError::Unprocessed(detail))) => Err(Failure::Unprocessed(detail)),
         Err(_) => Err(Failure::Error(ProxyError::UpstreamTimeout(proxy.request_timeout))),
     }
 }

@@ -2,12 +2,13 @@
 //!
 //! [`ReplayBody`] forwards the caller's body frame by frame to the upstream, keeping a clone of each data frame
 //! (a `Bytes` clone: a reference count, no copy) and the trailers. When the body ends within the cap, the kept frames
-//! are handed to the [`Replay`] handle; if it grows past the cap, fails, or is dropped before its end (the upstream
-//! answered without reading it all), the handle learns that the request cannot be replayed. A body whose declared
-//! length exceeds the cap is never buffered at all.
+//! are handed to the [`Replay`] handle. When the first attempt is dropped before the body's end (the upstream answered,
+//! or refused the request, without reading it all), the handle gets the kept frames *and the rest of the caller's
+//! body*, unread: a replay sends the one, then streams the other. If the body grows past the cap or fails, the handle
+//! learns that the request cannot be replayed. A body whose declared length exceeds the cap is never buffered at all.
 //!
-//! Compared with linkerd's `ReplayBody`, a replay here needs the whole body to have been read by the first attempt;
-//! in exchange the first attempt owns the inner body outright and no state is shared while it streams.
+//! Compared with linkerd's `ReplayBody`, the first attempt owns the inner body outright and no state is shared while
+//! it streams; the handle takes the inner body over only once the first attempt is gone.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -18,92 +19,120 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 
-/// What the first attempt kept: every data frame and the trailers.
-#[derive(Debug, Default)]
-struct Kept {
+/// What the first attempt kept: every data frame and the trailers; and the rest of the body when the first attempt
+/// was dropped before its end.
+#[derive(Debug)]
+struct Kept<B> {
     chunks: Vec<Bytes>,
     len: usize,
     trailers: Option<HeaderMap>,
+    rest: Option<B>,
+}
+
+impl<B> Default for Kept<B> {
+    fn default() -> Self {
+        Kept { chunks: Vec::new(), len: 0, trailers: None, rest: None }
+    }
 }
 
 pin_project_lite::pin_project! {
     /// The first attempt's body: the caller's body, kept as it streams (see the module docs).
     pub struct ReplayBody<B> {
-        #[pin]
-        inner: B,
+        // Always `Some` while the body is used; taken by the drop that hands it to the handle.
+        inner: Option<B>,
         // `None` once the outcome was reported or buffering was abandoned.
-        kept: Option<Kept>,
+        kept: Option<Kept<B>>,
         cap: usize,
-        tx: Option<oneshot::Sender<Kept>>,
+        tx: Option<oneshot::Sender<Kept<B>>>,
     }
 
     impl<B> PinnedDrop for ReplayBody<B> {
         fn drop(this: Pin<&mut Self>) {
-            // Dropping the sender tells the handle the body was not read to its end: not replayable.
-            let _ = this.project().tx.take();
+            // Dropped before its end while still kept: the handle gets what was read and the rest, unread.
+            let this = this.project();
+            if let (Some(mut kept), Some(tx)) = (this.kept.take(), this.tx.take()) {
+                kept.rest = this.inner.take();
+                let _ = tx.send(kept);
+            }
         }
     }
 }
 
 /// The handle that yields a replay of the body once the first attempt is done with it.
 #[derive(Debug)]
-pub struct Replay {
-    state: ReplayState,
+pub struct Replay<B = hyper::body::Incoming> {
+    state: ReplayState<B>,
 }
 
 #[derive(Debug)]
-enum ReplayState {
+enum ReplayState<B> {
     /// Never replayable.
     Never,
     /// An empty body: replayable at once, without a channel (most requests: GET, HEAD, DELETE).
     Empty,
     /// Told by the first attempt's body when it is done with it.
-    Pending(oneshot::Receiver<Kept>),
+    Pending(oneshot::Receiver<Kept<B>>),
+    /// Kept already (a body sent once more keeps its copy for a replay after a 401).
+    Ready(BufferedBody<B>),
 }
 
-impl<B: Body<Data = Bytes>> ReplayBody<B> {
+impl<B: Body<Data = Bytes> + Unpin> ReplayBody<B> {
     /// Wraps `inner`, keeping up to `cap` bytes for a replay.
-    pub fn new(inner: B, cap: usize) -> (ReplayBody<B>, Replay) {
+    pub fn new(inner: B, cap: usize) -> (ReplayBody<B>, Replay<B>) {
         let declared_too_large = inner.size_hint().lower() > cap as u64;
         if declared_too_large {
-            return (ReplayBody { inner, kept: None, cap, tx: None }, Replay { state: ReplayState::Never });
+            return (
+                ReplayBody { inner: Some(inner), kept: None, cap, tx: None },
+                Replay { state: ReplayState::Never },
+            );
         }
         if inner.is_end_stream() {
             // An empty body may never be polled: it is complete already, and there is nothing to keep.
-            return (ReplayBody { inner, kept: None, cap, tx: None }, Replay { state: ReplayState::Empty });
+            return (
+                ReplayBody { inner: Some(inner), kept: None, cap, tx: None },
+                Replay { state: ReplayState::Empty },
+            );
         }
         let (tx, rx) = oneshot::channel();
         (
-            ReplayBody { inner, kept: Some(Kept::default()), cap, tx: Some(tx) },
+            ReplayBody { inner: Some(inner), kept: Some(Kept::default()), cap, tx: Some(tx) },
             Replay { state: ReplayState::Pending(rx) },
         )
     }
 }
 
-impl Replay {
+impl<B> Replay<B> {
     /// A handle for a body that will never be replayable.
-    pub fn none() -> Replay {
+    pub fn none() -> Replay<B> {
         Replay { state: ReplayState::Never }
     }
 
-    /// Waits until the first attempt's body ended (a replay body), outgrew the cap, failed or was dropped (`None`).
-    pub async fn replay(self) -> Option<BufferedBody> {
+    /// A handle for a body kept already.
+    pub fn ready(body: BufferedBody<B>) -> Replay<B> {
+        Replay { state: ReplayState::Ready(body) }
+    }
+
+    /// Waits until the first attempt is done with the body: the replay when it ended or was dropped (then with the
+    /// rest of the body to stream), `None` when it outgrew the cap or failed.
+    pub async fn replay(self) -> Option<BufferedBody<B>> {
         let kept = match self.state {
             ReplayState::Never => return None,
             ReplayState::Empty => Kept::default(),
             ReplayState::Pending(rx) => rx.await.ok()?,
+            ReplayState::Ready(body) => return Some(body),
         };
-        Some(BufferedBody { chunks: kept.chunks.into(), len: kept.len, trailers: kept.trailers })
+        Some(BufferedBody { chunks: kept.chunks.into(), len: kept.len, trailers: kept.trailers, rest: kept.rest })
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for ReplayBody<B> {
+impl<B: Body<Data = Bytes> + Unpin> Body for ReplayBody<B> {
     type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let mut this = self.project();
-        let frame = match this.inner.as_mut().poll_frame(cx) {
+        let this = self.project();
+        let inner = this.inner.as_mut().expect("the body is taken only when dropped");
+        let frame = match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(frame) => frame,
         };
@@ -130,7 +159,7 @@ impl<B: Body<Data = Bytes>> Body for ReplayBody<B> {
             }
             None => {}
         }
-        let ended = frame.is_none() || this.inner.is_end_stream();
+        let ended = frame.is_none() || inner.is_end_stream();
         if ended {
             if let (Some(kept), Some(tx)) = (this.kept.take(), this.tx.take()) {
                 let _ = tx.send(kept);
@@ -140,48 +169,70 @@ impl<B: Body<Data = Bytes>> Body for ReplayBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map(Body::size_hint).unwrap_or_default()
     }
 }
 
-/// A replay of a kept body: its data frames, then its trailers.
+/// A replay of a kept body: its data frames, then the rest of the caller's body when the first attempt did not read
+/// it all, else the trailers.
 #[derive(Debug)]
-pub struct BufferedBody {
+pub struct BufferedBody<B = hyper::body::Incoming> {
     chunks: VecDeque<Bytes>,
     len: usize,
     trailers: Option<HeaderMap>,
+    rest: Option<B>,
 }
 
-impl BufferedBody {
+impl<B> BufferedBody<B> {
     /// A body with nothing in it.
-    pub fn empty() -> BufferedBody {
-        BufferedBody { chunks: VecDeque::new(), len: 0, trailers: None }
+    pub fn empty() -> BufferedBody<B> {
+        BufferedBody { chunks: VecDeque::new(), len: 0, trailers: None, rest: None }
+    }
+
+    /// A copy sharing the frames (reference counts), when the body is all kept (no rest still to be read).
+    pub fn try_clone(&self) -> Option<BufferedBody<B>> {
+        self.rest.is_none().then(|| BufferedBody {
+            chunks: self.chunks.clone(),
+            len: self.len,
+            trailers: self.trailers.clone(),
+            rest: None,
+        })
     }
 }
 
-impl Body for BufferedBody {
+impl<B: Body<Data = Bytes> + Unpin> Body for BufferedBody<B> {
     type Data = Bytes;
-    type Error = std::convert::Infallible;
+    type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         if let Some(chunk) = this.chunks.pop_front() {
             this.len -= chunk.len();
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
+        if let Some(rest) = this.rest.as_mut() {
+            return Pin::new(rest).poll_frame(cx);
+        }
         Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.chunks.is_empty() && self.trailers.is_none()
+        self.chunks.is_empty() && self.trailers.is_none() && self.rest.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.len as u64)
+        let Some(rest) = &self.rest else { return SizeHint::with_exact(self.len as u64) };
+        let rest = rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + self.len as u64);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + self.len as u64);
+        }
+        hint
     }
 }
 
@@ -259,13 +310,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn dropped_before_the_end_is_not_replayable() {
-        let frames = vec![Ok(Frame::data(Bytes::from("partial"))), Ok(Frame::data(Bytes::from("rest")))];
+    async fn dropped_before_the_end_replays_what_was_read_then_the_rest() {
+        let frames = vec![Ok(Frame::data(Bytes::from("partial "))), Ok(Frame::data(Bytes::from("rest")))];
         let (mut body, replay) = ReplayBody::new(stream(frames), 64);
         let first = body.frame().await.unwrap().unwrap();
-        assert_eq!(first.into_data().unwrap(), "partial");
+        assert_eq!(first.into_data().unwrap(), "partial ");
         drop(body);
-        assert!(replay.replay().await.is_none());
+        let again = replay.replay().await.expect("replayable");
+        assert!(again.try_clone().is_none(), "a body with a rest to read cannot be copied");
+        assert_eq!(collect(again).await.0, b"partial rest");
+    }
+
+    #[tokio::test]
+    async fn dropped_before_being_read_replays_the_whole_body() {
+        // An h2 upstream refusing the stream before hyper read the body (GOAWAY): the replay is the body, untouched.
+        let (body, replay) = ReplayBody::new(Full::new(Bytes::from("untouched")), 64);
+        drop(body);
+        let again = replay.replay().await.expect("replayable");
+        assert_eq!(again.size_hint().exact(), Some(9));
+        assert_eq!(collect(again).await.0, b"untouched");
     }
 
     #[tokio::test]

@@ -106,9 +106,11 @@ async fn send(
     match tokio::time::timeout_at(deadline, proxy.client.upgrade(request, route.via())).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(UpstreamError::CallerBody(detail))) => Err(ProxyError::Malformed(detail)),
-        Ok(Err(UpstreamError::Failed(detail) | UpstreamError::Unanswered { detail, .. })) => {
-            Err(ProxyError::UpstreamUnreachable(detail))
-        }
+        Ok(Err(
+            UpstreamError::Failed(detail)
+            | UpstreamError::Unprocessed(detail)
+            | UpstreamError::Unanswered { detail, .. },
+        )) => Err(ProxyError::UpstreamUnreachable(detail)),
         Err(_) => Err(ProxyError::UpstreamTimeout(proxy.request_timeout)),
     }
 }

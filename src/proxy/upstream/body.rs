@@ -81,7 +81,7 @@ impl Body for UpstreamBody {
                 }
                 poll.map_err(|e| CallerBodyError(e).into())
             }
-            UpstreamBodyProj::Replay { body } => body.poll_frame(cx).map_err(|e| match e {}),
+            UpstreamBodyProj::Replay { body } => body.poll_frame(cx).map_err(|e| CallerBodyError(e).into()),
         }
     }
 

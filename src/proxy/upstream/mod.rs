@@ -49,6 +49,11 @@ pub enum UpstreamError {
     /// The caller's body failed while it was being sent.
     #[error("{0}")]
     CallerBody(String),
+    /// The upstream refused the request without acting on it: an h2 stream above the last stream id of a GOAWAY
+    /// (a server shutting down or recycling its connection, as nginx does every `keepalive_requests`), or reset
+    /// with `REFUSED_STREAM`. RFC 9113 §8.7: it may be sent again whatever its method.
+    #[error("{0}")]
+    Unprocessed(String),
     /// The request was written and the connection closed without any answer.
     #[error("{detail}")]
     Unanswered {
@@ -190,6 +195,13 @@ pub struct PlainConnection {
 /// transport; hyper's client applies the first half itself (`retry_canceled_requests`).
 pub fn may_retry(reused: bool, written: bool, answered: bool, idempotent: bool) -> bool {
     reused && (!written || (!answered && idempotent))
+}
+
+/// Whether an h2 stream error says the upstream never processed the stream (RFC 9113 §8.7): a GOAWAY from the
+/// upstream fails with this error exactly the streams above its last stream id (those below it end normally, or with
+/// a broken pipe when the connection is lost), and `REFUSED_STREAM` is the upstream's own word for it.
+fn refused_unprocessed(error: &h2::Error) -> bool {
+    error.is_remote() && (error.is_go_away() || error.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
 /// Idle connections of the HTTP/1.1 transport on this thread: per client and upstream, most recently used last.
@@ -343,7 +355,15 @@ impl UpstreamClient {
                 if cause.is::<CallerBodyError>() {
                     return UpstreamError::CallerBody(chain);
                 }
-                unanswered |= cause.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_incomplete_message);
+                if cause.downcast_ref::<h2::Error>().is_some_and(refused_unprocessed) {
+                    return UpstreamError::Unprocessed(chain);
+                }
+                if let Some(error) = cause.downcast_ref::<hyper::Error>() {
+                    // Closed before a response head came; or lost (reset, broken pipe) before it: on h2, a server
+                    // closing right after its GOAWAY can take the GOAWAY with it.
+                    unanswered |= error.is_incomplete_message()
+                        || std::error::Error::source(error).is_some_and(|source| source.is::<io::Error>());
+                }
                 source = cause.source();
             }
             match exchanges_before {
