@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use tokenproxy::config::{Config, ConfigError, LogConfig, LogFormat};
 use tokenproxy::server::WorkerPool;
 use tokenproxy::token::device::{self, Logout};
+use tokenproxy::token::response::TokenError;
 use tokenproxy::token::{GrantFetcher, StateStore};
 use tokenproxy::{demo, App, RunOptions};
 
@@ -263,10 +264,23 @@ async fn check_fetch(config: &Config) -> ExitCode {
     let mut failed = 0;
     for (name, provider) in &config.providers {
         let outcome = match GrantFetcher::new(provider.clone(), StateStore::new(&config.state.dir)) {
-            Ok(fetcher) => fetcher.fetch().await.map_err(|e| match e.hint() {
-                Some(hint) => format!("{e}\n    hint: {hint}"),
-                None => e.to_string(),
-            }),
+            Ok(fetcher) => match fetcher.fetch().await {
+                Ok(token) => Ok(token),
+                Err(e) => {
+                    let refused = matches!(&e, TokenError::Rejected { error, .. } if error == "invalid_client");
+                    let endpoint = match refused {
+                        true => fetcher.idp().endpoints().await.ok().map(|endpoints| endpoints.token.to_string()),
+                        false => None,
+                    };
+                    let assertion_hint = refused
+                        .then(|| tokenproxy::token::assertion::refusal_hint(provider, endpoint.as_deref()))
+                        .flatten();
+                    Err(match assertion_hint.as_deref().or(e.hint()) {
+                        Some(hint) => format!("{e}\n    hint: {hint}"),
+                        None => e.to_string(),
+                    })
+                }
+            },
             Err(e) => Err(e.to_string()),
         };
         match outcome {

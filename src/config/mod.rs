@@ -155,8 +155,50 @@ pub enum ClientAuth {
     PrivateKeyJwt,
     /// RFC 8705 mutual TLS.
     TlsClientAuth,
+    /// RFC 7523 client assertion minted by the platform (`client_assertion_file`), e.g. a Kubernetes projected
+    /// service-account token for workload identity federation.
+    ClientAssertion,
     /// A public client: client_id only.
     None,
+}
+
+/// `providers.NAME.assertion_algorithm`: the JWS algorithm of a `private_key_jwt` assertion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum AssertionAlgorithm {
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    RS256,
+    /// RSASSA-PSS with SHA-256.
+    PS256,
+    /// ECDSA on P-256 with SHA-256.
+    ES256,
+    /// ECDSA on P-384 with SHA-384.
+    ES384,
+    /// Ed25519.
+    EdDSA,
+}
+
+impl AssertionAlgorithm {
+    /// The config spelling (the JWS `alg`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AssertionAlgorithm::RS256 => "RS256",
+            AssertionAlgorithm::PS256 => "PS256",
+            AssertionAlgorithm::ES256 => "ES256",
+            AssertionAlgorithm::ES384 => "ES384",
+            AssertionAlgorithm::EdDSA => "EdDSA",
+        }
+    }
+
+    /// The `jsonwebtoken` algorithm.
+    pub fn algorithm(self) -> jsonwebtoken::Algorithm {
+        match self {
+            AssertionAlgorithm::RS256 => jsonwebtoken::Algorithm::RS256,
+            AssertionAlgorithm::PS256 => jsonwebtoken::Algorithm::PS256,
+            AssertionAlgorithm::ES256 => jsonwebtoken::Algorithm::ES256,
+            AssertionAlgorithm::ES384 => jsonwebtoken::Algorithm::ES384,
+            AssertionAlgorithm::EdDSA => jsonwebtoken::Algorithm::EdDSA,
+        }
+    }
 }
 
 /// `[providers.NAME]`: one token profile.
@@ -214,6 +256,16 @@ pub struct ProviderConfig {
     pub client_cert_file: Option<PathBuf>,
     /// PEM private key of `client_cert_file`.
     pub client_key_file: Option<PathBuf>,
+    /// `private_key_jwt`: the PEM private key that signs the client assertions (read at every token call).
+    pub private_key_file: Option<PathBuf>,
+    /// `private_key_jwt`: the assertion's `aud` when not the token endpoint.
+    pub assertion_audience: Option<String>,
+    /// `private_key_jwt`: the JWS algorithm when not the key's own (RS256 for RSA keys; PS256 may be set).
+    pub assertion_algorithm: Option<AssertionAlgorithm>,
+    /// `private_key_jwt`: the `kid` header when not the RFC 7638 thumbprint of the public key.
+    pub assertion_key_id: Option<String>,
+    /// `client_assertion`: where the platform-minted JWT is (`client_assertion_file` / `_env`), read at every call.
+    pub client_assertion: Option<SecretSource>,
 }
 
 /// `providers.NAME.during_refresh`: what requests do while a refresh call is in flight.
@@ -483,6 +535,7 @@ impl ClientAuth {
             ClientAuth::ClientSecretPost => "client_secret_post",
             ClientAuth::PrivateKeyJwt => "private_key_jwt",
             ClientAuth::TlsClientAuth => "tls_client_auth",
+            ClientAuth::ClientAssertion => "client_assertion",
             ClientAuth::None => "none",
         }
     }

@@ -6,7 +6,7 @@ use figment::value::Value;
 
 use super::reader::{self, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
-use super::{ClientAuth, DuringRefresh, Grant, ProviderConfig, Secret, SecretError, SecretSource};
+use super::{AssertionAlgorithm, ClientAuth, DuringRefresh, Grant, ProviderConfig, Secret, SecretError, SecretSource};
 
 /// Defaults of a provider (SPEC).
 mod provider_defaults {
@@ -39,7 +39,16 @@ const CLIENT_AUTHS: &[(&str, ClientAuth)] = &[
     ("client_secret_post", ClientAuth::ClientSecretPost),
     ("private_key_jwt", ClientAuth::PrivateKeyJwt),
     ("tls_client_auth", ClientAuth::TlsClientAuth),
+    ("client_assertion", ClientAuth::ClientAssertion),
     ("none", ClientAuth::None),
+];
+
+const ASSERTION_ALGORITHMS: &[(&str, AssertionAlgorithm)] = &[
+    ("RS256", AssertionAlgorithm::RS256),
+    ("PS256", AssertionAlgorithm::PS256),
+    ("ES256", AssertionAlgorithm::ES256),
+    ("ES384", AssertionAlgorithm::ES384),
+    ("EdDSA", AssertionAlgorithm::EdDSA),
 ];
 
 /// Token-request parameters tokenproxy sets itself; `extra_params` must not override them.
@@ -114,11 +123,10 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     let client_id = r.require(t, "client_id", "missing; set the OAuth2 client identifier", reader::non_empty_string);
 
     let client_auth = r.get(t, "client_auth", reader::choice(CLIENT_AUTHS));
-    if let Some(leaf) =
-        client_auth.as_ref().filter(|leaf| matches!(leaf.value, ClientAuth::PrivateKeyJwt | ClientAuth::TlsClientAuth))
-    {
+    if let Some(leaf) = client_auth.as_ref().filter(|leaf| matches!(leaf.value, ClientAuth::TlsClientAuth)) {
         let message = format!(
-            "client_auth `{}` is not supported by this version (supported: client_secret_basic, client_secret_post, none)",
+            "client_auth `{}` is not supported by this version (supported: client_secret_basic, client_secret_post, \
+             private_key_jwt, client_assertion, none)",
             leaf.value.as_str()
         );
         r.report_leaf(leaf, message);
@@ -135,8 +143,68 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
             );
             r.report_missing(t, "client_secret", message);
         }
-        (ClientAuth::None, Some(leaf)) => r.report_leaf(leaf, "not used with client_auth = \"none\"; remove it"),
+        (ClientAuth::None | ClientAuth::PrivateKeyJwt | ClientAuth::ClientAssertion, Some(leaf)) => {
+            r.report_leaf(leaf, format!("not used with client_auth = \"{}\"; remove it", client_auth.as_str()));
+        }
         _ => {}
+    }
+
+    // Client assertions (RFC 7523 §2.2): a key that signs them, or a file the platform writes them to.
+    let private_key_file = r.file(t, "private_key_file");
+    let assertion_audience = r.get(t, "assertion_audience", reader::non_empty_string);
+    let assertion_algorithm = r.get(t, "assertion_algorithm", reader::choice(ASSERTION_ALGORITHMS));
+    let assertion_key_id = r.get(t, "assertion_key_id", reader::non_empty_string);
+    let client_assertion = secret(r, t, "client_assertion");
+    if client_auth == ClientAuth::PrivateKeyJwt {
+        if !t.has("private_key_file") {
+            r.report_missing(
+                t,
+                "private_key_file",
+                "missing; client_auth = \"private_key_jwt\" needs the PEM private key that signs its assertions",
+            );
+        }
+        if let Some(leaf) = &private_key_file {
+            // The key is read now too, so `check` tells a wrong file before the first token call does.
+            match crate::token::assertion::load_key(&leaf.value) {
+                Ok(key) => {
+                    if let Some(algorithm) = &assertion_algorithm {
+                        if let Err(error) = key.algorithm(Some(algorithm.value), &leaf.value) {
+                            r.report_leaf(algorithm, error.to_string());
+                        }
+                    }
+                }
+                Err(crate::token::assertion::AssertionError::Unreadable { .. }) => {}
+                Err(error) => r.report_leaf(leaf, error.to_string()),
+            }
+        }
+    } else {
+        let unused = "only used with client_auth = \"private_key_jwt\"; remove it";
+        if let Some(leaf) = &private_key_file {
+            r.report_leaf(leaf, unused);
+        }
+        if let Some(leaf) = &assertion_audience {
+            r.report_leaf(leaf, unused);
+        }
+        if let Some(leaf) = &assertion_algorithm {
+            r.report_leaf(leaf, unused);
+        }
+        if let Some(leaf) = &assertion_key_id {
+            r.report_leaf(leaf, unused);
+        }
+    }
+    match (client_auth, &client_assertion) {
+        (ClientAuth::ClientAssertion, None)
+            if !["client_assertion", "client_assertion_file", "client_assertion_env"].iter().any(|key| t.has(key)) =>
+        {
+            r.report_missing(
+                t,
+                "client_assertion_file",
+                "missing; client_auth = \"client_assertion\" needs the file the platform writes the JWT to \
+                 (e.g. a projected service-account token)",
+            );
+        }
+        (ClientAuth::ClientAssertion, _) | (_, None) => {}
+        (_, Some(leaf)) => r.report_leaf(leaf, "only used with client_auth = \"client_assertion\"; remove it"),
     }
 
     // The first refresh token (a seed); rotated ones live in the state store. Optional: `tokenproxy login` can
@@ -227,6 +295,11 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         ca_file: ca_file.map(|leaf| leaf.value),
         client_cert_file: client_cert_file.map(|leaf| leaf.value),
         client_key_file: client_key_file.map(|leaf| leaf.value),
+        private_key_file: private_key_file.map(|leaf| leaf.value),
+        assertion_audience: assertion_audience.map(|leaf| leaf.value),
+        assertion_algorithm: assertion_algorithm.map(|leaf| leaf.value),
+        assertion_key_id: assertion_key_id.map(|leaf| leaf.value),
+        client_assertion: client_assertion.map(|leaf| leaf.value),
     })
 }
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::{Serialize, Serializer};
 
 use super::{
-    ClientAuth, DuringRefresh, EncodedSlashes, Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig,
-    SecretSource, UpstreamProtocol,
+    AssertionAlgorithm, ClientAuth, DuringRefresh, EncodedSlashes, Grant, IncomingAuthorization, Inject,
+    ProviderConfig, RouteConfig, SecretSource, UpstreamProtocol,
 };
 
 /// Serializes a duration as a humantime string: `"30s"`, `"5m"`, `"1m 30s"`.
@@ -87,6 +87,14 @@ struct ProviderView<'a> {
     client_cert_file: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
     client_key_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    private_key_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    assertion_audience: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    assertion_algorithm: Option<AssertionAlgorithm>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    assertion_key_id: Option<&'a str>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     extra_params: &'a BTreeMap<String, String>,
 }
@@ -98,6 +106,7 @@ impl Serialize for ProviderConfig {
             SecretView { key: "client_secret", source: self.client_secret.as_ref() },
             SecretView { key: "refresh_token", source: self.refresh_token.as_ref() },
             SecretView { key: "password", source: self.password.as_ref() },
+            SecretView { key: "client_assertion", source: self.client_assertion.as_ref() },
         ]
         .iter()
         .flat_map(SecretView::entries)
@@ -125,6 +134,10 @@ impl Serialize for ProviderConfig {
             ca_file: self.ca_file.as_deref(),
             client_cert_file: self.client_cert_file.as_deref(),
             client_key_file: self.client_key_file.as_deref(),
+            private_key_file: self.private_key_file.as_deref(),
+            assertion_audience: self.assertion_audience.as_deref(),
+            assertion_algorithm: self.assertion_algorithm,
+            assertion_key_id: self.assertion_key_id.as_deref(),
             extra_params: &self.extra_params,
         }
         .serialize(serializer)

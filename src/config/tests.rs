@@ -547,17 +547,102 @@ fn sizes_and_durations() {
 #[test]
 fn unsupported_features_are_refused_not_ignored() {
     let toml =
-        with_provider("client_auth = \"private_key_jwt\"\nrefresh_token = \"rt\"\nclient_cert_file = \"/etc/hosts\"")
+        with_provider("client_auth = \"tls_client_auth\"\nrefresh_token = \"rt\"\nclient_cert_file = \"/etc/hosts\"")
             + "\n[state]\nstore = \"redis\"\n";
     assert_eq!(
         problems(load(&toml)),
         [
             "state.store: shared stores are not implemented yet; remove the key to use the embedded store in `state.dir` (from tokenproxy.toml)",
-            "providers.orders.client_auth: client_auth `private_key_jwt` is not supported by this version (supported: client_secret_basic, client_secret_post, none) (from tokenproxy.toml)",
+            "providers.orders.client_auth: client_auth `tls_client_auth` is not supported by this version (supported: client_secret_basic, client_secret_post, private_key_jwt, client_assertion, none) (from tokenproxy.toml)",
             "providers.orders.refresh_token: only used with grant = \"refresh_token\"; remove it (from tokenproxy.toml)",
             "providers.orders.client_key_file: missing; `client_cert_file` needs its private key (from tokenproxy.toml)",
         ]
     );
+}
+
+/// A provider `orders` authenticating with `client_auth` and `extra` (no secret), and a route using it.
+fn with_assertion_provider(client_auth: &str, extra: &str) -> String {
+    with_provider(&format!("client_auth = \"{client_auth}\"\n{extra}"))
+        .replace("client_secret = \"s3cret-value\"\n", "")
+}
+
+#[test]
+fn private_key_jwt_needs_a_usable_key_and_its_keys_belong_to_it() {
+    use p256::pkcs8::EncodePrivateKey as _;
+    let ec = p256::SecretKey::from_slice(&[7; 32]).unwrap().to_pkcs8_pem(Default::default()).unwrap();
+    let key = temp_file(&ec);
+    let key_line = format!("private_key_file = {}", quoted(&key.path().to_string_lossy()));
+    let config = load(&with_assertion_provider(
+        "private_key_jwt",
+        &format!("{key_line}\nassertion_audience = \"https://idp.example\""),
+    ))
+    .unwrap();
+    let orders = &config.providers["orders"];
+    assert_eq!((orders.client_auth, orders.private_key_file.as_deref()), (ClientAuth::PrivateKeyJwt, Some(key.path())));
+    assert_eq!(orders.assertion_audience.as_deref(), Some("https://idp.example"));
+    let printed = toml::to_string(&config).unwrap();
+    assert!(printed.contains("private_key_file = ") && !printed.contains("BEGIN"), "{printed}");
+    // A key others may read is worth a warning (a temp file is 0600).
+    assert!(!config.warnings().iter().any(|w| w.contains("private_key_file")), "{:?}", config.warnings());
+    std::fs::set_permissions(key.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let config = load(&with_assertion_provider("private_key_jwt", &key_line)).unwrap();
+    let warning = config.warnings().into_iter().find(|w| w.contains("private_key_file")).expect("a warning");
+    assert!(warning.contains("readable by every user of this machine (mode 0644)"), "{warning}");
+
+    let cert = temp_file("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n");
+    let cert_line = format!("private_key_file = {}", quoted(&cert.path().to_string_lossy()));
+    let problems_of = |client_auth: &str, extra: &str| problems(load(&with_assertion_provider(client_auth, extra)));
+    assert_eq!(
+        problems_of("private_key_jwt", ""),
+        ["providers.orders.private_key_file: missing; client_auth = \"private_key_jwt\" needs the PEM private key that signs its assertions (from tokenproxy.toml)"]
+    );
+    assert_eq!(
+        problems_of("private_key_jwt", &cert_line),
+        [format!("providers.orders.private_key_file: {}: holds a `CERTIFICATE` PEM block, not a private key (from tokenproxy.toml)", cert.path().display())]
+    );
+    assert_eq!(
+        problems_of("private_key_jwt", &format!("{key_line}\nassertion_algorithm = \"RS256\"")),
+        [format!(
+            "providers.orders.assertion_algorithm: {}: an EC P-256 key cannot sign RS256 (from tokenproxy.toml)",
+            key.path().display()
+        )]
+    );
+    assert_eq!(
+        problems_of("client_secret_post", &format!("client_secret = \"s\"\n{key_line}\nassertion_key_id = \"k1\"")),
+        [
+            "providers.orders.private_key_file: only used with client_auth = \"private_key_jwt\"; remove it (from tokenproxy.toml)",
+            "providers.orders.assertion_key_id: only used with client_auth = \"private_key_jwt\"; remove it (from tokenproxy.toml)",
+        ]
+    );
+    assert_eq!(
+        problems_of("private_key_jwt", &format!("{key_line}\nclient_secret = \"s\"")),
+        ["providers.orders.client_secret: not used with client_auth = \"private_key_jwt\"; remove it (from tokenproxy.toml)"]
+    );
+}
+
+#[test]
+fn client_assertion_needs_its_file_and_offline_only_warns_when_it_is_not_there_yet() {
+    let token = temp_file("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln");
+    let line = format!("client_assertion_file = {}", quoted(&token.path().to_string_lossy()));
+    let config = load(&with_assertion_provider("client_assertion", &line)).unwrap();
+    assert_eq!(config.providers["orders"].client_auth, ClientAuth::ClientAssertion);
+    assert_eq!(
+        problems(load(&with_assertion_provider("client_assertion", ""))),
+        ["providers.orders.client_assertion_file: missing; client_auth = \"client_assertion\" needs the file the platform writes the JWT to (e.g. a projected service-account token) (from tokenproxy.toml)"]
+    );
+    // The kubelet writes the projected token when the pod starts: a pipeline linting the config has none.
+    let absent = "client_assertion_file = \"/var/run/secrets/tokens/azure-identity-token\"";
+    let key_absent = "private_key_file = \"/etc/tokenproxy/keys/orders.pem\"";
+    assert!(load(&with_assertion_provider("client_assertion", absent)).is_err());
+    assert!(load(&with_assertion_provider("private_key_jwt", key_absent)).is_err());
+    // In a jail: loading reads the environment, which other tests' jails set.
+    in_jail(|_| {
+        for (auth, line) in [("client_assertion", absent), ("private_key_jwt", key_absent)] {
+            let file = temp_file(&with_assertion_provider(auth, line));
+            let config = Config::load_offline(file.path()).unwrap();
+            assert!(config.warnings().iter().any(|w| w.contains("providers.orders.")), "{:?}", config.warnings());
+        }
+    });
 }
 
 #[test]

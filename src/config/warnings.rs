@@ -30,6 +30,18 @@ impl Config {
                 }
             }
         }
+        for (name, provider) in &self.providers {
+            if let Some(path) = &provider.private_key_file {
+                if let Some(mode) = world_readable(path) {
+                    warnings.push(format!(
+                        "providers.{name}.private_key_file: {} is readable by every user of this machine (mode \
+                         {mode:04o}); make it readable by tokenproxy alone (chmod 600; Kubernetes mounts Secrets 0440 \
+                         or as set by defaultMode)",
+                        path.display()
+                    ));
+                }
+            }
+        }
         for (i, route) in self.routes.iter().enumerate() {
             if let Some(provider) = route.provider.as_ref().filter(|_| plain_http_off_machine(&route.upstream)) {
                 warnings.push(format!(
@@ -54,6 +66,13 @@ fn plain_http_off_machine(url: &Url) -> bool {
         Some(Host::Domain(domain)) => !domain.eq_ignore_ascii_case("localhost"),
         None => false,
     }
+}
+
+/// The file's permission bits when others may read it (the world bit).
+fn world_readable(path: &std::path::Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o004 != 0).then_some(mode)
 }
 
 #[cfg(test)]

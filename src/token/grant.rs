@@ -78,8 +78,9 @@ pub fn build_request(
                 form.append_pair("client_secret", secret.expose());
             }
         }
-        // Config validation refuses the methods this version does not implement; `none` sends the id only.
-        ClientAuth::None | ClientAuth::PrivateKeyJwt | ClientAuth::TlsClientAuth => {
+        // `none` sends the id only; with an assertion (added by the IdP client, which knows the token endpoint, its
+        // `aud`) the id goes too, as Entra and others want it. Config validation refuses `tls_client_auth` for now.
+        ClientAuth::None | ClientAuth::PrivateKeyJwt | ClientAuth::ClientAssertion | ClientAuth::TlsClientAuth => {
             form.append_pair("client_id", &provider.client_id);
         }
     }

@@ -14,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use url::Url;
 
+use super::assertion;
 use super::grant::TokenRequest;
 use super::response::{parse_response, TokenError, TokenResponse};
 use crate::config::ProviderConfig;
@@ -119,7 +120,7 @@ impl IdpClient {
     async fn discover(&self, issuer: &Url) -> Result<Endpoints, TokenError> {
         let mut last_error = None;
         for url in discovery_urls(issuer) {
-            let answer = match self.bounded(self.send(Method::GET, &url, None)).await {
+            let answer = match self.bounded(self.send(Method::GET, &url, None, None)).await {
                 Ok(answer) => answer,
                 Err(e) => {
                     last_error = Some(format!("{url}: {e}"));
@@ -143,7 +144,8 @@ impl IdpClient {
         let result = self
             .bounded(async {
                 let endpoints = self.endpoints().await?;
-                let answer = self.send(Method::POST, &endpoints.token, Some(&request)).await?;
+                let assertion = self.client_assertion(&endpoints)?;
+                let answer = self.send(Method::POST, &endpoints.token, Some(&request), assertion.as_deref()).await?;
                 parse_response(answer.status, &answer.headers, &answer.body, self.provider.default_lifetime)
             })
             .await;
@@ -155,7 +157,11 @@ impl IdpClient {
 
     /// A form POST to one of the provider's endpoints (device authorization, revocation), with client auth.
     pub async fn post_form(&self, url: &Url, request: &TokenRequest) -> Result<FormAnswer, TokenError> {
-        self.bounded(self.send(Method::POST, url, Some(request))).await
+        self.bounded(async {
+            let assertion = self.client_assertion(&self.endpoints().await?)?;
+            self.send(Method::POST, url, Some(request), assertion.as_deref()).await
+        })
+        .await
     }
 
     async fn bounded<T>(
@@ -166,7 +172,19 @@ impl IdpClient {
         tokio::time::timeout(timeout, call).await.unwrap_or(Err(TokenError::Timeout(timeout)))
     }
 
-    async fn send(&self, method: Method, url: &Url, form: Option<&TokenRequest>) -> Result<FormAnswer, TokenError> {
+    /// A fresh client assertion for a form to the provider (RFC 7523 §2.2: its `aud` is the token endpoint,
+    /// whichever endpoint the form goes to), when the provider authenticates with one.
+    fn client_assertion(&self, endpoints: &Endpoints) -> Result<Option<String>, TokenError> {
+        Ok(assertion::client_assertion(&self.provider, endpoints.token.as_str())?)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: &Url,
+        form: Option<&TokenRequest>,
+        client_assertion: Option<&str>,
+    ) -> Result<FormAnswer, TokenError> {
         let mut builder = Request::builder()
             .method(method)
             .uri(url.as_str())
@@ -178,7 +196,15 @@ impl IdpClient {
                 if let Some(authorization) = &form.authorization {
                     builder = builder.header(AUTHORIZATION, authorization.clone());
                 }
-                Bytes::from(form.body.clone())
+                let mut body = form.body.clone();
+                if let Some(assertion) = client_assertion {
+                    // Appended after the pairs already there, with the `&` between.
+                    let mut form = form_urlencoded::Serializer::for_suffix(std::mem::take(&mut body), 0);
+                    form.append_pair("client_assertion_type", assertion::ASSERTION_TYPE);
+                    form.append_pair("client_assertion", assertion);
+                    body = form.finish();
+                }
+                Bytes::from(body)
             }
             None => Bytes::new(),
         };

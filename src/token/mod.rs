@@ -7,6 +7,7 @@
 //!
 //! The proxy sees the engine only through [`TokenSource`], so its tests can hand it a fake.
 
+pub mod assertion;
 pub mod cache;
 pub mod device;
 pub mod grant;

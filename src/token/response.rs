@@ -122,6 +122,9 @@ pub enum TokenError {
     /// The client secret (or password, or seed refresh token) could not be read.
     #[error("{0}")]
     Secret(#[from] SecretError),
+    /// The client assertion could not be made (`private_key_jwt`, `client_assertion`).
+    #[error("client assertion: {0}")]
+    Assertion(#[from] super::assertion::AssertionError),
     /// The refresh token was refused (`invalid_grant`): the session is over.
     #[error("refresh token expired or revoked: a new login is needed (`tokenproxy login {provider}` or a new refresh_token seed); the identity provider said: {cause}")]
     LoginNeeded {
@@ -168,6 +171,7 @@ impl TokenError {
             | TokenError::Redirect { .. }
             | TokenError::Connect(_)
             | TokenError::Secret(_)
+            | TokenError::Assertion(_)
             | TokenError::LoginNeeded { .. }
             | TokenError::NoRefreshToken(_)
             | TokenError::Discovery(_) => false,
@@ -188,6 +192,7 @@ impl TokenError {
             | TokenError::Interrupted(_)
             | TokenError::Malformed(_)
             | TokenError::Secret(_)
+            | TokenError::Assertion(_)
             | TokenError::Store(_)
             | TokenError::Discovery(_) => false,
         }

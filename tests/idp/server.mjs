@@ -25,6 +25,9 @@
 //   POST /_test/hold-answer?count=N&ms=M   the next N /token calls are served at once (a refresh token
 //                                          is rotated) but their answers held M ms: a client that gives
 //                                          up meanwhile never learns what the provider did
+//   GET  /_test/client-key?client=ID      the private key of a private_key_jwt client (tp-jwt-rsa: RSA
+//                                          2048, tp-jwt-ec: EC P-256), {private_key_pem (PKCS#8), kid, alg};
+//                                          the provider holds the public half with kid = its RFC 7638 thumbprint
 //   POST /_test/reset                      zero the counters, drop pending failures and delays (the
 //                                          record of redeemed refresh tokens is kept: the provider's
 //                                          own state is not reset either)
@@ -61,7 +64,7 @@ for (const method of ['log', 'info', 'debug']) {
 }
 
 const { default: Provider } = await import('oidc-provider');
-const { exportJWK, generateKeyPair } = await import('jose');
+const { calculateJwkThumbprint, exportJWK, exportPKCS8, generateKeyPair } = await import('jose');
 
 const RESOURCE = 'urn:tokenproxy:test-api';
 const RESOURCE_SCOPE = 'api.read api.write';
@@ -237,6 +240,11 @@ function handleControl(req, res, url) {
   const route = `${req.method} ${url.pathname}`;
   const params = url.searchParams;
   switch (route) {
+    case 'GET /_test/client-key': {
+      const key = clientKeys[params.get('client')];
+      if (!key) return sendJson(res, 404, { error: `no private_key_jwt client ${params.get('client')}` });
+      return sendJson(res, 200, { private_key_pem: key.pem, kid: key.kid, alg: key.alg });
+    }
     case 'GET /_test/stats':
       return sendJson(res, 200, {
         total: control.total,
@@ -411,6 +419,17 @@ const issuer = `http://127.0.0.1:${server.address().port}`;
 const { privateKey } = await generateKeyPair('RS256', { extractable: true, modulusLength: 2048 });
 const signingKey = { ...(await exportJWK(privateKey)), kid: randomUUID(), alg: 'RS256', use: 'sig' };
 
+// private_key_jwt clients (RFC 7523 §2.2): each has a key pair made here; the provider knows the public half
+// (registered `jwks`, `kid` = its RFC 7638 thumbprint, so a client that computes the thumbprint differently
+// is refused), and GET /_test/client-key hands the private half to the test as PKCS#8 PEM.
+const clientKeys = {};
+for (const [clientId, alg] of [['tp-jwt-rsa', 'RS256'], ['tp-jwt-ec', 'ES256']]) {
+  const pair = await generateKeyPair(alg, { extractable: true, modulusLength: 2048 });
+  const publicJwk = await exportJWK(pair.publicKey);
+  const kid = await calculateJwkThumbprint(publicJwk);
+  clientKeys[clientId] = { alg, kid, publicJwk: { ...publicJwk, kid, alg, use: 'sig' }, pem: await exportPKCS8(pair.privateKey) };
+}
+
 const clientBase = {
   grant_types: ['client_credentials'],
   response_types: [],
@@ -431,6 +450,12 @@ const provider = new Provider(issuer, {
       client_secret: 'tp-post-secret',
       token_endpoint_auth_method: 'client_secret_post',
     },
+    ...Object.entries(clientKeys).map(([clientId, key]) => ({
+      ...clientBase,
+      client_id: clientId,
+      token_endpoint_auth_method: 'private_key_jwt',
+      jwks: { keys: [key.publicJwk] },
+    })),
     {
       client_id: ROTATE_CLIENT_ID,
       client_secret: ROTATE_CLIENT_SECRET,
@@ -485,7 +510,8 @@ function presentedAuthMethod(ctx) {
   if (header && bodySecret) return 'both';
   if (header) return /^basic /i.test(header) ? 'client_secret_basic' : 'other_header';
   if (bodySecret) return 'client_secret_post';
-  if (ctx.oidc?.body?.client_assertion) return 'client_assertion';
+  // oidc-provider verified the assertion's signature against the client's registered keys.
+  if (ctx.oidc?.body?.client_assertion) return 'private_key_jwt';
   return 'none';
 }
 

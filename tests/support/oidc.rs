@@ -325,6 +325,14 @@ impl IdpProcess {
         IdpProcess { process, issuer, http: HttpClient::new() }
     }
 
+    /// `GET /_test/client-key`: the private key (PKCS#8 PEM) of a private_key_jwt client, and its `kid` (the RFC
+    /// 7638 thumbprint the provider registered for it).
+    pub async fn client_key(&self, client_id: &str) -> (String, String) {
+        let key = self.http.get_json(&format!("{}/_test/client-key?client={client_id}", self.issuer)).await;
+        let field = |name: &str| key[name].as_str().unwrap_or_else(|| panic!("no {name} in {key}")).to_owned();
+        (field("private_key_pem"), field("kid"))
+    }
+
     /// The provider's discovery document.
     pub async fn discovery(&self) -> Value {
         self.http.get_json(&format!("{}/.well-known/openid-configuration", self.issuer)).await

@@ -1,0 +1,146 @@
+use super::*;
+
+/// RFC 7638 §3.1: the example RSA key and its thumbprint.
+const RFC_7638_N: &str = "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw";
+
+#[test]
+fn the_thumbprint_is_rfc_7638s() {
+    assert_eq!(
+        thumbprint(&[("e", "AQAB"), ("kty", "RSA"), ("n", RFC_7638_N)]),
+        "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+    );
+}
+
+fn rsa_pem(pkcs1: bool) -> (String, rsa::RsaPublicKey) {
+    use rsa::pkcs1::EncodeRsaPrivateKey as _;
+    use rsa::pkcs8::EncodePrivateKey as _;
+    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
+    let pem = if pkcs1 {
+        key.to_pkcs1_pem(Default::default()).unwrap().to_string()
+    } else {
+        key.to_pkcs8_pem(Default::default()).unwrap().to_string()
+    };
+    (pem, key.to_public_key())
+}
+
+fn p256_pem(seed: u8) -> String {
+    use p256::pkcs8::EncodePrivateKey as _;
+    p256::SecretKey::from_slice(&[seed; 32]).unwrap().to_pkcs8_pem(Default::default()).unwrap().to_string()
+}
+
+fn decode(assertion: &str, key: &jsonwebtoken::DecodingKey, alg: Algorithm, aud: &str) -> (Header, serde_json::Value) {
+    let mut validation = jsonwebtoken::Validation::new(alg);
+    validation.set_audience(&[aud]);
+    validation.set_required_spec_claims(&["exp", "iat", "iss", "sub", "aud", "jti"]);
+    let data = jsonwebtoken::decode::<serde_json::Value>(assertion, key, &validation).unwrap();
+    (data.header, data.claims)
+}
+
+#[test]
+fn an_rsa_key_signs_rs256_or_ps256_with_its_thumbprint_as_kid() {
+    use rsa::pkcs1::EncodeRsaPublicKey as _;
+    use rsa::traits::PublicKeyParts as _;
+    for pkcs1 in [false, true] {
+        let (pem, public) = rsa_pem(pkcs1);
+        let key = parse_key(&pem).unwrap();
+        assert_eq!(key.kind(), KeyKind::Rsa);
+        let n = b64(&public.n().to_bytes_be());
+        assert_eq!(key.thumbprint(), thumbprint(&[("e", "AQAB"), ("kty", "RSA"), ("n", &n)]));
+        let decoding = jsonwebtoken::DecodingKey::from_rsa_der(public.to_pkcs1_der().unwrap().as_bytes());
+        for alg in [Algorithm::RS256, Algorithm::PS256] {
+            let assertion = sign(&key, alg, None, "client-1", "https://idp.example/token").unwrap();
+            let (header, claims) = decode(&assertion, &decoding, alg, "https://idp.example/token");
+            assert_eq!(header.kid.as_deref(), Some(key.thumbprint()));
+            assert_eq!((claims["iss"].as_str(), claims["sub"].as_str()), (Some("client-1"), Some("client-1")));
+            let (iat, exp) = (claims["iat"].as_u64().unwrap(), claims["exp"].as_u64().unwrap());
+            assert_eq!(exp - iat, 300, "valid five minutes: short-lived, as RFC 7523 profiles want");
+        }
+    }
+}
+
+#[test]
+fn ec_and_ed25519_keys_sign_with_their_own_algorithm() {
+    use p256::pkcs8::EncodePrivateKey as _;
+    let p256 = parse_key(&p256_pem(7)).unwrap();
+    assert_eq!((p256.kind(), p256.algorithm(None, Path::new("k")).unwrap()), (KeyKind::P256, Algorithm::ES256));
+    let secret = p256::SecretKey::from_slice(&[7; 32]).unwrap();
+    let point = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&secret.public_key(), false);
+    let decoding = jsonwebtoken::DecodingKey::from_ec_der(point.as_bytes());
+    let assertion = sign(&p256, Algorithm::ES256, Some("my-kid"), "c", "aud").unwrap();
+    let (header, _) = decode(&assertion, &decoding, Algorithm::ES256, "aud");
+    assert_eq!(header.kid.as_deref(), Some("my-kid"), "assertion_key_id wins over the thumbprint");
+
+    // SEC1 (`EC PRIVATE KEY`) reads as the same key.
+    let sec1 = secret.to_sec1_pem(Default::default()).unwrap();
+    assert_eq!(parse_key(&sec1).unwrap().thumbprint(), p256.thumbprint());
+
+    let p384 = p384::SecretKey::from_slice(&[9; 48]).unwrap().to_pkcs8_pem(Default::default()).unwrap();
+    let p384 = parse_key(&p384).unwrap();
+    assert_eq!((p384.kind(), p384.algorithm(None, Path::new("k")).unwrap()), (KeyKind::P384, Algorithm::ES384));
+    assert!(sign(&p384, Algorithm::ES384, None, "c", "aud").is_ok());
+
+    let ed = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let ed_pem = ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_pem(&ed, Default::default()).unwrap();
+    let key = parse_key(&ed_pem).unwrap();
+    assert_eq!((key.kind(), key.algorithm(None, Path::new("k")).unwrap()), (KeyKind::Ed25519, Algorithm::EdDSA));
+    let x = b64(ed.verifying_key().as_bytes());
+    assert_eq!(key.thumbprint(), thumbprint(&[("crv", "Ed25519"), ("kty", "OKP"), ("x", &x)]));
+    let decoding = jsonwebtoken::DecodingKey::from_ed_der(ed.verifying_key().as_bytes());
+    let assertion = sign(&key, Algorithm::EdDSA, None, "c", "aud").unwrap();
+    decode(&assertion, &decoding, Algorithm::EdDSA, "aud");
+}
+
+#[test]
+fn every_assertion_is_fresh() {
+    let key = parse_key(&p256_pem(5)).unwrap();
+    let a = sign(&key, Algorithm::ES256, None, "c", "aud").unwrap();
+    let b = sign(&key, Algorithm::ES256, None, "c", "aud").unwrap();
+    let jti = |jwt: &str| {
+        let payload = jwt.split('.').nth(1).unwrap();
+        let claims: serde_json::Value =
+            serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        claims["jti"].as_str().unwrap().to_owned()
+    };
+    assert_ne!(jti(&a), jti(&b), "an IdP refuses a reused jti");
+    assert!(jti(&a).len() >= 22, "128 random bits");
+}
+
+#[test]
+fn a_key_that_cannot_sign_the_algorithm_set_is_refused() {
+    let key = parse_key(&p256_pem(5)).unwrap();
+    let error = key.algorithm(Some(AssertionAlgorithm::RS256), Path::new("/keys/ec.pem")).unwrap_err();
+    assert_eq!(error.to_string(), "/keys/ec.pem: an EC P-256 key cannot sign RS256");
+    assert!(key.algorithm(Some(AssertionAlgorithm::ES256), Path::new("k")).is_ok());
+}
+
+#[test]
+fn what_is_not_a_usable_private_key_is_named_without_its_content() {
+    let cases = [
+        ("", "no PEM block found"),
+        (
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+            "holds a `CERTIFICATE` PEM block, not a private key",
+        ),
+        ("-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----\n", "holds a `PUBLIC KEY` PEM block"),
+        ("-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n", "the key is encrypted"),
+        ("-----BEGIN PRIVATE KEY-----\nnot base64 at all\n-----END PRIVATE KEY-----\n", "unsupported type or curve"),
+    ];
+    for (pem, expected) in cases {
+        let error = parse_key(pem).unwrap_err();
+        assert!(error.contains(expected), "{pem:?}: {error}");
+    }
+}
+
+#[test]
+fn a_platform_assertion_is_read_at_every_call_and_must_look_like_a_jwt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\n").unwrap();
+    let source = SecretSource::File(path.clone());
+    assert_eq!(read_assertion(&source).unwrap(), "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln");
+    std::fs::write(&path, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ5In0.c2ln").unwrap();
+    assert_eq!(read_assertion(&source).unwrap(), "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ5In0.c2ln", "the kubelet rotated it");
+    std::fs::write(&path, "a secret that is not a JWT").unwrap();
+    let error = read_assertion(&source).unwrap_err().to_string();
+    assert!(error.contains("does not hold a JWT") && !error.contains("a secret that"), "{error}");
+}

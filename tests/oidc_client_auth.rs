@@ -1,0 +1,148 @@
+//! Client authentication without a shared secret, against the real OpenID provider (npm `oidc-provider`, see
+//! `tests/idp/README.md`): `private_key_jwt` with an RSA key (RS256) and an EC P-256 key (ES256). The provider
+//! holds each client's public key with `kid` = its RFC 7638 thumbprint and verifies every assertion's signature,
+//! `iss`, `sub`, `aud` (the token endpoint) and `exp`, and refuses a reused `jti`; so tokens refreshed across several
+//! short lifetimes prove that each token call signs a fresh assertion with the right `kid`. A wrong
+//! `assertion_audience` is refused, and `check --fetch` says so without printing the key.
+//!
+//! Needs `node` >= 20 and `npm` on PATH (`tests/idp/node_modules` is installed by `npm ci` on first use).
+
+mod support {
+    pub mod oidc;
+}
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::time::Duration;
+
+use hyper::StatusCode;
+use support::oidc::{spawn_tokenproxy, toml_string, IdpProcess, TokenProxyProcess, UpstreamProcess};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn provider_toml(name: &str, token_url: &str, client_id: &str, key_file: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[providers.{name}]\n\
+         token_url = {token_url}\n\
+         client_id = {client_id}\n\
+         client_auth = \"private_key_jwt\"\n\
+         private_key_file = {key}\n\
+         scope = \"api.read\"\n\
+         refresh_at = 0.5\n\
+         expiry_skew = \"1s\"\n\
+         timeout = \"3s\"\n\
+         {extra}\n",
+        token_url = toml_string(token_url),
+        client_id = toml_string(client_id),
+        key = toml_string(&key_file.to_string_lossy()),
+    )
+}
+
+fn route_toml(name: &str, upstream: &str) -> String {
+    format!(
+        "[[routes]]\nname = \"{name}\"\nprefix = \"/{name}\"\nstrip_prefix = true\nupstream = {}\nprovider = \"{name}\"\n\n",
+        toml_string(upstream)
+    )
+}
+
+/// Writes a key file readable by its owner only, as a Kubernetes Secret or a careful operator would.
+fn write_key(dir: &std::path::Path, name: &str, pem: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn private_key_jwt_with_rsa_and_ec_keys_gets_tokens_call_after_call() {
+    const LIFETIME_SECS: u64 = 3;
+    let idp = IdpProcess::start(LIFETIME_SECS).await;
+    let upstream = UpstreamProcess::start(&idp).await;
+    let token_url = idp.token_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (rsa_pem, rsa_kid) = idp.client_key("tp-jwt-rsa").await;
+    let (ec_pem, ec_kid) = idp.client_key("tp-jwt-ec").await;
+    let rsa_file = write_key(dir.path(), "rsa.pem", &rsa_pem);
+    let ec_file = write_key(dir.path(), "ec.pem", &ec_pem);
+
+    let mut config = provider_toml("rsa", &token_url, "tp-jwt-rsa", &rsa_file, "");
+    config += &provider_toml("ec", &token_url, "tp-jwt-ec", &ec_file, "");
+    config += &route_toml("rsa", &upstream.url);
+    config += &route_toml("ec", &upstream.url);
+    let proxy = TokenProxyProcess::start(dir, &config).await;
+    proxy.wait_ready(READY_TIMEOUT).await;
+
+    // Three lifetimes of traffic: each refresh is a token call with a new assertion (a reused jti is refused).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3 * LIFETIME_SECS);
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    while tokio::time::Instant::now() < deadline {
+        ticker.tick().await;
+        for (route, client) in [("/rsa/x", "tp-jwt-rsa"), ("/ec/x", "tp-jwt-ec")] {
+            let reply = proxy.get(route).await;
+            assert_eq!(reply.status, StatusCode::OK, "{route}: {}\n{}", reply.text(), proxy.logs());
+            assert_eq!(reply.json()["client_id"], client);
+        }
+    }
+
+    let stats = idp.stats().await;
+    for client in ["tp-jwt-rsa", "tp-jwt-ec"] {
+        let entry = &stats["clients"][client];
+        let methods = entry["auth_methods"].as_object().unwrap_or_else(|| panic!("{client} never called: {stats}"));
+        assert_eq!(methods.keys().collect::<Vec<_>>(), vec!["private_key_jwt"], "{stats}");
+        assert_eq!(entry["error"], 0, "no token call refused (a stale jti, a wrong kid or aud): {stats}");
+        let calls = entry["ok"].as_u64().unwrap();
+        // 3 s tokens refreshed halfway through their 2 usable seconds, for 9 s: about one call per 1–1.5 s.
+        assert!((4..=12).contains(&calls), "{client}: one call at startup and one per refresh: {calls}; {stats}");
+    }
+    let upstream_stats = upstream.stats().await;
+    assert_eq!(upstream_stats["unauthorized"], 0, "{upstream_stats}");
+
+    // The kid each assertion carried is the thumbprint the provider registered (computed by `jose`).
+    assert_ne!(rsa_kid, ec_kid);
+    // The keys never show: not in the logs, not in /tokens.
+    let tokens = proxy.admin_get("/tokens").await.text();
+    for pem in [&rsa_pem, &ec_pem] {
+        let body_line = pem.lines().nth(1).unwrap();
+        assert!(!proxy.logs().contains(body_line), "a private key in the logs");
+        assert!(!tokens.contains(body_line), "a private key in /tokens");
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_assertion_audience_is_refused_and_check_fetch_says_so_without_the_key() {
+    let idp = IdpProcess::start(300).await;
+    let token_url = idp.token_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, _) = idp.client_key("tp-jwt-ec").await;
+    let key_file = write_key(dir.path(), "ec.pem", &pem);
+    let route = route_toml("ec", "http://127.0.0.1:9");
+    let config = provider_toml(
+        "ec",
+        &token_url,
+        "tp-jwt-ec",
+        &key_file,
+        "assertion_audience = \"https://elsewhere.example/token\"",
+    ) + &route;
+    std::fs::write(dir.path().join("tokenproxy.toml"), &config).unwrap();
+    let mut check =
+        spawn_tokenproxy("check --fetch", dir.path(), &["check", "--fetch", "--config", "tokenproxy.toml"], &[]);
+    let status = check.wait_exit_async(Duration::from_secs(20)).await.expect("check --fetch exits");
+    let output = check.output().text();
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("invalid_client"), "{output}");
+    let (_, kid) = idp.client_key("tp-jwt-ec").await;
+    assert!(
+        output.contains("refused the signed client assertion")
+            && output.contains(&kid)
+            && output.contains("`https://elsewhere.example/token` (assertion_audience)"),
+        "the hint gives the kid and aud sent: {output}"
+    );
+    assert!(!output.contains(pem.lines().nth(1).unwrap()), "the key is never printed: {output}");
+
+    // The right audience (the default: the token endpoint) passes the same check.
+    let config = provider_toml("ec", &token_url, "tp-jwt-ec", &key_file, "") + &route;
+    std::fs::write(dir.path().join("tokenproxy.toml"), &config).unwrap();
+    let mut check =
+        spawn_tokenproxy("check --fetch", dir.path(), &["check", "--fetch", "--config", "tokenproxy.toml"], &[]);
+    let status = check.wait_exit_async(Duration::from_secs(20)).await.expect("check --fetch exits");
+    assert!(status.success(), "{}", check.output().text());
+}
