@@ -162,6 +162,46 @@ pub enum ClientAuth {
     None,
 }
 
+/// `providers.NAME.assertion_dialect`: the claims of a `grant = "jwt_bearer"` assertion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AssertionDialect {
+    /// `iss`/`sub`/`aud` from `assertion_claims` (defaults: the client id, the client id, the token endpoint).
+    Generic,
+    /// A Google service account (`google_credentials_file`).
+    Google,
+    /// Salesforce's JWT bearer flow (`client_id` = the consumer key, `username`).
+    Salesforce,
+}
+
+impl AssertionDialect {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AssertionDialect::Generic => "generic",
+            AssertionDialect::Google => "google",
+            AssertionDialect::Salesforce => "salesforce",
+        }
+    }
+}
+
+/// `providers.NAME.assertion_claims`: the claims of a generic `jwt_bearer` assertion (and Google's `sub`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AssertionClaims {
+    /// `iss` (default: the client id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// `sub` (default: the client id; Google: the user to act for, none by default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    /// `aud` (default: `assertion_audience`, then the token endpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    /// More claims, as strings.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, String>,
+}
+
 /// `providers.NAME.assertion_algorithm`: the JWS algorithm of a `private_key_jwt` assertion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum AssertionAlgorithm {
@@ -264,6 +304,12 @@ pub struct ProviderConfig {
     pub assertion_algorithm: Option<AssertionAlgorithm>,
     /// `private_key_jwt`: the `kid` header when not the RFC 7638 thumbprint of the public key.
     pub assertion_key_id: Option<String>,
+    /// `grant = "jwt_bearer"`: whose claims the assertion carries.
+    pub assertion_dialect: AssertionDialect,
+    /// `grant = "jwt_bearer"`, Google dialect: the service-account key file.
+    pub google_credentials_file: Option<PathBuf>,
+    /// `grant = "jwt_bearer"`: claims of the assertion (`iss`, `sub`, extra ones).
+    pub assertion_claims: AssertionClaims,
     /// `client_assertion`: where the platform-minted JWT is (`client_assertion_file` / `_env`), read at every call.
     pub client_assertion: Option<SecretSource>,
 }

@@ -6,7 +6,10 @@ use figment::value::Value;
 
 use super::reader::{self, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
-use super::{AssertionAlgorithm, ClientAuth, DuringRefresh, Grant, ProviderConfig, Secret, SecretError, SecretSource};
+use super::{
+    AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, Grant, ProviderConfig, Secret,
+    SecretError, SecretSource,
+};
 
 /// Defaults of a provider (SPEC).
 mod provider_defaults {
@@ -41,6 +44,12 @@ const CLIENT_AUTHS: &[(&str, ClientAuth)] = &[
     ("tls_client_auth", ClientAuth::TlsClientAuth),
     ("client_assertion", ClientAuth::ClientAssertion),
     ("none", ClientAuth::None),
+];
+
+const ASSERTION_DIALECTS: &[(&str, AssertionDialect)] = &[
+    ("generic", AssertionDialect::Generic),
+    ("google", AssertionDialect::Google),
+    ("salesforce", AssertionDialect::Salesforce),
 ];
 
 const ASSERTION_ALGORITHMS: &[(&str, AssertionAlgorithm)] = &[
@@ -98,7 +107,8 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
 
     let token_url = r.get(t, "token_url", |v| http_url(v, UrlUse::TokenEndpoint));
     let issuer = r.get(t, "issuer", |v| http_url(v, UrlUse::TokenEndpoint));
-    if !t.has("token_url") && !t.has("issuer") {
+    // A Google service-account key file names its token endpoint.
+    if !t.has("token_url") && !t.has("issuer") && !t.has("google_credentials_file") {
         r.report_missing(
             t,
             "token_url",
@@ -111,16 +121,66 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     let revocation_endpoint = r.get(t, "revocation_endpoint", |v| http_url(v, UrlUse::TokenEndpoint));
 
     let grant = r.get(t, "grant", reader::choice(GRANTS));
-    if let Some(leaf) = grant.as_ref().filter(|leaf| matches!(leaf.value, Grant::JwtBearer | Grant::TokenExchange)) {
+    if let Some(leaf) = grant.as_ref().filter(|leaf| matches!(leaf.value, Grant::TokenExchange)) {
         let message = format!(
-            "grant `{}` is not supported by this version (supported: client_credentials, refresh_token, password)",
+            "grant `{}` is not supported by this version (supported: client_credentials, refresh_token, password, \
+             jwt_bearer)",
             leaf.value.as_str()
         );
         r.report_leaf(leaf, message);
     }
     let grant = value_or(grant, Grant::ClientCredentials);
 
-    let client_id = r.require(t, "client_id", "missing; set the OAuth2 client identifier", reader::non_empty_string);
+    // grant = "jwt_bearer" (RFC 7523 §2.1): the assertion is the grant, in one of three dialects.
+    let google_credentials_file = r.file(t, "google_credentials_file");
+    let dialect = r.get(t, "assertion_dialect", reader::choice(ASSERTION_DIALECTS));
+    let assertion_claims = assertion_claims(r, t);
+    let dialect_value = match (&dialect, t.has("google_credentials_file")) {
+        (Some(leaf), _) => leaf.value,
+        (None, true) => AssertionDialect::Google,
+        (None, false) => AssertionDialect::Generic,
+    };
+    let mut google = None;
+    if grant == Grant::JwtBearer {
+        match dialect_value {
+            AssertionDialect::Google => match &google_credentials_file {
+                None if !t.has("google_credentials_file") => r.report_missing(
+                    t,
+                    "google_credentials_file",
+                    "missing; assertion_dialect = \"google\" needs the service account's JSON key file",
+                ),
+                None => {}
+                Some(leaf) => match crate::token::assertion::load_google(&leaf.value) {
+                    Ok((credentials, _)) => google = Some(credentials),
+                    Err(crate::token::assertion::AssertionError::Unreadable { .. }) => {}
+                    Err(error) => r.report_leaf(leaf, error.to_string()),
+                },
+            },
+            _ => {
+                if let Some(leaf) = &google_credentials_file {
+                    r.report_leaf(leaf, "only used with assertion_dialect = \"google\"; remove it");
+                }
+            }
+        }
+    } else {
+        for key in ["google_credentials_file", "assertion_dialect", "assertion_claims"] {
+            if let Some(field) = t.field(key) {
+                r.report_field(&field, "only used with grant = \"jwt_bearer\"; remove it");
+            }
+        }
+    }
+    let jwt_dialect = (grant == Grant::JwtBearer).then_some(dialect_value);
+
+    let client_id = match &google {
+        // A service account's id is its e-mail address, from its key file.
+        Some(credentials) if !t.has("client_id") => {
+            Some(Leaf { value: credentials.client_email.clone(), path: t.path.key("client_id"), tag: t.tag })
+        }
+        _ if jwt_dialect == Some(AssertionDialect::Google) && !t.has("client_id") => {
+            Some(Leaf { value: String::new(), path: t.path.key("client_id"), tag: t.tag })
+        }
+        _ => r.require(t, "client_id", "missing; set the OAuth2 client identifier", reader::non_empty_string),
+    };
 
     let client_auth = r.get(t, "client_auth", reader::choice(CLIENT_AUTHS));
     if let Some(leaf) = client_auth.as_ref().filter(|leaf| matches!(leaf.value, ClientAuth::TlsClientAuth)) {
@@ -131,7 +191,17 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         );
         r.report_leaf(leaf, message);
     }
-    let client_auth = value_or(client_auth, ClientAuth::ClientSecretBasic);
+    // Google's and Salesforce's flows authenticate with the assertion alone.
+    let assertion_only = matches!(jwt_dialect, Some(AssertionDialect::Google | AssertionDialect::Salesforce));
+    if let Some(leaf) = client_auth.as_ref().filter(|leaf| assertion_only && leaf.value != ClientAuth::None) {
+        let message = format!(
+            "assertion_dialect = \"{}\" authenticates with the assertion alone; remove client_auth",
+            dialect_value.as_str()
+        );
+        r.report_leaf(leaf, message);
+    }
+    let client_auth =
+        value_or(client_auth, if assertion_only { ClientAuth::None } else { ClientAuth::ClientSecretBasic });
 
     let client_secret = secret(r, t, "client_secret");
     let secret_given = ["client_secret", "client_secret_file", "client_secret_env"].iter().any(|key| t.has(key));
@@ -155,13 +225,16 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     let assertion_algorithm = r.get(t, "assertion_algorithm", reader::choice(ASSERTION_ALGORITHMS));
     let assertion_key_id = r.get(t, "assertion_key_id", reader::non_empty_string);
     let client_assertion = secret(r, t, "client_assertion");
-    if client_auth == ClientAuth::PrivateKeyJwt {
+    let signs_grant = matches!(jwt_dialect, Some(AssertionDialect::Generic | AssertionDialect::Salesforce));
+    if client_auth == ClientAuth::PrivateKeyJwt || signs_grant {
         if !t.has("private_key_file") {
-            r.report_missing(
-                t,
-                "private_key_file",
-                "missing; client_auth = \"private_key_jwt\" needs the PEM private key that signs its assertions",
-            );
+            let message = match client_auth {
+                ClientAuth::PrivateKeyJwt => {
+                    "missing; client_auth = \"private_key_jwt\" needs the PEM private key that signs its assertions"
+                }
+                _ => "missing; grant = \"jwt_bearer\" needs the PEM private key that signs its assertion",
+            };
+            r.report_missing(t, "private_key_file", message);
         }
         if let Some(leaf) = &private_key_file {
             // The key is read now too, so `check` tells a wrong file before the first token call does.
@@ -178,7 +251,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
             }
         }
     } else {
-        let unused = "only used with client_auth = \"private_key_jwt\"; remove it";
+        let unused = "only used with client_auth = \"private_key_jwt\" or grant = \"jwt_bearer\"; remove it";
         if let Some(leaf) = &private_key_file {
             r.report_leaf(leaf, unused);
         }
@@ -215,7 +288,19 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     }
     let username = r.get(t, "username", reader::non_empty_string);
     let password = secret(r, t, "password");
-    if grant == Grant::Password {
+    if jwt_dialect == Some(AssertionDialect::Salesforce) {
+        // Salesforce: the user the connected app acts for is the assertion's `sub`.
+        if !t.has("username") {
+            r.report_missing(
+                t,
+                "username",
+                "missing; assertion_dialect = \"salesforce\" needs the Salesforce username",
+            );
+        }
+        if let Some(leaf) = &password {
+            r.report_leaf(leaf, "only used with grant = \"password\"; remove it");
+        }
+    } else if grant == Grant::Password {
         if !t.has("username") {
             r.report_missing(t, "username", "missing; grant = \"password\" needs the resource owner's username");
         }
@@ -236,6 +321,12 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     }
 
     let scope = r.get(t, "scope", reader::non_empty_string);
+    if let Some(leaf) = scope.as_ref().filter(|_| jwt_dialect == Some(AssertionDialect::Salesforce)) {
+        r.report_leaf(
+            leaf,
+            "Salesforce's JWT bearer flow takes no scope (the connected app's scopes apply); remove it",
+        );
+    }
     let audience = r.get(t, "audience", reader::non_empty_string);
     let resource = r.get(t, "resource", reader::non_empty_string);
     let extra_params = extra_params(r, t);
@@ -260,7 +351,9 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     }
     Some(ProviderConfig {
         name: name.to_owned(),
-        token_url: token_url.map(|leaf| leaf.value),
+        token_url: token_url
+            .map(|leaf| leaf.value)
+            .or_else(|| google.as_ref().and_then(|credentials| url::Url::parse(&credentials.token_uri).ok())),
         issuer: issuer.map(|leaf| leaf.value),
         device_authorization_endpoint: device_authorization_endpoint.map(|leaf| leaf.value),
         revocation_endpoint: revocation_endpoint.map(|leaf| leaf.value),
@@ -296,6 +389,9 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         client_cert_file: client_cert_file.map(|leaf| leaf.value),
         client_key_file: client_key_file.map(|leaf| leaf.value),
         private_key_file: private_key_file.map(|leaf| leaf.value),
+        assertion_dialect: dialect_value,
+        google_credentials_file: google_credentials_file.map(|leaf| leaf.value),
+        assertion_claims,
         assertion_audience: assertion_audience.map(|leaf| leaf.value),
         assertion_algorithm: assertion_algorithm.map(|leaf| leaf.value),
         assertion_key_id: assertion_key_id.map(|leaf| leaf.value),
@@ -366,6 +462,28 @@ fn and_list(items: &[String]) -> String {
 }
 
 /// `extra_params`: a table of form parameters; values may be strings, numbers or booleans.
+/// `assertion_claims = { iss = "…", sub = "…", aud = "…", extra = { … } }`: strings only.
+fn assertion_claims(r: &mut Reader<'_>, provider: &mut Table<'_>) -> AssertionClaims {
+    let mut t = r.table(provider, "assertion_claims");
+    let iss = r.get(&mut t, "iss", reader::non_empty_string).map(|leaf| leaf.value);
+    let sub = r.get(&mut t, "sub", reader::non_empty_string).map(|leaf| leaf.value);
+    let aud = r.get(&mut t, "aud", reader::non_empty_string).map(|leaf| leaf.value);
+    let mut extra = BTreeMap::new();
+    let e = r.table(&mut t, "extra");
+    for (key, value) in e.entries() {
+        let path = e.path.key(key);
+        match value {
+            Value::String(_, text) if !["iss", "sub", "aud", "exp", "iat", "jti"].contains(&key.as_str()) => {
+                extra.insert(key.clone(), text.clone());
+            }
+            Value::String(..) => r.report(&path, value.tag(), format!("`{key}` is set by tokenproxy itself")),
+            _ => r.report(&path, value.tag(), "claims here are strings"),
+        }
+    }
+    r.finish(t);
+    AssertionClaims { iss, sub, aud, extra }
+}
+
 fn extra_params(r: &mut Reader<'_>, provider: &mut Table<'_>) -> BTreeMap<String, String> {
     let t = r.table(provider, "extra_params");
     let mut params = BTreeMap::new();

@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::{Serialize, Serializer};
 
 use super::{
-    AssertionAlgorithm, ClientAuth, DuringRefresh, EncodedSlashes, Grant, IncomingAuthorization, Inject,
-    ProviderConfig, RouteConfig, SecretSource, UpstreamProtocol,
+    AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, EncodedSlashes, Grant,
+    IncomingAuthorization, Inject, ProviderConfig, RouteConfig, SecretSource, UpstreamProtocol,
 };
 
 /// Serializes a duration as a humantime string: `"30s"`, `"5m"`, `"1m 30s"`.
@@ -95,6 +95,12 @@ struct ProviderView<'a> {
     assertion_algorithm: Option<AssertionAlgorithm>,
     #[serde(skip_serializing_if = "Option::is_none")]
     assertion_key_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    assertion_dialect: Option<AssertionDialect>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    google_credentials_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "is_default_claims")]
+    assertion_claims: &'a AssertionClaims,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     extra_params: &'a BTreeMap<String, String>,
 }
@@ -138,6 +144,9 @@ impl Serialize for ProviderConfig {
             assertion_audience: self.assertion_audience.as_deref(),
             assertion_algorithm: self.assertion_algorithm,
             assertion_key_id: self.assertion_key_id.as_deref(),
+            assertion_dialect: (self.grant == Grant::JwtBearer).then_some(self.assertion_dialect),
+            google_credentials_file: self.google_credentials_file.as_deref(),
+            assertion_claims: &self.assertion_claims,
             extra_params: &self.extra_params,
         }
         .serialize(serializer)
@@ -216,4 +225,8 @@ impl Serialize for RouteConfig {
         }
         .serialize(serializer)
     }
+}
+
+fn is_default_claims(claims: &&AssertionClaims) -> bool {
+    **claims == AssertionClaims::default()
 }

@@ -316,7 +316,7 @@ fn every_problem_is_reported_at_once() {
 
         [providers.orders]
         token_url = "ftp://idp.example/token"
-        grant = "jwt_bearer"
+        grant = "token_exchange"
         client_id = 1234
         refresh_at = 1.5
 
@@ -346,7 +346,7 @@ fn every_problem_is_reported_at_once() {
             "providers.billing.username: missing; grant = \"password\" needs the resource owner's username (from tokenproxy.toml)",
             "providers.billing.password: missing; grant = \"password\" needs `password`, `password_file` or `password_env` (from tokenproxy.toml)",
             "providers.orders.token_url: must be an http:// or https:// URL (found scheme `ftp`) (from tokenproxy.toml)",
-            "providers.orders.grant: grant `jwt_bearer` is not supported by this version (supported: client_credentials, refresh_token, password) (from tokenproxy.toml)",
+            "providers.orders.grant: grant `token_exchange` is not supported by this version (supported: client_credentials, refresh_token, password, jwt_bearer) (from tokenproxy.toml)",
             "providers.orders.client_id: expected a string, found a number; quote it (from tokenproxy.toml)",
             "providers.orders.client_secret: missing; client_auth = \"client_secret_basic\" needs `client_secret`, `client_secret_file` or `client_secret_env` (from tokenproxy.toml)",
             "providers.orders.refresh_at: must be greater than 0 and at most 1 (a fraction of the token's lifetime), found 1.5 (from tokenproxy.toml)",
@@ -610,8 +610,8 @@ fn private_key_jwt_needs_a_usable_key_and_its_keys_belong_to_it() {
     assert_eq!(
         problems_of("client_secret_post", &format!("client_secret = \"s\"\n{key_line}\nassertion_key_id = \"k1\"")),
         [
-            "providers.orders.private_key_file: only used with client_auth = \"private_key_jwt\"; remove it (from tokenproxy.toml)",
-            "providers.orders.assertion_key_id: only used with client_auth = \"private_key_jwt\"; remove it (from tokenproxy.toml)",
+            "providers.orders.private_key_file: only used with client_auth = \"private_key_jwt\" or grant = \"jwt_bearer\"; remove it (from tokenproxy.toml)",
+            "providers.orders.assertion_key_id: only used with client_auth = \"private_key_jwt\" or grant = \"jwt_bearer\"; remove it (from tokenproxy.toml)",
         ]
     );
     assert_eq!(

@@ -20,7 +20,7 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use sha2::{Digest, Sha256};
 
-use crate::config::{AssertionAlgorithm, ClientAuth, ProviderConfig, SecretError, SecretSource};
+use crate::config::{AssertionAlgorithm, AssertionDialect, ClientAuth, ProviderConfig, SecretError, SecretSource};
 
 /// The `client_assertion_type` of a JWT client assertion (RFC 7523 §2.2).
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -296,6 +296,110 @@ pub fn client_assertion(provider: &ProviderConfig, token_endpoint: &str) -> Resu
         _ => Ok(None),
     }
 }
+
+/// A Google service-account key file, as Google hands it out (the fields tokenproxy uses).
+#[derive(serde::Deserialize)]
+pub struct GoogleCredentials {
+    /// `service_account`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// The service account: the assertion's `iss`.
+    pub client_email: String,
+    /// The key's id: the assertion's `kid`.
+    pub private_key_id: String,
+    /// The RSA private key, PKCS#8 PEM.
+    private_key: String,
+    /// Google's token endpoint: the assertion's `aud`.
+    pub token_uri: String,
+}
+
+impl std::fmt::Debug for GoogleCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GoogleCredentials").field("client_email", &self.client_email).finish_non_exhaustive()
+    }
+}
+
+/// Reads a Google service-account key file and its RSA key.
+pub fn load_google(path: &Path) -> Result<(GoogleCredentials, SigningKey), AssertionError> {
+    let bad = |reason: String| AssertionError::BadKey { path: path.to_path_buf(), reason };
+    let text = read_small(path)?;
+    // serde_json's messages name a field or a position, never a value.
+    let credentials: GoogleCredentials =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not a Google service-account key file: {e}")))?;
+    if credentials.kind.as_deref().is_some_and(|kind| kind != "service_account") {
+        return Err(bad("not a service-account key (`type` is not \"service_account\")".into()));
+    }
+    let key = parse_key(&credentials.private_key).map_err(|reason| bad(format!("private_key: {reason}")))?;
+    if key.kind != KeyKind::Rsa {
+        return Err(bad("private_key: Google service-account keys are RSA".into()));
+    }
+    Ok((credentials, key))
+}
+
+/// The assertion of a `grant = "jwt_bearer"` token call (RFC 7523 §2.1), in the provider's dialect; `token_endpoint`
+/// is the default `aud` of the generic dialect.
+pub fn grant_assertion(provider: &ProviderConfig, token_endpoint: &str) -> Result<String, AssertionError> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut claims = serde_json::Map::new();
+    let mut put = |name: &str, value: serde_json::Value| {
+        claims.insert(name.to_owned(), value);
+    };
+    let (key, algorithm, kid) = match provider.assertion_dialect {
+        AssertionDialect::Google => {
+            let path = provider.google_credentials_file.as_deref().unwrap_or(Path::new(""));
+            let (credentials, key) = load_google(path)?;
+            // Google's service-account flow: iss, scope, aud = token_uri, iat, exp = iat + 3600; sub to act for a
+            // user of the domain (domain-wide delegation).
+            put("iss", credentials.client_email.clone().into());
+            if let Some(scope) = &provider.scope {
+                put("scope", scope.clone().into());
+            }
+            put("aud", credentials.token_uri.clone().into());
+            if let Some(subject) = &provider.assertion_claims.sub {
+                put("sub", subject.clone().into());
+            }
+            put("iat", now.into());
+            put("exp", (now + 3600).into());
+            (key, Algorithm::RS256, Some(credentials.private_key_id))
+        }
+        AssertionDialect::Salesforce => {
+            let path = provider.private_key_file.as_deref().unwrap_or(Path::new(""));
+            let key = load_key(path)?;
+            let algorithm = key.algorithm(provider.assertion_algorithm, path)?;
+            // Salesforce's JWT bearer flow: iss = the connected app's consumer key, sub = the user, aud = the login
+            // host, exp within 3 minutes.
+            put("iss", provider.client_id.clone().into());
+            put("sub", provider.username.clone().unwrap_or_default().into());
+            let aud = provider.assertion_audience.as_deref().unwrap_or(SALESFORCE_LOGIN);
+            put("aud", aud.into());
+            put("exp", (now + 180).into());
+            (key, algorithm, provider.assertion_key_id.clone())
+        }
+        AssertionDialect::Generic => {
+            let path = provider.private_key_file.as_deref().unwrap_or(Path::new(""));
+            let key = load_key(path)?;
+            let algorithm = key.algorithm(provider.assertion_algorithm, path)?;
+            let set = &provider.assertion_claims;
+            for (name, value) in &set.extra {
+                put(name, value.clone().into());
+            }
+            put("iss", set.iss.clone().unwrap_or_else(|| provider.client_id.clone()).into());
+            put("sub", set.sub.clone().unwrap_or_else(|| provider.client_id.clone()).into());
+            let aud = set.aud.as_deref().or(provider.assertion_audience.as_deref()).unwrap_or(token_endpoint);
+            put("aud", aud.into());
+            put("jti", random_jti().into());
+            put("iat", now.into());
+            put("exp", (now + LIFETIME_SECS).into());
+            (key, algorithm, provider.assertion_key_id.clone())
+        }
+    };
+    let mut header = Header::new(algorithm);
+    header.kid = Some(kid.unwrap_or_else(|| key.thumbprint().to_owned()));
+    jsonwebtoken::encode(&header, &claims, &key.key).map_err(|e| AssertionError::Signing(e.to_string()))
+}
+
+/// Salesforce's login host: the default `aud` of its JWT bearer assertions (a sandbox uses test.salesforce.com).
+pub const SALESFORCE_LOGIN: &str = "https://login.salesforce.com";
 
 /// What to check when the IdP refused a client assertion (`invalid_client`), with the values this client sent: the
 /// `kid` and `aud` are public, the key never shows.

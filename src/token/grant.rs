@@ -15,7 +15,7 @@ use super::refresh::TokenFetcher;
 use super::response::{TokenError, TokenResponse};
 use super::session::RefreshSession;
 use super::store::StateStore;
-use crate::config::{ClientAuth, Grant, ProviderConfig, Secret, SecretError};
+use crate::config::{AssertionDialect, ClientAuth, Grant, ProviderConfig, Secret, SecretError};
 use crate::tls::TlsError;
 
 /// A request to the IdP ready to send: its form body and, for `client_secret_basic`, its `Authorization` header.
@@ -143,6 +143,23 @@ impl GrantFetcher {
                 let password = password.as_ref().map(Secret::expose).unwrap_or_default();
                 let params = [("grant_type", "password"), ("username", username), ("password", password)];
                 self.idp.token_call(build_request(provider, &params, Profile::Full)?).await
+            }
+            (None, Grant::JwtBearer) => {
+                // RFC 7523 §2.1: the assertion is the grant; its `aud` defaults to the token endpoint.
+                let endpoints = self.idp.endpoints().await?;
+                let assertion = super::assertion::grant_assertion(provider, endpoints.token.as_str())?;
+                let params = [("grant_type", grant_type(Grant::JwtBearer)), ("assertion", assertion.as_str())];
+                let request = match provider.assertion_dialect {
+                    AssertionDialect::Generic => build_request(provider, &params, Profile::Full)?,
+                    // Google and Salesforce take these two parameters and nothing else: the scope (Google's) is
+                    // in the assertion, and the assertion is the client's authentication.
+                    AssertionDialect::Google | AssertionDialect::Salesforce => {
+                        let mut form = form_urlencoded::Serializer::new(String::new());
+                        form.extend_pairs(params);
+                        TokenRequest { body: form.finish(), authorization: None }
+                    }
+                };
+                self.idp.token_call(request).await
             }
             (None, grant) => {
                 let params = [("grant_type", grant_type(grant))];
