@@ -3,7 +3,8 @@
 //! holds each client's public key with `kid` = its RFC 7638 thumbprint and verifies every assertion's signature,
 //! `iss`, `sub`, `aud` (the token endpoint) and `exp`, and refuses a reused `jti`; so tokens refreshed across several
 //! short lifetimes prove that each token call signs a fresh assertion with the right `kid`. A wrong
-//! `assertion_audience` is refused, and `check --fetch` says so without printing the key.
+//! `assertion_audience` is refused, and `check --fetch` says so without printing the key. With `client_assertion`,
+//! the file a platform writes is read at every token call: a rotated file is used, a stale one is refused.
 //!
 //! Needs `node` >= 20 and `npm` on PATH (`tests/idp/node_modules` is installed by `npm ci` on first use).
 
@@ -145,4 +146,55 @@ async fn a_wrong_assertion_audience_is_refused_and_check_fetch_says_so_without_t
         spawn_tokenproxy("check --fetch", dir.path(), &["check", "--fetch", "--config", "tokenproxy.toml"], &[]);
     let status = check.wait_exit_async(Duration::from_secs(20)).await.expect("check --fetch exits");
     assert!(status.success(), "{}", check.output().text());
+}
+
+/// Signs what a platform would mint for `tp-jwt-ec`: iss = sub = the client, aud = the token endpoint, a fresh jti.
+fn platform_assertion(pem: &str, kid: &str, token_url: &str, jti: &str) -> String {
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(pem.as_bytes()).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid.to_owned());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = serde_json::json!({
+        "iss": "tp-jwt-ec", "sub": "tp-jwt-ec", "aud": token_url, "jti": jti, "iat": now, "exp": now + 300,
+    });
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn a_platform_assertion_file_is_read_at_every_token_call() {
+    let idp = IdpProcess::start(300).await;
+    let upstream = UpstreamProcess::start(&idp).await;
+    let token_url = idp.token_endpoint().await;
+    let (pem, kid) = idp.client_key("tp-jwt-ec").await;
+    let dir = tempfile::tempdir().unwrap();
+    let assertion_file = dir.path().join("azure-identity-token");
+    std::fs::write(&assertion_file, platform_assertion(&pem, &kid, &token_url, "first")).unwrap();
+    let config = format!(
+        "[providers.fed]\ntoken_url = {}\nclient_id = \"tp-jwt-ec\"\nclient_auth = \"client_assertion\"\n\
+         client_assertion_file = {}\nscope = \"api.read\"\nmanual_refresh_interval = \"0s\"\ntimeout = \"3s\"\n\n{}",
+        toml_string(&token_url),
+        toml_string(&assertion_file.to_string_lossy()),
+        route_toml("fed", &upstream.url)
+    );
+    let proxy = TokenProxyProcess::start(dir, &config).await;
+    proxy.wait_ready(READY_TIMEOUT).await;
+    let reply = proxy.get("/fed/x").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["client_id"], "tp-jwt-ec");
+
+    // The platform rotates the file: the next token call sends the new assertion.
+    std::fs::write(&assertion_file, platform_assertion(&pem, &kid, &token_url, "second")).unwrap();
+    let refresh = proxy.admin_post("/tokens/fed/refresh").await;
+    assert_eq!(refresh.status, StatusCode::OK, "{}", refresh.text());
+    // The file not rotated: the same assertion again, which the provider refuses (its jti was used).
+    let refresh = proxy.admin_post("/tokens/fed/refresh").await;
+    assert_ne!(refresh.status, StatusCode::OK, "a replayed assertion is refused: {}", refresh.text());
+
+    let entry = &idp.stats().await["clients"]["tp-jwt-ec"];
+    assert_eq!((entry["ok"].as_u64(), entry["error"].as_u64()), (Some(2), Some(1)), "{entry}");
+    assert!(!proxy.logs().contains(pem.lines().nth(1).unwrap()));
+    let assertion_text = std::fs::read_to_string(&assertion_file).unwrap();
+    let signature = assertion_text.rsplit('.').next().unwrap();
+    assert!(!proxy.logs().contains(signature), "an assertion in the logs");
+    assert!(!proxy.admin_get("/tokens").await.text().contains(signature), "an assertion in /tokens");
 }
