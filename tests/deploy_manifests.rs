@@ -48,6 +48,10 @@ fn base_dir() -> PathBuf {
     kubernetes_dir().join("base")
 }
 
+fn workload_identity_dir() -> PathBuf {
+    kubernetes_dir().join("workload-identity")
+}
+
 fn overlay_dir() -> PathBuf {
     kubernetes_dir().join("native-sidecar")
 }
@@ -290,7 +294,7 @@ fn every_yaml_document_parses_and_is_an_object_or_a_json_patch() {
 
 #[test]
 fn kustomizations_name_only_files_that_exist() {
-    for dir in [base_dir(), overlay_dir()] {
+    for dir in [base_dir(), overlay_dir(), workload_identity_dir()] {
         let kustomization = &parse_yaml(&read(&dir.join("kustomization.yaml")), "kustomization.yaml")[0];
         let mut files: Vec<String> = Vec::new();
         for key in ["resources"] {
@@ -797,4 +801,67 @@ fn alerts_use_only_tokenproxy_metrics_and_have_runbooks() {
     for required in REQUIRED_ALERTS {
         assert!(alerts.contains(*required), "alert {required} is missing");
     }
+}
+
+/// The workload-identity overlay: its config passes `check --offline` as shipped (the token exists only in the pod)
+/// and plain `check` with a stand-in token; it reads the token where the patched volume puts it, and the patch gives
+/// that token Entra's audience and removes the client secret.
+#[test]
+fn the_workload_identity_overlay_reads_the_projected_token_entra_accepts() {
+    let dir = workload_identity_dir();
+    let kustomization = &parse_yaml(&read(&dir.join("kustomization.yaml")), "kustomization.yaml")[0];
+    let config_file = config_map_generator_file(kustomization);
+    let generator = named(&kustomization["configMapGenerator"], "tokenproxy-config", "configMapGenerator");
+    assert_eq!(generator["behavior"], "replace", "the overlay's config replaces the base's");
+    let text = read(&dir.join(&config_file));
+    let toml: toml::Table = toml::from_str(&text).expect("the overlay's config is TOML");
+    let provider = toml["providers"]["orders"].as_table().expect("provider orders");
+    assert_eq!(provider["client_auth"].as_str(), Some("client_assertion"));
+    assert!(!provider.contains_key("client_secret_file"), "no secret in this overlay");
+    let token_path = PathBuf::from(provider["client_assertion_file"].as_str().expect("client_assertion_file"));
+
+    // The patch: the projected token gets Entra's audience and the file name the config reads; the secret goes.
+    let patch = &parse_yaml(&read(&dir.join("entra-token.yaml")), "entra-token.yaml")[0];
+    let ops = patch.as_array().expect("a JSON patch");
+    let token = ops
+        .iter()
+        .find(|op| op["op"] == "replace" && str_of(&op["path"], "path").ends_with("serviceAccountToken"))
+        .map(|op| &op["value"])
+        .expect("the serviceAccountToken is replaced");
+    assert_eq!(token["audience"], "api://AzureADTokenExchange", "the audience Entra accepts");
+    let base = Base::load();
+    let (mount, volume) = base.mount_of(&token_path.display().to_string());
+    assert_eq!(volume["name"], "sa-token", "the token file is in the projected token's volume");
+    let mount_path = PathBuf::from(str_of(&mount["mountPath"], "mountPath"));
+    assert_eq!(token_path, mount_path.join(str_of(&token["path"], "path")), "the config reads the patched file");
+    let removed: Vec<&str> =
+        ops.iter().filter(|op| op["op"] == "test").map(|op| str_of(&op["value"], "value")).collect();
+    assert!(removed.contains(&"client-secret"), "the client-secret volume and mount are removed: {removed:?}");
+    let deletes_secret = array(&kustomization["patches"], "patches")
+        .iter()
+        .filter_map(|p| p["patch"].as_str())
+        .any(|p| p.contains("$patch: delete") && p.contains("tokenproxy-client-secret"));
+    assert!(deletes_secret, "the placeholder Secret is deleted");
+
+    // `check --offline` passes as shipped; plain `check` with a stand-in token too.
+    let run = |args: &[&str], path: &Path| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
+        command.args(args).arg(path);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("TOKENPROXY_") || name == "RUST_LOG" {
+                command.env_remove(name);
+            }
+        }
+        command.output().expect("run tokenproxy check")
+    };
+    let output = run(&["check", "--offline", "--config"], &dir.join(&config_file));
+    assert!(output.status.success(), "check --offline: {}", String::from_utf8_lossy(&output.stderr));
+    let temp = tempfile::tempdir().expect("temp dir");
+    let stand_in = temp.path().join("azure-identity-token");
+    std::fs::write(&stand_in, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln").expect("stand-in token");
+    let rewritten = text.replace(&token_path.display().to_string(), &stand_in.display().to_string());
+    let path = temp.path().join("tokenproxy.toml");
+    std::fs::write(&path, rewritten).expect("write the config");
+    let output = run(&["check", "--config"], &path);
+    assert!(output.status.success(), "check: {}", String::from_utf8_lossy(&output.stderr));
 }
