@@ -4,7 +4,8 @@
 //! `iss`, `sub`, `aud` (the token endpoint) and `exp`, and refuses a reused `jti`; so tokens refreshed across several
 //! short lifetimes prove that each token call signs a fresh assertion with the right `kid`. A wrong
 //! `assertion_audience` is refused, and `check --fetch` says so without printing the key. With `client_assertion`,
-//! the file a platform writes is read at every token call: a rotated file is used, a stale one is refused.
+//! the file a platform writes is read at every token call: a rotated file is used, a stale one is refused. A key
+//! rotated on disk (the IdP's jwks_uri serving only the new one) signs the next token call, under its new `kid`.
 //!
 //! Needs `node` >= 20 and `npm` on PATH (`tests/idp/node_modules` is installed by `npm ci` on first use).
 
@@ -197,4 +198,36 @@ async fn a_platform_assertion_file_is_read_at_every_token_call() {
     let signature = assertion_text.rsplit('.').next().unwrap();
     assert!(!proxy.logs().contains(signature), "an assertion in the logs");
     assert!(!proxy.admin_get("/tokens").await.text().contains(signature), "an assertion in /tokens");
+}
+
+#[tokio::test]
+async fn a_rotated_key_gets_a_new_kid_and_the_next_token_call_uses_it() {
+    let idp = IdpProcess::start(300).await;
+    let upstream = UpstreamProcess::start(&idp).await;
+    let token_url = idp.token_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (old_pem, old_kid) = idp.client_key("tp-jwt-rotate").await;
+    let key_file = write_key(dir.path(), "rotate.pem", &old_pem);
+    let config = provider_toml("rot", &token_url, "tp-jwt-rotate", &key_file, "manual_refresh_interval = \"0s\"")
+        + &route_toml("rot", &upstream.url);
+    let proxy = TokenProxyProcess::start(dir, &config).await;
+    proxy.wait_ready(READY_TIMEOUT).await;
+    assert_eq!(proxy.get("/rot/x").await.status, StatusCode::OK);
+
+    // The IdP now serves only the new public key (its jwks_uri dropped the old one); the file gets the new private
+    // key, renamed over the old one as a Secret update does.
+    let (new_pem, new_kid) = idp.rotate_client_key().await;
+    assert_ne!(old_kid, new_kid);
+    let staged = key_file.with_extension("new");
+    std::fs::write(&staged, &new_pem).unwrap();
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&staged, &key_file).unwrap();
+    let refresh = proxy.admin_post("/tokens/rot/refresh").await;
+    assert_eq!(refresh.status, StatusCode::OK, "the next token call signs with the new key: {}", refresh.text());
+    let reply = proxy.get("/rot/x").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    let entry = &idp.stats().await["clients"]["tp-jwt-rotate"];
+    assert_eq!(entry["error"], 0, "{entry}");
+    assert_eq!(entry["assertion_kids"], serde_json::json!([old_kid, new_kid]), "the kid follows the key: {entry}");
 }

@@ -28,6 +28,9 @@
 //   GET  /_test/client-key?client=ID      the private key of a private_key_jwt client (tp-jwt-rsa: RSA
 //                                          2048, tp-jwt-ec: EC P-256), {private_key_pem (PKCS#8), kid, alg};
 //                                          the provider holds the public half with kid = its RFC 7638 thumbprint
+//   GET  /_test/client-jwks                the public key of tp-jwt-rotate (its jwks_uri)
+//   POST /_test/rotate-client-key          a new key for tp-jwt-rotate; the old one is no longer served, and the
+//                                          provider's cached copy is marked stale; answers like /_test/client-key
 //   POST /_test/reset                      zero the counters, drop pending failures and delays (the
 //                                          record of redeemed refresh tokens is kept: the provider's
 //                                          own state is not reset either)
@@ -199,6 +202,18 @@ function record(clientId, status, injected, authMethod) {
   control.total += 1;
 }
 
+// The `kid` of a client assertion's header, in the order the calls came (a header is not secret).
+function recordAssertionKid(ctx, clientId) {
+  const assertion = ctx.oidc?.body?.client_assertion;
+  if (typeof assertion !== 'string') return;
+  let kid = '?';
+  try {
+    kid = JSON.parse(Buffer.from(assertion.split('.')[0], 'base64url').toString('utf8')).kid ?? '(none)';
+  } catch {}
+  const entry = control.clients[clientId];
+  if (entry) (entry.assertion_kids ??= []).push(kid);
+}
+
 // The client_id a /token request claims to be, whether or not it authenticated.
 function claimedClientId(ctx) {
   if (ctx.oidc?.client?.clientId) return ctx.oidc.client.clientId;
@@ -245,6 +260,14 @@ function handleControl(req, res, url) {
       if (!key) return sendJson(res, 404, { error: `no private_key_jwt client ${params.get('client')}` });
       return sendJson(res, 200, { private_key_pem: key.pem, kid: key.kid, alg: key.alg });
     }
+    case 'GET /_test/client-jwks':
+      return sendJson(res, 200, { keys: [rotating.key.publicJwk] });
+    case 'POST /_test/rotate-client-key':
+      return newRotatingKey().then(async () => {
+        const client = await provider.Client.find(rotating.clientId);
+        if (client?.asymmetricKeyStore) client.asymmetricKeyStore.freshUntil = 0;
+        return sendJson(res, 200, { private_key_pem: rotating.key.pem, kid: rotating.key.kid, alg: 'ES256' });
+      });
     case 'GET /_test/stats':
       return sendJson(res, 200, {
         total: control.total,
@@ -430,6 +453,19 @@ for (const [clientId, alg] of [['tp-jwt-rsa', 'RS256'], ['tp-jwt-ec', 'ES256']])
   clientKeys[clientId] = { alg, kid, publicJwk: { ...publicJwk, kid, alg, use: 'sig' }, pem: await exportPKCS8(pair.privateKey) };
 }
 
+// tp-jwt-rotate: a private_key_jwt client whose keys the provider fetches from its jwks_uri (served below, from
+// this process); POST /_test/rotate-client-key makes a new key pair, serves only the new public key (the old one is
+// dropped) and marks the provider's copy of the client's keys stale, as if its cache had expired.
+const rotating = { clientId: 'tp-jwt-rotate', key: null };
+async function newRotatingKey() {
+  const pair = await generateKeyPair('ES256', { extractable: true });
+  const publicJwk = await exportJWK(pair.publicKey);
+  const kid = await calculateJwkThumbprint(publicJwk);
+  rotating.key = { alg: 'ES256', kid, publicJwk: { ...publicJwk, kid, alg: 'ES256', use: 'sig' }, pem: await exportPKCS8(pair.privateKey) };
+  clientKeys[rotating.clientId] = rotating.key;
+}
+await newRotatingKey();
+
 const clientBase = {
   grant_types: ['client_credentials'],
   response_types: [],
@@ -450,7 +486,13 @@ const provider = new Provider(issuer, {
       client_secret: 'tp-post-secret',
       token_endpoint_auth_method: 'client_secret_post',
     },
-    ...Object.entries(clientKeys).map(([clientId, key]) => ({
+    {
+      ...clientBase,
+      client_id: rotating.clientId,
+      token_endpoint_auth_method: 'private_key_jwt',
+      jwks_uri: `${issuer}/_test/client-jwks`,
+    },
+    ...Object.entries(clientKeys).filter(([clientId]) => clientId !== rotating.clientId).map(([clientId, key]) => ({
       ...clientBase,
       client_id: clientId,
       token_endpoint_auth_method: 'private_key_jwt',
@@ -467,6 +509,12 @@ const provider = new Provider(issuer, {
   ],
   // Every use of a refresh token returns a new one and consumes the old (the default rotates only past
   // 70 % of the token's life, or for public clients).
+  // oidc-provider refuses to fetch from loopback addresses (SSRF protection); tp-jwt-rotate's jwks_uri is this
+  // process's own control API on 127.0.0.1, so that one URL is fetched without the protection.
+  fetch: (url, options) => {
+    if (String(url).startsWith(`${issuer}/_test/client-jwks`)) delete options.dispatcher;
+    return globalThis.fetch(url, options);
+  },
   rotateRefreshToken: true,
   issueRefreshToken: async (_ctx, client) => client.clientId === ROTATE_CLIENT_ID && client.grantTypeAllowed('refresh_token'),
   findAccount: async (_ctx, sub) => ({ accountId: sub, claims: async () => ({ sub }) }),
@@ -597,6 +645,7 @@ provider.use(async (ctx, next) => {
     ctx.body = { error: failure.error, error_description: 'failure injected by the test control API' };
   }
   record(clientId, ctx.status, Boolean(failure), method);
+  recordAssertionKid(ctx, clientId);
   // One line per token call on stderr (never a secret or a token), shown when a test fails.
   const error = ctx.status >= 400 ? ` error=${ctx.body?.error ?? '?'}` : '';
   let extra = '';
@@ -612,6 +661,8 @@ provider.use(async (ctx, next) => {
 
 provider.on('grant.error', (ctx, err) => {
   if (err?.error_detail) grantErrorDetail.set(ctx, err.error_detail);
+  // Why a client's authentication failed (never a secret: oidc-provider's detail names the check).
+  if (err?.error === 'invalid_client') console.error(`idp: invalid_client: ${err.error_detail ?? err.message}${err.cause ? ` (${err.cause.error_description ?? err.cause.message ?? err.cause})` : ""}`);
 });
 
 provider.on('server_error', (_ctx, err) => console.error('idp: server_error', err));

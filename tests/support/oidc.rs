@@ -333,6 +333,16 @@ impl IdpProcess {
         (field("private_key_pem"), field("kid"))
     }
 
+    /// `POST /_test/rotate-client-key`: a new key for `tp-jwt-rotate` (the provider serves only its public half
+    /// from then on); its PEM and `kid`.
+    pub async fn rotate_client_key(&self) -> (String, String) {
+        let reply = self.http.post(&format!("{}/_test/rotate-client-key", self.issuer), Bytes::new()).await;
+        assert_eq!(reply.status, StatusCode::OK, "rotate-client-key: {}", reply.text());
+        let key = reply.json();
+        let field = |name: &str| key[name].as_str().unwrap_or_else(|| panic!("no {name} in {key}")).to_owned();
+        (field("private_key_pem"), field("kid"))
+    }
+
     /// The provider's discovery document.
     pub async fn discovery(&self) -> Value {
         self.http.get_json(&format!("{}/.well-known/openid-configuration", self.issuer)).await
