@@ -1,5 +1,6 @@
 //! Running it in production: config reload keeping tokens, rotated secret files, JSON logs with access lines,
-//! and a whole scenario checked for leaks of any token or secret into logs, metrics or the admin API.
+//! and a whole scenario checked for leaks of any token, secret, private key or signed assertion into logs, metrics
+//! or the admin API.
 
 mod support;
 
@@ -125,9 +126,18 @@ async fn json_logs_have_access_lines_and_no_token_or_secret_anywhere() {
     let idp = FakeIdp::start(300).await;
     let sessions = SessionIdp::start(300, "rt-seed-abcdef").await;
     let owners = SessionIdp::start(300, "unused").await;
+    let signer = FakeIdp::start(300).await;
     let upstream = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("seed"), "rt-seed-abcdef\n").unwrap();
+    // A private_key_jwt provider: its key and its signed assertions must not show anywhere either.
+    let key_pem = {
+        use p256::pkcs8::EncodePrivateKey as _;
+        p256::SecretKey::from_slice(&[21; 32]).unwrap().to_pkcs8_pem(Default::default()).unwrap().to_string()
+    };
+    let key_file = dir.path().join("signer.pem");
+    std::fs::write(&key_file, &key_pem).unwrap();
+    std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let path = dir.path().join("tokenproxy.toml");
     let config = format!(
         r#"{LISTEN}
@@ -150,7 +160,12 @@ client_id = "owner-client"
 client_secret = "owner-s3cret"
 username = "alice"
 password = "wonderland"
-{r1}{r2}{r3}
+[providers.signer]
+token_url = "{signer_url}"
+client_id = "signer-client"
+client_auth = "private_key_jwt"
+private_key_file = "{key_file}"
+{r1}{r2}{r3}{r4}
 [[routes]]
 prefix = "/q"
 upstream = "{up}"
@@ -165,6 +180,9 @@ inject = "query"
         r1 = route("/cc", &upstream, "cc"),
         r2 = route("/session", &upstream, "session"),
         r3 = route("/owner", &upstream, "owner"),
+        r4 = route("/signer", &upstream, "signer"),
+        signer_url = signer.token_url(),
+        key_file = key_file.display(),
         up = upstream.url(),
     );
     std::fs::write(&path, config).unwrap();
@@ -172,7 +190,7 @@ inject = "query"
     proxy.wait_ready().await;
     let client = Client::new();
     let url = |p: &str| format!("http://{}{p}", proxy.addr);
-    for p in ["/cc/a?secret=1", "/session/b", "/owner/c", "/q/d?x=1"] {
+    for p in ["/cc/a?secret=1", "/session/b", "/owner/c", "/q/d?x=1", "/signer/e"] {
         assert_eq!(client.get(&url(p)).await.status, 200, "{p}");
     }
     // A 401 and its replay, a forced refresh (rotation), a request with the caller's own request id.
@@ -237,6 +255,18 @@ inject = "query"
     secrets.push(stats["valid"].as_str().unwrap().to_owned());
     secrets.push(owners.stats()["valid"].as_str().unwrap().to_owned());
     secrets.extend(["rt-1", "rt-2"].map(String::from));
+    // The private key, line by line, and every assertion it signed (whole, and its signature alone).
+    secrets.extend(key_pem.lines().filter(|line| !line.starts_with("-----")).map(String::from));
+    let assertions: Vec<String> = signer
+        .received()
+        .iter()
+        .flat_map(|call| call.form.iter().filter(|(k, _)| k == "client_assertion").map(|(_, v)| v.clone()))
+        .collect();
+    assert!(!assertions.is_empty(), "the signer provider made its token call with an assertion");
+    for assertion in assertions {
+        secrets.push(assertion.rsplit('.').next().unwrap().to_owned());
+        secrets.push(assertion);
+    }
     assert!(secrets.len() > 10);
     for secret in &secrets {
         assert!(!logs.contains(secret.as_str()), "`{secret}` leaked into the logs");
