@@ -6,6 +6,8 @@
 //! `assertion_audience` is refused, and `check --fetch` says so without printing the key. With `client_assertion`,
 //! the file a platform writes is read at every token call: a rotated file is used, a stale one is refused. A key
 //! rotated on disk (the IdP's jwks_uri serving only the new one) signs the next token call, under its new `kid`.
+//! `grant = "jwt_bearer"` (generic dialect) gets tokens from a grant type registered on the provider that verifies the
+//! assertion's signature and claims, with the client's secret on top.
 //!
 //! Needs `node` >= 20 and `npm` on PATH (`tests/idp/node_modules` is installed by `npm ci` on first use).
 
@@ -230,4 +232,38 @@ async fn a_rotated_key_gets_a_new_kid_and_the_next_token_call_uses_it() {
     let entry = &idp.stats().await["clients"]["tp-jwt-rotate"];
     assert_eq!(entry["error"], 0, "{entry}");
     assert_eq!(entry["assertion_kids"], serde_json::json!([old_kid, new_kid]), "the kid follows the key: {entry}");
+}
+
+#[tokio::test]
+async fn jwt_bearer_gets_tokens_from_a_grant_the_provider_verifies() {
+    const LIFETIME_SECS: u64 = 3;
+    let idp = IdpProcess::start(LIFETIME_SECS).await;
+    let upstream = UpstreamProcess::start(&idp).await;
+    let token_url = idp.token_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, _) = idp.client_key("tp-jwt-grant").await;
+    let key_file = write_key(dir.path(), "grant.pem", &pem);
+    // The provider's grant checks the signature, iss = the client, sub, aud = the token endpoint, a lifetime of at
+    // most 5 minutes, an unseen jti and the tenant claim; the client authenticates with its secret on top.
+    let config = format!(
+        "[providers.grant]\ntoken_url = {}\ngrant = \"jwt_bearer\"\nclient_id = \"tp-jwt-grant\"\n\
+         client_secret = \"tp-jwt-grant-secret\"\nprivate_key_file = {}\nscope = \"api.read\"\n\
+         assertion_claims = {{ sub = \"svc-42\", extra = {{ tenant = \"acme\" }} }}\n\
+         refresh_at = 0.5\nexpiry_skew = \"1s\"\ntimeout = \"3s\"\n\n{}",
+        toml_string(&token_url),
+        toml_string(&key_file.to_string_lossy()),
+        route_toml("grant", &upstream.url)
+    );
+    let proxy = TokenProxyProcess::start(dir, &config).await;
+    proxy.wait_ready(READY_TIMEOUT).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2 * LIFETIME_SECS);
+    while tokio::time::Instant::now() < deadline {
+        let reply = proxy.get("/grant/x").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}\n{}", reply.text(), proxy.logs());
+        assert_eq!(reply.json()["client_id"], "tp-jwt-grant");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let entry = &idp.stats().await["clients"]["tp-jwt-grant"];
+    assert_eq!(entry["error"], 0, "every assertion accepted (a reused jti would not be): {entry}");
+    assert!(entry["ok"].as_u64().unwrap() >= 3, "refreshed with a new assertion each time: {entry}");
 }

@@ -66,8 +66,8 @@ for (const method of ['log', 'info', 'debug']) {
   console[method] = (...args) => console.error(...args);
 }
 
-const { default: Provider } = await import('oidc-provider');
-const { calculateJwkThumbprint, exportJWK, exportPKCS8, generateKeyPair } = await import('jose');
+const { default: Provider, errors } = await import('oidc-provider');
+const { calculateJwkThumbprint, exportJWK, exportPKCS8, generateKeyPair, importJWK, jwtVerify } = await import('jose');
 
 const RESOURCE = 'urn:tokenproxy:test-api';
 const RESOURCE_SCOPE = 'api.read api.write';
@@ -446,7 +446,7 @@ const signingKey = { ...(await exportJWK(privateKey)), kid: randomUUID(), alg: '
 // (registered `jwks`, `kid` = its RFC 7638 thumbprint, so a client that computes the thumbprint differently
 // is refused), and GET /_test/client-key hands the private half to the test as PKCS#8 PEM.
 const clientKeys = {};
-for (const [clientId, alg] of [['tp-jwt-rsa', 'RS256'], ['tp-jwt-ec', 'ES256']]) {
+for (const [clientId, alg] of [['tp-jwt-rsa', 'RS256'], ['tp-jwt-ec', 'ES256'], ['tp-jwt-grant', 'ES256']]) {
   const pair = await generateKeyPair(alg, { extractable: true, modulusLength: 2048 });
   const publicJwk = await exportJWK(pair.publicKey);
   const kid = await calculateJwkThumbprint(publicJwk);
@@ -465,6 +465,8 @@ async function newRotatingKey() {
   clientKeys[rotating.clientId] = rotating.key;
 }
 await newRotatingKey();
+
+const JWT_BEARER_GRANT = 'urn:ietf:params:oauth:grant-type:jwt-bearer';
 
 const clientBase = {
   grant_types: ['client_credentials'],
@@ -492,12 +494,19 @@ const provider = new Provider(issuer, {
       token_endpoint_auth_method: 'private_key_jwt',
       jwks_uri: `${issuer}/_test/client-jwks`,
     },
-    ...Object.entries(clientKeys).filter(([clientId]) => clientId !== rotating.clientId).map(([clientId, key]) => ({
+    ...Object.entries(clientKeys).filter(([clientId]) => ['tp-jwt-rsa', 'tp-jwt-ec'].includes(clientId)).map(([clientId, key]) => ({
       ...clientBase,
       client_id: clientId,
       token_endpoint_auth_method: 'private_key_jwt',
       jwks: { keys: [key.publicJwk] },
     })),
+    {
+      ...clientBase,
+      client_id: 'tp-jwt-grant',
+      client_secret: 'tp-jwt-grant-secret',
+      token_endpoint_auth_method: 'client_secret_basic',
+      grant_types: [JWT_BEARER_GRANT],
+    },
     {
       client_id: ROTATE_CLIENT_ID,
       client_secret: ROTATE_CLIENT_SECRET,
@@ -666,6 +675,34 @@ provider.on('grant.error', (ctx, err) => {
 });
 
 provider.on('server_error', (_ctx, err) => console.error('idp: server_error', err));
+
+// grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer (RFC 7523 §2.1) for tp-jwt-grant (client_secret_basic on
+// top): the assertion must be signed with the key /_test/client-key?client=tp-jwt-grant hands out, with iss = the
+// client, sub = svc-42, aud = the token endpoint, at most 5 minutes of life, a jti never seen before, and the claim
+// tenant = acme. The token is the same JWT a client_credentials call gets (aud urn:tokenproxy:test-api).
+const seenAssertionJtis = new Set();
+provider.registerGrantType(JWT_BEARER_GRANT, async (ctx) => {
+  const { client } = ctx.oidc;
+  const key = await importJWK(clientKeys['tp-jwt-grant'].publicJwk, 'ES256');
+  let payload;
+  try {
+    ({ payload } = await jwtVerify(String(ctx.oidc.params.assertion ?? ''), key, {
+      issuer: client.clientId, subject: 'svc-42', audience: `${issuer}/token`, requiredClaims: ['jti', 'iat', 'exp'],
+    }));
+  } catch (err) {
+    throw new errors.InvalidGrant(`assertion refused: ${err.code ?? err.message}`);
+  }
+  if (payload.exp - payload.iat > 300) throw new errors.InvalidGrant('assertion lives longer than 5 minutes');
+  if (seenAssertionJtis.has(payload.jti)) throw new errors.InvalidGrant('assertion jti reused');
+  if (payload.tenant !== 'acme') throw new errors.InvalidGrant('assertion without tenant = acme');
+  seenAssertionJtis.add(payload.jti);
+  const token = new provider.ClientCredentials({ client, scope: 'api.read' });
+  token.resourceServer = new provider.ResourceServer(RESOURCE, {
+    audience: RESOURCE, scope: RESOURCE_SCOPE, accessTokenFormat: 'jwt', accessTokenTTL: tokenTtl, jwt: { sign: { alg: 'RS256' } },
+  });
+  const value = await token.save();
+  ctx.body = { access_token: value, expires_in: token.expiration, token_type: 'Bearer', scope: token.scope };
+}, ['assertion', 'scope']);
 
 providerCallback = provider.callback();
 writeStdout(`READY ${issuer}\n`);
