@@ -267,3 +267,77 @@ async fn jwt_bearer_gets_tokens_from_a_grant_the_provider_verifies() {
     assert_eq!(entry["error"], 0, "every assertion accepted (a reused jti would not be): {entry}");
     assert!(entry["ok"].as_u64().unwrap() >= 3, "refreshed with a new assertion each time: {entry}");
 }
+
+/// A soak for the numbers in docs/no-shared-secrets.md: every method side by side against the provider, 30-second
+/// tokens (`refresh_at` 0.75) for `TP_SOAK_SECS` (default 600) seconds, a request per second on each; prints the
+/// token calls each made and fails on any refused call or failed request. Not in the suite (ten minutes):
+/// `cargo test --test oidc_client_auth -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn soak_every_method_with_30_second_tokens() {
+    let seconds: u64 = std::env::var("TP_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
+    let idp = IdpProcess::start(30).await;
+    let upstream = UpstreamProcess::start(&idp).await;
+    let token_url = idp.token_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (rsa_pem, _) = idp.client_key("tp-jwt-rsa").await;
+    let (ec_pem, ec_kid) = idp.client_key("tp-jwt-ec").await;
+    let (grant_pem, _) = idp.client_key("tp-jwt-grant").await;
+    let common = "scope = \"api.read\"\nrefresh_at = 0.75\nexpiry_skew = \"1s\"\ntimeout = \"3s\"\n";
+    let assertion_file = dir.path().join("platform-token");
+    let mut config = format!(
+        "[providers.rsa]\ntoken_url = {url}\nclient_id = \"tp-jwt-rsa\"\nclient_auth = \"private_key_jwt\"\n\
+         private_key_file = {rsa}\n{common}\n\
+         [providers.fed]\ntoken_url = {url}\nclient_id = \"tp-jwt-ec\"\nclient_auth = \"client_assertion\"\n\
+         client_assertion_file = {fed}\n{common}\n\
+         [providers.grant]\ntoken_url = {url}\ngrant = \"jwt_bearer\"\nclient_id = \"tp-jwt-grant\"\n\
+         client_secret = \"tp-jwt-grant-secret\"\nprivate_key_file = {grant}\n\
+         assertion_claims = {{ sub = \"svc-42\", extra = {{ tenant = \"acme\" }} }}\n{common}\n",
+        url = toml_string(&token_url),
+        rsa = toml_string(&write_key(dir.path(), "rsa.pem", &rsa_pem).to_string_lossy()),
+        fed = toml_string(&assertion_file.to_string_lossy()),
+        grant = toml_string(&write_key(dir.path(), "grant.pem", &grant_pem).to_string_lossy()),
+    );
+    for name in ["rsa", "fed", "grant"] {
+        config += &route_toml(name, &upstream.url);
+    }
+    // The platform: a fresh assertion in the file every 5 s, as a kubelet renews a projected token.
+    let mint = {
+        let (path, url) = (assertion_file.clone(), token_url.clone());
+        std::fs::write(&path, platform_assertion(&ec_pem, &ec_kid, &url, "mint-0")).unwrap();
+        tokio::spawn(async move {
+            for n in 1.. {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let staged = path.with_extension("new");
+                std::fs::write(&staged, platform_assertion(&ec_pem, &ec_kid, &url, &format!("mint-{n}"))).unwrap();
+                std::fs::rename(&staged, &path).unwrap();
+            }
+        })
+    };
+    let proxy = TokenProxyProcess::start(dir, &config).await;
+    proxy.wait_ready(READY_TIMEOUT).await;
+    let started = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut requests = 0;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        ticker.tick().await;
+        for name in ["rsa", "fed", "grant"] {
+            let reply = proxy.get(&format!("/{name}/x")).await;
+            assert_eq!(reply.status, StatusCode::OK, "/{name} after {:?}: {}", started.elapsed(), reply.text());
+            requests += 1;
+        }
+    }
+    mint.abort();
+    let stats = idp.stats().await;
+    for (name, client) in
+        [("private_key_jwt", "tp-jwt-rsa"), ("client_assertion", "tp-jwt-ec"), ("jwt_bearer", "tp-jwt-grant")]
+    {
+        let entry = &stats["clients"][client];
+        println!(
+            "soak: {name}: {} token calls in {seconds} s with 30 s tokens ({} refused)",
+            entry["ok"], entry["error"]
+        );
+        assert_eq!(entry["error"], 0, "{name}: {entry}");
+    }
+    println!("soak: {requests} requests, all 200");
+}
