@@ -153,8 +153,10 @@ pub enum ClientAuth {
     ClientSecretPost,
     /// RFC 7523 client assertion signed with a private key.
     PrivateKeyJwt,
-    /// RFC 8705 mutual TLS.
+    /// RFC 8705 §2.1 mutual TLS with a certificate from a CA the IdP trusts.
     TlsClientAuth,
+    /// RFC 8705 §2.2 mutual TLS with a self-signed certificate the IdP has registered for the client.
+    SelfSignedTlsClientAuth,
     /// RFC 7523 client assertion minted by the platform (`client_assertion_file`), e.g. a Kubernetes projected
     /// service-account token for workload identity federation.
     ClientAssertion,
@@ -581,6 +583,7 @@ impl ClientAuth {
             ClientAuth::ClientSecretPost => "client_secret_post",
             ClientAuth::PrivateKeyJwt => "private_key_jwt",
             ClientAuth::TlsClientAuth => "tls_client_auth",
+            ClientAuth::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
             ClientAuth::ClientAssertion => "client_assertion",
             ClientAuth::None => "none",
         }

@@ -42,6 +42,7 @@ const CLIENT_AUTHS: &[(&str, ClientAuth)] = &[
     ("client_secret_post", ClientAuth::ClientSecretPost),
     ("private_key_jwt", ClientAuth::PrivateKeyJwt),
     ("tls_client_auth", ClientAuth::TlsClientAuth),
+    ("self_signed_tls_client_auth", ClientAuth::SelfSignedTlsClientAuth),
     ("client_assertion", ClientAuth::ClientAssertion),
     ("none", ClientAuth::None),
 ];
@@ -183,14 +184,6 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     };
 
     let client_auth = r.get(t, "client_auth", reader::choice(CLIENT_AUTHS));
-    if let Some(leaf) = client_auth.as_ref().filter(|leaf| matches!(leaf.value, ClientAuth::TlsClientAuth)) {
-        let message = format!(
-            "client_auth `{}` is not supported by this version (supported: client_secret_basic, client_secret_post, \
-             private_key_jwt, client_assertion, none)",
-            leaf.value.as_str()
-        );
-        r.report_leaf(leaf, message);
-    }
     // Google's and Salesforce's flows authenticate with the assertion alone.
     let assertion_only = matches!(jwt_dialect, Some(AssertionDialect::Google | AssertionDialect::Salesforce));
     if let Some(leaf) = client_auth.as_ref().filter(|leaf| assertion_only && leaf.value != ClientAuth::None) {
@@ -213,7 +206,14 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
             );
             r.report_missing(t, "client_secret", message);
         }
-        (ClientAuth::None | ClientAuth::PrivateKeyJwt | ClientAuth::ClientAssertion, Some(leaf)) => {
+        (
+            ClientAuth::None
+            | ClientAuth::PrivateKeyJwt
+            | ClientAuth::ClientAssertion
+            | ClientAuth::TlsClientAuth
+            | ClientAuth::SelfSignedTlsClientAuth,
+            Some(leaf),
+        ) => {
             r.report_leaf(leaf, format!("not used with client_auth = \"{}\"; remove it", client_auth.as_str()));
         }
         _ => {}
@@ -343,6 +343,14 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     match (t.has("client_cert_file"), t.has("client_key_file")) {
         (true, false) => r.report_missing(t, "client_key_file", "missing; `client_cert_file` needs its private key"),
         (false, true) => r.report_missing(t, "client_cert_file", "missing; `client_key_file` needs its certificate"),
+        (false, false) if matches!(client_auth, ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth) => {
+            let message = format!(
+                "missing; client_auth = \"{}\" authenticates with a client certificate on the TLS connection to the \
+                 IdP: set client_cert_file and client_key_file",
+                client_auth.as_str()
+            );
+            r.report_missing(t, "client_cert_file", message);
+        }
         _ => {}
     }
 

@@ -546,14 +546,13 @@ fn sizes_and_durations() {
 
 #[test]
 fn unsupported_features_are_refused_not_ignored() {
-    let toml =
-        with_provider("client_auth = \"tls_client_auth\"\nrefresh_token = \"rt\"\nclient_cert_file = \"/etc/hosts\"")
-            + "\n[state]\nstore = \"redis\"\n";
+    let toml = with_provider("grant = \"token_exchange\"\nrefresh_token = \"rt\"\nclient_cert_file = \"/etc/hosts\"")
+        + "\n[state]\nstore = \"redis\"\n";
     assert_eq!(
         problems(load(&toml)),
         [
             "state.store: shared stores are not implemented yet; remove the key to use the embedded store in `state.dir` (from tokenproxy.toml)",
-            "providers.orders.client_auth: client_auth `tls_client_auth` is not supported by this version (supported: client_secret_basic, client_secret_post, private_key_jwt, client_assertion, none) (from tokenproxy.toml)",
+            "providers.orders.grant: grant `token_exchange` is not supported by this version (supported: client_credentials, refresh_token, password, jwt_bearer) (from tokenproxy.toml)",
             "providers.orders.refresh_token: only used with grant = \"refresh_token\"; remove it (from tokenproxy.toml)",
             "providers.orders.client_key_file: missing; `client_cert_file` needs its private key (from tokenproxy.toml)",
         ]

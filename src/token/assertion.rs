@@ -401,8 +401,8 @@ pub fn grant_assertion(provider: &ProviderConfig, token_endpoint: &str) -> Resul
 /// Salesforce's login host: the default `aud` of its JWT bearer assertions (a sandbox uses test.salesforce.com).
 pub const SALESFORCE_LOGIN: &str = "https://login.salesforce.com";
 
-/// What to check when the IdP refused a client assertion (`invalid_client`), with the values this client sent: the
-/// `kid` and `aud` are public, the key never shows.
+/// What to check when the IdP refused a client assertion or certificate (`invalid_client`), with the values this
+/// client sent: the `kid` and `aud` are public, the key never shows.
 pub fn refusal_hint(provider: &ProviderConfig, token_endpoint: Option<&str>) -> Option<String> {
     match provider.client_auth {
         ClientAuth::PrivateKeyJwt => {
@@ -425,6 +425,12 @@ pub fn refusal_hint(provider: &ProviderConfig, token_endpoint: Option<&str>) -> 
                 provider.client_id
             ))
         }
+        ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => Some(format!(
+            "the IdP refused the client certificate: check that it trusts the CA that issued client_cert_file \
+             (tls_client_auth) or has this very certificate registered (self_signed_tls_client_auth) for client `{}`, \
+             that the subject it expects matches the certificate's, and that the certificate has not expired",
+            provider.client_id
+        )),
         ClientAuth::ClientAssertion => Some(
             "the IdP refused the platform's assertion (client_assertion_file): check the federated credential the \
              IdP has for this client (issuer, subject and audience must match the token's iss, sub and aud) and \

@@ -79,8 +79,13 @@ pub fn build_request(
             }
         }
         // `none` sends the id only; with an assertion (added by the IdP client, which knows the token endpoint, its
-        // `aud`) the id goes too, as Entra and others want it. Config validation refuses `tls_client_auth` for now.
-        ClientAuth::None | ClientAuth::PrivateKeyJwt | ClientAuth::ClientAssertion | ClientAuth::TlsClientAuth => {
+        // `aud`) the id goes too, as Entra and others want it.
+        // With mutual TLS (RFC 8705) the certificate on the connection authenticates; the form names the client.
+        ClientAuth::None
+        | ClientAuth::PrivateKeyJwt
+        | ClientAuth::ClientAssertion
+        | ClientAuth::TlsClientAuth
+        | ClientAuth::SelfSignedTlsClientAuth => {
             form.append_pair("client_id", &provider.client_id);
         }
     }

@@ -121,7 +121,8 @@ pub struct TlsUpstream {
     config: Arc<Mutex<Arc<rustls::ServerConfig>>>,
 }
 
-fn server_config(leaf: &Leaf, client_cas: &[&Ca]) -> Arc<rustls::ServerConfig> {
+/// A server config presenting `leaf`, requiring a client certificate from one of `client_cas` when there are any.
+pub fn server_config(leaf: &Leaf, client_cas: &[&Ca]) -> Arc<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -143,7 +144,8 @@ fn server_config(leaf: &Leaf, client_cas: &[&Ca]) -> Arc<rustls::ServerConfig> {
     Arc::new(config)
 }
 
-fn common_name(der: &CertificateDer<'_>) -> Option<String> {
+/// The common name of a certificate made here.
+pub fn common_name(der: &CertificateDer<'_>) -> Option<String> {
     // The test certificates' only common name is the last printable string of their subject; a DER scan for the
     // CN attribute (OID 2.5.4.3) finds it without an X.509 parser.
     let bytes = der.as_ref();
