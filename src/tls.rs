@@ -93,3 +93,24 @@ pub fn client_config(tls: &ClientTls<'_>) -> Result<ClientConfig, TlsError> {
         None => builder.with_no_client_auth(),
     })
 }
+
+/// What identifies a file's content without reading it: a replaced file (a rename, the kubelet's symlink swap) has
+/// a new inode, a rewritten one a new length or modification time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp(Vec<Option<(u64, u64, u64, std::time::SystemTime)>>);
+
+impl FileStamp {
+    /// The stamp of `paths` now (`None` for a file that cannot be looked at).
+    pub fn of(paths: &[&std::path::Path]) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp(
+            paths
+                .iter()
+                .map(|path| {
+                    let m = std::fs::metadata(path).ok()?;
+                    Some((m.dev(), m.ino(), m.len(), m.modified().ok()?))
+                })
+                .collect(),
+        )
+    }
+}

@@ -1,6 +1,7 @@
 //! `client_auth = "tls_client_auth"` (RFC 8705 §2.1): the client authenticates to the IdP with a certificate on the
 //! TLS connection and names itself with `client_id` in the form; no secret goes anywhere. Against an HTTPS token
 //! endpoint (rcgen CA) that requires a client certificate from the client CA and records what each call presented.
+//! A renewed certificate is presented by the next token call, without a reload.
 
 mod support;
 
@@ -65,7 +66,7 @@ async fn the_client_certificate_authenticates_and_no_secret_is_sent() {
     let upstream = FakeUpstream::start().await;
     let provider = format!(
         "[providers.mtls]\ntoken_url = \"https://{addr}/token\"\nclient_id = \"orders-mtls\"\n\
-         client_auth = \"tls_client_auth\"\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+         client_auth = \"tls_client_auth\"\nmanual_refresh_interval = \"0s\"\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
         ca_file.display(),
         cert.display(),
         key.display()
@@ -76,12 +77,20 @@ async fn the_client_certificate_authenticates_and_no_secret_is_sent() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = upstream.seen();
     assert_eq!(seen.last().unwrap().headers["authorization"], "Bearer mtls-1");
-    let calls = calls.lock().unwrap().clone();
-    assert_eq!(calls.len(), 1);
-    let (cn, form) = &calls[0];
+    let first = calls.lock().unwrap().clone();
+    assert_eq!(first.len(), 1);
+    let (cn, form) = &first[0];
     assert_eq!(cn.as_deref(), Some("orders-mtls"), "the client certificate was presented");
     let keys: Vec<&str> = form.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(keys, ["grant_type", "client_id"], "the form names the client, with nothing secret: {form:?}");
+
+    // A renewed certificate (its files replaced, as cert-manager does) is used by the next token call, no reload.
+    client_ca.client("orders-mtls-renewed").write(dir.path(), "client");
+    let refresh = Client::new().post(&format!("http://{}/tokens/mtls/refresh", proxy.admin), Bytes::new()).await;
+    assert_eq!(refresh.status, 200, "{}", refresh.text());
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[1].0.as_deref(), Some("orders-mtls-renewed"), "the next call presents the renewed certificate");
     proxy.stop().await;
 
     // Without a certificate there is nothing to authenticate with: refused at load, naming the key.

@@ -18,7 +18,7 @@ use super::assertion;
 use super::grant::TokenRequest;
 use super::response::{parse_response, TokenError, TokenResponse};
 use crate::config::ProviderConfig;
-use crate::tls::{client_config, ClientTls, TlsError};
+use crate::tls::{client_config, ClientTls, FileStamp, TlsError};
 
 /// The largest answer we read from an IdP.
 const MAX_RESPONSE: usize = 1 << 20;
@@ -50,30 +50,41 @@ pub struct FormAnswer {
 /// The HTTP client of one provider.
 pub struct IdpClient {
     provider: ProviderConfig,
-    client: HttpsClient,
+    /// The client, with the stamp of the TLS files it was built from.
+    client: Mutex<(FileStamp, HttpsClient)>,
     discovered: Mutex<Option<Arc<Endpoints>>>,
 }
 
 impl IdpClient {
     /// A client for `provider`, with its own TLS settings.
     pub fn new(provider: ProviderConfig) -> Result<IdpClient, TlsError> {
-        let client_cert = match (&provider.client_cert_file, &provider.client_key_file) {
-            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
-            _ => None,
-        };
-        let tls = client_config(&ClientTls { ca_file: provider.ca_file.as_deref(), only_ca_file: false, client_cert })?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(provider.timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector);
-        Ok(IdpClient { provider, client, discovered: Mutex::new(None) })
+        let stamp = FileStamp::of(&tls_files(&provider));
+        let client = build_client(&provider)?;
+        Ok(IdpClient { provider, client: Mutex::new((stamp, client)), discovered: Mutex::new(None) })
+    }
+
+    /// The HTTP client, rebuilt first when a TLS file (CA bundle, client certificate or key) changed since it was
+    /// built: a renewed certificate is used by the next call, and the connections made with the old one are dropped
+    /// with the old client. A pair that cannot be loaded (half written) keeps the old client until it can.
+    fn client(&self) -> HttpsClient {
+        let files = tls_files(&self.provider);
+        let mut current = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        if !files.is_empty() {
+            let stamp = FileStamp::of(&files);
+            if stamp != current.0 {
+                match build_client(&self.provider) {
+                    Ok(client) => {
+                        tracing::info!(provider = %self.provider.name, "the IdP's TLS files changed: using them from now on");
+                        *current = (stamp, client);
+                    }
+                    Err(error) => tracing::warn!(
+                        provider = %self.provider.name,
+                        "the IdP's TLS files changed but cannot be loaded yet (keeping the previous ones): {error}"
+                    ),
+                }
+            }
+        }
+        current.1.clone()
     }
 
     /// The provider this client serves.
@@ -210,7 +221,7 @@ impl IdpClient {
         };
         let request =
             builder.body(Full::new(body)).map_err(|e| TokenError::Connect(format!("invalid URL {url}: {e}")))?;
-        let response = self.client.request(request).await.map_err(|e| {
+        let response = self.client().request(request).await.map_err(|e| {
             // A connect error means nothing was sent; any other failure may come after the IdP read the request.
             if e.is_connect() {
                 TokenError::Connect(crate::error_chain(&e))
@@ -226,6 +237,35 @@ impl IdpClient {
             .to_bytes();
         Ok(FormAnswer { status: parts.status, headers: parts.headers, body })
     }
+}
+
+/// The TLS files of a provider's connections to its IdP.
+fn tls_files(provider: &ProviderConfig) -> Vec<&std::path::Path> {
+    [&provider.ca_file, &provider.client_cert_file, &provider.client_key_file]
+        .into_iter()
+        .flatten()
+        .map(|p| p.as_path())
+        .collect()
+}
+
+/// An HTTP client for the provider's IdP with its TLS settings as its files say now.
+fn build_client(provider: &ProviderConfig) -> Result<HttpsClient, TlsError> {
+    let client_cert = match (&provider.client_cert_file, &provider.client_key_file) {
+        (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+        _ => None,
+    };
+    let tls = client_config(&ClientTls { ca_file: provider.ca_file.as_deref(), only_ca_file: false, client_cert })?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(provider.timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector))
 }
 
 /// OpenID Connect Discovery first, then RFC 8414 (which puts the well-known segment before the issuer's path).

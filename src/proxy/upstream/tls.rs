@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::{AlertDescription, CertificateError};
@@ -16,30 +16,10 @@ use tokio::time::Instant;
 use super::connector::{pooled, Connector, Protocol};
 use super::{Dial, PooledClient};
 use crate::config::UpstreamTlsConfig;
-use crate::tls::{ClientTls, TlsError};
+use crate::tls::{ClientTls, FileStamp, TlsError};
 
 /// How often, at most, a route's TLS files are looked at for a change (on the request path: one `stat` per file).
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
-
-/// What identifies a file's content without reading it: a replaced file (a rename, the kubelet's symlink swap) has
-/// a new inode, a rewritten one a new length or modification time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp(Vec<Option<(u64, u64, u64, SystemTime)>>);
-
-impl Stamp {
-    fn of(paths: &[&Path]) -> Stamp {
-        use std::os::unix::fs::MetadataExt;
-        Stamp(
-            paths
-                .iter()
-                .map(|path| {
-                    let m = std::fs::metadata(path).ok()?;
-                    Some((m.dev(), m.ino(), m.len(), m.modified().ok()?))
-                })
-                .collect(),
-        )
-    }
-}
 
 /// A route's TLS settings and the hyper pool built from them; see the module docs.
 pub struct RouteTls {
@@ -50,7 +30,7 @@ pub struct RouteTls {
     max_idle: usize,
     client: ArcSwap<RouteClient>,
     /// The files' stamp the pool was built from, and the last stamp that failed to load (reported once).
-    stamps: Mutex<(Stamp, Option<Stamp>)>,
+    stamps: Mutex<(FileStamp, Option<FileStamp>)>,
     /// Milliseconds after `epoch` before which the files are not looked at again.
     next_check: AtomicU64,
     epoch: Instant,
@@ -70,7 +50,7 @@ impl RouteTls {
             Some(name) => Some(ServerName::try_from(name.clone()).map_err(|e| TlsError::Name(e.to_string()))?),
             None => None,
         };
-        let stamp = Stamp::of(&files(settings));
+        let stamp = FileStamp::of(&files(settings));
         let client = build(settings, server_name.clone(), &dial, max_idle)?;
         Ok(RouteTls {
             route: Arc::from(route),
@@ -106,7 +86,7 @@ impl RouteTls {
     /// Builds a new pool if the files changed; a change that does not load (a certificate without its new key yet)
     /// keeps the current pool, is reported once, and is tried again at the next change.
     fn reload_if_changed(&self) {
-        let stamp = Stamp::of(&files(&self.settings));
+        let stamp = FileStamp::of(&files(&self.settings));
         let mut stamps = self.stamps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if stamp == stamps.0 || stamps.1.as_ref() == Some(&stamp) {
             return;
