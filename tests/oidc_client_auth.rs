@@ -101,7 +101,10 @@ async fn private_key_jwt_with_rsa_and_ec_keys_gets_tokens_call_after_call() {
     assert_eq!(upstream_stats["unauthorized"], 0, "{upstream_stats}");
 
     // The kid each assertion carried is the thumbprint the provider registered (computed by `jose`).
-    assert_ne!(rsa_kid, ec_kid);
+    for (client, kid) in [("tp-jwt-rsa", &rsa_kid), ("tp-jwt-ec", &ec_kid)] {
+        let kids = stats["clients"][client]["assertion_kids"].as_array().cloned().unwrap_or_default();
+        assert!(!kids.is_empty() && kids.iter().all(|k| k == kid.as_str()), "{client}: {kids:?} vs {kid}");
+    }
     // The keys never show: not in the logs, not in /tokens.
     let tokens = proxy.admin_get("/tokens").await.text();
     for pem in [&rsa_pem, &ec_pem] {

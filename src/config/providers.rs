@@ -153,7 +153,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
                 None => {}
                 Some(leaf) => match crate::token::assertion::load_google(&leaf.value) {
                     Ok((credentials, _)) => google = Some(credentials),
-                    Err(crate::token::assertion::AssertionError::Unreadable { .. }) => {}
+                    Err(crate::token::assertion::AssertionError::Secret(SecretError::FileUnreadable { .. })) => {}
                     Err(error) => r.report_leaf(leaf, error.to_string()),
                 },
             },
@@ -246,7 +246,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
                         }
                     }
                 }
-                Err(crate::token::assertion::AssertionError::Unreadable { .. }) => {}
+                Err(crate::token::assertion::AssertionError::Secret(SecretError::FileUnreadable { .. })) => {}
                 Err(error) => r.report_leaf(leaf, error.to_string()),
             }
         }

@@ -128,25 +128,25 @@ async fn forward(
             _ => return Err(ProxyError::UpstreamUnreachable(detail)),
         },
         Err(Failure::Unprocessed(detail)) => {
-            let again = match (&saved, bodiless) {
-                (Some(_), true) => Some(UpstreamBody::empty()),
-                (Some(_), false) => std::mem::replace(&mut replay, Replay::none()).replay().await.map(|body| {
+            // Sent again with its head and its body: none, or the kept one (waited for within the request's
+            // deadline: hyper may still hold the first attempt's body for a moment).
+            let Some(head) = &saved else { return Err(ProxyError::UpstreamUnreachable(detail)) };
+            let body = if bodiless {
+                Some(UpstreamBody::empty())
+            } else {
+                let kept = std::mem::replace(&mut replay, Replay::none()).replay();
+                tokio::time::timeout_at(deadline, kept).await.ok().flatten().map(|body| {
                     // Kept whole, it can go a third time after a 401; with a rest to stream, only this once.
                     if let Some(copy) = body.try_clone() {
                         replay = Replay::ready(copy);
                     }
                     UpstreamBody::Replay { body }
-                }),
-                (None, _) => None,
+                })
             };
-            match (&saved, again) {
-                (Some(head), Some(body)) => {
-                    tracing::debug!(route = %route.name, "sending once more, the upstream did not process it: {detail}");
-                    let again = attach(route, &target, copy_head(head), token.as_deref(), body)?;
-                    send(proxy, route, again, deadline, false).await.map_err(Failure::into_error)?
-                }
-                _ => return Err(ProxyError::UpstreamUnreachable(detail)),
-            }
+            let Some(body) = body else { return Err(ProxyError::UpstreamUnreachable(detail)) };
+            tracing::debug!(route = %route.name, "sending once more, the upstream did not process it: {detail}");
+            let again = attach(route, &target, copy_head(head), token.as_deref(), body)?;
+            send(proxy, route, again, deadline, false).await.map_err(Failure::into_error)?
         }
         Err(other) => return Err(other.into_error()),
         Ok(response) => response,

@@ -28,20 +28,9 @@ pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jw
 /// How long a signed assertion is valid: the most RFC 7523 profiles and IdPs accept (Entra: 10 min, Okta: 1 h).
 const LIFETIME_SECS: u64 = 300;
 
-/// The largest key or assertion file read.
-const MAX_FILE_BYTES: u64 = 64 * 1024;
-
 /// Why a client assertion could not be made. Messages name the file, never its content.
 #[derive(Debug, thiserror::Error)]
 pub enum AssertionError {
-    /// The key or assertion file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
-    Unreadable {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
     /// The file holds no usable private key.
     #[error("{}: {reason}", path.display())]
     BadKey {
@@ -168,22 +157,9 @@ pub fn load_key(path: &Path) -> Result<SigningKey, AssertionError> {
     parse_key(&text).map_err(|reason| AssertionError::BadKey { path: path.to_path_buf(), reason })
 }
 
+/// Reads a key or credentials file as the secret files are read: at most 64 KiB, text, trimmed.
 fn read_small(path: &Path) -> Result<String, AssertionError> {
-    use std::io::Read as _;
-    let unreadable = |source| AssertionError::Unreadable { path: path.to_path_buf(), source };
-    let file = std::fs::File::open(path).map_err(unreadable)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(unreadable)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(AssertionError::BadKey {
-            path: path.to_path_buf(),
-            reason: format!("larger than {MAX_FILE_BYTES} bytes; not a key or a JWT"),
-        });
-    }
-    String::from_utf8(bytes).map_err(|_| AssertionError::BadKey {
-        path: path.to_path_buf(),
-        reason: "not text (a PEM private key or a JWT is expected)".into(),
-    })
+    Ok(SecretSource::File(path.to_path_buf()).read()?.expose().to_owned())
 }
 
 /// Parses a PEM private key; the error says what was found instead, never the key.
