@@ -1,14 +1,17 @@
 //! `[[routes]]`: which requests go where with which provider's token, and the checks across routes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv6Addr;
+use std::path::PathBuf;
 
 use figment::value::{Tag, Value};
 use http::HeaderName;
 
 use super::reader::{self, KeyPath, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
-use super::{EncodedSlashes, IncomingAuthorization, Inject, RouteConfig, UpstreamProtocol, UpstreamTlsConfig};
+use super::{
+    EncodedSlashes, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, UpstreamProtocol, UpstreamTlsConfig,
+};
 
 /// Default of `routes[N].scheme`.
 const DEFAULT_SCHEME: &str = "Bearer";
@@ -43,10 +46,14 @@ const TOKEN_KEYS: &[&str] = &[
     "retry_on_status",
     "incoming_authorization",
     "grpc_unauthenticated_refresh",
+    "upstream_client_cert",
 ];
 
+/// Values of `upstream_client_cert`: whose client certificate the route presents to its upstream.
+const CLIENT_CERT_SOURCES: &[(&str, ())] = &[("provider", ())];
+
 /// Route keys about TLS to the upstream, only meaningful for an `https` upstream.
-const TLS_KEYS: &[&str] = &["ca_file", "server_name", "client_cert_file", "client_key_file"];
+const TLS_KEYS: &[&str] = &["ca_file", "server_name", "client_cert_file", "client_key_file", "upstream_client_cert"];
 
 /// Headers that cannot carry a token: hop-by-hop (stripped on the way) or message framing.
 const RESERVED_HEADERS: &[&str] = &[
@@ -74,8 +81,14 @@ struct ReadRoute {
     name_leaf: Option<Leaf<String>>,
 }
 
-/// Reads `[[routes]]` in file order; `provider_names` are all providers defined, valid or not.
-pub(super) fn routes(r: &mut Reader<'_>, root: &mut Table<'_>, provider_names: &[String]) -> Vec<RouteConfig> {
+/// The providers a route may name: all defined (`names`, valid or not) and the valid ones as read.
+pub(super) struct Providers<'a> {
+    pub names: &'a [String],
+    pub valid: &'a BTreeMap<String, ProviderConfig>,
+}
+
+/// Reads `[[routes]]` in file order.
+pub(super) fn routes(r: &mut Reader<'_>, root: &mut Table<'_>, providers: &Providers<'_>) -> Vec<RouteConfig> {
     let Some(field) = root.field("routes") else {
         r.report_missing(root, "routes", NO_ROUTES);
         return Vec::new();
@@ -105,7 +118,7 @@ pub(super) fn routes(r: &mut Reader<'_>, root: &mut Table<'_>, provider_names: &
             continue;
         };
         let mut t = Table::new(path.clone(), *tag, dict);
-        let route = route(r, &mut t, provider_names);
+        let route = route(r, &mut t, providers);
         r.finish(t);
         if let Some((config, name_leaf)) = route {
             read.push(ReadRoute { config, path, tag: *tag, name_leaf });
@@ -148,8 +161,9 @@ fn check_duplicates(r: &mut Reader<'_>, routes: &[ReadRoute]) {
 fn route(
     r: &mut Reader<'_>,
     t: &mut Table<'_>,
-    provider_names: &[String],
+    providers: &Providers<'_>,
 ) -> Option<(RouteConfig, Option<Leaf<String>>)> {
+    let provider_names = providers.names;
     let before = r.problem_count();
     let name = r.get(t, "name", route_name);
     let host = r.get(t, "host", route_host);
@@ -187,6 +201,7 @@ fn route(
         (false, true) => r.report_missing(t, "client_cert_file", "missing; `client_key_file` needs its certificate"),
         _ => {}
     }
+    let provider_client_cert = upstream_client_cert(r, t, provider.as_ref(), providers.valid);
     let retry_on_status = r.get(t, "retry_on_status", status_list);
     let upstream_protocol = r.get(t, "upstream_protocol", reader::choice(PROTOCOLS));
     let grpc_unauthenticated_refresh = r.get(t, "grpc_unauthenticated_refresh", reader::boolean);
@@ -250,13 +265,51 @@ fn route(
         tls: UpstreamTlsConfig {
             ca_file: ca_file.map(|leaf| leaf.value),
             server_name: server_name.map(|leaf| leaf.value),
-            client_cert: client_cert_file.zip(client_key_file).map(|(cert, key)| (cert.value, key.value)),
+            client_cert: client_cert_file
+                .zip(client_key_file)
+                .map(|(cert, key)| (cert.value, key.value))
+                .or(provider_client_cert),
         },
         retry_on_status: retry_on_status.map_or_else(|| vec![401], |leaf| leaf.value),
         upstream_protocol: value_or(upstream_protocol, UpstreamProtocol::Http1),
         grpc_unauthenticated_refresh: value_or(grpc_unauthenticated_refresh, false),
     };
     Some((config, name))
+}
+
+/// `upstream_client_cert = "provider"`: the route presents its provider's client certificate (`client_cert_file` /
+/// `client_key_file` of the provider) to the upstream, so that a token bound to that certificate (RFC 8705 §3,
+/// `cnf.x5t#S256`) is accepted there. The pair is the provider's files, so a renewed certificate reaches both the
+/// IdP and the upstream. Returns that pair.
+fn upstream_client_cert(
+    r: &mut Reader<'_>,
+    t: &mut Table<'_>,
+    provider: Option<&Leaf<String>>,
+    providers: &BTreeMap<String, ProviderConfig>,
+) -> Option<(PathBuf, PathBuf)> {
+    let leaf = r.get(t, "upstream_client_cert", reader::choice(CLIENT_CERT_SOURCES))?;
+    if t.has("client_cert_file") || t.has("client_key_file") {
+        r.report_leaf(
+            &leaf,
+            "a route presents either its own client certificate (client_cert_file, client_key_file) or its \
+             provider's (upstream_client_cert = \"provider\"), not both; remove one",
+        );
+        return None;
+    }
+    // Without `provider` the key is reported as a token key; an unknown or invalid provider is reported already.
+    let provider = providers.get(&provider?.value)?;
+    match (&provider.client_cert_file, &provider.client_key_file) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        _ => {
+            let message = format!(
+                "provider `{}` has no client certificate to present; set its client_cert_file and client_key_file \
+                 (with client_auth = \"tls_client_auth\" or \"self_signed_tls_client_auth\" the IdP binds tokens to it)",
+                provider.name
+            );
+            r.report_leaf(&leaf, message);
+            None
+        }
+    }
 }
 
 /// `server_name`: a DNS name or an IP address, as TLS verifies it.

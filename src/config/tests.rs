@@ -376,7 +376,7 @@ fn unknown_keys_are_errors_with_suggestions() {
         problems(load(toml)),
         [
             "server.listn: unknown key; did you mean `listen`? (from tokenproxy.toml)",
-            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, ca_file, server_name, client_cert_file, client_key_file, retry_on_status, upstream_protocol, grpc_unauthenticated_refresh) (from tokenproxy.toml)",
+            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, ca_file, server_name, client_cert_file, client_key_file, upstream_client_cert, retry_on_status, upstream_protocol, grpc_unauthenticated_refresh) (from tokenproxy.toml)",
             "routes[0].strip_prefx: unknown key; did you mean `strip_prefix`? (from tokenproxy.toml)",
             "provider: unknown key; did you mean `providers`? (from tokenproxy.toml)",
         ]
@@ -723,6 +723,48 @@ fn route_tls_keys_need_an_https_upstream_a_valid_name_and_a_whole_key_pair() {
     assert_eq!(
         problems(load(&route("https://a", "server_name = \"not a name\""))),
         ["routes[0].server_name: `not a name` is neither a DNS name nor an IP address (from tokenproxy.toml)"]
+    );
+}
+
+#[test]
+fn upstream_client_cert_provider_presents_the_providers_pair_and_never_beside_the_routes_own() {
+    let (cert, key) = (temp_file("cert"), temp_file("key"));
+    let (cert, key) = (quoted(&cert.path().display().to_string()), quoted(&key.path().display().to_string()));
+    let config = |provider_keys: &str, route_keys: &str, upstream: &str| {
+        format!(
+            "[providers.mtls]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c\"\n{provider_keys}\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"{upstream}\"\nprovider = \"mtls\"\n{route_keys}\n"
+        )
+    };
+    let provider_pair =
+        format!("client_auth = \"tls_client_auth\"\nclient_cert_file = {cert}\nclient_key_file = {key}");
+    let bound = "upstream_client_cert = \"provider\"";
+    let loaded = load(&config(&provider_pair, bound, "https://api.internal")).unwrap();
+    let pair = loaded.providers["mtls"].client_cert_file.clone().zip(loaded.providers["mtls"].client_key_file.clone());
+    assert!(pair.is_some());
+    assert_eq!(loaded.routes[0].tls.client_cert, pair, "the route presents the provider's files");
+
+    let own_pair = format!("client_cert_file = {cert}\nclient_key_file = {key}\n{bound}");
+    assert_eq!(
+        problems(load(&config(&provider_pair, &own_pair, "https://api.internal"))),
+        ["routes[0].upstream_client_cert: a route presents either its own client certificate (client_cert_file, \
+          client_key_file) or its provider's (upstream_client_cert = \"provider\"), not both; remove one (from tokenproxy.toml)"]
+    );
+    let secret = "client_secret = \"s\"";
+    assert_eq!(
+        problems(load(&config(secret, bound, "https://api.internal"))),
+        ["routes[0].upstream_client_cert: provider `mtls` has no client certificate to present; set its \
+          client_cert_file and client_key_file (with client_auth = \"tls_client_auth\" or \
+          \"self_signed_tls_client_auth\" the IdP binds tokens to it) (from tokenproxy.toml)"]
+    );
+    assert_eq!(
+        problems(load(&config(&provider_pair, bound, "http://api.internal"))),
+        ["routes[0].upstream_client_cert: only used with an https upstream; this route's upstream is plain http \
+          (from tokenproxy.toml)"]
+    );
+    assert_eq!(
+        problems(load(&config(&provider_pair, "upstream_client_cert = \"route\"", "https://api.internal"))),
+        ["routes[0].upstream_client_cert: unknown value `route` (expected one of: provider) (from tokenproxy.toml)"]
     );
 }
 
