@@ -431,7 +431,14 @@ impl Proxy {
         rejected: u64,
         deadline: Instant,
     ) -> Option<Arc<Token>> {
-        match tokio::time::timeout_at(deadline, tokens.obtain(Some(rejected))).await {
+        let fresh = tokio::time::timeout_at(deadline, tokens.obtain(Some(rejected))).await;
+        // The token call presented the IdP's client certificate as the files hold it now; a route presenting the
+        // same files (`upstream_client_cert = "provider"`) looks at them now too, not at its next periodic check, so
+        // that a token bound to a renewed certificate goes out with that certificate.
+        if let Some(tls) = &route.tls {
+            tls.recheck();
+        }
+        match fresh {
             Ok(Ok(fresh)) => Some(fresh),
             Ok(Err(unavailable)) if unavailable.rate_limited => {
                 route.metrics.replays(ReplayOutcome::RateLimited).inc();

@@ -401,12 +401,20 @@ pub fn refusal_hint(provider: &ProviderConfig, token_endpoint: Option<&str>) -> 
                 provider.client_id
             ))
         }
-        ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => Some(format!(
-            "the IdP refused the client certificate: check that it trusts the CA that issued client_cert_file \
-             (tls_client_auth) or has this very certificate registered (self_signed_tls_client_auth) for client `{}`, \
-             that the subject it expects matches the certificate's, and that the certificate has not expired",
-            provider.client_id
-        )),
+        ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {
+            let presented = match provider.client_cert_file.as_deref().map(certificate_thumbprint) {
+                Some(Ok(thumbprint)) => format!(" (the certificate presented has x5t#S256 `{thumbprint}`)"),
+                Some(Err(error)) => format!(" (client_cert_file cannot be read: {error})"),
+                None => String::new(),
+            };
+            Some(format!(
+                "the IdP refused the client certificate{presented}: check that it trusts the CA that issued \
+                 client_cert_file (tls_client_auth) or has this very certificate registered \
+                 (self_signed_tls_client_auth) for client `{}`, that the subject it expects matches the \
+                 certificate's, and that the certificate has not expired",
+                provider.client_id
+            ))
+        }
         ClientAuth::ClientAssertion => Some(
             "the IdP refused the platform's assertion (client_assertion_file): check the federated credential the \
              IdP has for this client (issuer, subject and audience must match the token's iss, sub and aud) and \
@@ -415,6 +423,17 @@ pub fn refusal_hint(provider: &ProviderConfig, token_endpoint: Option<&str>) -> 
         ),
         _ => None,
     }
+}
+
+/// The SHA-256 thumbprint (base64url, as `x5t#S256` in RFC 8705 §3.1) of the first certificate in a PEM file.
+pub fn certificate_thumbprint(path: &Path) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject;
+    let cert = rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no PEM certificate found")?
+        .map_err(|e| e.to_string())?;
+    Ok(b64(&Sha256::digest(cert.as_ref())))
 }
 
 /// Signs a fresh assertion: `iss` = `sub` = `client_id`, a random `jti`, five minutes of validity.

@@ -51,12 +51,25 @@
 // new one)}. `device` counts device authorizations / approvals, `revocation` the /token/revocation
 // calls. Refresh tokens themselves never appear in stats or logs, only their SHA-256.
 //
+// HTTPS and mutual TLS (RFC 8705): with IDP_TLS_CERT, IDP_TLS_KEY (the server's pair, for 127.0.0.1) and
+// IDP_TLS_CLIENT_CA (the CA client certificates are verified against), the provider is served over HTTPS only,
+// the issuer is `https://127.0.0.1:PORT`, every connection is asked for a client certificate (one that is missing
+// or from another CA is let through, for the provider to refuse per client), and two more clients exist, both
+// getting certificate-bound access tokens (`cnf.x5t#S256`, the SHA-256 of the certificate presented):
+//   tp-mtls        tls_client_auth: a certificate from IDP_TLS_CLIENT_CA with subject `CN=tokenproxy-mtls`
+//   tp-mtls-self   self_signed_tls_client_auth: the certificate in IDP_SELF_SIGNED_CERT (PEM), registered in the
+//                  client's JWKS as `x5c`
+// /_test/stats then also lists, per client, `cert_thumbprints`: the x5t#S256 of the certificate each /token call
+// came with ("-" for none), in order.
+//
 // stdout carries exactly one line, `READY http://127.0.0.1:PORT`; everything else goes to stderr.
 // The process exits on SIGTERM, SIGINT, and when its stdin closes (set IDP_IGNORE_STDIN=1 to keep it
 // running with a closed stdin), so a test that dies does not leave it behind.
 
 import { createServer } from 'node:http';
-import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import { createServer as createTlsServer } from 'node:https';
+import { createHash, randomBytes, randomUUID, X509Certificate } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import process from 'node:process';
 
 // oidc-provider prints its notices with console.info (stdout). stdout is reserved for the READY line,
@@ -203,6 +216,19 @@ function record(clientId, status, injected, authMethod) {
 }
 
 // The `kid` of a client assertion's header, in the order the calls came (a header is not secret).
+// The client certificate of the connection a request came on, verified or not (HTTPS mode only).
+function peerCertificate(ctx) {
+  const peer = ctx.socket?.getPeerCertificate?.();
+  return peer?.raw ? new X509Certificate(peer.raw) : undefined;
+}
+
+function recordCertificate(ctx, clientId) {
+  if (!tls) return;
+  const cert = peerCertificate(ctx);
+  const entry = control.clients[clientId];
+  if (entry) (entry.cert_thumbprints ??= []).push(cert ? createHash('sha256').update(cert.raw).digest('base64url') : '-');
+}
+
 function recordAssertionKid(ctx, clientId) {
   const assertion = ctx.oidc?.body?.client_assertion;
   if (typeof assertion !== 'string') return;
@@ -410,7 +436,16 @@ async function approveDevice(res, params) {
 
 let providerCallback = null;
 
-const server = createServer((req, res) => {
+// HTTPS mode (see the top of this file).
+const tls = process.env.IDP_TLS_CERT ? {
+  cert: readFileSync(process.env.IDP_TLS_CERT),
+  key: readFileSync(process.env.IDP_TLS_KEY),
+  ca: readFileSync(process.env.IDP_TLS_CLIENT_CA),
+  requestCert: true,
+  rejectUnauthorized: false,
+} : null;
+
+const handler = (req, res) => {
   const url = new URL(req.url ?? '/', 'http://127.0.0.1');
   if (url.pathname.startsWith('/_test/')) {
     Promise.resolve()
@@ -426,7 +461,8 @@ const server = createServer((req, res) => {
     return;
   }
   providerCallback(req, res);
-});
+};
+const server = tls ? createTlsServer(tls, handler) : createServer(handler);
 
 // Keep idle keep-alive connections longer than any client's pool would (Node's default is 5 s), so a
 // test never trips over the server closing a pooled connection just as a request goes out on it.
@@ -437,7 +473,7 @@ await new Promise((resolve, reject) => {
   server.once('error', reject);
   server.listen(port, '127.0.0.1', resolve);
 });
-const issuer = `http://127.0.0.1:${server.address().port}`;
+const issuer = `${tls ? 'https' : 'http'}://127.0.0.1:${server.address().port}`;
 
 const { privateKey } = await generateKeyPair('RS256', { extractable: true, modulusLength: 2048 });
 const signingKey = { ...(await exportJWK(privateKey)), kid: randomUUID(), alg: 'RS256', use: 'sig' };
@@ -474,8 +510,32 @@ const clientBase = {
   redirect_uris: [],
 };
 
+// The mutual-TLS clients (HTTPS mode only).
+const mtlsClients = [];
+if (tls) {
+  const selfSigned = new X509Certificate(readFileSync(process.env.IDP_SELF_SIGNED_CERT));
+  const selfSignedJwk = { ...selfSigned.publicKey.export({ format: 'jwk' }), x5c: [selfSigned.raw.toString('base64')], use: 'sig' };
+  mtlsClients.push(
+    {
+      ...clientBase,
+      client_id: 'tp-mtls',
+      token_endpoint_auth_method: 'tls_client_auth',
+      tls_client_auth_subject_dn: 'CN=tokenproxy-mtls',
+      tls_client_certificate_bound_access_tokens: true,
+    },
+    {
+      ...clientBase,
+      client_id: 'tp-mtls-self',
+      token_endpoint_auth_method: 'self_signed_tls_client_auth',
+      jwks: { keys: [selfSignedJwk] },
+      tls_client_certificate_bound_access_tokens: true,
+    },
+  );
+}
+
 const provider = new Provider(issuer, {
   clients: [
+    ...mtlsClients,
     {
       ...clientBase,
       client_id: 'tp-basic',
@@ -524,6 +584,11 @@ const provider = new Provider(issuer, {
     if (String(url).startsWith(`${issuer}/_test/client-jwks`)) delete options.dispatcher;
     return globalThis.fetch(url, options);
   },
+  // The defaults, and in HTTPS mode the two mutual-TLS methods.
+  clientAuthMethods: [
+    'client_secret_basic', 'client_secret_jwt', 'client_secret_post', 'private_key_jwt', 'none',
+    ...(tls ? ['tls_client_auth', 'self_signed_tls_client_auth'] : []),
+  ],
   rotateRefreshToken: true,
   issueRefreshToken: async (_ctx, client) => client.clientId === ROTATE_CLIENT_ID && client.grantTypeAllowed('refresh_token'),
   findAccount: async (_ctx, sub) => ({ accountId: sub, claims: async () => ({ sub }) }),
@@ -535,6 +600,17 @@ const provider = new Provider(issuer, {
     introspection: { enabled: true },
     revocation: { enabled: true },
     deviceFlow: { enabled: true },
+    mTLS: {
+      enabled: Boolean(tls),
+      certificateBoundAccessTokens: true,
+      tlsClientAuth: true,
+      selfSignedTlsClientAuth: true,
+      getCertificate: peerCertificate,
+      // Verified against IDP_TLS_CLIENT_CA by Node during the handshake.
+      certificateAuthorized: (ctx) => ctx.socket.authorized === true,
+      certificateSubjectMatches: (ctx, property, expected) => property === 'tls_client_auth_subject_dn'
+        && peerCertificate(ctx)?.subject === expected,
+    },
     resourceIndicators: {
       enabled: true,
       defaultResource: async () => RESOURCE,
@@ -569,6 +645,9 @@ function presentedAuthMethod(ctx) {
   if (bodySecret) return 'client_secret_post';
   // oidc-provider verified the assertion's signature against the client's registered keys.
   if (ctx.oidc?.body?.client_assertion) return 'private_key_jwt';
+  // oidc-provider verified the certificate (CA and subject, or the registered self-signed one).
+  const registered = ctx.oidc?.client?.clientAuthMethod;
+  if (peerCertificate(ctx) && ['tls_client_auth', 'self_signed_tls_client_auth'].includes(registered)) return registered;
   return 'none';
 }
 
@@ -655,6 +734,7 @@ provider.use(async (ctx, next) => {
   }
   record(clientId, ctx.status, Boolean(failure), method);
   recordAssertionKid(ctx, clientId);
+  recordCertificate(ctx, clientId);
   // One line per token call on stderr (never a secret or a token), shown when a test fails.
   const error = ctx.status >= 400 ? ` error=${ctx.body?.error ?? '?'}` : '';
   let extra = '';

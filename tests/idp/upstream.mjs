@@ -14,11 +14,20 @@
 //   GET  /_test/tokens  {"tokens": [every distinct bearer token seen, valid or not]}
 //   POST /_test/reset   zero everything
 //
-// stdout carries exactly one line, `READY http://127.0.0.1:PORT`; everything else goes to stderr.
+// HTTPS (UPSTREAM_TLS_CERT, UPSTREAM_TLS_KEY and UPSTREAM_TLS_CLIENT_CA set): served over HTTPS only, asking every
+// connection for a client certificate (any or none is let through the handshake). A certificate-bound token (RFC
+// 8705 §3, `cnf.x5t#S256`) is accepted only on a connection whose client certificate has that SHA-256 thumbprint:
+// otherwise 401 invalid_token, counted as `cnf_mismatch`; accepted ones are counted as `cnf_ok` (also per client).
+// The issuer's own HTTPS certificate must be trusted through NODE_EXTRA_CA_CERTS.
+//
+// stdout carries exactly one line, `READY http://127.0.0.1:PORT` (https in HTTPS mode); everything else goes to
+// stderr.
 // Exits on SIGTERM, SIGINT and when stdin closes (unless UPSTREAM_IGNORE_STDIN=1).
 
 import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
+import { createServer as createTlsServer } from 'node:https';
 import process from 'node:process';
 import { createRemoteJWKSet, decodeJwt, errors, jwtVerify } from 'jose';
 
@@ -59,6 +68,8 @@ function freshStats() {
     missing: 0,
     invalid: 0,
     expired: 0,
+    cnf_ok: 0,
+    cnf_mismatch: 0,
     jtis: new Set(),
     tokens: new Set(),
     clients: {},
@@ -68,7 +79,7 @@ let stats = freshStats();
 
 function clientStats(clientId) {
   return stats.clients[clientId] ??= {
-    ok: 0, expired: 0, jtis: new Set(), last_jti: null, last_token_sha256: null,
+    ok: 0, expired: 0, cnf_ok: 0, jtis: new Set(), last_jti: null, last_token_sha256: null,
   };
 }
 
@@ -98,6 +109,7 @@ function statsJson() {
     clients[id] = {
       ok: c.ok,
       expired: c.expired,
+      cnf_ok: c.cnf_ok,
       distinct_jti: c.jtis.size,
       last_jti: c.last_jti,
       last_token_sha256: c.last_token_sha256,
@@ -110,6 +122,8 @@ function statsJson() {
     missing: stats.missing,
     invalid: stats.invalid,
     expired: stats.expired,
+    cnf_ok: stats.cnf_ok,
+    cnf_mismatch: stats.cnf_mismatch,
     distinct_jti: stats.jtis.size,
     clients,
   };
@@ -134,6 +148,17 @@ async function handleApi(req, res) {
       clockTolerance: 0,
       requiredClaims: ['exp', 'jti', 'client_id'],
     });
+    const bound = payload.cnf?.['x5t#S256'];
+    if (bound !== undefined) {
+      const peer = req.socket.getPeerCertificate?.();
+      const presented = peer?.raw ? createHash('sha256').update(peer.raw).digest('base64url') : null;
+      if (presented !== bound) {
+        unauthorized(res, 'cnf_mismatch', `token bound to certificate ${bound}, connection presented ${presented ?? 'none'}`);
+        return;
+      }
+      stats.cnf_ok += 1;
+      clientStats(payload.client_id).cnf_ok += 1;
+    }
     stats.ok += 1;
     stats.jtis.add(payload.jti);
     const c = clientStats(payload.client_id);
@@ -161,7 +186,15 @@ async function handleApi(req, res) {
   }
 }
 
-const server = createServer((req, res) => {
+const tls = process.env.UPSTREAM_TLS_CERT ? {
+  cert: readFileSync(process.env.UPSTREAM_TLS_CERT),
+  key: readFileSync(process.env.UPSTREAM_TLS_KEY),
+  ca: readFileSync(process.env.UPSTREAM_TLS_CLIENT_CA),
+  requestCert: true,
+  rejectUnauthorized: false,
+} : null;
+
+const handler = (req, res) => {
   const path = (req.url ?? '/').split('?')[0];
   if (path.startsWith('/_test/')) {
     const route = `${req.method} ${path}`;
@@ -182,7 +215,8 @@ const server = createServer((req, res) => {
     });
   });
   return undefined;
-});
+};
+const server = tls ? createTlsServer(tls, handler) : createServer(handler);
 
 // Keep idle keep-alive connections longer than any client's pool would (Node's default is 5 s), so a
 // test never trips over the server closing a pooled connection just as a request goes out on it.
@@ -193,4 +227,4 @@ await new Promise((resolve, reject) => {
   server.once('error', reject);
   server.listen(port, '127.0.0.1', resolve);
 });
-process.stdout.write(`READY http://127.0.0.1:${server.address().port}\n`);
+process.stdout.write(`READY ${tls ? 'https' : 'http'}://127.0.0.1:${server.address().port}\n`);

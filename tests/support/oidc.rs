@@ -325,6 +325,39 @@ impl IdpProcess {
         IdpProcess { process, issuer, http: HttpClient::new() }
     }
 
+    /// Starts the provider over HTTPS with mutual TLS (the HTTPS mode of `tests/idp/server.mjs`): its certificate
+    /// `server` (cert, key) for 127.0.0.1, client certificates verified against `client_ca`, `self_signed` the
+    /// certificate of `tp-mtls-self`. `ca_file` is what the test's own client trusts (the CA of `server`).
+    pub async fn start_https(
+        ttl_secs: u64,
+        server: (&Path, &Path),
+        client_ca: &Path,
+        self_signed: &Path,
+        ca_file: &Path,
+    ) -> IdpProcess {
+        tokio::task::spawn_blocking(ensure_node_modules).await.expect("npm ci task");
+        let mut command = node_command("server.mjs");
+        command
+            .env("IDP_TOKEN_TTL", ttl_secs.to_string())
+            .env_remove("IDP_PORT")
+            .env("IDP_TLS_CERT", server.0)
+            .env("IDP_TLS_KEY", server.1)
+            .env("IDP_TLS_CLIENT_CA", client_ca)
+            .env("IDP_SELF_SIGNED_CERT", self_signed);
+        let (mut process, rx) = ChildProcess::spawn("idp (server.mjs, https)", command, Some("READY "));
+        let issuer = process.wait_ready(rx).await;
+        assert!(issuer.starts_with("https://"), "{issuer}");
+        IdpProcess { process, issuer, http: HttpClient::trusting(ca_file) }
+    }
+
+    /// The SHA-256 thumbprints (base64url, as `x5t#S256`) of the client certificates `client_id`'s /token calls
+    /// came with, in order ("-" for none); HTTPS mode only.
+    pub async fn cert_thumbprints(&self, client_id: &str) -> Vec<String> {
+        let stats = self.stats().await;
+        let list = stats["clients"][client_id]["cert_thumbprints"].as_array().cloned().unwrap_or_default();
+        list.iter().map(|t| t.as_str().unwrap_or("?").to_owned()).collect()
+    }
+
     /// `GET /_test/client-key`: the private key (PKCS#8 PEM) of a private_key_jwt client, and its `kid` (the RFC
     /// 7638 thumbprint the provider registered for it).
     pub async fn client_key(&self, client_id: &str) -> (String, String) {
@@ -457,6 +490,30 @@ impl UpstreamProcess {
         let (mut process, rx) = ChildProcess::spawn("upstream (upstream.mjs)", command, Some("READY "));
         let url = process.wait_ready(rx).await;
         UpstreamProcess { process, url, http: HttpClient::new() }
+    }
+
+    /// Starts an upstream over HTTPS (the HTTPS mode of `tests/idp/upstream.mjs`), with certificate `server` (cert,
+    /// key) for 127.0.0.1, asking for client certificates from `client_ca` and checking certificate-bound tokens
+    /// against the one presented. `ca_file` is trusted by it (for the issuer's HTTPS) and by the test's client.
+    pub async fn start_https(
+        idp: &IdpProcess,
+        server: (&Path, &Path),
+        client_ca: &Path,
+        ca_file: &Path,
+    ) -> UpstreamProcess {
+        tokio::task::spawn_blocking(ensure_node_modules).await.expect("npm ci task");
+        let mut command = node_command("upstream.mjs");
+        command
+            .arg(&idp.issuer)
+            .env_remove("UPSTREAM_PORT")
+            .env("UPSTREAM_TLS_CERT", server.0)
+            .env("UPSTREAM_TLS_KEY", server.1)
+            .env("UPSTREAM_TLS_CLIENT_CA", client_ca)
+            .env("NODE_EXTRA_CA_CERTS", ca_file);
+        let (mut process, rx) = ChildProcess::spawn("upstream (upstream.mjs, https)", command, Some("READY "));
+        let url = process.wait_ready(rx).await;
+        assert!(url.starts_with("https://"), "{url}");
+        UpstreamProcess { process, url, http: HttpClient::trusting(ca_file) }
     }
 
     /// `GET /_test/stats`: `{requests, ok, unauthorized, missing, invalid, expired, distinct_jti,

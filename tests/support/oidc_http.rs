@@ -204,10 +204,11 @@ impl Reply {
     }
 }
 
-/// A plain HTTP/1 client (hyper-util's pooled legacy client) with a timeout on every exchange.
+/// An HTTP/1 client (hyper-util's pooled legacy client) with a timeout on every exchange; `https` URLs only with
+/// [`HttpClient::trusting`].
 #[derive(Clone)]
 pub struct HttpClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl Default for HttpClient {
@@ -220,10 +221,32 @@ impl HttpClient {
     /// A client whose idle connections are dropped after a second, well before any server here would
     /// close them under it.
     pub fn new() -> HttpClient {
+        Self::with_roots(rustls::RootCertStore::empty())
+    }
+
+    /// Like [`HttpClient::new`], and for `https` URLs trusting the CA certificates in the PEM file `ca_file` (only).
+    pub fn trusting(ca_file: &std::path::Path) -> HttpClient {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca_file).expect("CA file") {
+            roots.add(cert.expect("CA certificate")).expect("CA certificate");
+        }
+        Self::with_roots(roots)
+    }
+
+    fn with_roots(roots: rustls::RootCertStore) -> HttpClient {
+        let tls =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let connector =
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(1))
-            .build_http();
+            .build(connector);
         HttpClient { client }
     }
 

@@ -1,5 +1,6 @@
 //! Certificates made here by rcgen, and a TLS upstream that records what each connection presented (SNI, client
 //! certificate) and which connection carried each request.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -72,6 +73,22 @@ impl Ca {
 }
 
 impl Leaf {
+    /// A self-signed client certificate with common name `cn` (RFC 8705 §2.2: registered with the IdP as is).
+    pub fn self_signed(cn: &str) -> Leaf {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        Leaf { cert: params.self_signed(&key).unwrap(), key }
+    }
+
+    /// The certificate's SHA-256 thumbprint, base64url without padding: `x5t#S256` (RFC 8705 §3.1).
+    pub fn thumbprint(&self) -> String {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(self.cert.der()))
+    }
+
     /// Writes `NAME.crt` and `NAME.key` into `dir` (replacing them by rename, as a rotation does).
     pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));

@@ -83,6 +83,11 @@ impl RouteTls {
         self.client.load_full()
     }
 
+    /// Looks at the files now, whenever they were last looked at (before the replay after a 401: rare).
+    pub fn recheck(&self) {
+        self.reload_if_changed();
+    }
+
     /// Builds a new pool if the files changed; a change that does not load (a certificate without its new key yet)
     /// keeps the current pool, is reported once, and is tried again at the next change.
     fn reload_if_changed(&self) {
