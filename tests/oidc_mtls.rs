@@ -239,3 +239,51 @@ async fn self_signed_tls_client_auth_registered_certificate_authenticates_anothe
     );
     assert!(!output.contains(&Pki::pem_line(&stranger)), "the key is never printed: {output}");
 }
+
+/// A soak for the numbers in docs/no-shared-secrets.md: both mutual-TLS methods side by side, 30-second bound tokens
+/// (`refresh_at` 0.75) for `TP_SOAK_SECS` (default 600) seconds, a request per second on each through a route that
+/// presents the provider's certificate; prints the token calls each made and fails on any refused call or failed
+/// request. Not in the suite (ten minutes): `cargo test --test oidc_mtls -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn soak_both_mtls_methods_with_30_second_tokens() {
+    let seconds: u64 = std::env::var("TP_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
+    let pki = Pki::start(30).await;
+    pki.ca.client("tokenproxy-mtls").write(pki.dir.path(), "client");
+    let mut config = String::new();
+    for (name, client_id, method, cert) in [
+        ("mtls", "tp-mtls", "tls_client_auth", "client"),
+        ("selfsigned", "tp-mtls-self", "self_signed_tls_client_auth", "self"),
+    ] {
+        config += &pki.provider(name, client_id, method, cert).replace("refresh_at = 0.5", "refresh_at = 0.75");
+        config += &pki.route(name, name, "upstream_client_cert = \"provider\"");
+    }
+    let proxy = TokenProxyProcess::start_in(pki.dir.path(), &config, &[]).await;
+    proxy.wait_ready(READY_TIMEOUT).await;
+    let started = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut requests = 0;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        ticker.tick().await;
+        for name in ["mtls", "selfsigned"] {
+            let reply = proxy.get(&format!("/{name}/x")).await;
+            assert_eq!(reply.status, StatusCode::OK, "/{name} after {:?}: {}", started.elapsed(), reply.text());
+            requests += 1;
+        }
+    }
+    let stats = pki.idp.stats().await;
+    for (name, client) in [("tls_client_auth", "tp-mtls"), ("self_signed_tls_client_auth", "tp-mtls-self")] {
+        let entry = &stats["clients"][client];
+        println!(
+            "soak: {name}: {} token calls in {seconds} s with 30 s tokens ({} refused)",
+            entry["ok"], entry["error"]
+        );
+        assert_eq!(entry["error"], 0, "{name}: {entry}");
+    }
+    let upstream = pki.upstream.stats().await;
+    println!(
+        "soak: {requests} requests, all 200; upstream cnf_ok {}, cnf_mismatch {}",
+        upstream["cnf_ok"], upstream["cnf_mismatch"]
+    );
+    assert_eq!(upstream["cnf_mismatch"], 0, "{upstream}");
+}
