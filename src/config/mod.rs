@@ -306,6 +306,9 @@ pub struct ProviderConfig {
     pub assertion_algorithm: Option<AssertionAlgorithm>,
     /// `private_key_jwt`: the `kid` header when not the RFC 7638 thumbprint of the public key.
     pub assertion_key_id: Option<String>,
+    /// `private_key_jwt`: the certificate of `private_key_file` as the IdP has it; its thumbprints go in the
+    /// assertion's header as `x5t` and `x5t#S256` (Entra ID finds a certificate credential by them).
+    pub assertion_certificate_file: Option<PathBuf>,
     /// `grant = "jwt_bearer"`: whose claims the assertion carries.
     pub assertion_dialect: AssertionDialect,
     /// `grant = "jwt_bearer"`, Google dialect: the service-account key file.

@@ -224,6 +224,14 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     let assertion_audience = r.get(t, "assertion_audience", reader::non_empty_string);
     let assertion_algorithm = r.get(t, "assertion_algorithm", reader::choice(ASSERTION_ALGORITHMS));
     let assertion_key_id = r.get(t, "assertion_key_id", reader::non_empty_string);
+    let assertion_certificate_file = r.file(t, "assertion_certificate_file");
+    if let Some(leaf) = &assertion_certificate_file {
+        if client_auth != ClientAuth::PrivateKeyJwt {
+            r.report_leaf(leaf, "only used with client_auth = \"private_key_jwt\"; remove it");
+        } else if let Err(error) = crate::token::assertion::CertificateThumbprints::read(&leaf.value) {
+            r.report_leaf(leaf, error);
+        }
+    }
     let client_assertion = secret(r, t, "client_assertion");
     let signs_grant = matches!(jwt_dialect, Some(AssertionDialect::Generic | AssertionDialect::Salesforce));
     if client_auth == ClientAuth::PrivateKeyJwt || signs_grant {
@@ -403,6 +411,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         assertion_audience: assertion_audience.map(|leaf| leaf.value),
         assertion_algorithm: assertion_algorithm.map(|leaf| leaf.value),
         assertion_key_id: assertion_key_id.map(|leaf| leaf.value),
+        assertion_certificate_file: assertion_certificate_file.map(|leaf| leaf.value),
         client_assertion: client_assertion.map(|leaf| leaf.value),
     })
 }

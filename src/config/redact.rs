@@ -95,6 +95,7 @@ struct ProviderView<'a> {
     assertion_algorithm: Option<AssertionAlgorithm>,
     #[serde(skip_serializing_if = "Option::is_none")]
     assertion_key_id: Option<&'a str>,
+    assertion_certificate_file: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
     assertion_dialect: Option<AssertionDialect>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -144,6 +145,7 @@ impl Serialize for ProviderConfig {
             assertion_audience: self.assertion_audience.as_deref(),
             assertion_algorithm: self.assertion_algorithm,
             assertion_key_id: self.assertion_key_id.as_deref(),
+            assertion_certificate_file: self.assertion_certificate_file.as_deref(),
             assertion_dialect: (self.grant == Grant::JwtBearer).then_some(self.assertion_dialect),
             google_credentials_file: self.google_credentials_file.as_deref(),
             assertion_claims: &self.assertion_claims,

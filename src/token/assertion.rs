@@ -61,6 +61,9 @@ pub enum AssertionError {
     /// The assertion source could not be read (a secret source).
     #[error(transparent)]
     Secret(#[from] SecretError),
+    /// `assertion_certificate_file` holds no usable certificate (the message names the file).
+    #[error("assertion_certificate_file: {0}")]
+    Certificate(String),
 }
 
 /// The kind of key a file holds.
@@ -262,7 +265,14 @@ pub fn client_assertion(provider: &ProviderConfig, token_endpoint: &str) -> Resu
             let key = load_key(path)?;
             let algorithm = key.algorithm(provider.assertion_algorithm, path)?;
             let aud = provider.assertion_audience.as_deref().unwrap_or(token_endpoint);
-            sign(&key, algorithm, provider.assertion_key_id.as_deref(), &provider.client_id, aud).map(Some)
+            let mut header = Header::new(algorithm);
+            header.kid = Some(provider.assertion_key_id.clone().unwrap_or_else(|| key.thumbprint().to_owned()));
+            if let Some(path) = &provider.assertion_certificate_file {
+                let thumbprints = CertificateThumbprints::read(path).map_err(AssertionError::Certificate)?;
+                header.x5t = Some(thumbprints.sha1);
+                header.x5t_s256 = Some(thumbprints.sha256);
+            }
+            sign_with_header(header, &key, &provider.client_id, aud).map(Some)
         }
         ClientAuth::ClientAssertion => {
             let Some(source) = &provider.client_assertion else { return Ok(None) };
@@ -427,13 +437,32 @@ pub fn refusal_hint(provider: &ProviderConfig, token_endpoint: Option<&str>) -> 
 
 /// The SHA-256 thumbprint (base64url, as `x5t#S256` in RFC 8705 §3.1) of the first certificate in a PEM file.
 pub fn certificate_thumbprint(path: &Path) -> Result<String, String> {
-    use rustls_pki_types::pem::PemObject;
-    let cert = rustls_pki_types::CertificateDer::pem_file_iter(path)
-        .map_err(|e| e.to_string())?
-        .next()
-        .ok_or("no PEM certificate found")?
-        .map_err(|e| e.to_string())?;
-    Ok(b64(&Sha256::digest(cert.as_ref())))
+    CertificateThumbprints::read(path).map(|thumbprints| thumbprints.sha256)
+}
+
+/// The thumbprints of a certificate, base64url: what JWS headers name a certificate by (RFC 7515 §4.1.7–8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateThumbprints {
+    /// SHA-1 of the DER: `x5t` (what Entra ID's certificate credentials are looked up by).
+    pub sha1: String,
+    /// SHA-256 of the DER: `x5t#S256`.
+    pub sha256: String,
+}
+
+impl CertificateThumbprints {
+    /// The thumbprints of the first certificate in the PEM file at `path`; the error names what is wrong.
+    pub fn read(path: &Path) -> Result<CertificateThumbprints, String> {
+        use rustls_pki_types::pem::PemObject;
+        let cert = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .next()
+            .ok_or_else(|| format!("{}: no PEM certificate found", path.display()))?
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(CertificateThumbprints {
+            sha1: b64(<sha1::Sha1 as sha1::Digest>::digest(cert.as_ref()).as_slice()),
+            sha256: b64(&Sha256::digest(cert.as_ref())),
+        })
+    }
 }
 
 /// Signs a fresh assertion: `iss` = `sub` = `client_id`, a random `jti`, five minutes of validity.
@@ -444,10 +473,15 @@ pub fn sign(
     client_id: &str,
     aud: &str,
 ) -> Result<String, AssertionError> {
-    let iat = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let claims = Claims { iss: client_id, sub: client_id, aud, jti: random_jti(), iat, exp: iat + LIFETIME_SECS };
     let mut header = Header::new(algorithm);
     header.kid = Some(kid.unwrap_or(key.thumbprint()).to_owned());
+    sign_with_header(header, key, client_id, aud)
+}
+
+/// Signs a fresh assertion (claims as [`sign`]) under `header`.
+fn sign_with_header(header: Header, key: &SigningKey, client_id: &str, aud: &str) -> Result<String, AssertionError> {
+    let iat = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let claims = Claims { iss: client_id, sub: client_id, aud, jti: random_jti(), iat, exp: iat + LIFETIME_SECS };
     jsonwebtoken::encode(&header, &claims, &key.key).map_err(|e| AssertionError::Signing(e.to_string()))
 }
 

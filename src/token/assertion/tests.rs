@@ -144,3 +144,58 @@ fn a_platform_assertion_is_read_at_every_call_and_must_look_like_a_jwt() {
     let error = read_assertion(&source).unwrap_err().to_string();
     assert!(error.contains("does not hold a JWT") && !error.contains("a secret that"), "{error}");
 }
+
+/// A P-256 key and its self-signed certificate, made with `openssl req -x509 -newkey ec` for this test; the expected
+/// thumbprints are `openssl x509 -fingerprint -sha1` / `-sha256`, base64url.
+const CREDENTIAL_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgJKif2KVHRknP1lr8
+IaIUe+V3QkUGdApbBF54lc/906qhRANCAARIct+vCQtzOrcQCHGdOQ/WY917M/c/
+kSU7ZjJ4T+slq7aPzK38gDOPLxJ1EVMX+A2+aRH2IqAErnsAnWi5uo22
+-----END PRIVATE KEY-----
+";
+const CREDENTIAL_CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIBrDCCAVOgAwIBAgIUPEg59vqtMWTIo0R2JwbWeH+jYwowCgYIKoZIzj0EAwIw
+KzEpMCcGA1UEAwwgdG9rZW5wcm94eS10ZXN0LWVudHJhLWNyZWRlbnRpYWwwIBcN
+MjYxMTI3MDcxMjQzWhgPMjEyNjExMDMwNzEyNDNaMCsxKTAnBgNVBAMMIHRva2Vu
+cHJveHktdGVzdC1lbnRyYS1jcmVkZW50aWFsMFkwEwYHKoZIzj0CAQYIKoZIzj0D
+AQcDQgAESHLfrwkLczq3EAhxnTkP1mPdezP3P5ElO2YyeE/rJau2j8yt/IAzjy8S
+dRFTF/gNvmkR9iKgBK57AJ1oubqNtqNTMFEwHQYDVR0OBBYEFMz3A+nfNW019BZH
+tZXi8Lyg5tGxMB8GA1UdIwQYMBaAFMz3A+nfNW019BZHtZXi8Lyg5tGxMA8GA1Ud
+EwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDRwAwRAIgakniltxvR9yjNngC5rc6ssWg
+jYlcWVm3BjPy/5yLAa0CIEC0+pSRofpxVIEcaNtNrP0sFkyF5K+sZFdmuRaaNFj1
+-----END CERTIFICATE-----
+";
+
+#[test]
+fn a_certificate_credential_puts_its_thumbprints_in_the_header() {
+    use p256::pkcs8::{DecodePrivateKey as _, EncodePublicKey as _};
+    let dir = tempfile::tempdir().unwrap();
+    let (key, cert) = (dir.path().join("entra.key"), dir.path().join("entra.crt"));
+    std::fs::write(&key, CREDENTIAL_KEY).unwrap();
+    std::fs::write(&cert, CREDENTIAL_CERT).unwrap();
+    let toml = format!(
+        "[providers.graph]\ntoken_url = \"https://login.example/tenant/oauth2/v2.0/token\"\nclient_id = \"app\"\n\
+         client_auth = \"private_key_jwt\"\nprivate_key_file = {key:?}\nassertion_certificate_file = {cert:?}\n\
+         [[routes]]\nupstream = \"http://127.0.0.1:1\"\nprovider = \"graph\"\n"
+    );
+    let config = crate::config::Config::from_toml_str(&toml, "t").unwrap();
+    let provider = &config.providers["graph"];
+    let token_url = "https://login.example/tenant/oauth2/v2.0/token";
+    let assertion = client_assertion(provider, token_url).unwrap().unwrap();
+    let public = p256::SecretKey::from_pkcs8_pem(CREDENTIAL_KEY).unwrap().public_key();
+    let public = public.to_public_key_pem(Default::default()).unwrap();
+    let decoding = jsonwebtoken::DecodingKey::from_ec_pem(public.as_bytes()).unwrap();
+    let (header, claims) = decode(&assertion, &decoding, Algorithm::ES256, token_url);
+    assert_eq!(header.x5t.as_deref(), Some("teC010r9TiruaYPgeBE6u1U3Eew"));
+    assert_eq!(header.x5t_s256.as_deref(), Some("P7E9Nojd9ETM5cyYwsAsBTIAFQnf5uUSS5sAXndV8Z8"));
+    assert_eq!((claims["iss"].as_str(), claims["sub"].as_str()), (Some("app"), Some("app")));
+    assert!(header.kid.is_some(), "the kid stays (other IdPs use it)");
+
+    // What is not a certificate is named at load.
+    std::fs::write(&cert, CREDENTIAL_KEY).unwrap();
+    let error = crate::config::Config::from_toml_str(&toml, "t").unwrap_err().to_string();
+    assert!(
+        error.contains("providers.graph.assertion_certificate_file:") && error.contains("no PEM certificate found")
+    );
+    assert!(!error.contains("MIGHAgEA"), "{error}");
+}
