@@ -393,11 +393,22 @@ pub fn refusal_hint(provider: &ProviderConfig, token_endpoint: Option<&str>) -> 
     match provider.client_auth {
         ClientAuth::PrivateKeyJwt => {
             let path = provider.private_key_file.as_ref()?;
-            let kid = match (&provider.assertion_key_id, load_key(path)) {
+            let mut kid = match (&provider.assertion_key_id, load_key(path)) {
                 (Some(kid), _) => format!("`{kid}` (assertion_key_id)"),
                 (None, Ok(key)) => format!("`{}` (the RFC 7638 thumbprint of the key's public half)", key.thumbprint()),
                 (None, Err(error)) => return Some(format!("the key could not be read: {error}")),
             };
+            match provider.assertion_certificate_file.as_deref().map(CertificateThumbprints::read) {
+                Some(Ok(thumbprints)) => {
+                    kid += &format!(
+                        ", its x5t `{}` and x5t#S256 `{}` (assertion_certificate_file: it must be the certificate of \
+                     private_key_file)",
+                        thumbprints.sha1, thumbprints.sha256
+                    )
+                }
+                Some(Err(error)) => kid += &format!(" (assertion_certificate_file: {error})"),
+                None => {}
+            }
             let aud = match (&provider.assertion_audience, token_endpoint) {
                 (Some(aud), _) => format!("`{aud}` (assertion_audience)"),
                 (None, Some(endpoint)) => format!("`{endpoint}` (the token endpoint)"),

@@ -190,6 +190,8 @@ fn a_certificate_credential_puts_its_thumbprints_in_the_header() {
     assert_eq!(header.x5t_s256.as_deref(), Some("P7E9Nojd9ETM5cyYwsAsBTIAFQnf5uUSS5sAXndV8Z8"));
     assert_eq!((claims["iss"].as_str(), claims["sub"].as_str()), (Some("app"), Some("app")));
     assert!(header.kid.is_some(), "the kid stays (other IdPs use it)");
+    let hint = refusal_hint(provider, Some(token_url)).unwrap();
+    assert!(hint.contains("x5t `teC010r9TiruaYPgeBE6u1U3Eew`"), "a refusal names the thumbprints sent: {hint}");
 
     // What is not a certificate is named at load.
     std::fs::write(&cert, CREDENTIAL_KEY).unwrap();
