@@ -61,7 +61,7 @@ impl Admin {
             (_, "/admin/reload") => method_not_allowed("POST"),
             (_, "/healthz" | "/readyz" | "/metrics" | "/tokens") => method_not_allowed("GET, HEAD"),
             (_, _) => match refresh_target(path) {
-                Some(name) if method == Method::POST => self.refresh(name).await,
+                Some(name) if method == Method::POST => self.refresh(&name).await,
                 Some(_) => method_not_allowed("POST"),
                 None => json_response(StatusCode::NOT_FOUND, &json!({ "error": "not found", "path": path })),
             },
@@ -143,10 +143,12 @@ fn cross_site(headers: &http::HeaderMap) -> Option<String> {
     }
 }
 
-/// `/tokens/{provider}/refresh` → `provider`.
-fn refresh_target(path: &str) -> Option<&str> {
+/// `/tokens/{provider}/refresh` → `provider`, percent-decoded (a route profile's slot `orders[reports]` comes as
+/// `orders%5Breports%5D`).
+fn refresh_target(path: &str) -> Option<String> {
     let name = path.strip_prefix("/tokens/")?.strip_suffix("/refresh")?;
-    (!name.is_empty() && !name.contains('/')).then_some(name)
+    let name = percent_encoding::percent_decode_str(name).decode_utf8().ok()?;
+    (!name.is_empty() && !name.contains('/')).then(|| name.into_owned())
 }
 
 /// `valid`, `refreshing`, `expired` or `failed`.

@@ -368,3 +368,58 @@ async fn a_client_the_provider_refuses_keeps_readyz_503_and_its_route_answers_to
         assert!(!text.contains(POST_CLIENT.1), "{what} shows the post client's secret");
     }
 }
+
+#[tokio::test]
+async fn route_profiles_get_one_token_per_audience_from_one_client() {
+    const SECOND: &str = "urn:tokenproxy:test-api-2";
+    let idp = IdpProcess::start(300).await;
+    let first = UpstreamProcess::start(&idp).await;
+    let second = UpstreamProcess::start_for_audience(&idp, SECOND).await;
+    let token_url = idp.token_endpoint().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = provider_toml(
+        "basic",
+        &token_url,
+        BASIC_CLIENT.0,
+        "client_secret_basic",
+        &format!("client_secret = {}", toml_string(BASIC_CLIENT.1)),
+    );
+    config += &route_toml("orders", "/orders", &first.url, "basic", true);
+    // Two routes with the same profile (another resource, so another `aud`) share one slot.
+    for (name, prefix) in [("reports", "/reports"), ("reports-v2", "/v2/reports")] {
+        config += &route_toml(name, prefix, &second.url, "basic", true)
+            .replace("provider = \"basic\"\n", &format!("provider = \"basic\"\nresource = {}\n", toml_string(SECOND)));
+    }
+    let proxy = TokenProxyProcess::start(dir, &config).await;
+    proxy.wait_ready(READY_TIMEOUT).await;
+
+    // Concurrent requests on every route: one token call per slot.
+    let requests = (0..20).flat_map(|i| {
+        ["/orders/x", "/reports/x", "/v2/reports/x"].map(|route| {
+            let proxy = &proxy;
+            async move { (route, i, proxy.get(route).await) }
+        })
+    });
+    for (route, i, reply) in futures_util::future::join_all(requests).await {
+        assert_eq!(reply.status, StatusCode::OK, "{route} #{i}: {}", reply.text());
+        assert_eq!(reply.json()["client_id"], BASIC_CLIENT.0);
+    }
+    let calls = idp.token_calls(BASIC_CLIENT.0).await;
+    assert_eq!((calls.calls, calls.ok), (2, 2), "one client, one token call per audience");
+    for (upstream, expected) in [(&first, 20), (&second, 40)] {
+        let stats = upstream.stats().await;
+        assert_eq!((stats["ok"].as_u64(), stats["invalid"].as_u64()), (Some(expected), Some(0)), "{stats}");
+        assert_eq!(stats["distinct_jti"], 1, "each upstream saw one token, for its own aud: {stats}");
+    }
+
+    // The profile's slot is named PROVIDER[ROUTE] in /tokens, in metrics, and can be refreshed by that name.
+    let tokens = admin_tokens(&proxy).await;
+    let names: Vec<&String> = tokens["providers"].as_object().expect("providers").keys().collect();
+    assert_eq!(names, ["basic", "basic[reports]"], "{tokens}");
+    let metric =
+        proxy.metric("tokenproxy_token_requests_total", &[("provider", "basic[reports]"), ("outcome", "success")]);
+    assert_eq!(metric.await, Some(1.0));
+    let refresh = proxy.admin_post("/tokens/basic%5Breports%5D/refresh").await;
+    assert_eq!(refresh.status, StatusCode::OK, "{}", refresh.text());
+    assert_eq!(idp.token_calls(BASIC_CLIENT.0).await.calls, 3);
+}

@@ -41,7 +41,9 @@ pub struct Config {
     pub log: LogConfig,
     /// Local persistent state (rotated refresh tokens).
     pub state: StateConfig,
-    /// Token providers, keyed by provider name.
+    /// Token providers, keyed by provider name: those configured, and one `PROVIDER[ROUTE]` per distinct route
+    /// profile (see [`RouteConfig::profile`]; not printed, the routes' keys are).
+    #[serde(serialize_with = "redact::configured_providers")]
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Routes, in file order.
     pub routes: Vec<RouteConfig>,
@@ -246,8 +248,11 @@ impl AssertionAlgorithm {
 /// `[providers.NAME]`: one token profile.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProviderConfig {
-    /// The provider's name (its key under `[providers]`), used in routes, metrics and the admin API.
+    /// The provider's name (its key under `[providers]`), used in routes, metrics and the admin API; for a route
+    /// profile's slot, `PROVIDER[ROUTE]`.
     pub name: String,
+    /// For a route profile's slot: the configured provider it derives from. `None` for configured providers.
+    pub profile_of: Option<String>,
     /// The IdP's token endpoint (absolute http or https URL); when absent, discovered from `issuer`.
     pub token_url: Option<Url>,
     /// The IdP's issuer, for RFC 8414 / OpenID Connect discovery of its endpoints.
@@ -375,8 +380,12 @@ pub struct RouteConfig {
     pub upstream: Url,
     /// Remove `prefix` from the path before forwarding.
     pub strip_prefix: bool,
-    /// Provider whose token is attached; `None` for a plain pass-through route.
+    /// Provider whose token is attached (the slot's name: `PROVIDER[ROUTE]` for a route with a profile); `None` for
+    /// a plain pass-through route.
     pub provider: Option<String>,
+    /// Token parameters of this route over its provider's (`scope`, `audience`, `resource`, `extra_params`): the
+    /// route's tokens come from a slot of their own, shared by the routes with the same profile on that provider.
+    pub profile: Option<RouteProfile>,
     /// Where the token goes.
     pub inject: Inject,
     /// Header that carries the token when `inject` is `Header`.
@@ -401,6 +410,39 @@ pub struct RouteConfig {
     /// Upstream statuses that mean "the token was refused" (besides any answer with `WWW-Authenticate: Bearer
     /// error="invalid_token"`): a refresh and one replay follow, as for 401.
     pub retry_on_status: Vec<u16>,
+}
+
+/// A route's token parameters over its provider's (docs/configuration.md, "Route profiles").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteProfile {
+    /// The configured provider the route names.
+    pub provider: String,
+    /// `scope` instead of the provider's.
+    pub scope: Option<String>,
+    /// `audience` instead of the provider's.
+    pub audience: Option<String>,
+    /// `resource` instead of the provider's.
+    pub resource: Option<String>,
+    /// Form parameters added to (or replacing those of) the provider's `extra_params`.
+    pub extra_params: BTreeMap<String, String>,
+}
+
+impl RouteProfile {
+    /// The provider's settings with this profile's over them, named `name`.
+    pub fn apply(&self, provider: &ProviderConfig) -> ProviderConfig {
+        let mut derived = provider.clone();
+        if self.scope.is_some() {
+            derived.scope.clone_from(&self.scope);
+        }
+        if self.audience.is_some() {
+            derived.audience.clone_from(&self.audience);
+        }
+        if self.resource.is_some() {
+            derived.resource.clone_from(&self.resource);
+        }
+        derived.extra_params.extend(self.extra_params.iter().map(|(k, v)| (k.clone(), v.clone())));
+        derived
+    }
 }
 
 /// TLS settings of a route's HTTPS upstream (docs/upstream-tls.md).

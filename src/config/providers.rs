@@ -337,7 +337,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     }
     let audience = r.get(t, "audience", reader::non_empty_string);
     let resource = r.get(t, "resource", reader::non_empty_string);
-    let extra_params = extra_params(r, t);
+    let extra_params = extra_params(r, t, "provider");
     let refresh_at = r.get(t, "refresh_at", fraction);
     let expiry_skew = r.get(t, "expiry_skew", reader::positive_duration);
     let default_lifetime = r.get(t, "default_lifetime", reader::positive_duration);
@@ -367,6 +367,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     }
     Some(ProviderConfig {
         name: name.to_owned(),
+        profile_of: None,
         token_url: token_url
             .map(|leaf| leaf.value)
             .or_else(|| google.as_ref().and_then(|credentials| url::Url::parse(&credentials.token_uri).ok())),
@@ -501,7 +502,8 @@ fn assertion_claims(r: &mut Reader<'_>, provider: &mut Table<'_>) -> AssertionCl
     AssertionClaims { iss, sub, aud, extra }
 }
 
-fn extra_params(r: &mut Reader<'_>, provider: &mut Table<'_>) -> BTreeMap<String, String> {
+/// `extra_params` of a provider, or of a route (`owner` says whose `scope` to set instead of a parameter).
+pub(super) fn extra_params(r: &mut Reader<'_>, provider: &mut Table<'_>, owner: &str) -> BTreeMap<String, String> {
     let t = r.table(provider, "extra_params");
     let mut params = BTreeMap::new();
     for (key, value) in t.entries() {
@@ -512,7 +514,7 @@ fn extra_params(r: &mut Reader<'_>, provider: &mut Table<'_>) -> BTreeMap<String
         }
         if RESERVED_PARAMS.contains(&key.as_str()) {
             let hint = match key.as_str() {
-                "scope" | "audience" | "resource" => format!("; set the provider's `{key}` instead"),
+                "scope" | "audience" | "resource" => format!("; set the {owner}'s `{key}` instead"),
                 _ => String::new(),
             };
             r.report(&path, value.tag(), format!("`{key}` is sent by tokenproxy itself{hint}"));

@@ -13,6 +13,14 @@ use super::{
     IncomingAuthorization, Inject, ProviderConfig, RouteConfig, SecretSource, UpstreamProtocol,
 };
 
+/// Serializes the configured providers, not the slots of route profiles (the routes' keys make those).
+pub(super) fn configured_providers<S: Serializer>(
+    providers: &BTreeMap<String, ProviderConfig>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(providers.iter().filter(|(_, provider)| provider.profile_of.is_none()))
+}
+
 /// Serializes a duration as a humantime string: `"30s"`, `"5m"`, `"1m 30s"`.
 pub(super) fn duration<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&humantime::format_duration(*value).to_string())
@@ -194,6 +202,14 @@ struct RouteView<'a> {
     upstream_protocol: UpstreamProtocol,
     #[serde(skip_serializing_if = "Option::is_none")]
     grpc_unauthenticated_refresh: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audience: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extra_params: Option<&'a BTreeMap<String, String>>,
 }
 
 impl Serialize for RouteConfig {
@@ -209,7 +225,8 @@ impl Serialize for RouteConfig {
             prefix: &self.prefix,
             upstream: self.upstream.as_str(),
             strip_prefix: self.strip_prefix,
-            provider: self.provider.as_deref(),
+            // A route with a profile names its provider; the slot `PROVIDER[ROUTE]` is made from the keys below.
+            provider: self.profile.as_ref().map(|p| p.provider.as_str()).or(self.provider.as_deref()),
             inject: with_token.then_some(self.inject),
             header_name: header.then_some(self.header_name.as_str()),
             scheme: header.then_some(self.scheme.as_str()),
@@ -224,6 +241,10 @@ impl Serialize for RouteConfig {
             retry_on_status: with_token.then_some(self.retry_on_status.as_slice()),
             upstream_protocol: self.upstream_protocol,
             grpc_unauthenticated_refresh: with_token.then_some(self.grpc_unauthenticated_refresh),
+            scope: self.profile.as_ref().and_then(|p| p.scope.as_deref()),
+            audience: self.profile.as_ref().and_then(|p| p.audience.as_deref()),
+            resource: self.profile.as_ref().and_then(|p| p.resource.as_deref()),
+            extra_params: self.profile.as_ref().map(|p| &p.extra_params).filter(|params| !params.is_empty()),
         }
         .serialize(serializer)
     }

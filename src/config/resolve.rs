@@ -44,8 +44,10 @@ pub(super) fn config(figment: &Figment, root_source: &str, offline: bool) -> Res
     }
     let log = log(&mut r, &mut root);
     let state = state(&mut r, &mut root);
-    let (providers, provider_names) = providers::providers(&mut r, &mut root);
-    let routes = routes::routes(&mut r, &mut root, &routes::Providers { names: &provider_names, valid: &providers });
+    let (mut providers, provider_names) = providers::providers(&mut r, &mut root);
+    let mut routes =
+        routes::routes(&mut r, &mut root, &routes::Providers { names: &provider_names, valid: &providers });
+    routes::derive_profiles(&mut providers, &mut routes);
     r.finish(root);
 
     let unavailable = r.take_unavailable();

@@ -10,7 +10,8 @@ use http::HeaderName;
 use super::reader::{self, KeyPath, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
 use super::{
-    EncodedSlashes, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, UpstreamProtocol, UpstreamTlsConfig,
+    AssertionDialect, EncodedSlashes, Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, RouteProfile,
+    UpstreamProtocol, UpstreamTlsConfig,
 };
 
 /// Default of `routes[N].scheme`.
@@ -47,7 +48,14 @@ const TOKEN_KEYS: &[&str] = &[
     "incoming_authorization",
     "grpc_unauthenticated_refresh",
     "upstream_client_cert",
+    "scope",
+    "audience",
+    "resource",
+    "extra_params",
 ];
+
+/// Route keys that make a route profile: token parameters over the provider's.
+const PROFILE_KEYS: &[&str] = &["scope", "audience", "resource", "extra_params"];
 
 /// Values of `upstream_client_cert`: whose client certificate the route presents to its upstream.
 const CLIENT_CERT_SOURCES: &[(&str, ())] = &[("provider", ())];
@@ -202,6 +210,7 @@ fn route(
         _ => {}
     }
     let provider_client_cert = upstream_client_cert(r, t, provider.as_ref(), providers.valid);
+    let profile = profile(r, t, provider.as_ref(), providers.valid);
     let retry_on_status = r.get(t, "retry_on_status", status_list);
     let upstream_protocol = r.get(t, "upstream_protocol", reader::choice(PROTOCOLS));
     let grpc_unauthenticated_refresh = r.get(t, "grpc_unauthenticated_refresh", reader::boolean);
@@ -255,6 +264,7 @@ fn route(
         upstream: upstream?.value,
         strip_prefix: value_or(strip_prefix, false),
         provider: provider.map(|leaf| leaf.value),
+        profile,
         inject,
         header_name: value_or(header_name, http::header::AUTHORIZATION),
         scheme: value_or(scheme, DEFAULT_SCHEME.to_owned()),
@@ -275,6 +285,80 @@ fn route(
         grpc_unauthenticated_refresh: value_or(grpc_unauthenticated_refresh, false),
     };
     Some((config, name))
+}
+
+/// A route's token parameters over its provider's (`scope`, `audience`, `resource`, `extra_params`), checked against
+/// what the provider can do. `None` when the route sets none of them (or they are reported).
+fn profile(
+    r: &mut Reader<'_>,
+    t: &mut Table<'_>,
+    provider: Option<&Leaf<String>>,
+    providers: &BTreeMap<String, ProviderConfig>,
+) -> Option<RouteProfile> {
+    let scope = r.get(t, "scope", reader::non_empty_string);
+    let audience = r.get(t, "audience", reader::non_empty_string);
+    let resource = r.get(t, "resource", reader::non_empty_string);
+    let extra_params =
+        if t.has("extra_params") { super::providers::extra_params(r, t, "route") } else { BTreeMap::new() };
+    // Without `provider` the keys are reported as token keys; an unknown or invalid provider is reported already.
+    let provider = providers.get(&provider?.value)?;
+    let first = PROFILE_KEYS.iter().find_map(|key| t.field(key))?;
+    if provider.grant == Grant::RefreshToken {
+        let message = format!(
+            "a route profile gets tokens of its own from its provider, and provider `{}` holds one refresh-token \
+             session (grant = \"refresh_token\") that each profile would rotate from under the others; define a \
+             provider per session instead",
+            provider.name
+        );
+        r.report_field(&first, message);
+        return None;
+    }
+    if let Some(leaf) = scope
+        .as_ref()
+        .filter(|_| provider.grant == Grant::JwtBearer && provider.assertion_dialect == AssertionDialect::Salesforce)
+    {
+        r.report_leaf(
+            leaf,
+            "Salesforce's JWT bearer flow takes no scope (the connected app's scopes apply); remove it",
+        );
+        return None;
+    }
+    Some(RouteProfile {
+        provider: provider.name.clone(),
+        scope: scope.map(|leaf| leaf.value),
+        audience: audience.map(|leaf| leaf.value),
+        resource: resource.map(|leaf| leaf.value),
+        extra_params,
+    })
+}
+
+/// Gives every route with a profile its slot: a provider named `PROVIDER[ROUTE]` (after the first route with that
+/// profile on that provider; routes with the same profile share it) with the profile's settings over the provider's.
+/// A profile that changes nothing uses the provider itself.
+pub(super) fn derive_profiles(providers: &mut BTreeMap<String, ProviderConfig>, routes: &mut [RouteConfig]) {
+    let mut derived: Vec<(ProviderConfig, String)> = Vec::new();
+    for route in routes.iter_mut() {
+        let Some(profile) = &route.profile else { continue };
+        let Some(base) = providers.get(&profile.provider) else { continue };
+        let settings = profile.apply(base);
+        if settings == *base {
+            continue;
+        }
+        let name = match derived.iter().find(|(known, _)| *known == settings) {
+            Some((_, name)) => name.clone(),
+            None => {
+                let name = format!("{}[{}]", profile.provider, route.name);
+                derived.push((settings.clone(), name.clone()));
+                name
+            }
+        };
+        route.provider = Some(name);
+    }
+    for (mut settings, name) in derived {
+        settings.profile_of = Some(settings.name.clone());
+        settings.name.clone_from(&name);
+        providers.insert(name, settings);
+    }
 }
 
 /// `upstream_client_cert = "provider"`: the route presents its provider's client certificate (`client_cert_file` /

@@ -376,7 +376,7 @@ fn unknown_keys_are_errors_with_suggestions() {
         problems(load(toml)),
         [
             "server.listn: unknown key; did you mean `listen`? (from tokenproxy.toml)",
-            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, ca_file, server_name, client_cert_file, client_key_file, upstream_client_cert, retry_on_status, upstream_protocol, grpc_unauthenticated_refresh) (from tokenproxy.toml)",
+            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, ca_file, server_name, client_cert_file, client_key_file, upstream_client_cert, scope, audience, resource, retry_on_status, upstream_protocol, grpc_unauthenticated_refresh, extra_params) (from tokenproxy.toml)",
             "routes[0].strip_prefx: unknown key; did you mean `strip_prefix`? (from tokenproxy.toml)",
             "provider: unknown key; did you mean `providers`? (from tokenproxy.toml)",
         ]
@@ -765,6 +765,99 @@ fn upstream_client_cert_provider_presents_the_providers_pair_and_never_beside_th
     assert_eq!(
         problems(load(&config(&provider_pair, "upstream_client_cert = \"route\"", "https://api.internal"))),
         ["routes[0].upstream_client_cert: unknown value `route` (expected one of: provider) (from tokenproxy.toml)"]
+    );
+}
+
+#[test]
+fn route_profiles_get_a_slot_each_shared_by_equal_profiles_and_print_as_route_keys() {
+    let toml = r#"
+[providers.api]
+token_url = "https://idp.example/token"
+client_id = "c"
+client_secret = "s"
+scope = "base"
+extra_params = { tenant = "acme", region = "eu" }
+
+[[routes]]
+name = "plain"
+prefix = "/plain"
+upstream = "https://a.internal"
+provider = "api"
+
+[[routes]]
+name = "reports"
+prefix = "/reports"
+upstream = "https://r.internal"
+provider = "api"
+audience = "https://reports.internal"
+extra_params = { region = "us" }
+
+[[routes]]
+name = "reports-v2"
+prefix = "/v2/reports"
+upstream = "https://r.internal"
+provider = "api"
+audience = "https://reports.internal"
+extra_params = { region = "us" }
+
+[[routes]]
+name = "same"
+prefix = "/same"
+upstream = "https://a.internal"
+provider = "api"
+scope = "base"
+"#;
+    let config = load(toml).unwrap();
+    let slots: Vec<&str> = config.routes.iter().map(|r| r.provider.as_deref().unwrap()).collect();
+    assert_eq!(
+        slots,
+        ["api", "api[reports]", "api[reports]", "api"],
+        "equal profiles share; a no-op one is the provider"
+    );
+    assert_eq!(config.providers.keys().collect::<Vec<_>>(), ["api", "api[reports]"]);
+    let derived = &config.providers["api[reports]"];
+    assert_eq!((derived.name.as_str(), derived.profile_of.as_deref()), ("api[reports]", Some("api")));
+    assert_eq!(derived.audience.as_deref(), Some("https://reports.internal"));
+    assert_eq!(derived.scope.as_deref(), Some("base"), "what the route does not set is the provider's");
+    let params: Vec<(&str, &str)> = derived.extra_params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(params, [("region", "us"), ("tenant", "acme")], "the route's parameters over the provider's");
+    assert_eq!(derived.client_secret, config.providers["api"].client_secret, "one client");
+
+    // Printed, the profile is route keys again and loads back to the same slots.
+    let printed = toml::to_string(&config).unwrap();
+    assert!(!printed.contains("api[reports]"), "{printed}");
+    let again = load(&printed).unwrap();
+    assert_eq!(again.providers.keys().collect::<Vec<_>>(), ["api", "api[reports]"]);
+    let mut reloaded = again.providers["api[reports]"].clone();
+    reloaded.client_secret.clone_from(&derived.client_secret); // printed as [redacted]
+    assert_eq!(reloaded, *derived);
+}
+
+#[test]
+fn route_profiles_are_refused_where_they_cannot_work() {
+    let route = |provider_keys: &str, route_keys: &str| {
+        format!(
+            "[providers.p]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c\"\n{provider_keys}\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"https://a.internal\"\nprovider = \"p\"\n{route_keys}\n"
+        )
+    };
+    assert_eq!(
+        problems(load(&route(
+            "grant = \"refresh_token\"\nrefresh_token = \"r\"\nclient_secret = \"s\"",
+            "audience = \"x\""
+        ))),
+        ["routes[0].audience: a route profile gets tokens of its own from its provider, and provider `p` holds one \
+          refresh-token session (grant = \"refresh_token\") that each profile would rotate from under the others; \
+          define a provider per session instead (from tokenproxy.toml)"]
+    );
+    assert_eq!(
+        problems(load(&route("client_secret = \"s\"", "extra_params = { scope = \"a\" }"))),
+        ["routes[0].extra_params.scope: `scope` is sent by tokenproxy itself; set the route's `scope` instead (from tokenproxy.toml)"]
+    );
+    let plain = "[[routes]]\nprefix = \"/\"\nupstream = \"https://a.internal\"\nscope = \"a\"\n";
+    assert_eq!(
+        problems(load(plain)),
+        ["routes[0].scope: only used with `provider`; this route has none (a plain pass-through) (from tokenproxy.toml)"]
     );
 }
 

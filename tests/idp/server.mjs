@@ -2,8 +2,8 @@
 //
 // It listens on 127.0.0.1 (port from IDP_PORT, default 0 = any free port), and only once it knows its
 // port does it build the Provider, so the issuer is exactly `http://127.0.0.1:PORT`. Client credentials
-// tokens are RS256 JWTs (`typ: at+jwt`) for the resource `urn:tokenproxy:test-api`, living IDP_TOKEN_TTL
-// seconds (default 5).
+// tokens are RS256 JWTs (`typ: at+jwt`) for the resource `urn:tokenproxy:test-api` (or, asked for with
+// `resource=urn:tokenproxy:test-api-2`, that one: its `aud`), living IDP_TOKEN_TTL seconds (default 5).
 //
 // Clients: tp-basic / tp-basic-secret (client_secret_basic), tp-post / tp-post-secret (client_secret_post).
 // Each must use its registered method (oidc-provider alone would accept either): a client that sends its
@@ -83,6 +83,7 @@ const { default: Provider, errors } = await import('oidc-provider');
 const { calculateJwkThumbprint, exportJWK, exportPKCS8, generateKeyPair, importJWK, jwtVerify } = await import('jose');
 
 const RESOURCE = 'urn:tokenproxy:test-api';
+const SECOND_RESOURCE = 'urn:tokenproxy:test-api-2';
 const RESOURCE_SCOPE = 'api.read api.write';
 // The session client: refresh tokens (rotating), device flow.
 const ROTATE_CLIENT_ID = 'tp-rotate';
@@ -615,13 +616,17 @@ const provider = new Provider(issuer, {
       enabled: true,
       defaultResource: async () => RESOURCE,
       useGrantedResource: async () => true,
-      getResourceServerInfo: async () => ({
-        audience: RESOURCE,
-        scope: RESOURCE_SCOPE,
-        accessTokenFormat: 'jwt',
-        accessTokenTTL: tokenTtl,
-        jwt: { sign: { alg: 'RS256' } },
-      }),
+      // A second resource for route profiles (tokens per audience from one client); anything else is invalid_target.
+      getResourceServerInfo: async (_ctx, resourceIndicator) => {
+        if (![RESOURCE, SECOND_RESOURCE].includes(resourceIndicator)) throw new errors.InvalidTarget();
+        return {
+          audience: resourceIndicator,
+          scope: RESOURCE_SCOPE,
+          accessTokenFormat: 'jwt',
+          accessTokenTTL: tokenTtl,
+          jwt: { sign: { alg: 'RS256' } },
+        };
+      },
     },
   },
   ttl: {

@@ -4,7 +4,7 @@
 // Usage: node upstream.mjs ISSUER       (or UPSTREAM_ISSUER=ISSUER node upstream.mjs)
 // Listens on 127.0.0.1 (port from UPSTREAM_PORT, default 0 = any free port). It reads the issuer's
 // discovery document for its jwks_uri, then checks every token's signature (RS256, via the JWKS), `typ`
-// at+jwt, `iss`, `aud` = urn:tokenproxy:test-api and `exp`/`nbf` with no clock tolerance at all.
+// at+jwt, `iss`, `aud` = urn:tokenproxy:test-api (or UPSTREAM_AUDIENCE) and `exp`/`nbf` with no clock tolerance at all.
 //
 //   any other path   401 (+ WWW-Authenticate) for a missing, malformed, forged or expired token,
 //                    200 {"client_id", "jti", "exp", "method", "path"} otherwise
@@ -31,7 +31,8 @@ import { createServer as createTlsServer } from 'node:https';
 import process from 'node:process';
 import { createRemoteJWKSet, decodeJwt, errors, jwtVerify } from 'jose';
 
-const AUDIENCE = 'urn:tokenproxy:test-api';
+// The `aud` it accepts (UPSTREAM_AUDIENCE, default urn:tokenproxy:test-api).
+const AUDIENCE = process.env.UPSTREAM_AUDIENCE || 'urn:tokenproxy:test-api';
 
 const issuer = (process.argv[2] ?? process.env.UPSTREAM_ISSUER ?? '').replace(/\/+$/, '');
 if (!issuer) {

@@ -492,6 +492,17 @@ impl UpstreamProcess {
         UpstreamProcess { process, url, http: HttpClient::new() }
     }
 
+    /// Starts an upstream accepting tokens for `audience` instead of [`TEST_AUDIENCE`].
+    pub async fn start_for_audience(idp: &IdpProcess, audience: &str) -> UpstreamProcess {
+        tokio::task::spawn_blocking(ensure_node_modules).await.expect("npm ci task");
+        let mut command = node_command("upstream.mjs");
+        command.arg(&idp.issuer).env_remove("UPSTREAM_PORT").env("UPSTREAM_AUDIENCE", audience);
+        let (mut process, rx) =
+            ChildProcess::spawn(format!("upstream (upstream.mjs, aud {audience})"), command, Some("READY "));
+        let url = process.wait_ready(rx).await;
+        UpstreamProcess { process, url, http: HttpClient::new() }
+    }
+
     /// Starts an upstream over HTTPS (the HTTPS mode of `tests/idp/upstream.mjs`), with certificate `server` (cert,
     /// key) for 127.0.0.1, asking for client certificates from `client_ca` and checking certificate-bound tokens
     /// against the one presented. `ca_file` is trusted by it (for the issuer's HTTPS) and by the test's client.
