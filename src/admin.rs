@@ -53,8 +53,11 @@ impl Admin {
             }
             (&Method::GET | &Method::HEAD, "/tokens") => {
                 let engine = self.engine.load();
-                let providers: Map<String, Value> =
+                let mut providers: Map<String, Value> =
                     engine.providers().map(|(name, slot, _)| (name.to_owned(), describe(slot))).collect();
+                for (name, cache, _) in engine.exchanges() {
+                    providers.insert(name.to_owned(), describe_exchange(cache));
+                }
                 json_response(StatusCode::OK, &json!({ "providers": providers }))
             }
             (&Method::POST, "/admin/reload") => self.reload().await,
@@ -100,11 +103,24 @@ impl Admin {
                 json!({ "state": state(slot, &status), "ready": usable, "last_error": status.last_error }),
             );
         }
+        // A provider that exchanges each caller's token has nothing to fetch ahead: it is ready while its token
+        // endpoint answered the last exchange.
+        for (name, cache, routed) in engine.exchanges() {
+            if routed {
+                ready &= cache.reachable();
+                providers.insert(name.to_owned(), json!({ "state": "per_caller", "ready": cache.reachable() }));
+            }
+        }
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         json_response(status, &json!({ "ready": ready, "providers": providers }))
     }
 
     async fn refresh(&self, name: &str) -> Response<Full<Bytes>> {
+        if self.engine.load().exchanges().any(|(exchange, _, _)| exchange == name) {
+            let error =
+                format!("provider `{name}` exchanges each caller's own token: there is no token of its own to refresh");
+            return json_response(StatusCode::CONFLICT, &json!({ "provider": name, "error": error }));
+        }
         let Some(slot) = self.engine.load().slot(name) else {
             return json_response(StatusCode::NOT_FOUND, &json!({ "error": format!("no provider named `{name}`") }));
         };
@@ -149,6 +165,11 @@ fn refresh_target(path: &str) -> Option<String> {
     let name = path.strip_prefix("/tokens/")?.strip_suffix("/refresh")?;
     let name = percent_encoding::percent_decode_str(name).decode_utf8().ok()?;
     (!name.is_empty() && !name.contains('/')).then(|| name.into_owned())
+}
+
+/// `/tokens` of a provider that exchanges each caller's token: how many callers have one (never a token or a hash).
+fn describe_exchange(cache: &crate::token::exchange::ExchangeCache) -> Value {
+    json!({ "state": "per_caller", "subjects": cache.subjects(), "reachable": cache.reachable() })
 }
 
 /// `valid`, `refreshing`, `expired` or `failed`.

@@ -42,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::proxy::route::{Route, RouteTable};
 use crate::proxy::{Connection, Ended, Proxy, ProxyBody, ProxyOptions, UpstreamClient};
 use crate::server::{Handler, ListenerOptions};
-use crate::token::{TokenEngine, TokenSource};
+use crate::token::TokenEngine;
 
 /// Why tokenproxy could not start (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +171,7 @@ fn build_proxy(
     client: &Arc<UpstreamClient>,
     metrics: &Metrics,
 ) -> Result<Proxy, StartError> {
-    let lookup = |name: &str| engine.slot(name).map(|slot| slot as Arc<dyn TokenSource>);
+    let lookup = |name: &str| engine.binding(name);
     let routes =
         config.routes.iter().map(|r| Route::new(r, &lookup, metrics, client)).collect::<Result<Vec<_>, _>>()?;
     Ok(Proxy::new(

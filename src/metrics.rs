@@ -28,6 +28,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "tokenproxy_inflight_requests",
     "tokenproxy_config_reloads_total",
     "tokenproxy_upstream_tls_reloads_total",
+    "tokenproxy_exchange_cache_total",
+    "tokenproxy_exchange_subjects",
     "tokenproxy_build_info",
 ];
 
@@ -120,6 +122,23 @@ pub struct Metrics {
     inflight: IntGauge,
     config_reloads: IntCounterVec,
     upstream_tls_reloads: IntCounterVec,
+    exchange_cache: IntCounterVec,
+    exchange_subjects: IntGaugeVec,
+}
+
+/// Metric handles for the per-caller tokens of one token-exchange provider.
+#[derive(Clone)]
+pub struct ExchangeMetrics {
+    /// A caller's exchanged token was in the cache and usable.
+    pub hit: IntCounter,
+    /// An exchange was made (or joined) for a caller.
+    pub miss: IntCounter,
+    /// A refused subject was answered from the negative cache, without an IdP call.
+    pub refused: IntCounter,
+    /// A caller's token was evicted to stay within `max_subjects`.
+    pub evicted: IntCounter,
+    /// Callers with a token in the cache.
+    pub subjects: IntGauge,
 }
 
 /// Metric handles for one token provider.
@@ -276,6 +295,17 @@ impl Metrics {
             "Times a route's upstream TLS files (ca_file, client certificate) changed and were loaded.",
             &["route"],
         );
+        let exchange_cache = counter(
+            "tokenproxy_exchange_cache_total",
+            "Lookups of callers' exchanged tokens (hit, miss, refused) and evictions, by provider.",
+            &["provider", "event"],
+        );
+        let exchange_subjects = IntGaugeVec::new(
+            Opts::new("tokenproxy_exchange_subjects", "Callers with an exchanged token in the cache."),
+            &["provider"],
+        )
+        .expect("static metric definition");
+        registry.register(Box::new(exchange_subjects.clone())).expect("metric registered once");
         let build_info = IntGaugeVec::new(Opts::new("tokenproxy_build_info", "Build information."), &["version"])
             .expect("static metric definition");
         registry.register(Box::new(build_info.clone())).expect("metric registered once");
@@ -297,6 +327,8 @@ impl Metrics {
             inflight,
             config_reloads,
             upstream_tls_reloads,
+            exchange_cache,
+            exchange_subjects,
         }
     }
 
@@ -327,6 +359,18 @@ impl Metrics {
             singleflight_waiters: self.singleflight_waiters.with_label_values(&[name]),
             refresh_wait: self.refresh_wait.with_label_values(&[name]),
             permanent_failure: self.permanent_failure.with_label_values(&[name]),
+        }
+    }
+
+    /// Handles for the per-caller tokens of exchange provider `name`.
+    pub fn exchange(&self, name: &str) -> ExchangeMetrics {
+        let event = |event: &str| self.exchange_cache.with_label_values(&[name, event]);
+        ExchangeMetrics {
+            hit: event("hit"),
+            miss: event("miss"),
+            refused: event("refused"),
+            evicted: event("evicted"),
+            subjects: self.exchange_subjects.with_label_values(&[name]),
         }
     }
 
@@ -375,6 +419,7 @@ mod tests {
         route.count_status(http::StatusCode::OK);
         route.duration.observe(0.001);
         let _tls = metrics.upstream_tls_reloads("r");
+        let _exchange = metrics.exchange("x");
         let mut registered: Vec<String> = metrics.registry.gather().iter().map(|f| f.name().to_owned()).collect();
         let mut listed: Vec<String> = METRIC_NAMES.iter().map(|n| n.to_string()).collect();
         registered.sort();

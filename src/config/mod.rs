@@ -253,6 +253,8 @@ pub struct ProviderConfig {
     pub name: String,
     /// For a route profile's slot: the configured provider it derives from. `None` for configured providers.
     pub profile_of: Option<String>,
+    /// `grant = "token_exchange"`: the exchange's settings.
+    pub exchange: Option<ExchangeConfig>,
     /// The IdP's token endpoint (absolute http or https URL); when absent, discovered from `issuer`.
     pub token_url: Option<Url>,
     /// The IdP's issuer, for RFC 8414 / OpenID Connect discovery of its endpoints.
@@ -322,6 +324,48 @@ pub struct ProviderConfig {
     pub assertion_claims: AssertionClaims,
     /// `client_assertion`: where the platform-minted JWT is (`client_assertion_file` / `_env`), read at every call.
     pub client_assertion: Option<SecretSource>,
+}
+
+/// `grant = "token_exchange"` (RFC 8693, or Entra's on-behalf-of): where the subject token comes from and what the
+/// exchange asks for (docs/token-exchange.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExchangeConfig {
+    /// Where the subject token comes from.
+    pub subject: SubjectSource,
+    /// `subject_token_type` URN.
+    pub subject_token_type: String,
+    /// `actor_token`, when the exchange is a delegation.
+    pub actor_token: Option<SecretSource>,
+    /// `actor_token_type` URN.
+    pub actor_token_type: String,
+    /// `requested_token_type` URN, when set.
+    pub requested_token_type: Option<String>,
+    /// The form the exchange takes.
+    pub dialect: ExchangeDialect,
+    /// At most this many callers' exchanged tokens are kept (least recently used evicted first).
+    pub max_subjects: u64,
+    /// A subject the IdP refused is answered without an IdP call for this long.
+    pub refused_subject_ttl: Duration,
+}
+
+/// `providers.NAME.subject_token_source`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubjectSource {
+    /// The caller's own bearer token (`Authorization: Bearer …` of each request): a token per caller.
+    Request,
+    /// A file re-read at every exchange (a Kubernetes service-account token exchanged at an STS).
+    File(PathBuf),
+}
+
+/// `providers.NAME.exchange_dialect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExchangeDialect {
+    /// RFC 8693: `grant_type=urn:ietf:params:oauth:grant-type:token-exchange`, `subject_token`, …
+    Rfc8693,
+    /// Entra ID on-behalf-of: `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`, `assertion`,
+    /// `requested_token_use=on_behalf_of`.
+    EntraObo,
 }
 
 /// `providers.NAME.during_refresh`: what requests do while a refresh call is in flight.

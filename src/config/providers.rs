@@ -1,14 +1,16 @@
 //! `[providers.NAME]`: token profiles, and the reading of secrets (`x`, `x_file` or `x_env`).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use figment::value::Value;
 
 use super::reader::{self, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
 use super::{
-    AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, Grant, ProviderConfig, Secret,
-    SecretError, SecretSource,
+    AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, ExchangeConfig, ExchangeDialect,
+    Grant, ProviderConfig, Secret, SecretError, SecretSource, SubjectSource,
 };
 
 /// Defaults of a provider (SPEC).
@@ -121,16 +123,8 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         r.get(t, "device_authorization_endpoint", |v| http_url(v, UrlUse::TokenEndpoint));
     let revocation_endpoint = r.get(t, "revocation_endpoint", |v| http_url(v, UrlUse::TokenEndpoint));
 
-    let grant = r.get(t, "grant", reader::choice(GRANTS));
-    if let Some(leaf) = grant.as_ref().filter(|leaf| matches!(leaf.value, Grant::TokenExchange)) {
-        let message = format!(
-            "grant `{}` is not supported by this version (supported: client_credentials, refresh_token, password, \
-             jwt_bearer)",
-            leaf.value.as_str()
-        );
-        r.report_leaf(leaf, message);
-    }
-    let grant = value_or(grant, Grant::ClientCredentials);
+    let grant = value_or(r.get(t, "grant", reader::choice(GRANTS)), Grant::ClientCredentials);
+    let exchange = exchange(r, t, grant);
 
     // grant = "jwt_bearer" (RFC 7523 §2.1): the assertion is the grant, in one of three dialects.
     let google_credentials_file = r.file(t, "google_credentials_file");
@@ -368,6 +362,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     Some(ProviderConfig {
         name: name.to_owned(),
         profile_of: None,
+        exchange,
         token_url: token_url
             .map(|leaf| leaf.value)
             .or_else(|| google.as_ref().and_then(|credentials| url::Url::parse(&credentials.token_uri).ok())),
@@ -500,6 +495,115 @@ fn assertion_claims(r: &mut Reader<'_>, provider: &mut Table<'_>) -> AssertionCl
     }
     r.finish(t);
     AssertionClaims { iss, sub, aud, extra }
+}
+
+/// Values of `exchange_dialect`.
+const EXCHANGE_DIALECTS: &[(&str, ExchangeDialect)] =
+    &[("rfc8693", ExchangeDialect::Rfc8693), ("entra_obo", ExchangeDialect::EntraObo)];
+
+/// Values of `subject_token_source`.
+const SUBJECT_SOURCES: &[(&str, bool)] = &[("request", true), ("file", false)];
+
+/// Keys of `grant = "token_exchange"` only.
+const EXCHANGE_KEYS: &[&str] = &[
+    "subject_token_source",
+    "subject_token_file",
+    "subject_token_type",
+    "actor_token",
+    "actor_token_file",
+    "actor_token_env",
+    "actor_token_type",
+    "requested_token_type",
+    "exchange_dialect",
+    "max_subjects",
+    "refused_subject_ttl",
+];
+
+/// A token type: a short name of RFC 8693 §3, or a URN as is.
+fn token_type(value: &Value) -> Result<String, String> {
+    let name = reader::non_empty_string(value)?;
+    Ok(match name.as_str() {
+        "access_token" | "refresh_token" | "id_token" | "saml1" | "saml2" => {
+            format!("urn:ietf:params:oauth:token-type:{name}")
+        }
+        "jwt" => "urn:ietf:params:oauth:token-type:jwt".to_owned(),
+        _ if name.contains(':') => name,
+        _ => return Err(format!(
+            "unknown token type `{name}` (expected access_token, jwt, id_token, refresh_token, saml1, saml2 or a URN)"
+        )),
+    })
+}
+
+/// The keys of `grant = "token_exchange"`; reported as unused with any other grant.
+fn exchange(r: &mut Reader<'_>, t: &mut Table<'_>, grant: Grant) -> Option<ExchangeConfig> {
+    if grant != Grant::TokenExchange {
+        for key in EXCHANGE_KEYS {
+            if let Some(field) = t.field(key) {
+                r.report_field(&field, "only used with grant = \"token_exchange\"; remove it");
+            }
+        }
+        return None;
+    }
+    let source = r.get(t, "subject_token_source", reader::choice(SUBJECT_SOURCES));
+    let file = r.file(t, "subject_token_file");
+    let from_request = source.as_ref().map_or(!t.has("subject_token_file"), |leaf| leaf.value);
+    let subject = match (from_request, file) {
+        (true, Some(leaf)) => {
+            r.report_leaf(&leaf, "only used with subject_token_source = \"file\"; the subject comes from each request");
+            SubjectSource::Request
+        }
+        (true, None) => SubjectSource::Request,
+        (false, Some(leaf)) => SubjectSource::File(leaf.value),
+        (false, None) => {
+            if !t.has("subject_token_file") {
+                r.report_missing(
+                    t,
+                    "subject_token_file",
+                    "missing; subject_token_source = \"file\" exchanges the token in this file (e.g. a projected \
+                     service-account token)",
+                );
+            }
+            SubjectSource::File(PathBuf::new())
+        }
+    };
+    let subject_token_type = r.get(t, "subject_token_type", token_type);
+    let actor_token = secret(r, t, "actor_token").map(|leaf| leaf.value);
+    let actor_token_type = r.get(t, "actor_token_type", token_type);
+    let requested_token_type = r.get(t, "requested_token_type", token_type);
+    let dialect = value_or(r.get(t, "exchange_dialect", reader::choice(EXCHANGE_DIALECTS)), ExchangeDialect::Rfc8693);
+    if dialect == ExchangeDialect::EntraObo {
+        for key in ["actor_token", "actor_token_file", "actor_token_env", "actor_token_type", "requested_token_type"] {
+            if let Some(field) = t.field(key) {
+                r.report_field(
+                    &field,
+                    "not part of Entra's on-behalf-of request (exchange_dialect = \"entra_obo\"); remove it",
+                );
+            }
+        }
+    }
+    let max_subjects = r.get(t, "max_subjects", reader::positive_count);
+    let refused_subject_ttl = r.get(t, "refused_subject_ttl", reader::duration);
+    if !matches!(subject, SubjectSource::Request) {
+        for key in ["max_subjects", "refused_subject_ttl"] {
+            if let Some(field) = t.field(key) {
+                r.report_field(
+                    &field,
+                    "only used with subject_token_source = \"request\" (a token per caller); remove it",
+                );
+            }
+        }
+    }
+    let access_token_type = "urn:ietf:params:oauth:token-type:access_token".to_owned();
+    Some(ExchangeConfig {
+        subject,
+        subject_token_type: value_or(subject_token_type, access_token_type.clone()),
+        actor_token,
+        actor_token_type: value_or(actor_token_type, access_token_type),
+        requested_token_type: requested_token_type.map(|leaf| leaf.value),
+        dialect,
+        max_subjects: max_subjects.map_or(10_000, |leaf| leaf.value as u64),
+        refused_subject_ttl: value_or(refused_subject_ttl, Duration::from_secs(30)),
+    })
 }
 
 /// `extra_params` of a provider, or of a route (`owner` says whose `scope` to set instead of a parameter).

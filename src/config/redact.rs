@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::{Serialize, Serializer};
 
 use super::{
-    AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, EncodedSlashes, Grant,
-    IncomingAuthorization, Inject, ProviderConfig, RouteConfig, SecretSource, UpstreamProtocol,
+    AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, EncodedSlashes, ExchangeDialect,
+    Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, SecretSource, SubjectSource, UpstreamProtocol,
 };
 
 /// Serializes the configured providers, not the slots of route profiles (the routes' keys make those).
@@ -103,7 +103,24 @@ struct ProviderView<'a> {
     assertion_algorithm: Option<AssertionAlgorithm>,
     #[serde(skip_serializing_if = "Option::is_none")]
     assertion_key_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     assertion_certificate_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject_token_source: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject_token_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject_token_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    actor_token_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    requested_token_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exchange_dialect: Option<ExchangeDialect>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_subjects: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refused_subject_ttl: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     assertion_dialect: Option<AssertionDialect>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -122,10 +139,13 @@ impl Serialize for ProviderConfig {
             SecretView { key: "refresh_token", source: self.refresh_token.as_ref() },
             SecretView { key: "password", source: self.password.as_ref() },
             SecretView { key: "client_assertion", source: self.client_assertion.as_ref() },
+            SecretView { key: "actor_token", source: self.exchange.as_ref().and_then(|e| e.actor_token.as_ref()) },
         ]
         .iter()
         .flat_map(SecretView::entries)
         .collect();
+        let exchange = self.exchange.as_ref();
+        let request_exchange = exchange.filter(|e| e.subject == SubjectSource::Request);
         ProviderView {
             token_url: self.token_url.as_ref().map(|u| u.as_str()),
             issuer: self.issuer.as_ref().map(|u| u.as_str()),
@@ -154,6 +174,21 @@ impl Serialize for ProviderConfig {
             assertion_algorithm: self.assertion_algorithm,
             assertion_key_id: self.assertion_key_id.as_deref(),
             assertion_certificate_file: self.assertion_certificate_file.as_deref(),
+            subject_token_source: exchange.map(|e| match e.subject {
+                SubjectSource::Request => "request",
+                SubjectSource::File(_) => "file",
+            }),
+            subject_token_file: exchange.and_then(|e| match &e.subject {
+                SubjectSource::File(path) => Some(path.as_path()),
+                SubjectSource::Request => None,
+            }),
+            subject_token_type: exchange.map(|e| e.subject_token_type.as_str()),
+            actor_token_type: exchange.filter(|e| e.actor_token.is_some()).map(|e| e.actor_token_type.as_str()),
+            requested_token_type: exchange.and_then(|e| e.requested_token_type.as_deref()),
+            exchange_dialect: exchange.map(|e| e.dialect),
+            max_subjects: request_exchange.map(|e| e.max_subjects),
+            refused_subject_ttl: request_exchange
+                .map(|e| humantime::format_duration(e.refused_subject_ttl).to_string()),
             assertion_dialect: (self.grant == Grant::JwtBearer).then_some(self.assertion_dialect),
             google_credentials_file: self.google_credentials_file.as_deref(),
             assertion_claims: &self.assertion_claims,

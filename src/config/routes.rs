@@ -11,7 +11,7 @@ use super::reader::{self, KeyPath, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
 use super::{
     AssertionDialect, EncodedSlashes, Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, RouteProfile,
-    UpstreamProtocol, UpstreamTlsConfig,
+    SubjectSource, UpstreamProtocol, UpstreamTlsConfig,
 };
 
 /// Default of `routes[N].scheme`.
@@ -211,6 +211,23 @@ fn route(
     }
     let provider_client_cert = upstream_client_cert(r, t, provider.as_ref(), providers.valid);
     let profile = profile(r, t, provider.as_ref(), providers.valid);
+    let per_caller = provider
+        .as_ref()
+        .and_then(|leaf| providers.valid.get(&leaf.value))
+        .and_then(|p| p.exchange.as_ref())
+        .is_some_and(|e| e.subject == SubjectSource::Request);
+    if per_caller {
+        if let Some(leaf) = incoming_authorization.as_ref().filter(|l| l.value != IncomingAuthorization::Replace) {
+            r.report_leaf(
+                leaf,
+                "this route's provider exchanges the caller's own token (subject_token_source = \"request\"): the \
+                 caller's Authorization header is the subject, consumed by the exchange and never forwarded; remove it",
+            );
+        }
+        if let Some(field) = PROFILE_KEYS.iter().find_map(|key| t.field(key)) {
+            r.report_field(&field, "route profiles are not available on a provider that exchanges each caller's token");
+        }
+    }
     let retry_on_status = r.get(t, "retry_on_status", status_list);
     let upstream_protocol = r.get(t, "upstream_protocol", reader::choice(PROTOCOLS));
     let grpc_unauthenticated_refresh = r.get(t, "grpc_unauthenticated_refresh", reader::boolean);

@@ -346,7 +346,6 @@ fn every_problem_is_reported_at_once() {
             "providers.billing.username: missing; grant = \"password\" needs the resource owner's username (from tokenproxy.toml)",
             "providers.billing.password: missing; grant = \"password\" needs `password`, `password_file` or `password_env` (from tokenproxy.toml)",
             "providers.orders.token_url: must be an http:// or https:// URL (found scheme `ftp`) (from tokenproxy.toml)",
-            "providers.orders.grant: grant `token_exchange` is not supported by this version (supported: client_credentials, refresh_token, password, jwt_bearer) (from tokenproxy.toml)",
             "providers.orders.client_id: expected a string, found a number; quote it (from tokenproxy.toml)",
             "providers.orders.client_secret: missing; client_auth = \"client_secret_basic\" needs `client_secret`, `client_secret_file` or `client_secret_env` (from tokenproxy.toml)",
             "providers.orders.refresh_at: must be greater than 0 and at most 1 (a fraction of the token's lifetime), found 1.5 (from tokenproxy.toml)",
@@ -552,7 +551,6 @@ fn unsupported_features_are_refused_not_ignored() {
         problems(load(&toml)),
         [
             "state.store: shared stores are not implemented yet; remove the key to use the embedded store in `state.dir` (from tokenproxy.toml)",
-            "providers.orders.grant: grant `token_exchange` is not supported by this version (supported: client_credentials, refresh_token, password, jwt_bearer) (from tokenproxy.toml)",
             "providers.orders.refresh_token: only used with grant = \"refresh_token\"; remove it (from tokenproxy.toml)",
             "providers.orders.client_key_file: missing; `client_cert_file` needs its private key (from tokenproxy.toml)",
         ]
@@ -859,6 +857,53 @@ fn route_profiles_are_refused_where_they_cannot_work() {
         problems(load(plain)),
         ["routes[0].scope: only used with `provider`; this route has none (a plain pass-through) (from tokenproxy.toml)"]
     );
+}
+
+#[test]
+fn token_exchange_reads_its_subject_from_the_request_or_a_file() {
+    let provider = |keys: &str| {
+        format!(
+            "[providers.ex]\ntoken_url = \"https://sts.example/token\"\ngrant = \"token_exchange\"\nclient_id = \"c\"\n\
+             client_secret = \"s\"\n{keys}\n[[routes]]\nprefix = \"/\"\nupstream = \"https://a.internal\"\nprovider = \"ex\"\n"
+        )
+    };
+    let config = load(&provider("audience = \"api\"")).unwrap();
+    let exchange = config.providers["ex"].exchange.clone().unwrap();
+    assert_eq!(exchange.subject, SubjectSource::Request, "the caller's token by default");
+    assert_eq!(exchange.subject_token_type, "urn:ietf:params:oauth:token-type:access_token");
+    assert_eq!((exchange.max_subjects, exchange.refused_subject_ttl), (10_000, Duration::from_secs(30)));
+    assert_eq!(exchange.dialect, ExchangeDialect::Rfc8693);
+    let printed = toml::to_string(&config).unwrap();
+    assert!(printed.contains("subject_token_source = \"request\""), "{printed}");
+    assert!(load(&printed).is_ok(), "{printed}");
+
+    let token = temp_file("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln");
+    let file =
+        format!("subject_token_file = {}\nsubject_token_type = \"jwt\"", quoted(&token.path().to_string_lossy()));
+    let exchange = load(&provider(&file)).unwrap().providers["ex"].exchange.clone().unwrap();
+    assert_eq!(exchange.subject, SubjectSource::File(token.path().to_owned()));
+    assert_eq!(exchange.subject_token_type, "urn:ietf:params:oauth:token-type:jwt");
+
+    assert_eq!(
+        problems(load(&provider("subject_token_source = \"file\""))),
+        ["providers.ex.subject_token_file: missing; subject_token_source = \"file\" exchanges the token in this file \
+          (e.g. a projected service-account token) (from tokenproxy.toml)"]
+    );
+    assert_eq!(
+        problems(load(&provider("exchange_dialect = \"entra_obo\"\nrequested_token_type = \"jwt\"\nsubject_token_type = \"saml3\""))),
+        [
+            "providers.ex.subject_token_type: unknown token type `saml3` (expected access_token, jwt, id_token, refresh_token, saml1, saml2 or a URN) (from tokenproxy.toml)",
+            "providers.ex.requested_token_type: not part of Entra's on-behalf-of request (exchange_dialect = \"entra_obo\"); remove it (from tokenproxy.toml)",
+        ]
+    );
+    // The caller's Authorization header is the subject: a route cannot keep it or refuse it.
+    let keep = provider("") + "incoming_authorization = \"keep\"\n";
+    let problems = problems(load(&keep));
+    assert_eq!(problems.len(), 1);
+    assert!(problems[0]
+        .starts_with("routes[0].incoming_authorization: this route's provider exchanges the caller's own token"));
+    let unused = with_provider("max_subjects = 5");
+    assert!(load(&unused).unwrap_err().to_string().contains("max_subjects: only used with grant = \"token_exchange\""));
 }
 
 #[test]

@@ -29,6 +29,13 @@ pub enum ProxyError {
         /// When to try again.
         retry_after: Option<Duration>,
     },
+    /// The caller's own token (the subject of a token exchange) got no token: missing, refused by the IdP.
+    Subject {
+        /// Why.
+        refusal: crate::token::SubjectRefusal,
+        /// Safe to show (never the token).
+        detail: String,
+    },
     /// Connect or TLS to the upstream failed.
     UpstreamUnreachable(String),
     /// `request_timeout` passed while the upstream had the whole request.
@@ -65,6 +72,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Subject { refusal: crate::token::SubjectRefusal::Refused, .. } => StatusCode::FORBIDDEN,
+            ProxyError::Subject { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -85,6 +94,11 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::Subject { refusal, .. } => match refusal {
+                crate::token::SubjectRefusal::Missing => "subject_token_missing",
+                crate::token::SubjectRefusal::Invalid => "subject_token_invalid",
+                crate::token::SubjectRefusal::Refused => "exchange_refused",
+            },
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::RequestTimeout(_) => "request_timeout",
@@ -98,6 +112,7 @@ impl ProxyError {
     fn title(&self) -> &'static str {
         match self {
             ProxyError::TokenUnavailable { .. } => "No valid access token is available for this route",
+            ProxyError::Subject { .. } => "The caller's token cannot be exchanged for this route",
             ProxyError::UpstreamUnreachable(_) => "The upstream could not be reached",
             ProxyError::UpstreamTimeout(_) => "The upstream did not answer in time",
             ProxyError::RequestTimeout(_) => "The request body did not arrive in time",
@@ -111,7 +126,7 @@ impl ProxyError {
 
     fn detail(&self) -> String {
         match self {
-            ProxyError::TokenUnavailable { detail, .. } => detail.clone(),
+            ProxyError::TokenUnavailable { detail, .. } | ProxyError::Subject { detail, .. } => detail.clone(),
             ProxyError::UpstreamUnreachable(detail) => detail.clone(),
             ProxyError::UpstreamTimeout(after) => format!("no response within request_timeout ({after:?})"),
             ProxyError::RequestTimeout(after) => {

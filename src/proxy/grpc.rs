@@ -50,6 +50,8 @@ pub fn code(error: &ProxyError) -> Code {
         ProxyError::TokenUnavailable { .. } | ProxyError::UpstreamUnreachable(_) => Code::Unavailable,
         ProxyError::UpstreamTimeout(_) | ProxyError::RequestTimeout(_) => Code::DeadlineExceeded,
         ProxyError::HostNotAllowed(_) => Code::PermissionDenied,
+        ProxyError::Subject { refusal: crate::token::SubjectRefusal::Refused, .. } => Code::PermissionDenied,
+        ProxyError::Subject { .. } => Code::Unauthenticated,
         ProxyError::NoRoute | ProxyError::MethodNotAllowed(_) => Code::Unimplemented,
         ProxyError::BadRequest(_) | ProxyError::Malformed(_) => Code::InvalidArgument,
     }

@@ -90,7 +90,7 @@ async fn forward(
     let requested = upgrade::requested(&mut parts);
     let target = Proxy::prepare(route, &mut parts, connection)?;
     frame_request(&mut parts, &body);
-    let token = match (&route.tokens, target.attach) {
+    let token = match (target.tokens(route), target.attach) {
         (Some(tokens), true) => Some(Proxy::credential(tokens.as_ref(), None).await?),
         _ => None,
     };
@@ -151,7 +151,7 @@ async fn forward(
         Err(other) => return Err(other.into_error()),
         Ok(response) => response,
     };
-    let watch = grpc.then(|| unauthenticated_watch(route, token.as_deref())).flatten();
+    let watch = grpc.then(|| unauthenticated_watch(route, &target, token.as_deref())).flatten();
     let Decision::Replay { .. } = Proxy::decide(route, answer(&response), token.as_deref(), false) else {
         return Ok(finish(response, head_request, watch));
     };
@@ -167,8 +167,8 @@ async fn forward(
 
 /// For a gRPC call carrying `token` on a route with `grpc_unauthenticated_refresh`: what retires the token when the
 /// call is answered `UNAUTHENTICATED`.
-fn unauthenticated_watch(route: &Route, token: Option<&Token>) -> Option<Box<UnauthenticatedWatch>> {
-    let (tokens, token) = (route.tokens.as_ref()?, token?);
+fn unauthenticated_watch(route: &Route, target: &Target, token: Option<&Token>) -> Option<Box<UnauthenticatedWatch>> {
+    let (tokens, token) = (target.tokens(route)?, token?);
     route.grpc_unauthenticated_refresh.then(|| {
         Box::new(UnauthenticatedWatch {
             tokens: std::sync::Arc::clone(tokens),
@@ -274,7 +274,7 @@ async fn replay_after_401(
     first: Attempt<'_>,
     replayed: &mut bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let Some(tokens) = &route.tokens else { return Ok(finish(first.response, first.head_request, None)) };
+    let Some(tokens) = target.tokens(route) else { return Ok(finish(first.response, first.head_request, None)) };
     let deadline = first.deadline;
     let body = match tokio::time::timeout_at(deadline, first.replay.replay()).await {
         Ok(Some(body)) => body,
@@ -292,7 +292,7 @@ async fn replay_after_401(
     let request = attach(route, target, parts, Some(&fresh), UpstreamBody::Replay { body })?;
     let response = send(proxy, route, request, deadline, false).await.map_err(Failure::into_error)?;
     Proxy::decide(route, answer(&response), Some(&fresh), true);
-    let watch = first.grpc.then(|| unauthenticated_watch(route, Some(&fresh))).flatten();
+    let watch = first.grpc.then(|| unauthenticated_watch(route, target, Some(&fresh))).flatten();
     Ok(finish(response, head_request, watch))
 }
 

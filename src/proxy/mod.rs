@@ -51,7 +51,7 @@ pub use upstream::{UpstreamBody, UpstreamClient};
 
 use crate::config::IncomingAuthorization;
 use crate::metrics::{ReplayOutcome, RouteMetrics};
-use crate::token::{Token, TokenSource};
+use crate::token::{SubjectRefusal, Token, TokenSource};
 
 /// What the proxy knows of the connection a request came on.
 pub struct Connection {
@@ -103,6 +103,15 @@ struct Target {
     query: Option<String>,
     /// Attach our token (false when the route keeps the caller's own credential, or has no provider).
     attach: bool,
+    /// On a route that exchanges each caller's token: this caller's tokens.
+    caller_tokens: Option<Arc<dyn TokenSource>>,
+}
+
+impl Target {
+    /// Where this request's token comes from: its caller's (token exchange), or the route's.
+    fn tokens<'a>(&'a self, route: &'a Route) -> Option<&'a Arc<dyn TokenSource>> {
+        self.caller_tokens.as_ref().or(route.tokens.as_ref())
+    }
 }
 
 /// A request's bookkeeping from its arrival to its answer. Dropped before [`Proxy::end`] (the caller went away and
@@ -345,7 +354,7 @@ impl Proxy {
             Injection::Query { param } => query_has(parts.uri.query(), param),
             _ => parts.headers.contains_key(&route.credential_header),
         };
-        let mut attach = route.tokens.is_some();
+        let mut attach = route.tokens.is_some() || route.exchange.is_some();
         match route.incoming_authorization {
             IncomingAuthorization::Reject if caller_credential => {
                 return Err(ProxyError::BadRequest(format!(
@@ -358,6 +367,23 @@ impl Proxy {
             IncomingAuthorization::Keep if caller_credential => attach = false,
             _ => {}
         }
+        // The caller's own bearer token is the subject of the exchange: kept here (never forwarded: the header goes
+        // below), its hash the key of the caller's tokens.
+        let caller_tokens = match &route.exchange {
+            Some(exchange) => match bearer_token(&parts.headers) {
+                Some(subject) => Some(exchange.for_subject(subject)),
+                None => {
+                    return Err(ProxyError::Subject {
+                        refusal: SubjectRefusal::Missing,
+                        detail: format!(
+                            "route `{}` exchanges the caller's own token: send it as `Authorization: Bearer …`",
+                            route.name
+                        ),
+                    })
+                }
+            },
+            None => None,
+        };
         let mut query = None;
         if attach {
             match &route.injection {
@@ -370,7 +396,7 @@ impl Proxy {
                 }
             }
         }
-        Ok(Target { original: parts.uri.clone(), query, attach })
+        Ok(Target { original: parts.uri.clone(), query, attach, caller_tokens })
     }
 
     /// Phase 3: the token to attach: the current one, or a wait for the single token call in flight.
@@ -380,10 +406,10 @@ impl Proxy {
                 return Ok(token);
             }
         }
-        tokens
-            .obtain(rejected)
-            .await
-            .map_err(|e| ProxyError::TokenUnavailable { detail: e.to_string(), retry_after: e.retry_after })
+        tokens.obtain(rejected).await.map_err(|e| match e.refusal {
+            Some(refusal) => ProxyError::Subject { refusal, detail: e.reason },
+            None => ProxyError::TokenUnavailable { detail: e.to_string(), retry_after: e.retry_after },
+        })
     }
 
     /// Phase 4: the upstream URI of a request, and the header that carries `token` (none when the route puts it in
@@ -416,7 +442,7 @@ impl Proxy {
         }
         route.metrics.upstream_unauthorized.inc();
         match token {
-            Some(token) if route.retry_on_401 && route.tokens.is_some() => {
+            Some(token) if route.retry_on_401 && (route.tokens.is_some() || route.exchange.is_some()) => {
                 Decision::Replay { rejected: token.generation }
             }
             _ => Decision::Deliver,
@@ -526,6 +552,14 @@ pub(crate) fn new_request_id() -> HeaderValue {
 }
 
 /// The header that carries `token` on `route` (none when the route puts it in the query).
+/// The token of an `Authorization: Bearer …` header (any case of the scheme), if the request has one.
+fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 fn token_header<'r>(route: &'r Route, token: &Token) -> Result<Option<(&'r HeaderName, HeaderValue)>, ProxyError> {
     static AUTHORIZATION: HeaderName = http::header::AUTHORIZATION;
     match &route.injection {

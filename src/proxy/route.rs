@@ -14,7 +14,8 @@ use http::{HeaderName, HeaderValue, Uri};
 use super::upstream::{RouteTls, UpstreamClient, Via};
 use crate::config::{EncodedSlashes, IncomingAuthorization, Inject, RouteConfig, UpstreamProtocol};
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::token::TokenSource;
+use crate::token::exchange::ExchangeCache;
+use crate::token::{TokenBinding, TokenSource};
 
 /// How a route attaches its token.
 #[derive(Debug, Clone)]
@@ -50,8 +51,10 @@ pub struct Route {
     base_path: String,
     /// The provider's name, if the route attaches tokens.
     pub provider: Option<Arc<str>>,
-    /// The provider's tokens.
+    /// The provider's tokens (one for every request).
     pub tokens: Option<Arc<dyn TokenSource>>,
+    /// A token per caller: the provider exchanges each request's own bearer token (`tokens` is then `None`).
+    pub exchange: Option<Arc<ExchangeCache>>,
     /// How the token is attached.
     pub injection: Injection,
     /// The header the caller's own credential would be in (for `incoming_authorization`).
@@ -86,7 +89,7 @@ impl Route {
     /// Resolves a route config; `tokens` gives the token source of a provider name.
     pub fn new(
         config: &RouteConfig,
-        tokens: &dyn Fn(&str) -> Option<Arc<dyn TokenSource>>,
+        tokens: &dyn Fn(&str) -> Option<TokenBinding>,
         metrics: &Metrics,
         client: &UpstreamClient,
     ) -> Result<Route, RouteError> {
@@ -101,11 +104,13 @@ impl Route {
         let authority: Authority = authority_text.parse().map_err(|e| error(format!("upstream authority: {e}")))?;
         let host_header =
             HeaderValue::from_str(authority.as_str()).map_err(|e| error(format!("upstream authority: {e}")))?;
-        let tokens = match &config.provider {
-            Some(provider) => {
-                Some(tokens(provider).ok_or_else(|| error(format!("no token source for provider `{provider}`")))?)
-            }
-            None => None,
+        let (tokens, exchange) = match &config.provider {
+            Some(provider) => match tokens(provider) {
+                Some(TokenBinding::Shared(tokens)) => (Some(tokens), None),
+                Some(TokenBinding::PerCaller(exchange)) => (None, Some(exchange)),
+                None => return Err(error(format!("no token source for provider `{provider}`"))),
+            },
+            None => (None, None),
         };
         let injection = match config.inject {
             Inject::Query => Injection::Query { param: config.query_param.clone() },
@@ -135,6 +140,7 @@ impl Route {
             base_path: upstream.path().trim_end_matches('/').to_owned(),
             provider: config.provider.as_deref().map(Arc::from),
             tokens,
+            exchange,
             injection,
             credential_header: match config.inject {
                 Inject::Header => config.header_name.clone(),

@@ -73,9 +73,11 @@ pub(super) async fn forward(
     let request =
         super::hyper_transport::attach(route, target, parts, token.as_deref(), UpstreamBody::Plain { body, waiting })?;
     let mut response = send(proxy, route, request, deadline).await?;
-    if let (Decision::Replay { rejected }, Some(head), Some(tokens)) =
-        (Proxy::decide(route, super::hyper_transport::answer(&response), token.as_deref(), false), head, &route.tokens)
-    {
+    if let (Decision::Replay { rejected }, Some(head), Some(tokens)) = (
+        Proxy::decide(route, super::hyper_transport::answer(&response), token.as_deref(), false),
+        head,
+        target.tokens(route),
+    ) {
         if let Some(fresh) = Proxy::replacement(route, tokens.as_ref(), rejected, deadline).await {
             *replayed = true;
             drop(response);

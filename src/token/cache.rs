@@ -283,6 +283,7 @@ impl TokenSlot {
                     ),
                     retry_after: Some(next - now),
                     rate_limited: true,
+                    refusal: None,
                 });
             }
         }
@@ -304,6 +305,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Why no token could be had for a caller's own token (the subject of a token exchange): the caller's fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectRefusal {
+    /// The request carries no bearer token to exchange.
+    Missing,
+    /// The IdP refused the subject token (`invalid_grant`: expired, revoked, forged).
+    Invalid,
+    /// The IdP refused the exchange for this subject (`invalid_target`, `unauthorized_client`, `access_denied`).
+    Refused,
+}
+
 /// Why a request could not get a token.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("no valid token for provider `{provider}`: {reason}")]
@@ -316,6 +328,8 @@ pub struct TokenUnavailable {
     pub retry_after: Option<Duration>,
     /// No token call was made because a refresh limit refused it (see [`RefreshLimits`]).
     pub rate_limited: bool,
+    /// For a caller's own token (token exchange): why it got none, when that is the caller's fault.
+    pub refusal: Option<SubjectRefusal>,
 }
 
 impl TokenSlot {
@@ -398,6 +412,7 @@ impl TokenSlot {
             reason: status.last_error.clone().unwrap_or_else(|| "no token obtained yet".to_owned()),
             retry_after,
             rate_limited: false,
+            refusal: None,
         }
     }
 
@@ -423,6 +438,7 @@ impl TokenSlot {
                     ),
                     retry_after: Some(next - now),
                     rate_limited: true,
+                    refusal: None,
                 });
             }
             pacing.last_manual = Some(now);

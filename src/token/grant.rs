@@ -15,7 +15,10 @@ use super::refresh::TokenFetcher;
 use super::response::{TokenError, TokenResponse};
 use super::session::RefreshSession;
 use super::store::StateStore;
-use crate::config::{AssertionDialect, ClientAuth, Grant, ProviderConfig, Secret, SecretError};
+use crate::config::{
+    AssertionDialect, ClientAuth, ExchangeConfig, ExchangeDialect, Grant, ProviderConfig, Secret, SecretError,
+    SecretSource, SubjectSource,
+};
 use crate::tls::TlsError;
 
 /// A request to the IdP ready to send: its form body and, for `client_secret_basic`, its `Authorization` header.
@@ -92,6 +95,42 @@ pub fn build_request(
     Ok(TokenRequest { body: form.finish(), authorization })
 }
 
+/// The form of a token exchange of `subject` (RFC 8693 §2.1, or Entra's on-behalf-of request).
+pub fn exchange_request(
+    provider: &ProviderConfig,
+    exchange: &ExchangeConfig,
+    subject: &str,
+) -> Result<TokenRequest, SecretError> {
+    match exchange.dialect {
+        ExchangeDialect::Rfc8693 => {
+            let actor = exchange.actor_token.as_ref().map(|source| source.read()).transpose()?;
+            let mut params = vec![
+                ("grant_type", grant_type(Grant::TokenExchange)),
+                ("subject_token", subject),
+                ("subject_token_type", exchange.subject_token_type.as_str()),
+            ];
+            if let Some(actor) = &actor {
+                params.extend([
+                    ("actor_token", actor.expose()),
+                    ("actor_token_type", exchange.actor_token_type.as_str()),
+                ]);
+            }
+            if let Some(requested) = &exchange.requested_token_type {
+                params.push(("requested_token_type", requested.as_str()));
+            }
+            build_request(provider, &params, Profile::Full)
+        }
+        ExchangeDialect::EntraObo => {
+            let params = [
+                ("grant_type", grant_type(Grant::JwtBearer)),
+                ("assertion", subject),
+                ("requested_token_use", "on_behalf_of"),
+            ];
+            build_request(provider, &params, Profile::Full)
+        }
+    }
+}
+
 /// `grant_type` value of a grant.
 pub fn grant_type(grant: Grant) -> &'static str {
     match grant {
@@ -166,11 +205,28 @@ impl GrantFetcher {
                 };
                 self.idp.token_call(request).await
             }
+            (None, Grant::TokenExchange) => {
+                let exchange = provider.exchange.as_ref().ok_or_else(|| TokenError::Malformed("no exchange".into()))?;
+                let SubjectSource::File(path) = &exchange.subject else {
+                    return Err(TokenError::Malformed("the subject token comes with each request".into()));
+                };
+                let subject = SecretSource::File(path.clone()).read()?;
+                self.exchange(subject.expose()).await
+            }
             (None, grant) => {
                 let params = [("grant_type", grant_type(grant))];
                 self.idp.token_call(build_request(provider, &params, Profile::Full)?).await
             }
         }
+    }
+}
+
+impl GrantFetcher {
+    /// Exchanges `subject` (`grant = "token_exchange"`).
+    pub async fn exchange(&self, subject: &str) -> Result<TokenResponse, TokenError> {
+        let provider = self.idp.provider();
+        let exchange = provider.exchange.as_ref().ok_or_else(|| TokenError::Malformed("no exchange".into()))?;
+        self.idp.token_call(exchange_request(provider, exchange, subject)?).await
     }
 }
 

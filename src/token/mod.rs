@@ -10,6 +10,7 @@
 pub mod assertion;
 pub mod cache;
 pub mod device;
+pub mod exchange;
 pub mod grant;
 pub mod idp;
 pub mod refresh;
@@ -25,14 +26,14 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
-pub use cache::{RefreshLimits, SlotStatus, Token, TokenSlot, TokenUnavailable};
+pub use cache::{RefreshLimits, SlotStatus, SubjectRefusal, Token, TokenSlot, TokenUnavailable};
 pub use grant::GrantFetcher;
 pub use idp::IdpClient;
 pub use refresh::{RefreshScheduler, Timing, TokenFetcher};
 pub use response::{AccessToken, TokenError, TokenResponse};
 pub use store::StateStore;
 
-use crate::config::{Config, DuringRefresh, ProviderConfig, SecretSource};
+use crate::config::{Config, DuringRefresh, ProviderConfig, SecretSource, SubjectSource};
 use crate::metrics::Metrics;
 use crate::tls::TlsError;
 
@@ -54,6 +55,16 @@ impl TokenSource for TokenSlot {
     fn obtain(&self, rejected: Option<u64>) -> BoxFuture<'_, Result<Arc<Token>, TokenUnavailable>> {
         Box::pin(TokenSlot::obtain(self, rejected))
     }
+}
+
+/// How a route gets its tokens.
+#[derive(Clone)]
+pub enum TokenBinding {
+    /// One token for every request (the provider's slot, or a route profile's).
+    Shared(Arc<dyn TokenSource>),
+    /// A token per caller: each request's own bearer token exchanged (`grant = "token_exchange"`, subject from the
+    /// request).
+    PerCaller(Arc<exchange::ExchangeCache>),
 }
 
 /// One provider of the engine: its slot, its fetcher, and the refresher task that serves it.
@@ -80,6 +91,8 @@ impl Drop for Provider {
 /// Every provider's slot and refresher.
 pub struct TokenEngine {
     providers: BTreeMap<String, Arc<Provider>>,
+    /// Providers that exchange each caller's own token: no slot, a cache of tokens per caller.
+    exchanges: BTreeMap<String, (ProviderConfig, Arc<exchange::ExchangeCache>)>,
     /// Providers that routes use: fetched at startup, counted for readiness.
     routed: BTreeSet<String>,
     state_dir: PathBuf,
@@ -116,7 +129,34 @@ impl TokenEngine {
         let routed: BTreeSet<String> = config.routes.iter().filter_map(|r| r.provider.clone()).collect();
         let mut changes = ProviderChanges::default();
         let mut providers = BTreeMap::new();
+        let mut exchanges = BTreeMap::new();
         for (name, provider) in &config.providers {
+            if let Some(settings) = provider.exchange.as_ref().filter(|e| e.subject == SubjectSource::Request) {
+                let kept = old
+                    .and_then(|old| old.exchanges.get(name))
+                    .filter(|(config, _)| config == provider)
+                    .map(|(_, cache)| Arc::clone(cache));
+                let cache = match kept {
+                    Some(cache) => {
+                        changes.kept.push(name.clone());
+                        cache
+                    }
+                    None => {
+                        changes.started.push(name.clone());
+                        let fetcher =
+                            Arc::new(GrantFetcher::new(provider.clone(), StateStore::new(&config.state.dir))?);
+                        exchange::ExchangeCache::new(
+                            provider,
+                            settings,
+                            fetcher,
+                            metrics.provider(name),
+                            metrics.exchange(name),
+                        )
+                    }
+                };
+                exchanges.insert(name.clone(), (provider.clone(), cache));
+                continue;
+            }
             let same = old
                 .filter(|old| old.state_dir == config.state.dir)
                 .and_then(|old| old.providers.get(name))
@@ -153,9 +193,15 @@ impl TokenEngine {
             changes.started.push(name.clone());
         }
         if let Some(old) = old {
-            changes.removed = old.providers.keys().filter(|n| !providers.contains_key(*n)).cloned().collect();
+            changes.removed = old
+                .providers
+                .keys()
+                .chain(old.exchanges.keys())
+                .filter(|n| !providers.contains_key(*n) && !exchanges.contains_key(*n))
+                .cloned()
+                .collect();
         }
-        Ok((TokenEngine { providers, routed, state_dir: config.state.dir.clone() }, changes))
+        Ok((TokenEngine { providers, exchanges, routed, state_dir: config.state.dir.clone() }, changes))
     }
 
     /// Starts the refresher of every provider not running yet; routed providers fetch their first token at once,
@@ -194,6 +240,19 @@ impl TokenEngine {
     /// The slot of provider `name`.
     pub fn slot(&self, name: &str) -> Option<Arc<TokenSlot>> {
         self.providers.get(name).map(|p| Arc::clone(&p.slot))
+    }
+
+    /// How routes naming provider `name` get their tokens.
+    pub fn binding(&self, name: &str) -> Option<TokenBinding> {
+        if let Some((_, cache)) = self.exchanges.get(name) {
+            return Some(TokenBinding::PerCaller(Arc::clone(cache)));
+        }
+        self.slot(name).map(|slot| TokenBinding::Shared(slot as Arc<dyn TokenSource>))
+    }
+
+    /// The providers that exchange each caller's token: name, cache, and whether a route uses it.
+    pub fn exchanges(&self) -> impl Iterator<Item = (&str, &Arc<exchange::ExchangeCache>, bool)> {
+        self.exchanges.iter().map(|(name, (_, cache))| (name.as_str(), cache, self.routed.contains(name)))
     }
 
     /// Every provider: name, slot, and whether a route uses it.

@@ -504,6 +504,7 @@ async function newRotatingKey() {
 await newRotatingKey();
 
 const JWT_BEARER_GRANT = 'urn:ietf:params:oauth:grant-type:jwt-bearer';
+const TOKEN_EXCHANGE_GRANT = 'urn:ietf:params:oauth:grant-type:token-exchange';
 
 const clientBase = {
   grant_types: ['client_credentials'],
@@ -561,6 +562,13 @@ const provider = new Provider(issuer, {
       token_endpoint_auth_method: 'private_key_jwt',
       jwks: { keys: [key.publicJwk] },
     })),
+    {
+      ...clientBase,
+      client_id: 'tp-exchange',
+      client_secret: 'tp-exchange-secret',
+      token_endpoint_auth_method: 'client_secret_basic',
+      grant_types: [TOKEN_EXCHANGE_GRANT],
+    },
     {
       ...clientBase,
       client_id: 'tp-jwt-grant',
@@ -788,6 +796,34 @@ provider.registerGrantType(JWT_BEARER_GRANT, async (ctx) => {
   const value = await token.save();
   ctx.body = { access_token: value, expires_in: token.expiration, token_type: 'Bearer', scope: token.scope };
 }, ['assertion', 'scope']);
+
+// grant_type=urn:ietf:params:oauth:grant-type:token-exchange (RFC 8693) for tp-exchange (client_secret_basic): the
+// subject token must be an access token this provider issued (signature with its own key, iss, aud, exp) and of
+// type access_token; a subject issued to tp-post is refused (unauthorized_client), any other failure is
+// invalid_grant. The token is the usual JWT, for tp-exchange. /_test/stats counts the calls as tp-exchange's.
+const subjectKey = await importJWK({ kty: signingKey.kty, n: signingKey.n, e: signingKey.e }, 'RS256');
+provider.registerGrantType(TOKEN_EXCHANGE_GRANT, async (ctx) => {
+  const { client, params } = ctx.oidc;
+  if (params.subject_token_type !== 'urn:ietf:params:oauth:token-type:access_token') {
+    throw new errors.InvalidRequest('subject_token_type must be urn:ietf:params:oauth:token-type:access_token');
+  }
+  let payload;
+  try {
+    ({ payload } = await jwtVerify(String(params.subject_token ?? ''), subjectKey, { issuer, audience: RESOURCE }));
+  } catch (err) {
+    throw new errors.InvalidGrant(`subject token refused: ${err.code ?? err.message}`);
+  }
+  if (payload.client_id === 'tp-post') throw new errors.UnauthorizedClient('subjects of tp-post may not be exchanged');
+  const token = new provider.ClientCredentials({ client, scope: 'api.read' });
+  token.resourceServer = new provider.ResourceServer(RESOURCE, {
+    audience: RESOURCE, scope: RESOURCE_SCOPE, accessTokenFormat: 'jwt', accessTokenTTL: tokenTtl, jwt: { sign: { alg: 'RS256' } },
+  });
+  const value = await token.save();
+  ctx.body = {
+    access_token: value, issued_token_type: 'urn:ietf:params:oauth:token-type:access_token',
+    expires_in: token.expiration, token_type: 'Bearer', scope: token.scope,
+  };
+}, ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type', 'requested_token_type', 'audience', 'resource', 'scope']);
 
 providerCallback = provider.callback();
 writeStdout(`READY ${issuer}\n`);

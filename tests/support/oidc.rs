@@ -40,6 +40,8 @@ pub const POST_CLIENT: (&str, &str) = ("tp-post", "tp-post-secret");
 /// client_id / secret of the provider's session client (client_secret_basic): rotating refresh tokens,
 /// device flow, revocation.
 pub const ROTATE_CLIENT: (&str, &str) = ("tp-rotate", "tp-rotate-secret");
+/// client_id / secret of the provider's token-exchange client (RFC 8693 grant registered on the provider).
+pub const EXCHANGE_CLIENT: (&str, &str) = ("tp-exchange", "tp-exchange-secret");
 /// The scope a seeded or device-approved session of [`ROTATE_CLIENT`] holds.
 pub const SESSION_SCOPE: &str = "openid offline_access api.read";
 
@@ -449,6 +451,31 @@ impl IdpProcess {
     pub async fn refresh_stats(&self) -> RefreshStats {
         let stats = self.stats().await;
         serde_json::from_value(stats["refresh"].clone()).unwrap_or_else(|e| panic!("refresh stats: {e}: {stats}"))
+    }
+
+    /// An access token for `client` (client_secret_basic) straight from the token endpoint, not through tokenproxy:
+    /// a caller's own token, for the tests of token exchange.
+    /// [`POST_CLIENT`] sends its secret in the form, every other client with HTTP Basic.
+    pub async fn client_credentials(&self, client: (&str, &str)) -> String {
+        let post = client.0 == POST_CLIENT.0;
+        let mut form = vec![("grant_type", "client_credentials"), ("scope", "api.read")];
+        if post {
+            form.extend([("client_id", client.0), ("client_secret", client.1)]);
+        }
+        let body: String = form_urlencoded_pairs(&form);
+        let basic = basic_auth(client.0, client.1);
+        let mut headers = vec![("content-type", "application/x-www-form-urlencoded")];
+        if !post {
+            headers.push(("authorization", basic.as_str()));
+        }
+        let url = self.token_endpoint().await;
+        let reply = self
+            .http
+            .try_send(Method::POST, &url, &headers, Bytes::from(body))
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(reply.status, StatusCode::OK, "{url}: {}", reply.text());
+        reply.json()["access_token"].as_str().expect("access_token").to_owned()
     }
 
     /// Redeems `refresh_token` at the token endpoint as [`ROTATE_CLIENT`] itself (not through tokenproxy).

@@ -441,7 +441,7 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
         Ok(target) => target,
         Err(error) => return Outcome::Error(error),
     };
-    let mut token = match (&route.tokens, target.attach) {
+    let mut token = match (target.tokens(route), target.attach) {
         (Some(tokens), true) => match Proxy::credential(tokens.as_ref(), None).await {
             Ok(token) => Some(token),
             Err(error) => return Outcome::Error(error),
@@ -474,7 +474,7 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
             None => return Outcome::Error(ProxyError::UpstreamTimeout(proxy.request_timeout)),
         };
         let answer = Answer { status: head.status, invalid_token: head.invalid_token };
-        let fresh = match (Proxy::decide(route, answer, token.as_deref(), replayed), &route.tokens) {
+        let fresh = match (Proxy::decide(route, answer, token.as_deref(), replayed), target.tokens(route)) {
             (Decision::Replay { rejected }, Some(tokens)) => {
                 timer.within(deadline, Proxy::replacement(route, tokens.as_ref(), rejected, deadline)).await.flatten()
             }

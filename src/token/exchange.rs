@@ -1,0 +1,353 @@
+//! Tokens per caller: `grant = "token_exchange"` with `subject_token_source = "request"` (docs/token-exchange.md).
+//!
+//! Each caller's bearer token (the subject) is exchanged at the IdP for a token the upstream accepts. Exchanged tokens
+//! live in a bounded cache keyed by the SHA-256 of the subject (never the subject itself), each entry expiring when
+//! its token stops being usable — and never after the subject's own `exp` when the subject is a JWT. At most
+//! `max_subjects` callers are kept, the least recently used evicted first, so a new caller is always admitted.
+//!
+//! One exchange per subject at a time: concurrent requests of one caller wait for the same exchange, which runs in a
+//! task of its own, so a caller that goes away neither cancels it nor causes a second one; different callers never
+//! wait on each other. A subject the IdP refused is remembered (by hash) for `refused_subject_ttl` and answered
+//! without an IdP call; a 401 from the upstream to a caller's token makes at most one new exchange for that caller per
+//! `unauthorized_refresh_interval`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use super::cache::{lock, SubjectRefusal, Token, TokenUnavailable};
+use super::grant::GrantFetcher;
+use super::refresh::Timing;
+use super::response::TokenError;
+use super::TokenSource;
+use crate::config::{ExchangeConfig, ProviderConfig};
+use crate::metrics::{ExchangeMetrics, ProviderMetrics};
+
+/// The SHA-256 of a subject token: the only form in which it is kept.
+pub type SubjectKey = [u8; 32];
+
+type Exchange = Shared<BoxFuture<'static, Result<Arc<Token>, TokenUnavailable>>>;
+
+/// The exchanged tokens of one provider, per caller.
+pub struct ExchangeCache {
+    name: Arc<str>,
+    fetcher: Arc<GrantFetcher>,
+    timing: Timing,
+    timeout: Duration,
+    unauthorized_interval: Duration,
+    tokens: moka::sync::Cache<SubjectKey, Arc<Token>>,
+    /// Subjects the IdP refused, with why.
+    refused: moka::sync::Cache<SubjectKey, SubjectRefusal>,
+    /// Subjects whose token an upstream refused lately: no second exchange for them inside the interval.
+    forced: moka::sync::Cache<SubjectKey, ()>,
+    inflight: Mutex<HashMap<SubjectKey, Exchange>>,
+    generation: AtomicU64,
+    /// Whether the token endpoint answered at the last exchange (readiness).
+    reachable: AtomicBool,
+    metrics: ProviderMetrics,
+    cache_metrics: ExchangeMetrics,
+}
+
+/// Entries expire when their token stops being usable (moka's clock is its own: hits are checked again on read).
+struct UsableUntil;
+
+impl moka::Expiry<SubjectKey, Arc<Token>> for UsableUntil {
+    fn expire_after_create(&self, _key: &SubjectKey, token: &Arc<Token>, _now: std::time::Instant) -> Option<Duration> {
+        Some(token.usable_until.saturating_duration_since(Instant::now()))
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &SubjectKey,
+        token: &Arc<Token>,
+        now: std::time::Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, token, now)
+    }
+}
+
+impl ExchangeCache {
+    /// The cache of `provider` (`grant = "token_exchange"`, subject from the request).
+    pub fn new(
+        provider: &ProviderConfig,
+        exchange: &ExchangeConfig,
+        fetcher: Arc<GrantFetcher>,
+        metrics: ProviderMetrics,
+        cache_metrics: ExchangeMetrics,
+    ) -> Arc<ExchangeCache> {
+        let evicted = cache_metrics.evicted.clone();
+        let tokens = moka::sync::Cache::builder()
+            .max_capacity(exchange.max_subjects)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .expire_after(UsableUntil)
+            .eviction_listener(move |_key, _token, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    evicted.inc();
+                }
+            })
+            .build();
+        let refused = moka::sync::Cache::builder()
+            .max_capacity(exchange.max_subjects)
+            .time_to_live(exchange.refused_subject_ttl.max(Duration::from_millis(1)))
+            .build();
+        let forced = moka::sync::Cache::builder()
+            .max_capacity(exchange.max_subjects)
+            .time_to_live(provider.unauthorized_refresh_interval.max(Duration::from_millis(1)))
+            .build();
+        Arc::new(ExchangeCache {
+            name: Arc::from(provider.name.as_str()),
+            fetcher,
+            timing: Timing { refresh_at: provider.refresh_at, expiry_skew: provider.expiry_skew },
+            timeout: provider.timeout,
+            unauthorized_interval: provider.unauthorized_refresh_interval,
+            tokens,
+            refused,
+            forced,
+            inflight: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            reachable: AtomicBool::new(true),
+            metrics,
+            cache_metrics,
+        })
+    }
+
+    /// The provider's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the token endpoint answered at the last exchange (true before the first).
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// Callers with a token in the cache now.
+    pub fn subjects(&self) -> u64 {
+        self.tokens.run_pending_tasks();
+        self.tokens.entry_count()
+    }
+
+    /// The token source for one request whose caller presented `subject`.
+    pub fn for_subject(self: &Arc<Self>, subject: &str) -> Arc<dyn TokenSource> {
+        Arc::new(SubjectTokens { cache: Arc::clone(self), key: subject_key(subject), subject: Arc::from(subject) })
+    }
+
+    /// The caller's usable token from the cache, if any.
+    fn hit(&self, key: &SubjectKey) -> Option<Arc<Token>> {
+        let token = self.tokens.get(key).filter(|token| token.is_usable(Instant::now()))?;
+        self.cache_metrics.hit.inc();
+        Some(token)
+    }
+
+    fn unavailable(&self, reason: String, refusal: Option<SubjectRefusal>, rate_limited: bool) -> TokenUnavailable {
+        TokenUnavailable { provider: Arc::clone(&self.name), reason, retry_after: None, rate_limited, refusal }
+    }
+
+    /// The caller's token: from the cache, or the one exchange in flight for this subject (started if none is).
+    /// `rejected`: the generation an upstream refused, if that is why we ask.
+    async fn obtain(
+        self: &Arc<Self>,
+        key: SubjectKey,
+        subject: &Arc<str>,
+        rejected: Option<u64>,
+    ) -> Result<Arc<Token>, TokenUnavailable> {
+        if let Some(refusal) = self.refused.get(&key) {
+            self.cache_metrics.refused.inc();
+            return Err(self.unavailable(refusal_reason(refusal).into(), Some(refusal), false));
+        }
+        match rejected {
+            None => {
+                if let Some(token) = self.hit(&key) {
+                    return Ok(token);
+                }
+            }
+            Some(generation) => {
+                if let Some(token) = self.tokens.get(&key).filter(|token| token.generation != generation) {
+                    if token.is_usable(Instant::now()) {
+                        return Ok(token); // another request of this caller got a newer one already
+                    }
+                }
+                // The 401 budget, per caller: one forced exchange per interval.
+                if !self.unauthorized_interval.is_zero() && self.forced.contains_key(&key) {
+                    return Err(self.unavailable(
+                        "the upstream refused this caller's token again within unauthorized_refresh_interval".into(),
+                        None,
+                        true,
+                    ));
+                }
+                self.forced.insert(key, ());
+                self.tokens.invalidate(&key);
+            }
+        }
+        self.cache_metrics.miss.inc();
+        let exchange = {
+            let mut inflight = lock(&self.inflight);
+            match inflight.get(&key) {
+                Some(exchange) => {
+                    self.metrics.singleflight_waiters.inc();
+                    exchange.clone()
+                }
+                None => {
+                    let cache = Arc::clone(self);
+                    let subject = Arc::clone(subject);
+                    let task = tokio::spawn(async move {
+                        let result = cache.exchange(key, &subject).await;
+                        lock(&cache.inflight).remove(&key);
+                        result
+                    });
+                    let name = Arc::clone(&self.name);
+                    let exchange = async move {
+                        task.await.unwrap_or_else(|error| {
+                            Err(TokenUnavailable {
+                                provider: name,
+                                reason: format!("the exchange task failed: {error}"),
+                                retry_after: None,
+                                rate_limited: false,
+                                refusal: None,
+                            })
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    inflight.insert(key, exchange.clone());
+                    exchange
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => {
+                Err(self.unavailable(format!("the token exchange timed out after {:?}", self.timeout), None, false))
+            }
+        }
+    }
+
+    /// One exchange of `subject` at the IdP; the token (or the refusal) is cached before it is returned.
+    async fn exchange(&self, key: SubjectKey, subject: &str) -> Result<Arc<Token>, TokenUnavailable> {
+        let started = Instant::now();
+        let started_wall = SystemTime::now();
+        let result = tokio::time::timeout(self.timeout, self.fetcher.exchange(subject))
+            .await
+            .unwrap_or(Err(TokenError::Timeout(self.timeout)));
+        self.metrics.token_duration.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(response) => {
+                self.metrics.token_success.inc();
+                self.reachable.store(true, Ordering::Relaxed);
+                let schedule = self.timing.schedule(response.lifetime, 0.0);
+                let mut usable_until = started + schedule.usable_for;
+                // An exchanged token never outlives its subject.
+                if let Some(left) =
+                    jwt_exp(subject).map(|exp| exp.duration_since(SystemTime::now()).unwrap_or_default())
+                {
+                    usable_until = usable_until.min(Instant::now() + left);
+                }
+                let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                let token = Arc::new(Token::new(
+                    response.access_token,
+                    generation,
+                    usable_until,
+                    started_wall + response.lifetime,
+                    SystemTime::now(),
+                ));
+                self.tokens.insert(key, Arc::clone(&token));
+                self.cache_metrics.subjects.set(self.tokens.entry_count() as i64);
+                tracing::debug!(provider = %self.name, generation, "exchanged a caller's token");
+                Ok(token)
+            }
+            Err(error) => {
+                self.metrics.token_error.inc();
+                let refusal = match &error {
+                    TokenError::Rejected { error: code, .. } if code == "invalid_grant" => {
+                        Some(SubjectRefusal::Invalid)
+                    }
+                    TokenError::Rejected { error: code, .. }
+                        if ["invalid_target", "unauthorized_client", "access_denied", "invalid_scope"]
+                            .contains(&code.as_str()) =>
+                    {
+                        Some(SubjectRefusal::Refused)
+                    }
+                    _ => None,
+                };
+                self.reachable.store(
+                    !matches!(error, TokenError::Connect(_) | TokenError::Timeout(_) | TokenError::Interrupted(_)),
+                    Ordering::Relaxed,
+                );
+                if let Some(refusal) = refusal {
+                    self.refused.insert(key, refusal);
+                    tracing::info!(provider = %self.name, "the identity provider refused a caller's token: {error}");
+                } else {
+                    tracing::warn!(provider = %self.name, "token exchange failed: {error}");
+                }
+                Err(self.unavailable(error.to_string(), refusal, false))
+            }
+        }
+    }
+}
+
+/// What the caller is told about a refused subject (never the subject itself).
+fn refusal_reason(refusal: SubjectRefusal) -> &'static str {
+    match refusal {
+        SubjectRefusal::Missing => "the request carries no bearer token to exchange",
+        SubjectRefusal::Invalid => "the identity provider refused the caller's token (invalid_grant)",
+        SubjectRefusal::Refused => "the identity provider refused the exchange for the caller's token",
+    }
+}
+
+/// The SHA-256 of a subject token.
+pub fn subject_key(subject: &str) -> SubjectKey {
+    Sha256::digest(subject.as_bytes()).into()
+}
+
+/// The `exp` of a subject that is a JWT (unverified: the IdP verifies it; this only bounds our cache).
+fn jwt_exp(subject: &str) -> Option<SystemTime> {
+    let mut parts = subject.split('.');
+    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&payload).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(claims.get("exp")?.as_u64()?))
+}
+
+/// The token source of one request: its caller's tokens.
+struct SubjectTokens {
+    cache: Arc<ExchangeCache>,
+    key: SubjectKey,
+    subject: Arc<str>,
+}
+
+impl TokenSource for SubjectTokens {
+    fn current(&self) -> Option<Arc<Token>> {
+        if self.cache.refused.contains_key(&self.key) {
+            return None;
+        }
+        self.cache.hit(&self.key)
+    }
+
+    fn obtain(&self, rejected: Option<u64>) -> BoxFuture<'_, Result<Arc<Token>, TokenUnavailable>> {
+        Box::pin(self.cache.obtain(self.key, &self.subject, rejected))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jwt_subject_bounds_the_cache_entry_and_other_subjects_do_not() {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"sub":"u","exp":2000000000}"#);
+        assert_eq!(
+            jwt_exp(&format!("eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln")),
+            Some(UNIX_EPOCH + Duration::from_secs(2_000_000_000))
+        );
+        assert_eq!(jwt_exp("an-opaque-token"), None);
+        assert_eq!(jwt_exp("a.b.c"), None);
+        assert_ne!(subject_key("a"), subject_key("b"));
+    }
+}
