@@ -528,9 +528,11 @@ fn token_type(value: &Value) -> Result<String, String> {
         }
         "jwt" => "urn:ietf:params:oauth:token-type:jwt".to_owned(),
         _ if name.contains(':') => name,
-        _ => return Err(format!(
+        _ => {
+            return Err(format!(
             "unknown token type `{name}` (expected access_token, jwt, id_token, refresh_token, saml1, saml2 or a URN)"
-        )),
+        ))
+        }
     })
 }
 
