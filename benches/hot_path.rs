@@ -106,5 +106,37 @@ fn routing(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, hot_path, routing);
+/// The per-request cost of a route that exchanges each caller's token, on a cache hit: the subject's SHA-256, the
+/// caller's token source, the moka lookup and the usable check (docs/token-exchange.md).
+fn exchange_hit(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let _guard = runtime.enter();
+    let toml = "[providers.ex]\ntoken_url = \"http://127.0.0.1:9/token\"\ngrant = \"token_exchange\"\n\
+                client_id = \"c\"\nclient_secret = \"s\"\n[[routes]]\nprefix = \"/\"\n\
+                upstream = \"http://127.0.0.1:9000\"\nprovider = \"ex\"\n";
+    let config = tokenproxy::config::Config::from_toml_str(toml, "bench.toml").expect("bench config");
+    let metrics = Metrics::new();
+    let engine = tokenproxy::token::TokenEngine::new(&config, &metrics).expect("engine");
+    let Some(tokenproxy::token::TokenBinding::PerCaller(cache)) = engine.binding("ex") else { panic!("per caller") };
+    let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let subjects: Vec<String> = (0..1_000)
+        .map(|i| format!("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJjYWxsZXItey{i:04}In0.c2lnbmF0dXJlLW9mLWEtY2FsbGVy"))
+        .collect();
+    for (i, subject) in subjects.iter().enumerate() {
+        let raw = HeaderValue::from_str(&format!("exchanged-{i}")).unwrap();
+        let token =
+            Token::new(AccessToken::new(raw), 1, far, SystemTime::now() + Duration::from_secs(3600), SystemTime::now());
+        cache.install(subject, token);
+    }
+    let mut next = 0;
+    c.bench_function("exchange cache hit (1,000 callers: hash + lookup + usable check)", |b| {
+        b.iter(|| {
+            next = (next + 1) % subjects.len();
+            let tokens = cache.for_subject(black_box(&subjects[next]));
+            black_box(tokens.current().expect("a hit"))
+        })
+    });
+}
+
+criterion_group!(benches, hot_path, routing, exchange_hit);
 criterion_main!(benches);

@@ -95,6 +95,8 @@ async fn each_caller_gets_one_exchange_and_refused_callers_cost_one_call() {
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     }
     assert_eq!(exchanges().await.calls, 102, "a refused subject is remembered");
+    let refused = proxy.metric("tokenproxy_exchange_cache_total", &[("provider", "exchange"), ("event", "refused")]);
+    assert_eq!(refused.await, Some(100.0), "answered from the refusal cache");
     assert_eq!(as_caller(&proxy, &newcomer).await.status, StatusCode::OK, "other callers are unaffected");
 
     // A subject the provider may not exchange: 403. No token at all: 401 before any call.

@@ -2,7 +2,7 @@
 """Reads the raw outputs that benches/load/run collected in a results directory and prints the markdown report.
 
 Files in RESULTS (written by `run`):
-  CASE.TARGET.ROUND.out   wrk or h2load output    (CASE: h1-get, h1-post, h2-get; TARGET: nginx, tokenproxy)
+  CASE.TARGET.ROUND.out   wrk or h2load output    (CASE: h1-get, h1-post, h2-get, h1-exchange; TARGET: nginx, tokenproxy)
   CASE.TARGET.ROUND.cpu   CPU clock ticks the proxy process used during that run
   CASE.TARGET.ROUND.log   h2load --log-file (per-request latency) for the h2 case
   upstream.out            wrk straight at the upstream (reference)
@@ -21,6 +21,7 @@ CASES = [
     ("h1-get", "HTTP/1.1 GET (wrk -t1 -c64)"),
     ("h1-post", "HTTP/1.1 POST 8 KiB (wrk -t1 -c64)"),
     ("h2-get", "h2c GET (h2load -c{h2_clients} -m{h2_streams})"),
+    ("h1-exchange", "HTTP/1.1 GET, 1,000 callers, token exchange (wrk -t1 -c64)"),
 ]
 TARGETS = ["nginx", "tokenproxy"]
 UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -140,6 +141,11 @@ def main(results):
         out.append(f"| {label} | {fmt(n['rps'])} | {fmt(p['rps'])} | {fmt(rr, 2)} | {fmt(n['p50'], 2)} "
                    f"| {fmt(p['p50'], 2)} | {fmt(n['p99'], 2)} | {fmt(p['p99'], 2)} | {fmt(pr, 2)} "
                    f"| {fmt(n['cpu_us'], 1)} | {fmt(p['cpu_us'], 1)} |")
+    # A token per caller against one token for all, measured in the same run.
+    if "h1-exchange" in medians and "h1-get" in medians:
+        per_caller = ratio(medians["h1-exchange"]["tokenproxy"]["rps"], medians["h1-get"]["tokenproxy"]["rps"])
+        out.append(f"| tokenproxy: 1,000-caller token exchange / single provider (HTTP/1.1 GET) | | {fmt(per_caller, 2)} "
+                   f"| | | | | | | | |")
     up = parse_wrk(open(os.path.join(results, "upstream.out")).read()) if os.path.exists(
         os.path.join(results, "upstream.out")) else None
     if up:

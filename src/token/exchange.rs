@@ -134,6 +134,11 @@ impl ExchangeCache {
         self.tokens.entry_count()
     }
 
+    /// Puts `token` in the cache as the exchange of `subject` would (benches, tests).
+    pub fn install(&self, subject: &str, token: Token) {
+        self.tokens.insert(subject_key(subject), Arc::new(token));
+    }
+
     /// The token source for one request whose caller presented `subject`.
     pub fn for_subject(self: &Arc<Self>, subject: &str) -> Arc<dyn TokenSource> {
         Arc::new(SubjectTokens { cache: Arc::clone(self), key: subject_key(subject), subject: Arc::from(subject) })
