@@ -181,7 +181,7 @@ provider = "exchange"
         evicted = metric(metrics, "tokenproxy_exchange_cache_total", {"provider": "exchange", "event": "evicted"})
         hits = metric(metrics, "tokenproxy_exchange_cache_total", {"provider": "exchange", "event": "hit"})
         per_caller = (rss_after - rss_idle) * 1024 / max(1, min(n_callers, max_subjects))
-        print(f"# token exchange, {n_callers:,} callers × {repeat} (+1 first request), max_subjects {max_subjects:,}\n")
+        print(f"# token exchange, {n_callers:,} callers × {repeat} request(s) each, max_subjects {max_subjects:,}\n")
         print("| measure | value |\n|---|---|")
         print(f"| requests | {ok + failed:,} ({ok:,} × 200, {failed:,} other) in {elapsed:.1f} s |")
         print(f"| exchanges at the IdP | {exchanges:,} |")
