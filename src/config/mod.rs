@@ -255,6 +255,12 @@ pub struct ProviderConfig {
     pub profile_of: Option<String>,
     /// `grant = "token_exchange"`: the exchange's settings.
     pub exchange: Option<ExchangeConfig>,
+    /// The raw token may be handed out (`vend = true`): written to `sink_file`.
+    pub vend: bool,
+    /// Every new token is written to this file (mode 0600, replaced atomically).
+    pub sink_file: Option<PathBuf>,
+    /// What `sink_file` holds.
+    pub sink_format: SinkFormat,
     /// The IdP's token endpoint (absolute http or https URL); when absent, discovered from `issuer`.
     pub token_url: Option<Url>,
     /// The IdP's issuer, for RFC 8414 / OpenID Connect discovery of its endpoints.
@@ -366,6 +372,17 @@ pub enum ExchangeDialect {
     /// Entra ID on-behalf-of: `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`, `assertion`,
     /// `requested_token_use=on_behalf_of`.
     EntraObo,
+}
+
+/// `providers.NAME.sink_format`: what `sink_file` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkFormat {
+    /// The token alone, no newline.
+    #[default]
+    Raw,
+    /// `{"access_token", "token_type", "expires_at"}`.
+    Json,
 }
 
 /// `providers.NAME.during_refresh`: what requests do while a refresh call is in flight.

@@ -10,7 +10,7 @@ use super::reader::{self, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
 use super::{
     AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, ExchangeConfig, ExchangeDialect,
-    Grant, ProviderConfig, Secret, SecretError, SecretSource, SubjectSource,
+    Grant, ProviderConfig, Secret, SecretError, SecretSource, SinkFormat, SubjectSource,
 };
 
 /// Defaults of a provider (SPEC).
@@ -356,6 +356,33 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         _ => {}
     }
 
+    // Handing the raw token out (docs/vending.md).
+    let vend_leaf = r.get(t, "vend", reader::boolean);
+    let vend = vend_leaf.as_ref().is_some_and(|leaf| leaf.value);
+    let sink_file = r.get(t, "sink_file", reader::path);
+    let sink_format = r.get(t, "sink_format", reader::choice(SINK_FORMATS));
+    if let Some(leaf) = &sink_file {
+        if !vend {
+            r.report_leaf(leaf, "sink_file hands the raw token to whoever reads the file: set vend = true to allow it");
+        }
+    } else if let Some(leaf) = &sink_format {
+        r.report_leaf(leaf, "only used with sink_file; remove it");
+    }
+    if let Some(leaf) = vend_leaf.as_ref().filter(|leaf| leaf.value) {
+        if matches!(client_auth, ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth) {
+            r.report_leaf(
+                leaf,
+                "the tokens of a provider that authenticates with a client certificate may be bound to it (RFC 8705): \
+                 they would not work in other hands, so they cannot be vended",
+            );
+        }
+        if exchange.as_ref().is_some_and(|e| e.subject == SubjectSource::Request) {
+            r.report_leaf(leaf, "this provider exchanges each caller's token: it has no token of its own to vend");
+        }
+    }
+    let sink_file = sink_file.map(|leaf| leaf.value);
+    let sink_format = value_or(sink_format, SinkFormat::Raw);
+
     if r.problem_count() > before {
         return None;
     }
@@ -363,6 +390,9 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         name: name.to_owned(),
         profile_of: None,
         exchange,
+        vend,
+        sink_file,
+        sink_format,
         token_url: token_url
             .map(|leaf| leaf.value)
             .or_else(|| google.as_ref().and_then(|credentials| url::Url::parse(&credentials.token_uri).ok())),
@@ -496,6 +526,9 @@ fn assertion_claims(r: &mut Reader<'_>, provider: &mut Table<'_>) -> AssertionCl
     r.finish(t);
     AssertionClaims { iss, sub, aud, extra }
 }
+
+/// Values of `sink_format`.
+const SINK_FORMATS: &[(&str, SinkFormat)] = &[("raw", SinkFormat::Raw), ("json", SinkFormat::Json)];
 
 /// Values of `exchange_dialect`.
 const EXCHANGE_DIALECTS: &[(&str, ExchangeDialect)] =

@@ -10,7 +10,8 @@ use serde::{Serialize, Serializer};
 
 use super::{
     AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, EncodedSlashes, ExchangeDialect,
-    Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, SecretSource, SubjectSource, UpstreamProtocol,
+    Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, SecretSource, SinkFormat, SubjectSource,
+    UpstreamProtocol,
 };
 
 /// Serializes the configured providers, not the slots of route profiles (the routes' keys make those).
@@ -121,6 +122,12 @@ struct ProviderView<'a> {
     max_subjects: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     refused_subject_ttl: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    vend: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sink_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sink_format: Option<SinkFormat>,
     #[serde(skip_serializing_if = "Option::is_none")]
     assertion_dialect: Option<AssertionDialect>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -189,6 +196,9 @@ impl Serialize for ProviderConfig {
             max_subjects: request_exchange.map(|e| e.max_subjects),
             refused_subject_ttl: request_exchange
                 .map(|e| humantime::format_duration(e.refused_subject_ttl).to_string()),
+            vend: self.vend,
+            sink_file: self.sink_file.as_deref(),
+            sink_format: self.sink_file.is_some().then_some(self.sink_format),
             assertion_dialect: (self.grant == Grant::JwtBearer).then_some(self.assertion_dialect),
             google_credentials_file: self.google_credentials_file.as_deref(),
             assertion_claims: &self.assertion_claims,

@@ -16,6 +16,7 @@ pub mod idp;
 pub mod refresh;
 pub mod response;
 pub mod session;
+pub mod sink;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -215,7 +216,11 @@ impl TokenEngine {
                 }
                 continue;
             }
-            let scheduler = RefreshScheduler::new(Arc::clone(&p.slot), Arc::clone(&p.fetcher), p.timing, routed);
+            let sink = p.config.sink_file.as_ref().map(|path| sink::Sink::new(name, path, p.config.sink_format));
+            // A provider whose token is written to a file is fetched at startup even without a route.
+            let eager = routed || sink.is_some();
+            let scheduler =
+                RefreshScheduler::new(Arc::clone(&p.slot), Arc::clone(&p.fetcher), p.timing, eager).with_sink(sink);
             let task = tokio::spawn(scheduler.run(p.stop.subscribe()));
             *p.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }

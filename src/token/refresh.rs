@@ -110,6 +110,8 @@ pub struct RefreshScheduler {
     timing: Timing,
     /// Fetch at startup, without waiting for a request.
     eager: bool,
+    /// Where each new token is also written (`sink_file`), if anywhere.
+    sink: Option<super::sink::Sink>,
 }
 
 /// Something that can make one token call (the IdP client; a fake in tests).
@@ -121,7 +123,13 @@ pub trait TokenFetcher: Send + Sync + 'static {
 impl RefreshScheduler {
     /// A scheduler for `slot`; `eager` fetches the first token at once.
     pub fn new(slot: Arc<TokenSlot>, idp: Arc<dyn TokenFetcher>, timing: Timing, eager: bool) -> Self {
-        RefreshScheduler { slot, idp, timing, eager }
+        RefreshScheduler { slot, idp, timing, eager, sink: None }
+    }
+
+    /// Also writes each new token to `sink`.
+    pub fn with_sink(mut self, sink: Option<super::sink::Sink>) -> Self {
+        self.sink = sink;
+        self
     }
 
     /// Runs until `shutdown` turns true (or its sender is dropped).
@@ -195,6 +203,9 @@ impl RefreshScheduler {
                         SystemTime::now(),
                     );
                     token.refresh_token_expires_at = response.refresh_token_lifetime.map(|l| started_wall + l);
+                    if let Some(sink) = &self.sink {
+                        sink.write(&token);
+                    }
                     slot.install(token);
                     next_at = Some(started_instant + schedule.refresh_after);
                     tracing::info!(

@@ -1,0 +1,100 @@
+//! Handing the raw token to applications that need it: `sink_file` (docs/vending.md). The file holds the token the
+//! proxy itself sends, is readable by its owner only, is replaced at every refresh without a reader ever seeing part
+//! of one, and is written only for a provider that allows it (`vend = true`).
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt as _;
+
+use bytes::Bytes;
+use support::{Client, FakeIdp, FakeUpstream, Proxy};
+
+fn config(idp: &FakeIdp, upstream: &FakeUpstream, sink: &std::path::Path, format: &str) -> String {
+    format!(
+        "[providers.api]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s3cret-value\"\nmanual_refresh_interval = \"0s\"\n\
+         vend = true\nsink_file = \"{}\"\nsink_format = \"{format}\"\n\
+         [[routes]]\nprefix = \"/api\"\nupstream = \"{}\"\nprovider = \"api\"\n",
+        idp.token_url(),
+        sink.display(),
+        upstream.url()
+    )
+}
+
+#[tokio::test]
+async fn the_sink_file_holds_the_token_the_proxy_sends_and_is_replaced_whole_at_every_refresh() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = dir.path().join("api.token");
+    let proxy = Proxy::start(&config(&idp, &upstream, &sink, "raw")).await;
+    proxy.wait_ready().await;
+    assert_eq!(std::fs::read_to_string(&sink).unwrap(), "tok-1", "the raw token, no newline");
+    assert_eq!(std::fs::metadata(&sink).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(Client::new().get(&proxy.url("/api/x")).await.status, 200);
+    assert_eq!(upstream.seen().last().unwrap().headers["authorization"], "Bearer tok-1", "the same token");
+
+    // A reader polling the file while the token is refreshed 20 times only ever sees a whole token.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (sink, stop) = (sink.clone(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut reads = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = std::fs::read_to_string(&sink).expect("the file is always there");
+                let whole =
+                    text.strip_prefix("tok-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                assert!(whole, "a reader saw {text:?}");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for _ in 0..20 {
+        let refreshed = Client::new().post(&proxy.admin_url("/tokens/api/refresh"), Bytes::new()).await;
+        assert_eq!(refreshed.status, 200, "{}", refreshed.text());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().expect("the reader saw only whole tokens");
+    assert!(reads > 0);
+    assert_eq!(std::fs::read_to_string(&sink).unwrap(), "tok-21");
+    assert_eq!(std::fs::metadata(&sink).unwrap().permissions().mode() & 0o777, 0o600);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers, [std::ffi::OsString::from("api.token")], "no temporary file left behind");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_json_sink_says_when_the_token_expires() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = dir.path().join("api.json");
+    let proxy = Proxy::start(&config(&idp, &upstream, &sink, "json")).await;
+    proxy.wait_ready().await;
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sink).unwrap()).unwrap();
+    assert_eq!((json["access_token"].as_str(), json["token_type"].as_str()), (Some("tok-1"), Some("Bearer")));
+    let expires_at = humantime::parse_rfc3339(json["expires_at"].as_str().unwrap()).unwrap();
+    let left = expires_at.duration_since(std::time::SystemTime::now()).unwrap().as_secs();
+    assert!((290..=300).contains(&left), "{left}");
+    proxy.stop().await;
+}
+
+#[test]
+fn a_token_is_handed_out_only_where_it_is_allowed_and_useful() {
+    let provider = |keys: &str| {
+        format!(
+            "[providers.api]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c\"\n{keys}\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"https://a.internal\"\nprovider = \"api\"\n"
+        )
+    };
+    let error = |keys: &str| tokenproxy::config::Config::from_toml_str(&provider(keys), "t").unwrap_err().to_string();
+    assert!(error("client_secret = \"s\"\nsink_file = \"/run/token\"")
+        .contains("providers.api.sink_file: sink_file hands the raw token to whoever reads the file: set vend = true"));
+    let cert = "client_auth = \"tls_client_auth\"\nclient_cert_file = \"/etc/hosts\"\nclient_key_file = \"/etc/hosts\"\nvend = true";
+    assert!(error(cert)
+        .contains("providers.api.vend: the tokens of a provider that authenticates with a client certificate"));
+    let ok = tokenproxy::config::Config::from_toml_str(
+        &provider("client_secret = \"s\"\nvend = true\nsink_file = \"/run/t\""),
+        "t",
+    );
+    let printed = ok.unwrap().to_redacted_toml();
+    assert!(printed.contains("vend = true") && printed.contains("sink_file = \"/run/t\""), "{printed}");
+}
