@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod server;
 pub mod tls;
 pub mod token;
+pub mod vending;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -153,6 +154,14 @@ impl App {
             what: "admin.listen",
             source,
         })?;
+        let vending_listener = match self.config.vending.listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+                addr,
+                what: "vending.listen",
+                source,
+            })?),
+            None => None,
+        };
         let tls = match &self.config.server.tls {
             Some(tls) => {
                 let config = tls::server_config(&tls.cert_file, &tls.key_file)
@@ -161,7 +170,7 @@ impl App {
             }
             None => None,
         };
-        Ok(BoundApp { app: self, proxy_listener, admin_listener, tls })
+        Ok(BoundApp { app: self, proxy_listener, admin_listener, vending_listener, tls })
     }
 }
 
@@ -317,6 +326,9 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
     if running.admin.listen != new.admin.listen {
         keys.push("admin.listen");
     }
+    if running.vending.listen != new.vending.listen {
+        keys.push("vending.listen");
+    }
     if running.log.format != new.log.format || running.log.level != new.log.level {
         keys.push("log");
     }
@@ -328,6 +340,7 @@ pub struct BoundApp {
     app: App,
     proxy_listener: TcpListener,
     admin_listener: TcpListener,
+    vending_listener: Option<TcpListener>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
@@ -345,6 +358,11 @@ impl BoundApp {
         self.admin_listener.local_addr().unwrap_or(self.app.config.admin.listen)
     }
 
+    /// The vending listener's address, when there is one.
+    pub fn vending_addr(&self) -> Option<SocketAddr> {
+        self.vending_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// The current token engine.
     pub fn engine(&self) -> Arc<TokenEngine> {
         self.app.engine()
@@ -359,7 +377,7 @@ impl BoundApp {
     /// [`BoundApp::run`] with options: worker runtimes for the proxy's connections, reload on SIGHUP.
     pub async fn run_with(self, shutdown: impl Future<Output = ()> + Send, options: RunOptions) {
         let RunOptions { workers, reload_on_sighup } = options;
-        let BoundApp { app, proxy_listener, admin_listener, tls } = self;
+        let BoundApp { app, proxy_listener, admin_listener, vending_listener, tls } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         app.engine.load().spawn();
         let reloader = Arc::new(AppReloader {
@@ -386,7 +404,13 @@ impl BoundApp {
             Some(Arc::clone(&reloader) as Arc<dyn Reload>),
         )));
         let proxy_task = tokio::spawn(server::serve(proxy_listener, proxy, proxy_options, stop_rx.clone(), workers));
-        let admin_task = tokio::spawn(server::serve(admin_listener, admin, admin_options, stop_rx.clone(), None));
+        let admin_task =
+            tokio::spawn(server::serve(admin_listener, admin, admin_options.clone(), stop_rx.clone(), None));
+        let vending_task = vending_listener.map(|listener| {
+            let vending =
+                Arc::new(VendingHandler(vending::Vending::new(Arc::clone(&app.engine), Arc::clone(&app.metrics))));
+            tokio::spawn(server::serve(listener, vending, admin_options, stop_rx.clone(), None))
+        });
         tokio::spawn(token::watch_secret_files(Arc::clone(&app.engine), SECRET_FILE_CHECK, stop_rx.clone()));
         tokio::spawn(return_memory_when_idle(Arc::clone(&app.metrics), stop_rx.clone()));
         if reload_on_sighup {
@@ -397,6 +421,9 @@ impl BoundApp {
         let _ = stop_tx.send(true);
         let _ = proxy_task.await;
         let _ = admin_task.await;
+        if let Some(task) = vending_task {
+            let _ = task.await;
+        }
         app.engine.load_full().shutdown().await;
     }
 }
@@ -484,6 +511,19 @@ impl Handler for ProxyHandler {
             return Ended::Handoff { io, buffered: bytes::Bytes::new() };
         }
         proxy::drive_http1(&self.0, connection, io, shutdown, header_read_timeout).await
+    }
+}
+
+struct VendingHandler(vending::Vending);
+
+impl Handler for VendingHandler {
+    type Body = Full<bytes::Bytes>;
+    type Connection = ();
+
+    fn connection(&self, _peer: SocketAddr, _tls: bool) {}
+
+    async fn call(self: &Arc<Self>, request: Request<Incoming>, _connection: &Arc<()>) -> Response<Self::Body> {
+        self.0.handle(request).await
     }
 }
 

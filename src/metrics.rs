@@ -30,6 +30,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "tokenproxy_upstream_tls_reloads_total",
     "tokenproxy_exchange_cache_total",
     "tokenproxy_exchange_subjects",
+    "tokenproxy_vended_tokens_total",
     "tokenproxy_build_info",
 ];
 
@@ -124,6 +125,7 @@ pub struct Metrics {
     upstream_tls_reloads: IntCounterVec,
     exchange_cache: IntCounterVec,
     exchange_subjects: IntGaugeVec,
+    vended: IntCounterVec,
 }
 
 /// Metric handles for the per-caller tokens of one token-exchange provider.
@@ -306,6 +308,11 @@ impl Metrics {
         )
         .expect("static metric definition");
         registry.register(Box::new(exchange_subjects.clone())).expect("metric registered once");
+        let vended = counter(
+            "tokenproxy_vended_tokens_total",
+            "Tokens handed out by the vending listener, by provider.",
+            &["provider"],
+        );
         let build_info = IntGaugeVec::new(Opts::new("tokenproxy_build_info", "Build information."), &["version"])
             .expect("static metric definition");
         registry.register(Box::new(build_info.clone())).expect("metric registered once");
@@ -329,6 +336,7 @@ impl Metrics {
             upstream_tls_reloads,
             exchange_cache,
             exchange_subjects,
+            vended,
         }
     }
 
@@ -372,6 +380,11 @@ impl Metrics {
             evicted: event("evicted"),
             subjects: self.exchange_subjects.with_label_values(&[name]),
         }
+    }
+
+    /// Counts a token handed out for provider `name` (the vending listener).
+    pub fn vended(&self, name: &str) {
+        self.vended.with_label_values(&[name]).inc();
     }
 
     /// Handles for route `name`.
@@ -420,6 +433,7 @@ mod tests {
         route.duration.observe(0.001);
         let _tls = metrics.upstream_tls_reloads("r");
         let _exchange = metrics.exchange("x");
+        metrics.vended("v");
         let mut registered: Vec<String> = metrics.registry.gather().iter().map(|f| f.name().to_owned()).collect();
         let mut listed: Vec<String> = METRIC_NAMES.iter().map(|n| n.to_string()).collect();
         registered.sort();

@@ -117,7 +117,7 @@ fn documented_keys() -> BTreeMap<String, String> {
         let cells: Vec<&str> = line.trim().trim_matches('|').split('|').map(str::trim).collect();
         let [key, _type, default, _meaning] = cells.as_slice() else { continue };
         let Some(key) = key.strip_prefix('`').and_then(|k| k.strip_suffix('`')) else { continue };
-        let is_key = ["server.", "admin.", "log.", "state.", "providers.NAME.", "routes[]."]
+        let is_key = ["server.", "admin.", "log.", "state.", "vending.", "providers.NAME.", "routes[]."]
             .iter()
             .any(|prefix| key.starts_with(prefix));
         if is_key {

@@ -1,6 +1,8 @@
-//! Handing the raw token to applications that need it: `sink_file` (docs/vending.md). The file holds the token the
+//! Handing the raw token to applications that need it (docs/vending.md). `sink_file`: the file holds the token the
 //! proxy itself sends, is readable by its owner only, is replaced at every refresh without a reader ever seeing part
-//! of one, and is written only for a provider that allows it (`vend = true`).
+//! of one, and is written only for a provider that allows it (`vend = true`). The vending listener: the same token,
+//! only with `Metadata-Flavor: tokenproxy`, only for vended providers (others look unknown), only on loopback unless
+//! allowed, every read counted.
 
 mod support;
 
@@ -97,4 +99,61 @@ fn a_token_is_handed_out_only_where_it_is_allowed_and_useful() {
     );
     let printed = ok.unwrap().to_redacted_toml();
     assert!(printed.contains("vend = true") && printed.contains("sink_file = \"/run/t\""), "{printed}");
+}
+
+#[tokio::test]
+async fn the_vending_listener_hands_out_the_proxys_token_only_when_asked_right() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let toml = format!(
+        "[vending]\nlisten = \"127.0.0.1:0\"\n\
+         [providers.api]\ntoken_url = \"{url}\"\nclient_id = \"c\"\nclient_secret = \"s3cret-value\"\nvend = true\n\
+         [providers.private]\ntoken_url = \"{url}\"\nclient_id = \"p\"\nclient_secret = \"s3cret-value\"\n\
+         [[routes]]\nprefix = \"/api\"\nupstream = \"{up}\"\nprovider = \"api\"\n\
+         [[routes]]\nprefix = \"/private\"\nupstream = \"{up}\"\nprovider = \"private\"\n",
+        url = idp.token_url(),
+        up = upstream.url()
+    );
+    let proxy = Proxy::start(&toml).await;
+    proxy.wait_ready().await;
+    let vending = proxy.vending.expect("a vending listener");
+    let client = Client::new();
+    let ask = |path: &str, flavor: Option<&str>| {
+        let mut request = http::Request::get(format!("http://{vending}{path}"));
+        if let Some(flavor) = flavor {
+            request = request.header("metadata-flavor", flavor);
+        }
+        client.send(request.body(http_body_util::Full::new(Bytes::new())).unwrap())
+    };
+    let reply = ask("/v1/token/api", Some("tokenproxy")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.headers["cache-control"], "no-store");
+    let body = reply.json();
+    assert_eq!(
+        (body["token_type"].as_str(), body["expires_in"].as_u64().map(|s| s > 290)),
+        (Some("Bearer"), Some(true))
+    );
+    assert_eq!(Client::new().get(&proxy.url("/api/x")).await.status, 200);
+    let sent = upstream.seen().last().unwrap().headers["authorization"].to_str().unwrap().to_owned();
+    assert_eq!(sent, format!("Bearer {}", body["access_token"].as_str().unwrap()), "the token the proxy sends");
+
+    // Without the header (what a forged request can do): refused. A provider not vended looks like an unknown one.
+    assert_eq!(ask("/v1/token/api", None).await.status, 403);
+    assert_eq!(ask("/v1/token/api", Some("Google")).await.status, 403);
+    let private = ask("/v1/token/private", Some("tokenproxy")).await;
+    let unknown = ask("/v1/token/nope", Some("tokenproxy")).await;
+    assert_eq!((private.status, unknown.status), (404, 404));
+    assert!(!private.text().contains("tok-"), "{}", private.text());
+    assert_eq!(proxy.metric("tokenproxy_vended_tokens_total{provider=\"api\"}").await, 1.0);
+    assert_eq!(idp.calls(), 2, "no token call of its own: the proxy's slots");
+    proxy.stop().await;
+
+    // Only loopback, unless allowed.
+    let remote =
+        "[vending]\nlisten = \"0.0.0.0:9091\"\n[[routes]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9\"\n";
+    let error = tokenproxy::config::Config::from_toml_str(remote, "t").unwrap_err().to_string();
+    assert!(
+        error.contains("vending.listen: the vending listener hands out raw tokens: it listens on a loopback address")
+    );
+    let allowed = remote.replace("9091\"", "9091\"\nallow_remote = true");
+    assert!(tokenproxy::config::Config::from_toml_str(&allowed, "t").is_ok());
 }

@@ -41,6 +41,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Local persistent state (rotated refresh tokens).
     pub state: StateConfig,
+    /// The token vending listener (docs/vending.md); off unless `[vending] listen` is set.
+    pub vending: VendingConfig,
     /// Token providers, keyed by provider name: those configured, and one `PROVIDER[ROUTE]` per distinct route
     /// profile (see [`RouteConfig::profile`]; not printed, the routes' keys are).
     #[serde(serialize_with = "redact::configured_providers")]
@@ -99,6 +101,17 @@ pub struct ServerTls {
 pub struct AdminConfig {
     /// Address the admin endpoints listen on.
     pub listen: SocketAddr,
+}
+
+/// `[vending]`: the listener that hands raw tokens to applications (docs/vending.md).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VendingConfig {
+    /// Where it listens; none (the default): no listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Allow an address other than loopback.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_remote: bool,
 }
 
 /// `log.format`: how log lines are written.

@@ -9,7 +9,10 @@ use url::Url;
 
 use super::reader::{self, KeyPath, Leaf, Reader, Table};
 use super::{providers, routes};
-use super::{AdminConfig, Config, ConfigError, LogConfig, LogFormat, Problem, ServerConfig, ServerTls, StateConfig};
+use super::{
+    AdminConfig, Config, ConfigError, LogConfig, LogFormat, Problem, ServerConfig, ServerTls, StateConfig,
+    VendingConfig,
+};
 
 /// Values of `log.format`.
 const LOG_FORMATS: &[(&str, LogFormat)] = &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)];
@@ -44,6 +47,7 @@ pub(super) fn config(figment: &Figment, root_source: &str, offline: bool) -> Res
     }
     let log = log(&mut r, &mut root);
     let state = state(&mut r, &mut root);
+    let vending = vending(&mut r, &mut root, &[server.listen, admin.listen]);
     let (mut providers, provider_names) = providers::providers(&mut r, &mut root);
     let mut routes =
         routes::routes(&mut r, &mut root, &routes::Providers { names: &provider_names, valid: &providers });
@@ -55,7 +59,7 @@ pub(super) fn config(figment: &Figment, root_source: &str, offline: bool) -> Res
     if !problems.is_empty() {
         return Err(ConfigError::Invalid(problems));
     }
-    Ok(Config { server, admin, log, state, providers, routes, unavailable })
+    Ok(Config { server, admin, log, state, vending, providers, routes, unavailable })
 }
 
 /// The value of a leaf, or `default` when it is absent or invalid (invalid ones are already reported).
@@ -111,6 +115,29 @@ fn admin(r: &mut Reader<'_>, root: &mut Table<'_>) -> (AdminConfig, Option<Leaf<
     r.finish(t);
     let admin = AdminConfig { listen: listen.as_ref().map_or(d.listen, |leaf| leaf.value) };
     (admin, listen)
+}
+
+/// `[vending]`.
+fn vending(r: &mut Reader<'_>, root: &mut Table<'_>, taken: &[SocketAddr]) -> VendingConfig {
+    let mut t = r.table(root, "vending");
+    let listen = r.get(&mut t, "listen", reader::socket_addr);
+    let allow_remote = value_or(r.get(&mut t, "allow_remote", reader::boolean), false);
+    if let Some(leaf) = &listen {
+        if !leaf.value.ip().is_loopback() && !allow_remote {
+            r.report_leaf(
+                leaf,
+                "the vending listener hands out raw tokens: it listens on a loopback address (127.0.0.1, [::1]) unless \
+                 allow_remote = true is set",
+            );
+        } else if leaf.value.port() != 0 && taken.contains(&leaf.value) {
+            r.report_leaf(
+                leaf,
+                "the vending listener needs an address of its own; it equals server.listen or admin.listen",
+            );
+        }
+    }
+    r.finish(t);
+    VendingConfig { listen: listen.map(|leaf| leaf.value), allow_remote }
 }
 
 /// `[log]`.

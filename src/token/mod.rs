@@ -247,6 +247,11 @@ impl TokenEngine {
         self.providers.get(name).map(|p| Arc::clone(&p.slot))
     }
 
+    /// The slot of provider `name` if its token may be handed out (`vend = true`).
+    pub fn vendable(&self, name: &str) -> Option<Arc<TokenSlot>> {
+        self.providers.get(name).filter(|p| p.config.vend).map(|p| Arc::clone(&p.slot))
+    }
+
     /// How routes naming provider `name` get their tokens.
     pub fn binding(&self, name: &str) -> Option<TokenBinding> {
         if let Some((_, cache)) = self.exchanges.get(name) {

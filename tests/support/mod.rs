@@ -360,6 +360,8 @@ pub fn hyper_only() -> bool {
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The vending listener, when the config has one.
+    pub vending: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -383,11 +385,12 @@ impl Proxy {
         let bound = app.bind().await.expect("bind");
         let addr = bound.proxy_addr();
         let admin = bound.admin_addr();
+        let vending = bound.vending_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(bound.run(async move {
             let _ = stopped.await;
         }));
-        Proxy { addr, admin, stop: Some(stop), task: Some(task) }
+        Proxy { addr, admin, vending, stop: Some(stop), task: Some(task) }
     }
 
     /// `http://proxy{path}`.
