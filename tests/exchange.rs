@@ -93,3 +93,26 @@ async fn max_subjects_bounds_the_cache_and_evicts_the_least_recently_used() {
     assert_eq!(tokens["providers"]["ex"]["subjects"], 2, "{tokens}");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn entra_on_behalf_of_sends_the_callers_token_as_the_assertion() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let obo = config(&idp, &upstream, "exchange_dialect = \"entra_obo\"")
+        .replace("audience = \"orders\"", "scope = \"api://orders/.default\"");
+    let proxy = Proxy::start(&obo).await;
+    assert_eq!(as_caller(&proxy, "eyJ.caller.token").await.status, 200);
+    let call = &idp.received()[0];
+    let form: Vec<(&str, &str)> = call.form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(
+        form,
+        [
+            ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+            ("assertion", "eyJ.caller.token"),
+            ("requested_token_use", "on_behalf_of"),
+            ("scope", "api://orders/.default"),
+        ],
+        "Entra's on-behalf-of request, the client authenticating with HTTP Basic"
+    );
+    assert!(call.authorization.as_deref().is_some_and(|a| a.starts_with("Basic ")));
+    proxy.stop().await;
+}

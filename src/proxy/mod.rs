@@ -370,8 +370,9 @@ impl Proxy {
         // The caller's own bearer token is the subject of the exchange: kept here (never forwarded: the header goes
         // below), its hash the key of the caller's tokens.
         let caller_tokens = match &route.exchange {
-            Some(exchange) => match bearer_token(&parts.headers) {
-                Some(subject) => Some(exchange.for_subject(subject)),
+            Some(exchange) => match parts.headers.get(http::header::AUTHORIZATION).and_then(|a| exchange.for_caller(a))
+            {
+                Some(tokens) => Some(tokens),
                 None => {
                     return Err(ProxyError::Subject {
                         refusal: SubjectRefusal::Missing,
@@ -552,14 +553,6 @@ pub(crate) fn new_request_id() -> HeaderValue {
 }
 
 /// The header that carries `token` on `route` (none when the route puts it in the query).
-/// The token of an `Authorization: Bearer …` header (any case of the scheme), if the request has one.
-fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
-    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
 fn token_header<'r>(route: &'r Route, token: &Token) -> Result<Option<(&'r HeaderName, HeaderValue)>, ProxyError> {
     static AUTHORIZATION: HeaderName = http::header::AUTHORIZATION;
     match &route.injection {

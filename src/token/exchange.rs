@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
+use http::HeaderValue;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
@@ -139,9 +140,11 @@ impl ExchangeCache {
         self.tokens.insert(subject_key(subject), Arc::new(token));
     }
 
-    /// The token source for one request whose caller presented `subject`.
-    pub fn for_subject(self: &Arc<Self>, subject: &str) -> Arc<dyn TokenSource> {
-        Arc::new(SubjectTokens { cache: Arc::clone(self), key: subject_key(subject), subject: Arc::from(subject) })
+    /// The token source for one request whose caller sent `authorization` (`Bearer <subject>`); `None` when it is
+    /// not a bearer token. The header value is kept as it is (a reference count, no copy of the subject).
+    pub fn for_caller(self: &Arc<Self>, authorization: &HeaderValue) -> Option<Arc<dyn TokenSource>> {
+        let key = subject_key(bearer_subject(authorization)?);
+        Some(Arc::new(SubjectTokens { cache: Arc::clone(self), key, authorization: authorization.clone() }))
     }
 
     /// The caller's usable token from the cache, if any.
@@ -160,7 +163,7 @@ impl ExchangeCache {
     async fn obtain(
         self: &Arc<Self>,
         key: SubjectKey,
-        subject: &Arc<str>,
+        subject: &str,
         rejected: Option<u64>,
     ) -> Result<Arc<Token>, TokenUnavailable> {
         if let Some(refusal) = self.refused.get(&key) {
@@ -201,7 +204,7 @@ impl ExchangeCache {
                 }
                 None => {
                     let cache = Arc::clone(self);
-                    let subject = Arc::clone(subject);
+                    let subject: Arc<str> = Arc::from(subject);
                     let task = tokio::spawn(async move {
                         let result = cache.exchange(key, &subject).await;
                         lock(&cache.inflight).remove(&key);
@@ -309,6 +312,13 @@ fn refusal_reason(refusal: SubjectRefusal) -> &'static str {
     }
 }
 
+/// The token of an `Authorization: Bearer …` value (any case of the scheme), if it is one.
+pub fn bearer_subject(value: &HeaderValue) -> Option<&str> {
+    let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// The SHA-256 of a subject token.
 pub fn subject_key(subject: &str) -> SubjectKey {
     Sha256::digest(subject.as_bytes()).into()
@@ -327,7 +337,8 @@ fn jwt_exp(subject: &str) -> Option<SystemTime> {
 struct SubjectTokens {
     cache: Arc<ExchangeCache>,
     key: SubjectKey,
-    subject: Arc<str>,
+    /// The caller's `Authorization` value, `Bearer <subject>`.
+    authorization: HeaderValue,
 }
 
 impl TokenSource for SubjectTokens {
@@ -339,7 +350,8 @@ impl TokenSource for SubjectTokens {
     }
 
     fn obtain(&self, rejected: Option<u64>) -> BoxFuture<'_, Result<Arc<Token>, TokenUnavailable>> {
-        Box::pin(self.cache.obtain(self.key, &self.subject, rejected))
+        let subject = bearer_subject(&self.authorization).unwrap_or_default();
+        Box::pin(self.cache.obtain(self.key, subject, rejected))
     }
 }
 
