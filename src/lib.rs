@@ -39,6 +39,7 @@ use tokio::sync::watch;
 
 use crate::admin::{Admin, Reload};
 use crate::config::Config;
+use crate::config::VendingListen;
 use crate::metrics::Metrics;
 use crate::proxy::route::{Route, RouteTable};
 use crate::proxy::{Connection, Ended, Proxy, ProxyBody, ProxyOptions, UpstreamClient};
@@ -55,6 +56,14 @@ pub enum StartError {
         addr: SocketAddr,
         /// `server.listen` or `admin.listen`.
         what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The vending listener's unix socket could not be made.
+    #[error("cannot listen on the unix socket {} (vending.listen): {source}", path.display())]
+    Socket {
+        /// The socket's path.
+        path: std::path::PathBuf,
         /// The OS error.
         source: std::io::Error,
     },
@@ -154,12 +163,18 @@ impl App {
             what: "admin.listen",
             source,
         })?;
-        let vending_listener = match self.config.vending.listen {
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
-                addr,
-                what: "vending.listen",
-                source,
-            })?),
+        let vending_listener = match &self.config.vending.listen {
+            Some(VendingListen::Tcp(addr)) => {
+                Some(VendingListener::Tcp(TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+                    addr: *addr,
+                    what: "vending.listen",
+                    source,
+                })?))
+            }
+            Some(VendingListen::Unix(path)) => Some(VendingListener::Unix(
+                vending::bind_unix(path).map_err(|source| StartError::Socket { path: path.clone(), source })?,
+                path.clone(),
+            )),
             None => None,
         };
         let tls = match &self.config.server.tls {
@@ -340,8 +355,14 @@ pub struct BoundApp {
     app: App,
     proxy_listener: TcpListener,
     admin_listener: TcpListener,
-    vending_listener: Option<TcpListener>,
+    vending_listener: Option<VendingListener>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// The vending listener, on TCP or on a unix socket (with its path, removed at shutdown).
+enum VendingListener {
+    Tcp(TcpListener),
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
 }
 
 /// How often `*_file` secrets are checked for a change.
@@ -360,7 +381,10 @@ impl BoundApp {
 
     /// The vending listener's address, when there is one.
     pub fn vending_addr(&self) -> Option<SocketAddr> {
-        self.vending_listener.as_ref().and_then(|l| l.local_addr().ok())
+        match &self.vending_listener {
+            Some(VendingListener::Tcp(listener)) => listener.local_addr().ok(),
+            _ => None,
+        }
     }
 
     /// The current token engine.
@@ -409,7 +433,18 @@ impl BoundApp {
         let vending_task = vending_listener.map(|listener| {
             let vending =
                 Arc::new(VendingHandler(vending::Vending::new(Arc::clone(&app.engine), Arc::clone(&app.metrics))));
-            tokio::spawn(server::serve(listener, vending, admin_options, stop_rx.clone(), None))
+            match listener {
+                VendingListener::Tcp(listener) => {
+                    tokio::spawn(server::serve(listener, vending, admin_options, stop_rx.clone(), None))
+                }
+                VendingListener::Unix(listener, path) => tokio::spawn(vending::serve_unix(
+                    listener,
+                    path,
+                    vending,
+                    admin_options.header_read_timeout,
+                    stop_rx.clone(),
+                )),
+            }
         });
         tokio::spawn(token::watch_secret_files(Arc::clone(&app.engine), SECRET_FILE_CHECK, stop_rx.clone()));
         tokio::spawn(return_memory_when_idle(Arc::clone(&app.metrics), stop_rx.clone()));

@@ -1,7 +1,8 @@
 //! The vending listener (`[vending] listen`, docs/vending.md): `GET /v1/token/{provider}` hands a provider's current
 //! token to a local application that must hold it, from the same slot the proxy uses (single flight, proactive
 //! refresh). Only with the header `Metadata-Flavor: tokenproxy` — a request forgery that can only choose a URL cannot
-//! set it — and only for providers with `vend = true`; any other name gets the same 404 as an unknown one.
+//! set it — and only for providers with `vend = true`; any other name gets the same 404 as an unknown one. On a unix
+//! socket (`listen` an absolute path), the socket file's mode (0600) decides who may ask.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -71,4 +72,46 @@ fn answer(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> 
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// Binds a unix socket at `path` (a stale socket left by a previous run is replaced; any other file is not), readable
+/// and writable by this user only.
+pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        if !metadata.file_type().is_socket() {
+            return Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a file that is not a socket is there"));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the vending API on a unix socket until `shutdown`, then removes the socket file.
+pub async fn serve_unix<H: crate::server::Handler>(
+    listener: tokio::net::UnixListener,
+    path: std::path::PathBuf,
+    handler: Arc<H>,
+    header_read_timeout: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    loop {
+        tokio::select! {
+            () = crate::stopped(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (handler, shutdown) = (Arc::clone(&handler), shutdown.clone());
+                    tokio::spawn(crate::server::serve_plain(stream, local, handler, header_read_timeout, shutdown));
+                }
+                Err(error) => {
+                    tracing::warn!("vending socket accept failed: {error}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    let _ = std::fs::remove_file(&path);
 }

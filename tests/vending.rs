@@ -157,3 +157,37 @@ async fn the_vending_listener_hands_out_the_proxys_token_only_when_asked_right()
     let allowed = remote.replace("9091\"", "9091\"\nallow_remote = true");
     assert!(tokenproxy::config::Config::from_toml_str(&allowed, "t").is_ok());
 }
+
+#[tokio::test]
+async fn the_vending_listener_can_be_a_unix_socket_only_its_owner_may_use() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vending.sock");
+    let toml = format!(
+        "[vending]\nlisten = \"{}\"\n\
+         [providers.api]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s3cret-value\"\nvend = true\n\
+         [[routes]]\nprefix = \"/api\"\nupstream = \"{}\"\nprovider = \"api\"\n",
+        socket.display(),
+        idp.token_url(),
+        upstream.url()
+    );
+    let proxy = Proxy::start(&toml).await;
+    proxy.wait_ready().await;
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
+    let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get("/v1/token/api")
+        .header("host", "localhost")
+        .header("metadata-flavor", "tokenproxy")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["access_token"], "tok-1");
+    proxy.stop().await;
+    assert!(!socket.exists(), "the socket file is removed at shutdown");
+}

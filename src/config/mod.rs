@@ -103,12 +103,30 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
+/// `vending.listen`: a TCP address, or the path of a unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VendingListen {
+    /// An IP address and port.
+    Tcp(SocketAddr),
+    /// A unix socket at this absolute path (created mode 0600).
+    Unix(PathBuf),
+}
+
+impl Serialize for VendingListen {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            VendingListen::Tcp(addr) => serializer.collect_str(addr),
+            VendingListen::Unix(path) => serializer.collect_str(&path.display()),
+        }
+    }
+}
+
 /// `[vending]`: the listener that hands raw tokens to applications (docs/vending.md).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VendingConfig {
     /// Where it listens; none (the default): no listener.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<VendingListen>,
     /// Allow an address other than loopback.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub allow_remote: bool,

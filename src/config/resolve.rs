@@ -11,7 +11,7 @@ use super::reader::{self, KeyPath, Leaf, Reader, Table};
 use super::{providers, routes};
 use super::{
     AdminConfig, Config, ConfigError, LogConfig, LogFormat, Problem, ServerConfig, ServerTls, StateConfig,
-    VendingConfig,
+    VendingConfig, VendingListen,
 };
 
 /// Values of `log.format`.
@@ -120,9 +120,16 @@ fn admin(r: &mut Reader<'_>, root: &mut Table<'_>) -> (AdminConfig, Option<Leaf<
 /// `[vending]`.
 fn vending(r: &mut Reader<'_>, root: &mut Table<'_>, taken: &[SocketAddr]) -> VendingConfig {
     let mut t = r.table(root, "vending");
-    let listen = r.get(&mut t, "listen", reader::socket_addr);
+    let listen = r.get(&mut t, "listen", |value| match reader::path(value) {
+        Ok(path) if path.is_absolute() => Ok(VendingListen::Unix(path)),
+        _ => reader::socket_addr(value)
+            .map(VendingListen::Tcp)
+            .map_err(|e| format!("{e}, or the absolute path of a unix socket (\"/run/tokenproxy/vending.sock\")")),
+    });
     let allow_remote = value_or(r.get(&mut t, "allow_remote", reader::boolean), false);
-    if let Some(leaf) = &listen {
+    if let Some(Leaf { value: VendingListen::Tcp(addr), path, tag }) = &listen {
+        let leaf = Leaf { value: *addr, path: path.clone(), tag: *tag };
+        let leaf = &leaf;
         if !leaf.value.ip().is_loopback() && !allow_remote {
             r.report_leaf(
                 leaf,
