@@ -116,3 +116,20 @@ async fn entra_on_behalf_of_sends_the_callers_token_as_the_assertion() {
     assert!(call.authorization.as_deref().is_some_and(|a| a.starts_with("Basic ")));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn the_subject_never_reaches_the_upstream_whatever_the_route_injects() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    for inject in ["inject = \"header\"\nheader_name = \"x-api-token\"", "inject = \"query\"\nquery_param = \"token\""]
+    {
+        let toml = format!("{}{inject}\n", config(&idp, &upstream, ""));
+        let proxy = Proxy::start(&toml).await;
+        assert_eq!(as_caller(&proxy, "caller-secret-subject").await.status, 200);
+        let seen = upstream.seen().pop().unwrap();
+        assert!(seen.headers.get("authorization").is_none(), "{inject}: the subject was forwarded: {:?}", seen.headers);
+        let everything = format!("{} {:?}", seen.uri, seen.headers);
+        assert!(!everything.contains("caller-secret-subject"), "{inject}: {everything}");
+        assert!(everything.contains("tok-"), "{inject}: the exchanged token goes where the route says: {everything}");
+        proxy.stop().await;
+    }
+}

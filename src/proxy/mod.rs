@@ -367,22 +367,23 @@ impl Proxy {
             IncomingAuthorization::Keep if caller_credential => attach = false,
             _ => {}
         }
-        // The caller's own bearer token is the subject of the exchange: kept here (never forwarded: the header goes
-        // below), its hash the key of the caller's tokens.
+        // The caller's own bearer token is the subject of the exchange: taken off the request here, whatever header
+        // or parameter the route puts its own token in, so it is never forwarded; its hash keys the caller's tokens.
         let caller_tokens = match &route.exchange {
-            Some(exchange) => match parts.headers.get(http::header::AUTHORIZATION).and_then(|a| exchange.for_caller(a))
-            {
-                Some(tokens) => Some(tokens),
-                None => {
-                    return Err(ProxyError::Subject {
-                        refusal: SubjectRefusal::Missing,
-                        detail: format!(
-                            "route `{}` exchanges the caller's own token: send it as `Authorization: Bearer …`",
-                            route.name
-                        ),
-                    })
+            Some(exchange) => {
+                match parts.headers.remove(http::header::AUTHORIZATION).and_then(|a| exchange.for_caller(&a)) {
+                    Some(tokens) => Some(tokens),
+                    None => {
+                        return Err(ProxyError::Subject {
+                            refusal: SubjectRefusal::Missing,
+                            detail: format!(
+                                "route `{}` exchanges the caller's own token: send it as `Authorization: Bearer …`",
+                                route.name
+                            ),
+                        })
+                    }
                 }
-            },
+            }
             None => None,
         };
         let mut query = None;
