@@ -354,7 +354,7 @@ impl Proxy {
             Injection::Query { param } => query_has(parts.uri.query(), param),
             _ => parts.headers.contains_key(&route.credential_header),
         };
-        let mut attach = route.tokens.is_some() || route.exchange.is_some();
+        let mut attach = route.has_tokens();
         match route.incoming_authorization {
             IncomingAuthorization::Reject if caller_credential => {
                 return Err(ProxyError::BadRequest(format!(
@@ -444,9 +444,7 @@ impl Proxy {
         }
         route.metrics.upstream_unauthorized.inc();
         match token {
-            Some(token) if route.retry_on_401 && (route.tokens.is_some() || route.exchange.is_some()) => {
-                Decision::Replay { rejected: token.generation }
-            }
+            Some(token) if route.retry_on_401 && route.has_tokens() => Decision::Replay { rejected: token.generation },
             _ => Decision::Deliver,
         }
     }

@@ -86,6 +86,11 @@ pub struct RouteError {
 }
 
 impl Route {
+    /// Whether the route attaches a token of ours (its provider's, or each caller's exchanged one).
+    pub fn has_tokens(&self) -> bool {
+        self.tokens.is_some() || self.exchange.is_some()
+    }
+
     /// Resolves a route config; `tokens` gives the token source of a provider name.
     pub fn new(
         config: &RouteConfig,

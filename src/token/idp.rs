@@ -50,8 +50,8 @@ pub struct FormAnswer {
 /// The HTTP client of one provider.
 pub struct IdpClient {
     provider: ProviderConfig,
-    /// The client, with the stamp of the TLS files it was built from.
-    client: Mutex<(FileStamp, HttpsClient)>,
+    /// The client, the stamp of the TLS files it was built from, and the last stamp that failed to load.
+    client: Mutex<(FileStamp, HttpsClient, Option<FileStamp>)>,
     discovered: Mutex<Option<Arc<Endpoints>>>,
 }
 
@@ -60,7 +60,7 @@ impl IdpClient {
     pub fn new(provider: ProviderConfig) -> Result<IdpClient, TlsError> {
         let stamp = FileStamp::of(&tls_files(&provider));
         let client = build_client(&provider)?;
-        Ok(IdpClient { provider, client: Mutex::new((stamp, client)), discovered: Mutex::new(None) })
+        Ok(IdpClient { provider, client: Mutex::new((stamp, client, None)), discovered: Mutex::new(None) })
     }
 
     /// The HTTP client, rebuilt first when a TLS file (CA bundle, client certificate or key) changed since it was
@@ -71,16 +71,19 @@ impl IdpClient {
         let mut current = self.client.lock().unwrap_or_else(|e| e.into_inner());
         if !files.is_empty() {
             let stamp = FileStamp::of(&files);
-            if stamp != current.0 {
+            if stamp != current.0 && current.2.as_ref() != Some(&stamp) {
                 match build_client(&self.provider) {
                     Ok(client) => {
                         tracing::info!(provider = %self.provider.name, "the IdP's TLS files changed: using them from now on");
-                        *current = (stamp, client);
+                        *current = (stamp, client, None);
                     }
-                    Err(error) => tracing::warn!(
-                        provider = %self.provider.name,
-                        "the IdP's TLS files changed but cannot be loaded yet (keeping the previous ones): {error}"
-                    ),
+                    Err(error) => {
+                        tracing::warn!(
+                            provider = %self.provider.name,
+                            "the IdP's TLS files changed but cannot be loaded yet (keeping the previous ones): {error}"
+                        );
+                        current.2 = Some(stamp);
+                    }
                 }
             }
         }
