@@ -17,6 +17,16 @@
 // IDP_REFRESH_TOKEN_TTL seconds (default 86400). Device flow (RFC 8628) and revocation (RFC 7009) are on;
 // the device authorization answer carries `interval` = IDP_DEVICE_INTERVAL (default 1) seconds.
 //
+// DPoP (RFC 9449) is on for every client (`features.dPoP`, proofs signed ES256 / Ed25519 / EdDSA, a replayed proof
+// jti refused, server nonces made from a random secret). tp-dpop / tp-dpop-secret (client_secret_basic,
+// client_credentials) is registered with `dpop_bound_access_tokens`: a /token call without a `DPoP` proof gets 400
+// invalid_grant ("DPoP proof JWT not provided"); with one, token_type is `DPoP` and the JWT carries `cnf.jkt`, the
+// RFC 7638 thumbprint of the proof's key. The `htu` the provider expects is the token endpoint as this request
+// reached it (`http://` + Host header + `/token`), query and fragment ignored. Nonces are required only after
+// POST /_test/dpop?require_nonce=1: a proof without one (or with a stale one) then gets 400 use_dpop_nonce and a
+// `DPoP-Nonce` header to retry with; the provider also sends `DPoP-Nonce` on every answer to a proof that did not
+// carry the newest nonce, required or not.
+//
 // Control API (outside the provider's own paths):
 //   GET  /_test/stats                      counts of /token calls per client_id and outcome
 //   POST /_test/fail?count=N&status=503    the next N /token calls answer that status
@@ -31,9 +41,11 @@
 //   GET  /_test/client-jwks                the public key of tp-jwt-rotate (its jwks_uri)
 //   POST /_test/rotate-client-key          a new key for tp-jwt-rotate; the old one is no longer served, and the
 //                                          provider's cached copy is marked stale; answers like /_test/client-key
-//   POST /_test/reset                      zero the counters, drop pending failures and delays (the
-//                                          record of redeemed refresh tokens is kept: the provider's
-//                                          own state is not reset either)
+//   POST /_test/dpop?require_nonce=1|0     DPoP proofs at /token must (1) or need not (0, the start) carry a
+//                                          server nonce; answers {require_nonce}
+//   POST /_test/reset                      zero the counters, drop pending failures and delays, stop
+//                                          requiring DPoP nonces (the record of redeemed refresh tokens is
+//                                          kept: the provider's own state is not reset either)
 //   POST /_test/seed-refresh-token         a fresh refresh token for tp-rotate, made through the
 //        [?account=ID]                     provider's own models (a Grant for the account with scope
 //                                          'openid offline_access api.read' and the resource, then a
@@ -62,6 +74,11 @@
 // /_test/stats then also lists, per client, `cert_thumbprints`: the x5t#S256 of the certificate each /token call
 // came with ("-" for none), in order.
 //
+// DPoP in /_test/stats: per client `dpop_proofs` (/token calls that carried a `DPoP` header), `dpop_jkts` (the RFC
+// 7638 thumbprint of the `jwk` in each proof's header, in call order, "?" for an undecodable one) and
+// `use_dpop_nonce` (answers with that error); at the top, `dpop: {use_dpop_nonce, proofs, require_nonce}` over all
+// clients.
+//
 // stdout carries exactly one line, `READY http://127.0.0.1:PORT`; everything else goes to stderr.
 // The process exits on SIGTERM, SIGINT, and when its stdin closes (set IDP_IGNORE_STDIN=1 to keep it
 // running with a closed stdin), so a test that dies does not leave it behind.
@@ -80,7 +97,9 @@ for (const method of ['log', 'info', 'debug']) {
 }
 
 const { default: Provider, errors } = await import('oidc-provider');
-const { calculateJwkThumbprint, exportJWK, exportPKCS8, generateKeyPair, importJWK, jwtVerify } = await import('jose');
+const {
+  calculateJwkThumbprint, decodeProtectedHeader, exportJWK, exportPKCS8, generateKeyPair, importJWK, jwtVerify,
+} = await import('jose');
 
 const RESOURCE = 'urn:tokenproxy:test-api';
 const SECOND_RESOURCE = 'urn:tokenproxy:test-api-2';
@@ -142,6 +161,9 @@ const control = {
   refresh: freshRefreshStats(),
   device: { authorizations: 0, approved: 0, denied: 0 },
   revocation: { calls: 0, ok: 0, error: 0 },
+  // POST /_test/dpop?require_nonce=1: DPoP proofs at /token must carry a server nonce.
+  dpopRequireNonce: false,
+  dpop: { use_dpop_nonce: 0, proofs: 0 },
 };
 
 // SHA-256 (hex) of every refresh token a refresh_token grant redeemed (the provider consumed it), and of
@@ -205,7 +227,7 @@ const grantErrorDetail = new WeakMap();
 
 function record(clientId, status, injected, authMethod) {
   const entry = control.clients[clientId] ??= {
-    calls: 0, ok: 0, error: 0, injected: 0, statuses: {}, auth_methods: {},
+    calls: 0, ok: 0, error: 0, injected: 0, statuses: {}, auth_methods: {}, dpop_proofs: 0, dpop_jkts: [], use_dpop_nonce: 0,
   };
   entry.auth_methods[authMethod] = (entry.auth_methods[authMethod] ?? 0) + 1;
   entry.calls += 1;
@@ -228,6 +250,31 @@ function recordCertificate(ctx, clientId) {
   const cert = peerCertificate(ctx);
   const entry = control.clients[clientId];
   if (entry) (entry.cert_thumbprints ??= []).push(cert ? createHash('sha256').update(cert.raw).digest('base64url') : '-');
+}
+
+// A /token call's DPoP proof (its header's key thumbprint; a proof is not secret) and a use_dpop_nonce answer.
+// Returns the thumbprint, or null without a proof.
+async function recordDpop(ctx, clientId) {
+  const entry = control.clients[clientId];
+  const proof = ctx.get('dpop');
+  let jkt = null;
+  if (proof) {
+    jkt = '?';
+    try {
+      jkt = await calculateJwkThumbprint(decodeProtectedHeader(proof).jwk);
+    } catch {}
+  }
+  if (!entry) return jkt;
+  if (proof) {
+    entry.dpop_proofs += 1;
+    entry.dpop_jkts.push(jkt);
+    control.dpop.proofs += 1;
+  }
+  if (ctx.status >= 400 && ctx.body?.error === 'use_dpop_nonce') {
+    entry.use_dpop_nonce += 1;
+    control.dpop.use_dpop_nonce += 1;
+  }
+  return jkt;
 }
 
 function recordAssertionKid(ctx, clientId) {
@@ -306,6 +353,7 @@ function handleControl(req, res, url) {
         refresh: { ...control.refresh, redeemed: redeemedRefreshTokens.size, issued: issuedRefreshTokens.size },
         device: { ...control.device, pending: pendingUserCodes.length },
         revocation: control.revocation,
+        dpop: { ...control.dpop, require_nonce: control.dpopRequireNonce },
       });
     case 'POST /_test/fail': {
       const count = positiveInt(params, 'count', 1);
@@ -349,7 +397,16 @@ function handleControl(req, res, url) {
       control.refresh = freshRefreshStats();
       control.device = { authorizations: 0, approved: 0, denied: 0 };
       control.revocation = { calls: 0, ok: 0, error: 0 };
+      control.dpopRequireNonce = false;
+      control.dpop = { use_dpop_nonce: 0, proofs: 0 };
       return sendJson(res, 200, { reset: true });
+    case 'POST /_test/dpop': {
+      const value = params.get('require_nonce');
+      if (value !== '0' && value !== '1') return sendJson(res, 400, { error: 'require_nonce must be 0 or 1' });
+      control.dpopRequireNonce = value === '1';
+      console.error(`idp: DPoP nonces ${control.dpopRequireNonce ? 'required' : 'not required'} at /token`);
+      return sendJson(res, 200, { require_nonce: control.dpopRequireNonce });
+    }
     case 'POST /_test/seed-refresh-token':
       return seedRefreshToken(res, params);
     case 'POST /_test/approve-device':
@@ -546,6 +603,14 @@ const provider = new Provider(issuer, {
     },
     {
       ...clientBase,
+      client_id: 'tp-dpop',
+      client_secret: 'tp-dpop-secret',
+      token_endpoint_auth_method: 'client_secret_basic',
+      // oidc-provider refuses a /token call of this client without a DPoP proof (invalid_grant).
+      dpop_bound_access_tokens: true,
+    },
+    {
+      ...clientBase,
       client_id: 'tp-post',
       client_secret: 'tp-post-secret',
       token_endpoint_auth_method: 'client_secret_post',
@@ -609,6 +674,14 @@ const provider = new Provider(issuer, {
     introspection: { enabled: true },
     revocation: { enabled: true },
     deviceFlow: { enabled: true },
+    // DPoP (RFC 9449): proofs accepted from any client, required of tp-dpop (dpop_bound_access_tokens); a nonce
+    // only after POST /_test/dpop?require_nonce=1.
+    dPoP: {
+      enabled: true,
+      nonceSecret: randomBytes(32),
+      requireNonce: () => control.dpopRequireNonce,
+      allowReplay: false,
+    },
     mTLS: {
       enabled: Boolean(tls),
       certificateBoundAccessTokens: true,
@@ -712,6 +785,7 @@ provider.use(async (ctx, next) => {
     await next();
   } catch (err) {
     record(claimedClientId(ctx), 500, false, presentedAuthMethod(ctx));
+    await recordDpop(ctx, claimedClientId(ctx));
     throw err;
   }
 
@@ -746,6 +820,7 @@ provider.use(async (ctx, next) => {
     ctx.body = { error: failure.error, error_description: 'failure injected by the test control API' };
   }
   record(clientId, ctx.status, Boolean(failure), method);
+  const dpopJkt = await recordDpop(ctx, clientId);
   recordAssertionKid(ctx, clientId);
   recordCertificate(ctx, clientId);
   // One line per token call on stderr (never a secret or a token), shown when a test fails.
@@ -757,6 +832,10 @@ provider.use(async (ctx, next) => {
   } else if (grantType && grantType !== 'client_credentials') {
     extra = ` grant_type=${grantType}`;
   }
+  if (dpopJkt) extra += ` dpop_jkt=${dpopJkt.slice(0, 12)}`;
+  // oidc-provider's reason for a refused DPoP call (its invalid_grant answer only says "grant request is invalid").
+  const dpopDetail = ctx.status >= 400 && (dpopJkt || ctx.oidc?.client?.dpopBoundAccessTokens) ? grantErrorDetail.get(ctx) : undefined;
+  if (dpopDetail && !refresh) extra += ` detail=${JSON.stringify(dpopDetail)}`;
   console.error(`idp: /token client=${clientId} auth=${method} status=${ctx.status}${error}${extra}${failure ? ' (injected)' : ''}${holdMs ? ` (answer held ${holdMs} ms)` : ''}`);
   if (holdMs) await sleep(holdMs);
 });
