@@ -2,7 +2,9 @@
 """A tiny fake OAuth2 token endpoint for the load benchmark (127.0.0.1 only).
 
 POST /token answers a client_credentials grant with a fixed opaque token valid for a day, so tokenproxy makes one
-token call at startup and none while it is measured. GET /count answers how many token calls were made.
+token call at startup and none while it is measured; a call with a DPoP proof gets the token as `token_type: DPoP`
+(the proof is not checked: the benchmark prices making proofs, not checking them). GET /count answers how many token
+calls were made.
 Usage: fake_idp.py PORT
 """
 import json
@@ -31,7 +33,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.split("?")[0] != "/token":
             return self._answer(404, {"error": "not_found"})
         calls += 1
-        self._answer(200, TOKEN)
+        self._answer(200, dict(TOKEN, token_type="DPoP") if self.headers.get("DPoP") else TOKEN)
 
     def do_GET(self):
         if self.path == "/count":

@@ -2,7 +2,7 @@
 """Reads the raw outputs that benches/load/run collected in a results directory and prints the markdown report.
 
 Files in RESULTS (written by `run`):
-  CASE.TARGET.ROUND.out   wrk or h2load output    (CASE: h1-get, h1-post, h2-get, h1-exchange; TARGET: nginx, tokenproxy)
+  CASE.TARGET.ROUND.out   wrk or h2load output    (CASE: h1-get, h1-post, h2-get, h1-exchange, h1-dpop; TARGET: nginx, tokenproxy)
   CASE.TARGET.ROUND.cpu   CPU clock ticks the proxy process used during that run
   CASE.TARGET.ROUND.log   h2load --log-file (per-request latency) for the h2 case
   upstream.out            wrk straight at the upstream (reference)
@@ -22,6 +22,7 @@ CASES = [
     ("h1-post", "HTTP/1.1 POST 8 KiB (wrk -t1 -c64)"),
     ("h2-get", "h2c GET (h2load -c{h2_clients} -m{h2_streams})"),
     ("h1-exchange", "HTTP/1.1 GET, 1,000 callers, token exchange (wrk -t1 -c64)"),
+    ("h1-dpop", "HTTP/1.1 GET, DPoP proof per request (wrk -t1 -c64)"),
 ]
 TARGETS = ["nginx", "tokenproxy"]
 UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -146,6 +147,10 @@ def main(results):
         per_caller = ratio(medians["h1-exchange"]["tokenproxy"]["rps"], medians["h1-get"]["tokenproxy"]["rps"])
         out.append(f"| tokenproxy: 1,000-caller token exchange / single provider (HTTP/1.1 GET) | | {fmt(per_caller, 2)} "
                    f"| | | | | | | | |")
+    if "h1-dpop" in medians and "h1-get" in medians:
+        dpop = ratio(medians["h1-dpop"]["tokenproxy"]["rps"], medians["h1-get"]["tokenproxy"]["rps"])
+        out.append(f"| tokenproxy: DPoP proof per request / bearer token (HTTP/1.1 GET) | | {fmt(dpop, 2)} "
+                   f"| | | | | | | | |")
     up = parse_wrk(open(os.path.join(results, "upstream.out")).read()) if os.path.exists(
         os.path.join(results, "upstream.out")) else None
     if up:
@@ -227,8 +232,10 @@ def main(results):
     if statuses:
         out.append("- tokenproxy_requests_total by status: " +
                    ", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items())))
-    expected = ("1,001: the eager fetch at startup and one exchange per caller of h1-exchange"
-                if any(runs.get(("h1-exchange", t)) for t in TARGETS) else "1: the eager fetch at startup")
+    ran = lambda case: any(runs.get((case, t)) for t in TARGETS)
+    eager = 2 if ran("h1-dpop") else 1
+    expected = (f"{1000 + eager:,}: the eager fetches at startup and one exchange per caller of h1-exchange"
+                if ran("h1-exchange") else f"{eager}: the eager fetch{'es' if eager > 1 else ''} at startup")
     out.append(f"- token calls to the fake IdP during the whole run: {facts.get('idp_token_calls', '?')} "
                f"(expected {expected})")
     out.append(f"- tokenproxy log lines at WARN or above: {facts.get('tp_warn_lines', '?')}")
