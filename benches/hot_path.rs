@@ -55,7 +55,7 @@ fn hot_path(c: &mut Criterion) {
             headers::add_forwarding(&mut h, &peer, false, host);
             headers::append_via(&mut h, Version::HTTP_11);
             if let Some(token) = slot.current() {
-                h.insert(http::header::AUTHORIZATION, token.bearer().expose().clone());
+                h.insert(http::header::AUTHORIZATION, token.authorization().expose().clone());
             }
             black_box(h)
         })
@@ -140,5 +140,32 @@ fn exchange_hit(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hot_path, routing, exchange_hit);
+/// What DPoP adds to a request (RFC 9449): one proof, signed for this request's method and URL, bound to the token.
+fn dpop_proof(c: &mut Criterion) {
+    use tokenproxy::token::dpop::{token_hash, DpopKey, ProofFor};
+    let token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJiZW5jaCIsImNuZiI6eyJqa3QiOiIwIn19.c2lnbmF0dXJl";
+    let ath = token_hash(token.as_bytes());
+    let to = ProofFor {
+        method: "GET",
+        url: "http://127.0.0.1:9000/orders/7",
+        origin: "http://127.0.0.1:9000",
+        ath: Some(&ath),
+    };
+    let p256 = DpopKey::generate();
+    c.bench_function("DPoP proof per request (ES256: claims, sign, encode)", |b| {
+        b.iter(|| black_box(p256.proof(black_box(to))))
+    });
+    let ed25519 = {
+        use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+        let pem = ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]).to_pkcs8_pem(Default::default()).unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), pem.as_bytes()).unwrap();
+        DpopKey::load(file.path()).unwrap()
+    };
+    c.bench_function("DPoP proof per request (EdDSA: claims, sign, encode)", |b| {
+        b.iter(|| black_box(ed25519.proof(black_box(to))))
+    });
+}
+
+criterion_group!(benches, hot_path, routing, exchange_hit, dpop_proof);
 criterion_main!(benches);

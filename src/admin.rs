@@ -198,6 +198,8 @@ fn describe(slot: &TokenSlot) -> Value {
         "refreshes": status.refreshes,
         "generation": token.as_ref().map_or(0, |t| t.generation),
         "fingerprint": token.as_ref().map(|t| t.fingerprint.clone()),
+        "token_type": token.as_ref().map(|t| if t.dpop().is_some() { "DPoP" } else { "Bearer" }),
+        "dpop_jkt": token.as_ref().and_then(|t| t.dpop()).map(|binding| binding.key.thumbprint()),
         "refresh_token_expires_at": token.as_ref().and_then(|t| t.refresh_token_expires_at).map(rfc3339),
         "permanent_failure": status.permanent_failure,
     })

@@ -298,9 +298,14 @@ async fn check_fetch(config: &Config) -> ExitCode {
         };
         match outcome {
             Ok(token) => eprintln!(
-                "provider {name}: ok, token lifetime {}s, scope {}",
+                "provider {name}: ok, token lifetime {}s, scope {}{}",
                 token.lifetime.as_secs(),
-                token.scope.as_deref().unwrap_or("(not stated)")
+                token.scope.as_deref().unwrap_or("(not stated)"),
+                match (&token.dpop, provider.dpop) {
+                    (Some(key), _) => format!(", DPoP-bound to key {} ({})", key.thumbprint(), key.algorithm()),
+                    (None, true) => ", a bearer token: the IdP did not bind it to the DPoP key".to_owned(),
+                    (None, false) => String::new(),
+                }
             ),
             Err(error) => {
                 failed += 1;
@@ -350,6 +355,13 @@ where
 
 async fn print_token(fetcher: GrantFetcher) -> ExitCode {
     let name = &fetcher.idp().provider().name;
+    if fetcher.idp().provider().dpop {
+        eprintln!(
+            "tokenproxy: provider {name}: it uses DPoP (dpop = true): its tokens are bound to a key only the proxy \
+             holds and are useless in other hands; call the API through the proxy instead"
+        );
+        return ExitCode::from(EXIT_START);
+    }
     match fetcher.fetch().await {
         Ok(token) => match token.access_token.expose().to_str() {
             Ok(token) => {

@@ -288,6 +288,10 @@ pub struct ProviderConfig {
     pub exchange: Option<ExchangeConfig>,
     /// The raw token may be handed out (`vend = true`): written to `sink_file`.
     pub vend: bool,
+    /// DPoP (RFC 9449, docs/dpop.md): token calls and requests carry proofs of possession of a key (`dpop = true`).
+    pub dpop: bool,
+    /// The DPoP key (PEM: EC P-256, P-384 or Ed25519); without it, a P-256 key is made at startup.
+    pub dpop_key_file: Option<PathBuf>,
     /// Every new token is written to this file (mode 0600, replaced atomically).
     pub sink_file: Option<PathBuf>,
     /// What `sink_file` holds.

@@ -368,6 +368,36 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     } else if let Some(leaf) = &sink_format {
         r.report_leaf(leaf, "only used with sink_file; remove it");
     }
+    // DPoP (docs/dpop.md): sender-constrained tokens, bound to a key only tokenproxy holds.
+    let dpop_leaf = r.get(t, "dpop", reader::boolean);
+    let dpop = dpop_leaf.as_ref().is_some_and(|leaf| leaf.value);
+    let dpop_key_file = r.file(t, "dpop_key_file");
+    if let Some(leaf) = &dpop_key_file {
+        if !dpop {
+            r.report_leaf(leaf, "only used with dpop = true; set it, or remove this key");
+        } else {
+            // Read now too, so that `check` tells a wrong file before the first token call does.
+            if let Err(reason) = crate::token::dpop::DpopKey::load(&leaf.value) {
+                r.report_leaf(leaf, format!("{}: {reason}", leaf.value.display()));
+            }
+        }
+    }
+    if let Some(leaf) = dpop_leaf.as_ref().filter(|leaf| leaf.value) {
+        if matches!(grant, Grant::RefreshToken) && !t.has("dpop_key_file") {
+            r.report_leaf(
+                leaf,
+                "a refresh-token session with DPoP needs dpop_key_file: its refresh token may be bound to the key, and \
+                 a key made at startup does not survive a restart",
+            );
+        }
+        if vend {
+            r.report_leaf(
+                leaf,
+                "DPoP tokens are bound to a key only tokenproxy holds: they would not work in other hands, so they \
+                 cannot be vended (remove vend or dpop)",
+            );
+        }
+    }
     if let Some(leaf) = vend_leaf.as_ref().filter(|leaf| leaf.value) {
         if matches!(client_auth, ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth) {
             r.report_leaf(
@@ -391,6 +421,8 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         profile_of: None,
         exchange,
         vend,
+        dpop,
+        dpop_key_file: dpop_key_file.map(|leaf| leaf.value),
         sink_file,
         sink_format,
         token_url: token_url

@@ -124,6 +124,10 @@ struct ProviderView<'a> {
     refused_subject_ttl: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     vend: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    dpop: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dpop_key_file: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
     sink_file: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -197,6 +201,8 @@ impl Serialize for ProviderConfig {
             refused_subject_ttl: request_exchange
                 .map(|e| humantime::format_duration(e.refused_subject_ttl).to_string()),
             vend: self.vend,
+            dpop: self.dpop,
+            dpop_key_file: self.dpop_key_file.as_deref(),
             sink_file: self.sink_file.as_deref(),
             sink_format: self.sink_file.is_some().then_some(self.sink_format),
             assertion_dialect: (self.grant == Grant::JwtBearer).then_some(self.assertion_dialect),

@@ -244,6 +244,25 @@ fn route(
         }
     }
     let inject = value_or(inject, Inject::Header);
+    // A DPoP token goes as `Authorization: DPoP <token>` beside its proof (RFC 9449 §7.1): nowhere else.
+    if provider.as_ref().and_then(|leaf| providers.valid.get(&leaf.value)).is_some_and(|p| p.dpop) {
+        let elsewhere = |key: &str| match key {
+            "inject" => inject == Inject::Query,
+            "header_name" => header_name.as_ref().is_some_and(|leaf| leaf.value != http::header::AUTHORIZATION),
+            // `Bearer` is the default spelling (printed by `check`); the token goes as `DPoP` then.
+            "scheme" => scheme.as_ref().is_some_and(|leaf| !leaf.value.eq_ignore_ascii_case(DEFAULT_SCHEME)),
+            _ => true,
+        };
+        for key in ["inject", "header_name", "scheme", "query_param"] {
+            if let Some(field) = t.field(key).filter(|_| elsewhere(key)) {
+                r.report_field(
+                    &field,
+                    "this route's provider uses DPoP (dpop = true): its tokens go in `Authorization: DPoP …` with a \
+                     proof beside them, nowhere else; remove this key",
+                );
+            }
+        }
+    }
 
     // Keys that would silently do nothing are errors, like unknown keys.
     if !t.has("provider") {

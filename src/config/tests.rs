@@ -949,3 +949,57 @@ fn h2c_is_for_plain_upstreams_and_grpc_refresh_for_token_routes() {
         ["routes[0].grpc_unauthenticated_refresh: only used with `provider`; this route has none (a plain pass-through) (from tokenproxy.toml)"]
     );
 }
+
+#[test]
+fn dpop_keys_are_checked_and_its_tokens_go_nowhere_but_authorization() {
+    let config = |provider_keys: &str, route_keys: &str| {
+        format!(
+            "[providers.p]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+             dpop = true\n{provider_keys}\n[[routes]]\nprefix = \"/\"\nupstream = \"https://a.internal\"\n\
+             provider = \"p\"\n{route_keys}"
+        )
+    };
+    let loaded = load(&config("", "inject = \"header\"\nheader_name = \"authorization\"")).unwrap();
+    assert!(loaded.providers["p"].dpop && loaded.providers["p"].dpop_key_file.is_none());
+    let printed = toml::to_string(&loaded).unwrap();
+    assert!(printed.contains("dpop = true"), "{printed}");
+    assert!(load(&printed).is_ok(), "{printed}");
+
+    let pem = {
+        use p256::pkcs8::EncodePrivateKey as _;
+        p256::SecretKey::from_bytes(&[7u8; 32].into()).unwrap().to_pkcs8_pem(Default::default()).unwrap()
+    };
+    let p256 = temp_file(&pem);
+    let key = format!("dpop_key_file = {}", quoted(&p256.path().to_string_lossy()));
+    assert_eq!(load(&config(&key, "")).unwrap().providers["p"].dpop_key_file.as_deref(), Some(p256.path()));
+    let rsa = temp_file("-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n");
+    let rsa_path = rsa.path().to_string_lossy().into_owned();
+    let problems_of = |provider_keys: &str, route_keys: &str| problems(load(&config(provider_keys, route_keys)));
+    assert_eq!(
+        problems_of(&format!("dpop_key_file = {}", quoted(&rsa_path)), ""),
+        [format!(
+            "providers.p.dpop_key_file: {rsa_path}: an RSA key: DPoP keys here are EC P-256, P-384 or Ed25519 (from tokenproxy.toml)"
+        )]
+    );
+    assert_eq!(
+        problems_of("vend = true", ""),
+        ["providers.p.dpop: DPoP tokens are bound to a key only tokenproxy holds: they would not work in other hands, \
+          so they cannot be vended (remove vend or dpop) (from tokenproxy.toml)"]
+    );
+    for route_keys in ["inject = \"query\"", "header_name = \"x-token\"", "scheme = \"Token\""] {
+        let found = problems_of("", route_keys);
+        assert_eq!(found.len(), 1, "{route_keys}: {found:?}");
+        assert!(found[0].contains("provider uses DPoP"), "{found:?}");
+    }
+    let session = "grant = \"refresh_token\"\nrefresh_token = \"rt\"";
+    assert!(problems_of(session, "")[0].contains("needs dpop_key_file"));
+    let unused = format!(
+        "[providers.p]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+         dpop_key_file = {}\n",
+        quoted(&p256.path().to_string_lossy())
+    );
+    assert_eq!(
+        problems(load(&unused))[0],
+        "providers.p.dpop_key_file: only used with dpop = true; set it, or remove this key (from tokenproxy.toml)"
+    );
+}

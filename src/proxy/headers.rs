@@ -64,28 +64,63 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether a `WWW-Authenticate` value says the Bearer token was refused as invalid (RFC 6750 §3.1:
-/// `Bearer error="invalid_token"`), whatever the status it came with. A value may hold several challenges
-/// (`Basic realm="x", Bearer error="invalid_token"`): the parameter counts when a Bearer challenge precedes it.
-pub fn says_invalid_token(value: &[u8]) -> bool {
+/// What a `WWW-Authenticate` value says of the token sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Challenge {
+    /// The token was refused as invalid (RFC 6750 §3.1 `Bearer error="invalid_token"`, or the same in a `DPoP`
+    /// challenge, RFC 9449 §7.1).
+    pub invalid_token: bool,
+    /// The DPoP proof lacked the server's nonce (RFC 9449 §9: `DPoP error="use_dpop_nonce"`).
+    pub use_dpop_nonce: bool,
+}
+
+/// Reads the `error` parameters of a `WWW-Authenticate` value's Bearer and DPoP challenges, whatever the status it
+/// came with. A value may hold several challenges (`Basic realm="x", Bearer error="invalid_token"`): a parameter
+/// counts when a Bearer or DPoP challenge precedes it (`use_dpop_nonce` only after a DPoP one).
+pub fn challenge(value: &[u8]) -> Challenge {
+    let mut found = Challenge::default();
     let value = value.to_ascii_lowercase();
-    let Some(bearer) = find(&value, b"bearer") else { return false };
-    let mut rest = &value[bearer + b"bearer".len()..];
-    while let Some(at) = find(rest, b"error") {
-        let before = at.checked_sub(1).map(|i| rest[i]);
-        let after = rest[at + b"error".len()..].trim_ascii_start();
-        rest = &rest[at + b"error".len()..];
+    let dpop = find_word(&value, b"dpop");
+    let Some(first) = [find_word(&value, b"bearer"), dpop].into_iter().flatten().min() else { return found };
+    let mut offset = first;
+    while let Some(at) = find(&value[offset..], b"error").map(|at| at + offset) {
+        offset = at + b"error".len();
+        let before = at.checked_sub(1).map(|i| value[i]);
         if before.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
             continue;
         }
-        let Some(after) = after.strip_prefix(b"=") else { continue };
+        let Some(after) = value[offset..].trim_ascii_start().strip_prefix(b"=") else { continue };
         let after = after.trim_ascii_start();
         let after = after.strip_prefix(b"\"").unwrap_or(after);
-        if let Some(end) = after.strip_prefix(b"invalid_token") {
-            return end.first().is_none_or(|b| matches!(b, b'"' | b',' | b' ' | b'\t'));
-        }
+        let code_is = |code: &[u8]| {
+            after
+                .strip_prefix(code)
+                .is_some_and(|end| end.first().is_none_or(|b| matches!(b, b'"' | b',' | b' ' | b'\t')))
+        };
+        found.invalid_token |= code_is(b"invalid_token");
+        found.use_dpop_nonce |= code_is(b"use_dpop_nonce") && dpop.is_some_and(|dpop| dpop < at);
     }
-    false
+    found
+}
+
+/// Whether a `WWW-Authenticate` value says the token was refused as invalid (see [`challenge`]).
+pub fn says_invalid_token(value: &[u8]) -> bool {
+    challenge(value).invalid_token
+}
+
+/// The position of `word` in `haystack` as a whole word (an auth scheme): at the start or after a space or comma,
+/// and followed by a space or the end.
+fn find_word(haystack: &[u8], word: &[u8]) -> Option<usize> {
+    let mut offset = 0;
+    while let Some(at) = find(&haystack[offset..], word).map(|at| at + offset) {
+        let starts = at == 0 || matches!(haystack[at - 1], b' ' | b',' | b'\t');
+        let ends = haystack.get(at + word.len()).is_none_or(|b| matches!(b, b' ' | b'\t'));
+        if starts && ends {
+            return Some(at);
+        }
+        offset = at + 1;
+    }
+    None
 }
 
 /// The position of `needle` in `haystack`.
@@ -158,6 +193,27 @@ pub fn add_forwarding(headers: &mut HeaderMap, peer: &HeaderValue, tls: bool, or
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dpop_challenges_are_read_and_a_nonce_request_is_told_apart_from_a_refusal() {
+        let nonce = challenge(
+            br#"DPoP error="use_dpop_nonce", error_description="Resource server requires nonce in DPoP proof""#,
+        );
+        assert_eq!(nonce, Challenge { invalid_token: false, use_dpop_nonce: true });
+        let refused = challenge(br#"DPoP algs="ES256 EdDSA", error="invalid_token""#);
+        assert_eq!(refused, Challenge { invalid_token: true, use_dpop_nonce: false });
+        let both = challenge(br#"Bearer realm="api", DPoP error=use_dpop_nonce"#);
+        assert!(both.use_dpop_nonce && !both.invalid_token);
+        for no in [
+            r#"Bearer error="use_dpop_nonce""#,
+            r#"Basic error="use_dpop_nonce""#,
+            r#"DPoPx error="invalid_token""#,
+            r#"DPoP error="use_dpop_nonce_x""#,
+            r#"use_dpop_nonce error="invalid_token""#,
+        ] {
+            assert_eq!(challenge(no.as_bytes()), Challenge::default(), "{no}");
+        }
+    }
 
     #[test]
     fn a_bearer_invalid_token_challenge_is_recognised() {

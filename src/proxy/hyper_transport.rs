@@ -7,6 +7,8 @@
 //! hyper drops the request's future: the upstream exchange is dropped with it and its [`super::Exchange`] still
 //! lowers the in-flight gauge.
 
+use std::sync::Arc;
+
 use http::header::CONTENT_LENGTH;
 use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -20,7 +22,9 @@ use super::h1::framing::parse_length;
 use super::replay::{Replay, ReplayBody};
 use super::upgrade;
 use super::upstream::{may_retry, CallerWait, UpstreamBody, UpstreamError};
-use super::{Answer, Connection, Decision, ErrorContext, Proxy, ProxyBody, ProxyError, Route, Target, X_REQUEST_ID};
+use super::{
+    Answer, Connection, Decision, ErrorContext, Proxy, ProxyBody, ProxyError, Retried, Route, Target, X_REQUEST_ID,
+};
 use crate::metrics::ReplayOutcome;
 use crate::token::Token;
 
@@ -62,8 +66,8 @@ pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Conn
 }
 
 /// The first attempt of a request that got a 401.
-struct Attempt<'a> {
-    token: &'a Token,
+struct Attempt {
+    token: Arc<Token>,
     replay: Replay,
     response: Response<Incoming>,
     /// The request's deadline, which the replay shares.
@@ -98,7 +102,8 @@ async fn forward(
         let handshake = upgrade::Handshake { parts, body, token, requested, deadline };
         return Box::pin(upgrade::forward(proxy, route, &target, handshake, replayed)).await;
     }
-    let replayable = token.is_some() && route.retry_on_401;
+    // A DPoP-bound token may have to go again with the upstream's nonce, whatever `retry_on_401` says.
+    let replayable = token.as_ref().is_some_and(|token| route.retry_on_401 || token.dpop().is_some());
     // A bodiless idempotent request may go once more if its connection turns out stale (`may_retry`); any request
     // whose body is known (none, or kept) may go once more if the upstream refused it unprocessed.
     let bodiless = body.is_end_stream();
@@ -152,16 +157,14 @@ async fn forward(
         Ok(response) => response,
     };
     let watch = grpc.then(|| unauthenticated_watch(route, &target, token.as_deref())).flatten();
-    let Decision::Replay { .. } = Proxy::decide(route, answer(&response), token.as_deref(), false) else {
-        return Ok(finish(response, head_request, watch));
-    };
-    match (token, saved) {
-        (Some(token), Some(parts)) => {
-            let first = Attempt { token: &token, replay, response, deadline, head_request, grpc };
+    let decision = Proxy::decide(route, &answer(&response), token.as_deref(), Retried::default());
+    match (decision, token, saved) {
+        (Decision::Deliver, _, _) | (_, None, _) | (_, _, None) => Ok(finish(response, head_request, watch)),
+        (decision, Some(token), Some(parts)) => {
+            let first = Attempt { token, replay, response, deadline, head_request, grpc };
             // The rare path is boxed, so that every request's future stays small.
-            Box::pin(replay_after_401(proxy, route, &target, parts, first, replayed)).await
+            Box::pin(replay_after_401(proxy, route, &target, parts, first, decision, replayed)).await
         }
-        _ => Ok(finish(response, head_request, watch)),
     }
 }
 
@@ -181,13 +184,19 @@ fn unauthenticated_watch(route: &Route, target: &Target, token: Option<&Token>) 
 /// What the status decision looks at in a response.
 pub(super) fn answer(response: &Response<Incoming>) -> Answer {
     // Only a 4xx can be a refusal of the token (docs/configuration.md, "The 401 budget").
-    let invalid_token = response.status().is_client_error()
-        && response
-            .headers()
-            .get_all(http::header::WWW_AUTHENTICATE)
-            .iter()
-            .any(|value| super::headers::says_invalid_token(value.as_bytes()));
-    Answer { status: response.status(), invalid_token }
+    let mut answer = Answer {
+        status: response.status(),
+        dpop_nonce: response.headers().get(&crate::token::dpop::DPOP_NONCE).cloned(),
+        ..Answer::default()
+    };
+    if response.status().is_client_error() {
+        for value in response.headers().get_all(http::header::WWW_AUTHENTICATE) {
+            let found = super::headers::challenge(value.as_bytes());
+            answer.invalid_token |= found.invalid_token;
+            answer.use_dpop_nonce |= found.use_dpop_nonce;
+        }
+    }
+    answer
 }
 
 /// A copy of a request head without its extensions.
@@ -237,9 +246,12 @@ pub(super) fn attach<B>(
     token: Option<&Token>,
     body: B,
 ) -> Result<Request<B>, ProxyError> {
-    let (uri, credential) = Proxy::upstream_target(route, target, token)?;
-    if let Some((name, value)) = credential {
-        parts.headers.insert(name.clone(), value);
+    let (uri, credential) = Proxy::upstream_target(route, target, &parts.method, token)?;
+    if let Some(credential) = credential {
+        parts.headers.insert(credential.name.clone(), credential.value);
+        if let Some(proof) = credential.proof {
+            parts.headers.insert(crate::token::dpop::DPOP.clone(), proof);
+        }
     }
     parts.uri = uri;
     Ok(Request::from_parts(parts, body))
@@ -265,34 +277,59 @@ async fn send(
     }
 }
 
-/// Phase 5: a 401 to a token we attached: a newer token (within the 401 budget), and the one replay.
+/// Phase 5: a 401 to a token we attached: a newer token (within the 401 budget), and the one replay; or, for a
+/// DPoP-bound token, a 401 asking for the upstream's nonce: the same token again with a proof carrying it. At most
+/// one of each (a third send needs the body kept whole).
 async fn replay_after_401(
     proxy: &Proxy,
     route: &Route,
     target: &Target,
     parts: Parts,
-    first: Attempt<'_>,
+    first: Attempt,
+    mut decision: Decision,
     replayed: &mut bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let Some(tokens) = target.tokens(route) else { return Ok(finish(first.response, first.head_request, None)) };
-    let deadline = first.deadline;
-    let body = match tokio::time::timeout_at(deadline, first.replay.replay()).await {
+    let Attempt { mut token, replay, mut response, deadline, head_request, grpc } = first;
+    let mut body = match tokio::time::timeout_at(deadline, replay.replay()).await {
         Ok(Some(body)) => body,
         _ => {
             route.metrics.replays(ReplayOutcome::NotReplayable).inc();
-            return Ok(finish(first.response, first.head_request, None));
+            return Ok(finish(response, head_request, None));
         }
     };
-    let Some(fresh) = Proxy::replacement(route, tokens.as_ref(), first.token.generation, deadline).await else {
-        return Ok(finish(first.response, first.head_request, None));
-    };
-    let head_request = first.head_request;
-    drop(first.response);
-    *replayed = true;
-    let request = attach(route, target, parts, Some(&fresh), UpstreamBody::Replay { body })?;
-    let response = send(proxy, route, request, deadline, false).await.map_err(Failure::into_error)?;
-    Proxy::decide(route, answer(&response), Some(&fresh), true);
-    let watch = first.grpc.then(|| unauthenticated_watch(route, target, Some(&fresh))).flatten();
+    let mut retried = Retried::default();
+    loop {
+        let next = match decision {
+            Decision::Deliver => break,
+            Decision::Replay { rejected } => {
+                match Proxy::replacement(route, tokens.as_ref(), rejected, deadline).await {
+                    Some(fresh) => {
+                        retried.replayed = true;
+                        fresh
+                    }
+                    None => break,
+                }
+            }
+            Decision::Nonce => {
+                retried.nonce = true;
+                Arc::clone(&token)
+            }
+        };
+        let copy = body.try_clone();
+        drop(response);
+        *replayed = true;
+        let request = attach(route, target, copy_head(&parts), Some(&next), UpstreamBody::Replay { body })?;
+        response = send(proxy, route, request, deadline, false).await.map_err(Failure::into_error)?;
+        token = next;
+        decision = Proxy::decide(route, &answer(&response), Some(&token), retried);
+        match copy {
+            Some(copy) => body = copy,
+            None => break,
+        }
+    }
+    // As for a first attempt, only an answer to a request that went out again is watched for gRPC's UNAUTHENTICATED.
+    let watch = (grpc && retried.any()).then(|| unauthenticated_watch(route, target, Some(&token))).flatten();
     Ok(finish(response, head_request, watch))
 }
 

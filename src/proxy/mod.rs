@@ -51,6 +51,7 @@ pub use upstream::{UpstreamBody, UpstreamClient};
 
 use crate::config::IncomingAuthorization;
 use crate::metrics::{ReplayOutcome, RouteMetrics};
+use crate::token::dpop::ProofFor;
 use crate::token::{SubjectRefusal, Token, TokenSource};
 
 /// What the proxy knows of the connection a request came on.
@@ -167,16 +168,28 @@ impl Drop for Exchange<'_> {
     }
 }
 
-/// The header that carries a token, and its value (sensitive).
-type Credential<'r> = Option<(&'r HeaderName, HeaderValue)>;
+/// The headers that carry a token to the upstream (values sensitive).
+#[derive(Debug)]
+pub struct Credential<'r> {
+    /// The header that carries the token.
+    pub name: &'r HeaderName,
+    /// Its value.
+    pub value: HeaderValue,
+    /// For a DPoP-bound token: the `DPoP` proof made for this request (RFC 9449 §7.1).
+    pub proof: Option<HeaderValue>,
+}
 
 /// What the status decision looks at in an upstream's answer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct Answer {
     /// Its status.
     pub status: StatusCode,
-    /// It says `WWW-Authenticate: Bearer error="invalid_token"`.
+    /// It says `WWW-Authenticate: Bearer error="invalid_token"` (or `DPoP error="invalid_token"`).
     pub invalid_token: bool,
+    /// It says `WWW-Authenticate: DPoP error="use_dpop_nonce"`: the proof lacked the upstream's nonce.
+    pub use_dpop_nonce: bool,
+    /// Its `DPoP-Nonce` header: the nonce the upstream wants in the next proofs.
+    pub dpop_nonce: Option<HeaderValue>,
 }
 
 /// What to do with an upstream's response (phase 5).
@@ -189,6 +202,25 @@ pub enum Decision {
         /// The generation the upstream refused.
         rejected: u64,
     },
+    /// A 401 asking only for a DPoP nonce: send once more with the same token and a new proof with the nonce. The
+    /// token was not refused; its generation stays.
+    Nonce,
+}
+
+/// What was sent again already for one request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Retried {
+    /// Replayed with a newer token after a 401.
+    pub replayed: bool,
+    /// Sent again with the upstream's DPoP nonce.
+    pub nonce: bool,
+}
+
+impl Retried {
+    /// Whether the request went more than once.
+    pub fn any(self) -> bool {
+        self.replayed || self.nonce
+    }
 }
 
 impl Proxy {
@@ -414,16 +446,31 @@ impl Proxy {
         })
     }
 
-    /// Phase 4: the upstream URI of a request, and the header that carries `token` (none when the route puts it in
-    /// the query, or nothing is attached).
+    /// Phase 4: the upstream URI of a request, and the headers that carry `token` (none when the route puts it in
+    /// the query, or nothing is attached); a DPoP-bound token gets a new proof for this `method` and URI.
     fn upstream_target<'r>(
         route: &'r Route,
         target: &Target,
+        method: &Method,
         token: Option<&Token>,
-    ) -> Result<(http::Uri, Credential<'r>), ProxyError> {
+    ) -> Result<(http::Uri, Option<Credential<'r>>), ProxyError> {
         let extra_query = token.and_then(|token| token_query(route, token));
-        let credential = token.map(|token| token_header(route, token)).transpose()?.flatten();
-        Ok((upstream_uri(route, target, extra_query.as_deref())?, credential))
+        let uri = upstream_uri(route, target, extra_query.as_deref())?;
+        let Some((name, value)) = token.map(|token| token_header(route, token)).transpose()?.flatten() else {
+            return Ok((uri, None));
+        };
+        let proof = token.and_then(Token::dpop).map(|binding| {
+            let mut htu = String::with_capacity(route.origin.len() + uri.path().len());
+            htu.push_str(&route.origin);
+            htu.push_str(uri.path());
+            binding.key.proof(ProofFor {
+                method: method.as_str(),
+                url: &htu,
+                origin: &route.origin,
+                ath: Some(&binding.ath),
+            })
+        });
+        Ok((uri, Some(Credential { name, value, proof })))
     }
 
     /// Phase 5, the status decision on the response to an attempt: a refusal of a token we attached (a status of the
@@ -431,7 +478,19 @@ impl Proxy {
     /// that replays, calls for the one replay (not after a replay). A 403 to a token that a refresh call sent during
     /// the exchange may have revoked (`during_refresh = "wait"` holds it back) is such a refusal too: its replay waits
     /// for that call and makes none of its own. Counts the upstream's refusals and a replay's outcome.
-    fn decide(route: &Route, answer: Answer, token: Option<&Token>, replayed: bool) -> Decision {
+    ///
+    /// For a DPoP-bound token, the upstream's `DPoP-Nonce` is kept for the next proofs to it, and a 401 that only asks
+    /// for that nonce (`DPoP error="use_dpop_nonce"`) is sent once more with it, the token kept: it was not refused.
+    fn decide(route: &Route, answer: &Answer, token: Option<&Token>, retried: Retried) -> Decision {
+        if let Some(binding) = token.and_then(Token::dpop) {
+            if let Some(nonce) = &answer.dpop_nonce {
+                binding.key.remember_nonce(&route.origin, nonce);
+            }
+            if answer.use_dpop_nonce && answer.status == StatusCode::UNAUTHORIZED {
+                return if retried.nonce || answer.dpop_nonce.is_none() { Decision::Deliver } else { Decision::Nonce };
+            }
+        }
+        let replayed = retried.replayed;
         let refused = answer.invalid_token
             || route.refusal(answer.status)
             || (answer.status == StatusCode::FORBIDDEN && token.is_some_and(Token::is_suspended));
@@ -555,7 +614,7 @@ pub(crate) fn new_request_id() -> HeaderValue {
 fn token_header<'r>(route: &'r Route, token: &Token) -> Result<Option<(&'r HeaderName, HeaderValue)>, ProxyError> {
     static AUTHORIZATION: HeaderName = http::header::AUTHORIZATION;
     match &route.injection {
-        Injection::Bearer => Ok(Some((&AUTHORIZATION, token.bearer().expose().clone()))),
+        Injection::Bearer => Ok(Some((&AUTHORIZATION, token.authorization().expose().clone()))),
         Injection::Header { name, prefix } => {
             let raw = token.access_token().expose();
             let mut value = Vec::with_capacity(prefix.len() + raw.len());

@@ -47,6 +47,8 @@ pub struct Route {
     authority: Authority,
     /// The upstream's `Host` header value.
     pub host_header: HeaderValue,
+    /// `scheme://authority` of the upstream: the start of a DPoP proof's `htu`, and the key of its nonce.
+    pub origin: Box<str>,
     /// The upstream URL's path, without a trailing `/` (empty for the root).
     base_path: String,
     /// The provider's name, if the route attaches tokens.
@@ -134,12 +136,14 @@ impl Route {
             .then(|| client.route_tls(&config.name, &config.tls, metrics.upstream_tls_reloads(&config.name)))
             .transpose()
             .map_err(|e| error(format!("upstream TLS: {e}")))?;
+        let origin = format!("{scheme}://{authority}").into_boxed_str();
         Ok(Route {
             name: Arc::from(config.name.as_str()),
             host: config.host.as_ref().map(|h| h.to_ascii_lowercase()),
             prefix: config.prefix.clone(),
             strip_prefix: config.strip_prefix,
             scheme,
+            origin,
             authority,
             host_header,
             base_path: upstream.path().trim_end_matches('/').to_owned(),

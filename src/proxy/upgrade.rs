@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use super::upstream::{CallerWait, UpstreamBody, UpstreamError};
-use super::{Decision, Proxy, ProxyBody, ProxyError, Route, Target};
+use super::{Decision, Proxy, ProxyBody, ProxyError, Retried, Route, Target};
 use crate::token::Token;
 
 /// An upgrade the caller asked for: the protocol it named, and its side of the connection once switched.
@@ -67,24 +67,31 @@ pub(super) async fn forward(
     // The hop-by-hop headers of the caller were removed; these two are the upgrade's own, for this hop.
     parts.headers.insert(UPGRADE, requested.protocol.clone());
     parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    let replayable = body.is_end_stream() && route.retry_on_401;
+    let dpop = token.as_ref().is_some_and(|token| token.dpop().is_some());
+    let replayable = body.is_end_stream() && (route.retry_on_401 || dpop);
     let head = replayable.then(|| super::hyper_transport::copy_head(&parts));
     let waiting = CallerWait::for_body(&body);
     let request =
         super::hyper_transport::attach(route, target, parts, token.as_deref(), UpstreamBody::Plain { body, waiting })?;
     let mut response = send(proxy, route, request, deadline).await?;
-    if let (Decision::Replay { rejected }, Some(head), Some(tokens)) = (
-        Proxy::decide(route, super::hyper_transport::answer(&response), token.as_deref(), false),
-        head,
-        target.tokens(route),
-    ) {
-        if let Some(fresh) = Proxy::replacement(route, tokens.as_ref(), rejected, deadline).await {
-            *replayed = true;
-            drop(response);
-            let again = super::hyper_transport::attach(route, target, head, Some(&fresh), UpstreamBody::empty())?;
-            response = send(proxy, route, again, deadline).await?;
-            Proxy::decide(route, super::hyper_transport::answer(&response), Some(&fresh), true);
+    let decision =
+        Proxy::decide(route, &super::hyper_transport::answer(&response), token.as_deref(), Retried::default());
+    // One more send at most: with a newer token after a 401, or with the upstream's DPoP nonce.
+    let again = match (decision, head, target.tokens(route)) {
+        (Decision::Replay { rejected }, Some(head), Some(tokens)) => {
+            Proxy::replacement(route, tokens.as_ref(), rejected, deadline)
+                .await
+                .map(|fresh| (head, fresh, Retried { replayed: true, nonce: false }))
         }
+        (Decision::Nonce, Some(head), _) => token.map(|token| (head, token, Retried { replayed: false, nonce: true })),
+        _ => None,
+    };
+    if let Some((head, fresh, retried)) = again {
+        *replayed = true;
+        drop(response);
+        let again = super::hyper_transport::attach(route, target, head, Some(&fresh), UpstreamBody::empty())?;
+        response = send(proxy, route, again, deadline).await?;
+        Proxy::decide(route, &super::hyper_transport::answer(&response), Some(&fresh), retried);
     }
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(super::hyper_transport::finish(response, false, None));

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use super::dpop::{self, DpopKey};
 use super::response::AccessToken;
 use crate::metrics::{ProviderMetrics, SkippedRefresh};
 
@@ -21,8 +22,10 @@ use crate::metrics::{ProviderMetrics, SkippedRefresh};
 pub struct Token {
     /// The token itself, validated as a header value.
     raw: AccessToken,
-    /// `Bearer <token>`, preformatted for the common case of header injection.
-    bearer: AccessToken,
+    /// `Bearer <token>` (or `DPoP <token>` for a DPoP-bound one), preformatted for header injection.
+    authorization: AccessToken,
+    /// For a DPoP-bound token (RFC 9449): the key it is bound to, and its `ath`.
+    dpop: Option<DpopBinding>,
     /// Increases by one with every token the slot installs; a 401 invalidates only its own generation.
     pub generation: u64,
     /// First 8 hex digits of the token's SHA-256, safe to show.
@@ -40,6 +43,15 @@ pub struct Token {
     /// Set while a refresh call that may revoke it is in flight (`during_refresh = "wait"`): requests wait for the
     /// next token instead of sending this one.
     suspended: AtomicBool,
+}
+
+/// What a DPoP-bound token's proofs need: the key, and the token's hash (`ath`), computed once.
+#[derive(Debug)]
+pub struct DpopBinding {
+    /// The key the token is bound to.
+    pub key: Arc<DpopKey>,
+    /// `ath`: the base64url SHA-256 of the token.
+    pub ath: String,
 }
 
 impl std::fmt::Debug for Token {
@@ -61,16 +73,13 @@ impl Token {
         expires_at: SystemTime,
         obtained_at: SystemTime,
     ) -> Token {
-        let mut bearer = Vec::with_capacity(raw.expose().len() + 7);
-        bearer.extend_from_slice(b"Bearer ");
-        bearer.extend_from_slice(raw.expose().as_bytes());
-        // `raw` is a valid header value and "Bearer " adds only visible ASCII.
-        let bearer = HeaderValue::from_bytes(&bearer).map_or_else(|_| raw.clone(), AccessToken::new);
+        let authorization = authorization(b"Bearer ", &raw);
         let digest = Sha256::digest(raw.expose().as_bytes());
         let fingerprint = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
         Token {
             raw,
-            bearer,
+            authorization,
+            dpop: None,
             generation,
             fingerprint,
             usable_until,
@@ -87,9 +96,24 @@ impl Token {
         &self.raw
     }
 
-    /// `Bearer <token>`, preformatted for the common case of header injection.
-    pub fn bearer(&self) -> &AccessToken {
-        &self.bearer
+    /// `Bearer <token>`, or `DPoP <token>` for a DPoP-bound token: the `Authorization` value, preformatted.
+    pub fn authorization(&self) -> &AccessToken {
+        &self.authorization
+    }
+
+    /// Binds the token to the DPoP key it was issued for (none: a bearer token): it is then sent as
+    /// `Authorization: DPoP <token>`, with a proof of the key.
+    pub fn bound_to(mut self, key: Option<Arc<DpopKey>>) -> Token {
+        if let Some(key) = key {
+            self.authorization = authorization(b"DPoP ", &self.raw);
+            self.dpop = Some(DpopBinding { key, ath: dpop::token_hash(self.raw.expose().as_bytes()) });
+        }
+        self
+    }
+
+    /// The DPoP key and `ath` of a DPoP-bound token.
+    pub fn dpop(&self) -> Option<&DpopBinding> {
+        self.dpop.as_ref()
     }
 
     /// Whether the token may be sent at `now`.
@@ -117,6 +141,15 @@ impl Token {
     pub fn is_suspended(&self) -> bool {
         self.suspended.load(Ordering::Relaxed)
     }
+}
+
+/// `<scheme><token>` as a header value.
+fn authorization(scheme: &[u8], raw: &AccessToken) -> AccessToken {
+    let mut value = Vec::with_capacity(raw.expose().len() + scheme.len());
+    value.extend_from_slice(scheme);
+    value.extend_from_slice(raw.expose().as_bytes());
+    // `raw` is a valid header value and the scheme adds only visible ASCII.
+    HeaderValue::from_bytes(&value).map_or_else(|_| raw.clone(), AccessToken::new)
 }
 
 /// Refresh requests made by requests or the admin API, taken by the refresher task.

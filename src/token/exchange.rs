@@ -258,13 +258,16 @@ impl ExchangeCache {
                     usable_until = usable_until.min(Instant::now() + left);
                 }
                 let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-                let token = Arc::new(Token::new(
-                    response.access_token,
-                    generation,
-                    usable_until,
-                    started_wall + response.lifetime,
-                    SystemTime::now(),
-                ));
+                let token = Arc::new(
+                    Token::new(
+                        response.access_token,
+                        generation,
+                        usable_until,
+                        started_wall + response.lifetime,
+                        SystemTime::now(),
+                    )
+                    .bound_to(response.dpop),
+                );
                 self.tokens.insert(key, Arc::clone(&token));
                 // Evictions happen now rather than at some later write (an exchange is rare next to the hits), so
                 // the bound holds and the gauge is exact.

@@ -15,6 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use url::Url;
 
 use super::assertion;
+use super::dpop::{self, DpopKey, ProofFor};
 use super::grant::TokenRequest;
 use super::response::{parse_response, TokenError, TokenResponse};
 use crate::config::ProviderConfig;
@@ -53,6 +54,8 @@ pub struct IdpClient {
     /// The client, the stamp of the TLS files it was built from, and the last stamp that failed to load.
     client: Mutex<(FileStamp, HttpsClient, Option<FileStamp>)>,
     discovered: Mutex<Option<Arc<Endpoints>>>,
+    /// The DPoP key (`dpop = true`): every token call carries a proof of it.
+    dpop: Option<Arc<DpopKey>>,
 }
 
 impl IdpClient {
@@ -60,7 +63,19 @@ impl IdpClient {
     pub fn new(provider: ProviderConfig) -> Result<IdpClient, TlsError> {
         let stamp = FileStamp::of(&tls_files(&provider));
         let client = build_client(&provider)?;
-        Ok(IdpClient { provider, client: Mutex::new((stamp, client, None)), discovered: Mutex::new(None) })
+        let dpop = match (provider.dpop, &provider.dpop_key_file) {
+            (false, _) => None,
+            (true, Some(path)) => {
+                Some(Arc::new(DpopKey::load(path).map_err(|message| TlsError::Pem { path: path.clone(), message })?))
+            }
+            (true, None) => Some(Arc::new(DpopKey::generate())),
+        };
+        Ok(IdpClient { provider, client: Mutex::new((stamp, client, None)), discovered: Mutex::new(None), dpop })
+    }
+
+    /// The provider's DPoP key, when it uses DPoP.
+    pub fn dpop_key(&self) -> Option<&Arc<DpopKey>> {
+        self.dpop.as_ref()
     }
 
     /// The HTTP client, rebuilt first when a TLS file (CA bundle, client certificate or key) changed since it was
@@ -134,7 +149,7 @@ impl IdpClient {
     async fn discover(&self, issuer: &Url) -> Result<Endpoints, TokenError> {
         let mut last_error = None;
         for url in discovery_urls(issuer) {
-            let answer = match self.bounded(self.send(Method::GET, &url, None, None)).await {
+            let answer = match self.bounded(self.send(Method::GET, &url, None, None, None)).await {
                 Ok(answer) => answer,
                 Err(e) => {
                     last_error = Some(format!("{url}: {e}"));
@@ -158,9 +173,46 @@ impl IdpClient {
         let result = self
             .bounded(async {
                 let endpoints = self.endpoints().await?;
-                let assertion = self.client_assertion(&endpoints)?;
-                let answer = self.send(Method::POST, &endpoints.token, Some(&request), assertion.as_deref()).await?;
-                parse_response(answer.status, &answer.headers, &answer.body, self.provider.default_lifetime)
+                let origin = self.dpop.as_ref().map(|_| dpop::origin_of(&endpoints.token));
+                let htu = self.dpop.as_ref().map(|_| dpop::htu_of(&endpoints.token));
+                let mut nonce_retried = false;
+                loop {
+                    let assertion = self.client_assertion(&endpoints)?;
+                    let proof = self.dpop.as_ref().map(|key| {
+                        key.proof(ProofFor {
+                            method: "POST",
+                            url: htu.as_deref().unwrap_or_default(),
+                            origin: origin.as_deref().unwrap_or_default(),
+                            ath: None,
+                        })
+                    });
+                    let answer = self
+                        .send(Method::POST, &endpoints.token, Some(&request), assertion.as_deref(), proof.as_ref())
+                        .await?;
+                    // RFC 9449 §8: the IdP's nonce, for this proof's retry and for the next calls.
+                    let nonce = match (&self.dpop, answer.headers.get(&dpop::DPOP_NONCE)) {
+                        (Some(key), Some(nonce)) => {
+                            key.remember_nonce(origin.as_deref().unwrap_or_default(), nonce);
+                            true
+                        }
+                        _ => false,
+                    };
+                    let parsed =
+                        parse_response(answer.status, &answer.headers, &answer.body, self.provider.default_lifetime);
+                    match parsed {
+                        Err(TokenError::Rejected { error, .. })
+                            if error == "use_dpop_nonce" && nonce && !nonce_retried =>
+                        {
+                            tracing::debug!(provider = %self.provider.name, "the IdP asks for a DPoP nonce: calling again with it");
+                            nonce_retried = true;
+                        }
+                        Ok(mut response) => {
+                            self.bind(&mut response);
+                            return Ok(response);
+                        }
+                        Err(error) => return Err(error),
+                    }
+                }
             })
             .await;
         if matches!(&result, Err(e) if !e.is_permanent() || matches!(e, TokenError::Status { status: 404, .. })) {
@@ -169,11 +221,28 @@ impl IdpClient {
         result
     }
 
+    /// Marks a DPoP-bound token with the key it is bound to.
+    fn bind(&self, response: &mut TokenResponse) {
+        match (&self.dpop, response.dpop_bound) {
+            (Some(key), true) => response.dpop = Some(Arc::clone(key)),
+            (None, true) => tracing::warn!(
+                provider = %self.provider.name,
+                "the IdP issued a DPoP-bound token (token_type DPoP) without a proof: upstreams will likely refuse it \
+                 as a bearer token; set dpop = true on this provider"
+            ),
+            (Some(_), false) => tracing::debug!(
+                provider = %self.provider.name,
+                "the IdP issued a bearer token despite the DPoP proof: sending it as a bearer token"
+            ),
+            (None, false) => {}
+        }
+    }
+
     /// A form POST to one of the provider's endpoints (device authorization, revocation), with client auth.
     pub async fn post_form(&self, url: &Url, request: &TokenRequest) -> Result<FormAnswer, TokenError> {
         self.bounded(async {
             let assertion = self.client_assertion(&self.endpoints().await?)?;
-            self.send(Method::POST, url, Some(request), assertion.as_deref()).await
+            self.send(Method::POST, url, Some(request), assertion.as_deref(), None).await
         })
         .await
     }
@@ -198,12 +267,16 @@ impl IdpClient {
         url: &Url,
         form: Option<&TokenRequest>,
         client_assertion: Option<&str>,
+        dpop_proof: Option<&http::HeaderValue>,
     ) -> Result<FormAnswer, TokenError> {
         let mut builder = Request::builder()
             .method(method)
             .uri(url.as_str())
             .header(ACCEPT, "application/json")
             .header(USER_AGENT, concat!("tokenproxy/", env!("CARGO_PKG_VERSION")));
+        if let Some(proof) = dpop_proof {
+            builder = builder.header(&dpop::DPOP, proof.clone());
+        }
         let body = match form {
             Some(form) => {
                 builder = builder.header(CONTENT_TYPE, "application/x-www-form-urlencoded");

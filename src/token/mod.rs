@@ -10,6 +10,7 @@
 pub mod assertion;
 pub mod cache;
 pub mod device;
+pub mod dpop;
 pub mod exchange;
 pub mod grant;
 pub mod idp;

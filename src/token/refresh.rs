@@ -201,7 +201,8 @@ impl RefreshScheduler {
                         started_instant + schedule.usable_for,
                         started_wall + response.lifetime,
                         SystemTime::now(),
-                    );
+                    )
+                    .bound_to(response.dpop);
                     token.refresh_token_expires_at = response.refresh_token_lifetime.map(|l| started_wall + l);
                     if let Some(sink) = &self.sink {
                         sink.write(&token);

@@ -57,13 +57,25 @@ pub struct TokenResponse {
     /// The refresh token's own lifetime: `refresh_expires_in` (Keycloak) or `refresh_token_expires_in` (GitHub,
     /// Snowflake).
     pub refresh_token_lifetime: Option<Duration>,
+    /// `token_type` is `DPoP` (RFC 9449 §5): the token is bound to the key whose proof the call carried.
+    pub dpop_bound: bool,
+    /// The key it is bound to, set by the provider's client when it sent a proof and the token is DPoP-bound.
+    pub dpop: Option<std::sync::Arc<super::dpop::DpopKey>>,
 }
 
 impl TokenResponse {
     /// A response with just a token and its lifetime (tests, fakes).
     pub fn new(access_token: HeaderValue, lifetime: Duration) -> TokenResponse {
         let access_token = AccessToken::new(access_token);
-        TokenResponse { access_token, lifetime, scope: None, refresh_token: None, refresh_token_lifetime: None }
+        TokenResponse {
+            access_token,
+            lifetime,
+            scope: None,
+            refresh_token: None,
+            refresh_token_lifetime: None,
+            dpop_bound: false,
+            dpop: None,
+        }
     }
 }
 
@@ -74,6 +86,7 @@ impl std::fmt::Debug for TokenResponse {
             .field("scope", &self.scope)
             .field("refresh_token", &self.refresh_token.as_ref().map(|_| "[redacted]"))
             .field("refresh_token_lifetime", &self.refresh_token_lifetime)
+            .field("dpop", &self.dpop)
             .finish()
     }
 }
@@ -290,10 +303,10 @@ pub fn parse_response(
     }
     let access_token = HeaderValue::from_str(token)
         .map_err(|_| TokenError::Malformed("access_token is not a valid header value".into()))?;
-    if let Some(kind) = fields.get("token_type").and_then(|t| t.as_str()) {
-        if !kind.eq_ignore_ascii_case("bearer") {
-            tracing::debug!(token_type = %sanitize(kind, 40), "token_type is not Bearer; using the token as given");
-        }
+    let kind = fields.get("token_type").and_then(|t| t.as_str());
+    let dpop_bound = kind.is_some_and(|kind| kind.eq_ignore_ascii_case("dpop"));
+    if let Some(kind) = kind.filter(|kind| !kind.eq_ignore_ascii_case("bearer") && !dpop_bound) {
+        tracing::debug!(token_type = %sanitize(kind, 40), "token_type is not Bearer; using the token as given");
     }
     // The earlier of `expires_in` and a JWT's `exp`: IdPs that round `iat` down (oidc-provider) put `exp` up to a
     // second before `expires_in` says, and an upstream checking `exp` would refuse the token in that second.
@@ -312,7 +325,7 @@ pub fn parse_response(
             None => None,
         };
     let access_token = AccessToken::new(access_token);
-    Ok(TokenResponse { access_token, lifetime, scope, refresh_token, refresh_token_lifetime })
+    Ok(TokenResponse { access_token, lifetime, scope, refresh_token, refresh_token_lifetime, dpop_bound, dpop: None })
 }
 
 /// The body as a map: JSON object, or form-urlencoded (GitHub's default).

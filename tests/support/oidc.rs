@@ -42,6 +42,8 @@ pub const POST_CLIENT: (&str, &str) = ("tp-post", "tp-post-secret");
 pub const ROTATE_CLIENT: (&str, &str) = ("tp-rotate", "tp-rotate-secret");
 /// client_id / secret of the provider's token-exchange client (RFC 8693 grant registered on the provider).
 pub const EXCHANGE_CLIENT: (&str, &str) = ("tp-exchange", "tp-exchange-secret");
+/// The client whose tokens must be DPoP-bound (`dpop_bound_access_tokens`): client_secret_basic, client_credentials.
+pub const DPOP_CLIENT: (&str, &str) = ("tp-dpop", "tp-dpop-secret");
 /// The scope a seeded or device-approved session of [`ROTATE_CLIENT`] holds.
 pub const SESSION_SCOPE: &str = "openid offline_access api.read";
 
@@ -424,6 +426,13 @@ impl IdpProcess {
         assert_eq!(reply.status, StatusCode::OK, "{url}: {}", reply.text());
     }
 
+    /// `POST /_test/dpop?require_nonce=…`: whether the provider requires its nonce in DPoP proofs.
+    pub async fn require_dpop_nonce(&self, require: bool) {
+        let url = format!("{}/_test/dpop?require_nonce={}", self.issuer, u8::from(require));
+        let reply = self.http.post(&url, Bytes::new()).await;
+        assert_eq!(reply.status, StatusCode::OK, "{url}: {}", reply.text());
+    }
+
     /// `POST /_test/reset`: zero the counters, drop pending failures and delays.
     pub async fn reset(&self) {
         let reply = self.http.post(&format!("{}/_test/reset", self.issuer), Bytes::new()).await;
@@ -575,6 +584,20 @@ impl UpstreamProcess {
     pub async fn reset(&self) {
         let reply = self.http.post(&format!("{}/_test/reset", self.url), Bytes::new()).await;
         assert_eq!(reply.status, StatusCode::OK, "reset: {}", reply.text());
+    }
+
+    /// `POST /_test/dpop-nonce`: require the upstream's nonce in DPoP proofs (or not), with a new nonce if `rotate`.
+    pub async fn dpop_nonce(&self, require: bool, rotate: bool) {
+        let url = format!("{}/_test/dpop-nonce?require={}&rotate={}", self.url, u8::from(require), u8::from(rotate));
+        let reply = self.http.post(&url, Bytes::new()).await;
+        assert_eq!(reply.status, StatusCode::OK, "{url}: {}", reply.text());
+    }
+
+    /// `POST /_test/reject-next?count=N`: the next `count` API requests are refused with 401 invalid_token.
+    pub async fn reject_next(&self, count: u32) {
+        let url = format!("{}/_test/reject-next?count={count}", self.url);
+        let reply = self.http.post(&url, Bytes::new()).await;
+        assert_eq!(reply.status, StatusCode::OK, "{url}: {}", reply.text());
     }
 
     /// The child process (output, pid).

@@ -28,7 +28,9 @@ use tokio::time::Instant;
 use super::exchange::{discard_body, forward_response, round_trip, Buffers, Outcome, READ_SIZE};
 use super::{encode_error, encode_request, parse_request, Parse, ReplyTo, Span, UpstreamRequest};
 use crate::proxy::upstream::PlainConnection;
-use crate::proxy::{Answer, Connection, Decision, ErrorContext, Proxy, ProxyError, Route, CLIENT_CLOSED_REQUEST};
+use crate::proxy::{
+    Answer, Connection, Decision, ErrorContext, Proxy, ProxyError, Retried, Route, CLIENT_CLOSED_REQUEST,
+};
 
 /// The room made for each read from the caller: a request head and a small body (8 KiB with its head) come in one
 /// read.
@@ -448,10 +450,10 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
         },
         _ => None,
     };
-    let mut replayed = false;
+    let mut retried = Retried::default();
     let mut upstream: Option<PlainConnection> = None;
     loop {
-        let (uri, credential) = match Proxy::upstream_target(route, &target, token.as_deref()) {
+        let (uri, credential) = match Proxy::upstream_target(route, &target, &s.parts.method, token.as_deref()) {
             Ok(parts) => parts,
             Err(error) => return Outcome::Error(error),
         };
@@ -467,16 +469,28 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
         let mut buffers = Buffers { response: &mut s.response, upstream_input: &mut s.upstream_input };
         let exchange =
             round_trip((client, started), authority, &mut upstream, &s.request, idempotent, reply, &mut buffers);
-        let head = match timer.within(deadline, watch_caller(exchange, io, &mut s.input)).await {
+        let mut head = match timer.within(deadline, watch_caller(exchange, io, &mut s.input)).await {
             Some(Some(Ok(head))) => head,
             Some(Some(Err(error))) => return Outcome::Error(ProxyError::UpstreamUnreachable(error)),
             Some(None) => return Outcome::Gone,
             None => return Outcome::Error(ProxyError::UpstreamTimeout(proxy.request_timeout)),
         };
-        let answer = Answer { status: head.status, invalid_token: head.invalid_token };
-        let fresh = match (Proxy::decide(route, answer, token.as_deref(), replayed), target.tokens(route)) {
+        let answer = Answer {
+            status: head.status,
+            invalid_token: head.challenge.invalid_token,
+            use_dpop_nonce: head.challenge.use_dpop_nonce,
+            dpop_nonce: head.dpop_nonce.take(),
+        };
+        let fresh = match (Proxy::decide(route, &answer, token.as_deref(), retried), target.tokens(route)) {
             (Decision::Replay { rejected }, Some(tokens)) => {
-                timer.within(deadline, Proxy::replacement(route, tokens.as_ref(), rejected, deadline)).await.flatten()
+                let fresh = timer.within(deadline, Proxy::replacement(route, tokens.as_ref(), rejected, deadline));
+                let fresh = fresh.await.flatten();
+                retried.replayed = fresh.is_some();
+                fresh
+            }
+            (Decision::Nonce, _) => {
+                retried.nonce = true;
+                token.clone()
             }
             _ => None,
         };
@@ -488,13 +502,12 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
                 &mut s.upstream_input,
                 (upstream, client, started),
                 head,
-                replayed,
+                retried.any(),
             )
             .await;
         };
         discard_body(&mut upstream, &mut s.upstream_input, head);
         token = Some(fresh);
-        replayed = true;
     }
 }
 

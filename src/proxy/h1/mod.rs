@@ -16,7 +16,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version}
 
 use self::chunked::ChunkedScanner;
 use self::framing::{FramingError, FramingFields};
-use super::headers::{connection_lists, forwarded};
+use super::headers::{connection_lists, forwarded, Challenge};
+use super::Credential;
+use crate::token::dpop::DPOP;
 
 /// A request head larger than this goes to hyper (which refuses heads beyond its own, larger, limit).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -164,8 +166,8 @@ pub struct UpstreamRequest<'a> {
     pub target: &'a str,
     /// The prepared headers (framing headers among them are not copied).
     pub headers: &'a HeaderMap,
-    /// The header that carries the token, written instead of any header of that name in `headers`.
-    pub credential: Option<(&'a HeaderName, HeaderValue)>,
+    /// The headers that carry the token, written instead of any header of those names in `headers`.
+    pub credential: Option<Credential<'a>>,
     /// The body, read whole.
     pub body: &'a [u8],
     /// The caller framed the body with `Content-Length`.
@@ -183,9 +185,11 @@ pub fn encode_request(out: &mut Vec<u8>, request: &UpstreamRequest<'_>) {
     out.push(b' ');
     out.extend_from_slice(request.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let credential_name = request.credential.as_ref().map(|(name, _)| *name);
+    let credential_name = request.credential.as_ref().map(|credential| credential.name);
+    let proof = request.credential.as_ref().and_then(|credential| credential.proof.as_ref());
     for (name, value) in request.headers {
         if Some(name) == credential_name
+            || (proof.is_some() && name == DPOP)
             || name == http::header::CONTENT_LENGTH
             || name == http::header::TRANSFER_ENCODING
         {
@@ -193,8 +197,11 @@ pub fn encode_request(out: &mut Vec<u8>, request: &UpstreamRequest<'_>) {
         }
         put_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if let Some((name, value)) = &request.credential {
-        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    if let Some(credential) = &request.credential {
+        put_header(out, credential.name.as_str().as_bytes(), credential.value.as_bytes());
+    }
+    if let Some(proof) = proof {
+        put_header(out, DPOP.as_str().as_bytes(), proof.as_bytes());
     }
     if request.has_length || !request.body.is_empty() {
         put_header(out, b"content-length", itoa::Buffer::new().format(request.body.len()).as_bytes());
@@ -277,8 +284,10 @@ pub struct ResponseHead {
     pub reusable: bool,
     /// The caller's connection ends after this response.
     pub close: bool,
-    /// It says `WWW-Authenticate: Bearer error="invalid_token"`.
-    pub invalid_token: bool,
+    /// What its `WWW-Authenticate` says of the token (a 4xx only).
+    pub challenge: Challenge,
+    /// Its `DPoP-Nonce` header (RFC 9449 §9).
+    pub dpop_nonce: Option<HeaderValue>,
 }
 
 /// A parsed upstream response head: a 1xx to skip, or the final head.
@@ -308,13 +317,19 @@ pub fn parse_response(input: &[u8], reply: &ReplyTo<'_>, out: &mut Vec<u8>) -> R
     let has_connection = connection().next().is_some();
     let mut fields = FramingFields::default();
     // Only a 4xx can be a refusal of the token (docs/configuration.md, "The 401 budget").
-    let mut invalid_token = false;
+    let mut challenge = Challenge::default();
+    let mut dpop_nonce = None;
     let client_error = status.is_client_error();
     for header in headers {
         fields.add(header.name.as_bytes(), header.value);
-        invalid_token |= client_error
-            && header.name.eq_ignore_ascii_case("www-authenticate")
-            && super::headers::says_invalid_token(header.value);
+        if client_error && header.name.eq_ignore_ascii_case("www-authenticate") {
+            let found = super::headers::challenge(header.value);
+            challenge.invalid_token |= found.invalid_token;
+            challenge.use_dpop_nonce |= found.use_dpop_nonce;
+        }
+        if header.name.len() == b"dpop-nonce".len() && header.name.eq_ignore_ascii_case("dpop-nonce") {
+            dpop_nonce = HeaderValue::from_bytes(header.value).ok();
+        }
     }
     // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): a length is only checked without it.
     let stated = if fields.has_transfer_encoding() {
@@ -374,7 +389,7 @@ pub fn parse_response(input: &[u8], reply: &ReplyTo<'_>, out: &mut Vec<u8>) -> R
         }
     }
     put_own_headers(out, reply, close);
-    Ok(Some((head_len, Some(ResponseHead { status, framing, reusable, close, invalid_token }))))
+    Ok(Some((head_len, Some(ResponseHead { status, framing, reusable, close, challenge, dpop_nonce }))))
 }
 
 #[cfg(test)]
@@ -486,7 +501,7 @@ mod tests {
             method: &Method::POST,
             target: "/x?y=1",
             headers: &headers,
-            credential: Some((&http::header::AUTHORIZATION, token)),
+            credential: Some(Credential { name: &http::header::AUTHORIZATION, value: token, proof: None }),
             body: b"hello",
             has_length: true,
         };
