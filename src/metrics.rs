@@ -31,6 +31,9 @@ pub const METRIC_NAMES: &[&str] = &[
     "tokenproxy_exchange_cache_total",
     "tokenproxy_exchange_subjects",
     "tokenproxy_vended_tokens_total",
+    "tokenproxy_store_operations_total",
+    "tokenproxy_store_lease_waits_total",
+    "tokenproxy_store_fallbacks_total",
     "tokenproxy_build_info",
 ];
 
@@ -126,6 +129,24 @@ pub struct Metrics {
     exchange_cache: IntCounterVec,
     exchange_subjects: IntGaugeVec,
     vended: IntCounterVec,
+    store: StoreMetrics,
+}
+
+/// Metric handles of the shared store (`[state] store = "redis"`).
+#[derive(Clone)]
+pub struct StoreMetrics {
+    operations: IntCounterVec,
+    /// Token calls this replica left to another (it waited for the lease holder's token).
+    pub lease_waits: IntCounter,
+    /// Token calls this replica made itself because the store failed or the lease holder gave nothing in time.
+    pub fallbacks: IntCounter,
+}
+
+impl StoreMetrics {
+    /// The counter of Redis operation `op` (get, set, lease, release, decrypt) with `outcome` (ok, error).
+    pub fn operation(&self, op: &str, outcome: &str) -> IntCounter {
+        self.operations.with_label_values(&[op, outcome])
+    }
 }
 
 /// Metric handles for the per-caller tokens of one token-exchange provider.
@@ -313,6 +334,31 @@ impl Metrics {
             "Tokens handed out by the vending listener, by provider.",
             &["provider"],
         );
+        let store = StoreMetrics {
+            operations: counter(
+                "tokenproxy_store_operations_total",
+                "Operations on the shared store (get, set, lease, release, decrypt), by outcome.",
+                &["op", "outcome"],
+            ),
+            lease_waits: {
+                let waits = IntCounter::new(
+                    "tokenproxy_store_lease_waits_total",
+                    "Token calls left to another replica: this one waited for the lease holder's token.",
+                )
+                .expect("static metric definition");
+                registry.register(Box::new(waits.clone())).expect("metric registered once");
+                waits
+            },
+            fallbacks: {
+                let fallbacks = IntCounter::new(
+                    "tokenproxy_store_fallbacks_total",
+                    "Token calls made without the shared store: it failed, or the lease holder gave no token in time.",
+                )
+                .expect("static metric definition");
+                registry.register(Box::new(fallbacks.clone())).expect("metric registered once");
+                fallbacks
+            },
+        };
         let build_info = IntGaugeVec::new(Opts::new("tokenproxy_build_info", "Build information."), &["version"])
             .expect("static metric definition");
         registry.register(Box::new(build_info.clone())).expect("metric registered once");
@@ -337,7 +383,13 @@ impl Metrics {
             exchange_cache,
             exchange_subjects,
             vended,
+            store,
         }
+    }
+
+    /// Handles of the shared store.
+    pub fn store(&self) -> StoreMetrics {
+        self.store.clone()
     }
 
     /// The counter of a route's upstream TLS reloads.
@@ -434,6 +486,7 @@ mod tests {
         let _tls = metrics.upstream_tls_reloads("r");
         let _exchange = metrics.exchange("x");
         metrics.vended("v");
+        metrics.store().operation("get", "ok").inc();
         let mut registered: Vec<String> = metrics.registry.gather().iter().map(|f| f.name().to_owned()).collect();
         let mut listed: Vec<String> = METRIC_NAMES.iter().map(|n| n.to_string()).collect();
         registered.sort();

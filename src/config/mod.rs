@@ -153,11 +153,62 @@ pub struct LogConfig {
     pub access: bool,
 }
 
-/// `[state]`: the embedded store.
-#[derive(Debug, Clone, Serialize)]
+/// `[state]`: the embedded store, and the shared one.
+#[derive(Debug, Clone)]
 pub struct StateConfig {
     /// Directory of the embedded store (rotated refresh tokens; files 0600, written atomically).
     pub dir: PathBuf,
+    /// `store = "redis"`: the shared store of a fleet of replicas (docs/fleet.md).
+    pub shared: Option<SharedStoreConfig>,
+}
+
+/// `[state]` with `store = "redis"`: where replicas share their tokens (docs/fleet.md).
+#[derive(Clone, PartialEq)]
+pub struct SharedStoreConfig {
+    /// `redis://` or `rediss://` (TLS) URL, without credentials.
+    pub redis_url: Url,
+    /// The ACL user, if any.
+    pub redis_username: Option<String>,
+    /// The password (`redis_password`, `_file`, `_env`), if any.
+    pub redis_password: Option<SecretSource>,
+    /// Every key tokenproxy writes starts with this and a colon.
+    pub key_prefix: String,
+    /// Base64 32-byte keys, one per line: the first encrypts, all decrypt.
+    pub encryption_key_file: PathBuf,
+    /// The keys of `encryption_key_file` as read at load (never printed).
+    pub encryption_keys: Vec<[u8; 32]>,
+    /// The longest one Redis operation may take.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for SharedStoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedStoreConfig")
+            .field("redis_url", &self.redis_url.as_str())
+            .field("redis_username", &self.redis_username)
+            .field("key_prefix", &self.key_prefix)
+            .field("encryption_key_file", &self.encryption_key_file)
+            .field("encryption_keys", &self.encryption_keys.len())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedStoreConfig {
+    /// How to connect: the URL with the username and password (read now) added.
+    pub fn connection_info(&self) -> Result<redis::ConnectionInfo, String> {
+        use redis::IntoConnectionInfo as _;
+        let info = self.redis_url.as_str().into_connection_info().map_err(|e| format!("redis_url: {e}"))?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(username) = &self.redis_username {
+            settings = settings.set_username(username);
+        }
+        if let Some(password) = &self.redis_password {
+            let password = password.read().map_err(|e| e.to_string())?;
+            settings = settings.set_password(password.expose());
+        }
+        Ok(info.set_redis_settings(settings))
+    }
 }
 
 /// `providers.NAME.grant`: the OAuth2 grant used to get tokens.
@@ -689,7 +740,7 @@ impl Default for LogConfig {
 impl Default for StateConfig {
     /// The SPEC default: `./tokenproxy-state`.
     fn default() -> Self {
-        StateConfig { dir: PathBuf::from("./tokenproxy-state") }
+        StateConfig { dir: PathBuf::from("./tokenproxy-state"), shared: None }
     }
 }
 

@@ -478,7 +478,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
 ///
 /// Exactly one form may be set in a layer. A form set in the environment replaces the forms the file sets, so
 /// `TOKENPROXY_PROVIDERS__ORDERS__CLIENT_SECRET` overrides a `client_secret_file` in the file.
-fn secret(r: &mut Reader<'_>, t: &mut Table<'_>, key: &str) -> Option<Leaf<SecretSource>> {
+pub(super) fn secret(r: &mut Reader<'_>, t: &mut Table<'_>, key: &str) -> Option<Leaf<SecretSource>> {
     let keys = [key.to_owned(), format!("{key}_file"), format!("{key}_env")];
     let set: Vec<_> =
         keys.iter().enumerate().filter_map(|(form, key)| t.field(key).map(|field| (form, field))).collect();

@@ -10,9 +10,50 @@ use serde::{Serialize, Serializer};
 
 use super::{
     AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, EncodedSlashes, ExchangeDialect,
-    Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, SecretSource, SinkFormat, SubjectSource,
-    UpstreamProtocol,
+    Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, SecretSource, SinkFormat, StateConfig,
+    SubjectSource, UpstreamProtocol,
 };
+
+/// What `[state]` prints as: the shared store's keys only with `store = "redis"`, its password as the key it was
+/// given by, never the encryption keys (only their file).
+#[derive(Serialize)]
+struct StateView<'a> {
+    dir: &'a Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_username: Option<&'a str>,
+    #[serde(flatten)]
+    secrets: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_prefix: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encryption_key_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_timeout: Option<String>,
+}
+
+impl Serialize for StateConfig {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let shared = self.shared.as_ref();
+        StateView {
+            dir: &self.dir,
+            store: shared.map(|_| "redis"),
+            redis_url: shared.map(|s| s.redis_url.as_str()),
+            redis_username: shared.and_then(|s| s.redis_username.as_deref()),
+            secrets: SecretView { key: "redis_password", source: shared.and_then(|s| s.redis_password.as_ref()) }
+                .entries()
+                .into_iter()
+                .collect(),
+            key_prefix: shared.map(|s| s.key_prefix.as_str()),
+            encryption_key_file: shared.map(|s| s.encryption_key_file.as_path()),
+            redis_timeout: shared.map(|s| humantime::format_duration(s.timeout).to_string()),
+        }
+        .serialize(serializer)
+    }
+}
 
 /// Serializes the configured providers, not the slots of route profiles (the routes' keys make those).
 pub(super) fn configured_providers<S: Serializer>(

@@ -2,6 +2,7 @@
 //! providers and routes have files of their own. Also the converters both of those use.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use figment::value::{Tag, Value};
 use figment::{Figment, Profile, Provider};
@@ -10,8 +11,8 @@ use url::Url;
 use super::reader::{self, KeyPath, Leaf, Reader, Table};
 use super::{providers, routes};
 use super::{
-    AdminConfig, Config, ConfigError, LogConfig, LogFormat, Problem, ServerConfig, ServerTls, StateConfig,
-    VendingConfig, VendingListen,
+    AdminConfig, Config, ConfigError, LogConfig, LogFormat, Problem, ServerConfig, ServerTls, SharedStoreConfig,
+    StateConfig, VendingConfig, VendingListen,
 };
 
 /// Values of `log.format`.
@@ -165,18 +166,132 @@ fn state(r: &mut Reader<'_>, root: &mut Table<'_>) -> StateConfig {
     let d = StateConfig::default();
     let mut t = r.table(root, "state");
     let dir = value_or(r.get(&mut t, "dir", reader::path), d.dir);
-    // Named in SPEC as later work: refuse them rather than ignore them.
-    if let Some(field) = t.field("store") {
-        r.report_field(
-            &field,
-            "shared stores are not implemented yet; remove the key to use the embedded store in `state.dir`",
-        );
-    }
-    if let Some(field) = t.field("redis_url") {
-        r.report_field(&field, "shared stores (`store = \"redis\"`) are not implemented yet; remove the key");
-    }
+    let store = r.get(&mut t, "store", reader::choice(STORES));
+    let shared = match store.map(|leaf| leaf.value) {
+        Some(Store::Redis) => shared_store(r, &mut t),
+        _ => {
+            for key in SHARED_KEYS {
+                if let Some(field) = t.field(key) {
+                    r.report_field(&field, "only used with store = \"redis\"; remove it (or set store)");
+                }
+            }
+            None
+        }
+    };
     r.finish(t);
-    StateConfig { dir }
+    StateConfig { dir, shared }
+}
+
+/// Values of `state.store`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Embedded,
+    Redis,
+}
+
+const STORES: &[(&str, Store)] = &[("embedded", Store::Embedded), ("redis", Store::Redis)];
+
+/// The keys of the shared store.
+const SHARED_KEYS: &[&str] = &[
+    "redis_url",
+    "redis_username",
+    "redis_password",
+    "redis_password_file",
+    "redis_password_env",
+    "key_prefix",
+    "encryption_key_file",
+    "redis_timeout",
+];
+
+/// `store = "redis"`: the shared store's settings (docs/fleet.md).
+fn shared_store(r: &mut Reader<'_>, t: &mut Table<'_>) -> Option<SharedStoreConfig> {
+    let before = r.problem_count();
+    let url = r.require(
+        t,
+        "redis_url",
+        "missing; store = \"redis\" needs the server, e.g. redis_url = \"rediss://redis.internal:6380\"",
+        redis_url,
+    );
+    let redis_username = r.get(t, "redis_username", reader::non_empty_string);
+    let redis_password = providers::secret(r, t, "redis_password");
+    let key_prefix = r.get(t, "key_prefix", key_prefix);
+    let timeout = r.get(t, "redis_timeout", reader::positive_duration);
+    let key_file = r.require_file(
+        t,
+        "encryption_key_file",
+        "missing; store = \"redis\" needs the keys that encrypt tokens at rest: a file of base64 32-byte keys, one \
+         per line (make one with `head -c 32 /dev/urandom | base64`)",
+    );
+    let keys = key_file.as_ref().and_then(|leaf| match encryption_keys(&leaf.value) {
+        Ok(keys) => Some(keys),
+        Err(message) => {
+            r.report_leaf(leaf, message);
+            None
+        }
+    });
+    if r.problem_count() > before {
+        return None;
+    }
+    Some(SharedStoreConfig {
+        redis_url: url?.value,
+        redis_username: redis_username.map(|leaf| leaf.value),
+        redis_password: redis_password.map(|leaf| leaf.value),
+        key_prefix: value_or(key_prefix, "tokenproxy".to_owned()),
+        encryption_key_file: key_file?.value,
+        encryption_keys: keys?,
+        timeout: value_or(timeout, Duration::from_millis(250)),
+    })
+}
+
+/// `redis_url`: `redis://` or `rediss://`, with a host, without credentials (they go in `redis_username` and
+/// `redis_password*`, so that the URL can be printed).
+fn redis_url(value: &Value) -> Result<Url, String> {
+    let text = reader::string(value)?;
+    let url = Url::parse(text.trim()).map_err(|e| e.to_string())?;
+    if !matches!(url.scheme(), "redis" | "rediss") {
+        return Err(format!("must be a redis:// or rediss:// URL (found scheme `{}`)", url.scheme()));
+    }
+    if url.host().is_none() {
+        return Err("the URL has no host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials do not belong in the URL; set redis_username and redis_password_file (or _env)".into());
+    }
+    Ok(url)
+}
+
+/// `key_prefix`: letters, digits, `_`, `-`, `.` and `:`.
+fn key_prefix(value: &Value) -> Result<String, String> {
+    let prefix = reader::non_empty_string(value)?;
+    if prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')) {
+        Ok(prefix)
+    } else {
+        Err("use letters, digits, `_`, `-`, `.` and `:` only".into())
+    }
+}
+
+/// The keys of an `encryption_key_file`: base64 32-byte keys, one per line (blank lines and `#` comments skipped).
+fn encryption_keys(path: &std::path::Path) -> Result<Vec<[u8; 32]>, String> {
+    use base64::Engine as _;
+    let text = super::SecretSource::File(path.to_path_buf()).read().map_err(|e| e.to_string())?;
+    let mut keys = Vec::new();
+    for (n, line) in text.expose().lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(line)
+            .map_err(|_| format!("{}: line {} is not base64", path.display(), n + 1))?;
+        let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+            format!("{}: line {} holds {} bytes; a key is 32 (AES-256)", path.display(), n + 1, b.len())
+        })?;
+        keys.push(key);
+    }
+    if keys.is_empty() {
+        return Err(format!("{}: no key (base64 32-byte keys, one per line)", path.display()));
+    }
+    Ok(keys)
 }
 
 /// What a URL is for: the rules differ a little.

@@ -544,13 +544,14 @@ fn sizes_and_durations() {
 }
 
 #[test]
-fn unsupported_features_are_refused_not_ignored() {
+fn unsupported_features_and_missing_store_settings_are_refused_not_ignored() {
     let toml = with_provider("grant = \"token_exchange\"\nrefresh_token = \"rt\"\nclient_cert_file = \"/etc/hosts\"")
         + "\n[state]\nstore = \"redis\"\n";
     assert_eq!(
         problems(load(&toml)),
         [
-            "state.store: shared stores are not implemented yet; remove the key to use the embedded store in `state.dir` (from tokenproxy.toml)",
+            "state.redis_url: missing; store = \"redis\" needs the server, e.g. redis_url = \"rediss://redis.internal:6380\" (from tokenproxy.toml)",
+            "state.encryption_key_file: missing; store = \"redis\" needs the keys that encrypt tokens at rest: a file of base64 32-byte keys, one per line (make one with `head -c 32 /dev/urandom | base64`) (from tokenproxy.toml)",
             "providers.orders.refresh_token: only used with grant = \"refresh_token\"; remove it (from tokenproxy.toml)",
             "providers.orders.client_key_file: missing; `client_cert_file` needs its private key (from tokenproxy.toml)",
         ]
@@ -1002,4 +1003,44 @@ fn dpop_keys_are_checked_and_its_tokens_go_nowhere_but_authorization() {
         problems(load(&unused))[0],
         "providers.p.dpop_key_file: only used with dpop = true; set it, or remove this key (from tokenproxy.toml)"
     );
+}
+
+#[test]
+fn the_shared_store_needs_its_server_and_keys_and_never_prints_them() {
+    use base64::Engine as _;
+    let keys = temp_file(&format!(
+        "# rotated 2026-11\n{}\n{}\n",
+        base64::engine::general_purpose::STANDARD.encode([1u8; 32]),
+        base64::engine::general_purpose::STANDARD.encode([2u8; 32])
+    ));
+    let state = |extra: &str| {
+        format!(
+            "[state]\nstore = \"redis\"\nredis_url = \"rediss://redis.internal:6380\"\nencryption_key_file = {}\n{extra}\n{MINIMAL}",
+            quoted(&keys.path().to_string_lossy())
+        )
+    };
+    let config = load(&state("redis_username = \"tp\"\nredis_password = \"hunter2-secret\"")).unwrap();
+    let shared = config.state.shared.clone().expect("the shared store");
+    assert_eq!(shared.encryption_keys, [[1u8; 32], [2u8; 32]], "the first encrypts, both decrypt");
+    assert_eq!((shared.key_prefix.as_str(), shared.timeout), ("tokenproxy", Duration::from_millis(250)));
+    let printed = toml::to_string(&config).unwrap();
+    assert!(printed.contains("store = \"redis\"") && printed.contains("redis_password = \"[redacted]\""), "{printed}");
+    assert!(!printed.contains("hunter2") && !format!("{shared:?}").contains("hunter2"), "{printed}");
+
+    let with_password_in_url = format!(
+        "[state]\nstore = \"redis\"\nredis_url = \"redis://:pw@redis.internal\"\nencryption_key_file = {}\n{MINIMAL}",
+        quoted(&keys.path().to_string_lossy())
+    );
+    assert_eq!(
+        problems(load(&with_password_in_url)),
+        ["state.redis_url: credentials do not belong in the URL; set redis_username and redis_password_file (or _env) (from tokenproxy.toml)"]
+    );
+    let short = temp_file(&base64::engine::general_purpose::STANDARD.encode([1u8; 16]));
+    let toml = format!(
+        "[state]\nstore = \"redis\"\nredis_url = \"redis://127.0.0.1\"\nencryption_key_file = {}\n{MINIMAL}",
+        quoted(&short.path().to_string_lossy())
+    );
+    assert!(problems(load(&toml))[0].contains("holds 16 bytes; a key is 32"), "{:?}", problems(load(&toml)));
+    let stray = format!("[state]\nredis_url = \"redis://127.0.0.1\"\n{MINIMAL}");
+    assert!(problems(load(&stray))[0].contains("only used with store = \"redis\""));
 }

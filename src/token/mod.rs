@@ -17,6 +17,7 @@ pub mod idp;
 pub mod refresh;
 pub mod response;
 pub mod session;
+pub mod shared;
 pub mod sink;
 pub mod store;
 
@@ -98,6 +99,8 @@ pub struct TokenEngine {
     /// Providers that routes use: fetched at startup, counted for readiness.
     routed: BTreeSet<String>,
     state_dir: PathBuf,
+    /// The shared store's settings the providers were built with.
+    shared_settings: Option<crate::config::SharedStoreConfig>,
 }
 
 /// What a reload did to the providers.
@@ -129,6 +132,18 @@ impl TokenEngine {
         metrics: &Metrics,
     ) -> Result<(TokenEngine, ProviderChanges), TlsError> {
         let routed: BTreeSet<String> = config.routes.iter().filter_map(|r| r.provider.clone()).collect();
+        // One connection for the providers this build makes (kept providers keep theirs).
+        let shared = config.state.shared.as_ref().and_then(|settings| {
+            match shared::SharedStore::new(settings, metrics.store()) {
+                Ok(store) => Some(Arc::new(store)),
+                Err(error) => {
+                    tracing::error!(
+                        "the shared store cannot be used (each replica makes its own token calls): {error}"
+                    );
+                    None
+                }
+            }
+        });
         let mut changes = ProviderChanges::default();
         let mut providers = BTreeMap::new();
         let mut exchanges = BTreeMap::new();
@@ -160,7 +175,7 @@ impl TokenEngine {
                 continue;
             }
             let same = old
-                .filter(|old| old.state_dir == config.state.dir)
+                .filter(|old| old.state_dir == config.state.dir && old.shared_settings == config.state.shared)
                 .and_then(|old| old.providers.get(name))
                 .filter(|p| p.config == *provider);
             if let Some(kept) = same {
@@ -178,7 +193,10 @@ impl TokenEngine {
             let slot = Arc::new(slot);
             let timing = Timing { refresh_at: provider.refresh_at, expiry_skew: provider.expiry_skew };
             let store = StateStore::new(&config.state.dir);
-            let fetcher: Arc<dyn TokenFetcher> = Arc::new(GrantFetcher::new(provider.clone(), store)?);
+            let mut fetcher: Arc<dyn TokenFetcher> = Arc::new(GrantFetcher::new(provider.clone(), store)?);
+            if let Some(shared) = shared.as_ref().filter(|_| shared::shareable(provider)) {
+                fetcher = Arc::new(shared::SharedFetcher::new(fetcher, Arc::clone(shared), provider));
+            }
             let (stop, _) = watch::channel(false);
             let entry = Provider {
                 config: provider.clone(),
@@ -203,7 +221,14 @@ impl TokenEngine {
                 .cloned()
                 .collect();
         }
-        Ok((TokenEngine { providers, exchanges, routed, state_dir: config.state.dir.clone() }, changes))
+        let engine = TokenEngine {
+            providers,
+            exchanges,
+            routed,
+            state_dir: config.state.dir.clone(),
+            shared_settings: config.state.shared.clone(),
+        };
+        Ok((engine, changes))
     }
 
     /// Starts the refresher of every provider not running yet; routed providers fetch their first token at once,

@@ -118,6 +118,16 @@ pub struct RefreshScheduler {
 pub trait TokenFetcher: Send + Sync + 'static {
     /// Makes one token call.
     fn fetch(&self) -> futures_util::future::BoxFuture<'_, Result<TokenResponse, TokenError>>;
+
+    /// A token to replace `current` (the one the slot holds, if any: due for refresh, refused or expired). A fetcher
+    /// that shares tokens between replicas may answer with a newer shared one instead of calling; others call.
+    fn fetch_after(
+        &self,
+        current: Option<Arc<super::cache::Token>>,
+    ) -> futures_util::future::BoxFuture<'_, Result<TokenResponse, TokenError>> {
+        drop(current);
+        self.fetch()
+    }
 }
 
 impl RefreshScheduler {
@@ -172,7 +182,7 @@ impl RefreshScheduler {
             }
             let started_instant = Instant::now();
             let started_wall = SystemTime::now();
-            let result = self.idp.fetch().await;
+            let result = self.idp.fetch_after(slot.latest()).await;
             if let (Some(token), Err(error)) = (&held_back, &result) {
                 // Nothing reached the token endpoint, or the IdP refused: the old token is as good as before (an IdP
                 // outage does not stop a usable token). If the outcome is not known, it may be revoked: it stays

@@ -61,6 +61,8 @@ pub struct TokenResponse {
     pub dpop_bound: bool,
     /// The key it is bound to, set by the provider's client when it sent a proof and the token is DPoP-bound.
     pub dpop: Option<std::sync::Arc<super::dpop::DpopKey>>,
+    /// Read from the shared store (another replica's token call), not from this replica's own.
+    pub shared: bool,
 }
 
 impl TokenResponse {
@@ -75,6 +77,7 @@ impl TokenResponse {
             refresh_token_lifetime: None,
             dpop_bound: false,
             dpop: None,
+            shared: false,
         }
     }
 }
@@ -325,7 +328,16 @@ pub fn parse_response(
             None => None,
         };
     let access_token = AccessToken::new(access_token);
-    Ok(TokenResponse { access_token, lifetime, scope, refresh_token, refresh_token_lifetime, dpop_bound, dpop: None })
+    Ok(TokenResponse {
+        access_token,
+        lifetime,
+        scope,
+        refresh_token,
+        refresh_token_lifetime,
+        dpop_bound,
+        dpop: None,
+        shared: false,
+    })
 }
 
 /// The body as a map: JSON object, or form-urlencoded (GitHub's default).

@@ -2,6 +2,7 @@
 //! and fails on command, plus helpers to start tokenproxy in-process and to talk HTTP to it.
 #![allow(dead_code)]
 
+pub mod redis;
 pub mod session_idp;
 pub mod tls;
 

@@ -1,0 +1,354 @@
+//! The shared store (`[state] store = "redis"`, docs/fleet.md): replicas share their access tokens, and one of them
+//! makes each token call.
+//!
+//! A provider's token lives under `PREFIX:token:PROVIDER:HASH`, where HASH is a SHA-256 of every setting that shapes
+//! the token (token URL or issuer, client id, grant, client authentication, scope, audience, resource, extra
+//! parameters; never a secret), so two replicas with different settings never share. The value is encrypted
+//! (AES-256-GCM, the Redis key as associated data, a random nonce per write): who can read Redis cannot read tokens.
+//!
+//! A replica that needs a token ([`SharedFetcher`]) first reads the shared one, and uses it unless it is the very
+//! token the replica wants replaced (refused by an upstream, or due for refresh) or is itself due for refresh. Else it
+//! takes the lease (`SET NX PX` with a random fencing value, released only by its holder), makes the token call and
+//! stores the result; the others poll for that result while the lease is held, up to the provider's `timeout`, and
+//! make their own call if none comes (a holder that died lets its lease expire). Every Redis operation has a short
+//! timeout (`redis_timeout`); when Redis fails, the replica makes its own call, as without a shared store.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use futures_util::future::BoxFuture;
+use http::HeaderValue;
+use sha2::{Digest, Sha256};
+
+use super::cache::Token;
+use super::refresh::TokenFetcher;
+use super::response::{TokenError, TokenResponse};
+use crate::config::{Grant, ProviderConfig, SharedStoreConfig};
+use crate::metrics::StoreMetrics;
+
+/// The version byte that starts every stored value.
+const FORMAT: u8 = 1;
+/// How often a replica waiting for the lease holder's token looks again.
+const POLL: Duration = Duration::from_millis(50);
+
+/// A connection to Redis with the keys that encrypt what goes in it.
+pub struct SharedStore {
+    client: redis::Client,
+    /// Connected on first use, and again after a failure (the manager reconnects by itself afterwards).
+    connection: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
+    prefix: String,
+    /// The first encrypts; all are tried to decrypt (key rotation without downtime).
+    keys: Vec<Aes256Gcm>,
+    timeout: Duration,
+    metrics: StoreMetrics,
+}
+
+/// Why a Redis operation did not give an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis did not answer in time.
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Redis answered with an error, or the connection failed.
+    #[error("redis: {0}")]
+    Redis(String),
+}
+
+/// A token as stored: what a replica needs to use it by its own timing rules.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    access_token: String,
+    /// Unix milliseconds.
+    obtained_at: u64,
+    /// Unix milliseconds.
+    expires_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scope: Option<String>,
+}
+
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl SharedStore {
+    /// A store for `config` (nothing is connected until the first operation).
+    pub fn new(config: &SharedStoreConfig, metrics: StoreMetrics) -> Result<SharedStore, String> {
+        let info = config.connection_info()?;
+        let client = redis::Client::open(info).map_err(|e| format!("redis_url: {e}"))?;
+        let keys = config.encryption_keys.iter().map(|key| Aes256Gcm::new(key.into())).collect();
+        Ok(SharedStore {
+            client,
+            connection: tokio::sync::Mutex::new(None),
+            prefix: config.key_prefix.clone(),
+            keys,
+            timeout: config.timeout,
+            metrics,
+        })
+    }
+
+    async fn connection(&self) -> Result<redis::aio::ConnectionManager, StoreError> {
+        let mut held = self.connection.lock().await;
+        if let Some(connection) = held.as_ref() {
+            return Ok(connection.clone());
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        let connect = redis::aio::ConnectionManager::new_with_config(self.client.clone(), config);
+        let connection = tokio::time::timeout(self.timeout, connect)
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))?
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        *held = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Runs one command, bounded by the store's timeout, and counts it. A connection that fails (Redis restarted, or
+    /// came back) is dropped and the command tried once more on a new one; a slow answer is not tried again.
+    async fn run<T: redis::FromRedisValue>(&self, op: &'static str, command: redis::Cmd) -> Result<T, StoreError> {
+        let once = async || {
+            let mut connection = self.connection().await?;
+            match tokio::time::timeout(self.timeout, command.query_async::<T>(&mut connection)).await {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(e)) => {
+                    *self.connection.lock().await = None;
+                    Err(StoreError::Redis(e.to_string()))
+                }
+                Err(_) => Err(StoreError::Timeout(self.timeout)),
+            }
+        };
+        let outcome = match once().await {
+            Err(StoreError::Redis(_)) => once().await,
+            outcome => outcome,
+        };
+        self.metrics.operation(op, if outcome.is_ok() { "ok" } else { "error" }).inc();
+        outcome
+    }
+
+    /// The Redis key of `provider`'s token.
+    pub fn token_key(&self, provider: &ProviderConfig) -> String {
+        format!("{}:token:{}:{}", self.prefix, provider.name, settings_hash(provider))
+    }
+
+    fn seal(&self, key: &str, plain: &[u8]) -> Option<Vec<u8>> {
+        let cipher = self.keys.first()?;
+        let nonce: [u8; 12] = rand::random();
+        let sealed = cipher.encrypt(&Nonce::from(nonce), Payload { msg: plain, aad: key.as_bytes() }).ok()?;
+        let mut value = Vec::with_capacity(1 + nonce.len() + sealed.len());
+        value.push(FORMAT);
+        value.extend_from_slice(&nonce);
+        value.extend_from_slice(&sealed);
+        Some(value)
+    }
+
+    /// The plain text of a stored value, if one of the keys opens it (and it was stored under this very key).
+    fn open(&self, key: &str, value: &[u8]) -> Option<Vec<u8>> {
+        let (&format, rest) = value.split_first()?;
+        if format != FORMAT || rest.len() < 12 {
+            return None;
+        }
+        let (nonce, sealed) = rest.split_at(12);
+        let nonce = Nonce::from(<[u8; 12]>::try_from(nonce).ok()?);
+        self.keys.iter().find_map(|cipher| cipher.decrypt(&nonce, Payload { msg: sealed, aad: key.as_bytes() }).ok())
+    }
+
+    /// The shared token under `key`: `Ok(None)` when there is none, or none this replica can open (counted, logged).
+    async fn read(&self, key: &str) -> Result<Option<Stored>, StoreError> {
+        let value: Option<Vec<u8>> = self.run("get", redis::cmd("GET").arg(key).clone()).await?;
+        let Some(value) = value else { return Ok(None) };
+        match self.open(key, &value).and_then(|plain| serde_json::from_slice::<Stored>(&plain).ok()) {
+            Some(stored) => Ok(Some(stored)),
+            None => {
+                self.metrics.operation("decrypt", "error").inc();
+                tracing::error!(
+                    key,
+                    "a shared token cannot be decrypted with encryption_key_file (another key, or tampered with): \
+                     not used, and not overwritten by this replica"
+                );
+                Err(StoreError::Redis("a stored value cannot be decrypted".into()))
+            }
+        }
+    }
+
+    async fn write(&self, key: &str, stored: &Stored) -> Result<(), StoreError> {
+        let plain = serde_json::to_vec(stored).map_err(|e| StoreError::Redis(e.to_string()))?;
+        let value = self.seal(key, &plain).ok_or_else(|| StoreError::Redis("no encryption key".into()))?;
+        let ttl = stored.expires_at.saturating_sub(unix_ms(SystemTime::now())).max(1);
+        self.run::<()>("set", redis::cmd("SET").arg(key).arg(value).arg("PX").arg(ttl).clone()).await
+    }
+
+    /// Takes the lease `key` for `ttl` with `fence` (random) if nobody holds it.
+    async fn lease(&self, key: &str, fence: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let ttl = ttl.as_millis().max(1) as u64;
+        let answer: Option<String> =
+            self.run("lease", redis::cmd("SET").arg(key).arg(fence).arg("NX").arg("PX").arg(ttl).clone()).await?;
+        Ok(answer.is_some())
+    }
+
+    /// Releases the lease `key` if `fence` still holds it (a holder that outlived its lease frees no one else's).
+    async fn release(&self, key: &str, fence: &str) -> Result<(), StoreError> {
+        const RELEASE: &str =
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+        let command = redis::cmd("EVAL").arg(RELEASE).arg(1).arg(key).arg(fence).clone();
+        self.run::<i64>("release", command).await.map(|_| ())
+    }
+}
+
+/// Whether a provider's tokens may be shared between replicas: not sender-constrained ones (bound to this replica's
+/// key or certificate), not refresh-token sessions (each redemption rotates the refresh token), not tokens exchanged
+/// from a subject each replica reads for itself.
+pub fn shareable(provider: &ProviderConfig) -> bool {
+    use crate::config::ClientAuth;
+    matches!(provider.grant, Grant::ClientCredentials | Grant::Password | Grant::JwtBearer)
+        && provider.exchange.is_none()
+        && !provider.dpop
+        && !matches!(provider.client_auth, ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth)
+}
+
+/// SHA-256 (first 16 hex digits) of the settings that shape a provider's token; never a secret.
+fn settings_hash(p: &ProviderConfig) -> String {
+    let settings = serde_json::json!({
+        "token_url": p.token_url.as_ref().map(|u| u.as_str()),
+        "issuer": p.issuer.as_ref().map(|u| u.as_str()),
+        "client_id": p.client_id,
+        "grant": p.grant,
+        "client_auth": p.client_auth,
+        "username": p.username,
+        "scope": p.scope,
+        "audience": p.audience,
+        "resource": p.resource,
+        "extra_params": p.extra_params,
+    });
+    let digest = Sha256::digest(settings.to_string().as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A provider's token calls through the shared store.
+pub struct SharedFetcher {
+    inner: Arc<dyn TokenFetcher>,
+    store: Arc<SharedStore>,
+    name: String,
+    key: String,
+    lease_key: String,
+    refresh_at: f64,
+    /// How long a replica waits for the lease holder's token (the provider's `timeout`).
+    wait: Duration,
+}
+
+impl SharedFetcher {
+    /// `inner`'s calls for `provider`, shared through `store`.
+    pub fn new(inner: Arc<dyn TokenFetcher>, store: Arc<SharedStore>, provider: &ProviderConfig) -> SharedFetcher {
+        let key = store.token_key(provider);
+        SharedFetcher {
+            inner,
+            lease_key: format!("{key}:lease"),
+            key,
+            store,
+            name: provider.name.clone(),
+            refresh_at: provider.refresh_at,
+            wait: provider.timeout,
+        }
+    }
+
+    /// The shared token, if this replica should use it instead of `current` (the token it holds).
+    fn adoptable(&self, stored: Stored, current: Option<&HeaderValue>) -> Option<TokenResponse> {
+        let now = unix_ms(SystemTime::now());
+        let lifetime = stored.expires_at.saturating_sub(stored.obtained_at);
+        let due = stored.obtained_at + (lifetime as f64 * self.refresh_at) as u64;
+        if now >= due || current.is_some_and(|current| current.as_bytes() == stored.access_token.as_bytes()) {
+            return None;
+        }
+        let token = HeaderValue::from_str(&stored.access_token).ok()?;
+        let mut response = TokenResponse::new(token, Duration::from_millis(stored.expires_at - now));
+        response.scope = stored.scope;
+        response.shared = true;
+        Some(response)
+    }
+
+    async fn fetch_through(&self, current: Option<Arc<Token>>) -> Result<TokenResponse, TokenError> {
+        let current = current.as_ref().map(|token| token.access_token().expose());
+        let own_call = |why: &dyn std::fmt::Display| {
+            tracing::warn!(provider = %self.name, "shared store unavailable ({why}): making this replica's own token call");
+            self.store.metrics.fallbacks.inc();
+        };
+        match self.store.read(&self.key).await {
+            Ok(Some(stored)) => {
+                if let Some(response) = self.adoptable(stored, current) {
+                    return Ok(response);
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                own_call(&error);
+                return self.inner.fetch().await;
+            }
+        }
+        let fence = format!("{:032x}", rand::random::<u128>());
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let mut waited = false;
+        loop {
+            match self.store.lease(&self.lease_key, &fence, self.wait + Duration::from_secs(1)).await {
+                Ok(true) => {
+                    let result = self.inner.fetch().await;
+                    if let Ok(response) = &result {
+                        let now = SystemTime::now();
+                        let stored = Stored {
+                            access_token: response.access_token.expose().to_str().unwrap_or_default().to_owned(),
+                            obtained_at: unix_ms(now),
+                            expires_at: unix_ms(now + response.lifetime),
+                            scope: response.scope.clone(),
+                        };
+                        if let Err(error) = self.store.write(&self.key, &stored).await {
+                            tracing::warn!(provider = %self.name, "the new token could not be shared: {error}");
+                        }
+                    }
+                    if let Err(error) = self.store.release(&self.lease_key, &fence).await {
+                        tracing::debug!(provider = %self.name, "the lease could not be released (it expires): {error}");
+                    }
+                    return result;
+                }
+                Ok(false) => {
+                    if !waited {
+                        self.store.metrics.lease_waits.inc();
+                        waited = true;
+                    }
+                }
+                Err(error) => {
+                    own_call(&error);
+                    return self.inner.fetch().await;
+                }
+            }
+            // Another replica is making the call: its token, when it comes.
+            tokio::time::sleep(POLL).await;
+            match self.store.read(&self.key).await {
+                Ok(Some(stored)) => {
+                    if let Some(response) = self.adoptable(stored, current) {
+                        return Ok(response);
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    own_call(&error);
+                    return self.inner.fetch().await;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                own_call(&"the lease holder gave no token within the provider's timeout");
+                return self.inner.fetch().await;
+            }
+        }
+    }
+}
+
+impl TokenFetcher for SharedFetcher {
+    fn fetch(&self) -> BoxFuture<'_, Result<TokenResponse, TokenError>> {
+        Box::pin(self.fetch_through(None))
+    }
+
+    fn fetch_after(&self, current: Option<Arc<Token>>) -> BoxFuture<'_, Result<TokenResponse, TokenError>> {
+        Box::pin(self.fetch_through(current))
+    }
+}

@@ -1,0 +1,156 @@
+//! The shared store (`[state] store = "redis"`, docs/fleet.md) with a real redis-server: several tokenproxy
+//! replicas make one token call between them, a value that does not decrypt is never used (nor overwritten), and
+//! requests keep working while Redis is down.
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use support::redis::RedisServer;
+use support::{Client, FakeIdp, FakeUpstream, Proxy};
+
+/// A key file with one random AES-256 key.
+fn key_file() -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let key: [u8; 32] = rand::random();
+    std::fs::write(file.path(), base64::engine::general_purpose::STANDARD.encode(key) + "\n").unwrap();
+    file
+}
+
+fn replica(
+    idp: &FakeIdp,
+    upstream: &FakeUpstream,
+    redis: &RedisServer,
+    keys: &std::path::Path,
+    prefix: &str,
+) -> String {
+    format!(
+        "[state]\ndir = {dir:?}\nstore = \"redis\"\nredis_url = \"{url}\"\nencryption_key_file = {keys:?}\n\
+         key_prefix = \"{prefix}\"\n\n\
+         [providers.api]\ntoken_url = \"{token_url}\"\nclient_id = \"fleet\"\nclient_secret = \"s3cret-value\"\n\
+         manual_refresh_interval = \"0s\"\n\n\
+         [[routes]]\nprefix = \"/\"\nupstream = \"{upstream}\"\nprovider = \"api\"\n",
+        dir = tempfile::tempdir().unwrap().keep(),
+        url = redis.url(),
+        token_url = idp.token_url(),
+        upstream = upstream.url(),
+    )
+}
+
+/// Waits (polling, up to 10 s) until `check` holds.
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_replicas_make_one_token_call_for_500_cold_requests() {
+    let redis = RedisServer::start();
+    let (idp, upstream, keys) = (FakeIdp::start(300).await, FakeUpstream::start().await, key_file());
+    // The token call that the lease holder makes hangs until every replica has looked for the token.
+    idp.close();
+    let config = replica(&idp, &upstream, &redis, keys.path(), "five");
+    let replicas = futures_util::future::join_all((0..5).map(|_| Proxy::start(&config))).await;
+    idp.wait_calls(1).await;
+    until("four replicas waiting on the lease", async || {
+        let mut waits = 0.0;
+        for replica in &replicas {
+            waits += replica.metric("tokenproxy_store_lease_waits_total").await;
+        }
+        waits == 4.0
+    })
+    .await;
+    let requests = (0..500).map(|n| {
+        let url = replicas[n % 5].url(&format!("/cold/{n}"));
+        async move { Client::new().get(&url).await }
+    });
+    let replies = tokio::spawn(futures_util::future::join_all(requests));
+    idp.open();
+    for reply in replies.await.unwrap() {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["token"], "tok-1");
+    }
+    assert_eq!(idp.calls(), 1, "one token call for five replicas");
+    let stored = redis.keys("five:token:api:*");
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let value = redis.get(&stored[0]).unwrap();
+    assert!(!value.windows(5).any(|w| w == b"tok-1"), "the token is encrypted at rest");
+    for replica in replicas {
+        replica.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_value_that_does_not_decrypt_is_never_used_nor_overwritten() {
+    let redis = RedisServer::start();
+    let (idp, upstream, keys) = (FakeIdp::start(300).await, FakeUpstream::start().await, key_file());
+    let config = replica(&idp, &upstream, &redis, keys.path(), "tamper");
+    let first = Proxy::start(&config).await;
+    first.wait_ready().await;
+    let key = redis.keys("tamper:token:api:*").pop().expect("the shared token");
+    let mut value = redis.get(&key).unwrap();
+    let last = value.len() - 1;
+    value[last] ^= 1;
+    redis.set(&key, &value);
+
+    // Another replica, and one with another key: neither can open it; each makes its own call and sends its own token.
+    let other_keys = key_file();
+    for keys in [keys.path(), other_keys.path()] {
+        let replica = Proxy::start(&replica(&idp, &upstream, &redis, keys, "tamper")).await;
+        replica.wait_ready().await;
+        let reply = Client::new().get(&replica.url("/x")).await;
+        assert_eq!(reply.status, 200);
+        assert!(reply.json()["token"].as_str().unwrap().starts_with("tok-"), "{}", reply.text());
+        assert_ne!(reply.json()["token"], "tok-1");
+        assert_eq!(replica.metric("tokenproxy_store_operations_total{op=\"decrypt\",outcome=\"error\"}").await, 1.0);
+        replica.stop().await;
+    }
+    assert_eq!(idp.calls(), 3);
+    assert_eq!(redis.get(&key).unwrap(), value, "left as it was");
+    first.stop().await;
+}
+
+#[tokio::test]
+async fn requests_keep_working_while_redis_is_down_and_sharing_resumes_when_it_is_back() {
+    let mut redis = RedisServer::start();
+    let (idp, upstream, keys) = (FakeIdp::start(300).await, FakeUpstream::start().await, key_file());
+    let config = replica(&idp, &upstream, &redis, keys.path(), "down");
+    let (a, b) = (Proxy::start(&config).await, Proxy::start(&config).await);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    assert_eq!(idp.calls(), 1);
+
+    redis.kill();
+    for replica in [&a, &b] {
+        assert_eq!(Client::new().get(&replica.url("/x")).await.status, 200, "the token in hand is used");
+    }
+    // A refresh while Redis is down: this replica's own call, and requests go on.
+    let refresh = Client::new().post(&a.admin_url("/tokens/api/refresh"), "").await;
+    assert!((200..300).contains(&refresh.status), "{}", refresh.text());
+    idp.wait_calls(2).await;
+    until("the refreshed token in use", async || Client::new().get(&a.url("/x")).await.json()["token"] == "tok-2")
+        .await;
+    assert!(a.metric("tokenproxy_store_fallbacks_total").await >= 1.0);
+    let c = Proxy::start(&config).await;
+    c.wait_ready().await;
+    assert_eq!(Client::new().get(&c.url("/x")).await.status, 200, "a replica starting without Redis gets a token");
+
+    // Redis is back (empty): the next refresh is shared again, and another replica's refresh takes it.
+    redis.restart();
+    let calls = idp.calls();
+    assert!((200..300).contains(&Client::new().post(&a.admin_url("/tokens/api/refresh"), "").await.status));
+    idp.wait_calls(calls + 1).await;
+    until("the new token in Redis", async || !redis.keys("down:token:api:*").is_empty()).await;
+    let shared = format!("tok-{}", calls + 1);
+    assert!((200..300).contains(&Client::new().post(&b.admin_url("/tokens/api/refresh"), "").await.status));
+    until("b on the shared token", async || Client::new().get(&b.url("/x")).await.json()["token"] == shared.as_str())
+        .await;
+    assert_eq!(idp.calls(), calls + 1, "b took the shared token instead of calling");
+    for replica in [a, b, c] {
+        replica.stop().await;
+    }
+}
