@@ -201,6 +201,7 @@ fn describe(slot: &TokenSlot) -> Value {
         "token_type": token.as_ref().map(|t| if t.dpop().is_some() { "DPoP" } else { "Bearer" }),
         "dpop_jkt": token.as_ref().and_then(|t| t.dpop()).map(|binding| binding.key.thumbprint()),
         "refresh_token_expires_at": token.as_ref().and_then(|t| t.refresh_token_expires_at).map(rfc3339),
+        "source": token.as_ref().map(|t| if t.shared { "shared store" } else { "own call" }),
         "permanent_failure": status.permanent_failure,
     })
 }

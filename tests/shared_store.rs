@@ -154,3 +154,121 @@ async fn requests_keep_working_while_redis_is_down_and_sharing_resumes_when_it_i
         replica.stop().await;
     }
 }
+
+/// A TCP relay to `target` that holds every chunk the client sends for `delay`: a Redis that answers slowly.
+async fn slow_relay(target: u16, delay: Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move { tokio::io::copy(&mut server_read, &mut client_write).await });
+                let mut buffer = vec![0u8; 16 * 1024];
+                while let Ok(n) = client_read.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                    if server_write.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_slow_redis_costs_requests_nothing() {
+    let redis = RedisServer::start();
+    let (idp, upstream, keys) = (FakeIdp::start(300).await, FakeUpstream::start().await, key_file());
+    let relay = slow_relay(redis.port, Duration::from_secs(2)).await;
+    let config = replica(&idp, &upstream, &redis, keys.path(), "slow")
+        .replace(&redis.url(), &format!("redis://127.0.0.1:{relay}"))
+        .replace("[providers.api]", "redis_timeout = \"100ms\"\n\n[providers.api]");
+    let proxy = Proxy::start(&config).await;
+    proxy.wait_ready().await;
+    for n in 0..20 {
+        let reply = Client::new().get(&proxy.url(&format!("/x/{n}"))).await;
+        assert_eq!((reply.status, reply.json()["token"].as_str()), (200, Some("tok-1")));
+    }
+    assert_eq!(idp.calls(), 1);
+    assert!(proxy.metric("tokenproxy_store_fallbacks_total").await >= 1.0);
+    let tokens = Client::new().get(&proxy.admin_url("/tokens")).await.json();
+    assert_eq!(tokens["providers"]["api"]["source"], "own call");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_replicas_refresh_once_per_token_lifetime_between_them() {
+    let redis = RedisServer::start();
+    // Two-second tokens refreshed at 90 % of their life (minus up to 10 % jitter).
+    let (idp, upstream, keys) = (FakeIdp::start(2).await, FakeUpstream::start().await, key_file());
+    let config = replica(&idp, &upstream, &redis, keys.path(), "refresh")
+        .replace("manual_refresh_interval", "expiry_skew = \"1ms\"\nrefresh_at = 0.9\nmanual_refresh_interval");
+    let replicas = futures_util::future::join_all((0..5).map(|_| Proxy::start(&config))).await;
+    let lifetimes = 5;
+    let started = tokio::time::Instant::now();
+    // Requests all along: every one gets a token that is still usable.
+    while started.elapsed() < Duration::from_secs(2 * lifetimes) {
+        for replica in &replicas {
+            assert_eq!(Client::new().get(&replica.url("/x")).await.status, 200);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let calls = idp.calls();
+    // One call per refresh cycle for the whole fleet (a cycle is 80-90 % of a lifetime), plus the first: about 7
+    // (10 leaves room for a slow machine). Each replica on its own would make about 7, 35 in all.
+    println!("token calls for 5 replicas over {lifetimes} lifetimes: {calls}");
+    assert!(calls <= 10, "{calls} token calls");
+    for replica in replicas {
+        replica.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_cold_replica_takes_the_shared_token_with_one_read() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokenproxy::token::shared::{SharedFetcher, SharedStore};
+    use tokenproxy::token::{TokenError, TokenFetcher, TokenResponse};
+
+    struct Counting(AtomicUsize);
+    impl TokenFetcher for Counting {
+        fn fetch(&self) -> futures_util::future::BoxFuture<'_, Result<TokenResponse, TokenError>> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            let token = http::HeaderValue::from_str(&format!("tok-{n}")).unwrap();
+            Box::pin(async move { Ok(TokenResponse::new(token, Duration::from_secs(300))) })
+        }
+    }
+    let redis = RedisServer::start();
+    let (idp, upstream, keys) = (FakeIdp::start(300).await, FakeUpstream::start().await, key_file());
+    let toml = replica(&idp, &upstream, &redis, keys.path(), "cold");
+    let config = tokenproxy::config::Config::from_toml_str(&toml, "cold.toml").unwrap();
+    let metrics = tokenproxy::metrics::Metrics::new();
+    let store = Arc::new(SharedStore::new(config.state.shared.as_ref().unwrap(), metrics.store()).unwrap());
+    let inner = Arc::new(Counting(AtomicUsize::new(0)));
+    let provider = &config.providers["api"];
+    SharedFetcher::new(inner.clone(), Arc::clone(&store), provider).fetch_after(None).await.unwrap();
+    // Each cold start: a new replica's fetcher (its own connection), one read.
+    let mut took = Vec::new();
+    for _ in 0..200 {
+        let fetcher = SharedFetcher::new(inner.clone(), Arc::clone(&store), provider);
+        let start = std::time::Instant::now();
+        let response = fetcher.fetch_after(None).await.unwrap();
+        took.push(start.elapsed());
+        assert!(response.shared && response.access_token.expose() == "tok-1");
+    }
+    assert_eq!(inner.0.load(Ordering::SeqCst), 1, "one token call, 200 reads");
+    took.sort();
+    println!(
+        "shared token read (GET + decrypt) on a cold replica, 200 reads: p50 {:?}, p99 {:?}",
+        took[took.len() / 2],
+        took[took.len() * 99 / 100]
+    );
+}

@@ -38,6 +38,8 @@ pub struct Token {
     pub obtained_at: SystemTime,
     /// When the refresh token that came with it expires, when the IdP said (`refresh_expires_in`).
     pub refresh_token_expires_at: Option<SystemTime>,
+    /// It was read from the shared store (another replica's token call), not obtained by this replica's own.
+    pub shared: bool,
     /// Set when an upstream answered 401 to this generation: it is then never sent again.
     rejected: AtomicBool,
     /// Set while a refresh call that may revoke it is in flight (`during_refresh = "wait"`): requests wait for the
@@ -86,6 +88,7 @@ impl Token {
             expires_at,
             obtained_at,
             refresh_token_expires_at: None,
+            shared: false,
             rejected: AtomicBool::new(false),
             suspended: AtomicBool::new(false),
         }

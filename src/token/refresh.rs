@@ -214,6 +214,7 @@ impl RefreshScheduler {
                     )
                     .bound_to(response.dpop);
                     token.refresh_token_expires_at = response.refresh_token_lifetime.map(|l| started_wall + l);
+                    token.shared = response.shared;
                     if let Some(sink) = &self.sink {
                         sink.write(&token);
                     }
@@ -225,6 +226,7 @@ impl RefreshScheduler {
                         lifetime_s = response.lifetime.as_secs(),
                         refresh_in_s = schedule.refresh_after.as_secs(),
                         reason = reason.as_str(),
+                        shared = response.shared,
                         "token refreshed"
                     );
                     let mut status = lock(&slot.status);
