@@ -272,3 +272,60 @@ async fn a_cold_replica_takes_the_shared_token_with_one_read() {
         took[took.len() * 99 / 100]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_traffic_sees_no_failure_while_redis_dies_and_comes_back() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let mut redis = RedisServer::start();
+    let (idp, upstream, keys) = (FakeIdp::start(300).await, FakeUpstream::start().await, key_file());
+    let config = replica(&idp, &upstream, &redis, keys.path(), "steady");
+    let replicas = Arc::new(vec![Proxy::start(&config).await, Proxy::start(&config).await]);
+    for replica in replicas.iter() {
+        replica.wait_ready().await;
+    }
+    let (stop, sent, failed) =
+        (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let traffic: Vec<_> = (0..4)
+        .map(|worker| {
+            let (replicas, stop, sent, failed) = (replicas.clone(), stop.clone(), sent.clone(), failed.clone());
+            tokio::spawn(async move {
+                let client = Client::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let reply = client.get(&replicas[worker % 2].url("/steady")).await;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if reply.status != 200 {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let refresh_both = async || {
+        for replica in replicas.iter() {
+            let answer = Client::new().post(&replica.admin_url("/tokens/api/refresh"), "").await;
+            assert!((200..300).contains(&answer.status), "{}", answer.text());
+        }
+    };
+    until("traffic", async || sent.load(Ordering::Relaxed) > 200).await;
+    redis.kill();
+    refresh_both().await;
+    let before = sent.load(Ordering::Relaxed);
+    until("traffic while Redis is down", async || sent.load(Ordering::Relaxed) > before + 200).await;
+    redis.restart();
+    refresh_both().await;
+    let before = sent.load(Ordering::Relaxed);
+    until("traffic after Redis came back", async || sent.load(Ordering::Relaxed) > before + 200).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in traffic {
+        task.await.unwrap();
+    }
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!("steady traffic through a Redis outage: {sent} requests, {failed} failed");
+    assert_eq!(failed, 0);
+    if let Ok(replicas) = Arc::try_unwrap(replicas) {
+        for replica in replicas {
+            replica.stop().await;
+        }
+    }
+}

@@ -1044,3 +1044,25 @@ fn the_shared_store_needs_its_server_and_keys_and_never_prints_them() {
     let stray = format!("[state]\nredis_url = \"redis://127.0.0.1\"\n{MINIMAL}");
     assert!(problems(load(&stray))[0].contains("only used with store = \"redis\""));
 }
+
+#[test]
+fn a_shared_store_warns_of_unshared_sessions_an_open_key_file_and_plain_redis_off_machine() {
+    use base64::Engine as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let keys = temp_file(&base64::engine::general_purpose::STANDARD.encode([1u8; 32]));
+    std::fs::set_permissions(keys.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let toml = format!(
+        "[state]\nstore = \"redis\"\nredis_url = \"redis://redis.internal:6379\"\nencryption_key_file = {}\n\
+         [providers.session]\ntoken_url = \"https://idp.example/token\"\ngrant = \"refresh_token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+         refresh_token = \"rt\"\n\
+         [[routes]]\nprefix = \"/\"\nupstream = \"https://a.internal\"\nprovider = \"session\"\n",
+        quoted(&keys.path().to_string_lossy())
+    );
+    let warnings = load(&toml).unwrap().warnings();
+    let keys_of: Vec<&str> = warnings.iter().map(|w| w.split(':').next().unwrap()).collect();
+    assert_eq!(keys_of, ["providers.session.grant", "state.encryption_key_file", "state.redis_url"], "{warnings:#?}");
+    assert!(warnings[0].contains("run this provider on one replica"));
+    let safe = toml.replace("redis://redis.internal", "rediss://redis.internal");
+    std::fs::set_permissions(keys.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(load(&safe).unwrap().warnings().len(), 1, "only the session");
+}

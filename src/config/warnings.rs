@@ -42,6 +42,27 @@ impl Config {
                 }
             }
         }
+        if let Some(shared) = &self.state.shared {
+            for (name, provider) in &self.providers {
+                if provider.profile_of.is_none() && provider.grant == super::Grant::RefreshToken {
+                    warnings.push(format!(
+                        "providers.{name}.grant: refresh-token sessions are not shared through the shared store yet                          (docs/fleet.md): each replica would redeem and rotate the refresh token on its own, and the                          IdP would end the session; run this provider on one replica"
+                    ));
+                }
+            }
+            if let Some(mode) = world_readable(&shared.encryption_key_file) {
+                warnings.push(format!(
+                    "state.encryption_key_file: {} is readable by every user of this machine (mode {mode:04o}); make                      it readable by tokenproxy alone (chmod 600)",
+                    shared.encryption_key_file.display()
+                ));
+            }
+            if shared.redis_url.scheme() == "redis" && off_machine(&shared.redis_url) {
+                warnings.push(format!(
+                    "state.redis_url: Redis at {} is reached without TLS; tokens are encrypted in it, but its password                      and the traffic are not: use rediss://",
+                    shared.redis_url.host_str().unwrap_or("?")
+                ));
+            }
+        }
         for (i, route) in self.routes.iter().enumerate() {
             if let Some(provider) = route.provider.as_ref().filter(|_| plain_http_off_machine(&route.upstream)) {
                 warnings.push(format!(
@@ -57,9 +78,11 @@ impl Config {
 
 /// An `http://` URL to a host that is not this machine.
 fn plain_http_off_machine(url: &Url) -> bool {
-    if url.scheme() != "http" {
-        return false;
-    }
+    url.scheme() == "http" && off_machine(url)
+}
+
+/// Whether the URL's host is not this machine.
+fn off_machine(url: &Url) -> bool {
     match url.host() {
         Some(Host::Ipv4(ip)) => !ip.is_loopback(),
         Some(Host::Ipv6(ip)) => !ip.is_loopback(),
