@@ -43,22 +43,17 @@ impl Config {
             }
         }
         if let Some(shared) = &self.state.shared {
-            for (name, provider) in &self.providers {
-                if provider.profile_of.is_none() && provider.grant == super::Grant::RefreshToken {
-                    warnings.push(format!(
-                        "providers.{name}.grant: refresh-token sessions are not shared through the shared store yet                          (docs/fleet.md): each replica would redeem and rotate the refresh token on its own, and the                          IdP would end the session; run this provider on one replica"
-                    ));
-                }
-            }
             if let Some(mode) = world_readable(&shared.encryption_key_file) {
                 warnings.push(format!(
-                    "state.encryption_key_file: {} is readable by every user of this machine (mode {mode:04o}); make                      it readable by tokenproxy alone (chmod 600)",
+                    "state.encryption_key_file: {} is readable by every user of this machine (mode {mode:04o}); make \
+                     it readable by tokenproxy alone (chmod 600)",
                     shared.encryption_key_file.display()
                 ));
             }
             if shared.redis_url.scheme() == "redis" && off_machine(&shared.redis_url) {
                 warnings.push(format!(
-                    "state.redis_url: Redis at {} is reached without TLS; tokens are encrypted in it, but its password                      and the traffic are not: use rediss://",
+                    "state.redis_url: Redis at {} is reached without TLS; tokens are encrypted in it, but its password \
+                     and the traffic are not: use rediss://",
                     shared.redis_url.host_str().unwrap_or("?")
                 ));
             }

@@ -176,6 +176,14 @@ impl GrantFetcher {
         self.session.as_ref()
     }
 
+    /// Keeps the refresh-token session (if this provider has one) in the shared store too (docs/fleet.md).
+    pub fn share_session(&mut self, store: Arc<super::shared::SharedStore>) {
+        let key = store.session_key(self.idp.provider());
+        if let Some(session) = self.session.as_mut() {
+            session.share(store, key);
+        }
+    }
+
     /// Makes one token call.
     pub async fn fetch(&self) -> Result<TokenResponse, TokenError> {
         let provider = self.idp.provider();

@@ -193,8 +193,13 @@ impl TokenEngine {
             let slot = Arc::new(slot);
             let timing = Timing { refresh_at: provider.refresh_at, expiry_skew: provider.expiry_skew };
             let store = StateStore::new(&config.state.dir);
-            let mut fetcher: Arc<dyn TokenFetcher> = Arc::new(GrantFetcher::new(provider.clone(), store)?);
-            if let Some(shared) = shared.as_ref().filter(|_| shared::shareable(provider)) {
+            let mut grant = GrantFetcher::new(provider.clone(), store)?;
+            let shared = shared.as_ref().filter(|_| shared::shareable(provider));
+            if let Some(shared) = shared {
+                grant.share_session(Arc::clone(shared));
+            }
+            let mut fetcher: Arc<dyn TokenFetcher> = Arc::new(grant);
+            if let Some(shared) = shared {
                 fetcher = Arc::new(shared::SharedFetcher::new(fetcher, Arc::clone(shared), provider));
             }
             let (stop, _) = watch::channel(false);

@@ -10,12 +10,13 @@
 //!   happens at the next attempt, and the access token is not used;
 //! - `invalid_grant` ends the session: a permanent failure that asks for a new login.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use super::grant::{build_request, Profile};
 use super::idp::IdpClient;
 use super::response::{TokenError, TokenResponse};
+use super::shared::SharedStore;
 use super::store::{sha256_hex, unix, Record, StateStore};
 use crate::config::{ProviderConfig, Secret, SecretSource};
 
@@ -36,6 +37,10 @@ pub struct RefreshSession {
     store: StateStore,
     /// A rotated refresh token the store has not taken yet.
     pending: Mutex<Option<Record>>,
+    /// With a shared store (docs/fleet.md): the store and the session's key in it.
+    shared: Option<(Arc<SharedStore>, String)>,
+    /// A rotated refresh token the shared store has not taken yet, with the version it replaces.
+    pending_shared: Mutex<Option<(Option<u64>, Record)>>,
 }
 
 impl RefreshSession {
@@ -46,7 +51,15 @@ impl RefreshSession {
             seed: provider.refresh_token.clone(),
             store,
             pending: Mutex::new(None),
+            shared: None,
+            pending_shared: Mutex::new(None),
         }
+    }
+
+    /// Keeps the session in the shared store too: the refresh token is read from it at every refresh, and each
+    /// rotation is stored in it (compare-and-swap on its version) before the new access token is used.
+    pub fn share(&mut self, store: Arc<SharedStore>, key: String) {
+        self.shared = Some((store, key));
     }
 
     /// The state store.
@@ -90,11 +103,58 @@ impl RefreshSession {
         Ok(())
     }
 
+    /// The refresh token to use now with a shared store, and the shared version it replaces. The shared session is
+    /// used unless this replica has a newer one (a `tokenproxy login` here, or a configured seed that changed); the
+    /// local copy follows the shared one, for re-seeding a Redis that lost it.
+    async fn current_shared(&self, store: &SharedStore, key: &str) -> Result<(Option<u64>, Current), TokenError> {
+        let unavailable = |error: super::shared::StoreError| {
+            TokenError::Connect(format!(
+                "the shared store is unavailable ({error}): the refresh token is not redeemed (no risk of reuse); the \
+                 current access token is used until it runs out"
+            ))
+        };
+        let pending = self.pending_shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((expected, record)) = pending {
+            // Never lose a rotation: store it before anything else.
+            if !store.swap_session(key, expected, &record).await.map_err(unavailable)? {
+                tracing::error!(provider = %self.provider, "another replica stored the session meanwhile");
+            }
+            *self.pending_shared.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        let shared = store.read_session(key).await.map_err(unavailable)?;
+        let local = self.store.load(&self.provider)?;
+        let seed_sha256 = self.seed.as_ref().map(SecretSource::read).transpose()?.as_ref().map(sha256_hex);
+        let Some((version, shared)) = shared else {
+            // Nothing shared yet (or Redis lost it): this replica's copy seeds it, with the first rotation.
+            return Ok((None, self.current()?));
+        };
+        let new_seed = seed_sha256.is_some() && seed_sha256 != shared.seed_sha256;
+        let newer_here = local.as_ref().is_some_and(|local| local.stored_at > shared.stored_at);
+        if new_seed || newer_here {
+            return Ok((Some(version), self.current()?));
+        }
+        if local.as_ref().is_none_or(|local| local.refresh_token.expose() != shared.refresh_token.expose()) {
+            let copy = Record { provider: self.provider.clone(), ..shared.clone() };
+            if let Err(error) = self.store.save(&copy) {
+                tracing::warn!(provider = %self.provider, "the local copy of the shared session could not be written: {error}");
+            }
+        }
+        let current = Current {
+            refresh_token: shared.refresh_token,
+            seed_sha256: shared.seed_sha256,
+            rotations: shared.rotations,
+        };
+        Ok((Some(version), current))
+    }
+
     /// Redeems the current refresh token at the IdP and stores the rotated one before returning the access token.
     pub async fn refresh(&self, idp: &IdpClient) -> Result<TokenResponse, TokenError> {
         let _lock = self.store.lock(&self.provider, LOCK_WAIT).await?;
         self.flush_pending()?;
-        let current = self.current()?;
+        let (shared_version, current) = match &self.shared {
+            Some((store, key)) => self.current_shared(store, key).await?,
+            None => (None, self.current()?),
+        };
         let params = [("grant_type", "refresh_token"), ("refresh_token", current.refresh_token.expose())];
         let request = build_request(idp.provider(), &params, Profile::Full)?;
         let response = match idp.token_call(request).await {
@@ -121,6 +181,26 @@ impl RefreshSession {
                 // Never lose it: keep it for the next attempt, and do not use this access token meanwhile.
                 *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(record);
                 return Err(error.into());
+            }
+            if let Some((store, key)) = &self.shared {
+                match store.swap_session(key, shared_version, &record).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::error!(
+                            provider = %self.provider,
+                            "another replica stored a rotation of this session meanwhile (its lease expired during this \
+                             call?): keeping the shared one"
+                        );
+                        return Err(TokenError::Connect("the shared session changed during the refresh".into()));
+                    }
+                    Err(error) => {
+                        // Stored before anything else at the next attempt; this access token is not used meanwhile.
+                        *self.pending_shared.lock().unwrap_or_else(|e| e.into_inner()) = Some((shared_version, record));
+                        return Err(TokenError::Connect(format!(
+                            "the rotated refresh token is not shared yet: {error}"
+                        )));
+                    }
+                }
             }
         }
         Ok(response)

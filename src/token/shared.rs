@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use super::cache::Token;
 use super::refresh::TokenFetcher;
 use super::response::{TokenError, TokenResponse};
+use super::store::Record;
 use crate::config::{Grant, ProviderConfig, SharedStoreConfig};
 use crate::metrics::StoreMetrics;
 
@@ -197,12 +198,89 @@ impl SharedStore {
     }
 }
 
+/// A refresh-token session as stored in Redis (encrypted), beside its version (`v`, in clear, for the
+/// compare-and-swap).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SessionState {
+    refresh_token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seed_sha256: Option<String>,
+    stored_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token_expires_at: Option<u64>,
+    rotations: u64,
+}
+
+/// Sets a session if its version is still the one read (`""`: there was none); answers 1 if it did.
+const SESSION_CAS: &str = "local v = redis.call('HGET', KEYS[1], 'v') \
+     if (v == false and ARGV[1] == '') or v == ARGV[1] then \
+       redis.call('HSET', KEYS[1], 'v', ARGV[2], 'data', ARGV[3]) return 1 end return 0";
+
+impl SharedStore {
+    /// The Redis key of `provider`'s refresh-token session.
+    pub fn session_key(&self, provider: &ProviderConfig) -> String {
+        format!("{}:session:{}:{}", self.prefix, provider.name, settings_hash(provider))
+    }
+
+    /// The shared session under `key` and its version; `Ok(None)` when there is none. A value this replica cannot
+    /// open is an error: the session is then neither used nor overwritten here.
+    pub async fn read_session(&self, key: &str) -> Result<Option<(u64, Record)>, StoreError> {
+        let values: Vec<Option<Vec<u8>>> =
+            self.run("get", redis::cmd("HMGET").arg(key).arg("v").arg("data").clone()).await?;
+        let (Some(Some(version)), Some(Some(data))) = (values.first(), values.get(1)) else { return Ok(None) };
+        let version = std::str::from_utf8(version).ok().and_then(|v| v.parse::<u64>().ok());
+        let state = self.open(key, data).and_then(|plain| serde_json::from_slice::<SessionState>(&plain).ok());
+        match (version, state) {
+            (Some(version), Some(state)) => Ok(Some((
+                version,
+                Record {
+                    version: 1,
+                    provider: String::new(),
+                    refresh_token: crate::config::Secret::new(state.refresh_token),
+                    seed_sha256: state.seed_sha256,
+                    stored_at: state.stored_at,
+                    refresh_token_expires_at: state.refresh_token_expires_at,
+                    rotations: state.rotations,
+                },
+            ))),
+            _ => {
+                self.metrics.operation("decrypt", "error").inc();
+                tracing::error!(
+                    key,
+                    "the shared refresh-token session cannot be decrypted with encryption_key_file (another key, or \
+                     tampered with): not used, and not overwritten by this replica"
+                );
+                Err(StoreError::Redis("the shared session cannot be decrypted".into()))
+            }
+        }
+    }
+
+    /// Stores `record` as the session under `key` if its version is still `expected` (`None`: there was none).
+    /// `Ok(false)`: another replica stored one meanwhile.
+    pub async fn swap_session(&self, key: &str, expected: Option<u64>, record: &Record) -> Result<bool, StoreError> {
+        let state = SessionState {
+            refresh_token: record.refresh_token.expose().to_owned(),
+            seed_sha256: record.seed_sha256.clone(),
+            stored_at: record.stored_at,
+            refresh_token_expires_at: record.refresh_token_expires_at,
+            rotations: record.rotations,
+        };
+        let plain = serde_json::to_vec(&state).map_err(|e| StoreError::Redis(e.to_string()))?;
+        let sealed = self.seal(key, &plain).ok_or_else(|| StoreError::Redis("no encryption key".into()))?;
+        let expected_text = expected.map(|v| v.to_string()).unwrap_or_default();
+        let next = expected.unwrap_or(0) + 1;
+        let command =
+            redis::cmd("EVAL").arg(SESSION_CAS).arg(1).arg(key).arg(expected_text).arg(next).arg(sealed).clone();
+        Ok(self.run::<i64>("set", command).await? == 1)
+    }
+}
+
 /// Whether a provider's tokens may be shared between replicas: not sender-constrained ones (bound to this replica's
-/// key or certificate), not refresh-token sessions (each redemption rotates the refresh token), not tokens exchanged
-/// from a subject each replica reads for itself.
+/// key or certificate), not tokens exchanged from a subject each replica reads for itself. Refresh-token sessions
+/// are: their refresh token lives in the store too, redeemed only by the lease holder.
 pub fn shareable(provider: &ProviderConfig) -> bool {
     use crate::config::ClientAuth;
-    matches!(provider.grant, Grant::ClientCredentials | Grant::Password | Grant::JwtBearer)
+    matches!(provider.grant, Grant::ClientCredentials | Grant::Password | Grant::JwtBearer | Grant::RefreshToken)
         && provider.exchange.is_none()
         && !provider.dpop
         && !matches!(provider.client_auth, ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth)
@@ -236,6 +314,9 @@ pub struct SharedFetcher {
     refresh_at: f64,
     /// How long a replica waits for the lease holder's token (the provider's `timeout`).
     wait: Duration,
+    /// A refresh-token session: its refresh token is redeemed under the lease only, never by a replica on its own
+    /// (two redemptions of one refresh token end the session at IdPs that detect reuse).
+    exclusive: bool,
 }
 
 impl SharedFetcher {
@@ -250,6 +331,7 @@ impl SharedFetcher {
             name: provider.name.clone(),
             refresh_at: provider.refresh_at,
             wait: provider.timeout,
+            exclusive: provider.grant == Grant::RefreshToken,
         }
     }
 
@@ -271,8 +353,16 @@ impl SharedFetcher {
     async fn fetch_through(&self, current: Option<Arc<Token>>) -> Result<TokenResponse, TokenError> {
         let current = current.as_ref().map(|token| token.access_token().expose());
         let own_call = |why: &dyn std::fmt::Display| {
-            tracing::warn!(provider = %self.name, "shared store unavailable ({why}): making this replica's own token call");
             self.store.metrics.fallbacks.inc();
+            if self.exclusive {
+                tracing::warn!(provider = %self.name, "shared store unavailable ({why}): the session's refresh token is not redeemed without the lease");
+                return Err(TokenError::Connect(format!(
+                    "the shared store is unavailable ({why}): the refresh token is redeemed only under its lease, so \
+                     this replica keeps its current access token and tries again"
+                )));
+            }
+            tracing::warn!(provider = %self.name, "shared store unavailable ({why}): making this replica's own token call");
+            Ok(())
         };
         match self.store.read(&self.key).await {
             Ok(Some(stored)) => {
@@ -282,11 +372,12 @@ impl SharedFetcher {
             }
             Ok(None) => {}
             Err(error) => {
-                own_call(&error);
+                own_call(&error)?;
                 return self.inner.fetch().await;
             }
         }
-        let fence = format!("{:032x}", rand::random::<u128>());
+        // Random, and naming this process (for an operator looking at a lease that outlived its holder).
+        let fence = format!("{}:{:032x}", std::process::id(), rand::random::<u128>());
         let deadline = tokio::time::Instant::now() + self.wait;
         let mut waited = false;
         loop {
@@ -317,7 +408,7 @@ impl SharedFetcher {
                     }
                 }
                 Err(error) => {
-                    own_call(&error);
+                    own_call(&error)?;
                     return self.inner.fetch().await;
                 }
             }
@@ -331,12 +422,12 @@ impl SharedFetcher {
                 }
                 Ok(None) => {}
                 Err(error) => {
-                    own_call(&error);
+                    own_call(&error)?;
                     return self.inner.fetch().await;
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                own_call(&"the lease holder gave no token within the provider's timeout");
+                own_call(&"the lease holder gave no token within the provider's timeout")?;
                 return self.inner.fetch().await;
             }
         }

@@ -31,7 +31,9 @@
 //   GET  /_test/stats                      counts of /token calls per client_id and outcome
 //   POST /_test/fail?count=N&status=503    the next N /token calls answer that status
 //        [&error=temporarily_unavailable] [&retry_after=SECONDS] [&delay_ms=MS]
-//   POST /_test/delay?count=N&ms=M         the next N /token calls are held M ms, then served normally
+//   POST /_test/delay?count=N&ms=M         the next N /token calls are held M ms, then served normally (a call
+//                                          whose client went away meanwhile is dropped unprocessed, counted in
+//                                          `dropped` of /_test/stats)
 //   POST /_test/hold-answer?count=N&ms=M   the next N /token calls are served at once (a refresh token
 //                                          is rotated) but their answers held M ms: a client that gives
 //                                          up meanwhile never learns what the provider did
@@ -348,6 +350,7 @@ function handleControl(req, res, url) {
         clients: control.clients,
         pending_failures: control.failures.length,
         pending_delays: control.delays.length,
+        dropped: control.dropped ?? 0,
         pending_holds: control.holds.length,
         token_ttl: tokenTtl,
         refresh: { ...control.refresh, redeemed: redeemedRefreshTokens.size, issued: issuedRefreshTokens.size },
@@ -776,7 +779,18 @@ provider.use(async (ctx, next) => {
     return;
   }
   const delayMs = control.delays.shift();
-  if (delayMs) await sleep(delayMs);
+  if (delayMs) {
+    await sleep(delayMs);
+    // A client that went away while its call was held (killed) never reached the provider: drop the call unprocessed,
+    // as a request lost in flight would be.
+    if (ctx.req.socket.destroyed || ctx.req.aborted) {
+      control.dropped = (control.dropped ?? 0) + 1;
+      console.error(`idp: a held /token call was dropped unprocessed: its client went away`);
+      ctx.status = 499;
+      ctx.body = '';
+      return;
+    }
+  }
   const failure = control.failures.shift();
   if (failure?.delayMs) await sleep(failure.delayMs);
   const holdMs = control.holds.shift();

@@ -1,3 +1,4 @@
+#![allow(dead_code)]
 //! A real `redis-server` for the shared-store tests, on a free loopback port, without persistence; stopped (and
 //! killed if need be) when dropped. `scripts/test` installs Debian's redis-server when it is missing.
 

@@ -1,0 +1,173 @@
+//! A refresh-token session shared by three tokenproxy replicas through Redis (docs/fleet.md), against the real
+//! OpenID provider (npm `oidc-provider`, see `tests/idp/README.md`), whose refresh tokens rotate at every use and
+//! whose reuse detection revokes the whole grant when a rotated refresh token is presented again. Only the replica
+//! holding the lease redeems the refresh token; each rotation goes to Redis (compare-and-swap on its version) before
+//! its access token is used; the other replicas take the new access token from Redis.
+//!
+//! Needs `node` >= 20, `npm` and `redis-server` on PATH (`scripts/test` installs redis-server).
+
+mod support {
+    pub mod oidc;
+    pub mod redis;
+}
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use hyper::StatusCode;
+use support::oidc::{toml_string, IdpProcess, TokenProxyProcess, UpstreamProcess, ROTATE_CLIENT};
+use support::redis::RedisServer;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_rotating_session_without_a_single_reuse() {
+    let idp = IdpProcess::start(2).await;
+    let upstream = UpstreamProcess::start(&idp).await;
+    let redis = RedisServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let seed = idp.seed_refresh_token().await;
+    let seed_file = work.path().join("seed");
+    std::fs::write(&seed_file, &seed.refresh_token).unwrap();
+    let keys = work.path().join("keys");
+    std::fs::write(&keys, base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())).unwrap();
+    let body = session_body(&idp, &upstream, &seed_file, (0.75, "3s")).await;
+    let keys_path = keys.to_string_lossy().into_owned();
+    let env = [
+        ("TOKENPROXY_STATE__STORE", "redis"),
+        ("TOKENPROXY_STATE__REDIS_URL", &redis.url()),
+        ("TOKENPROXY_STATE__ENCRYPTION_KEY_FILE", keys_path.as_str()),
+        ("TOKENPROXY_STATE__KEY_PREFIX", "fleet"),
+    ];
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut replicas = Vec::new();
+    for dir in &dirs {
+        replicas.push(TokenProxyProcess::start_in(dir.path(), &body, &env).await);
+    }
+    for replica in &replicas {
+        replica.wait_ready(READY_TIMEOUT).await;
+    }
+
+    // Requests on every replica all along, until the session has rotated 20 times.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let mut requests = 0;
+    while idp.refresh_stats().await.ok < 20 {
+        assert!(tokio::time::Instant::now() < deadline, "20 rotations did not happen: {:?}", idp.refresh_stats().await);
+        for replica in &replicas {
+            let reply = replica.get("/api/orders").await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+            requests += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = idp.refresh_stats().await;
+    println!(
+        "3 replicas, one session: {} rotations, {} invalid_grant, {} reused, {requests} requests all 200",
+        stats.ok, stats.invalid_grant, stats.reused
+    );
+    assert_eq!((stats.invalid_grant, stats.reused, stats.unknown, stats.other_error), (0, 0, 0, 0), "{stats:?}");
+    // Each rotation was made by one replica: the others took its access token from Redis.
+    let mut shared = 0;
+    for replica in &replicas {
+        let tokens = replica.admin_get("/tokens").await.json();
+        shared += u64::from(tokens["providers"]["session"]["source"] == "shared store");
+    }
+    println!("replicas on a token another one obtained, at the end: {shared} of 3");
+    assert!(redis.keys("fleet:session:session:*").len() == 1, "the session is in Redis");
+    for mut replica in replicas {
+        replica.terminate().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_holder_killed_mid_call_leaves_the_session_to_another_replica() {
+    let idp = IdpProcess::start(10).await;
+    let upstream = UpstreamProcess::start(&idp).await;
+    let redis = RedisServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let seed = idp.seed_refresh_token().await;
+    let seed_file = work.path().join("seed");
+    std::fs::write(&seed_file, &seed.refresh_token).unwrap();
+    let keys = work.path().join("keys");
+    std::fs::write(&keys, base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())).unwrap();
+    // A lease outlives its holder by the provider's `timeout` + 1 s (no second replica may redeem while the first
+    // might still): 10-second tokens refreshed at half their life leave room for that gap.
+    let body = session_body(&idp, &upstream, &seed_file, (0.5, "1s")).await;
+    let keys_path = keys.to_string_lossy().into_owned();
+    let env = [
+        ("TOKENPROXY_STATE__STORE", "redis"),
+        ("TOKENPROXY_STATE__REDIS_URL", &redis.url()),
+        ("TOKENPROXY_STATE__ENCRYPTION_KEY_FILE", keys_path.as_str()),
+        ("TOKENPROXY_STATE__KEY_PREFIX", "killed"),
+    ];
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut replicas = Vec::new();
+    for dir in &dirs {
+        replicas.push(TokenProxyProcess::start_in(dir.path(), &body, &env).await);
+    }
+    for replica in &replicas {
+        replica.wait_ready(READY_TIMEOUT).await;
+    }
+    let rotations = idp.refresh_stats().await.ok;
+    // The next refresh call is held at the provider; its maker (the lease holder, named in the lease) is killed.
+    idp.delay_next(1, 2500).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let holder = loop {
+        assert!(tokio::time::Instant::now() < deadline, "no refresh took the lease");
+        let leases = redis.keys("killed:token:session:*:lease");
+        let fence = leases.first().and_then(|lease| match redis.command(&["GET", lease]) {
+            Ok(redis::Value::BulkString(bytes)) => String::from_utf8(bytes).ok(),
+            _ => None,
+        });
+        if let Some(pid) = fence.and_then(|fence| fence.split(':').next()?.parse::<u32>().ok()) {
+            break pid;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let index = replicas.iter_mut().position(|r| r.process().pid() == holder).expect("the holder is a replica");
+    let mut killed = replicas.remove(index);
+    killed.process().signal("KILL");
+    // Another replica takes over once the lease expires; the session goes on rotating, with no reuse.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while idp.refresh_stats().await.ok < rotations + 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the session stopped: {:?}", idp.refresh_stats().await);
+        for replica in &replicas {
+            let reply = replica.get("/api/orders").await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = idp.refresh_stats().await;
+    let dropped = idp.stats().await["dropped"].as_u64();
+    println!(
+        "lease holder (pid {holder}) killed mid-call: {} rotations after it, {} invalid_grant, {} reused, held call dropped: {dropped:?}",
+        stats.ok - rotations,
+        stats.invalid_grant,
+        stats.reused
+    );
+    assert_eq!(dropped, Some(1), "the killed holder's call never reached the provider");
+    assert_eq!((stats.invalid_grant, stats.reused), (0, 0), "{stats:?}");
+    for mut replica in replicas {
+        replica.terminate().await;
+    }
+}
+
+/// `[providers.session]` on tp-rotate with the seed in `seed_file`, and `/api` → the upstream.
+async fn session_body(
+    idp: &IdpProcess,
+    upstream: &UpstreamProcess,
+    seed_file: &std::path::Path,
+    (refresh_at, timeout): (f64, &str),
+) -> String {
+    format!(
+        "[providers.session]\ntoken_url = {token_url}\ngrant = \"refresh_token\"\nclient_id = {client_id}\n\
+         client_secret = {client_secret}\nrefresh_token_file = {seed}\nrefresh_at = {refresh_at}\nexpiry_skew = \"1s\"\n\
+         timeout = \"{timeout}\"\n\n\
+         [[routes]]\nprefix = \"/api\"\nupstream = {upstream}\nstrip_prefix = true\nprovider = \"session\"\n",
+        token_url = toml_string(&idp.token_endpoint().await),
+        client_id = toml_string(ROTATE_CLIENT.0),
+        client_secret = toml_string(ROTATE_CLIENT.1),
+        seed = toml_string(&seed_file.to_string_lossy()),
+        upstream = toml_string(&upstream.url),
+    )
+}
