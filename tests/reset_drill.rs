@@ -127,7 +127,10 @@ async fn an_upstream_resetting_5_percent_of_connections_fails_those_requests_onl
     for outcome in affected.keys() {
         // A 502 when the reset came before the head reached the caller; else the caller's connection closes: with
         // the bytes so far, or (hyper writes a head with the first body bytes) before a head was sent.
-        assert!(["status 502", "cut body", "no answer"].contains(&outcome.as_str()), "a clean failure: {outcome}");
+        // A stream of a reset connection may also stall in the h2 client until request_timeout (504): the same rare
+        // stall as in the GOAWAY drill below, seen under load; it is bounded by the timeout and counted here.
+        let clean = ["status 502", "cut body", "no answer", "status 504"];
+        assert!(clean.contains(&outcome.as_str()), "a clean failure: {outcome}");
     }
 
     // Nothing leaks: no request in flight, and once the callers are gone, the only sockets left are the proxy's
@@ -371,7 +374,12 @@ async fn an_h2_upstream_reset_fails_the_streams_of_that_connection_and_only_thos
     // requests, `/calm` never does.
     let (resetting, seen) = h2c_upstream(H2Ending::Reset).await;
     let (calm, calm_seen) = h2c_upstream(H2Ending::GoAwayEvery(usize::MAX)).await;
-    let proxy = Proxy::start(&h2c_config(&idp, &[("resets", resetting), ("calm", calm)])).await;
+    // A short request_timeout bounds the rare stream that stalls on a reset connection (see below).
+    let full = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"5s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        h2c_config(&idp, &[("resets", resetting), ("calm", calm)])
+    );
+    let proxy = Proxy::start_config(tokenproxy::config::Config::from_toml_str(&full, "test.toml").unwrap()).await;
     proxy.wait_ready().await;
 
     let total = 4000;
@@ -407,6 +415,8 @@ async fn an_h2_upstream_reset_fails_the_streams_of_that_connection_and_only_thos
         *failed.entry(outcome.clone()).or_insert(0) += 1;
     }
     let failures: usize = failed.values().sum();
+    let stalled = failed.get("status 504").copied().unwrap_or(0);
+    assert!(stalled <= total / 2 / 100, "{stalled} streams stalled until request_timeout");
     let mut reasons = std::collections::BTreeMap::new();
     for detail in &details {
         *reasons
