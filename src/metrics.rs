@@ -334,30 +334,25 @@ impl Metrics {
             "Tokens handed out by the vending listener, by provider.",
             &["provider"],
         );
+        let single = |name: &str, help: &str| {
+            let counter = IntCounter::new(name, help).expect("static metric definition");
+            registry.register(Box::new(counter.clone())).expect("metric registered once");
+            counter
+        };
         let store = StoreMetrics {
             operations: counter(
                 "tokenproxy_store_operations_total",
                 "Operations on the shared store (get, set, lease, release, decrypt), by outcome.",
                 &["op", "outcome"],
             ),
-            lease_waits: {
-                let waits = IntCounter::new(
-                    "tokenproxy_store_lease_waits_total",
-                    "Token calls left to another replica: this one waited for the lease holder's token.",
-                )
-                .expect("static metric definition");
-                registry.register(Box::new(waits.clone())).expect("metric registered once");
-                waits
-            },
-            fallbacks: {
-                let fallbacks = IntCounter::new(
-                    "tokenproxy_store_fallbacks_total",
-                    "Token calls made without the shared store: it failed, or the lease holder gave no token in time.",
-                )
-                .expect("static metric definition");
-                registry.register(Box::new(fallbacks.clone())).expect("metric registered once");
-                fallbacks
-            },
+            lease_waits: single(
+                "tokenproxy_store_lease_waits_total",
+                "Token calls left to another replica: this one waited for the lease holder's token.",
+            ),
+            fallbacks: single(
+                "tokenproxy_store_fallbacks_total",
+                "Token calls made without the shared store: it failed, or the lease holder gave no token in time.",
+            ),
         };
         let build_info = IntGaugeVec::new(Opts::new("tokenproxy_build_info", "Build information."), &["version"])
             .expect("static metric definition");

@@ -22,31 +22,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_rotating_session_without_a_single_reuse() {
-    let idp = IdpProcess::start(2).await;
-    let upstream = UpstreamProcess::start(&idp).await;
-    let redis = RedisServer::start();
-    let work = tempfile::tempdir().unwrap();
-    let seed = idp.seed_refresh_token().await;
-    let seed_file = work.path().join("seed");
-    std::fs::write(&seed_file, &seed.refresh_token).unwrap();
-    let keys = work.path().join("keys");
-    std::fs::write(&keys, base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())).unwrap();
-    let body = session_body(&idp, &upstream, &seed_file, (0.75, "3s")).await;
-    let keys_path = keys.to_string_lossy().into_owned();
-    let env = [
-        ("TOKENPROXY_STATE__STORE", "redis"),
-        ("TOKENPROXY_STATE__REDIS_URL", &redis.url()),
-        ("TOKENPROXY_STATE__ENCRYPTION_KEY_FILE", keys_path.as_str()),
-        ("TOKENPROXY_STATE__KEY_PREFIX", "fleet"),
-    ];
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut replicas = Vec::new();
-    for dir in &dirs {
-        replicas.push(TokenProxyProcess::start_in(dir.path(), &body, &env).await);
-    }
-    for replica in &replicas {
-        replica.wait_ready(READY_TIMEOUT).await;
-    }
+    let Fleet { idp, redis, replicas, _upstream, _dirs } = Fleet::start(2, (0.75, "3s"), "fleet").await;
 
     // Requests on every replica all along, until the session has rotated 20 times.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
@@ -81,33 +57,9 @@ async fn three_replicas_share_one_rotating_session_without_a_single_reuse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_holder_killed_mid_call_leaves_the_session_to_another_replica() {
-    let idp = IdpProcess::start(10).await;
-    let upstream = UpstreamProcess::start(&idp).await;
-    let redis = RedisServer::start();
-    let work = tempfile::tempdir().unwrap();
-    let seed = idp.seed_refresh_token().await;
-    let seed_file = work.path().join("seed");
-    std::fs::write(&seed_file, &seed.refresh_token).unwrap();
-    let keys = work.path().join("keys");
-    std::fs::write(&keys, base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())).unwrap();
     // A lease outlives its holder by the provider's `timeout` + 1 s (no second replica may redeem while the first
     // might still): 10-second tokens refreshed at half their life leave room for that gap.
-    let body = session_body(&idp, &upstream, &seed_file, (0.5, "1s")).await;
-    let keys_path = keys.to_string_lossy().into_owned();
-    let env = [
-        ("TOKENPROXY_STATE__STORE", "redis"),
-        ("TOKENPROXY_STATE__REDIS_URL", &redis.url()),
-        ("TOKENPROXY_STATE__ENCRYPTION_KEY_FILE", keys_path.as_str()),
-        ("TOKENPROXY_STATE__KEY_PREFIX", "killed"),
-    ];
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut replicas = Vec::new();
-    for dir in &dirs {
-        replicas.push(TokenProxyProcess::start_in(dir.path(), &body, &env).await);
-    }
-    for replica in &replicas {
-        replica.wait_ready(READY_TIMEOUT).await;
-    }
+    let Fleet { idp, redis, mut replicas, _upstream, _dirs } = Fleet::start(10, (0.5, "1s"), "killed").await;
     let rotations = idp.refresh_stats().await.ok;
     // The next refresh call is held at the provider; its maker (the lease holder, named in the lease) is killed.
     idp.delay_next(1, 2500).await;
@@ -149,6 +101,48 @@ async fn a_lease_holder_killed_mid_call_leaves_the_session_to_another_replica() 
     assert_eq!((stats.invalid_grant, stats.reused), (0, 0), "{stats:?}");
     for mut replica in replicas {
         replica.terminate().await;
+    }
+}
+
+/// Three replicas sharing one session of tp-rotate through one Redis (key prefix `prefix`), ready; the provider
+/// issues `ttl`-second access tokens; `timing` is the provider's (`refresh_at`, `timeout`).
+struct Fleet {
+    idp: IdpProcess,
+    redis: RedisServer,
+    replicas: Vec<TokenProxyProcess>,
+    _upstream: UpstreamProcess,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Fleet {
+    async fn start(ttl: u64, timing: (f64, &str), prefix: &str) -> Fleet {
+        let idp = IdpProcess::start(ttl).await;
+        let upstream = UpstreamProcess::start(&idp).await;
+        let redis = RedisServer::start();
+        let work = tempfile::tempdir().unwrap();
+        let seed_file = work.path().join("seed");
+        std::fs::write(&seed_file, idp.seed_refresh_token().await.refresh_token).unwrap();
+        let keys = work.path().join("keys");
+        std::fs::write(&keys, base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())).unwrap();
+        let body = session_body(&idp, &upstream, &seed_file, timing).await;
+        let (url, keys) = (redis.url(), keys.to_string_lossy().into_owned());
+        let env = [
+            ("TOKENPROXY_STATE__STORE", "redis"),
+            ("TOKENPROXY_STATE__REDIS_URL", url.as_str()),
+            ("TOKENPROXY_STATE__ENCRYPTION_KEY_FILE", keys.as_str()),
+            ("TOKENPROXY_STATE__KEY_PREFIX", prefix),
+        ];
+        let mut dirs = vec![work];
+        let mut replicas = Vec::new();
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            replicas.push(TokenProxyProcess::start_in(dir.path(), &body, &env).await);
+            dirs.push(dir);
+        }
+        for replica in &replicas {
+            replica.wait_ready(READY_TIMEOUT).await;
+        }
+        Fleet { idp, redis, replicas, _upstream: upstream, _dirs: dirs }
     }
 }
 

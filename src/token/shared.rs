@@ -350,31 +350,53 @@ impl SharedFetcher {
         Some(response)
     }
 
+    /// The shared token, if this replica should take it.
+    async fn look(&self, current: Option<&HeaderValue>) -> Result<Option<TokenResponse>, StoreError> {
+        Ok(self.store.read(&self.key).await?.and_then(|stored| self.adoptable(stored, current)))
+    }
+
+    /// Without the store (`why`): this replica's own call, except for a session, whose refresh token is redeemed only
+    /// under the lease (two redemptions of one refresh token end it).
+    async fn own_call(&self, why: &(dyn std::fmt::Display + Sync)) -> Result<TokenResponse, TokenError> {
+        self.store.metrics.fallbacks.inc();
+        if self.exclusive {
+            tracing::warn!(provider = %self.name, "shared store unavailable ({why}): the session's refresh token is not redeemed without the lease");
+            return Err(TokenError::Connect(format!(
+                "the shared store is unavailable ({why}): the refresh token is redeemed only under its lease, so this \
+                 replica keeps its current access token and tries again"
+            )));
+        }
+        tracing::warn!(provider = %self.name, "shared store unavailable ({why}): making this replica's own token call");
+        self.inner.fetch().await
+    }
+
+    /// As the lease holder: the token call, and its token shared; the lease released.
+    async fn call_and_share(&self, fence: &str) -> Result<TokenResponse, TokenError> {
+        let result = self.inner.fetch().await;
+        if let Ok(response) = &result {
+            let now = SystemTime::now();
+            let stored = Stored {
+                access_token: response.access_token.expose().to_str().unwrap_or_default().to_owned(),
+                obtained_at: unix_ms(now),
+                expires_at: unix_ms(now + response.lifetime),
+                scope: response.scope.clone(),
+            };
+            if let Err(error) = self.store.write(&self.key, &stored).await {
+                tracing::warn!(provider = %self.name, "the new token could not be shared: {error}");
+            }
+        }
+        if let Err(error) = self.store.release(&self.lease_key, fence).await {
+            tracing::debug!(provider = %self.name, "the lease could not be released (it expires): {error}");
+        }
+        result
+    }
+
     async fn fetch_through(&self, current: Option<Arc<Token>>) -> Result<TokenResponse, TokenError> {
         let current = current.as_ref().map(|token| token.access_token().expose());
-        let own_call = |why: &dyn std::fmt::Display| {
-            self.store.metrics.fallbacks.inc();
-            if self.exclusive {
-                tracing::warn!(provider = %self.name, "shared store unavailable ({why}): the session's refresh token is not redeemed without the lease");
-                return Err(TokenError::Connect(format!(
-                    "the shared store is unavailable ({why}): the refresh token is redeemed only under its lease, so \
-                     this replica keeps its current access token and tries again"
-                )));
-            }
-            tracing::warn!(provider = %self.name, "shared store unavailable ({why}): making this replica's own token call");
-            Ok(())
-        };
-        match self.store.read(&self.key).await {
-            Ok(Some(stored)) => {
-                if let Some(response) = self.adoptable(stored, current) {
-                    return Ok(response);
-                }
-            }
+        match self.look(current).await {
+            Ok(Some(response)) => return Ok(response),
             Ok(None) => {}
-            Err(error) => {
-                own_call(&error)?;
-                return self.inner.fetch().await;
-            }
+            Err(error) => return self.own_call(&error).await,
         }
         // Random, and naming this process (for an operator looking at a lease that outlived its holder).
         let fence = format!("{}:{:032x}", std::process::id(), rand::random::<u128>());
@@ -382,53 +404,23 @@ impl SharedFetcher {
         let mut waited = false;
         loop {
             match self.store.lease(&self.lease_key, &fence, self.wait + Duration::from_secs(1)).await {
-                Ok(true) => {
-                    let result = self.inner.fetch().await;
-                    if let Ok(response) = &result {
-                        let now = SystemTime::now();
-                        let stored = Stored {
-                            access_token: response.access_token.expose().to_str().unwrap_or_default().to_owned(),
-                            obtained_at: unix_ms(now),
-                            expires_at: unix_ms(now + response.lifetime),
-                            scope: response.scope.clone(),
-                        };
-                        if let Err(error) = self.store.write(&self.key, &stored).await {
-                            tracing::warn!(provider = %self.name, "the new token could not be shared: {error}");
-                        }
-                    }
-                    if let Err(error) = self.store.release(&self.lease_key, &fence).await {
-                        tracing::debug!(provider = %self.name, "the lease could not be released (it expires): {error}");
-                    }
-                    return result;
+                Ok(true) => return self.call_and_share(&fence).await,
+                Ok(false) if !waited => {
+                    self.store.metrics.lease_waits.inc();
+                    waited = true;
                 }
-                Ok(false) => {
-                    if !waited {
-                        self.store.metrics.lease_waits.inc();
-                        waited = true;
-                    }
-                }
-                Err(error) => {
-                    own_call(&error)?;
-                    return self.inner.fetch().await;
-                }
+                Ok(false) => {}
+                Err(error) => return self.own_call(&error).await,
             }
             // Another replica is making the call: its token, when it comes.
             tokio::time::sleep(POLL).await;
-            match self.store.read(&self.key).await {
-                Ok(Some(stored)) => {
-                    if let Some(response) = self.adoptable(stored, current) {
-                        return Ok(response);
-                    }
-                }
+            match self.look(current).await {
+                Ok(Some(response)) => return Ok(response),
                 Ok(None) => {}
-                Err(error) => {
-                    own_call(&error)?;
-                    return self.inner.fetch().await;
-                }
+                Err(error) => return self.own_call(&error).await,
             }
             if tokio::time::Instant::now() >= deadline {
-                own_call(&"the lease holder gave no token within the provider's timeout")?;
-                return self.inner.fetch().await;
+                return self.own_call(&"the lease holder gave no token within the provider's timeout").await;
             }
         }
     }
