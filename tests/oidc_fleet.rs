@@ -79,16 +79,28 @@ async fn a_lease_holder_killed_mid_call_leaves_the_session_to_another_replica() 
     let index = replicas.iter_mut().position(|r| r.process().pid() == holder).expect("the holder is a replica");
     let mut killed = replicas.remove(index);
     killed.process().signal("KILL");
-    // Another replica takes over once the lease expires; the session goes on rotating, with no reuse.
+    // Another replica takes over once the lease expires; the session goes on rotating, with no reuse. Requests that
+    // needed a token while nobody could redeem (the lease outlives its dead holder) may get 503 on a loaded machine:
+    // counted, not asserted; after the takeover every request is answered.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (mut requests, mut unavailable) = (0, 0);
     while idp.refresh_stats().await.ok < rotations + 3 {
         assert!(tokio::time::Instant::now() < deadline, "the session stopped: {:?}", idp.refresh_stats().await);
         for replica in &replicas {
             let reply = replica.get("/api/orders").await;
-            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+            requests += 1;
+            match reply.status {
+                StatusCode::OK => {}
+                StatusCode::SERVICE_UNAVAILABLE => unavailable += 1,
+                other => panic!("{other}: {}", reply.text()),
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    for replica in &replicas {
+        assert_eq!(replica.get("/api/orders").await.status, StatusCode::OK, "after the takeover");
+    }
+    println!("requests to the two survivors meanwhile: {requests}, {unavailable} answered 503");
     let stats = idp.refresh_stats().await;
     let dropped = idp.stats().await["dropped"].as_u64();
     println!(

@@ -25,6 +25,17 @@ fn replica(
     keys: &std::path::Path,
     prefix: &str,
 ) -> String {
+    replica_of(&idp.token_url(), upstream, redis, keys, prefix)
+}
+
+/// A replica's config with the token endpoint `token_url`.
+fn replica_of(
+    token_url: &str,
+    upstream: &FakeUpstream,
+    redis: &RedisServer,
+    keys: &std::path::Path,
+    prefix: &str,
+) -> String {
     format!(
         "[state]\ndir = {dir:?}\nstore = \"redis\"\nredis_url = \"{url}\"\nencryption_key_file = {keys:?}\n\
          key_prefix = \"{prefix}\"\n\n\
@@ -33,7 +44,6 @@ fn replica(
          [[routes]]\nprefix = \"/\"\nupstream = \"{upstream}\"\nprovider = \"api\"\n",
         dir = tempfile::tempdir().unwrap().keep(),
         url = redis.url(),
-        token_url = idp.token_url(),
         upstream = upstream.url(),
     )
 }
@@ -328,4 +338,45 @@ async fn steady_traffic_sees_no_failure_while_redis_dies_and_comes_back() {
             replica.stop().await;
         }
     }
+}
+
+#[tokio::test]
+async fn a_session_redis_lost_is_seeded_again_from_the_newest_copy_without_a_reuse() {
+    let mut redis = RedisServer::start();
+    let idp = support::session_idp::SessionIdp::start(300, "rt-0").await;
+    let (upstream, keys) = (FakeUpstream::start().await, key_file());
+    // Each replica with its own state.dir, as in a fleet.
+    let config = || {
+        replica_of(&idp.token_url(), &upstream, &redis, keys.path(), "reseed").replace(
+            "manual_refresh_interval = \"0s\"",
+            "grant = \"refresh_token\"\nrefresh_token = \"rt-0\"\nmanual_refresh_interval = \"0s\"",
+        )
+    };
+    let (a, b) = (Proxy::start(&config()).await, Proxy::start(&config()).await);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let refresh = async |replica: &Proxy| {
+        let answer = Client::new().post(&replica.admin_url("/tokens/api/refresh"), "").await;
+        assert!((200..300).contains(&answer.status), "{}", answer.text());
+    };
+    // Rotations by both replicas, the last one by `a`; `b` takes a's token after it (and a's session copy with it).
+    for replica in [&a, &b, &b, &a, &a, &b] {
+        refresh(replica).await;
+    }
+    let before = idp.stats();
+    // Redis restarts empty: `b` seeds it again from its copy, which is the newest although `b` did not rotate last.
+    redis.kill();
+    redis.restart();
+    refresh(&b).await;
+    refresh(&a).await;
+    refresh(&a).await;
+    let after = idp.stats();
+    println!("session across a Redis restart: {before} -> {after}");
+    assert_eq!((after["reused"].as_u64(), after["invalid_grant"].as_u64()), (Some(0), Some(0)), "{after}");
+    assert!(after["refreshes"].as_u64() > before["refreshes"].as_u64(), "{after}");
+    for replica in [&a, &b] {
+        assert_eq!(Client::new().get(&replica.url("/x")).await.status, 200);
+    }
+    a.stop().await;
+    b.stop().await;
 }

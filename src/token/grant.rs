@@ -242,6 +242,14 @@ impl TokenFetcher for GrantFetcher {
     fn fetch(&self) -> BoxFuture<'_, Result<TokenResponse, TokenError>> {
         Box::pin(GrantFetcher::fetch(self))
     }
+
+    fn sync_shared(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            if let Some(session) = &self.session {
+                session.sync_from_shared().await;
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -128,6 +128,12 @@ pub trait TokenFetcher: Send + Sync + 'static {
         drop(current);
         self.fetch()
     }
+
+    /// After a token another replica obtained was taken from the shared store: bring what this fetcher keeps of its
+    /// own (a refresh-token session's local copy) in step. Nothing by default.
+    fn sync_shared(&self) -> futures_util::future::BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 impl RefreshScheduler {

@@ -147,6 +147,23 @@ impl RefreshSession {
         Ok((Some(version), current))
     }
 
+    /// Brings this replica's `state.dir` copy in step with the shared session (after it took an access token another
+    /// replica obtained), so that a Redis that lost the session is seeded again from the newest copy. A newer copy here
+    /// (a login) is kept.
+    pub async fn sync_from_shared(&self) {
+        let Some((store, key)) = &self.shared else { return };
+        let Ok(Some((_, shared))) = store.read_session(key).await else { return };
+        let local = self.store.load(&self.provider).ok().flatten();
+        let behind = local.as_ref().is_none_or(|local| {
+            local.stored_at <= shared.stored_at && local.refresh_token.expose() != shared.refresh_token.expose()
+        });
+        if behind {
+            if let Err(error) = self.store.save(&Record { provider: self.provider.clone(), ..shared }) {
+                tracing::warn!(provider = %self.provider, "the local copy of the shared session could not be written: {error}");
+            }
+        }
+    }
+
     /// Redeems the current refresh token at the IdP and stores the rotated one before returning the access token.
     pub async fn refresh(&self, idp: &IdpClient) -> Result<TokenResponse, TokenError> {
         let _lock = self.store.lock(&self.provider, LOCK_WAIT).await?;

@@ -350,9 +350,13 @@ impl SharedFetcher {
         Some(response)
     }
 
-    /// The shared token, if this replica should take it.
+    /// The shared token, if this replica should take it (a session's local copy is then brought in step).
     async fn look(&self, current: Option<&HeaderValue>) -> Result<Option<TokenResponse>, StoreError> {
-        Ok(self.store.read(&self.key).await?.and_then(|stored| self.adoptable(stored, current)))
+        let adopted = self.store.read(&self.key).await?.and_then(|stored| self.adoptable(stored, current));
+        if adopted.is_some() && self.exclusive {
+            self.inner.sync_shared().await;
+        }
+        Ok(adopted)
     }
 
     /// Without the store (`why`): this replica's own call, except for a session, whose refresh token is redeemed only
