@@ -103,11 +103,6 @@ pub fn challenge(value: &[u8]) -> Challenge {
     found
 }
 
-/// Whether a `WWW-Authenticate` value says the token was refused as invalid (see [`challenge`]).
-pub fn says_invalid_token(value: &[u8]) -> bool {
-    challenge(value).invalid_token
-}
-
 /// The position of `word` in `haystack` as a whole word (an auth scheme): at the start or after a space or comma,
 /// and followed by a space or the end.
 fn find_word(haystack: &[u8], word: &[u8]) -> Option<usize> {
@@ -224,7 +219,7 @@ mod tests {
             "Bearer error=invalid_token",
             "Basic realm=\"x\", Bearer error=\"invalid_token\"",
         ] {
-            assert!(says_invalid_token(yes.as_bytes()), "{yes}");
+            assert!(challenge(yes.as_bytes()).invalid_token, "{yes}");
         }
         for no in [
             "Bearer realm=\"api\"",
@@ -235,7 +230,7 @@ mod tests {
             "Basic error=\"invalid_token\"",
             "",
         ] {
-            assert!(!says_invalid_token(no.as_bytes()), "{no}");
+            assert!(!challenge(no.as_bytes()).invalid_token, "{no}");
         }
     }
 

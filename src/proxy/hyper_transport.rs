@@ -102,8 +102,7 @@ async fn forward(
         let handshake = upgrade::Handshake { parts, body, token, requested, deadline };
         return Box::pin(upgrade::forward(proxy, route, &target, handshake, replayed)).await;
     }
-    // A DPoP-bound token may have to go again with the upstream's nonce, whatever `retry_on_401` says.
-    let replayable = token.as_ref().is_some_and(|token| route.retry_on_401 || token.dpop().is_some());
+    let replayable = token.as_deref().is_some_and(|token| Proxy::may_send_again(route, token));
     // A bodiless idempotent request may go once more if its connection turns out stale (`may_retry`); any request
     // whose body is known (none, or kept) may go once more if the upstream refused it unprocessed.
     let bodiless = body.is_end_stream();
@@ -157,7 +156,7 @@ async fn forward(
         Ok(response) => response,
     };
     let watch = grpc.then(|| unauthenticated_watch(route, &target, token.as_deref())).flatten();
-    let decision = Proxy::decide(route, &answer(&response), token.as_deref(), Retried::default());
+    let decision = Proxy::decide(route, &answer(&response, token.as_deref()), token.as_deref(), Retried::default());
     match (decision, token, saved) {
         (Decision::Deliver, _, _) | (_, None, _) | (_, _, None) => Ok(finish(response, head_request, watch)),
         (decision, Some(token), Some(parts)) => {
@@ -181,14 +180,14 @@ fn unauthenticated_watch(route: &Route, target: &Target, token: Option<&Token>) 
     })
 }
 
-/// What the status decision looks at in a response.
-pub(super) fn answer(response: &Response<Incoming>) -> Answer {
+/// What the status decision looks at in a response to `token` (its `DPoP-Nonce` only for a DPoP-bound token: other
+/// requests do not pay for the lookup).
+pub(super) fn answer(response: &Response<Incoming>, token: Option<&Token>) -> Answer {
+    let dpop_nonce = token
+        .filter(|token| token.dpop().is_some())
+        .and_then(|_| response.headers().get(&crate::token::dpop::DPOP_NONCE).cloned());
     // Only a 4xx can be a refusal of the token (docs/configuration.md, "The 401 budget").
-    let mut answer = Answer {
-        status: response.status(),
-        dpop_nonce: response.headers().get(&crate::token::dpop::DPOP_NONCE).cloned(),
-        ..Answer::default()
-    };
+    let mut answer = Answer { status: response.status(), dpop_nonce, ..Answer::default() };
     if response.status().is_client_error() {
         for value in response.headers().get_all(http::header::WWW_AUTHENTICATE) {
             let found = super::headers::challenge(value.as_bytes());
@@ -322,7 +321,7 @@ async fn replay_after_401(
         let request = attach(route, target, copy_head(&parts), Some(&next), UpstreamBody::Replay { body })?;
         response = send(proxy, route, request, deadline, false).await.map_err(Failure::into_error)?;
         token = next;
-        decision = Proxy::decide(route, &answer(&response), Some(&token), retried);
+        decision = Proxy::decide(route, &answer(&response, Some(&token)), Some(&token), retried);
         match copy {
             Some(copy) => body = copy,
             None => break,

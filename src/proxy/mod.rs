@@ -508,6 +508,12 @@ impl Proxy {
         }
     }
 
+    /// Phase 5: whether a request carrying `token` may have to go once more, so its head and body are kept: after a
+    /// 401 (`retry_on_401`), or, for a DPoP-bound token, with the upstream's nonce whatever `retry_on_401` says.
+    fn may_send_again(route: &Route, token: &Token) -> bool {
+        route.retry_on_401 || token.dpop().is_some()
+    }
+
     /// Phase 5, the token for the one replay after a 401 to generation `rejected`: a newer token, unless the 401
     /// budget refuses a refresh now or none can be had; then the upstream's own 401 is the honest answer.
     async fn replacement(

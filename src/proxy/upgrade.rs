@@ -67,15 +67,18 @@ pub(super) async fn forward(
     // The hop-by-hop headers of the caller were removed; these two are the upgrade's own, for this hop.
     parts.headers.insert(UPGRADE, requested.protocol.clone());
     parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    let dpop = token.as_ref().is_some_and(|token| token.dpop().is_some());
-    let replayable = body.is_end_stream() && (route.retry_on_401 || dpop);
+    let replayable = body.is_end_stream() && token.as_deref().is_some_and(|token| Proxy::may_send_again(route, token));
     let head = replayable.then(|| super::hyper_transport::copy_head(&parts));
     let waiting = CallerWait::for_body(&body);
     let request =
         super::hyper_transport::attach(route, target, parts, token.as_deref(), UpstreamBody::Plain { body, waiting })?;
     let mut response = send(proxy, route, request, deadline).await?;
-    let decision =
-        Proxy::decide(route, &super::hyper_transport::answer(&response), token.as_deref(), Retried::default());
+    let decision = Proxy::decide(
+        route,
+        &super::hyper_transport::answer(&response, token.as_deref()),
+        token.as_deref(),
+        Retried::default(),
+    );
     // One more send at most: with a newer token after a 401, or with the upstream's DPoP nonce.
     let again = match (decision, head, target.tokens(route)) {
         (Decision::Replay { rejected }, Some(head), Some(tokens)) => {
@@ -91,7 +94,7 @@ pub(super) async fn forward(
         drop(response);
         let again = super::hyper_transport::attach(route, target, head, Some(&fresh), UpstreamBody::empty())?;
         response = send(proxy, route, again, deadline).await?;
-        Proxy::decide(route, &super::hyper_transport::answer(&response), Some(&fresh), retried);
+        Proxy::decide(route, &super::hyper_transport::answer(&response, Some(&fresh)), Some(&fresh), retried);
     }
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(super::hyper_transport::finish(response, false, None));
