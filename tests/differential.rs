@@ -11,8 +11,9 @@
 //!
 //! The cases: a seed corpus (every framing defect this project has had, and the classic desync payloads: CL.TE,
 //! TE.CL, TE.TE obfuscations, duplicate, signed, hex and padded lengths, obs-fold, bare LF and CR, NUL, pipelining),
-//! then generated requests (`proptest`), `TP_DIFFERENTIAL_CASES` of them (100,000 by default), from a seed that is
-//! printed and can be set with `TP_DIFFERENTIAL_SEED` to replay a run.
+//! then generated requests (`proptest`), `TP_DIFFERENTIAL_CASES` of them (100,000 by default), shared between one
+//! thread per core (`TP_DIFFERENTIAL_THREADS`), thread n drawing from seed + n; the seed is printed and can be set
+//! with `TP_DIFFERENTIAL_SEED` to replay a run.
 //!
 //! Where the HTTP/1.1 transport is deliberately stricter than hyper, the disagreement is listed in [`STRICTER`] with
 //! its reason, and it is the only one allowed: for such a request the HTTP/1.1 transport answers 400 and closes, and
@@ -672,7 +673,43 @@ fn generated_requests_get_the_same_verdict_from_both_transports() {
     let seed: u64 = std::env::var("TP_DIFFERENTIAL_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
     });
-    println!("differential: {cases} generated cases, seed {seed} (TP_DIFFERENTIAL_SEED={seed} replays this run)");
+    // The cases are shared between one thread per core, each with its own pair of proxies and its own stream of
+    // cases (seed + thread number): the same cases for the same seed on a machine with as many cores.
+    let threads: u32 = std::env::var("TP_DIFFERENTIAL_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) as u32);
+    let threads = threads.max(1);
+    println!(
+        "differential: {cases} generated cases on {threads} threads, seed {seed} (TP_DIFFERENTIAL_SEED={seed} \
+         TP_DIFFERENTIAL_THREADS={threads} replays this run)"
+    );
+    let runs: Vec<_> = (0..threads)
+        .map(|n| {
+            let share = cases / threads + u32::from(n < cases % threads);
+            std::thread::spawn(move || generated_cases(seed.wrapping_add(u64::from(n)), share))
+        })
+        .collect();
+    let mut stricter = 0;
+    let mut failures = Vec::new();
+    for (n, run) in runs.into_iter().enumerate() {
+        match run.join().expect("a differential thread") {
+            Ok(count) => stricter += count,
+            Err(failure) => failures.push(format!(
+                "thread {n} (TP_DIFFERENTIAL_SEED={} TP_DIFFERENTIAL_THREADS=1 TP_DIFFERENTIAL_CASES={} replays it): \
+                 {failure}",
+                seed.wrapping_add(n as u64),
+                cases / threads + u32::from((n as u32) < cases % threads),
+            )),
+        }
+    }
+    println!("differential: {cases} cases run, {stricter} of them by a listed stricter verdict");
+    assert!(failures.is_empty(), "seed {seed}: {}", failures.join("\n"));
+}
+
+/// `cases` generated requests from `seed`, each fed to both transports: the number that agreed by a listed stricter
+/// verdict, or the (shrunk) disagreement.
+fn generated_cases(seed: u64, cases: u32) -> Result<u64, String> {
     let mut seed_bytes = [0u8; 32];
     seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
     let config =
@@ -697,8 +734,5 @@ fn generated_requests_get_the_same_verdict_from_both_transports() {
             Err(disagreement) => Err(TestCaseError::fail(disagreement)),
         }
     });
-    println!("differential: {cases} cases agreed ({} by a listed stricter verdict)", stricter.get());
-    if let Err(failure) = outcome {
-        panic!("seed {seed}: {failure}");
-    }
+    outcome.map(|()| stricter.get()).map_err(|failure| failure.to_string())
 }
