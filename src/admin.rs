@@ -53,8 +53,14 @@ impl Admin {
             }
             (&Method::GET | &Method::HEAD, "/tokens") => {
                 let engine = self.engine.load();
-                let mut providers: Map<String, Value> =
-                    engine.providers().map(|(name, slot, _)| (name.to_owned(), describe(slot))).collect();
+                let mut providers: Map<String, Value> = engine
+                    .providers()
+                    .map(|(name, slot, _)| {
+                        let mut entry = describe(slot);
+                        add_store_health(&mut entry, engine.store_health(name));
+                        (name.to_owned(), entry)
+                    })
+                    .collect();
                 for (name, cache, _) in engine.exchanges() {
                     providers.insert(name.to_owned(), describe_exchange(cache));
                 }
@@ -94,14 +100,15 @@ impl Admin {
             if !routed {
                 continue;
             }
-            // A refresh that holds the old token back briefly (`during_refresh = "wait"`) does not make it unready.
+            // A refresh that holds the old token back briefly (`during_refresh = "wait"`) does not make it unready,
+            // nor does a shared store that fails while the token in hand is usable (docs/fleet.md "Failure modes").
+            let health = engine.store_health(name);
             let usable = slot.serving();
             ready &= usable;
             let status = slot.status();
-            providers.insert(
-                name.to_owned(),
-                json!({ "state": state(slot, &status), "ready": usable, "last_error": status.last_error }),
-            );
+            let mut entry = json!({ "state": state(slot, &status), "ready": usable, "last_error": status.last_error });
+            add_store_health(&mut entry, health);
+            providers.insert(name.to_owned(), entry);
         }
         // A provider that exchanges each caller's token has nothing to fetch ahead: it is ready while its token
         // endpoint answered the last exchange.
@@ -204,6 +211,22 @@ fn describe(slot: &TokenSlot) -> Value {
         "source": token.as_ref().map(|t| if t.shared { "shared store" } else { "own call" }),
         "permanent_failure": status.permanent_failure,
     })
+}
+
+/// With a shared store: `shared_store` ("ok", "unavailable" or "undecryptable") and, when it failed, what failed
+/// since when and what this replica does meanwhile.
+fn add_store_health(entry: &mut Value, health: Option<&crate::token::shared::StoreHealth>) {
+    let Some(health) = health else { return };
+    let problem = health.problem();
+    entry["shared_store"] = json!(match &problem {
+        None => "ok",
+        Some(problem) if problem.undecryptable => "undecryptable",
+        Some(_) => "unavailable",
+    });
+    if let Some(problem) = problem {
+        entry["shared_store_error"] = json!(problem.detail);
+        entry["shared_store_failing_since"] = json!(rfc3339(problem.since));
+    }
 }
 
 fn rfc3339(time: SystemTime) -> String {

@@ -11,7 +11,7 @@ use tokenproxy::config::{Config, ConfigError, LogConfig, LogFormat};
 use tokenproxy::server::WorkerPool;
 use tokenproxy::token::device::{self, Logout};
 use tokenproxy::token::response::TokenError;
-use tokenproxy::token::{GrantFetcher, StateStore};
+use tokenproxy::token::CommandFetcher;
 use tokenproxy::{demo, App, RunOptions};
 
 #[derive(Parser)]
@@ -276,13 +276,15 @@ async fn check_fetch(config: &Config) -> ExitCode {
             eprintln!("provider {name}: not fetched: {PER_CALLER}");
             continue;
         }
-        let outcome = match GrantFetcher::new(provider.clone(), StateStore::new(&config.state.dir)) {
+        let outcome = match CommandFetcher::new(config, provider) {
             Ok(fetcher) => match fetcher.fetch().await {
                 Ok(token) => Ok(token),
                 Err(e) => {
                     let refused = matches!(&e, TokenError::Rejected { error, .. } if error == "invalid_client");
                     let endpoint = match refused {
-                        true => fetcher.idp().endpoints().await.ok().map(|endpoints| endpoints.token.to_string()),
+                        true => {
+                            fetcher.grant().idp().endpoints().await.ok().map(|endpoints| endpoints.token.to_string())
+                        }
                         false => None,
                     };
                     let assertion_hint = refused
@@ -294,7 +296,7 @@ async fn check_fetch(config: &Config) -> ExitCode {
                     })
                 }
             },
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         };
         match outcome {
             Ok(token) => eprintln!(
@@ -323,7 +325,7 @@ async fn check_fetch(config: &Config) -> ExitCode {
 /// Loads the config and runs `command` for one of its providers (`token`, `login`, `logout`).
 fn one_provider<F, Fut>(path: &std::path::Path, name: &str, command: F) -> ExitCode
 where
-    F: FnOnce(GrantFetcher) -> Fut,
+    F: FnOnce(CommandFetcher) -> Fut,
     Fut: std::future::Future<Output = ExitCode>,
 {
     let config = match load(path) {
@@ -342,7 +344,7 @@ where
         eprintln!("tokenproxy: provider {name}: {PER_CALLER}");
         return ExitCode::from(EXIT_START);
     }
-    let fetcher = match GrantFetcher::new(provider.clone(), StateStore::new(&config.state.dir)) {
+    let fetcher = match CommandFetcher::new(&config, provider) {
         Ok(fetcher) => fetcher,
         Err(error) => {
             eprintln!("tokenproxy: provider {name}: {error}");
@@ -353,9 +355,9 @@ where
     runtime.block_on(command(fetcher))
 }
 
-async fn print_token(fetcher: GrantFetcher) -> ExitCode {
-    let name = &fetcher.idp().provider().name;
-    if fetcher.idp().provider().dpop {
+async fn print_token(fetcher: CommandFetcher) -> ExitCode {
+    let name = &fetcher.grant().idp().provider().name;
+    if fetcher.grant().idp().provider().dpop {
         eprintln!(
             "tokenproxy: provider {name}: it uses DPoP (dpop = true): its tokens are bound to a key only the proxy \
              holds and are useless in other hands; call the API through the proxy instead"
@@ -377,9 +379,10 @@ async fn print_token(fetcher: GrantFetcher) -> ExitCode {
     }
 }
 
-async fn login(fetcher: GrantFetcher) -> ExitCode {
+async fn login(fetcher: CommandFetcher) -> ExitCode {
+    let fetcher = fetcher.grant();
     let name = fetcher.idp().provider().name.clone();
-    let outcome = device::login(&fetcher, |prompt| {
+    let outcome = device::login(fetcher, |prompt| {
         eprintln!("To sign in, open {} and enter the code {}", prompt.verification_uri, prompt.user_code);
         if let Some(complete) = &prompt.verification_uri_complete {
             eprintln!("(or open {complete})");
@@ -390,9 +393,11 @@ async fn login(fetcher: GrantFetcher) -> ExitCode {
     match outcome {
         Ok(()) => {
             let store = fetcher.session().map(|s| s.store().path(&name));
+            let shared = fetcher.session().is_some_and(|s| s.is_shared());
             eprintln!(
-                "Logged in: the refresh token of provider {name} is stored in {}",
-                store.map(|p| p.display().to_string()).unwrap_or_default()
+                "Logged in: the refresh token of provider {name} is stored in {}{}",
+                store.map(|p| p.display().to_string()).unwrap_or_default(),
+                if shared { " and in the shared store, for every replica" } else { "" }
             );
             ExitCode::SUCCESS
         }
@@ -403,10 +408,15 @@ async fn login(fetcher: GrantFetcher) -> ExitCode {
     }
 }
 
-async fn logout(fetcher: GrantFetcher) -> ExitCode {
+async fn logout(fetcher: CommandFetcher) -> ExitCode {
+    let fetcher = fetcher.grant();
     let name = fetcher.idp().provider().name.clone();
-    match device::logout(&fetcher).await {
-        Ok(Logout::Revoked) => eprintln!("Logged out: the refresh token of {name} was revoked and deleted"),
+    let shared = fetcher.session().is_some_and(|s| s.is_shared());
+    match device::logout(fetcher).await {
+        Ok(Logout::Revoked) => eprintln!(
+            "Logged out: the refresh token of {name} was revoked and deleted{}",
+            if shared { ", and the session ended in the shared store for every replica" } else { "" }
+        ),
         Ok(Logout::DeletedOnly) => eprintln!(
             "Logged out locally: the refresh token of {name} was deleted, but the provider has no revocation \
              endpoint, so it stays valid at the IdP until it expires"

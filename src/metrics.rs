@@ -34,6 +34,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "tokenproxy_store_operations_total",
     "tokenproxy_store_lease_waits_total",
     "tokenproxy_store_fallbacks_total",
+    "tokenproxy_store_degraded",
     "tokenproxy_build_info",
 ];
 
@@ -140,12 +141,19 @@ pub struct StoreMetrics {
     pub lease_waits: IntCounter,
     /// Token calls this replica made itself because the store failed or the lease holder gave nothing in time.
     pub fallbacks: IntCounter,
+    degraded: IntGaugeVec,
 }
 
 impl StoreMetrics {
     /// The counter of Redis operation `op` (get, set, lease, release, decrypt) with `outcome` (ok, error).
     pub fn operation(&self, op: &str, outcome: &str) -> IntCounter {
         self.operations.with_label_values(&[op, outcome])
+    }
+
+    /// The gauge that is 1 while provider `provider`'s last use of the store failed (unavailable, or a value this
+    /// replica cannot decrypt), else 0.
+    pub fn degraded(&self, provider: &str) -> IntGauge {
+        self.degraded.with_label_values(&[provider])
     }
 }
 
@@ -353,6 +361,14 @@ impl Metrics {
                 "tokenproxy_store_fallbacks_total",
                 "Token calls made without the shared store: it failed, or the lease holder gave no token in time.",
             ),
+            degraded: {
+                let help = "1 while a provider's last use of the shared store failed (unavailable, or a value this \
+                            replica cannot decrypt; /readyz says which), else 0.";
+                let gauge = IntGaugeVec::new(Opts::new("tokenproxy_store_degraded", help), &["provider"])
+                    .expect("static metric definition");
+                registry.register(Box::new(gauge.clone())).expect("metric registered once");
+                gauge
+            },
         };
         let build_info = IntGaugeVec::new(Opts::new("tokenproxy_build_info", "Build information."), &["version"])
             .expect("static metric definition");
@@ -482,6 +498,7 @@ mod tests {
         let _exchange = metrics.exchange("x");
         metrics.vended("v");
         metrics.store().operation("get", "ok").inc();
+        metrics.store().degraded("p").set(0);
         let mut registered: Vec<String> = metrics.registry.gather().iter().map(|f| f.name().to_owned()).collect();
         let mut listed: Vec<String> = METRIC_NAMES.iter().map(|n| n.to_string()).collect();
         registered.sort();

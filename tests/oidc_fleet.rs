@@ -15,14 +15,14 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use hyper::StatusCode;
-use support::oidc::{toml_string, IdpProcess, TokenProxyProcess, UpstreamProcess, ROTATE_CLIENT};
+use support::oidc::{spawn_tokenproxy, toml_string, IdpProcess, TokenProxyProcess, UpstreamProcess, ROTATE_CLIENT};
 use support::redis::RedisServer;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_rotating_session_without_a_single_reuse() {
-    let Fleet { idp, redis, replicas, _upstream, _dirs } = Fleet::start(2, (0.75, "3s"), "fleet").await;
+    let Fleet { idp, redis, replicas, _upstream, _dirs, .. } = Fleet::start(2, (0.75, "3s"), "fleet").await;
 
     // Requests on every replica all along, until the session has rotated 20 times.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
@@ -60,7 +60,7 @@ async fn three_replicas_share_one_rotating_session_without_a_single_reuse() {
 async fn a_lease_holder_killed_mid_call_leaves_the_session_to_another_replica() {
     // A lease outlives its holder by the provider's `timeout` + 1 s (no second replica may redeem while the first
     // might still): 10-second tokens refreshed at half their life leave room for that gap.
-    let Fleet { idp, redis, mut replicas, _upstream, _dirs } = Fleet::start(10, (0.5, "1s"), "killed").await;
+    let Fleet { idp, redis, mut replicas, _upstream, _dirs, .. } = Fleet::start(10, (0.5, "1s"), "killed").await;
     let rotations = idp.refresh_stats().await.ok;
     // The next refresh call is held at the provider; its maker (the lease holder, named in the lease) is killed.
     idp.delay_next(1, 2500).await;
@@ -117,6 +117,46 @@ async fn a_lease_holder_killed_mid_call_leaves_the_session_to_another_replica() 
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_from_one_replica_ends_the_session_for_all_of_them() {
+    let Fleet { idp, redis, replicas, _upstream, _dirs, env } = Fleet::start(2, (0.75, "3s"), "logout").await;
+    while idp.refresh_stats().await.ok < 3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // `tokenproxy logout` where one replica runs (as `kubectl exec` would), with its config and environment.
+    let dir = replicas[0].config_path.parent().unwrap().to_owned();
+    let config = replicas[0].config_path.to_string_lossy().into_owned();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut logout = spawn_tokenproxy("tokenproxy logout", &dir, &["logout", "session", "--config", &config], &env);
+    let status = logout.wait_exit_async(READY_TIMEOUT).await.expect("tokenproxy logout exits");
+    assert!(status.success(), "tokenproxy logout: {status}\n{}", logout.output().text());
+    assert!(logout.output().text().contains("ended in the shared store"), "{}", logout.output().text());
+    assert!(idp.stats().await["revocation"]["ok"].as_u64() >= Some(1), "revoked at the provider");
+    assert!(redis.keys("logout:token:session:*").iter().all(|k| k.ends_with(":lease")), "shared token deleted");
+    // Every replica learns it at its next refresh (2-second tokens) and stops, without redeeming anything.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for replica in &replicas {
+        loop {
+            let tokens = replica.admin_get("/tokens").await.json();
+            let error = tokens["providers"]["session"]["last_error"].as_str().unwrap_or_default().to_owned();
+            if error.contains("tokenproxy logout") {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "a replica never learnt of the logout: {tokens}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let stats = idp.refresh_stats().await;
+    println!(
+        "logout across 3 replicas: {} rotations before, {} invalid_grant, {} reused",
+        stats.ok, stats.invalid_grant, stats.reused
+    );
+    assert_eq!((stats.invalid_grant, stats.reused, stats.unknown), (0, 0, 0), "{stats:?}");
+    for mut replica in replicas {
+        replica.terminate().await;
+    }
+}
+
 /// Three replicas sharing one session of tp-rotate through one Redis (key prefix `prefix`), ready; the provider
 /// issues `ttl`-second access tokens; `timing` is the provider's (`refresh_at`, `timeout`).
 struct Fleet {
@@ -125,6 +165,8 @@ struct Fleet {
     replicas: Vec<TokenProxyProcess>,
     _upstream: UpstreamProcess,
     _dirs: Vec<tempfile::TempDir>,
+    /// The replicas' `TOKENPROXY_STATE__*` variables.
+    env: Vec<(&'static str, String)>,
 }
 
 impl Fleet {
@@ -139,23 +181,24 @@ impl Fleet {
         std::fs::write(&keys, base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())).unwrap();
         let body = session_body(&idp, &upstream, &seed_file, timing).await;
         let (url, keys) = (redis.url(), keys.to_string_lossy().into_owned());
-        let env = [
-            ("TOKENPROXY_STATE__STORE", "redis"),
-            ("TOKENPROXY_STATE__REDIS_URL", url.as_str()),
-            ("TOKENPROXY_STATE__ENCRYPTION_KEY_FILE", keys.as_str()),
-            ("TOKENPROXY_STATE__KEY_PREFIX", prefix),
+        let env = vec![
+            ("TOKENPROXY_STATE__STORE", "redis".to_owned()),
+            ("TOKENPROXY_STATE__REDIS_URL", url),
+            ("TOKENPROXY_STATE__ENCRYPTION_KEY_FILE", keys),
+            ("TOKENPROXY_STATE__KEY_PREFIX", prefix.to_owned()),
         ];
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let mut dirs = vec![work];
         let mut replicas = Vec::new();
         for _ in 0..3 {
             let dir = tempfile::tempdir().unwrap();
-            replicas.push(TokenProxyProcess::start_in(dir.path(), &body, &env).await);
+            replicas.push(TokenProxyProcess::start_in(dir.path(), &body, &pairs).await);
             dirs.push(dir);
         }
         for replica in &replicas {
             replica.wait_ready(READY_TIMEOUT).await;
         }
-        Fleet { idp, redis, replicas, _upstream: upstream, _dirs: dirs }
+        Fleet { idp, redis, replicas, _upstream: upstream, _dirs: dirs, env }
     }
 }
 
@@ -168,10 +211,11 @@ async fn session_body(
 ) -> String {
     format!(
         "[providers.session]\ntoken_url = {token_url}\ngrant = \"refresh_token\"\nclient_id = {client_id}\n\
-         client_secret = {client_secret}\nrefresh_token_file = {seed}\nrefresh_at = {refresh_at}\nexpiry_skew = \"1s\"\n\
+         client_secret = {client_secret}\nrevocation_endpoint = {revocation}\nrefresh_token_file = {seed}\nrefresh_at = {refresh_at}\nexpiry_skew = \"1s\"\n\
          timeout = \"{timeout}\"\n\n\
          [[routes]]\nprefix = \"/api\"\nupstream = {upstream}\nstrip_prefix = true\nprovider = \"session\"\n",
         token_url = toml_string(&idp.token_endpoint().await),
+        revocation = toml_string(idp.discovery().await["revocation_endpoint"].as_str().expect("revocation_endpoint")),
         client_id = toml_string(ROTATE_CLIENT.0),
         client_secret = toml_string(ROTATE_CLIENT.1),
         seed = toml_string(&seed_file.to_string_lossy()),

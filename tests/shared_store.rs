@@ -145,6 +145,13 @@ async fn requests_keep_working_while_redis_is_down_and_sharing_resumes_when_it_i
     until("the refreshed token in use", async || Client::new().get(&a.url("/x")).await.json()["token"] == "tok-2")
         .await;
     assert!(a.metric("tokenproxy_store_fallbacks_total").await >= 1.0);
+    // Said in /readyz (still ready: it made its own call) and in the gauge.
+    let ready = Client::new().get(&a.admin_url("/readyz")).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(ready.json()["providers"]["api"]["shared_store"], "unavailable", "{}", ready.text());
+    let error = ready.json()["providers"]["api"]["shared_store_error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("makes its own token calls"), "{error}");
+    assert_eq!(a.metric("tokenproxy_store_degraded{provider=\"api\"}").await, 1.0);
     let c = Proxy::start(&config).await;
     c.wait_ready().await;
     assert_eq!(Client::new().get(&c.url("/x")).await.status, 200, "a replica starting without Redis gets a token");
@@ -160,6 +167,9 @@ async fn requests_keep_working_while_redis_is_down_and_sharing_resumes_when_it_i
     until("b on the shared token", async || Client::new().get(&b.url("/x")).await.json()["token"] == shared.as_str())
         .await;
     assert_eq!(idp.calls(), calls + 1, "b took the shared token instead of calling");
+    let ready = Client::new().get(&a.admin_url("/readyz")).await.json();
+    assert_eq!(ready["providers"]["api"]["shared_store"], "ok", "{ready}");
+    assert_eq!(a.metric("tokenproxy_store_degraded{provider=\"api\"}").await, 0.0);
     for replica in [a, b, c] {
         replica.stop().await;
     }
@@ -245,7 +255,7 @@ async fn five_replicas_refresh_once_per_token_lifetime_between_them() {
 async fn a_cold_replica_takes_the_shared_token_with_one_read() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    use tokenproxy::token::shared::{SharedFetcher, SharedStore};
+    use tokenproxy::token::shared::{SharedFetcher, SharedStore, StoreHealth};
     use tokenproxy::token::{TokenError, TokenFetcher, TokenResponse};
 
     struct Counting(AtomicUsize);
@@ -264,11 +274,15 @@ async fn a_cold_replica_takes_the_shared_token_with_one_read() {
     let store = Arc::new(SharedStore::new(config.state.shared.as_ref().unwrap(), metrics.store()).unwrap());
     let inner = Arc::new(Counting(AtomicUsize::new(0)));
     let provider = &config.providers["api"];
-    SharedFetcher::new(inner.clone(), Arc::clone(&store), provider).fetch_after(None).await.unwrap();
+    let health = Arc::new(StoreHealth::new(provider, &metrics.store()));
+    SharedFetcher::new(inner.clone(), Arc::clone(&store), provider, Arc::clone(&health))
+        .fetch_after(None)
+        .await
+        .unwrap();
     // Each cold start: a new replica's fetcher (its own connection), one read.
     let mut took = Vec::new();
     for _ in 0..200 {
-        let fetcher = SharedFetcher::new(inner.clone(), Arc::clone(&store), provider);
+        let fetcher = SharedFetcher::new(inner.clone(), Arc::clone(&store), provider, Arc::clone(&health));
         let start = std::time::Instant::now();
         let response = fetcher.fetch_after(None).await.unwrap();
         took.push(start.elapsed());
@@ -379,4 +393,148 @@ async fn a_session_redis_lost_is_seeded_again_from_the_newest_copy_without_a_reu
     }
     a.stop().await;
     b.stop().await;
+}
+
+/// Runs `tokenproxy ARGS --config CONFIG` (login, logout) and returns its stderr, asserting it succeeded.
+async fn command(args: &[&str], config: &std::path::Path) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("TOKENPROXY_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "tokenproxy {args:?}: {stderr}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_and_logout_reach_every_replica_and_a_replica_with_another_key_is_not_ready() {
+    let mut redis = RedisServer::start();
+    let idp = support::session_idp::SessionIdp::start(300, "rt-unused").await;
+    let (upstream, keys) = (FakeUpstream::start().await, key_file());
+    // No seed: the session comes from `tokenproxy login`, run where no replica runs (its own state.dir).
+    let config = |keys: &std::path::Path| {
+        replica_of(&idp.token_url(), &upstream, &redis, keys, "cli")
+            .replace(&format!("token_url = \"{}\"", idp.token_url()), &format!("issuer = \"{}\"", idp.issuer()))
+            .replace("manual_refresh_interval = \"0s\"", "grant = \"refresh_token\"\nmanual_refresh_interval = \"0s\"")
+    };
+    let work = tempfile::tempdir().unwrap();
+    let cli_config = work.path().join("tokenproxy.toml");
+    std::fs::write(&cli_config, config(keys.path())).unwrap();
+    let said = command(&["login", "api"], &cli_config).await;
+    assert!(said.contains("in the shared store, for every replica"), "{said}");
+
+    // Two replicas with empty state directories redeem the session the login put in Redis, one rotation at a time.
+    let (a, b) = (Proxy::start(&config(keys.path())).await, Proxy::start(&config(keys.path())).await);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let refresh = async |replica: &Proxy| Client::new().post(&replica.admin_url("/tokens/api/refresh"), "").await;
+    for replica in [&a, &b, &a] {
+        let answer = refresh(replica).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    assert_eq!((idp.stats()["reused"].as_u64(), idp.stats()["invalid_grant"].as_u64()), (Some(0), Some(0)));
+
+    // `tokenproxy token` where the login ran: the fleet's token, without redeeming the login's refresh token (long
+    // spent by the replicas: redeeming it would be a reuse, which ends the session at such IdPs).
+    let refreshes = idp.stats()["refreshes"].as_u64();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["token", "api", "--config"])
+        .arg(&cli_config)
+        .env_remove("TOKENPROXY_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    assert_eq!(printed, Client::new().get(&a.url("/x")).await.json()["token"].as_str().unwrap(), "the fleet's token");
+    assert_eq!(idp.stats()["refreshes"].as_u64(), refreshes, "nothing redeemed");
+    assert_eq!(idp.stats()["reused"].as_u64(), Some(0));
+
+    // A replica whose encryption key is not the fleet's: not ready, says why, and leaves the session alone.
+    let session_key = redis.keys("cli:session:api:*").pop().expect("the shared session");
+    let before = redis.command(&["HGETALL", &session_key]).unwrap();
+    let other_keys = key_file();
+    let stranger = Proxy::start(&config(other_keys.path())).await;
+    until("the stranger's /readyz", async || {
+        Client::new().get(&stranger.admin_url("/readyz")).await.json()["providers"]["api"]["shared_store"]
+            == "undecryptable"
+    })
+    .await;
+    let ready = Client::new().get(&stranger.admin_url("/readyz")).await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert_eq!(ready.json()["providers"]["api"]["ready"], false, "{}", ready.text());
+    assert_eq!(stranger.metric("tokenproxy_store_degraded{provider=\"api\"}").await, 1.0);
+    assert_eq!(redis.command(&["HGETALL", &session_key]).unwrap(), before, "not overwritten");
+    stranger.stop().await;
+
+    // `tokenproxy logout`: the fleet's refresh token revoked, the session marked ended in Redis, its token deleted.
+    let refreshes = idp.stats()["refreshes"].as_u64().unwrap();
+    let live = idp.stats()["valid"].clone();
+    let said = command(&["logout", "api"], &cli_config).await;
+    assert!(said.contains("ended in the shared store"), "{said}");
+    assert!(idp.stats()["revoked"].as_array().unwrap().contains(&live), "{}", idp.stats());
+    assert!(redis.keys("cli:token:api:*").iter().all(|k| k.ends_with(":lease")), "the shared token is deleted");
+    for replica in [&a, &b] {
+        let answer = refresh(replica).await;
+        assert_eq!(answer.status, 502, "{}", answer.text());
+        assert!(answer.text().contains("tokenproxy logout"), "{}", answer.text());
+    }
+    // Their own copies went with it: a Redis restarted empty is not seeded again from them.
+    redis.kill();
+    redis.restart();
+    for replica in [&a, &b] {
+        let answer = refresh(replica).await;
+        assert_eq!(answer.status, 502, "{}", answer.text());
+        assert!(answer.text().contains("no refresh token"), "{}", answer.text());
+    }
+    assert_eq!(idp.stats()["refreshes"].as_u64().unwrap(), refreshes, "nothing redeemed after the logout");
+
+    // A new login: every replica on it at its next refresh, no reuse.
+    command(&["login", "api"], &cli_config).await;
+    for replica in [&a, &b] {
+        let answer = refresh(replica).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    let stats = idp.stats();
+    assert_eq!((stats["reused"].as_u64(), stats["invalid_grant"].as_u64()), (Some(0), Some(0)), "{stats}");
+    assert!(stats["refreshes"].as_u64().unwrap() > refreshes, "{stats}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refused_on_five_replicas_is_replaced_by_one_call() {
+    let redis = RedisServer::start();
+    let (idp, upstream, keys) = (FakeIdp::start(300).await, FakeUpstream::start().await, key_file());
+    let config = replica(&idp, &upstream, &redis, keys.path(), "refused");
+    let replicas = futures_util::future::join_all((0..5).map(|_| Proxy::start(&config))).await;
+    for replica in &replicas {
+        replica.wait_ready().await;
+    }
+    assert_eq!(idp.calls(), 1);
+    // The upstream revokes the fleet's token: every replica sees 401s for it at once.
+    upstream.revoke("tok-1");
+    let requests = (0..100).map(|n| {
+        let url = replicas[n % 5].url(&format!("/refused/{n}"));
+        async move { Client::new().get(&url).await }
+    });
+    for reply in futures_util::future::join_all(requests).await {
+        assert_eq!(reply.status, 200, "replayed with the new token: {}", reply.text());
+        assert_eq!(reply.json()["token"], "tok-2");
+    }
+    let mut unauthorized = 0.0;
+    for replica in &replicas {
+        unauthorized +=
+            replica.metric("tokenproxy_token_refreshes_total{provider=\"api\",reason=\"unauthorized\"}").await;
+    }
+    println!("one refused token on 5 replicas: {unauthorized} refreshes asked for, {} token call", idp.calls() - 1);
+    assert_eq!(unauthorized, 5.0, "each replica asked once (its 401 budget)");
+    assert_eq!(idp.calls(), 2, "one token call for the five");
+    for replica in replicas {
+        replica.stop().await;
+    }
 }

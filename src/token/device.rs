@@ -109,7 +109,7 @@ pub async fn login(fetcher: &GrantFetcher, prompt: impl FnOnce(&DevicePrompt)) -
         match idp.token_call(request).await {
             Ok(response) => {
                 let refresh_token = response.refresh_token.ok_or(LoginError::NoRefreshToken)?;
-                session.store_login(refresh_token, response.refresh_token_lifetime)?;
+                session.store_login(refresh_token, response.refresh_token_lifetime).await?;
                 return Ok(());
             }
             Err(TokenError::Rejected { error, .. }) => match error.as_str() {
@@ -127,22 +127,35 @@ pub async fn login(fetcher: &GrantFetcher, prompt: impl FnOnce(&DevicePrompt)) -
     }
 }
 
-/// Revokes the session's refresh token (RFC 7009) and deletes it from the store.
+/// Revokes the session's refresh token (RFC 7009) and deletes it from the store; with a shared store, the fleet's
+/// session is revoked and marked logged out there, so that no replica redeems or re-seeds its own copy.
 pub async fn logout(fetcher: &GrantFetcher) -> Result<Logout, LoginError> {
     let idp = fetcher.idp();
     let provider = idp.provider();
     let session = fetcher.session().ok_or_else(|| LoginError::NotRefreshTokenGrant(provider.name.clone()))?;
-    let stored = session.store().load(&provider.name).map_err(TokenError::from)?;
-    let Some(refresh_token) = stored.map(|r| r.refresh_token) else { return Ok(Logout::NothingStored) };
-    let revoked = match idp.endpoints().await?.revocation {
-        Some(endpoint) => {
-            revoke(fetcher, &endpoint, &refresh_token).await?;
-            true
+    let revocation = idp.endpoints().await?.revocation;
+    let mut revoked_any = false;
+    // A replica may rotate the session between the read and the end: then its new refresh token is revoked too.
+    for _ in 0..5 {
+        let (version, tokens) = session.logout_targets().await?;
+        if tokens.is_empty() && version.is_none() {
+            return Ok(if revoked_any { Logout::Revoked } else { Logout::NothingStored });
         }
-        None => false,
-    };
-    session.store().delete(&provider.name).map_err(TokenError::from)?;
-    Ok(if revoked { Logout::Revoked } else { Logout::DeletedOnly })
+        if let Some(endpoint) = &revocation {
+            for token in &tokens {
+                revoke(fetcher, endpoint, token).await?;
+                revoked_any = true;
+            }
+        }
+        if session.end(version).await? {
+            return Ok(match (&revocation, tokens.is_empty() && !revoked_any) {
+                (_, true) => Logout::NothingStored,
+                (Some(_), false) => Logout::Revoked,
+                (None, false) => Logout::DeletedOnly,
+            });
+        }
+    }
+    Err(LoginError::Token(TokenError::Connect("the shared session kept changing during the logout: try again".into())))
 }
 
 async fn revoke(fetcher: &GrantFetcher, endpoint: &url::Url, token: &Secret) -> Result<(), LoginError> {

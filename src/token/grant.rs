@@ -176,11 +176,12 @@ impl GrantFetcher {
         self.session.as_ref()
     }
 
-    /// Keeps the refresh-token session (if this provider has one) in the shared store too (docs/fleet.md).
-    pub fn share_session(&mut self, store: Arc<super::shared::SharedStore>) {
-        let key = store.session_key(self.idp.provider());
+    /// Keeps the refresh-token session (if this provider has one) in the shared store too (docs/fleet.md); how the
+    /// store answers is kept in `health`.
+    pub fn share_session(&mut self, store: Arc<super::shared::SharedStore>, health: Arc<super::shared::StoreHealth>) {
+        let provider = Arc::clone(&self.idp);
         if let Some(session) = self.session.as_mut() {
-            session.share(store, key);
+            session.share(store, provider.provider(), health);
         }
     }
 

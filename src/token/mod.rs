@@ -83,11 +83,61 @@ struct Provider {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// SHA-256 of each `*_file` secret as last read, to notice a rotated Kubernetes Secret.
     secret_files: Mutex<Option<Vec<String>>>,
+    /// With a shared store: how its last use went.
+    store_health: Option<Arc<shared::StoreHealth>>,
 }
 
 impl Drop for Provider {
     fn drop(&mut self) {
         self.stop.send_replace(true);
+    }
+}
+
+/// A provider's token calls for one command of the command line (`token`, `login`, `logout`, `check --fetch`).
+/// With a shared store they go through it as in the running proxy: the session is read from and written to it, and
+/// a token is the fleet's shared one or obtained under the lease, so a refresh token is never redeemed beside the
+/// fleet (which would end a session at IdPs that detect reuse).
+pub struct CommandFetcher {
+    grant: Arc<GrantFetcher>,
+    fetcher: Arc<dyn TokenFetcher>,
+}
+
+impl CommandFetcher {
+    /// The fetcher of `provider`, with `config`'s state store (and shared store, if any).
+    pub fn new(config: &Config, provider: &ProviderConfig) -> Result<CommandFetcher, String> {
+        let mut grant =
+            GrantFetcher::new(provider.clone(), StateStore::new(&config.state.dir)).map_err(|e| e.to_string())?;
+        let shared = match &config.state.shared {
+            Some(settings) if shared::shareable(provider) => {
+                let metrics = Metrics::new().store();
+                let store = Arc::new(shared::SharedStore::new(settings, metrics.clone())?);
+                let health = Arc::new(shared::StoreHealth::new(provider, &metrics));
+                grant.share_session(Arc::clone(&store), Arc::clone(&health));
+                Some((store, health))
+            }
+            _ => None,
+        };
+        let grant = Arc::new(grant);
+        let fetcher: Arc<dyn TokenFetcher> = match shared {
+            Some((store, health)) => Arc::new(shared::SharedFetcher::new(
+                Arc::clone(&grant) as Arc<dyn TokenFetcher>,
+                store,
+                provider,
+                health,
+            )),
+            None => Arc::clone(&grant) as Arc<dyn TokenFetcher>,
+        };
+        Ok(CommandFetcher { grant, fetcher })
+    }
+
+    /// The provider's grant (its IdP client and session).
+    pub fn grant(&self) -> &GrantFetcher {
+        &self.grant
+    }
+
+    /// One token: the shared store's, or a token call.
+    pub async fn fetch(&self) -> Result<TokenResponse, TokenError> {
+        self.fetcher.fetch().await
     }
 }
 
@@ -195,12 +245,14 @@ impl TokenEngine {
             let store = StateStore::new(&config.state.dir);
             let mut grant = GrantFetcher::new(provider.clone(), store)?;
             let shared = shared.as_ref().filter(|_| shared::shareable(provider));
-            if let Some(shared) = shared {
-                grant.share_session(Arc::clone(shared));
+            let store_health = shared.map(|_| Arc::new(shared::StoreHealth::new(provider, &metrics.store())));
+            if let (Some(shared), Some(health)) = (shared, &store_health) {
+                grant.share_session(Arc::clone(shared), Arc::clone(health));
             }
             let mut fetcher: Arc<dyn TokenFetcher> = Arc::new(grant);
-            if let Some(shared) = shared {
-                fetcher = Arc::new(shared::SharedFetcher::new(fetcher, Arc::clone(shared), provider));
+            if let (Some(shared), Some(health)) = (shared, &store_health) {
+                fetcher =
+                    Arc::new(shared::SharedFetcher::new(fetcher, Arc::clone(shared), provider, Arc::clone(health)));
             }
             let (stop, _) = watch::channel(false);
             let entry = Provider {
@@ -213,6 +265,7 @@ impl TokenEngine {
                 task: Mutex::new(None),
                 // The baseline is what the config load read, so a change right after startup is not missed.
                 secret_files: Mutex::new(Some(secret_file_fingerprints(provider))),
+                store_health,
             };
             providers.insert(name.clone(), Arc::new(entry));
             changes.started.push(name.clone());
@@ -294,6 +347,11 @@ impl TokenEngine {
     /// The providers that exchange each caller's token: name, cache, and whether a route uses it.
     pub fn exchanges(&self) -> impl Iterator<Item = (&str, &Arc<exchange::ExchangeCache>, bool)> {
         self.exchanges.iter().map(|(name, (_, cache))| (name.as_str(), cache, self.routed.contains(name)))
+    }
+
+    /// How provider `name`'s last use of the shared store went (`None`: it does not use one).
+    pub fn store_health(&self, name: &str) -> Option<&shared::StoreHealth> {
+        self.providers.get(name).and_then(|p| p.store_health.as_deref())
     }
 
     /// Every provider: name, slot, and whether a route uses it.

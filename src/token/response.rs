@@ -149,6 +149,9 @@ pub enum TokenError {
         /// What the IdP said.
         cause: Box<TokenError>,
     },
+    /// The shared session was ended with `tokenproxy logout` (docs/fleet.md).
+    #[error("the session of provider `{0}` was ended with `tokenproxy logout`: run `tokenproxy login {0}` (or set a new refresh_token seed) to start a new one")]
+    LoggedOut(String),
     /// There is no refresh token at all.
     #[error("no refresh token for provider `{0}`: set refresh_token_file (or _env) or run `tokenproxy login {0}`")]
     NoRefreshToken(String),
@@ -189,6 +192,7 @@ impl TokenError {
             | TokenError::Secret(_)
             | TokenError::Assertion(_)
             | TokenError::LoginNeeded { .. }
+            | TokenError::LoggedOut(_)
             | TokenError::NoRefreshToken(_)
             | TokenError::Discovery(_) => false,
         }
@@ -202,7 +206,10 @@ impl TokenError {
                     || (!matches!(error.as_str(), "temporarily_unavailable" | "server_error") && !is_transient(*status))
             }
             TokenError::Status { status, .. } => !is_transient(*status),
-            TokenError::Redirect { .. } | TokenError::LoginNeeded { .. } | TokenError::NoRefreshToken(_) => true,
+            TokenError::Redirect { .. }
+            | TokenError::LoginNeeded { .. }
+            | TokenError::LoggedOut(_)
+            | TokenError::NoRefreshToken(_) => true,
             TokenError::Timeout(_)
             | TokenError::Connect(_)
             | TokenError::Interrupted(_)

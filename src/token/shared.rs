@@ -55,6 +55,75 @@ pub enum StoreError {
     /// Redis answered with an error, or the connection failed.
     #[error("redis: {0}")]
     Redis(String),
+    /// A stored value does not open with any key of `encryption_key_file` (another key, or tampered with).
+    #[error(
+        "{0} cannot be decrypted with encryption_key_file (another key, or tampered with): not used, and not \
+             overwritten by this replica"
+    )]
+    Undecryptable(&'static str),
+}
+
+/// How one provider's last use of the shared store went: `/readyz` and `/tokens` show it, and the gauge
+/// `tokenproxy_store_degraded` follows it.
+pub struct StoreHealth {
+    problem: std::sync::Mutex<Option<StoreProblem>>,
+    degraded: prometheus::IntGauge,
+    /// A refresh-token session: it does not rotate without the store.
+    exclusive: bool,
+}
+
+/// What went wrong with the shared store, and since when.
+#[derive(Debug, Clone)]
+pub struct StoreProblem {
+    /// A value this replica cannot decrypt (else: Redis failed or did not answer in time).
+    pub undecryptable: bool,
+    /// What failed, and what this replica does meanwhile.
+    pub detail: String,
+    /// The first failure of this run of failures.
+    pub since: SystemTime,
+}
+
+impl StoreHealth {
+    /// The health of `provider`'s use of the store, its gauge from `metrics`.
+    pub fn new(provider: &ProviderConfig, metrics: &StoreMetrics) -> StoreHealth {
+        let degraded = metrics.degraded(&provider.name);
+        degraded.set(0);
+        StoreHealth { problem: Default::default(), degraded, exclusive: provider.grant == Grant::RefreshToken }
+    }
+
+    /// The store answered.
+    pub fn ok(&self) {
+        let mut problem = self.problem.lock().unwrap_or_else(|e| e.into_inner());
+        if problem.take().is_some() {
+            self.degraded.set(0);
+        }
+    }
+
+    /// The store failed with `error`.
+    pub fn failed(&self, error: &StoreError) {
+        let undecryptable = matches!(error, StoreError::Undecryptable(_));
+        let consequence = match (self.exclusive, undecryptable) {
+            (true, true) => {
+                "this replica redeems no refresh token of its own for the session (it keeps any access token it holds \
+                 until it runs out)"
+            }
+            (true, false) => {
+                "the session's refresh token is not redeemed without the store (no risk of reuse): the current access \
+                 token is used until it runs out"
+            }
+            (false, _) => "this replica makes its own token calls",
+        };
+        let mut problem = self.problem.lock().unwrap_or_else(|e| e.into_inner());
+        let since =
+            problem.as_ref().filter(|p| p.undecryptable == undecryptable).map_or_else(SystemTime::now, |p| p.since);
+        *problem = Some(StoreProblem { undecryptable, detail: format!("{error}; {consequence}"), since });
+        self.degraded.set(1);
+    }
+
+    /// The problem of the last use, if it failed.
+    pub fn problem(&self) -> Option<StoreProblem> {
+        self.problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// A token as stored: what a replica needs to use it by its own timing rules.
@@ -162,16 +231,16 @@ impl SharedStore {
         let Some(value) = value else { return Ok(None) };
         match self.open(key, &value).and_then(|plain| serde_json::from_slice::<Stored>(&plain).ok()) {
             Some(stored) => Ok(Some(stored)),
-            None => {
-                self.metrics.operation("decrypt", "error").inc();
-                tracing::error!(
-                    key,
-                    "a shared token cannot be decrypted with encryption_key_file (another key, or tampered with): \
-                     not used, and not overwritten by this replica"
-                );
-                Err(StoreError::Redis("a stored value cannot be decrypted".into()))
-            }
+            None => Err(self.undecryptable(key, "the shared token")),
         }
+    }
+
+    /// Counts and logs a value under `key` that does not open.
+    fn undecryptable(&self, key: &str, what: &'static str) -> StoreError {
+        let error = StoreError::Undecryptable(what);
+        self.metrics.operation("decrypt", "error").inc();
+        tracing::error!(key, "{error}");
+        error
     }
 
     async fn write(&self, key: &str, stored: &Stored) -> Result<(), StoreError> {
@@ -202,6 +271,7 @@ impl SharedStore {
 /// compare-and-swap).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SessionState {
+    #[serde(default)]
     refresh_token: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seed_sha256: Option<String>,
@@ -209,6 +279,24 @@ struct SessionState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_token_expires_at: Option<u64>,
     rotations: u64,
+    /// Ended by `tokenproxy logout` (the refresh token is then empty).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    logged_out: bool,
+}
+
+/// A shared refresh-token session.
+#[derive(Debug, Clone)]
+pub enum SharedSession {
+    /// The refresh token to redeem.
+    Live(Record),
+    /// Ended by `tokenproxy logout` at `stored_at` (Unix seconds): no replica redeems its own copy of it; a login or a
+    /// changed seed starts a new one.
+    LoggedOut {
+        /// When.
+        stored_at: u64,
+        /// The configured seed the session had (a seed that changes after the logout starts a new session).
+        seed_sha256: Option<String>,
+    },
 }
 
 /// Sets a session if its version is still the one read (`""`: there was none); answers 1 if it did.
@@ -224,35 +312,28 @@ impl SharedStore {
 
     /// The shared session under `key` and its version; `Ok(None)` when there is none. A value this replica cannot
     /// open is an error: the session is then neither used nor overwritten here.
-    pub async fn read_session(&self, key: &str) -> Result<Option<(u64, Record)>, StoreError> {
+    pub async fn read_session(&self, key: &str) -> Result<Option<(u64, SharedSession)>, StoreError> {
         let values: Vec<Option<Vec<u8>>> =
             self.run("get", redis::cmd("HMGET").arg(key).arg("v").arg("data").clone()).await?;
         let (Some(Some(version)), Some(Some(data))) = (values.first(), values.get(1)) else { return Ok(None) };
         let version = std::str::from_utf8(version).ok().and_then(|v| v.parse::<u64>().ok());
         let state = self.open(key, data).and_then(|plain| serde_json::from_slice::<SessionState>(&plain).ok());
-        match (version, state) {
-            (Some(version), Some(state)) => Ok(Some((
-                version,
-                Record {
-                    version: 1,
-                    provider: String::new(),
-                    refresh_token: crate::config::Secret::new(state.refresh_token),
-                    seed_sha256: state.seed_sha256,
-                    stored_at: state.stored_at,
-                    refresh_token_expires_at: state.refresh_token_expires_at,
-                    rotations: state.rotations,
-                },
-            ))),
-            _ => {
-                self.metrics.operation("decrypt", "error").inc();
-                tracing::error!(
-                    key,
-                    "the shared refresh-token session cannot be decrypted with encryption_key_file (another key, or \
-                     tampered with): not used, and not overwritten by this replica"
-                );
-                Err(StoreError::Redis("the shared session cannot be decrypted".into()))
-            }
-        }
+        let (Some(version), Some(state)) = (version, state) else {
+            return Err(self.undecryptable(key, "the shared refresh-token session"));
+        };
+        let session = match state.logged_out {
+            true => SharedSession::LoggedOut { stored_at: state.stored_at, seed_sha256: state.seed_sha256 },
+            false => SharedSession::Live(Record {
+                version: 1,
+                provider: String::new(),
+                refresh_token: crate::config::Secret::new(state.refresh_token),
+                seed_sha256: state.seed_sha256,
+                stored_at: state.stored_at,
+                refresh_token_expires_at: state.refresh_token_expires_at,
+                rotations: state.rotations,
+            }),
+        };
+        Ok(Some((version, session)))
     }
 
     /// Stores `record` as the session under `key` if its version is still `expected` (`None`: there was none).
@@ -264,14 +345,44 @@ impl SharedStore {
             stored_at: record.stored_at,
             refresh_token_expires_at: record.refresh_token_expires_at,
             rotations: record.rotations,
+            logged_out: false,
         };
-        let plain = serde_json::to_vec(&state).map_err(|e| StoreError::Redis(e.to_string()))?;
+        self.swap_state(key, expected, &state).await
+    }
+
+    /// Marks the session under `key` as ended by a logout at `stored_at` (Unix seconds), if its version is still
+    /// `expected`; `Ok(false)`: it changed meanwhile.
+    pub async fn end_session(
+        &self,
+        key: &str,
+        expected: Option<u64>,
+        stored_at: u64,
+        seed_sha256: Option<String>,
+    ) -> Result<bool, StoreError> {
+        let state = SessionState {
+            refresh_token: String::new(),
+            seed_sha256,
+            stored_at,
+            refresh_token_expires_at: None,
+            rotations: 0,
+            logged_out: true,
+        };
+        self.swap_state(key, expected, &state).await
+    }
+
+    async fn swap_state(&self, key: &str, expected: Option<u64>, state: &SessionState) -> Result<bool, StoreError> {
+        let plain = serde_json::to_vec(state).map_err(|e| StoreError::Redis(e.to_string()))?;
         let sealed = self.seal(key, &plain).ok_or_else(|| StoreError::Redis("no encryption key".into()))?;
         let expected_text = expected.map(|v| v.to_string()).unwrap_or_default();
         let next = expected.unwrap_or(0) + 1;
         let command =
             redis::cmd("EVAL").arg(SESSION_CAS).arg(1).arg(key).arg(expected_text).arg(next).arg(sealed).clone();
         Ok(self.run::<i64>("set", command).await? == 1)
+    }
+
+    /// Deletes `key` (the shared access token of a session that was logged out).
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.run::<i64>("delete", redis::cmd("DEL").arg(key).clone()).await.map(|_| ())
     }
 }
 
@@ -317,11 +428,17 @@ pub struct SharedFetcher {
     /// A refresh-token session: its refresh token is redeemed under the lease only, never by a replica on its own
     /// (two redemptions of one refresh token end the session at IdPs that detect reuse).
     exclusive: bool,
+    health: Arc<StoreHealth>,
 }
 
 impl SharedFetcher {
-    /// `inner`'s calls for `provider`, shared through `store`.
-    pub fn new(inner: Arc<dyn TokenFetcher>, store: Arc<SharedStore>, provider: &ProviderConfig) -> SharedFetcher {
+    /// `inner`'s calls for `provider`, shared through `store`; how they go is kept in `health`.
+    pub fn new(
+        inner: Arc<dyn TokenFetcher>,
+        store: Arc<SharedStore>,
+        provider: &ProviderConfig,
+        health: Arc<StoreHealth>,
+    ) -> SharedFetcher {
         let key = store.token_key(provider);
         SharedFetcher {
             inner,
@@ -332,6 +449,7 @@ impl SharedFetcher {
             refresh_at: provider.refresh_at,
             wait: provider.timeout,
             exclusive: provider.grant == Grant::RefreshToken,
+            health,
         }
     }
 
@@ -353,10 +471,17 @@ impl SharedFetcher {
     /// The shared token, if this replica should take it (a session's local copy is then brought in step).
     async fn look(&self, current: Option<&HeaderValue>) -> Result<Option<TokenResponse>, StoreError> {
         let adopted = self.store.read(&self.key).await?.and_then(|stored| self.adoptable(stored, current));
+        self.health.ok();
         if adopted.is_some() && self.exclusive {
             self.inner.sync_shared().await;
         }
         Ok(adopted)
+    }
+
+    /// The store failed: noted in the provider's health, and [`Self::own_call`].
+    async fn store_failed(&self, error: StoreError) -> Result<TokenResponse, TokenError> {
+        self.health.failed(&error);
+        self.own_call(&error).await
     }
 
     /// Without the store (`why`): this replica's own call, except for a session, whose refresh token is redeemed only
@@ -387,6 +512,7 @@ impl SharedFetcher {
             };
             if let Err(error) = self.store.write(&self.key, &stored).await {
                 tracing::warn!(provider = %self.name, "the new token could not be shared: {error}");
+                self.health.failed(&error);
             }
         }
         if let Err(error) = self.store.release(&self.lease_key, fence).await {
@@ -400,7 +526,7 @@ impl SharedFetcher {
         match self.look(current).await {
             Ok(Some(response)) => return Ok(response),
             Ok(None) => {}
-            Err(error) => return self.own_call(&error).await,
+            Err(error) => return self.store_failed(error).await,
         }
         // Random, and naming this process (for an operator looking at a lease that outlived its holder).
         let fence = format!("{}:{:032x}", std::process::id(), rand::random::<u128>());
@@ -414,14 +540,14 @@ impl SharedFetcher {
                     waited = true;
                 }
                 Ok(false) => {}
-                Err(error) => return self.own_call(&error).await,
+                Err(error) => return self.store_failed(error).await,
             }
             // Another replica is making the call: its token, when it comes.
             tokio::time::sleep(POLL).await;
             match self.look(current).await {
                 Ok(Some(response)) => return Ok(response),
                 Ok(None) => {}
-                Err(error) => return self.own_call(&error).await,
+                Err(error) => return self.store_failed(error).await,
             }
             if tokio::time::Instant::now() >= deadline {
                 return self.own_call(&"the lease holder gave no token within the provider's timeout").await;
