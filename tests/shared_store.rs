@@ -538,3 +538,60 @@ async fn a_token_refused_on_five_replicas_is_replaced_by_one_call() {
         replica.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_redis_sentinel_sharing_follows_a_failover() {
+    let mut master = RedisServer::start();
+    let standby = RedisServer::replica_of(&master);
+    let sentinel = support::redis::Sentinel::start(&master);
+    until("the sentinel knows the replica", async || sentinel.replicas() == 1).await;
+    let (idp, upstream, keys) = (FakeIdp::start(300).await, FakeUpstream::start().await, key_file());
+    let config = replica(&idp, &upstream, &master, keys.path(), "sentinel").replace(
+        &format!("redis_url = \"{}\"", master.url()),
+        // A first connection asks the sentinel, then checks the master's role: more round trips than one command.
+        &format!(
+            "redis_sentinels = [\"{}\"]\nredis_sentinel_master = \"mymaster\"\nredis_timeout = \"1s\"",
+            sentinel.url()
+        ),
+    );
+    assert!(config.contains("redis_sentinels"), "{config}");
+    let (a, b) = (Proxy::start(&config).await, Proxy::start(&config).await);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let fallbacks =
+        a.metric("tokenproxy_store_fallbacks_total").await + b.metric("tokenproxy_store_fallbacks_total").await;
+    assert_eq!(
+        idp.calls(),
+        1,
+        "one call for two replicas, through the master the sentinel named ({fallbacks} fallbacks)"
+    );
+    assert_eq!(master.keys("sentinel:token:api:*").len(), 1);
+
+    // The master dies; the sentinel promotes the replica. Requests go on with the tokens in hand.
+    master.kill();
+    until("the failover", async || sentinel.master_port() == Some(standby.port)).await;
+    for proxy in [&a, &b] {
+        assert_eq!(Client::new().get(&proxy.url("/x")).await.status, 200);
+    }
+    // A refresh on `a` goes to the new master (its connection to the old one failed: it asks the sentinel again),
+    // and `b`'s refresh takes that token without a call.
+    let calls = idp.calls();
+    until("a refresh shared through the new master", async || {
+        let refreshed = Client::new().post(&a.admin_url("/tokens/api/refresh"), "").await.status == 200;
+        let ready = Client::new().get(&a.admin_url("/readyz")).await.json();
+        let shared = ready["providers"]["api"]["shared_store"] == "ok";
+        refreshed && shared && !standby.keys("sentinel:token:api:*").is_empty()
+    })
+    .await;
+    let token = Client::new().get(&a.url("/x")).await.json()["token"].clone();
+    let after_a = idp.calls();
+    assert!((200..300).contains(&Client::new().post(&b.admin_url("/tokens/api/refresh"), "").await.status));
+    assert_eq!(Client::new().get(&b.url("/x")).await.json()["token"], token, "b took a's token");
+    assert_eq!(idp.calls(), after_a, "without a call");
+    println!(
+        "through a Sentinel failover: a's refreshes until its store answered again made {} token calls, b's none",
+        after_a - calls
+    );
+    a.stop().await;
+    b.stop().await;
+}

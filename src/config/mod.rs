@@ -165,8 +165,8 @@ pub struct StateConfig {
 /// `[state]` with `store = "redis"`: where replicas share their tokens (docs/fleet.md).
 #[derive(Clone, PartialEq)]
 pub struct SharedStoreConfig {
-    /// `redis://` or `rediss://` (TLS) URL, without credentials.
-    pub redis_url: Url,
+    /// Where Redis is: one server, or the Sentinels that know which server is the master.
+    pub server: RedisServer,
     /// The ACL user, if any.
     pub redis_username: Option<String>,
     /// The password (`redis_password`, `_file`, `_env`), if any.
@@ -184,7 +184,7 @@ pub struct SharedStoreConfig {
 impl std::fmt::Debug for SharedStoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedStoreConfig")
-            .field("redis_url", &self.redis_url.as_str())
+            .field("server", &self.server)
             .field("redis_username", &self.redis_username)
             .field("key_prefix", &self.key_prefix)
             .field("encryption_key_file", &self.encryption_key_file)
@@ -194,11 +194,48 @@ impl std::fmt::Debug for SharedStoreConfig {
     }
 }
 
+/// Where the shared store's Redis is (`redis_url`, or `redis_sentinels` with `redis_sentinel_master`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisServer {
+    /// One server: a `redis://` or `rediss://` (TLS) URL, without credentials.
+    Url(Url),
+    /// Redis Sentinel: the Sentinels' URLs (`rediss://`: TLS to them and to the master) and the master's name.
+    Sentinel {
+        /// `redis://` or `rediss://` URLs of Sentinels, without credentials.
+        sentinels: Vec<Url>,
+        /// The name the Sentinels monitor the master by.
+        master: String,
+    },
+}
+
+impl RedisServer {
+    /// Every URL tokenproxy connects to directly.
+    pub fn urls(&self) -> &[Url] {
+        match self {
+            RedisServer::Url(url) => std::slice::from_ref(url),
+            RedisServer::Sentinel { sentinels, .. } => sentinels,
+        }
+    }
+}
+
 impl SharedStoreConfig {
-    /// How to connect: the URL with the username and password (read now) added.
-    pub fn connection_info(&self) -> Result<redis::ConnectionInfo, String> {
+    /// The Redis settings of the connection (the username and the password, read now).
+    pub fn redis_settings(&self) -> Result<redis::RedisConnectionInfo, String> {
+        let mut settings = redis::RedisConnectionInfo::default();
+        if let Some(username) = &self.redis_username {
+            settings = settings.set_username(username);
+        }
+        if let Some(password) = &self.redis_password {
+            let password = password.read().map_err(|e| e.to_string())?;
+            settings = settings.set_password(password.expose());
+        }
+        Ok(settings)
+    }
+
+    /// How to connect to the server at `url`: the URL with the username and password (read now).
+    pub fn connection_info(&self, url: &Url) -> Result<redis::ConnectionInfo, String> {
         use redis::IntoConnectionInfo as _;
-        let info = self.redis_url.as_str().into_connection_info().map_err(|e| format!("redis_url: {e}"))?;
+        let info = url.as_str().into_connection_info().map_err(|e| format!("{url}: {e}"))?;
         let mut settings = info.redis_settings().clone();
         if let Some(username) = &self.redis_username {
             settings = settings.set_username(username);

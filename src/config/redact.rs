@@ -7,11 +7,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
+use url::Url;
 
 use super::{
     AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, EncodedSlashes, ExchangeDialect,
-    Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, SecretSource, SinkFormat, StateConfig,
-    SubjectSource, UpstreamProtocol,
+    Grant, IncomingAuthorization, Inject, ProviderConfig, RedisServer, RouteConfig, SecretSource, SinkFormat,
+    StateConfig, SubjectSource, UpstreamProtocol,
 };
 
 /// What `[state]` prints as: the shared store's keys only with `store = "redis"`, its password as the key it was
@@ -23,6 +24,10 @@ struct StateView<'a> {
     store: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     redis_url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_sentinels: Option<Vec<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_sentinel_master: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     redis_username: Option<&'a str>,
     #[serde(flatten)]
@@ -41,7 +46,18 @@ impl Serialize for StateConfig {
         StateView {
             dir: &self.dir,
             store: shared.map(|_| "redis"),
-            redis_url: shared.map(|s| s.redis_url.as_str()),
+            redis_url: shared.and_then(|s| match &s.server {
+                RedisServer::Url(url) => Some(url.as_str()),
+                RedisServer::Sentinel { .. } => None,
+            }),
+            redis_sentinels: shared.and_then(|s| match &s.server {
+                RedisServer::Sentinel { sentinels, .. } => Some(sentinels.iter().map(Url::as_str).collect()),
+                RedisServer::Url(_) => None,
+            }),
+            redis_sentinel_master: shared.and_then(|s| match &s.server {
+                RedisServer::Sentinel { master, .. } => Some(master.as_str()),
+                RedisServer::Url(_) => None,
+            }),
             redis_username: shared.and_then(|s| s.redis_username.as_deref()),
             secrets: SecretView { key: "redis_password", source: shared.and_then(|s| s.redis_password.as_ref()) }
                 .entries()

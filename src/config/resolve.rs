@@ -11,8 +11,8 @@ use url::Url;
 use super::reader::{self, KeyPath, Leaf, Reader, Table};
 use super::{providers, routes};
 use super::{
-    AdminConfig, Config, ConfigError, LogConfig, LogFormat, Problem, ServerConfig, ServerTls, SharedStoreConfig,
-    StateConfig, VendingConfig, VendingListen,
+    AdminConfig, Config, ConfigError, LogConfig, LogFormat, Problem, RedisServer, ServerConfig, ServerTls,
+    SharedStoreConfig, StateConfig, VendingConfig, VendingListen,
 };
 
 /// Values of `log.format`.
@@ -194,6 +194,8 @@ const STORES: &[(&str, Store)] = &[("embedded", Store::Embedded), ("redis", Stor
 /// The keys of the shared store.
 const SHARED_KEYS: &[&str] = &[
     "redis_url",
+    "redis_sentinels",
+    "redis_sentinel_master",
     "redis_username",
     "redis_password",
     "redis_password_file",
@@ -206,12 +208,7 @@ const SHARED_KEYS: &[&str] = &[
 /// `store = "redis"`: the shared store's settings (docs/fleet.md).
 fn shared_store(r: &mut Reader<'_>, t: &mut Table<'_>) -> Option<SharedStoreConfig> {
     let before = r.problem_count();
-    let url = r.require(
-        t,
-        "redis_url",
-        "missing; store = \"redis\" needs the server, e.g. redis_url = \"rediss://redis.internal:6380\"",
-        redis_url,
-    );
+    let server = redis_server(r, t);
     let redis_username = r.get(t, "redis_username", reader::non_empty_string);
     let redis_password = providers::secret(r, t, "redis_password");
     let key_prefix = r.get(t, "key_prefix", key_prefix);
@@ -233,7 +230,7 @@ fn shared_store(r: &mut Reader<'_>, t: &mut Table<'_>) -> Option<SharedStoreConf
         return None;
     }
     Some(SharedStoreConfig {
-        redis_url: url?.value,
+        server: server?,
         redis_username: redis_username.map(|leaf| leaf.value),
         redis_password: redis_password.map(|leaf| leaf.value),
         key_prefix: value_or(key_prefix, "tokenproxy".to_owned()),
@@ -241,6 +238,54 @@ fn shared_store(r: &mut Reader<'_>, t: &mut Table<'_>) -> Option<SharedStoreConf
         encryption_keys: keys?,
         timeout: value_or(timeout, Duration::from_millis(250)),
     })
+}
+
+/// `redis_url`, or `redis_sentinels` with `redis_sentinel_master`: where Redis is.
+fn redis_server(r: &mut Reader<'_>, t: &mut Table<'_>) -> Option<RedisServer> {
+    if !t.has("redis_sentinels") && !t.has("redis_sentinel_master") {
+        let missing = "missing; store = \"redis\" needs the server, e.g. redis_url = \"rediss://redis.internal:6380\" \
+                       (or redis_sentinels and redis_sentinel_master for Redis Sentinel)";
+        return r.require(t, "redis_url", missing, redis_url).map(|leaf| RedisServer::Url(leaf.value));
+    }
+    if t.has("redis_url") {
+        let _ = (r.get(t, "redis_sentinels", |_| Ok(())), r.get(t, "redis_sentinel_master", |_| Ok(())));
+        let url = r.get(t, "redis_url", |_| Ok(()))?;
+        r.report_leaf(&url, "set either redis_url (one server) or redis_sentinels (Redis Sentinel), not both");
+        return None;
+    }
+    let sentinels = r.require(
+        t,
+        "redis_sentinels",
+        "missing; redis_sentinel_master needs the Sentinels that know it, e.g. redis_sentinels = \
+         [\"redis://sentinel-0.redis:26379\", \"redis://sentinel-1.redis:26379\"]",
+        sentinel_urls,
+    );
+    let master = r.require(
+        t,
+        "redis_sentinel_master",
+        "missing; redis_sentinels needs the name they monitor the master by, e.g. redis_sentinel_master = \"mymaster\"",
+        reader::non_empty_string,
+    );
+    Some(RedisServer::Sentinel { sentinels: sentinels?.value, master: master?.value })
+}
+
+/// `redis_sentinels`: a non-empty list of `redis://` or `rediss://` URLs, all of one scheme.
+fn sentinel_urls(value: &Value) -> Result<Vec<Url>, String> {
+    let Value::Array(_, items) = value else {
+        return Err(format!(
+            "expected a list of Sentinel URLs such as [\"redis://sentinel-0.redis:26379\"], found {}",
+            reader::kind(value)
+        ));
+    };
+    let urls = items.iter().map(redis_url).collect::<Result<Vec<_>, _>>()?;
+    match urls.first() {
+        None => Err("an empty list: name at least one Sentinel".into()),
+        Some(first) if urls.iter().any(|url| url.scheme() != first.scheme()) => {
+            Err("mixes redis:// and rediss://: the Sentinels and the master are all reached with TLS or all without"
+                .into())
+        }
+        Some(_) => Ok(urls),
+    }
 }
 
 /// `redis_url`: `redis://` or `rediss://`, with a host, without credentials (they go in `redis_username` and

@@ -550,7 +550,7 @@ fn unsupported_features_and_missing_store_settings_are_refused_not_ignored() {
     assert_eq!(
         problems(load(&toml)),
         [
-            "state.redis_url: missing; store = \"redis\" needs the server, e.g. redis_url = \"rediss://redis.internal:6380\" (from tokenproxy.toml)",
+            "state.redis_url: missing; store = \"redis\" needs the server, e.g. redis_url = \"rediss://redis.internal:6380\" (or redis_sentinels and redis_sentinel_master for Redis Sentinel) (from tokenproxy.toml)",
             "state.encryption_key_file: missing; store = \"redis\" needs the keys that encrypt tokens at rest: a file of base64 32-byte keys, one per line (make one with `head -c 32 /dev/urandom | base64`) (from tokenproxy.toml)",
             "providers.orders.refresh_token: only used with grant = \"refresh_token\"; remove it (from tokenproxy.toml)",
             "providers.orders.client_key_file: missing; `client_cert_file` needs its private key (from tokenproxy.toml)",
@@ -1065,4 +1065,65 @@ fn a_shared_store_warns_of_an_open_key_file_and_plain_redis_off_machine() {
     let safe = toml.replace("redis://redis.internal", "rediss://redis.internal");
     std::fs::set_permissions(keys.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
     assert!(load(&safe).unwrap().warnings().is_empty());
+}
+
+#[test]
+fn a_shared_store_behind_sentinel_names_its_sentinels_and_master() {
+    use base64::Engine as _;
+    let keys = temp_file(&base64::engine::general_purpose::STANDARD.encode([1u8; 32]));
+    let state = |server: &str| {
+        format!(
+            "[state]\nstore = \"redis\"\n{server}\nencryption_key_file = {}\n{MINIMAL}",
+            quoted(&keys.path().to_string_lossy())
+        )
+    };
+    let sentinels = "redis_sentinels = [\"rediss://s0.internal:26379\", \"rediss://s1.internal:26379\"]\n\
+                     redis_sentinel_master = \"tokens\"";
+    let config = load(&state(sentinels)).unwrap();
+    let shared = config.state.shared.clone().expect("the shared store");
+    match &shared.server {
+        super::RedisServer::Sentinel { sentinels, master } => {
+            assert_eq!(master, "tokens");
+            assert_eq!(
+                sentinels.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
+                ["rediss://s0.internal:26379", "rediss://s1.internal:26379"]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Printed, it loads back the same.
+    let printed = toml::to_string(&config).unwrap();
+    assert!(!printed.contains("redis_url"), "{printed}");
+    let reloaded = load(&printed.replace(&*keys.path().to_string_lossy(), &keys.path().to_string_lossy())).unwrap();
+    assert_eq!(reloaded.state.shared.unwrap().server, shared.server);
+
+    let cases = [
+        (
+            "redis_url = \"redis://127.0.0.1\"\nredis_sentinels = [\"redis://127.0.0.1:26379\"]\nredis_sentinel_master = \"m\"",
+            "state.redis_url: set either redis_url (one server) or redis_sentinels (Redis Sentinel), not both",
+        ),
+        ("redis_sentinels = [\"redis://127.0.0.1:26379\"]", "state.redis_sentinel_master: missing; redis_sentinels needs"),
+        ("redis_sentinel_master = \"m\"", "state.redis_sentinels: missing; redis_sentinel_master needs"),
+        ("redis_sentinels = []\nredis_sentinel_master = \"m\"", "state.redis_sentinels: an empty list"),
+        (
+            "redis_sentinels = [\"redis://a:26379\", \"rediss://b:26379\"]\nredis_sentinel_master = \"m\"",
+            "state.redis_sentinels: mixes redis:// and rediss://",
+        ),
+        (
+            "redis_sentinels = [\"redis://u:pw@a:26379\"]\nredis_sentinel_master = \"m\"",
+            "state.redis_sentinels: credentials do not belong in the URL",
+        ),
+        ("", "state.redis_url: missing; store = \"redis\" needs the server"),
+    ];
+    for (server, expected) in cases {
+        let found = problems(load(&state(server)));
+        assert!(found.len() == 1 && found[0].starts_with(expected), "{server}: {found:?}");
+    }
+    // Plain Sentinels on another machine: the same warning as a plain redis_url.
+    let plain = load(&state(&sentinels.replace("rediss://", "redis://"))).unwrap();
+    assert!(
+        plain.warnings().iter().any(|w| w.starts_with("state.redis_sentinels: Redis at s0.internal")),
+        "{:?}",
+        plain.warnings()
+    );
 }

@@ -2,7 +2,7 @@
 
 use url::{Host, Url};
 
-use super::Config;
+use super::{Config, RedisServer};
 
 impl Config {
     /// Valid settings a demanding operator would want to be told about, each naming its key: an admin listener on
@@ -50,11 +50,15 @@ impl Config {
                     shared.encryption_key_file.display()
                 ));
             }
-            if shared.redis_url.scheme() == "redis" && off_machine(&shared.redis_url) {
+            let key = match shared.server {
+                RedisServer::Url(_) => "state.redis_url",
+                RedisServer::Sentinel { .. } => "state.redis_sentinels",
+            };
+            if let Some(url) = shared.server.urls().iter().find(|url| url.scheme() == "redis" && off_machine(url)) {
                 warnings.push(format!(
-                    "state.redis_url: Redis at {} is reached without TLS; tokens are encrypted in it, but its password \
+                    "{key}: Redis at {} is reached without TLS; tokens are encrypted in it, but its password \
                      and the traffic are not: use rediss://",
-                    shared.redis_url.host_str().unwrap_or("?")
+                    url.host_str().unwrap_or("?")
                 ));
             }
         }

@@ -26,7 +26,7 @@ use super::cache::Token;
 use super::refresh::TokenFetcher;
 use super::response::{TokenError, TokenResponse};
 use super::store::Record;
-use crate::config::{Grant, ProviderConfig, SharedStoreConfig};
+use crate::config::{Grant, ProviderConfig, RedisServer, SharedStoreConfig};
 use crate::metrics::StoreMetrics;
 
 /// The version byte that starts every stored value.
@@ -34,9 +34,17 @@ const FORMAT: u8 = 1;
 /// How often a replica waiting for the lease holder's token looks again.
 const POLL: Duration = Duration::from_millis(50);
 
+/// How the Redis server is found.
+enum Server {
+    /// One server.
+    Direct(redis::Client),
+    /// Asked of the Sentinels at each new connection (after a failover, the next connection goes to the new master).
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+}
+
 /// A connection to Redis with the keys that encrypt what goes in it.
 pub struct SharedStore {
-    client: redis::Client,
+    server: Server,
     /// Connected on first use, and again after a failure (the manager reconnects by itself afterwards).
     connection: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
     prefix: String,
@@ -145,11 +153,27 @@ fn unix_ms(time: SystemTime) -> u64 {
 impl SharedStore {
     /// A store for `config` (nothing is connected until the first operation).
     pub fn new(config: &SharedStoreConfig, metrics: StoreMetrics) -> Result<SharedStore, String> {
-        let info = config.connection_info()?;
-        let client = redis::Client::open(info).map_err(|e| format!("redis_url: {e}"))?;
+        let server = match &config.server {
+            RedisServer::Url(url) => {
+                let info = config.connection_info(url)?;
+                Server::Direct(redis::Client::open(info).map_err(|e| format!("redis_url: {e}"))?)
+            }
+            RedisServer::Sentinel { sentinels, master } => {
+                use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+                let mut node =
+                    SentinelNodeConnectionInfo::default().set_redis_connection_info(config.redis_settings()?);
+                if sentinels.iter().all(|url| url.scheme() == "rediss") {
+                    node = node.set_tls_mode(redis::TlsMode::Secure);
+                }
+                let urls: Vec<&str> = sentinels.iter().map(url::Url::as_str).collect();
+                let client = SentinelClient::build(urls, master, Some(node), SentinelServerType::Master)
+                    .map_err(|e| format!("redis_sentinels: {e}"))?;
+                Server::Sentinel(tokio::sync::Mutex::new(client))
+            }
+        };
         let keys = config.encryption_keys.iter().map(|key| Aes256Gcm::new(key.into())).collect();
         Ok(SharedStore {
-            client,
+            server,
             connection: tokio::sync::Mutex::new(None),
             prefix: config.key_prefix.clone(),
             keys,
@@ -167,7 +191,13 @@ impl SharedStore {
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(1);
-        let connect = redis::aio::ConnectionManager::new_with_config(self.client.clone(), config);
+        let connect = async {
+            let client = match &self.server {
+                Server::Direct(client) => client.clone(),
+                Server::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await?,
+            };
+            redis::aio::ConnectionManager::new_with_config(client, config).await
+        };
         let connection = tokio::time::timeout(self.timeout, connect)
             .await
             .map_err(|_| StoreError::Timeout(self.timeout))?

@@ -10,13 +10,25 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Arguments added to the command line (`--replicaof`).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts one on a free port and waits until it answers PING.
     pub fn start() -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let mut server = RedisServer { port, child: None };
+        Self::start_with(&[])
+    }
+
+    /// Starts a replica of `master` (for Sentinel tests).
+    pub fn replica_of(master: &RedisServer) -> RedisServer {
+        Self::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()])
+    }
+
+    fn start_with(extra: &[&str]) -> RedisServer {
+        let port = free_port();
+        let extra = extra.iter().map(|a| a.to_string()).collect();
+        let mut server = RedisServer { port, child: None, extra };
         server.restart();
         server
     }
@@ -39,6 +51,7 @@ impl RedisServer {
         self.kill();
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -55,13 +68,7 @@ impl RedisServer {
 
     /// Runs one command on a fresh connection.
     pub fn command(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(self.url())?;
-        let mut connection = client.get_connection_with_timeout(Duration::from_secs(2))?;
-        let mut command = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            command.arg(*arg);
-        }
-        command.query(&mut connection)
+        command(&self.url(), args)
     }
 
     /// The keys matching `pattern`.
@@ -89,5 +96,95 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Runs one command on a fresh connection to `url`.
+fn command(url: &str, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let client = redis::Client::open(url)?;
+    let mut connection = client.get_connection_with_timeout(Duration::from_secs(2))?;
+    let mut command = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        command.arg(*arg);
+    }
+    command.query(&mut connection)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// One Redis Sentinel (`redis-server CONFIG --sentinel`) monitoring a master as `mymaster`, quorum 1, declaring it
+/// down after 500 ms; its config file (which Sentinel rewrites) lives in a temporary directory.
+pub struct Sentinel {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    /// Starts one for `master` and waits until it answers.
+    pub fn start(master: &RedisServer) -> Sentinel {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\nsentinel monitor mymaster 127.0.0.1 {master} 1\n\
+                 sentinel down-after-milliseconds mymaster 500\nsentinel failover-timeout mymaster 5000\n",
+                dir = dir.path().display(),
+                master = master.port
+            ),
+        )
+        .expect("sentinel config");
+        let child = Command::new("redis-server")
+            .arg(&config)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel");
+        let sentinel = Sentinel { port, child, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sentinel.command(&["PING"]).is_err() {
+            assert!(Instant::now() < deadline, "sentinel on port {port} did not answer PING");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sentinel
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs one command on a fresh connection.
+    pub fn command(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        command(&self.url(), args)
+    }
+
+    /// The port of the master it names now.
+    pub fn master_port(&self) -> Option<u16> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut connection = client.get_connection_with_timeout(Duration::from_secs(2)).ok()?;
+        let (_, port): (String, u16) =
+            redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg("mymaster").query(&mut connection).ok()?;
+        Some(port)
+    }
+
+    /// How many replicas of the master it knows.
+    pub fn replicas(&self) -> usize {
+        match self.command(&["SENTINEL", "replicas", "mymaster"]) {
+            Ok(redis::Value::Array(replicas)) => replicas.len(),
+            _ => 0,
+        }
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
