@@ -145,7 +145,7 @@ pub struct StoreMetrics {
 }
 
 impl StoreMetrics {
-    /// The counter of Redis operation `op` (get, set, lease, release, decrypt) with `outcome` (ok, error).
+    /// The counter of Redis operation `op` (get, set, lease, release, delete, decrypt) with `outcome` (ok, error).
     pub fn operation(&self, op: &str, outcome: &str) -> IntCounter {
         self.operations.with_label_values(&[op, outcome])
     }
@@ -350,7 +350,7 @@ impl Metrics {
         let store = StoreMetrics {
             operations: counter(
                 "tokenproxy_store_operations_total",
-                "Operations on the shared store (get, set, lease, release, decrypt), by outcome.",
+                "Operations on the shared store (get, set, lease, release, delete, decrypt), by outcome.",
                 &["op", "outcome"],
             ),
             lease_waits: single(
