@@ -271,7 +271,7 @@ async fn a_cold_replica_takes_the_shared_token_with_one_read() {
     let toml = replica(&idp, &upstream, &redis, keys.path(), "cold");
     let config = tokenproxy::config::Config::from_toml_str(&toml, "cold.toml").unwrap();
     let metrics = tokenproxy::metrics::Metrics::new();
-    let store = Arc::new(SharedStore::new(config.state.shared.as_ref().unwrap(), metrics.store()).unwrap());
+    let store = Arc::new(SharedStore::new(config.state.shared.as_ref().unwrap(), metrics.store()));
     let inner = Arc::new(Counting(AtomicUsize::new(0)));
     let provider = &config.providers["api"];
     let health = Arc::new(StoreHealth::new(provider, &metrics.store()));
@@ -594,4 +594,36 @@ async fn through_redis_sentinel_sharing_follows_a_failover() {
     );
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_whose_store_cannot_be_set_up_is_not_redeemed_beside_the_fleet() {
+    let redis = RedisServer::start();
+    let idp = support::session_idp::SessionIdp::start(300, "rt-0").await;
+    let (upstream, keys) = (FakeUpstream::start().await, key_file());
+    let password = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(password.path(), "redis-password\n").unwrap();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        replica_of(&idp.token_url(), &upstream, &redis, keys.path(), "setup").replace(
+            "manual_refresh_interval = \"0s\"",
+            "grant = \"refresh_token\"\nrefresh_token = \"rt-0\"\nmanual_refresh_interval = \"0s\"",
+        )
+    )
+    .replace("[providers.api]", &format!("redis_password_file = {:?}\n\n[providers.api]", password.path()));
+    let config = tokenproxy::config::Config::from_toml_str(&toml, "setup.toml").unwrap();
+    // The password file is gone by the time the store is set up (a Secret being rotated, say).
+    drop(password);
+    let replica = Proxy::start_config(config).await;
+    until("the first token call's outcome", async || {
+        let tokens = Client::new().get(&replica.admin_url("/tokens")).await.json();
+        tokens["providers"]["api"]["state"] != "expired"
+    })
+    .await;
+    // Without the store, the session's refresh token is not redeemed by this replica alone: the fleet may hold it.
+    assert_eq!(idp.stats()["refreshes"], 0, "{}", idp.stats());
+    let ready = Client::new().get(&replica.admin_url("/readyz")).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["providers"]["api"]["shared_store"], "unavailable", "{}", ready.text());
+    replica.stop().await;
 }

@@ -110,7 +110,7 @@ impl CommandFetcher {
         let shared = match &config.state.shared {
             Some(settings) if shared::shareable(provider) => {
                 let metrics = Metrics::new().store();
-                let store = Arc::new(shared::SharedStore::new(settings, metrics.clone())?);
+                let store = Arc::new(shared::SharedStore::new(settings, metrics.clone()));
                 let health = Arc::new(shared::StoreHealth::new(provider, &metrics));
                 grant.share_session(Arc::clone(&store), Arc::clone(&health));
                 Some((store, health))
@@ -183,17 +183,8 @@ impl TokenEngine {
     ) -> Result<(TokenEngine, ProviderChanges), TlsError> {
         let routed: BTreeSet<String> = config.routes.iter().filter_map(|r| r.provider.clone()).collect();
         // One connection for the providers this build makes (kept providers keep theirs).
-        let shared = config.state.shared.as_ref().and_then(|settings| {
-            match shared::SharedStore::new(settings, metrics.store()) {
-                Ok(store) => Some(Arc::new(store)),
-                Err(error) => {
-                    tracing::error!(
-                        "the shared store cannot be used (each replica makes its own token calls): {error}"
-                    );
-                    None
-                }
-            }
-        });
+        let shared =
+            config.state.shared.as_ref().map(|settings| Arc::new(shared::SharedStore::new(settings, metrics.store())));
         let mut changes = ProviderChanges::default();
         let mut providers = BTreeMap::new();
         let mut exchanges = BTreeMap::new();

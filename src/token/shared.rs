@@ -34,20 +34,12 @@ const FORMAT: u8 = 1;
 /// How often a replica waiting for the lease holder's token looks again.
 const POLL: Duration = Duration::from_millis(50);
 
-/// How the Redis server is found.
-enum Server {
-    /// One server.
-    Direct(redis::Client),
-    /// Asked of the Sentinels at each new connection (after a failover, the next connection goes to the new master).
-    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
-}
-
 /// A connection to Redis with the keys that encrypt what goes in it.
 pub struct SharedStore {
-    server: Server,
+    /// Where Redis is and how to log in (read at each new connection: a rotated password file is taken then).
+    config: SharedStoreConfig,
     /// Connected on first use, and again after a failure (the manager reconnects by itself afterwards).
     connection: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
-    prefix: String,
     /// The first encrypts; all are tried to decrypt (key rotation without downtime).
     keys: Vec<Aes256Gcm>,
     timeout: Duration,
@@ -151,35 +143,37 @@ fn unix_ms(time: SystemTime) -> u64 {
 }
 
 impl SharedStore {
-    /// A store for `config` (nothing is connected until the first operation).
-    pub fn new(config: &SharedStoreConfig, metrics: StoreMetrics) -> Result<SharedStore, String> {
-        let server = match &config.server {
-            RedisServer::Url(url) => {
-                let info = config.connection_info(url)?;
-                Server::Direct(redis::Client::open(info).map_err(|e| format!("redis_url: {e}"))?)
-            }
+    /// A store for `config`. Nothing is connected, nor any credential read, until the first operation: what fails
+    /// then (Redis, its password file, the Sentinels) is a store that does not answer, with what that implies (a
+    /// session is never redeemed without it).
+    pub fn new(config: &SharedStoreConfig, metrics: StoreMetrics) -> SharedStore {
+        let keys = config.encryption_keys.iter().map(|key| Aes256Gcm::new(key.into())).collect();
+        SharedStore {
+            config: config.clone(),
+            connection: tokio::sync::Mutex::new(None),
+            keys,
+            timeout: config.timeout,
+            metrics,
+        }
+    }
+
+    /// A client of the Redis server: the one of `redis_url`, or the master the Sentinels name now.
+    async fn client(&self) -> Result<redis::Client, String> {
+        use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+        match &self.config.server {
+            RedisServer::Url(url) => redis::Client::open(self.config.connection_info(url)?).map_err(|e| e.to_string()),
             RedisServer::Sentinel { sentinels, master } => {
-                use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
                 let mut node =
-                    SentinelNodeConnectionInfo::default().set_redis_connection_info(config.redis_settings()?);
+                    SentinelNodeConnectionInfo::default().set_redis_connection_info(self.config.redis_settings()?);
                 if sentinels.iter().all(|url| url.scheme() == "rediss") {
                     node = node.set_tls_mode(redis::TlsMode::Secure);
                 }
                 let urls: Vec<&str> = sentinels.iter().map(url::Url::as_str).collect();
-                let client = SentinelClient::build(urls, master, Some(node), SentinelServerType::Master)
+                let mut client = SentinelClient::build(urls, master, Some(node), SentinelServerType::Master)
                     .map_err(|e| format!("redis_sentinels: {e}"))?;
-                Server::Sentinel(tokio::sync::Mutex::new(client))
+                client.async_get_client().await.map_err(|e| format!("redis_sentinels: {e}"))
             }
-        };
-        let keys = config.encryption_keys.iter().map(|key| Aes256Gcm::new(key.into())).collect();
-        Ok(SharedStore {
-            server,
-            connection: tokio::sync::Mutex::new(None),
-            prefix: config.key_prefix.clone(),
-            keys,
-            timeout: config.timeout,
-            metrics,
-        })
+        }
     }
 
     async fn connection(&self) -> Result<redis::aio::ConnectionManager, StoreError> {
@@ -192,16 +186,13 @@ impl SharedStore {
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(1);
         let connect = async {
-            let client = match &self.server {
-                Server::Direct(client) => client.clone(),
-                Server::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await?,
-            };
-            redis::aio::ConnectionManager::new_with_config(client, config).await
+            let client = self.client().await?;
+            redis::aio::ConnectionManager::new_with_config(client, config).await.map_err(|e| e.to_string())
         };
         let connection = tokio::time::timeout(self.timeout, connect)
             .await
             .map_err(|_| StoreError::Timeout(self.timeout))?
-            .map_err(|e| StoreError::Redis(e.to_string()))?;
+            .map_err(StoreError::Redis)?;
         *held = Some(connection.clone());
         Ok(connection)
     }
@@ -230,7 +221,7 @@ impl SharedStore {
 
     /// The Redis key of `provider`'s token.
     pub fn token_key(&self, provider: &ProviderConfig) -> String {
-        format!("{}:token:{}:{}", self.prefix, provider.name, settings_hash(provider))
+        format!("{}:token:{}:{}", self.config.key_prefix, provider.name, settings_hash(provider))
     }
 
     fn seal(&self, key: &str, plain: &[u8]) -> Option<Vec<u8>> {
@@ -337,7 +328,7 @@ const SESSION_CAS: &str = "local v = redis.call('HGET', KEYS[1], 'v') \
 impl SharedStore {
     /// The Redis key of `provider`'s refresh-token session.
     pub fn session_key(&self, provider: &ProviderConfig) -> String {
-        format!("{}:session:{}:{}", self.prefix, provider.name, settings_hash(provider))
+        format!("{}:session:{}:{}", self.config.key_prefix, provider.name, settings_hash(provider))
     }
 
     /// The shared session under `key` and its version; `Ok(None)` when there is none. A value this replica cannot
