@@ -105,28 +105,12 @@ pub struct CommandFetcher {
 impl CommandFetcher {
     /// The fetcher of `provider`, with `config`'s state store (and shared store, if any).
     pub fn new(config: &Config, provider: &ProviderConfig) -> Result<CommandFetcher, String> {
-        let mut grant =
+        let grant =
             GrantFetcher::new(provider.clone(), StateStore::new(&config.state.dir)).map_err(|e| e.to_string())?;
-        let shared = match &config.state.shared {
-            Some(settings) if shared::shareable(provider) => {
-                let metrics = Metrics::new().store();
-                let store = Arc::new(shared::SharedStore::new(settings, metrics.clone()));
-                let health = Arc::new(shared::StoreHealth::new(provider, &metrics));
-                grant.share_session(Arc::clone(&store), Arc::clone(&health));
-                Some((store, health))
-            }
-            _ => None,
-        };
-        let grant = Arc::new(grant);
-        let fetcher: Arc<dyn TokenFetcher> = match shared {
-            Some((store, health)) => Arc::new(shared::SharedFetcher::new(
-                Arc::clone(&grant) as Arc<dyn TokenFetcher>,
-                store,
-                provider,
-                health,
-            )),
-            None => Arc::clone(&grant) as Arc<dyn TokenFetcher>,
-        };
+        let metrics = Metrics::new().store();
+        let store =
+            config.state.shared.as_ref().map(|settings| Arc::new(shared::SharedStore::new(settings, metrics.clone())));
+        let (grant, fetcher, _) = through_store(grant, store.as_ref(), provider, &metrics);
         Ok(CommandFetcher { grant, fetcher })
     }
 
@@ -139,6 +123,25 @@ impl CommandFetcher {
     pub async fn fetch(&self) -> Result<TokenResponse, TokenError> {
         self.fetcher.fetch().await
     }
+}
+
+/// `grant`'s token calls for `provider`: through `store` when there is one and the provider's tokens may be shared
+/// (its refresh-token session kept there too), with how the store serves it; else `grant`'s own.
+fn through_store(
+    mut grant: GrantFetcher,
+    store: Option<&Arc<shared::SharedStore>>,
+    provider: &ProviderConfig,
+    metrics: &crate::metrics::StoreMetrics,
+) -> (Arc<GrantFetcher>, Arc<dyn TokenFetcher>, Option<Arc<shared::StoreHealth>>) {
+    let Some(store) = store.filter(|_| shared::shareable(provider)) else {
+        let grant = Arc::new(grant);
+        return (Arc::clone(&grant), grant, None);
+    };
+    let health = Arc::new(shared::StoreHealth::new(provider, metrics));
+    grant.share_session(Arc::clone(store), Arc::clone(&health));
+    let grant = Arc::new(grant);
+    let fetcher = shared::SharedFetcher::new(Arc::clone(&grant) as _, Arc::clone(store), provider, Arc::clone(&health));
+    (grant, Arc::new(fetcher), Some(health))
 }
 
 /// Every provider's slot and refresher.
@@ -234,17 +237,8 @@ impl TokenEngine {
             let slot = Arc::new(slot);
             let timing = Timing { refresh_at: provider.refresh_at, expiry_skew: provider.expiry_skew };
             let store = StateStore::new(&config.state.dir);
-            let mut grant = GrantFetcher::new(provider.clone(), store)?;
-            let shared = shared.as_ref().filter(|_| shared::shareable(provider));
-            let store_health = shared.map(|_| Arc::new(shared::StoreHealth::new(provider, &metrics.store())));
-            if let (Some(shared), Some(health)) = (shared, &store_health) {
-                grant.share_session(Arc::clone(shared), Arc::clone(health));
-            }
-            let mut fetcher: Arc<dyn TokenFetcher> = Arc::new(grant);
-            if let (Some(shared), Some(health)) = (shared, &store_health) {
-                fetcher =
-                    Arc::new(shared::SharedFetcher::new(fetcher, Arc::clone(shared), provider, Arc::clone(health)));
-            }
+            let grant = GrantFetcher::new(provider.clone(), store)?;
+            let (_, fetcher, store_health) = through_store(grant, shared.as_ref(), provider, &metrics.store());
             let (stop, _) = watch::channel(false);
             let entry = Provider {
                 config: provider.clone(),
