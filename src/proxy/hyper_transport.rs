@@ -288,7 +288,6 @@ async fn replay_after_401(
     mut decision: Decision,
     replayed: &mut bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let Some(tokens) = target.tokens(route) else { return Ok(finish(first.response, first.head_request, None)) };
     let Attempt { mut token, replay, mut response, deadline, head_request, grpc } = first;
     let mut body = match tokio::time::timeout_at(deadline, replay.replay()).await {
         Ok(Some(body)) => body,
@@ -299,21 +298,8 @@ async fn replay_after_401(
     };
     let mut retried = Retried::default();
     loop {
-        let next = match decision {
-            Decision::Deliver => break,
-            Decision::Replay { rejected } => {
-                match Proxy::replacement(route, tokens.as_ref(), rejected, deadline).await {
-                    Some(fresh) => {
-                        retried.replayed = true;
-                        fresh
-                    }
-                    None => break,
-                }
-            }
-            Decision::Nonce => {
-                retried.nonce = true;
-                Arc::clone(&token)
-            }
+        let Some(next) = Proxy::next_token(route, target, decision, Some(&token), deadline, &mut retried).await else {
+            break;
         };
         let copy = body.try_clone();
         drop(response);

@@ -514,6 +514,30 @@ impl Proxy {
         route.retry_on_401 || token.dpop().is_some()
     }
 
+    /// Phase 5: the token for the send `decision` asks for, noted in `retried`: a newer one after a refusal (within
+    /// the 401 budget), or the same one again with the upstream's DPoP nonce; `None`: the answer goes to the caller.
+    async fn next_token(
+        route: &Route,
+        target: &Target,
+        decision: Decision,
+        token: Option<&Arc<Token>>,
+        deadline: Instant,
+        retried: &mut Retried,
+    ) -> Option<Arc<Token>> {
+        match decision {
+            Decision::Deliver => None,
+            Decision::Replay { rejected } => {
+                let fresh = Self::replacement(route, target.tokens(route)?.as_ref(), rejected, deadline).await;
+                retried.replayed |= fresh.is_some();
+                fresh
+            }
+            Decision::Nonce => {
+                retried.nonce = true;
+                token.cloned()
+            }
+        }
+    }
+
     /// Phase 5, the token for the one replay after a 401 to generation `rejected`: a newer token, unless the 401
     /// budget refuses a refresh now or none can be had; then the upstream's own 401 is the honest answer.
     async fn replacement(

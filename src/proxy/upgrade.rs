@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use super::upstream::{CallerWait, UpstreamBody, UpstreamError};
-use super::{Decision, Proxy, ProxyBody, ProxyError, Retried, Route, Target};
+use super::{Proxy, ProxyBody, ProxyError, Retried, Route, Target};
 use crate::token::Token;
 
 /// An upgrade the caller asked for: the protocol it named, and its side of the connection once switched.
@@ -80,16 +80,14 @@ pub(super) async fn forward(
         Retried::default(),
     );
     // One more send at most: with a newer token after a 401, or with the upstream's DPoP nonce.
-    let again = match (decision, head, target.tokens(route)) {
-        (Decision::Replay { rejected }, Some(head), Some(tokens)) => {
-            Proxy::replacement(route, tokens.as_ref(), rejected, deadline)
-                .await
-                .map(|fresh| (head, fresh, Retried { replayed: true, nonce: false }))
-        }
-        (Decision::Nonce, Some(head), _) => token.map(|token| (head, token, Retried { replayed: false, nonce: true })),
-        _ => None,
+    let mut retried = Retried::default();
+    let again = match head {
+        Some(head) => Proxy::next_token(route, target, decision, token.as_ref(), deadline, &mut retried)
+            .await
+            .map(|fresh| (head, fresh)),
+        None => None,
     };
-    if let Some((head, fresh, retried)) = again {
+    if let Some((head, fresh)) = again {
         *replayed = true;
         drop(response);
         let again = super::hyper_transport::attach(route, target, head, Some(&fresh), UpstreamBody::empty())?;

@@ -28,9 +28,7 @@ use tokio::time::Instant;
 use super::exchange::{discard_body, forward_response, round_trip, Buffers, Outcome, READ_SIZE};
 use super::{encode_error, encode_request, parse_request, Parse, ReplyTo, Span, UpstreamRequest};
 use crate::proxy::upstream::PlainConnection;
-use crate::proxy::{
-    Answer, Connection, Decision, ErrorContext, Proxy, ProxyError, Retried, Route, CLIENT_CLOSED_REQUEST,
-};
+use crate::proxy::{Answer, Connection, ErrorContext, Proxy, ProxyError, Retried, Route, CLIENT_CLOSED_REQUEST};
 
 /// The room made for each read from the caller: a request head and a small body (8 KiB with its head) come in one
 /// read.
@@ -481,19 +479,9 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
             use_dpop_nonce: head.challenge.use_dpop_nonce,
             dpop_nonce: head.dpop_nonce.take(),
         };
-        let fresh = match (Proxy::decide(route, &answer, token.as_deref(), retried), target.tokens(route)) {
-            (Decision::Replay { rejected }, Some(tokens)) => {
-                let fresh = timer.within(deadline, Proxy::replacement(route, tokens.as_ref(), rejected, deadline));
-                let fresh = fresh.await.flatten();
-                retried.replayed = fresh.is_some();
-                fresh
-            }
-            (Decision::Nonce, _) => {
-                retried.nonce = true;
-                token.clone()
-            }
-            _ => None,
-        };
+        let decision = Proxy::decide(route, &answer, token.as_deref(), retried);
+        let next = Proxy::next_token(route, &target, decision, token.as_ref(), deadline, &mut retried);
+        let fresh = timer.within(deadline, next).await.flatten();
         let Some(fresh) = fresh else {
             // No replay called for, or no newer token to be had: the upstream's own answer is the honest one.
             return forward_response(
