@@ -291,18 +291,11 @@ fn sentinel_urls(value: &Value) -> Result<Vec<Url>, String> {
 /// `redis_url`: `redis://` or `rediss://`, with a host, without credentials (they go in `redis_username` and
 /// `redis_password*`, so that the URL can be printed).
 fn redis_url(value: &Value) -> Result<Url, String> {
-    let text = reader::string(value)?;
-    let url = Url::parse(text.trim()).map_err(|e| e.to_string())?;
-    if !matches!(url.scheme(), "redis" | "rediss") {
-        return Err(format!("must be a redis:// or rediss:// URL (found scheme `{}`)", url.scheme()));
-    }
-    if url.host().is_none() {
-        return Err("the URL has no host".into());
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err("credentials do not belong in the URL; set redis_username and redis_password_file (or _env)".into());
-    }
-    Ok(url)
+    server_url(
+        value,
+        (["redis", "rediss"], "a redis:// or rediss:// URL"),
+        "set redis_username and redis_password_file (or _env)",
+    )
 }
 
 /// `key_prefix`: letters, digits, `_`, `-`, `.` and `:`.
@@ -350,23 +343,29 @@ pub(super) enum UrlUse {
 
 /// An absolute http(s) URL with a host, without credentials or fragment (and for upstreams, without a query).
 pub(super) fn http_url(value: &Value, purpose: UrlUse) -> Result<Url, String> {
-    let text = reader::string(value)?;
-    // The URL is not echoed: it may carry credentials, which are refused below.
-    let url = Url::parse(text.trim()).map_err(|e| e.to_string())?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("must be an http:// or https:// URL (found scheme `{}`)", url.scheme()));
-    }
-    if url.host().is_none() {
-        return Err("must name a host".to_owned());
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err("must not contain credentials (user:password@); secrets have keys of their own".to_owned());
-    }
+    let url = server_url(value, (["http", "https"], "an http:// or https:// URL"), "secrets have keys of their own")?;
     if url.fragment().is_some() {
         return Err("must not have a #fragment".to_owned());
     }
     if purpose == UrlUse::Upstream && url.query().is_some() {
         return Err("must not have a ?query; each request's own query is forwarded".to_owned());
+    }
+    Ok(url)
+}
+
+/// An absolute URL of one of `schemes` (which `expected` names), with a host and without credentials (`instead`: where
+/// they go). The URL is not echoed: it may carry credentials.
+fn server_url(value: &Value, (schemes, expected): ([&str; 2], &str), instead: &str) -> Result<Url, String> {
+    let text = reader::string(value)?;
+    let url = Url::parse(text.trim()).map_err(|e| e.to_string())?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(format!("must be {expected} (found scheme `{}`)", url.scheme()));
+    }
+    if url.host().is_none() {
+        return Err("must name a host".to_owned());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("must not contain credentials (user:password@); {instead}"));
     }
     Ok(url)
 }

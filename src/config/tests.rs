@@ -1033,7 +1033,7 @@ fn the_shared_store_needs_its_server_and_keys_and_never_prints_them() {
     );
     assert_eq!(
         problems(load(&with_password_in_url)),
-        ["state.redis_url: credentials do not belong in the URL; set redis_username and redis_password_file (or _env) (from tokenproxy.toml)"]
+        ["state.redis_url: must not contain credentials (user:password@); set redis_username and redis_password_file (or _env) (from tokenproxy.toml)"]
     );
     let short = temp_file(&base64::engine::general_purpose::STANDARD.encode([1u8; 16]));
     let toml = format!(
@@ -1111,7 +1111,7 @@ fn a_shared_store_behind_sentinel_names_its_sentinels_and_master() {
         ),
         (
             "redis_sentinels = [\"redis://u:pw@a:26379\"]\nredis_sentinel_master = \"m\"",
-            "state.redis_sentinels: credentials do not belong in the URL",
+            "state.redis_sentinels: must not contain credentials (user:password@)",
         ),
         ("", "state.redis_url: missing; store = \"redis\" needs the server"),
     ];
