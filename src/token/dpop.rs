@@ -145,32 +145,23 @@ impl DpopKey {
         };
         let rng = ring::rand::SystemRandom::new();
         let refused = |e: ring::error::KeyRejected| format!("the key is refused by the signer: {e}");
+        let ecdsa = |signing: &'static ring::signature::EcdsaSigningAlgorithm, private: &[u8], public: &[u8]| {
+            EcdsaKeyPair::from_private_key_and_public_key(signing, private, public, &rng).map(Signer::Ecdsa)
+        };
         let (alg, jwk, thumbprint, signer) = match &key {
             Key::P256(key) => {
                 let point = key.verifying_key().to_encoded_point(false);
-                let private = key.to_bytes();
-                let signer = EcdsaKeyPair::from_private_key_and_public_key(
-                    &ECDSA_P256_SHA256_FIXED_SIGNING,
-                    &private,
-                    point.as_bytes(),
-                    &rng,
-                )
-                .map_err(refused)?;
+                let signer =
+                    ecdsa(&ECDSA_P256_SHA256_FIXED_SIGNING, &key.to_bytes(), point.as_bytes()).map_err(refused)?;
                 let (jwk, thumbprint) = ec_jwk("P-256", point.x().map(|x| b64(x)), point.y().map(|y| b64(y)));
-                ("ES256", jwk, thumbprint, Signer::Ecdsa(signer))
+                ("ES256", jwk, thumbprint, signer)
             }
             Key::P384(key) => {
                 let point = key.verifying_key().to_encoded_point(false);
-                let private = key.to_bytes();
-                let signer = EcdsaKeyPair::from_private_key_and_public_key(
-                    &ECDSA_P384_SHA384_FIXED_SIGNING,
-                    &private,
-                    point.as_bytes(),
-                    &rng,
-                )
-                .map_err(refused)?;
+                let signer =
+                    ecdsa(&ECDSA_P384_SHA384_FIXED_SIGNING, &key.to_bytes(), point.as_bytes()).map_err(refused)?;
                 let (jwk, thumbprint) = ec_jwk("P-384", point.x().map(|x| b64(x)), point.y().map(|y| b64(y)));
-                ("ES384", jwk, thumbprint, Signer::Ecdsa(signer))
+                ("ES384", jwk, thumbprint, signer)
             }
             Key::Ed25519(key) => {
                 let public = key.verifying_key();
