@@ -28,7 +28,9 @@ use tokio::time::Instant;
 use super::exchange::{discard_body, forward_response, round_trip, Buffers, Outcome, READ_SIZE};
 use super::{encode_error, encode_request, parse_request, Parse, ReplyTo, Span, UpstreamRequest};
 use crate::proxy::upstream::PlainConnection;
-use crate::proxy::{Answer, Connection, ErrorContext, Proxy, ProxyError, Retried, Route, CLIENT_CLOSED_REQUEST};
+use crate::proxy::{
+    Answer, Connection, Decision, ErrorContext, Proxy, ProxyError, Retried, Route, CLIENT_CLOSED_REQUEST,
+};
 
 /// The room made for each read from the caller: a request head and a small body (8 KiB with its head) come in one
 /// read.
@@ -479,9 +481,14 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
             use_dpop_nonce: head.challenge.use_dpop_nonce,
             dpop_nonce: head.dpop_nonce.take(),
         };
-        let decision = Proxy::decide(route, &answer, token.as_deref(), retried);
-        let next = Proxy::next_token(route, &target, decision, token.as_ref(), deadline, &mut retried);
-        let fresh = timer.within(deadline, next).await.flatten();
+        // Most answers go to the caller as they are: no future is made for them.
+        let fresh = match Proxy::decide(route, &answer, token.as_deref(), retried) {
+            Decision::Deliver => None,
+            decision => {
+                let next = Proxy::next_token(route, &target, decision, token.as_ref(), deadline, &mut retried);
+                timer.within(deadline, next).await.flatten()
+            }
+        };
         let Some(fresh) = fresh else {
             // No replay called for, or no newer token to be had: the upstream's own answer is the honest one.
             return forward_response(
