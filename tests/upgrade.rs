@@ -13,7 +13,8 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::Message;
 
 /// A WebSocket echo server on 127.0.0.1 that requires `Authorization: Bearer tok-N` with N ≥ 2 on the handshake
-/// (401 to `tok-1`, 403 without a token); it records every handshake's `Authorization`.
+/// (401 to `tok-1`, 403 without a token); it records every handshake's `Authorization`. Like Node's `ws` with a
+/// `path` and most frameworks, it routes on the request target: a handshake in absolute form gets 400.
 async fn echo_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -28,7 +29,9 @@ async fn echo_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
                 let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
                     let token = request.headers().get("authorization").map(|v| v.to_str().unwrap().to_owned());
                     seen.lock().unwrap().push(token.clone().unwrap_or_default());
+                    let origin_form = request.uri().scheme().is_none() && request.uri().path().starts_with('/');
                     let status = match token.as_deref() {
+                        _ if !origin_form => 400,
                         Some("Bearer tok-1") => 401,
                         Some(t) if t.starts_with("Bearer tok-") => return Ok(response),
                         _ => 403,

@@ -377,7 +377,7 @@ impl UpstreamClient {
     /// upgrade: a `101` answer's connection is handed over by [`hyper::upgrade::on`] on the response.
     pub async fn upgrade(
         &self,
-        request: Request<UpstreamBody>,
+        mut request: Request<UpstreamBody>,
         via: Via<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let route;
@@ -401,6 +401,10 @@ impl UpstreamClient {
             UpstreamError::Failed(tls::describe_failure(error, tls).unwrap_or_else(|| crate::error_chain(error)))
         };
         let io = connector.connect_http1(request.uri().clone()).await.map_err(|e| failed(&*e))?;
+        // hyper's connection-level client writes the target as it is given: the handshake goes in origin form, as
+        // every other request (RFC 9112 §3.2.1); an upstream that routes on the path refuses the absolute form. The
+        // request carries the upstream's `Host` already (`Proxy::prepare`).
+        *request.uri_mut() = origin_form(request.uri());
         let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.map_err(|e| failed(&e))?;
         tokio::spawn(async move {
             let _ = connection.with_upgrades().await;
@@ -473,6 +477,14 @@ impl UpstreamClient {
         IDLE.with(|idle| {
             idle.borrow().upstreams.iter().find(|(id, a, _)| *id == self.id && a == authority).map_or(0, |l| l.2.len())
         })
+    }
+}
+
+/// `uri`'s path and query alone (`/` when it has none).
+fn origin_form(uri: &http::Uri) -> http::Uri {
+    match uri.path_and_query() {
+        Some(path_and_query) => http::Uri::from(path_and_query.clone()),
+        None => http::Uri::from_static("/"),
     }
 }
 
