@@ -1300,7 +1300,7 @@ async fn dot_segments_are_removed_before_routing_and_the_normalised_path_is_forw
         "{}{}{}",
         provider(&idp),
         route("api", "/api", &upstream.url(), "strip_prefix = true"),
-        route("strict", "/strict", &upstream.url(), "encoded_slashes = \"reject\"")
+        route("strict", "/strict", &upstream.url(), "encoded_slashes = \"reject\"\npath_parameters = \"reject\"")
     );
     let proxy = start(&config).await;
     let mut client = RawClient::connect(&proxy).await;
@@ -1316,12 +1316,18 @@ async fn dot_segments_are_removed_before_routing_and_the_normalised_path_is_forw
     // Dot segments inside the route are removed and the normalised path goes upstream.
     assert_eq!(client.get("/api/a/../b/./c?q=1").await.text(), "GET /b/c?q=1");
     assert_eq!(client.get("/api/x/%2e%2e/y").await.text(), "GET /y");
+    // A dot segment with path parameters is one (Tomcat and Jetty read `..;` as `..`): `/api/..;/admin` is not
+    // forwarded on the api route with its token; on a route that refuses them, 400.
+    client.get("/api/..;/admin").await.assert_problem(404, "no_route");
+    assert_eq!(client.get("/api/x/..;jsessionid=1/y").await.text(), "GET /y");
+    client.get("/strict/x/..;/y").await.assert_problem(400, "bad_request");
+    assert_eq!(client.get("/api/x;v=1/y").await.text(), "GET /x;v=1/y", "other path parameters stay");
     // Encoded slashes stay as they are by default, and are refused where the route says so.
     assert_eq!(client.get("/api/projects/group%2Fname").await.text(), "GET /projects/group%2Fname");
     client.get("/strict/projects/group%2Fname").await.assert_problem(400, "bad_request");
     assert_eq!(client.get("/strict/plain").await.text(), "GET /strict/plain");
     let targets: Vec<String> = upstream.received().iter().map(|r| r.target().to_owned()).collect();
-    assert_eq!(targets, ["/b/c?q=1", "/y", "/projects/group%2Fname", "/strict/plain"]);
+    assert_eq!(targets, ["/b/c?q=1", "/y", "/y", "/x;v=1/y", "/projects/group%2Fname", "/strict/plain"]);
     proxy.stop().await;
 }
 

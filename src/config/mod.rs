@@ -584,6 +584,8 @@ pub struct RouteConfig {
     pub incoming_authorization: IncomingAuthorization,
     /// Whether paths with an encoded `/` or `\\` (`%2F`, `%5C`) are forwarded or refused.
     pub encoded_slashes: EncodedSlashes,
+    /// Paths with a dot segment carrying path parameters (`..;x`).
+    pub path_parameters: PathParameters,
     /// TLS to the route's HTTPS upstream.
     pub tls: UpstreamTlsConfig,
     /// HTTP/1.1 or h2c to a plain-HTTP upstream.
@@ -653,6 +655,16 @@ impl UpstreamTlsConfig {
 pub enum EncodedSlashes {
     /// Forwarded as they are (an API may put `%2F` inside a segment).
     Keep,
+    /// Refused with 400 `bad_request`.
+    Reject,
+}
+
+/// `routes[N].path_parameters`: a dot segment with path parameters (`..;x`, which servlet containers read as `..`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathParameters {
+    /// Removed as the dot segment it is (`/api/..;/admin` is routed and forwarded as `/admin`).
+    Normalize,
     /// Refused with 400 `bad_request`.
     Reject,
 }

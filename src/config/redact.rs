@@ -11,8 +11,8 @@ use url::Url;
 
 use super::{
     AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, EncodedSlashes, ExchangeDialect,
-    Grant, IncomingAuthorization, Inject, ProviderConfig, RedisServer, RouteConfig, SecretSource, SinkFormat,
-    StateConfig, SubjectSource, UpstreamProtocol,
+    Grant, IncomingAuthorization, Inject, PathParameters, ProviderConfig, RedisServer, RouteConfig, SecretSource,
+    SinkFormat, StateConfig, SubjectSource, UpstreamProtocol,
 };
 
 /// What `[state]` prints as: the shared store's keys only with `store = "redis"`, its password as the key it was
@@ -297,6 +297,7 @@ struct RouteView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     incoming_authorization: Option<IncomingAuthorization>,
     encoded_slashes: EncodedSlashes,
+    path_parameters: PathParameters,
     #[serde(skip_serializing_if = "Option::is_none")]
     ca_file: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -342,6 +343,7 @@ impl Serialize for RouteConfig {
             retry_on_401: with_token.then_some(self.retry_on_401),
             incoming_authorization: with_token.then_some(self.incoming_authorization),
             encoded_slashes: self.encoded_slashes,
+            path_parameters: self.path_parameters,
             ca_file: self.tls.ca_file.as_deref(),
             server_name: self.tls.server_name.as_deref(),
             client_cert_file: self.tls.client_cert.as_ref().map(|(cert, _)| cert.as_path()),

@@ -10,8 +10,8 @@ use http::HeaderName;
 use super::reader::{self, KeyPath, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
 use super::{
-    AssertionDialect, EncodedSlashes, Grant, IncomingAuthorization, Inject, ProviderConfig, RouteConfig, RouteProfile,
-    SubjectSource, UpstreamProtocol, UpstreamTlsConfig,
+    AssertionDialect, EncodedSlashes, Grant, IncomingAuthorization, Inject, PathParameters, ProviderConfig,
+    RouteConfig, RouteProfile, SubjectSource, UpstreamProtocol, UpstreamTlsConfig,
 };
 
 /// Default of `routes[N].scheme`.
@@ -36,6 +36,10 @@ const PROTOCOLS: &[(&str, UpstreamProtocol)] = &[("http1", UpstreamProtocol::Htt
 /// Values of `encoded_slashes`.
 const ENCODED_SLASHES: &[(&str, EncodedSlashes)] =
     &[("keep", EncodedSlashes::Keep), ("reject", EncodedSlashes::Reject)];
+
+/// Values of `path_parameters`.
+const PATH_PARAMETERS: &[(&str, PathParameters)] =
+    &[("normalize", PathParameters::Normalize), ("reject", PathParameters::Reject)];
 
 /// Route keys that only mean something when the route attaches a token.
 const TOKEN_KEYS: &[&str] = &[
@@ -200,6 +204,7 @@ fn route(
     let retry_on_401 = r.get(t, "retry_on_401", reader::boolean);
     let incoming_authorization = r.get(t, "incoming_authorization", reader::choice(INCOMING));
     let encoded_slashes = r.get(t, "encoded_slashes", reader::choice(ENCODED_SLASHES));
+    let path_parameters = r.get(t, "path_parameters", reader::choice(PATH_PARAMETERS));
     let ca_file = r.file(t, "ca_file");
     let server_name = r.get(t, "server_name", server_name);
     let client_cert_file = r.file(t, "client_cert_file");
@@ -308,6 +313,7 @@ fn route(
         retry_on_401: value_or(retry_on_401, true),
         incoming_authorization: value_or(incoming_authorization, IncomingAuthorization::Replace),
         encoded_slashes: value_or(encoded_slashes, EncodedSlashes::Keep),
+        path_parameters: value_or(path_parameters, PathParameters::Normalize),
         tls: UpstreamTlsConfig {
             ca_file: ca_file.map(|leaf| leaf.value),
             server_name: server_name.map(|leaf| leaf.value),

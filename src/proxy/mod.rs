@@ -324,12 +324,18 @@ impl Proxy {
         }
         let normalized = path::remove_dot_segments(request.uri.path())
             .map_err(|e| ProxyError::BadRequest(format!("path refused: {e}")))?;
+        // Only a path that had dot segments can have had one with parameters (`..;`).
+        let mut dot_parameters = false;
         if let Some(normalized) = normalized {
+            dot_parameters = path::has_dot_parameters(request.uri.path());
             request.uri = with_path(&request.uri, &normalized)?;
         }
         let route = self.select_route(request)?;
         if route.reject_encoded_slashes && path::has_encoded_slash(request.uri.path()) {
             return Err(ProxyError::BadRequest(format!("path refused: {}", path::PathError::EncodedSlash)));
+        }
+        if dot_parameters && route.reject_path_parameters {
+            return Err(ProxyError::BadRequest(format!("path refused: {}", path::PathError::DotParameters)));
         }
         Ok(route)
     }

@@ -5,6 +5,10 @@
 //! refused, and so is a segment in which a dot segment meets an encoded slash or backslash (`..%2f`, `%2e%2e%5c`),
 //! since servers disagree on whether that is one segment or two. Other encoded slashes stay as they are (APIs such as
 //! GitLab's put `%2F` inside a segment) unless a route sets `encoded_slashes = "reject"`.
+//!
+//! A dot segment with path parameters (`..;x`, `.;`) is a dot segment too: Tomcat and Jetty drop the parameters and
+//! then read `..`, so `/api/..;/admin` reaches `/admin` behind them. It is removed like `..` (or refused where a route
+//! sets `path_parameters = "reject"`).
 
 /// Why a path is refused (the detail of a 400).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -18,6 +22,9 @@ pub enum PathError {
     /// An encoded `/` or `\` on a route that refuses them.
     #[error("encoded slashes are refused on this route (encoded_slashes = \"reject\")")]
     EncodedSlash,
+    /// A dot segment with path parameters (`..;x`) on a route that refuses them.
+    #[error("a dot segment with path parameters (`..;`) is refused on this route (path_parameters = \"reject\")")]
+    DotParameters,
 }
 
 /// The path with its dot segments removed: `None` when it has none (nearly every request), else the new path.
@@ -74,7 +81,13 @@ fn needs_a_look(path: &str) -> bool {
     path.as_bytes().iter().any(|&b| b == b'%' || b == b'\\') || path.contains("/.")
 }
 
-/// `Some(n)` when `segment` is a dot segment of `n` dots (`.`, `..`, raw or as `%2e`).
+/// Whether the path has a dot segment with path parameters (`..;x`, `.;`), for `path_parameters = "reject"`.
+pub fn has_dot_parameters(path: &str) -> bool {
+    path.contains(';') && path.split('/').any(|segment| segment.contains(';') && dots(segment).is_some())
+}
+
+/// `Some(n)` when `segment` is a dot segment of `n` dots (`.`, `..`, raw or as `%2e`), with or without path
+/// parameters after them (`..;jsessionid=x`: servlet containers read it as `..`).
 fn dots(segment: &str) -> Option<usize> {
     let bytes = segment.as_bytes();
     let mut i = 0;
@@ -84,6 +97,8 @@ fn dots(segment: &str) -> Option<usize> {
             i += 1;
         } else if bytes[i] == b'%' && bytes.get(i + 1) == Some(&b'2') && matches!(bytes.get(i + 2), Some(b'e' | b'E')) {
             i += 3;
+        } else if bytes[i] == b';' {
+            break;
         } else {
             return None;
         }
@@ -159,6 +174,13 @@ mod tests {
             ("/a//b/../c", "/a//c"),
             ("/a%2Fb/c", "/a%2Fb/c"),
             ("/", "/"),
+            ("/api/..;/admin", "/admin"),
+            ("/api/x/..;jsessionid=1/y", "/api/y"),
+            ("/api/.;x/y", "/api/y"),
+            ("/api/%2e%2e;/admin", "/admin"),
+            ("/api/x;y=1/z", "/api/x;y=1/z"),
+            ("/api/...;/z", "/api/...;/z"),
+            ("/api/;/z", "/api/;/z"),
         ] {
             assert_eq!(normalized(path), expected, "{path}");
         }
@@ -183,6 +205,16 @@ mod tests {
         assert_eq!(split, ["a", "b", "%2e%2e", "c"]);
         assert_eq!(pieces("plain").collect::<Vec<_>>(), ["plain"]);
         assert_eq!(pieces("x%2f").collect::<Vec<_>>(), ["x", ""]);
+    }
+
+    #[test]
+    fn dot_segments_with_parameters_are_seen() {
+        assert!(has_dot_parameters("/api/..;/admin"));
+        assert!(has_dot_parameters("/a/.;x"));
+        assert!(has_dot_parameters("/a/%2e%2e;x/b"));
+        assert!(!has_dot_parameters("/a/b;c=1"));
+        assert!(!has_dot_parameters("/a/../b"));
+        assert_eq!(remove_dot_segments("/..;/x"), Err(PathError::AboveRoot));
     }
 
     #[test]

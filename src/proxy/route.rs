@@ -12,7 +12,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
 use super::upstream::{RouteTls, UpstreamClient, Via};
-use crate::config::{EncodedSlashes, IncomingAuthorization, Inject, RouteConfig, UpstreamProtocol};
+use crate::config::{EncodedSlashes, IncomingAuthorization, Inject, PathParameters, RouteConfig, UpstreamProtocol};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::token::exchange::ExchangeCache;
 use crate::token::{TokenBinding, TokenSource};
@@ -69,6 +69,8 @@ pub struct Route {
     pub incoming_authorization: IncomingAuthorization,
     /// Refuse paths with an encoded `/` or `\\`.
     pub reject_encoded_slashes: bool,
+    /// Refuse paths with a dot segment carrying path parameters (`..;`).
+    pub reject_path_parameters: bool,
     /// The route's own TLS settings for its upstream (`ca_file`, `server_name`, client certificate), if it has any.
     pub tls: Option<RouteTls>,
     /// Requests go to the (plain) upstream as h2 with prior knowledge.
@@ -159,6 +161,7 @@ impl Route {
             refusals: config.retry_on_status.clone().into_boxed_slice(),
             incoming_authorization: config.incoming_authorization,
             reject_encoded_slashes: config.encoded_slashes == EncodedSlashes::Reject,
+            reject_path_parameters: config.path_parameters == PathParameters::Reject,
             tls,
             h2c: config.upstream_protocol == UpstreamProtocol::H2c,
             grpc_unauthenticated_refresh: config.grpc_unauthenticated_refresh,
