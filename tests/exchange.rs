@@ -130,6 +130,15 @@ async fn the_subject_never_reaches_the_upstream_whatever_the_route_injects() {
         let everything = format!("{} {:?}", seen.uri, seen.headers);
         assert!(!everything.contains("caller-secret-subject"), "{inject}: {everything}");
         assert!(everything.contains("tok-"), "{inject}: the exchanged token goes where the route says: {everything}");
+        // The same caller with its token in the query too (RFC 6750 §2.3): that copy is not forwarded either.
+        let request = Request::get(proxy.url("/api/x?a=1&access_token=caller-secret-subject&b=2"))
+            .header("authorization", "Bearer caller-secret-subject")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(Client::new().send(request).await.status, 200);
+        let in_query = upstream.seen().pop().unwrap();
+        assert!(!in_query.uri.to_string().contains("caller-secret-subject"), "{inject}: {}", in_query.uri);
+        assert!(in_query.uri.to_string().contains("a=1") && in_query.uri.to_string().contains("b=2"));
         proxy.stop().await;
     }
 }

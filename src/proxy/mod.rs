@@ -436,6 +436,14 @@ impl Proxy {
                 }
             }
         }
+        if caller_tokens.is_some() {
+            // A caller may send its bearer token in the query too (`access_token`, RFC 6750 §2.3): on a route that
+            // exchanges it, it never goes upstream either.
+            let current = query.as_deref().or(parts.uri.query());
+            if query_has(current, SUBJECT_QUERY_PARAM) {
+                query = current.map(|q| without_param(q, SUBJECT_QUERY_PARAM));
+            }
+        }
         Ok(Target { original: parts.uri.clone(), query, attach, caller_tokens })
     }
 
@@ -591,6 +599,9 @@ fn with_path(uri: &http::Uri, path: &str) -> Result<http::Uri, ProxyError> {
         Some(path_and_query.parse().map_err(|e| ProxyError::BadRequest(format!("cannot rebuild the path: {e}")))?);
     http::Uri::from_parts(parts).map_err(|e| ProxyError::BadRequest(format!("cannot rebuild the path: {e}")))
 }
+
+/// The query parameter a bearer token may be sent in (RFC 6750 §2.3).
+const SUBJECT_QUERY_PARAM: &str = "access_token";
 
 /// `x-request-id`: propagated from the caller, or created, and sent upstream and back.
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
