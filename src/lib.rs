@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod host_check;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
@@ -40,6 +41,7 @@ use tokio::sync::watch;
 use crate::admin::{Admin, Reload};
 use crate::config::Config;
 use crate::config::VendingListen;
+use crate::host_check::HostCheck;
 use crate::metrics::Metrics;
 use crate::proxy::route::{Route, RouteTable};
 use crate::proxy::{Connection, Ended, Proxy, ProxyBody, ProxyOptions, UpstreamClient};
@@ -198,8 +200,11 @@ fn build_proxy(
     let lookup = |name: &str| engine.binding(name);
     let routes =
         config.routes.iter().map(|r| Route::new(r, &lookup, metrics, client)).collect::<Result<Vec<_>, _>>()?;
+    let route_hosts = config.routes.iter().filter_map(|route| route.host.as_deref());
+    let hosts = HostCheck::new(config.server.listen.ip(), config.server.allowed_hosts.as_deref(), route_hosts);
     Ok(Proxy::new(
         RouteTable::new(routes),
+        (hosts, metrics.misdirected("proxy")),
         Arc::clone(client),
         ProxyOptions {
             replay_buffer: config.server.replay_buffer,
@@ -341,8 +346,14 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
     if running.admin.listen != new.admin.listen {
         keys.push("admin.listen");
     }
+    if running.admin.allowed_hosts != new.admin.allowed_hosts {
+        keys.push("admin.allowed_hosts");
+    }
     if running.vending.listen != new.vending.listen {
         keys.push("vending.listen");
+    }
+    if running.vending.allowed_hosts != new.vending.allowed_hosts {
+        keys.push("vending.allowed_hosts");
     }
     if running.log.format != new.log.format || running.log.level != new.log.level {
         keys.push("log");
@@ -422,25 +433,37 @@ impl BoundApp {
         };
         let admin_options = ListenerOptions { max_connections: 64, tls: None, ..proxy_options.clone() };
         let proxy = Arc::new(ProxyHandler(Arc::clone(&app.proxy)));
-        let admin = Arc::new(AdminHandler(Admin::new(
-            Arc::clone(&app.engine),
-            Arc::clone(&app.metrics),
-            Some(Arc::clone(&reloader) as Arc<dyn Reload>),
-        )));
+        let admin_hosts = HostCheck::new(app.config.admin.listen.ip(), app.config.admin.allowed_hosts.as_deref(), []);
+        let admin = Arc::new(AdminHandler(
+            Admin::new(
+                Arc::clone(&app.engine),
+                Arc::clone(&app.metrics),
+                Some(Arc::clone(&reloader) as Arc<dyn Reload>),
+            ),
+            ListenerHosts::new(admin_hosts, &app.metrics, "admin"),
+        ));
         let proxy_task = tokio::spawn(server::serve(proxy_listener, proxy, proxy_options, stop_rx.clone(), workers));
         let admin_task =
             tokio::spawn(server::serve(admin_listener, admin, admin_options.clone(), stop_rx.clone(), None));
         let vending_task = vending_listener.map(|listener| {
-            let vending =
-                Arc::new(VendingHandler(vending::Vending::new(Arc::clone(&app.engine), Arc::clone(&app.metrics))));
+            let vending = |hosts| {
+                let api = vending::Vending::new(Arc::clone(&app.engine), Arc::clone(&app.metrics));
+                Arc::new(VendingHandler(api, ListenerHosts::new(hosts, &app.metrics, "vending")))
+            };
             match listener {
                 VendingListener::Tcp(listener) => {
-                    tokio::spawn(server::serve(listener, vending, admin_options, stop_rx.clone(), None))
+                    let allowed = app.config.vending.allowed_hosts.as_deref();
+                    let hosts = listener.local_addr().map_or_else(
+                        |_| HostCheck::new(std::net::Ipv4Addr::LOCALHOST.into(), allowed, []),
+                        |addr| HostCheck::new(addr.ip(), allowed, []),
+                    );
+                    tokio::spawn(server::serve(listener, vending(hosts), admin_options, stop_rx.clone(), None))
                 }
+                // A unix socket has no Host to rebind: its file mode decides who may ask.
                 VendingListener::Unix(listener, path) => tokio::spawn(vending::serve_unix(
                     listener,
                     path,
-                    vending,
+                    vending(HostCheck::off()),
                     admin_options.header_read_timeout,
                     stop_rx.clone(),
                 )),
@@ -549,7 +572,7 @@ impl Handler for ProxyHandler {
     }
 }
 
-struct VendingHandler(vending::Vending);
+struct VendingHandler(vending::Vending, ListenerHosts);
 
 impl Handler for VendingHandler {
     type Body = Full<bytes::Bytes>;
@@ -558,11 +581,14 @@ impl Handler for VendingHandler {
     fn connection(&self, _peer: SocketAddr, _tls: bool) {}
 
     async fn call(self: &Arc<Self>, request: Request<Incoming>, _connection: &Arc<()>) -> Response<Self::Body> {
-        self.0.handle(request).await
+        match self.1.refuse(&request) {
+            Some(refusal) => refusal,
+            None => self.0.handle(request).await,
+        }
     }
 }
 
-struct AdminHandler(Admin);
+struct AdminHandler(Admin, ListenerHosts);
 
 impl Handler for AdminHandler {
     type Body = Full<bytes::Bytes>;
@@ -571,7 +597,36 @@ impl Handler for AdminHandler {
     fn connection(&self, _peer: SocketAddr, _tls: bool) {}
 
     async fn call(self: &Arc<Self>, request: Request<Incoming>, _connection: &Arc<()>) -> Response<Self::Body> {
-        self.0.handle(request).await
+        match self.1.refuse(&request) {
+            Some(refusal) => refusal,
+            None => self.0.handle(request).await,
+        }
+    }
+}
+
+/// The `Host` check of the admin or vending listener (the proxy's is a phase of the proxy: `Proxy::admit`).
+struct ListenerHosts {
+    check: HostCheck,
+    refused: prometheus::IntCounter,
+    /// The config section of the listener (`admin`, `vending`).
+    section: &'static str,
+}
+
+impl ListenerHosts {
+    fn new(check: HostCheck, metrics: &Metrics, section: &'static str) -> ListenerHosts {
+        ListenerHosts { check, refused: metrics.misdirected(section), section }
+    }
+
+    /// The 421 problem+json answer to a request whose `Host` this listener does not answer (counted), if it does not.
+    fn refuse<B>(&self, request: &Request<B>) -> Option<Response<Full<bytes::Bytes>>> {
+        let host = host_check::requested_host(request.version(), request.uri(), request.headers());
+        if self.check.admits(host) {
+            return None;
+        }
+        self.refused.inc();
+        let error = proxy::ProxyError::Misdirected(proxy::misdirected_detail(self.section));
+        let (parts, body) = error.into_parts(&proxy::ErrorContext::default());
+        Some(Response::from_parts(parts, Full::new(body)))
     }
 }
 

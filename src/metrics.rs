@@ -31,6 +31,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "tokenproxy_exchange_cache_total",
     "tokenproxy_exchange_subjects",
     "tokenproxy_vended_tokens_total",
+    "tokenproxy_misdirected_requests_total",
     "tokenproxy_store_operations_total",
     "tokenproxy_store_lease_waits_total",
     "tokenproxy_store_fallbacks_total",
@@ -130,6 +131,7 @@ pub struct Metrics {
     exchange_cache: IntCounterVec,
     exchange_subjects: IntGaugeVec,
     vended: IntCounterVec,
+    misdirected: IntCounterVec,
     store: StoreMetrics,
 }
 
@@ -342,6 +344,15 @@ impl Metrics {
             "Tokens handed out by the vending listener, by provider.",
             &["provider"],
         );
+        let misdirected = counter(
+            "tokenproxy_misdirected_requests_total",
+            "Requests answered 421: their Host named neither the listener nor a route nor an allowed name (DNS \
+             rebinding), by listener (proxy, admin, vending).",
+            &["listener"],
+        );
+        for listener in ["proxy", "admin", "vending"] {
+            misdirected.with_label_values(&[listener]);
+        }
         let single = |name: &str, help: &str| {
             let counter = IntCounter::new(name, help).expect("static metric definition");
             registry.register(Box::new(counter.clone())).expect("metric registered once");
@@ -394,8 +405,14 @@ impl Metrics {
             exchange_cache,
             exchange_subjects,
             vended,
+            misdirected,
             store,
         }
+    }
+
+    /// The counter of requests a listener (`proxy`, `admin`, `vending`) answered 421 `misdirected_request`.
+    pub fn misdirected(&self, listener: &str) -> IntCounter {
+        self.misdirected.with_label_values(&[listener])
     }
 
     /// Handles of the shared store.

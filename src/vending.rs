@@ -41,6 +41,14 @@ impl Vending {
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return answer(StatusCode::METHOD_NOT_ALLOWED, json!({ "error": "method not allowed" }));
         }
+        // A request that came through a proxy is not a local application's (Google's metadata server refuses it too):
+        // a forwarding proxy in front of this listener must not turn it into a token dispenser.
+        let headers = request.headers();
+        if headers.contains_key("x-forwarded-for") || headers.contains_key(http::header::FORWARDED) {
+            let error = "a request that names a forwarding hop (X-Forwarded-For, Forwarded) is refused: tokens are \
+                         handed only to applications on this host";
+            return answer(StatusCode::FORBIDDEN, json!({ "error": error }));
+        }
         let flavored =
             request.headers().get(FLAVOR.0).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(FLAVOR.1.as_bytes()));
         if !flavored {

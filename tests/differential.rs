@@ -143,6 +143,7 @@ const PEER: &str = "127.0.0.1:40000";
 fn config(idp: &support::FakeIdp, direct: bool) -> tokenproxy::config::Config {
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\ndirect_http1 = {direct}\nheader_read_timeout = \"5s\"\n\
+         allowed_hosts = [\"a\", \"internal\"]\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n[log]\naccess = false\n\
          [providers.api]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
          [[routes]]\nname = \"api\"\nprefix = \"/api\"\nupstream = \"http://api.upstream:8080\"\nprovider = \"api\"\n\

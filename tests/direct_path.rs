@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 const WAIT: Duration = Duration::from_secs(5);
 
 /// The Host header the raw client sends (any host matches the host-less routes used here).
-const CLIENT_HOST: &str = "tokenproxy.test";
+const CLIENT_HOST: &str = "localhost";
 
 // ---------------------------------------------------------------------------------------------------------------
 // HTTP/1.1 message parsing shared by both raw ends
@@ -663,7 +663,7 @@ async fn head_response_keeps_its_content_length_without_body_and_the_connection_
     let (_idp, upstream, proxy) = setup(upstream).await;
     let mut client = RawClient::connect(&proxy).await;
 
-    let head = client.exchange("HEAD", b"HEAD /api/doc HTTP/1.1\r\nHost: tokenproxy.test\r\n\r\n").await;
+    let head = client.exchange("HEAD", b"HEAD /api/doc HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert_eq!(head.status, 200);
     assert_eq!(head.header("content-length"), Some("1234"), "HEAD keeps the upstream's Content-Length");
     assert!(head.header("transfer-encoding").is_none());
@@ -1211,16 +1211,16 @@ async fn a_response_keeps_its_framing_whatever_connection_lists() {
 async fn requests_http_1_1_forbids_get_400_and_the_connection_closes() {
     let (_idp, upstream, proxy) = setup(RawUpstream::echo_target().await).await;
     let cases: &[&[u8]] = &[
-        b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello",
-        b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\xa0\r\n\r\nhello",
-        b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 0x5\r\n\r\nhello",
-        b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello",
-        b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
-        b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
-        b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\nhello",
-        b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\nhello",
-        b"GET /api/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"POST /api/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: +5\r\n\r\nhello",
+        b"POST /api/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\xa0\r\n\r\nhello",
+        b"POST /api/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0x5\r\n\r\nhello",
+        b"POST /api/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5, 5\r\n\r\nhello",
+        b"POST /api/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST /api/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /api/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        b"POST /api/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+        b"POST /api/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked, gzip\r\n\r\nhello",
+        b"GET /api/x HTTP/1.1\r\nHost: localhost\r\nHost: b\r\n\r\n",
     ];
     for case in cases {
         let length_with_te = String::from_utf8_lossy(case).contains("Content-Length: 5\r\nTransfer-Encoding")
@@ -1246,7 +1246,7 @@ async fn requests_http_1_1_forbids_get_400_and_the_connection_closes() {
     assert!(upstream.received().is_empty(), "nothing reached the upstream: {:#?}", upstream.received());
     // Repeated identical lengths are one length (RFC 9110 §8.6), as hyper reads them.
     let mut client = RawClient::connect(&proxy).await;
-    let same = b"POST /api/same HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello";
+    let same = b"POST /api/same HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello";
     assert_eq!(client.exchange("POST", same).await.text(), "POST /same");
     assert_eq!(upstream.received()[0].head.all("content-length"), ["5"]);
     proxy.stop().await;
@@ -1283,7 +1283,8 @@ async fn trace_and_track_are_answered_405_and_never_forwarded() {
     let (_idp, upstream, proxy) = setup(RawUpstream::echo_target().await).await;
     let mut client = RawClient::connect(&proxy).await;
     for method in ["TRACE", "TRACK", "trace"] {
-        let reply = client.exchange(method, format!("{method} /api/x HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes()).await;
+        let reply =
+            client.exchange(method, format!("{method} /api/x HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).await;
         reply.assert_problem(405, "method_not_allowed");
         assert!(!reply.text().contains("tok-1"));
     }

@@ -482,8 +482,11 @@ async fn never_an_open_proxy() {
     // So is an origin-form request whose Host names it.
     let answer = raw(&proxy, "GET /o/2 HTTP/1.1\r\nHost: Orders.Internal:8080\r\nConnection: close\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let answer = raw(&proxy, "GET /nowhere HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n").await;
+    let answer = raw(&proxy, "GET /nowhere HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 404") && answer.contains("no_route"), "{answer}");
+    // An origin-form Host that names neither this loopback listener nor a route: a rebound web page (421).
+    let answer = raw(&proxy, "GET /api/x HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 421") && answer.contains("misdirected_request"), "{answer}");
     proxy.stop().await;
 }
 

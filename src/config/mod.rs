@@ -85,6 +85,10 @@ pub struct ServerConfig {
     /// Plain HTTP/1.1 requests are served by tokenproxy's own HTTP/1.1 transport; `false` serves every request with
     /// hyper.
     pub direct_http1: bool,
+    /// Names the listener answers besides IP literals, `localhost` and the routes' hosts (`server.allowed_hosts`;
+    /// `["*"]`: any); `None`: checked on a loopback address only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 /// `[server.tls]`: certificate chain and private key of the proxy listener (PEM files).
@@ -101,6 +105,9 @@ pub struct ServerTls {
 pub struct AdminConfig {
     /// Address the admin endpoints listen on.
     pub listen: SocketAddr,
+    /// Names the admin listener answers besides IP literals and `localhost` (`admin.allowed_hosts`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 /// `vending.listen`: a TCP address, or the path of a unix socket.
@@ -130,6 +137,9 @@ pub struct VendingConfig {
     /// Allow an address other than loopback.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub allow_remote: bool,
+    /// Names the vending listener answers besides IP literals and `localhost` (`vending.allowed_hosts`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 /// `log.format`: how log lines are written.
@@ -768,6 +778,7 @@ impl Default for ServerConfig {
             worker_threads: None,
             max_idle_upstream_connections: 128,
             direct_http1: true,
+            allowed_hosts: None,
         }
     }
 }
@@ -775,7 +786,7 @@ impl Default for ServerConfig {
 impl Default for AdminConfig {
     /// The SPEC default: 127.0.0.1:9090.
     fn default() -> Self {
-        AdminConfig { listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)) }
+        AdminConfig { listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)), allowed_hosts: None }
     }
 }
 

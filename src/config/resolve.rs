@@ -91,6 +91,7 @@ fn server(r: &mut Reader<'_>, root: &mut Table<'_>) -> (ServerConfig, Option<Lea
             d.max_idle_upstream_connections,
         ),
         direct_http1: value_or(r.get(&mut t, "direct_http1", reader::boolean), d.direct_http1),
+        allowed_hosts: r.get(&mut t, "allowed_hosts", host_names).map(|leaf| leaf.value),
     };
     r.finish(t);
     (server, listen)
@@ -113,8 +114,9 @@ fn admin(r: &mut Reader<'_>, root: &mut Table<'_>) -> (AdminConfig, Option<Leaf<
     let d = AdminConfig::default();
     let mut t = r.table(root, "admin");
     let listen = r.get(&mut t, "listen", reader::socket_addr);
+    let allowed_hosts = r.get(&mut t, "allowed_hosts", host_names).map(|leaf| leaf.value);
     r.finish(t);
-    let admin = AdminConfig { listen: listen.as_ref().map_or(d.listen, |leaf| leaf.value) };
+    let admin = AdminConfig { listen: listen.as_ref().map_or(d.listen, |leaf| leaf.value), allowed_hosts };
     (admin, listen)
 }
 
@@ -128,6 +130,7 @@ fn vending(r: &mut Reader<'_>, root: &mut Table<'_>, taken: &[SocketAddr]) -> Ve
             .map_err(|e| format!("{e}, or the absolute path of a unix socket (\"/run/tokenproxy/vending.sock\")")),
     });
     let allow_remote = value_or(r.get(&mut t, "allow_remote", reader::boolean), false);
+    let allowed_hosts = r.get(&mut t, "allowed_hosts", host_names).map(|leaf| leaf.value);
     if let Some(Leaf { value: VendingListen::Tcp(addr), path, tag }) = &listen {
         let leaf = Leaf { value: *addr, path: path.clone(), tag: *tag };
         let leaf = &leaf;
@@ -145,7 +148,37 @@ fn vending(r: &mut Reader<'_>, root: &mut Table<'_>, taken: &[SocketAddr]) -> Ve
         }
     }
     r.finish(t);
-    VendingConfig { listen: listen.map(|leaf| leaf.value), allow_remote }
+    VendingConfig { listen: listen.map(|leaf| leaf.value), allow_remote, allowed_hosts }
+}
+
+/// `allowed_hosts`: a list of host names (`api.example.com`), wildcards for the names under one (`*.example.com`), or
+/// `["*"]` for any.
+fn host_names(value: &Value) -> Result<Vec<String>, String> {
+    let Value::Array(_, items) = value else {
+        return Err(format!(
+            "expected a list of host names such as [\"dev.example.com\", \"*.corp.example\"], found {}",
+            reader::kind(value)
+        ));
+    };
+    let names = items.iter().map(reader::non_empty_string).collect::<Result<Vec<_>, _>>()?;
+    for name in &names {
+        let bare = name.strip_prefix("*.").unwrap_or(name);
+        let valid = name == "*"
+            || (!bare.is_empty()
+                && bare.split('.').all(|label| {
+                    !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                }));
+        if !valid {
+            return Err(format!(
+                "`{name}` is not a host name: use names without scheme or port (\"dev.example.com\"), \
+                 \"*.example.com\" for the names under one, or [\"*\"] alone to answer any Host"
+            ));
+        }
+    }
+    if names.len() > 1 && names.iter().any(|name| name == "*") {
+        return Err("\"*\" answers any Host: it stands alone, [\"*\"]".into());
+    }
+    Ok(names)
 }
 
 /// `[log]`.

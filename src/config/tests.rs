@@ -1127,3 +1127,30 @@ fn a_shared_store_behind_sentinel_names_its_sentinels_and_master() {
         plain.warnings()
     );
 }
+
+#[test]
+fn allowed_hosts_are_host_names_wildcards_or_a_lone_star() {
+    let config = load(&format!(
+        "[server]\nallowed_hosts = [\"dev.example.com\", \"*.corp.example\"]\n[admin]\nallowed_hosts = [\"*\"]\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(config.server.allowed_hosts.unwrap(), ["dev.example.com", "*.corp.example"]);
+    assert_eq!(config.admin.allowed_hosts.unwrap(), ["*"]);
+    assert_eq!(config.vending.allowed_hosts, None);
+    let refused = |list: &str| problems(load(&format!("[server]\nallowed_hosts = {list}\n{MINIMAL}")));
+    assert_eq!(
+        refused("[\"http://dev.example.com:8080\"]"),
+        ["server.allowed_hosts: `http://dev.example.com:8080` is not a host name: use names without scheme or port \
+          (\"dev.example.com\"), \"*.example.com\" for the names under one, or [\"*\"] alone to answer any Host (from \
+          tokenproxy.toml)"]
+    );
+    assert_eq!(
+        refused("[\"*\", \"a.example\"]"),
+        ["server.allowed_hosts: \"*\" answers any Host: it stands alone, [\"*\"] (from tokenproxy.toml)"]
+    );
+    assert_eq!(
+        refused("\"a.example\"")[0].split(',').next().unwrap(),
+        "server.allowed_hosts: expected a list of host names such as [\"dev.example.com\""
+    );
+    assert!(refused("[\"\"]")[0].contains("must not be empty"));
+}

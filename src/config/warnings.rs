@@ -15,9 +15,32 @@ impl Config {
         if !self.admin.listen.ip().is_loopback() {
             warnings.push(format!(
                 "admin.listen: {} is not a loopback address, and the admin API has no authentication (it forces token \
-                 refreshes and reloads the config); keep it on 127.0.0.1, or let only the kubelet and Prometheus reach it",
-                self.admin.listen
+                 refreshes and reloads the config); keep it on 127.0.0.1, or let only the kubelet and Prometheus reach it{}",
+                self.admin.listen,
+                if self.admin.allowed_hosts.is_none() {
+                    " (and set admin.allowed_hosts to have the Host of its requests checked)"
+                } else {
+                    ""
+                }
             ));
+        }
+        // A loopback listener answers only a Host that names it (DNS rebinding); another address checks only with
+        // allowed_hosts, so that a gateway reached by its Service name keeps working.
+        let vending = match self.vending.listen {
+            Some(super::VendingListen::Tcp(addr)) => Some(addr),
+            _ => None,
+        };
+        for (key, listen, allowed) in [
+            ("server", Some(self.server.listen), &self.server.allowed_hosts),
+            ("vending", vending, &self.vending.allowed_hosts),
+        ] {
+            if let Some(listen) = listen.filter(|listen| !listen.ip().is_loopback() && allowed.is_none()) {
+                warnings.push(format!(
+                    "{key}.listen: on {listen}, not a loopback address, the Host of requests is not checked: set \
+                     {key}.allowed_hosts to the names callers use (IP addresses and localhost always pass) to refuse \
+                     others with 421"
+                ));
+            }
         }
         for (name, provider) in &self.providers {
             for (key, url) in [("token_url", &provider.token_url), ("issuer", &provider.issuer)] {

@@ -46,6 +46,8 @@ pub enum ProxyError {
     NoRoute,
     /// Absolute-form, CONNECT, or a Host no route names.
     HostNotAllowed(String),
+    /// A `Host` that names neither this loopback listener nor a route nor an allowed name (DNS rebinding).
+    Misdirected(String),
     /// A request a route or the path policy refuses.
     BadRequest(String),
     /// A request HTTP/1.1 forbids (two `Host` headers, a framing another hop could read differently, a body that
@@ -79,6 +81,7 @@ impl ProxyError {
             ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::HostNotAllowed(_) => StatusCode::FORBIDDEN,
+            ProxyError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::BadRequest(_) | ProxyError::Malformed(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -104,6 +107,7 @@ impl ProxyError {
             ProxyError::RequestTimeout(_) => "request_timeout",
             ProxyError::NoRoute => "no_route",
             ProxyError::HostNotAllowed(_) => "host_not_allowed",
+            ProxyError::Misdirected(_) => "misdirected_request",
             ProxyError::BadRequest(_) | ProxyError::Malformed(_) => "bad_request",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
         }
@@ -118,6 +122,7 @@ impl ProxyError {
             ProxyError::RequestTimeout(_) => "The request body did not arrive in time",
             ProxyError::NoRoute => "No route matches this request",
             ProxyError::HostNotAllowed(_) => "This host is not served by tokenproxy",
+            ProxyError::Misdirected(_) => "This listener does not answer for this host",
             ProxyError::BadRequest(_) => "Bad request",
             ProxyError::Malformed(_) => "Malformed request",
             ProxyError::MethodNotAllowed(_) => "This method is not forwarded",
@@ -133,7 +138,7 @@ impl ProxyError {
                 format!("the request body was not complete within request_timeout ({after:?})")
             }
             ProxyError::NoRoute => "no configured route matches this host and path".to_owned(),
-            ProxyError::HostNotAllowed(detail) => detail.clone(),
+            ProxyError::HostNotAllowed(detail) | ProxyError::Misdirected(detail) => detail.clone(),
             ProxyError::BadRequest(detail) | ProxyError::Malformed(detail) => detail.clone(),
             ProxyError::MethodNotAllowed(method) => {
                 format!("{method} is never forwarded: an upstream would echo the request, token included")

@@ -49,7 +49,7 @@ pub fn code(error: &ProxyError) -> Code {
     match error {
         ProxyError::TokenUnavailable { .. } | ProxyError::UpstreamUnreachable(_) => Code::Unavailable,
         ProxyError::UpstreamTimeout(_) | ProxyError::RequestTimeout(_) => Code::DeadlineExceeded,
-        ProxyError::HostNotAllowed(_) => Code::PermissionDenied,
+        ProxyError::HostNotAllowed(_) | ProxyError::Misdirected(_) => Code::PermissionDenied,
         ProxyError::Subject { refusal: crate::token::SubjectRefusal::Refused, .. } => Code::PermissionDenied,
         ProxyError::Subject { .. } => Code::Unauthenticated,
         ProxyError::NoRoute | ProxyError::MethodNotAllowed(_) => Code::Unimplemented,

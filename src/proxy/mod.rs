@@ -50,6 +50,7 @@ use route::{Injection, Lookup, Route, RouteTable};
 pub use upstream::{UpstreamBody, UpstreamClient};
 
 use crate::config::IncomingAuthorization;
+use crate::host_check::HostCheck;
 use crate::metrics::{ReplayOutcome, RouteMetrics};
 use crate::token::dpop::ProofFor;
 use crate::token::{SubjectRefusal, Token, TokenSource};
@@ -88,6 +89,10 @@ pub struct ProxyOptions {
 /// The reverse proxy: routes, the upstream client and the limits that apply to every request.
 pub struct Proxy {
     table: RouteTable,
+    /// Which `Host` the proxy listener answers (DNS rebinding).
+    hosts: HostCheck,
+    /// Requests refused by `hosts`.
+    misdirected: prometheus::IntCounter,
     client: Arc<UpstreamClient>,
     replay_buffer: usize,
     request_timeout: Duration,
@@ -224,10 +229,18 @@ impl Retried {
 }
 
 impl Proxy {
-    /// A proxy over `table`.
-    pub fn new(table: RouteTable, client: Arc<UpstreamClient>, options: ProxyOptions, unrouted: RouteMetrics) -> Proxy {
+    /// A proxy over `table`, answering the hosts `hosts` admits (`misdirected` counts the others).
+    pub fn new(
+        table: RouteTable,
+        (hosts, misdirected): (HostCheck, prometheus::IntCounter),
+        client: Arc<UpstreamClient>,
+        options: ProxyOptions,
+        unrouted: RouteMetrics,
+    ) -> Proxy {
         Proxy {
             table,
+            hosts,
+            misdirected,
             client,
             replay_buffer: options.replay_buffer,
             request_timeout: options.request_timeout,
@@ -354,10 +367,11 @@ impl Proxy {
         let lookup = match absolute_host {
             Some(host) => self.table.lookup_absolute(host, path),
             None => {
-                let host = match request.version {
-                    Version::HTTP_2 => request.uri.authority().map(|a| a.as_str()),
-                    _ => request.headers.get(HOST).and_then(|h| h.to_str().ok()),
-                };
+                let host = crate::host_check::requested_host(request.version, &request.uri, &request.headers);
+                if !self.hosts.admits(host) {
+                    self.misdirected.inc();
+                    return Err(ProxyError::Misdirected(misdirected_detail("server")));
+                }
                 self.table.lookup_origin(host, path)
             }
         };
@@ -586,6 +600,14 @@ impl Proxy {
             route.metrics.replays(ReplayOutcome::Success).inc();
         }
     }
+}
+
+/// The detail of a 421 from the listener whose `allowed_hosts` is under `section` (the `Host` itself is not echoed).
+pub fn misdirected_detail(section: &str) -> String {
+    format!(
+        "this listener answers only requests naming it (localhost, an IP address, a host a route names, or \
+         {section}.allowed_hosts): a web page that points its own name at this machine must not reach it"
+    )
 }
 
 /// `uri` with its path replaced (its query kept).

@@ -1,0 +1,175 @@
+//! The listeners' edges, tried as a hostile web page and a hostile peer would, with raw bytes on TCP and raw h2
+//! frames: DNS rebinding (a `Host` that names neither the listener nor a route gets 421 on the proxy, admin and
+//! vending listeners, and nothing is forwarded or handed out). Run on both HTTP/1.1 transports (`scripts/test` runs
+//! it again with `TP_TEST_HTTP1=hyper`) and over h2c.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use support::{basic_config, FakeIdp, FakeUpstream, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends `request` (which should say `Connection: close`) on a new connection and reads the answer to its end.
+async fn raw(addr: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the answer ends")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn status(answer: &str) -> u16 {
+    answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// A proxy with a vended provider, a route without `host` at `/api` and one naming `api.example.test`, and the
+/// vending listener on loopback; `server` and `admin` are extra lines of those tables.
+async fn rebinding_target(idp: &FakeIdp, upstream: &FakeUpstream, server: &str, admin: &str) -> Proxy {
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\n{admin}\n\
+         [vending]\nlisten = \"127.0.0.1:0\"\n\
+         [providers.api]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s3cret-value\"\nvend = true\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/api\"\nupstream = \"{}\"\nprovider = \"api\"\n\
+         [[routes]]\nname = \"named\"\nhost = \"api.example.test\"\nprefix = \"/\"\nupstream = \"{}\"\nprovider = \"api\"\n",
+        idp.token_url(),
+        upstream.url(),
+        upstream.url()
+    );
+    let config = tokenproxy::config::Config::from_toml_str(&toml, "test.toml").unwrap();
+    let proxy = Proxy::start_config(config).await;
+    proxy.wait_ready().await;
+    proxy
+}
+
+#[tokio::test]
+async fn a_rebound_web_page_gets_421_from_every_loopback_listener_and_nothing_else() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let proxy = rebinding_target(&idp, &upstream, "", "").await;
+    let vending = proxy.vending.expect("the vending listener");
+    let calls = idp.calls();
+    // What a page at http://evil.example:PORT sends once its name points at 127.0.0.1.
+    let page = |port: u16| {
+        format!(
+            "Host: evil.example:{port}\r\nOrigin: http://evil.example:{port}\r\nSec-Fetch-Site: same-origin\r\n\
+             Connection: close\r\n"
+        )
+    };
+    let answer = raw(
+        vending,
+        &format!("GET /v1/token/api HTTP/1.1\r\n{}Metadata-Flavor: tokenproxy\r\n\r\n", page(vending.port())),
+    )
+    .await;
+    assert_eq!(status(&answer), 421, "{answer}");
+    assert!(answer.contains("misdirected_request") && !answer.contains("tok-"), "{answer}");
+    for path in ["/tokens/api/refresh", "/admin/reload"] {
+        let answer =
+            raw(proxy.admin, &format!("POST {path} HTTP/1.1\r\n{}Content-Length: 0\r\n\r\n", page(proxy.admin.port())))
+                .await;
+        assert_eq!(status(&answer), 421, "{path}: {answer}");
+        assert!(answer.contains("application/problem+json"), "{answer}");
+    }
+    let answer = raw(proxy.addr, &format!("GET /api/x HTTP/1.1\r\n{}\r\n", page(proxy.addr.port()))).await;
+    assert_eq!(status(&answer), 421, "{answer}");
+    assert!(answer.contains("x-tokenproxy-error: misdirected_request"), "{answer}");
+    assert_eq!(upstream.requests(), 0, "nothing was forwarded");
+    assert_eq!(idp.calls(), calls, "no refresh was forced");
+    assert_eq!(proxy.metric("tokenproxy_misdirected_requests_total{listener=\"vending\"}").await, 1.0);
+    assert_eq!(proxy.metric("tokenproxy_misdirected_requests_total{listener=\"admin\"}").await, 2.0);
+    assert_eq!(proxy.metric("tokenproxy_misdirected_requests_total{listener=\"proxy\"}").await, 1.0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn local_names_ip_literals_and_route_hosts_pass_and_forwarded_requests_get_no_token() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let proxy = rebinding_target(&idp, &upstream, "", "").await;
+    let vending = proxy.vending.expect("the vending listener");
+    for host in ["localhost", "LocalHost:8080", "127.0.0.1", "[::1]:1", "10.9.8.7", "app.localhost"] {
+        let answer =
+            raw(proxy.addr, &format!("GET /api/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")).await;
+        assert_eq!(status(&answer), 200, "{host}: {answer}");
+        let answer =
+            raw(vending, &format!("GET /v1/token/api HTTP/1.1\r\nHost: {host}\r\nMetadata-Flavor: tokenproxy\r\nConnection: close\r\n\r\n"))
+                .await;
+        assert_eq!(status(&answer), 200, "{host}: {answer}");
+        let answer =
+            raw(proxy.admin, &format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")).await;
+        assert_eq!(status(&answer), 200, "{host}: {answer}");
+    }
+    // A host a route names is the proxy's to answer; without a Host at all (HTTP/1.0), nothing to check.
+    let answer = raw(proxy.addr, "GET /x HTTP/1.1\r\nHost: api.example.test:8080\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_eq!(status(&raw(proxy.addr, "GET /api/x HTTP/1.0\r\n\r\n").await), 200);
+    // Absolute form keeps its own rule: a host no route names is 403, as before.
+    let answer =
+        raw(proxy.addr, "GET http://evil.example/api/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+            .await;
+    assert_eq!(status(&answer), 403, "{answer}");
+    // A request that came through a forwarding proxy is not a local application's.
+    for header in ["X-Forwarded-For: 127.0.0.1", "Forwarded: for=127.0.0.1"] {
+        let answer = raw(
+            vending,
+            &format!("GET /v1/token/api HTTP/1.1\r\nHost: localhost\r\nMetadata-Flavor: tokenproxy\r\n{header}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(status(&answer), 403, "{header}: {answer}");
+        assert!(!answer.contains("tok-"), "{answer}");
+    }
+    assert_eq!(proxy.metric("tokenproxy_misdirected_requests_total").await, 0.0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn allowed_hosts_add_names_and_a_star_turns_the_check_off() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let server = "allowed_hosts = [\"dev.internal\", \"*.corp.test\"]";
+    let proxy = rebinding_target(&idp, &upstream, server, "allowed_hosts = [\"*\"]").await;
+    let get = |host: &str| format!("GET /api/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    assert_eq!(status(&raw(proxy.addr, &get("dev.internal:8080")).await), 200);
+    assert_eq!(status(&raw(proxy.addr, &get("a.corp.test")).await), 200);
+    assert_eq!(status(&raw(proxy.addr, &get("evil.example")).await), 421);
+    let answer = raw(proxy.admin, "GET /healthz HTTP/1.1\r\nHost: anything.example\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status(&answer), 200, "admin.allowed_hosts = [\"*\"]: {answer}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_h2c_request_naming_another_host_in_its_authority_gets_421() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let proxy = Proxy::start(&basic_config(&idp, &upstream)).await;
+    proxy.wait_ready().await;
+    let port = proxy.addr.port();
+    let send = |authority: String| {
+        async move {
+            // The connection goes to the proxy; the request names `authority`.
+            let request =
+                http::Request::get(format!("http://{authority}/api/x")).body(Full::<Bytes>::default()).unwrap();
+            let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let (mut sender, connection) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(connection);
+            let response = sender.send_request(request).await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let (status, body) = send(format!("evil.example:{port}")).await;
+    assert_eq!(status, 421, "{body}");
+    assert!(body.contains("misdirected_request"), "{body}");
+    assert_eq!(send(format!("localhost:{port}")).await.0, 200);
+    assert_eq!(upstream.requests(), 1);
+    proxy.stop().await;
+}
