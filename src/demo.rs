@@ -47,9 +47,13 @@ pub async fn start_services() -> std::io::Result<DemoServices> {
     let (stop, stopped) = watch::channel(false);
     let options = ListenerOptions {
         max_connections: 1024,
-        header_read_timeout: Duration::from_secs(10),
+        timeouts: crate::activity::Timeouts {
+            header_read: Duration::from_secs(10),
+            keepalive: Duration::from_secs(60),
+        },
         shutdown_grace: Duration::from_secs(1),
         tls: None,
+        metrics: None,
     };
     let issued = Arc::new(AtomicU64::new(0));
     let idp_listener = TcpListener::bind("127.0.0.1:0").await?;

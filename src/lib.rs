@@ -13,6 +13,7 @@
 //! - [`server`]: listeners, connection limits, graceful shutdown;
 //! - [`demo`]: the in-process demo IdP and upstream behind `tokenproxy demo`.
 
+pub mod activity;
 pub mod admin;
 pub mod config;
 pub mod demo;
@@ -38,6 +39,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::activity::{Activity, Timeouts};
 use crate::admin::{Admin, Reload};
 use crate::config::Config;
 use crate::config::VendingListen;
@@ -334,6 +336,9 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
     if a.header_read_timeout != b.header_read_timeout {
         keys.push("server.header_read_timeout");
     }
+    if a.keepalive_timeout != b.keepalive_timeout {
+        keys.push("server.keepalive_timeout");
+    }
     if a.shutdown_grace != b.shutdown_grace {
         keys.push("server.shutdown_grace");
     }
@@ -375,6 +380,12 @@ enum VendingListener {
     Tcp(TcpListener),
     Unix(tokio::net::UnixListener, std::path::PathBuf),
 }
+
+/// Connections the admin (and vending) listener serves at once.
+const ADMIN_CONNECTIONS: usize = 64;
+
+/// The admin (and vending) listener's timeouts: a request head within 5 s, and an idle connection closed after 5 s.
+const ADMIN_TIMEOUTS: Timeouts = Timeouts { header_read: Duration::from_secs(5), keepalive: Duration::from_secs(5) };
 
 /// How often `*_file` secrets are checked for a change.
 const SECRET_FILE_CHECK: Duration = Duration::from_secs(2);
@@ -427,11 +438,22 @@ impl BoundApp {
         let server = &app.config.server;
         let proxy_options = ListenerOptions {
             max_connections: server.max_connections,
-            header_read_timeout: server.header_read_timeout,
+            timeouts: Timeouts { header_read: server.header_read_timeout, keepalive: server.keepalive_timeout },
             shutdown_grace: server.shutdown_grace,
             tls,
+            metrics: Some(app.metrics.listener("proxy")),
         };
-        let admin_options = ListenerOptions { max_connections: 64, tls: None, ..proxy_options.clone() };
+        // The admin listener answers the kubelet's probes whatever other connections do: short timeouts, and idle
+        // connections give way at its limit.
+        let admin_options = ListenerOptions {
+            max_connections: ADMIN_CONNECTIONS,
+            timeouts: ADMIN_TIMEOUTS,
+            shutdown_grace: server.shutdown_grace,
+            tls: None,
+            metrics: Some(app.metrics.listener("admin")),
+        };
+        let vending_options =
+            ListenerOptions { metrics: Some(app.metrics.listener("vending")), ..admin_options.clone() };
         let proxy = Arc::new(ProxyHandler(Arc::clone(&app.proxy)));
         let admin_hosts = HostCheck::new(app.config.admin.listen.ip(), app.config.admin.allowed_hosts.as_deref(), []);
         let admin = Arc::new(AdminHandler(
@@ -443,8 +465,7 @@ impl BoundApp {
             ListenerHosts::new(admin_hosts, &app.metrics, "admin"),
         ));
         let proxy_task = tokio::spawn(server::serve(proxy_listener, proxy, proxy_options, stop_rx.clone(), workers));
-        let admin_task =
-            tokio::spawn(server::serve(admin_listener, admin, admin_options.clone(), stop_rx.clone(), None));
+        let admin_task = tokio::spawn(server::serve(admin_listener, admin, admin_options, stop_rx.clone(), None));
         let vending_task = vending_listener.map(|listener| {
             let vending = |hosts| {
                 let api = vending::Vending::new(Arc::clone(&app.engine), Arc::clone(&app.metrics));
@@ -457,16 +478,17 @@ impl BoundApp {
                         |_| HostCheck::new(std::net::Ipv4Addr::LOCALHOST.into(), allowed, []),
                         |addr| HostCheck::new(addr.ip(), allowed, []),
                     );
-                    tokio::spawn(server::serve(listener, vending(hosts), admin_options, stop_rx.clone(), None))
+                    tokio::spawn(server::serve(listener, vending(hosts), vending_options, stop_rx.clone(), None))
                 }
                 // A unix socket has no Host to rebind: its file mode decides who may ask.
-                VendingListener::Unix(listener, path) => tokio::spawn(vending::serve_unix(
-                    listener,
-                    path,
-                    vending(HostCheck::off()),
-                    admin_options.header_read_timeout,
-                    stop_rx.clone(),
-                )),
+                VendingListener::Unix(listener, path) => {
+                    let serving =
+                        server::serve(listener, vending(HostCheck::off()), vending_options, stop_rx.clone(), None);
+                    tokio::spawn(async move {
+                        serving.await;
+                        let _ = std::fs::remove_file(&path);
+                    })
+                }
             }
         });
         tokio::spawn(token::watch_secret_files(Arc::clone(&app.engine), SECRET_FILE_CHECK, stop_rx.clone()));
@@ -563,12 +585,13 @@ impl Handler for ProxyHandler {
         io: I,
         connection: &Arc<Connection>,
         shutdown: watch::Receiver<bool>,
-        header_read_timeout: Duration,
+        timeouts: Timeouts,
+        activity: &Activity,
     ) -> Ended<I> {
         if !self.0.load().direct_http1() {
             return Ended::Handoff { io, buffered: bytes::Bytes::new() };
         }
-        proxy::drive_http1(&self.0, connection, io, shutdown, header_read_timeout).await
+        proxy::drive_http1(&self.0, connection, io, shutdown, timeouts, activity).await
     }
 }
 

@@ -32,6 +32,9 @@ pub const METRIC_NAMES: &[&str] = &[
     "tokenproxy_exchange_subjects",
     "tokenproxy_vended_tokens_total",
     "tokenproxy_misdirected_requests_total",
+    "tokenproxy_open_connections",
+    "tokenproxy_connections_evicted_total",
+    "tokenproxy_open_tunnels",
     "tokenproxy_store_operations_total",
     "tokenproxy_store_lease_waits_total",
     "tokenproxy_store_fallbacks_total",
@@ -132,7 +135,21 @@ pub struct Metrics {
     exchange_subjects: IntGaugeVec,
     vended: IntCounterVec,
     misdirected: IntCounterVec,
+    open_connections: IntGaugeVec,
+    evicted: IntCounterVec,
+    open_tunnels: IntGauge,
     store: StoreMetrics,
+}
+
+/// Metric handles of one listener (`proxy`, `admin`, `vending`).
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    /// Its open connections (tunnels included).
+    pub open: IntGauge,
+    /// Idle connections it closed to make room for a new caller at its connection limit.
+    pub evicted: IntCounter,
+    /// Its open tunnels (the proxy listener's upgraded connections).
+    pub tunnels: Option<IntGauge>,
 }
 
 /// Metric handles of the shared store (`[state] store = "redis"`).
@@ -353,6 +370,24 @@ impl Metrics {
         for listener in ["proxy", "admin", "vending"] {
             misdirected.with_label_values(&[listener]);
         }
+        let open_connections = IntGaugeVec::new(
+            Opts::new("tokenproxy_open_connections", "Open client connections (tunnels included), by listener."),
+            &["listener"],
+        )
+        .expect("static metric definition");
+        registry.register(Box::new(open_connections.clone())).expect("metric registered once");
+        let evicted = counter(
+            "tokenproxy_connections_evicted_total",
+            "Idle connections closed to make room for a new caller at the connection limit, by listener.",
+            &["listener"],
+        );
+        for listener in ["proxy", "admin", "vending"] {
+            open_connections.with_label_values(&[listener]);
+            evicted.with_label_values(&[listener]);
+        }
+        let open_tunnels = IntGauge::new("tokenproxy_open_tunnels", "Open tunnels (upgraded connections, WebSockets).")
+            .expect("static metric definition");
+        registry.register(Box::new(open_tunnels.clone())).expect("metric registered once");
         let single = |name: &str, help: &str| {
             let counter = IntCounter::new(name, help).expect("static metric definition");
             registry.register(Box::new(counter.clone())).expect("metric registered once");
@@ -406,6 +441,9 @@ impl Metrics {
             exchange_subjects,
             vended,
             misdirected,
+            open_connections,
+            evicted,
+            open_tunnels,
             store,
         }
     }
@@ -413,6 +451,15 @@ impl Metrics {
     /// The counter of requests a listener (`proxy`, `admin`, `vending`) answered 421 `misdirected_request`.
     pub fn misdirected(&self, listener: &str) -> IntCounter {
         self.misdirected.with_label_values(&[listener])
+    }
+
+    /// The handles of a listener (`proxy`, `admin`, `vending`); only the proxy listener counts tunnels.
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            open: self.open_connections.with_label_values(&[name]),
+            evicted: self.evicted.with_label_values(&[name]),
+            tunnels: (name == "proxy").then(|| self.open_tunnels.clone()),
+        }
     }
 
     /// Handles of the shared store.

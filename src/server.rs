@@ -1,15 +1,23 @@
-//! Listeners: the accept loop shared by the proxy and admin listeners, with a connection limit, an optional TLS
-//! handshake, HTTP/1.1 and h2c on one port (hyper-util `conn::auto`), and graceful draining on shutdown.
+//! Listeners: the accept loop shared by the proxy, admin and vending listeners, with a connection limit that idle
+//! connections cannot exhaust, idle and header timeouts for every connection, an optional TLS handshake, HTTP/1.1
+//! and h2c on one port (hyper-util `conn::auto`), and graceful draining on shutdown.
+//!
+//! Each connection has an [`Activity`]: what it is doing, where the listener sees it. A housekeeping task applies the
+//! timeouts to hyper's connections ([`Registry::sweep`]; the HTTP/1.1 transport keeps its own by the same rule), and
+//! at `max_connections` the connection idle the longest is closed to make room for the new caller
+//! ([`Registry::evict_longest_idle`]); only when none is idle does the new caller wait.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{Request, Response, StatusCode, Version};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -20,19 +28,59 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use crate::activity::{Activity, Registry, Timeouts, Tracked, Watched};
 use crate::proxy::Ended;
 
 /// How a listener serves its connections.
 #[derive(Clone)]
 pub struct ListenerOptions {
-    /// Connections beyond this wait in the kernel's backlog.
+    /// Connections at once; at the limit the longest-idle one makes room, else new ones wait in the backlog.
     pub max_connections: usize,
-    /// Slowloris guard: a request head must arrive within this (also bounds the TLS handshake).
-    pub header_read_timeout: Duration,
+    /// Slowloris guard and idle close (also bounds the TLS handshake): see [`Timeouts`].
+    pub timeouts: Timeouts,
     /// How long in-flight requests may take to finish after shutdown starts.
     pub shutdown_grace: Duration,
     /// TLS for this listener.
     pub tls: Option<TlsAcceptor>,
+    /// Its metric handles, if it has any.
+    pub metrics: Option<crate::metrics::ListenerMetrics>,
+}
+
+/// A socket a listener accepts connections on: TCP, or a unix socket (the vending listener's).
+pub trait Listen: Send + 'static {
+    /// A connection.
+    type Io: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static;
+    /// The next connection and its peer (a unix socket's peer is given as 127.0.0.1:0).
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Io, SocketAddr)>> + Send;
+    /// `io`, registered with the reactor of the runtime this is called on (a worker's).
+    fn move_to_this_runtime(io: Self::Io) -> io::Result<Self::Io>;
+}
+
+impl Listen for TcpListener {
+    type Io = tokio::net::TcpStream;
+
+    async fn accept(&self) -> io::Result<(Self::Io, SocketAddr)> {
+        let (stream, peer) = TcpListener::accept(self).await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer))
+    }
+
+    fn move_to_this_runtime(io: Self::Io) -> io::Result<Self::Io> {
+        io.into_std().and_then(tokio::net::TcpStream::from_std)
+    }
+}
+
+impl Listen for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+
+    async fn accept(&self) -> io::Result<(Self::Io, SocketAddr)> {
+        let (stream, _) = tokio::net::UnixListener::accept(self).await?;
+        Ok((stream, SocketAddr::from(([127, 0, 0, 1], 0))))
+    }
+
+    fn move_to_this_runtime(io: Self::Io) -> io::Result<Self::Io> {
+        io.into_std().and_then(tokio::net::UnixStream::from_std)
+    }
 }
 
 /// Something that answers requests, with per-connection state at hand.
@@ -51,13 +99,15 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Response<Self::Body>> + Send;
 
     /// Serves a new connection's HTTP/1.1 requests itself for as long as it can, and hands the rest of the connection
-    /// to hyper with the bytes already read (see `proxy::direct`). By default everything goes to hyper.
+    /// to hyper with the bytes already read (see `proxy::h1`), noting each request in `activity` and applying
+    /// `timeouts` to its waits. By default everything goes to hyper.
     fn serve_direct<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         self: &Arc<Self>,
         io: I,
         _connection: &Arc<Self::Connection>,
         _shutdown: watch::Receiver<bool>,
-        _header_read_timeout: Duration,
+        _timeouts: Timeouts,
+        _activity: &Activity,
     ) -> impl Future<Output = crate::proxy::Ended<I>> + Send {
         std::future::ready(crate::proxy::Ended::Handoff { io, buffered: bytes::Bytes::new() })
     }
@@ -121,26 +171,20 @@ impl WorkerPool {
 
 /// Accepts connections on `listener` until `shutdown` turns true, then drains for at most `shutdown_grace`.
 /// Connections are served on `workers` when given, else on the calling runtime.
-pub async fn serve<H: Handler>(
-    listener: TcpListener,
+pub async fn serve<L: Listen, H: Handler>(
+    listener: L,
     handler: Arc<H>,
     options: ListenerOptions,
     mut shutdown: watch::Receiver<bool>,
     workers: Option<Arc<WorkerPool>>,
 ) {
-    let builder = Arc::new(hyper_builder(options.header_read_timeout));
+    let builder = Arc::new(hyper_builder(None));
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(options.max_connections));
+    let registry = Arc::new(Registry::default());
     let local_shutdowns = workers.as_ref().map(|workers| workers.local_shutdowns(&shutdown));
+    let housekeeping = tokio::spawn(housekeeping(Arc::clone(&registry), options.clone(), shutdown.clone()));
     loop {
-        let permit = tokio::select! {
-            biased;
-            () = crate::stopped(&mut shutdown) => break,
-            permit = Arc::clone(&limit).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             biased;
             () = crate::stopped(&mut shutdown) => break,
@@ -154,21 +198,30 @@ pub async fn serve<H: Handler>(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
+        // At the limit, a new caller is served: the connection idle the longest makes room (as nginx reuses idle
+        // keep-alive connections). Only when none is idle does it wait, and the next callers with it in the backlog.
+        let permit = match Arc::clone(&limit).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let Some(permit) = make_room(&limit, &registry, &options, &mut shutdown).await else { break };
+                permit
+            }
+        };
+        let activity = Arc::new(Activity::new(Some(permit)));
+        registry.add(&activity);
         let worker = workers.as_ref().map(|workers| workers.next());
         let connection_shutdown = match (worker, &local_shutdowns) {
             (Some(i), Some(locals)) => locals[i].clone(),
             _ => shutdown.clone(),
         };
-        let connection = serve_connection(
+        let connection = serve_connection::<L, H>(
             stream,
             peer,
             Arc::clone(&handler),
             Arc::clone(&builder),
-            options.tls.clone(),
-            options.header_read_timeout,
+            (options.tls.clone(), options.timeouts),
             (graceful.watcher(), connection_shutdown),
-            (workers.is_some(), permit),
+            (workers.is_some(), activity),
         );
         match (&workers, worker) {
             (Some(workers), Some(i)) => {
@@ -180,8 +233,9 @@ pub async fn serve<H: Handler>(
         }
     }
     drop(listener);
-    // Hyper's connections are told to finish; the direct path's see `shutdown` themselves. Every connection holds a
-    // permit until it ends.
+    // Idle connections and tunnels are closed; hyper's connections are told to finish what is in flight; the
+    // HTTP/1.1 transport's see `shutdown` themselves. Every connection holds a permit until its socket closes.
+    registry.shut_idle_and_tunnels();
     let drained = async {
         graceful.shutdown().await;
         let all = u32::try_from(options.max_connections).unwrap_or(u32::MAX);
@@ -190,10 +244,61 @@ pub async fn serve<H: Handler>(
     if tokio::time::timeout(options.shutdown_grace, drained).await.is_err() {
         tracing::warn!("shutdown_grace ({:?}) passed with requests still in flight", options.shutdown_grace);
     }
+    housekeeping.abort();
 }
 
-/// hyper's server settings: HTTP/1.1 and h2c on one port, the slowloris guard on request heads.
-fn hyper_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+/// At `max_connections`: closes the longest-idle connection and waits for a permit (a connection's end), closing
+/// another if the chosen one turned busy meanwhile; `None` when shutdown begins.
+async fn make_room(
+    limit: &Arc<Semaphore>,
+    registry: &Registry,
+    options: &ListenerOptions,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    loop {
+        if registry.evict_longest_idle() {
+            if let Some(metrics) = &options.metrics {
+                metrics.evicted.inc();
+            }
+        }
+        tokio::select! {
+            biased;
+            () = crate::stopped(shutdown) => return None,
+            permit = Arc::clone(limit).acquire_owned() => return permit.ok(),
+            () = tokio::time::sleep(EVICTION_RETRY) => {}
+        }
+    }
+}
+
+/// How long a caller waiting at `max_connections` waits before another idle connection is closed for it.
+const EVICTION_RETRY: Duration = Duration::from_millis(100);
+
+/// Applies the timeouts to hyper's connections and updates the listener's gauges, until shutdown: a pass every
+/// tenth of the shorter timeout (between 20 ms and 1 s).
+async fn housekeeping(registry: Arc<Registry>, options: ListenerOptions, mut shutdown: watch::Receiver<bool>) {
+    let shortest = options.timeouts.header_read.min(options.timeouts.keepalive);
+    let mut ticks = tokio::time::interval((shortest / 10).clamp(Duration::from_millis(20), Duration::from_secs(1)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = crate::stopped(&mut shutdown) => return,
+            _ = ticks.tick() => {
+                let now = crate::activity::advance_clock();
+                let swept = registry.sweep(now, &options.timeouts);
+                if let Some(metrics) = &options.metrics {
+                    metrics.open.set(swept.open as i64);
+                    if let Some(tunnels) = &metrics.tunnels {
+                        tunnels.set(swept.tunnels as i64);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// hyper's server settings: HTTP/1.1 and h2c on one port; `header_read_timeout` for connections without a listener's
+/// housekeeping (which applies [`Timeouts`] itself, idle waits apart from heads).
+fn hyper_builder(header_read_timeout: Option<Duration>) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
     builder.http2().timer(TokioTimer::new());
@@ -201,8 +306,9 @@ fn hyper_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> 
 }
 
 /// Serves one plain (unencrypted) connection the way the listener does: the handler's own HTTP/1.1 transport first,
-/// then hyper (HTTP/1.1 and h2c) for the rest of the connection. The listener adds TLS, the connection limit and
-/// graceful draining; this is for tests and embedders that bring their own connection (an in-memory one, say).
+/// then hyper (HTTP/1.1 and h2c) for the rest of the connection. The listener adds TLS, the connection limit, the
+/// idle timeouts and graceful draining; this is for tests and embedders that bring their own connection (an
+/// in-memory one, say): `header_read_timeout` bounds each request head, and an idle wait as long.
 pub async fn serve_plain<H, I>(
     io: I,
     peer: SocketAddr,
@@ -214,29 +320,29 @@ pub async fn serve_plain<H, I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = Arc::new(handler.connection(peer, false));
-    if let Ended::Handoff { io, buffered } = handler.serve_direct(io, &state, shutdown, header_read_timeout).await {
-        let builder = hyper_builder(header_read_timeout);
-        let _ = serve_io(&builder, TokioIo::new(Rewind::new(io, buffered)), handler, state).await;
+    let activity = Arc::new(Activity::new(None));
+    let timeouts = Timeouts { header_read: header_read_timeout, keepalive: header_read_timeout };
+    if let Ended::Handoff { io, buffered } = handler.serve_direct(io, &state, shutdown, timeouts, &activity).await {
+        let builder = hyper_builder(Some(header_read_timeout));
+        let _ = serve_io(&builder, TokioIo::new(Rewind::new(io, buffered)), handler, state, activity).await;
     }
 }
 
 /// Serves one connection to its end: TLS handshake if any, then HTTP/1.1 or h2, under the graceful watcher.
 #[allow(clippy::too_many_arguments)]
-async fn serve_connection<H: Handler>(
-    stream: tokio::net::TcpStream,
+async fn serve_connection<L: Listen, H: Handler>(
+    stream: L::Io,
     peer: SocketAddr,
     handler: Arc<H>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    tls: Option<TlsAcceptor>,
-    header_read_timeout: Duration,
+    (tls, timeouts): (Option<TlsAcceptor>, Timeouts),
     (watcher, shutdown): (hyper_util::server::graceful::Watcher, watch::Receiver<bool>),
-    // The connection's permit is held until the function returns. (Spawning `async { serve_connection(..).await;
-    // drop(permit) }` instead would keep two copies of this future's state in the task.)
-    (moved, _permit): (bool, tokio::sync::OwnedSemaphorePermit),
+    // The connection's permit lives in its activity, which its socket holds until it closes (a tunnel's too).
+    (moved, activity): (bool, Arc<Activity>),
 ) {
     // A connection handed to a worker runtime is registered with that runtime's reactor.
     let stream = if moved {
-        match stream.into_std().and_then(tokio::net::TcpStream::from_std) {
+        match L::move_to_this_runtime(stream) {
             Ok(stream) => stream,
             Err(error) => {
                 tracing::debug!(%peer, "cannot move the connection to a worker: {error}");
@@ -246,45 +352,52 @@ async fn serve_connection<H: Handler>(
     } else {
         stream
     };
+    let stream = Tracked::new(stream, Arc::clone(&activity));
     let state = Arc::new(handler.connection(peer, tls.is_some()));
     match tls {
         None => {
-            let ended = handler.serve_direct(stream, &state, shutdown.clone(), header_read_timeout).await;
+            let ended = handler.serve_direct(stream, &state, shutdown.clone(), timeouts, &activity).await;
             if let Ended::Handoff { io, buffered } = ended {
                 // Boxed, like the TLS branch, in a statement of its own (a temporary of an `.await` expression is kept
                 // in the state): a connection's task is as large as its largest state, and an idle plain connection
                 // served by the HTTP/1.1 transport should not carry hyper's.
-                let connection = serve_io(&builder, TokioIo::new(Rewind::new(io, buffered)), handler, state);
-                let hyper = Box::pin(drain(connection, watcher, shutdown));
+                let io = TokioIo::new(Rewind::new(Watched::new(io, Arc::clone(&activity)), buffered));
+                activity.set_hyper();
+                let connection = serve_io(&builder, io, handler, state, Arc::clone(&activity));
+                let hyper = Box::pin(drain(connection, watcher, shutdown, activity));
                 hyper.await;
             }
         }
         Some(acceptor) => {
-            let tls = (&*builder, acceptor, header_read_timeout, (watcher, shutdown));
-            let serving = Box::pin(serve_tls(stream, peer, handler, state, tls));
+            let tls = (&*builder, acceptor, timeouts, (watcher, shutdown));
+            let serving = Box::pin(serve_tls(stream, peer, handler, state, tls, activity));
             serving.await;
         }
     }
 }
 
-/// What the TLS branch needs besides the connection: hyper's settings, the acceptor, the head timeout, the graceful
+/// What the TLS branch needs besides the connection: hyper's settings, the acceptor, the timeouts, the graceful
 /// watcher and the shutdown signal.
 type TlsSettings<'a> = (
     &'a auto::Builder<TokioExecutor>,
     TlsAcceptor,
-    Duration,
+    Timeouts,
     (hyper_util::server::graceful::Watcher, watch::Receiver<bool>),
 );
 
 /// The TLS branch of [`serve_connection`]: the handshake, then h2 (by ALPN) or the HTTP/1.1 transport and hyper.
-async fn serve_tls<H: Handler>(
-    stream: tokio::net::TcpStream,
+async fn serve_tls<S, H>(
+    stream: S,
     peer: SocketAddr,
     handler: Arc<H>,
     state: Arc<H::Connection>,
-    (builder, acceptor, header_read_timeout, (watcher, shutdown)): TlsSettings<'_>,
-) {
-    let tls = match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
+    (builder, acceptor, timeouts, (watcher, shutdown)): TlsSettings<'_>,
+    activity: Arc<Activity>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    let tls = match tokio::time::timeout(timeouts.header_read, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             tracing::debug!(%peer, "TLS handshake failed: {error}");
@@ -294,22 +407,30 @@ async fn serve_tls<H: Handler>(
     };
     // A client that chose h2 by ALPN speaks it from the first byte.
     let ended = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        activity.set_h2();
         Ended::Handoff { io: tls, buffered: bytes::Bytes::new() }
     } else {
-        handler.serve_direct(tls, &state, shutdown.clone(), header_read_timeout).await
+        handler.serve_direct(tls, &state, shutdown.clone(), timeouts, &activity).await
     };
     if let Ended::Handoff { io, buffered } = ended {
-        let connection = serve_io(builder, TokioIo::new(Rewind::new(io, buffered)), handler, state);
-        drain(connection, watcher, shutdown).await;
+        activity.set_hyper();
+        let io = TokioIo::new(Rewind::new(Watched::new(io, Arc::clone(&activity)), buffered));
+        let connection = serve_io(builder, io, handler, state, Arc::clone(&activity));
+        drain(connection, watcher, shutdown, activity).await;
     }
 }
 
-/// Serves a hyper connection to its end; when shutdown begins, it finishes the request in flight and closes (an h2
-/// connection sends `GOAWAY`). `watcher` keeps the listener's drain waiting for it. (hyper-util's own
-/// `Watcher::watch` does not take a connection that can be upgraded.) A connection that was upgraded (a WebSocket)
-/// has left hyper: its tunnel is a task of its own.
-async fn drain<C>(connection: C, watcher: hyper_util::server::graceful::Watcher, mut shutdown: watch::Receiver<bool>)
-where
+/// Serves a hyper connection to its end; when shutdown begins, or the listener finds it idle past its timeout
+/// ([`Activity::closing`]), it finishes the request in flight and closes (an h2 connection sends `GOAWAY`).
+/// `watcher` keeps the listener's drain waiting for it. (hyper-util's own `Watcher::watch` does not take a
+/// connection that can be upgraded.) A connection that was upgraded (a WebSocket) has left hyper: its tunnel is a
+/// task of its own.
+async fn drain<C>(
+    connection: C,
+    watcher: hyper_util::server::graceful::Watcher,
+    mut shutdown: watch::Receiver<bool>,
+    activity: Arc<Activity>,
+) where
     C: std::future::Future + GracefulClose,
 {
     let _draining = watcher;
@@ -317,6 +438,7 @@ where
     tokio::select! {
         _ = connection.as_mut() => return,
         () = crate::stopped(&mut shutdown) => connection.as_mut().close_gracefully(),
+        () = activity.closing() => connection.as_mut().close_gracefully(),
     }
     let _ = connection.await;
 }
@@ -400,12 +522,13 @@ fn serve_io<'a, H, I>(
     io: TokioIo<I>,
     handler: Arc<H>,
     state: Arc<H::Connection>,
+    activity: Arc<Activity>,
 ) -> auto::UpgradeableConnection<
     'a,
     TokioIo<I>,
     impl hyper::service::Service<
             Request<Incoming>,
-            Response = Response<H::Body>,
+            Response = Answer<H::Body>,
             Error = Infallible,
             Future: Send + 'static,
         > + Send
@@ -419,10 +542,71 @@ where
     let service = service_fn(move |request: Request<Incoming>| {
         let handler = Arc::clone(&handler);
         let state = Arc::clone(&state);
-        async move { Ok::<_, Infallible>(handler.call(request, &state).await) }
+        // The request is in flight from its head to the end of its response body (h2: each stream).
+        activity.begin();
+        if request.version() == Version::HTTP_2 {
+            activity.set_h2();
+        }
+        // Made here, not in the future: a future dropped before its first poll ends the request too.
+        let mut guard = InFlight(Some(Arc::clone(&activity)));
+        async move {
+            let response = handler.call(request, &state).await;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                // Its socket now carries a tunnel, which has timeouts of its own.
+                if let Some(activity) = &guard.0 {
+                    activity.set_tunnel();
+                }
+            }
+            let activity = guard.0.take();
+            Ok::<_, Infallible>(response.map(|body| Counted { body, in_flight: InFlight(activity) }))
+        }
     });
     // `with_upgrades`: a 101 answer hands the connection to the request's upgrade (WebSockets and the like).
     builder.serve_connection_with_upgrades(io, service)
+}
+
+/// A handler's answer as hyper sends it: its body keeps the request in flight until it is sent.
+type Answer<B> = Response<Counted<B>>;
+
+/// A request in flight on a hyper connection: ends it in the connection's [`Activity`] when dropped (its response
+/// body sent, or the request cancelled).
+struct InFlight(Option<Arc<Activity>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(activity) = self.0.take() {
+            activity.end();
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request in flight until it is sent.
+    pub struct Counted<B> {
+        #[pin]
+        body: B,
+        in_flight: InFlight,
+    }
+}
+
+impl<B: Body> Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).

@@ -96,30 +96,3 @@ pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixList
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
-
-/// Serves the vending API on a unix socket until `shutdown`, then removes the socket file.
-pub async fn serve_unix<H: crate::server::Handler>(
-    listener: tokio::net::UnixListener,
-    path: std::path::PathBuf,
-    handler: Arc<H>,
-    header_read_timeout: std::time::Duration,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    loop {
-        tokio::select! {
-            () = crate::stopped(&mut shutdown) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let (handler, shutdown) = (Arc::clone(&handler), shutdown.clone());
-                    tokio::spawn(crate::server::serve_plain(stream, local, handler, header_read_timeout, shutdown));
-                }
-                Err(error) => {
-                    tracing::warn!("vending socket accept failed: {error}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            },
-        }
-    }
-    let _ = std::fs::remove_file(&path);
-}

@@ -173,3 +173,140 @@ async fn an_h2c_request_naming_another_host_in_its_authority_gets_421() {
     assert_eq!(upstream.requests(), 1);
     proxy.stop().await;
 }
+
+/// A proxy whose `[server]` table has `server` besides its address (route `/api` with a token).
+async fn proxy_with(idp: &FakeIdp, upstream: &FakeUpstream, server: &str) -> Proxy {
+    let direct = !support::hyper_only();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndirect_http1 = {direct}\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        basic_config(idp, upstream)
+    );
+    let proxy = Proxy::start_config(tokenproxy::config::Config::from_toml_str(&toml, "test.toml").unwrap()).await;
+    proxy.wait_ready().await;
+    proxy
+}
+
+/// The client connection preface of h2 (RFC 9113 §3.4) and an empty SETTINGS frame.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+/// A HEADERS frame on stream 1 for `GET path` at `authority`, ending the stream (HPACK literals, no Huffman).
+fn h2_get(authority: &str, path: &str) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86]; // :method GET, :scheme http (static table)
+    for (index, value) in [(4u8, path), (1u8, authority)] {
+        block.push(index); // literal without indexing, name from the static table (:path, :authority)
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    let mut frame = vec![0, 0, block.len() as u8, 0x1, 0x5, 0, 0, 0, 1]; // HEADERS, END_STREAM | END_HEADERS
+    frame.extend_from_slice(&block);
+    frame
+}
+
+/// Reads h2 frames until the peer closes; their types in order.
+async fn h2_frames_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes))
+        .await
+        .expect("the connection was closed")
+        .ok();
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let length = usize::from(bytes[at]) << 16 | usize::from(bytes[at + 1]) << 8 | usize::from(bytes[at + 2]);
+        types.push(bytes[at + 3]);
+        at += 9 + length;
+    }
+    types
+}
+
+/// Waits for the peer to close `stream` (bounded generously: the timeouts under test are far shorter).
+async fn closed(stream: &mut TcpStream) -> bool {
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await.is_ok()
+}
+
+#[tokio::test]
+async fn zero_byte_connections_cannot_keep_healthz_from_answering() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let proxy = proxy_with(&idp, &upstream, "").await;
+    // More connections than the admin listener serves at once (64), none of which sends a byte.
+    let mut silent = Vec::new();
+    for _ in 0..80 {
+        silent.push(TcpStream::connect(proxy.admin).await.unwrap());
+    }
+    // The kubelet's probe is answered at once (the admin listener's own timeouts are 5 s: eviction, not a timeout,
+    // made room).
+    let probe = raw(proxy.admin, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let answer = tokio::time::timeout(Duration::from_secs(4), probe).await.expect("/healthz answered");
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert!(proxy.metric("tokenproxy_connections_evicted_total{listener=\"admin\"}").await >= 1.0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn at_max_connections_idle_h2c_connections_give_way_to_a_new_caller() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let proxy = proxy_with(&idp, &upstream, "max_connections = 20\nheader_read_timeout = \"60s\"").await;
+    // Twenty connections that sent the h2 preface and an empty SETTINGS frame, and nothing more.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(H2_PREFACE).await.unwrap();
+        idle.push(stream);
+    }
+    // A new caller is served (the timeouts are a minute: the longest-idle connection made room).
+    let get = raw(proxy.addr, "GET /api/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let answer = tokio::time::timeout(Duration::from_secs(5), get).await.expect("the new caller was served");
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert!(closed(&mut idle[0]).await, "the longest idle connection was closed");
+    assert!(proxy.metric("tokenproxy_connections_evicted_total{listener=\"proxy\"}").await >= 1.0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn connections_that_send_nothing_are_closed_after_header_read_timeout() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let proxy = proxy_with(&idp, &upstream, "header_read_timeout = \"300ms\"").await;
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(closed(&mut silent).await, "a connection that never sends a byte is closed");
+    // Also one that sent only the h2 preface: its first request head never came.
+    let mut preface_only = TcpStream::connect(proxy.addr).await.unwrap();
+    preface_only.write_all(H2_PREFACE).await.unwrap();
+    assert!(closed(&mut preface_only).await);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_waits_keepalive_timeout_not_header_read_timeout() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let proxy = proxy_with(&idp, &upstream, "header_read_timeout = \"200ms\"\nkeepalive_timeout = \"3s\"").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(b"GET /api/x HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // Well past header_read_timeout, well before keepalive_timeout: the connection is still there.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stream.write_all(b"GET /api/y HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&rest).matches("HTTP/1.1 200").count(), 1, "the second request was served");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_h2c_connection_gets_goaway_then_closes_after_keepalive_timeout() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let proxy = proxy_with(&idp, &upstream, "keepalive_timeout = \"300ms\"").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(H2_PREFACE).await.unwrap();
+    stream.write_all(&h2_get("localhost", "/api/x")).await.unwrap();
+    let frames = h2_frames_until_closed(&mut stream).await;
+    const HEADERS: u8 = 0x1;
+    const GOAWAY: u8 = 0x7;
+    let answered = frames.iter().position(|&t| t == HEADERS).expect("the request was answered");
+    let goaway = frames.iter().rposition(|&t| t == GOAWAY).expect("a GOAWAY before the close");
+    assert!(answered < goaway, "{frames:?}");
+    assert_eq!(upstream.requests(), 1);
+    proxy.stop().await;
+}

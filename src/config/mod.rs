@@ -66,9 +66,13 @@ pub struct ServerConfig {
     /// Deadline for one whole upstream exchange.
     #[serde(serialize_with = "redact::duration")]
     pub request_timeout: Duration,
-    /// Deadline for reading a request's headers (slowloris guard).
+    /// Deadline for a request's head, from a new connection's accept or from the head's first byte (slowloris
+    /// guard).
     #[serde(serialize_with = "redact::duration")]
     pub header_read_timeout: Duration,
+    /// How long a connection with no request in flight waits for the next one (h2: GOAWAY, then close).
+    #[serde(serialize_with = "redact::duration")]
+    pub keepalive_timeout: Duration,
     /// Maximum number of concurrent client connections (at least 1).
     pub max_connections: usize,
     /// Request bodies up to this many bytes are kept so they can be replayed after a 401; 0 disables replay.
@@ -772,6 +776,7 @@ impl Default for ServerConfig {
             tls: None,
             request_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             replay_buffer: 64 * 1024,
             shutdown_grace: Duration::from_secs(20),

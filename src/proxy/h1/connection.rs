@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use super::exchange::{discard_body, forward_response, round_trip, Buffers, Outcome, READ_SIZE};
 use super::{encode_error, encode_request, parse_request, Parse, ReplyTo, Span, UpstreamRequest};
+use crate::activity::{Activity, Timeouts};
 use crate::proxy::upstream::PlainConnection;
 use crate::proxy::{
     Answer, Connection, Decision, ErrorContext, Proxy, ProxyError, Retried, Route, CLIENT_CLOSED_REQUEST,
@@ -206,25 +207,31 @@ async fn read_idle<I: AsyncRead + Unpin>(io: &mut I) -> Option<Box<Scratch>> {
     .await
 }
 
-/// Serves `io`'s requests for as long as they are of this transport's shape.
+/// Serves `io`'s requests for as long as they are of this transport's shape, noting each in `activity` (what the
+/// listener's eviction looks at).
 pub async fn drive<I>(
     proxies: &arc_swap::ArcSwap<Proxy>,
     connection: &Connection,
     mut io: I,
     mut shutdown: watch::Receiver<bool>,
-    header_read_timeout: Duration,
+    timeouts: Timeouts,
+    activity: &Activity,
 ) -> Ended<I>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let mut scratch: Option<Box<Scratch>> = None;
-    let mut timer = Timer::new(header_read_timeout.min(proxies.load().request_timeout));
+    let mut timer = Timer::new(timeouts.header_read.min(proxies.load().request_timeout));
+    let mut served = false;
     loop {
         if *shutdown.borrow() {
             return Ended::Closed;
         }
-        // Slowloris guard, as hyper's `header_read_timeout`: the whole head (and an idle wait) within the limit.
-        let head_deadline = Instant::now() + header_read_timeout;
+        // The rule of `Activity::deadline`: the first request's head within `header_read_timeout` of the accept; after
+        // a request, the next one's first byte within `keepalive_timeout`, its whole head within `header_read_timeout`
+        // of that byte (slowloris guard).
+        let idle_deadline = Instant::now() + timeouts.idle(served);
+        let mut head_deadline = (!served).then_some(idle_deadline);
         let parsed = loop {
             if let Some(s) = scratch.as_mut().filter(|s| !s.input.is_empty()) {
                 match parse_request(&mut s.input, &mut s.parts, &mut s.spans) {
@@ -242,7 +249,8 @@ where
             match scratch.as_mut().filter(|s| !s.input.is_empty()) {
                 Some(s) => {
                     s.input.reserve(CALLER_READ_SIZE);
-                    match timer.within(head_deadline, io.read_buf(&mut s.input)).await {
+                    let deadline = *head_deadline.get_or_insert_with(|| Instant::now() + timeouts.header_read);
+                    match timer.within(deadline, io.read_buf(&mut s.input)).await {
                         Some(Ok(n)) if n > 0 => {}
                         _ => return Ended::Closed,
                     }
@@ -253,7 +261,7 @@ where
                     }
                     let read = tokio::select! {
                         biased;
-                        read = timer.within(head_deadline, read_idle(&mut io)) => read,
+                        read = timer.within(idle_deadline, read_idle(&mut io)) => read,
                         _ = shutdown.changed() => return Ended::Closed,
                     };
                     match read {
@@ -267,10 +275,14 @@ where
         let close = *shutdown.borrow();
         // Boxed: what a request needs while in flight is allocated per request, so that an idle connection's task
         // stays small (its future is as large as its largest state).
-        let settings = (header_read_timeout, close);
+        let settings = (timeouts.header_read, close);
+        // In flight from its complete head to its answer (a request handed to hyper is hyper's from there).
+        activity.begin();
+        served = true;
         // (In a statement of its own: a temporary of an `.await` expression is kept in the state.)
         let request = Box::pin(serve_request(proxies, connection, parsed, s, &mut timer, &mut io, settings));
         let step = request.await;
+        activity.end();
         match step {
             Step::Next => {}
             Step::Handoff(head) => return handoff(io, head, scratch),
