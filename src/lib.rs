@@ -211,6 +211,7 @@ fn build_proxy(
         ProxyOptions {
             replay_buffer: config.server.replay_buffer,
             request_timeout: config.server.request_timeout,
+            tunnel_idle_timeout: config.server.tunnel_idle_timeout,
             access_log: config.log.access,
             direct_http1: config.server.direct_http1,
         },

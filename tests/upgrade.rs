@@ -132,3 +132,89 @@ async fn refusals_pass_through_and_an_upgrade_to_an_unnamed_host_goes_nowhere() 
     assert_eq!(raw_upgrade(&proxy, "WS.local:80", "/ws/echo").await, "HTTP/1.1 101 Switching Protocols");
     proxy.stop().await;
 }
+
+/// tokenproxy in front of the echo upstream with `server` keys of its own.
+async fn start_with(idp: &FakeIdp, upstream: std::net::SocketAddr, server: &str) -> Proxy {
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        config(idp, upstream)
+    );
+    let proxy = Proxy::start_config(tokenproxy::config::Config::from_toml_str(&toml, "test.toml").unwrap()).await;
+    proxy.wait_ready().await;
+    proxy
+}
+
+/// A WebSocket through the proxy (its handshake replayed once: the echo upstream refuses `tok-1`).
+async fn open_tunnel(proxy: &Proxy) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let request = http::Request::get("ws://ws.local/ws/echo")
+        .header("host", "ws.local")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", tokio_tungstenite::tungstenite::handshake::client::generate_key())
+        .body(())
+        .unwrap();
+    tokio_tungstenite::client_async(request, stream).await.expect("the handshake").0
+}
+
+#[tokio::test]
+async fn tunnels_count_against_max_connections_and_are_never_evicted() {
+    let idp = FakeIdp::start(300).await;
+    let (upstream, _) = echo_upstream().await;
+    let proxy = start_with(&idp, upstream, "max_connections = 3").await;
+    let mut tunnels = Vec::new();
+    for _ in 0..3 {
+        tunnels.push(open_tunnel(&proxy).await);
+    }
+    // A fourth caller waits: every connection is a tunnel, and a tunnel is never closed to make room.
+    let fourth = tokio::spawn({
+        let addr = proxy.addr;
+        async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream.write_all(b"GET /open/x HTTP/1.1\r\nHost: ws.local\r\nConnection: close\r\n\r\n").await.unwrap();
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    });
+    let open = async {
+        loop {
+            if proxy.metric("tokenproxy_open_tunnels").await == 3.0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), open).await.expect("the tunnels are counted");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!fourth.is_finished(), "the fourth caller was served while three tunnels held every connection");
+    for tunnel in &mut tunnels {
+        tunnel.send(Message::text("still here")).await.unwrap();
+        assert_eq!(tunnel.next().await.unwrap().unwrap().into_text().unwrap().as_str(), "still here");
+    }
+    // One tunnel ends: the fourth caller gets its place.
+    tunnels.pop().unwrap().close(None).await.unwrap();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), fourth).await.expect("served").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_tunnel_with_no_byte_either_way_is_closed_after_tunnel_idle_timeout() {
+    let idp = FakeIdp::start(300).await;
+    let (upstream, _) = echo_upstream().await;
+    let proxy = start_with(&idp, upstream, "tunnel_idle_timeout = \"300ms\"").await;
+    let mut tunnel = open_tunnel(&proxy).await;
+    // Bytes keep it open…
+    for _ in 0..4 {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        tunnel.send(Message::text("ping")).await.unwrap();
+        assert!(tunnel.next().await.unwrap().is_ok());
+    }
+    // …silence closes it.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), tunnel.next()).await.expect("closed");
+    assert!(!matches!(ended, Some(Ok(Message::Text(_)))), "{ended:?}");
+    proxy.stop().await;
+}

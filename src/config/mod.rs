@@ -73,6 +73,9 @@ pub struct ServerConfig {
     /// How long a connection with no request in flight waits for the next one (h2: GOAWAY, then close).
     #[serde(serialize_with = "redact::duration")]
     pub keepalive_timeout: Duration,
+    /// A tunnel (an upgraded connection) with no byte either way for this long is closed.
+    #[serde(serialize_with = "redact::duration")]
+    pub tunnel_idle_timeout: Duration,
     /// Maximum number of concurrent client connections (at least 1).
     pub max_connections: usize,
     /// Request bodies up to this many bytes are kept so they can be replayed after a 401; 0 disables replay.
@@ -777,6 +780,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(60),
+            tunnel_idle_timeout: Duration::from_secs(300),
             max_connections: 10_000,
             replay_buffer: 64 * 1024,
             shutdown_grace: Duration::from_secs(20),

@@ -83,6 +83,10 @@ fn server(r: &mut Reader<'_>, root: &mut Table<'_>) -> (ServerConfig, Option<Lea
             d.header_read_timeout,
         ),
         keepalive_timeout: value_or(r.get(&mut t, "keepalive_timeout", reader::positive_duration), d.keepalive_timeout),
+        tunnel_idle_timeout: value_or(
+            r.get(&mut t, "tunnel_idle_timeout", reader::positive_duration),
+            d.tunnel_idle_timeout,
+        ),
         max_connections: value_or(r.get(&mut t, "max_connections", reader::positive_count), d.max_connections),
         replay_buffer: value_or(r.get(&mut t, "replay_buffer", reader::size), d.replay_buffer),
         shutdown_grace: value_or(r.get(&mut t, "shutdown_grace", reader::duration), d.shutdown_grace),

@@ -80,6 +80,8 @@ pub struct ProxyOptions {
     pub replay_buffer: usize,
     /// The whole upstream exchange (and its replay) must have its response head within this.
     pub request_timeout: Duration,
+    /// A tunnel with no byte either way for this long is closed.
+    pub tunnel_idle_timeout: Duration,
     /// One access-log line per request.
     pub access_log: bool,
     /// Plain HTTP/1.1 requests are served by the [`h1`] transport; `false` sends every request to hyper.
@@ -96,6 +98,7 @@ pub struct Proxy {
     client: Arc<UpstreamClient>,
     replay_buffer: usize,
     request_timeout: Duration,
+    tunnel_idle_timeout: Duration,
     access_log: bool,
     direct_http1: bool,
     unrouted: RouteMetrics,
@@ -244,6 +247,7 @@ impl Proxy {
             client,
             replay_buffer: options.replay_buffer,
             request_timeout: options.request_timeout,
+            tunnel_idle_timeout: options.tunnel_idle_timeout,
             access_log: options.access_log,
             direct_http1: options.direct_http1,
             unrouted,

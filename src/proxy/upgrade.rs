@@ -1,11 +1,16 @@
 //! HTTP/1.1 upgrades (WebSocket and any other `Upgrade`): the handshake goes to the route's upstream with the token
 //! on a connection of its own; a `101` answer switches both sides to a byte tunnel (`hyper::upgrade`), which lives
-//! until either side closes and is logged once when it does. A refusal of the token (401, `retry_on_status`) is
+//! until either side closes, or no byte has passed either way for `tunnel_idle_timeout`, and is logged once when it
+//! ends. Its caller's connection still counts against `max_connections` (the listener's permit is held by the
+//! socket, see `crate::activity`). A refusal of the token (401, `retry_on_status`) is
 //! replayed once, as for any bodiless request. HTTP/2 has no `Upgrade`; its extended CONNECT (RFC 8441) is not
 //! offered (tokenproxy's h2 listener does not announce `SETTINGS_ENABLE_CONNECT_PROTOCOL`), so h2 clients use
 //! HTTP/1.1 for WebSockets.
 
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, UPGRADE};
@@ -16,6 +21,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::upstream::{CallerWait, UpstreamBody, UpstreamError};
@@ -103,7 +109,8 @@ pub(super) async fn forward(
     super::headers::strip_hop_by_hop(&mut head.headers);
     head.headers.insert(UPGRADE, protocol.clone());
     head.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    tokio::spawn(tunnel(Arc::clone(&route.name), protocol, requested.caller, upstream, proxy.access_log));
+    let ends = (requested.caller, upstream);
+    tokio::spawn(tunnel(Arc::clone(&route.name), protocol, ends, proxy.tunnel_idle_timeout, proxy.access_log));
     Ok(Response::from_parts(head, Either::Right(Full::new(Bytes::new()))))
 }
 
@@ -125,8 +132,15 @@ async fn send(
     }
 }
 
-/// Copies bytes both ways until either side closes, then logs the tunnel once.
-async fn tunnel(route: Arc<str>, protocol: HeaderValue, caller: OnUpgrade, upstream: OnUpgrade, log: bool) {
+/// Copies bytes both ways until either side closes or `idle` passes with no byte either way, then logs the tunnel
+/// once.
+async fn tunnel(
+    route: Arc<str>,
+    protocol: HeaderValue,
+    (caller, upstream): (OnUpgrade, OnUpgrade),
+    idle: std::time::Duration,
+    log: bool,
+) {
     let started = Instant::now();
     let (caller, upstream) = match tokio::try_join!(caller, upstream) {
         Ok(sides) => sides,
@@ -135,19 +149,68 @@ async fn tunnel(route: Arc<str>, protocol: HeaderValue, caller: OnUpgrade, upstr
             return;
         }
     };
-    let (mut caller, mut upstream) = (TokioIo::new(caller), TokioIo::new(upstream));
-    let copied = tokio::io::copy_bidirectional(&mut caller, &mut upstream).await;
+    let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut caller = Noted { io: TokioIo::new(caller), started, last: Arc::clone(&last), bytes: 0 };
+    let mut upstream = Noted { io: TokioIo::new(upstream), started, last: Arc::clone(&last), bytes: 0 };
+    let copy = tokio::io::copy_bidirectional(&mut caller, &mut upstream);
+    let silence = async {
+        loop {
+            let quiet_until = started + std::time::Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+            if Instant::now() >= quiet_until {
+                return;
+            }
+            tokio::time::sleep_until(quiet_until).await;
+        }
+    };
+    let outcome = tokio::select! {
+        copied = copy => if copied.is_ok() { "closed" } else { "reset" },
+        () = silence => "idle",
+    };
     if log && tracing::enabled!(target: "access", tracing::Level::INFO) {
-        let (from_caller, from_upstream) = copied.as_ref().map_or((0, 0), |&(a, b)| (a, b));
         tracing::info!(
             target: "access",
             route = %route,
             protocol = protocol.to_str().unwrap_or("?"),
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-            bytes_from_caller = from_caller,
-            bytes_from_upstream = from_upstream,
-            outcome = if copied.is_ok() { "closed" } else { "reset" },
+            bytes_from_caller = caller.bytes,
+            bytes_from_upstream = upstream.bytes,
+            outcome,
             "upgraded connection ended"
         );
+    }
+}
+
+/// One side of a tunnel, noting when it last gave bytes (milliseconds after `started`, in `last`) and how many.
+struct Noted<T> {
+    io: T,
+    started: Instant,
+    last: Arc<std::sync::atomic::AtomicU64>,
+    bytes: u64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Noted<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        let read_now = buf.filled().len() - before;
+        if read_now > 0 {
+            self.bytes += read_now as u64;
+            self.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        read
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Noted<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
