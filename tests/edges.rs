@@ -310,3 +310,148 @@ async fn an_idle_h2c_connection_gets_goaway_then_closes_after_keepalive_timeout(
     assert_eq!(upstream.requests(), 1);
     proxy.stop().await;
 }
+
+/// An HTTP/1.1 upstream that answers every request's head at once and holds its body until released, counting the
+/// connections it accepted and the most requests it held at once.
+struct HoldingUpstream {
+    addr: SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    most_held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+impl HoldingUpstream {
+    async fn start() -> HoldingUpstream {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (release, released) = tokio::sync::watch::channel(false);
+        let counters = (
+            std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        );
+        let (accepted, held, most_held) = counters.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, SeqCst);
+                let (held, most_held, mut released) = (held.clone(), most_held.clone(), released.clone());
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buffer.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                        while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buffer.drain(..end + 4);
+                            let now = held.fetch_add(1, SeqCst) + 1;
+                            most_held.fetch_max(now, SeqCst);
+                            if stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n").await.is_err() {
+                                return;
+                            }
+                            let _ = released.wait_for(|r| *r).await;
+                            held.fetch_sub(1, SeqCst);
+                            if stream.write_all(b"ok").await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let (accepted, held, most_held) = counters;
+        HoldingUpstream { addr, accepted, held, most_held, release }
+    }
+
+    async fn wait_held(&self, n: usize) {
+        let held = async {
+            while self.held.load(std::sync::atomic::Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), held).await.expect("the upstream holds the requests");
+    }
+}
+
+async fn bounded_proxy(idp: &FakeIdp, upstream: &HoldingUpstream, request_timeout: &str) -> Proxy {
+    let direct = !support::hyper_only();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndirect_http1 = {direct}\nrequest_timeout = \"{request_timeout}\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [providers.api]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+         [[routes]]\nprefix = \"/api\"\nupstream = \"http://{}\"\nprovider = \"api\"\nmax_upstream_connections = 4\n",
+        idp.token_url(),
+        upstream.addr
+    );
+    let proxy = Proxy::start_config(tokenproxy::config::Config::from_toml_str(&toml, "test.toml").unwrap()).await;
+    proxy.wait_ready().await;
+    proxy
+}
+
+#[tokio::test]
+async fn one_h2_caller_with_many_streams_opens_at_most_max_upstream_connections() {
+    let (idp, upstream) = (FakeIdp::start(300).await, HoldingUpstream::start().await);
+    let proxy = bounded_proxy(&idp, &upstream, "30s").await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let mut sender = sender.clone();
+        let uri = format!("http://localhost/api/{i}");
+        calls.push(tokio::spawn(async move {
+            let response = sender.send_request(http::Request::get(uri).body(Full::<Bytes>::default()).unwrap()).await;
+            let response = response.unwrap();
+            let status = response.status().as_u16();
+            assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
+            status
+        }));
+    }
+    upstream.wait_held(4).await;
+    // The other 36 streams wait for a place: no fifth upstream connection is opened meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(upstream.accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+    upstream.release.send(true).unwrap();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+    // (Every response's head came at once; its body, and with it its place, was held until the release.)
+    assert_eq!(upstream.most_held.load(std::sync::atomic::Ordering::SeqCst), 4);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn callers_beyond_max_upstream_connections_wait_then_get_503_upstream_busy() {
+    let (idp, upstream) = (FakeIdp::start(300).await, HoldingUpstream::start().await);
+    let proxy = bounded_proxy(&idp, &upstream, "1s").await;
+    // Four responses stream slowly (their heads came; their bodies are held), and hold the four places.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let addr = proxy.addr;
+        calls.spawn(async move {
+            raw(addr, &format!("GET /api/{i} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")).await
+        });
+    }
+    // The two others wait for a place for their request_timeout, then get 503 upstream_busy.
+    for _ in 0..2 {
+        let answer = calls.join_next().await.unwrap().unwrap();
+        assert_eq!(status(&answer), 503, "{answer}");
+        assert!(answer.contains("upstream_busy") && answer.contains("retry-after: 1"), "{answer}");
+    }
+    assert_eq!(upstream.accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+    upstream.release.send(true).unwrap();
+    while let Some(answer) = calls.join_next().await {
+        let answer = answer.unwrap();
+        assert!(status(&answer) == 200 && answer.ends_with("ok"), "{answer}");
+    }
+    assert_eq!(upstream.most_held.load(std::sync::atomic::Ordering::SeqCst), 4);
+    proxy.stop().await;
+}

@@ -613,6 +613,9 @@ pub struct RouteConfig {
     /// Upstream statuses that mean "the token was refused" (besides any answer with `WWW-Authenticate: Bearer
     /// error="invalid_token"`): a refresh and one replay follow, as for 401.
     pub retry_on_status: Vec<u16>,
+    /// Requests in flight to the route's upstream at once, per process (HTTP/1.1: connections in use); routes that
+    /// share an upstream connection pool share the smallest value they set.
+    pub max_upstream_connections: usize,
 }
 
 /// A route's token parameters over its provider's (docs/configuration.md, "Route profiles").

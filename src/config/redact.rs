@@ -311,6 +311,7 @@ struct RouteView<'a> {
     upstream_protocol: UpstreamProtocol,
     #[serde(skip_serializing_if = "Option::is_none")]
     grpc_unauthenticated_refresh: Option<bool>,
+    max_upstream_connections: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     scope: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -351,6 +352,7 @@ impl Serialize for RouteConfig {
             retry_on_status: with_token.then_some(self.retry_on_status.as_slice()),
             upstream_protocol: self.upstream_protocol,
             grpc_unauthenticated_refresh: with_token.then_some(self.grpc_unauthenticated_refresh),
+            max_upstream_connections: self.max_upstream_connections,
             scope: self.profile.as_ref().and_then(|p| p.scope.as_deref()),
             audience: self.profile.as_ref().and_then(|p| p.audience.as_deref()),
             resource: self.profile.as_ref().and_then(|p| p.resource.as_deref()),

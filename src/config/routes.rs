@@ -37,6 +37,9 @@ const PROTOCOLS: &[(&str, UpstreamProtocol)] = &[("http1", UpstreamProtocol::Htt
 const ENCODED_SLASHES: &[(&str, EncodedSlashes)] =
     &[("keep", EncodedSlashes::Keep), ("reject", EncodedSlashes::Reject)];
 
+/// `max_upstream_connections` when a route does not set it.
+pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 256;
+
 /// Values of `path_parameters`.
 const PATH_PARAMETERS: &[(&str, PathParameters)] =
     &[("normalize", PathParameters::Normalize), ("reject", PathParameters::Reject)];
@@ -236,6 +239,7 @@ fn route(
     let retry_on_status = r.get(t, "retry_on_status", status_list);
     let upstream_protocol = r.get(t, "upstream_protocol", reader::choice(PROTOCOLS));
     let grpc_unauthenticated_refresh = r.get(t, "grpc_unauthenticated_refresh", reader::boolean);
+    let max_upstream_connections = r.get(t, "max_upstream_connections", reader::positive_count);
     if let (Some(leaf), Some(upstream)) = (&upstream_protocol, &upstream) {
         if leaf.value == UpstreamProtocol::H2c && upstream.value.scheme() == "https" {
             r.report_leaf(leaf, "h2c is HTTP/2 over plain TCP; an https upstream gets h2 by ALPN when it offers it");
@@ -325,6 +329,7 @@ fn route(
         retry_on_status: retry_on_status.map_or_else(|| vec![401], |leaf| leaf.value),
         upstream_protocol: value_or(upstream_protocol, UpstreamProtocol::Http1),
         grpc_unauthenticated_refresh: value_or(grpc_unauthenticated_refresh, false),
+        max_upstream_connections: value_or(max_upstream_connections, DEFAULT_MAX_UPSTREAM_CONNECTIONS),
     };
     Some((config, name))
 }

@@ -375,7 +375,7 @@ fn unknown_keys_are_errors_with_suggestions() {
         problems(load(toml)),
         [
             "server.listn: unknown key; did you mean `listen`? (from tokenproxy.toml)",
-            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, path_parameters, ca_file, server_name, client_cert_file, client_key_file, upstream_client_cert, scope, audience, resource, retry_on_status, upstream_protocol, grpc_unauthenticated_refresh, extra_params) (from tokenproxy.toml)",
+            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, path_parameters, ca_file, server_name, client_cert_file, client_key_file, upstream_client_cert, scope, audience, resource, retry_on_status, upstream_protocol, grpc_unauthenticated_refresh, max_upstream_connections, extra_params) (from tokenproxy.toml)",
             "routes[0].strip_prefx: unknown key; did you mean `strip_prefix`? (from tokenproxy.toml)",
             "provider: unknown key; did you mean `providers`? (from tokenproxy.toml)",
         ]

@@ -38,6 +38,8 @@ pub enum ProxyError {
     },
     /// Connect or TLS to the upstream failed.
     UpstreamUnreachable(String),
+    /// `max_upstream_connections` requests were in flight to the upstream for the whole `request_timeout`.
+    UpstreamBusy(usize),
     /// `request_timeout` passed while the upstream had the whole request.
     UpstreamTimeout(Duration),
     /// `request_timeout` passed while the caller had not sent all of its request body.
@@ -77,6 +79,7 @@ impl ProxyError {
             ProxyError::Subject { refusal: crate::token::SubjectRefusal::Refused, .. } => StatusCode::FORBIDDEN,
             ProxyError::Subject { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
@@ -103,6 +106,7 @@ impl ProxyError {
                 crate::token::SubjectRefusal::Refused => "exchange_refused",
             },
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
+            ProxyError::UpstreamBusy(_) => "upstream_busy",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::RequestTimeout(_) => "request_timeout",
             ProxyError::NoRoute => "no_route",
@@ -118,6 +122,7 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => "No valid access token is available for this route",
             ProxyError::Subject { .. } => "The caller's token cannot be exchanged for this route",
             ProxyError::UpstreamUnreachable(_) => "The upstream could not be reached",
+            ProxyError::UpstreamBusy(_) => "Too many requests are in flight to the upstream",
             ProxyError::UpstreamTimeout(_) => "The upstream did not answer in time",
             ProxyError::RequestTimeout(_) => "The request body did not arrive in time",
             ProxyError::NoRoute => "No route matches this request",
@@ -133,6 +138,10 @@ impl ProxyError {
         match self {
             ProxyError::TokenUnavailable { detail, .. } | ProxyError::Subject { detail, .. } => detail.clone(),
             ProxyError::UpstreamUnreachable(detail) => detail.clone(),
+            ProxyError::UpstreamBusy(limit) => format!(
+                "{limit} requests were in flight to this upstream (max_upstream_connections) for the whole \
+                 request_timeout"
+            ),
             ProxyError::UpstreamTimeout(after) => format!("no response within request_timeout ({after:?})"),
             ProxyError::RequestTimeout(after) => {
                 format!("the request body was not complete within request_timeout ({after:?})")
@@ -174,9 +183,15 @@ impl ProxyError {
         let headers = &mut parts.headers;
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         headers.insert(X_TOKENPROXY_ERROR.clone(), HeaderValue::from_static(code));
-        if let ProxyError::TokenUnavailable { retry_after, .. } = &self {
-            let seconds = retry_after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
-            headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+        match &self {
+            ProxyError::TokenUnavailable { retry_after, .. } => {
+                let seconds = retry_after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
+                headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            ProxyError::UpstreamBusy(_) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         if context.grpc {
             let message = format!("{}: {}", self.title(), self.detail());

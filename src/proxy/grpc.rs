@@ -47,7 +47,9 @@ pub enum Code {
 /// The gRPC status for one of the proxy's errors.
 pub fn code(error: &ProxyError) -> Code {
     match error {
-        ProxyError::TokenUnavailable { .. } | ProxyError::UpstreamUnreachable(_) => Code::Unavailable,
+        ProxyError::TokenUnavailable { .. } | ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamBusy(_) => {
+            Code::Unavailable
+        }
         ProxyError::UpstreamTimeout(_) | ProxyError::RequestTimeout(_) => Code::DeadlineExceeded,
         ProxyError::HostNotAllowed(_) | ProxyError::Misdirected(_) => Code::PermissionDenied,
         ProxyError::Subject { refusal: crate::token::SubjectRefusal::Refused, .. } => Code::PermissionDenied,
@@ -116,13 +118,20 @@ pin_project_lite::pin_project! {
         #[pin]
         body: Incoming,
         watch: Option<Box<UnauthenticatedWatch>>,
+        // The request's place among the upstream's requests in flight (`max_upstream_connections`), until the body
+        // is sent.
+        place: Option<tokio::sync::OwnedSemaphorePermit>,
     }
 }
 
 impl ResponseBody {
-    /// The body, with `watch` looking at its trailers.
-    pub fn new(body: Incoming, watch: Option<Box<UnauthenticatedWatch>>) -> ResponseBody {
-        ResponseBody { body, watch }
+    /// The body, with `watch` looking at its trailers, holding `place` until it is sent.
+    pub fn new(
+        body: Incoming,
+        watch: Option<Box<UnauthenticatedWatch>>,
+        place: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> ResponseBody {
+        ResponseBody { body, watch, place }
     }
 }
 

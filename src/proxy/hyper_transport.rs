@@ -15,6 +15,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::Either;
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::grpc::{self, ResponseBody, UnauthenticatedWatch};
@@ -67,6 +68,8 @@ pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Conn
 
 /// The first attempt of a request that got a 401.
 struct Attempt {
+    /// Its place among the upstream's requests in flight.
+    place: OwnedSemaphorePermit,
     token: Arc<Token>,
     replay: Replay,
     response: Response<Incoming>,
@@ -118,6 +121,7 @@ async fn forward(
         (UpstreamBody::Plain { body, waiting: waiting.clone() }, Replay::none())
     };
     let upstream_request = attach(route, &target, parts, token.as_deref(), body)?;
+    let place = upstream_place(route, deadline).await?;
     let response = match send(proxy, route, upstream_request, deadline, resendable).await {
         // The upstream was still waiting for the caller's body: the caller's delay, not the upstream's.
         Err(Failure::Error(ProxyError::UpstreamTimeout(after))) if waiting.is_some_and(|w| w.waiting()) => {
@@ -158,9 +162,11 @@ async fn forward(
     let watch = grpc.then(|| unauthenticated_watch(route, &target, token.as_deref())).flatten();
     let decision = Proxy::decide(route, &answer(&response, token.as_deref()), token.as_deref(), Retried::default());
     match (decision, token, saved) {
-        (Decision::Deliver, _, _) | (_, None, _) | (_, _, None) => Ok(finish(response, head_request, watch)),
+        (Decision::Deliver, _, _) | (_, None, _) | (_, _, None) => {
+            Ok(finish(response, head_request, watch, Some(place)))
+        }
         (decision, Some(token), Some(parts)) => {
-            let first = Attempt { token, replay, response, deadline, head_request, grpc };
+            let first = Attempt { place, token, replay, response, deadline, head_request, grpc };
             // The rare path is boxed, so that every request's future stays small.
             Box::pin(replay_after_401(proxy, route, &target, parts, first, decision, replayed)).await
         }
@@ -288,12 +294,12 @@ async fn replay_after_401(
     mut decision: Decision,
     replayed: &mut bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let Attempt { mut token, replay, mut response, deadline, head_request, grpc } = first;
+    let Attempt { place, mut token, replay, mut response, deadline, head_request, grpc } = first;
     let mut body = match tokio::time::timeout_at(deadline, replay.replay()).await {
         Ok(Some(body)) => body,
         _ => {
             route.metrics.replays(ReplayOutcome::NotReplayable).inc();
-            return Ok(finish(response, head_request, None));
+            return Ok(finish(response, head_request, None, Some(place)));
         }
     };
     let mut retried = Retried::default();
@@ -315,16 +321,31 @@ async fn replay_after_401(
     }
     // As for a first attempt, only an answer to a request that went out again is watched for gRPC's UNAUTHENTICATED.
     let watch = (grpc && retried.any()).then(|| unauthenticated_watch(route, target, Some(&token))).flatten();
-    Ok(finish(response, head_request, watch))
+    Ok(finish(response, head_request, watch, Some(place)))
+}
+
+/// A request's place among the requests in flight to its upstream (`max_upstream_connections`): at once, or when one
+/// ends before the request's deadline; else 503 `upstream_busy`.
+async fn upstream_place(route: &Route, deadline: Instant) -> Result<OwnedSemaphorePermit, ProxyError> {
+    let slots = Arc::clone(&route.upstream_slots);
+    match slots.try_acquire_owned() {
+        Ok(place) => Ok(place),
+        Err(_) => match tokio::time::timeout_at(deadline, Arc::clone(&route.upstream_slots).acquire_owned()).await {
+            Ok(Ok(place)) => Ok(place),
+            _ => Err(ProxyError::UpstreamBusy(route.upstream_limit)),
+        },
+    }
 }
 
 /// Phase 6: the upstream's response as the caller gets it: headers as [`super::headers::forwarded`] says, and its
 /// length ours, never copied: the length of the body hyper read, or for HEAD and 304 the upstream's, as a number.
-/// `watch` looks for a gRPC `UNAUTHENTICATED` in a trailers-only head or in the trailers.
+/// `watch` looks for a gRPC `UNAUTHENTICATED` in a trailers-only head or in the trailers; `place` (the request's
+/// among the upstream's requests in flight) is held until the body is sent.
 pub(super) fn finish(
     response: Response<Incoming>,
     head_request: bool,
     mut watch: Option<Box<UnauthenticatedWatch>>,
+    place: Option<OwnedSemaphorePermit>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     if watch.as_mut().is_some_and(|watch| watch.check(&parts.headers)) {
@@ -342,5 +363,5 @@ pub(super) fn finish(
     if let Some(length) = length {
         parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
     }
-    Response::from_parts(parts, Either::Left(ResponseBody::new(body, watch)))
+    Response::from_parts(parts, Either::Left(ResponseBody::new(body, watch, place)))
 }

@@ -77,6 +77,11 @@ pub struct Route {
     h2c: bool,
     /// A gRPC `UNAUTHENTICATED` answer retires the token (`grpc_unauthenticated_refresh`).
     pub grpc_unauthenticated_refresh: bool,
+    /// Requests in flight to the upstream's connection pool at once (`max_upstream_connections`), shared by the
+    /// routes of one pool ([`RouteTable::new`]).
+    pub upstream_slots: Arc<tokio::sync::Semaphore>,
+    /// The bound of `upstream_slots`: this route's `max_upstream_connections`, or a smaller one of its pool's.
+    pub upstream_limit: usize,
     /// The route's metric handles.
     pub metrics: RouteMetrics,
 }
@@ -165,6 +170,8 @@ impl Route {
             tls,
             h2c: config.upstream_protocol == UpstreamProtocol::H2c,
             grpc_unauthenticated_refresh: config.grpc_unauthenticated_refresh,
+            upstream_slots: Arc::new(tokio::sync::Semaphore::new(config.max_upstream_connections)),
+            upstream_limit: config.max_upstream_connections,
             metrics: metrics.route(&config.name),
         })
     }
@@ -185,6 +192,15 @@ impl Route {
             Some(tls) => Via::Tls(tls),
             None if self.h2c => Via::H2c,
             None => Via::Shared,
+        }
+    }
+
+    /// The connection pool the route's requests go through: its upstream and how it is reached (a route with TLS
+    /// settings of its own has a pool of its own).
+    fn pool_key(&self) -> String {
+        match &self.tls {
+            Some(_) => format!("route {}", self.name),
+            None => format!("{}{}", self.origin, if self.h2c { " h2c" } else { "" }),
         }
     }
 
@@ -334,8 +350,24 @@ pub fn host_without_port(host: &str) -> &str {
 }
 
 impl RouteTable {
-    /// Orders routes for matching (with a host first, then longest prefix first) and indexes them.
+    /// Orders routes for matching (with a host first, then longest prefix first) and indexes them; routes that share
+    /// an upstream connection pool share one bound on its requests in flight, the smallest they set.
     pub fn new(mut routes: Vec<Route>) -> RouteTable {
+        let mut pools: HashMap<String, usize> = HashMap::new();
+        for route in &routes {
+            let limit = pools.entry(route.pool_key()).or_insert(route.upstream_limit);
+            *limit = (*limit).min(route.upstream_limit);
+        }
+        let slots: HashMap<String, (usize, Arc<tokio::sync::Semaphore>)> = pools
+            .into_iter()
+            .map(|(key, limit)| (key, (limit, Arc::new(tokio::sync::Semaphore::new(limit)))))
+            .collect();
+        for route in &mut routes {
+            if let Some((limit, shared)) = slots.get(&route.pool_key()) {
+                route.upstream_slots = Arc::clone(shared);
+                route.upstream_limit = *limit;
+            }
+        }
         routes.sort_by(|a, b| b.host.is_some().cmp(&a.host.is_some()).then(b.prefix.len().cmp(&a.prefix.len())));
         let mut by_host: Map<Prefixes> = Map::default();
         let mut hostless = Prefixes::default();
@@ -500,5 +532,28 @@ mod tests {
         assert_eq!(at(Some("a.example"), "/other"), "route r0", "then the routes without a host");
         assert_eq!(outcome(table.lookup_absolute("b.example", "/orders")), "host not allowed");
         assert_eq!(outcome(table.lookup_absolute("a.example", "/other")), "no route");
+    }
+}
+
+#[cfg(test)]
+mod upstream_limits {
+    use super::*;
+
+    #[test]
+    fn routes_of_one_pool_share_the_smallest_bound_and_other_pools_have_their_own() {
+        let toml = "[[routes]]\nname = \"a\"\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:9\"\nmax_upstream_connections = 8\n\
+                    [[routes]]\nname = \"b\"\nprefix = \"/b\"\nupstream = \"http://127.0.0.1:9/base\"\nmax_upstream_connections = 3\n\
+                    [[routes]]\nname = \"c\"\nprefix = \"/c\"\nupstream = \"http://127.0.0.1:10\"\n\
+                    [[routes]]\nname = \"d\"\nprefix = \"/d\"\nupstream = \"http://127.0.0.1:9\"\nupstream_protocol = \"h2c\"\n";
+        let config = crate::config::Config::from_toml_str(toml, "routes.toml").expect("a valid table");
+        let (metrics, client) = (Metrics::new(), UpstreamClient::new(1).expect("client"));
+        let none = |_: &str| None;
+        let table =
+            RouteTable::new(config.routes.iter().map(|r| Route::new(r, &none, &metrics, &client).unwrap()).collect());
+        let route = |name: &str| table.routes().iter().find(|r| &*r.name == name).unwrap();
+        assert!(Arc::ptr_eq(&route("a").upstream_slots, &route("b").upstream_slots), "one pool, one bound");
+        assert_eq!((route("a").upstream_limit, route("a").upstream_slots.available_permits()), (3, 3));
+        assert_eq!(route("c").upstream_limit, 256, "another upstream: the default");
+        assert!(!Arc::ptr_eq(&route("a").upstream_slots, &route("d").upstream_slots), "h2c is another pool");
     }
 }

@@ -101,7 +101,7 @@ pub(super) async fn forward(
         Proxy::decide(route, &super::hyper_transport::answer(&response, Some(&fresh)), Some(&fresh), retried);
     }
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(super::hyper_transport::finish(response, false, None));
+        return Ok(super::hyper_transport::finish(response, false, None, None));
     }
     let upstream = hyper::upgrade::on(&mut response);
     let (mut head, _) = response.into_parts();

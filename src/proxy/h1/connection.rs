@@ -462,6 +462,15 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
         },
         _ => None,
     };
+    // At most `max_upstream_connections` requests in flight to the upstream: a caller waits for a place within its
+    // deadline. The place is held until the response is forwarded.
+    let _place = match route.upstream_slots.try_acquire() {
+        Ok(place) => place,
+        Err(_) => match timer.within(deadline, route.upstream_slots.acquire()).await {
+            Some(Ok(place)) => place,
+            _ => return Outcome::Error(ProxyError::UpstreamBusy(route.upstream_limit)),
+        },
+    };
     let mut retried = Retried::default();
     let mut upstream: Option<PlainConnection> = None;
     loop {
