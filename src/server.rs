@@ -2,6 +2,9 @@
 //! connections cannot exhaust, idle and header timeouts for every connection, an optional TLS handshake, HTTP/1.1
 //! and h2c on one port (hyper-util `conn::auto`), and graceful draining on shutdown.
 //!
+//! What hyper reads of an HTTP/1.1 connection is held to the HTTP/1.1 transport's framing verdicts first
+//! ([`Vetted`]), so that both transports refuse the same requests.
+//!
 //! Each connection has an [`Activity`]: what it is doing, where the listener sees it. A housekeeping task applies the
 //! timeouts to hyper's connections ([`Registry::sweep`]; the HTTP/1.1 transport keeps its own by the same rule), and
 //! at `max_connections` the connection idle the longest is closed to make room for the new caller
@@ -29,6 +32,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::activity::{Activity, Registry, Timeouts, Tracked, Watched};
+use crate::proxy::h1::vet::Vetted;
 use crate::proxy::Ended;
 
 /// How a listener serves its connections.
@@ -324,7 +328,8 @@ pub async fn serve_plain<H, I>(
     let timeouts = Timeouts { header_read: header_read_timeout, keepalive: header_read_timeout };
     if let Ended::Handoff { io, buffered } = handler.serve_direct(io, &state, shutdown, timeouts, &activity).await {
         let builder = hyper_builder(Some(header_read_timeout));
-        let _ = serve_io(&builder, TokioIo::new(Rewind::new(io, buffered)), handler, state, activity).await;
+        let io = TokioIo::new(Vetted::new(Rewind::new(io, buffered)));
+        let _ = serve_io(&builder, io, handler, state, activity).await;
     }
 }
 
@@ -361,7 +366,7 @@ async fn serve_connection<L: Listen, H: Handler>(
                 // Boxed, like the TLS branch, in a statement of its own (a temporary of an `.await` expression is kept
                 // in the state): a connection's task is as large as its largest state, and an idle plain connection
                 // served by the HTTP/1.1 transport should not carry hyper's.
-                let io = TokioIo::new(Rewind::new(Watched::new(io, Arc::clone(&activity)), buffered));
+                let io = TokioIo::new(Vetted::new(Rewind::new(Watched::new(io, Arc::clone(&activity)), buffered)));
                 activity.set_hyper();
                 let connection = serve_io(&builder, io, handler, state, Arc::clone(&activity));
                 let hyper = Box::pin(drain(connection, watcher, shutdown, activity));
@@ -414,7 +419,8 @@ async fn serve_tls<S, H>(
     };
     if let Ended::Handoff { io, buffered } = ended {
         activity.set_hyper();
-        let io = TokioIo::new(Rewind::new(Watched::new(io, Arc::clone(&activity)), buffered));
+        // (h2 by ALPN passes the vetting untouched: it judges HTTP/1.1 heads only.)
+        let io = TokioIo::new(Vetted::new(Rewind::new(Watched::new(io, Arc::clone(&activity)), buffered)));
         let connection = serve_io(builder, io, handler, state, Arc::clone(&activity));
         drain(connection, watcher, shutdown, activity).await;
     }

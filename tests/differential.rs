@@ -15,9 +15,9 @@
 //! thread per core (`TP_DIFFERENTIAL_THREADS`), thread n drawing from seed + n; the seed is printed and can be set
 //! with `TP_DIFFERENTIAL_SEED` to replay a run.
 //!
-//! Where the HTTP/1.1 transport is deliberately stricter than hyper, the disagreement is listed in [`STRICTER`] with
-//! its reason, and it is the only one allowed: for such a request the HTTP/1.1 transport answers 400 and closes, and
-//! forwards nothing of it, while hyper accepts it; what came before it must agree.
+//! No disagreement is allowed. Where hyper's parser alone is more lenient (a request with both `Content-Length` and
+//! `Transfer-Encoding`, a header line ended by a bare LF), what hyper reads is held to the HTTP/1.1 transport's
+//! verdict first (`proxy::h1::vet`), so both answer 400 and close.
 
 mod support;
 
@@ -213,85 +213,8 @@ fn statuses(out: &[u8]) -> Vec<u16> {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The allowed disagreements
+// The comparison
 // ---------------------------------------------------------------------------------------------------------------
-
-/// Requests the HTTP/1.1 transport refuses (400, connection closed, nothing of them forwarded) and hyper accepts:
-/// the only disagreements allowed. Each: the reason the HTTP/1.1 parser gives, why it is stricter, and a check of
-/// the refused request's own bytes that does not rely on that parser.
-const STRICTER: &[Stricter] = &[
-    Stricter {
-        refusal: "a header line ends in a bare LF",
-        why: "RFC 9112 §2.2 lets a recipient accept a bare LF as a line end, and hyper does; a server in front of \
-              tokenproxy that does not would see another message. Callers send CRLF.",
-        check: has_bare_lf,
-    },
-    Stricter {
-        refusal: "both Content-Length and Transfer-Encoding",
-        why: "hyper drops the length, reads chunks and closes the connection after the response; RFC 9112 §6.1 lets \
-              a server refuse such a request, the classic CL.TE desync, and tokenproxy does.",
-        check: has_length_and_transfer_encoding,
-    },
-];
-
-/// One deliberate difference from hyper.
-struct Stricter {
-    /// The reason the HTTP/1.1 transport's parser gives.
-    refusal: &'static str,
-    /// Why it refuses what hyper accepts.
-    why: &'static str,
-    /// The property, checked on the refused request's bytes without that parser.
-    check: fn(&[u8]) -> bool,
-}
-
-/// The head of a request: up to the first empty line, after the empty lines a server skips before a request line.
-fn head_of(request: &[u8]) -> &[u8] {
-    let skipped = request.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(request.len());
-    &request[skipped..skipped + head_len(&request[skipped..])]
-}
-
-/// The head with the empty lines before it (where a bare LF counts too).
-fn head_with_leading_lines(request: &[u8]) -> &[u8] {
-    let skipped = request.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(request.len());
-    &request[..skipped + head_len(&request[skipped..])]
-}
-
-/// The length of a head that starts at the request line: up to and with the first empty line.
-fn head_len(request: &[u8]) -> usize {
-    let end = request.windows(4).position(|w| w == b"\r\n\r\n").map(|e| e + 4);
-    let end = end.or_else(|| request.windows(2).position(|w| w == b"\n\n").map(|e| e + 2));
-    end.unwrap_or(request.len())
-}
-
-fn has_bare_lf(request: &[u8]) -> bool {
-    let head = head_with_leading_lines(request);
-    head.iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
-}
-
-fn has_length_and_transfer_encoding(request: &[u8]) -> bool {
-    let head = String::from_utf8_lossy(head_of(request)).to_ascii_lowercase();
-    let has = |name: &str| head.split('\n').any(|line| line.starts_with(name));
-    has("content-length:") && has("transfer-encoding:")
-}
-
-/// The request of a case that the HTTP/1.1 transport's parser refuses, if it gets that far: its reason, and the
-/// bytes from that request on.
-fn refused_by_the_http1_parser(bytes: &[u8]) -> Option<(String, Vec<u8>)> {
-    use tokenproxy::proxy::h1::{parse_request, Parse};
-    let mut input = bytes::BytesMut::from(bytes);
-    let (mut parts, ()) = http::Request::new(()).into_parts();
-    let mut spans = Vec::new();
-    loop {
-        let rest = input.to_vec();
-        match parse_request(&mut input, &mut parts, &mut spans) {
-            Parse::Complete(head) if input.len() >= head.body_len => {
-                let _ = input.split_to(head.body_len);
-            }
-            Parse::Refuse(reason) => return Some((reason, rest)),
-            _ => return None,
-        }
-    }
-}
 
 /// Response statuses that say the same thing: equal, or equal but for a final 400 on one side where the other side
 /// closed without an answer (both refused the last request; hyper itself answers an unparsable pipelined head either
@@ -301,27 +224,10 @@ fn same_statuses(a: &[u16], b: &[u16]) -> bool {
     a == b || (a.len() + 1 == b.len() && trimmed(b) == a) || (b.len() + 1 == a.len() && trimmed(a) == b)
 }
 
-/// Checks one case: `Ok` when the verdicts agree, or disagree only as [`STRICTER`] allows (then its reason).
-fn compare(bytes: &[u8], direct: &Verdict, hyper: &Verdict) -> Result<Option<&'static str>, String> {
+/// Checks one case: `Ok` when the verdicts agree.
+fn compare(bytes: &[u8], direct: &Verdict, hyper: &Verdict) -> Result<(), String> {
     if direct.received == hyper.received && same_statuses(&direct.statuses, &hyper.statuses) {
-        return Ok(None);
-    }
-    if let Some((reason, rest)) = refused_by_the_http1_parser(bytes) {
-        for Stricter { refusal, why, check } in STRICTER {
-            // Direct refused that request (its last answer is a 400, then the connection closed), hyper took it,
-            // and everything before it agrees.
-            if reason != *refusal || !check(&rest) || direct.statuses.last() != Some(&400) {
-                continue;
-            }
-            let before = direct.statuses.len() - 1;
-            let agrees_before = hyper.statuses.len() >= before
-                && hyper.statuses[..before] == direct.statuses[..before]
-                && hyper.received.len() >= direct.received.len()
-                && hyper.received[..direct.received.len()] == direct.received[..];
-            if agrees_before {
-                return Ok(Some(why));
-            }
-        }
+        return Ok(());
     }
     Err(format!("verdicts differ for \"{}\"\n  direct: {direct:?}\n  hyper:  {hyper:?}", bytes.escape_ascii()))
 }
@@ -572,19 +478,13 @@ fn the_seed_corpus_gets_the_same_verdict_from_both_transports() {
         let idp = idps().await;
         let pair = Pair::start(&idp).await;
         tokio::time::pause();
-        let mut stricter = Vec::new();
         for bytes in corpus() {
             let (direct, hyper) = pair.verdicts(&bytes).await;
-            match compare(&bytes, &direct, &hyper) {
-                Ok(None) => {}
-                Ok(Some(reason)) => stricter.push((String::from_utf8_lossy(&bytes).into_owned(), reason)),
-                Err(disagreement) => panic!("{disagreement}"),
+            if let Err(disagreement) = compare(&bytes, &direct, &hyper) {
+                panic!("{disagreement}");
             }
         }
-        println!("seed corpus: {} cases, {} listed stricter verdicts", corpus().len(), stricter.len());
-        for (case, reason) in &stricter {
-            println!("  stricter: {case:?}: {reason}");
-        }
+        println!("seed corpus: {} cases, all agreed", corpus().len());
     });
 }
 
@@ -691,11 +591,10 @@ fn generated_requests_get_the_same_verdict_from_both_transports() {
             std::thread::spawn(move || generated_cases(seed.wrapping_add(u64::from(n)), share))
         })
         .collect();
-    let mut stricter = 0;
     let mut failures = Vec::new();
     for (n, run) in runs.into_iter().enumerate() {
         match run.join().expect("a differential thread") {
-            Ok(count) => stricter += count,
+            Ok(()) => {}
             Err(failure) => failures.push(format!(
                 "thread {n} (TP_DIFFERENTIAL_SEED={} TP_DIFFERENTIAL_THREADS=1 TP_DIFFERENTIAL_CASES={} replays it): \
                  {failure}",
@@ -704,13 +603,12 @@ fn generated_requests_get_the_same_verdict_from_both_transports() {
             )),
         }
     }
-    println!("differential: {cases} cases run, {stricter} of them by a listed stricter verdict");
+    println!("differential: {cases} cases run, all agreed");
     assert!(failures.is_empty(), "seed {seed}: {}", failures.join("\n"));
 }
 
-/// `cases` generated requests from `seed`, each fed to both transports: the number that agreed by a listed stricter
-/// verdict, or the (shrunk) disagreement.
-fn generated_cases(seed: u64, cases: u32) -> Result<u64, String> {
+/// `cases` generated requests from `seed`, each fed to both transports: the (shrunk) disagreement, if any.
+fn generated_cases(seed: u64, cases: u32) -> Result<(), String> {
     let mut seed_bytes = [0u8; 32];
     seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
     let config =
@@ -723,17 +621,9 @@ fn generated_cases(seed: u64, cases: u32) -> Result<u64, String> {
         tokio::time::pause();
         (pair, idp)
     });
-    let stricter = std::cell::Cell::new(0u64);
     let outcome = runner.run(&case(), |Case(bytes)| {
         let (direct, hyper) = runtime.block_on(pair.verdicts(&bytes));
-        match compare(&bytes, &direct, &hyper) {
-            Ok(None) => Ok(()),
-            Ok(Some(_)) => {
-                stricter.set(stricter.get() + 1);
-                Ok(())
-            }
-            Err(disagreement) => Err(TestCaseError::fail(disagreement)),
-        }
+        compare(&bytes, &direct, &hyper).map_err(TestCaseError::fail)
     });
-    outcome.map(|()| stricter.get()).map_err(|failure| failure.to_string())
+    outcome.map_err(|failure| failure.to_string())
 }

@@ -9,6 +9,7 @@ pub mod chunked;
 pub mod connection;
 mod exchange;
 pub mod framing;
+pub mod vet;
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
@@ -73,8 +74,9 @@ pub fn parse_request(input: &mut BytesMut, parts: &mut Parts, spans: &mut Vec<Sp
             Ok(httparse::Status::Partial) if input.len() < MAX_HEAD => return Parse::Partial,
             _ => return Parse::Handoff(Bytes::new()),
         };
-        // A line ended by a bare LF: `httparse` (and hyper) accept it, but a server in front of tokenproxy that
-        // does not may see another message. Deliberately stricter than hyper (RFC 9112 §2.2 allows either).
+        // A line ended by a bare LF: `httparse` (and hyper's parser) accept it, but a server in front of tokenproxy
+        // that does not may see another message. Stricter than RFC 9112 §2.2 requires; what hyper reads is held to
+        // the same rule ([`vet`]).
         if has_bare_lf(&input[..head_len]) {
             return Parse::Refuse("a header line ends in a bare LF".into());
         }
@@ -108,22 +110,11 @@ pub fn parse_request(input: &mut BytesMut, parts: &mut Parts, spans: &mut Vec<Sp
             }
             spans.push((span(name), span(header.value)));
         }
-        if hosts > 1 {
-            return Parse::Refuse("more than one Host header".into());
-        }
-        if framing.has_transfer_encoding() {
-            if framing.has_length() {
-                return Parse::Refuse(FramingError::LengthWithTransferEncoding.to_string());
-            }
-            if !framing.chunked() {
-                return Parse::Refuse(FramingError::NotChunked.to_string());
-            }
+        let length = match request_body(&framing, hosts) {
+            Ok(RequestBody::Length(length)) => length,
             // A chunked body: hyper decodes it and frames it again for the upstream.
-            return Parse::Handoff(Bytes::new());
-        }
-        let length = match framing.length() {
-            Ok(length) => length,
-            Err(error) => return Parse::Refuse(error.to_string()),
+            Ok(RequestBody::Chunked) => return Parse::Handoff(Bytes::new()),
+            Err(reason) => return Parse::Refuse(reason),
         };
         let body_len = match length.map(usize::try_from) {
             None => None,
@@ -151,6 +142,36 @@ pub fn parse_request(input: &mut BytesMut, parts: &mut Parts, spans: &mut Vec<Sp
     parts.uri = uri;
     parts.version = Version::HTTP_11;
     Parse::Complete(RequestHead { head, body_len: body_len.unwrap_or(0), has_length: body_len.is_some(), close })
+}
+
+/// How a request's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestBody {
+    /// By `Content-Length` (`None`: the request has none, so no body).
+    Length(Option<u64>),
+    /// By chunked coding.
+    Chunked,
+}
+
+/// The verdict on a request head's framing, from its framing fields and its number of `Host` fields: how its body
+/// is delimited, or why HTTP/1.1 forbids it (two `Host`s, `Content-Length` with `Transfer-Encoding`, a last coding
+/// other than chunked, a bad or conflicting length). One rule for both transports: the HTTP/1.1 transport's parser
+/// and [`vet`], which holds hyper's HTTP/1.1 input to it.
+#[inline]
+pub fn request_body(framing: &FramingFields, hosts: usize) -> Result<RequestBody, String> {
+    if hosts > 1 {
+        return Err("more than one Host header".into());
+    }
+    if framing.has_transfer_encoding() {
+        if framing.has_length() {
+            return Err(FramingError::LengthWithTransferEncoding.to_string());
+        }
+        if !framing.chunked() {
+            return Err(FramingError::NotChunked.to_string());
+        }
+        return Ok(RequestBody::Chunked);
+    }
+    framing.length().map(RequestBody::Length).map_err(|error| error.to_string())
 }
 
 /// Whether a line of `head` ends in LF without CR.
