@@ -10,7 +10,7 @@
 //! answers"). A listener on another address (a pod IP, `0.0.0.0`) checks only when `allowed_hosts` is set: a gateway
 //! reached by its Service name keeps working. `allowed_hosts = ["*"]` turns the check off.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use http::{HeaderMap, Uri, Version};
 
@@ -24,6 +24,8 @@ pub struct HostCheck {
 /// The names a checking listener answers besides IP literals and `localhost`, lowercased.
 #[derive(Debug, Clone, Default)]
 struct Names {
+    /// The `Host` values local callers send most (`127.0.0.1:8080`, `localhost:8080`), compared whole first.
+    usual: Vec<Box<str>>,
     /// Exact names.
     exact: Vec<Box<str>>,
     /// `*.example.com` as `.example.com`: any name under it.
@@ -39,18 +41,21 @@ impl HostCheck {
     /// The check of a listener on `listen`: `allowed` is its `allowed_hosts` when set (`["*"]`: no check), `named`
     /// the hosts its routes name. On a loopback address it checks; elsewhere only when `allowed` is set.
     pub fn new<'a>(
-        listen: IpAddr,
+        listen: SocketAddr,
         allowed: Option<&'a [String]>,
         named: impl IntoIterator<Item = &'a str>,
     ) -> HostCheck {
         let checks = match allowed {
             Some(list) => !list.iter().any(|name| name == "*"),
-            None => is_loopback(listen),
+            None => is_loopback(listen.ip()),
         };
         if !checks {
             return HostCheck::off();
         }
         let mut names = Names::default();
+        if listen.port() != 0 {
+            names.usual = vec![listen.to_string().into(), format!("localhost:{}", listen.port()).into()];
+        }
         for name in allowed.unwrap_or_default().iter().map(String::as_str).chain(named) {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
             match name.strip_prefix('*') {
@@ -78,7 +83,12 @@ impl HostCheck {
 }
 
 impl Names {
+    #[inline]
     fn admit(&self, host: &str) -> bool {
+        self.usual.iter().any(|usual| usual.as_bytes() == host.as_bytes()) || self.admit_any(host)
+    }
+
+    fn admit_any(&self, host: &str) -> bool {
         if let Some(literal) = host.strip_prefix('[') {
             // An IPv6 literal, `[::1]:8080`.
             return literal.split(']').next().is_some_and(|ip| ip.parse::<Ipv6Addr>().is_ok());
@@ -126,7 +136,7 @@ mod tests {
 
     fn loopback(allowed: Option<&[&str]>, named: &[&str]) -> HostCheck {
         let allowed: Option<Vec<String>> = allowed.map(|list| list.iter().map(|s| s.to_string()).collect());
-        HostCheck::new(IpAddr::from([127, 0, 0, 1]), allowed.as_deref(), named.iter().copied())
+        HostCheck::new(SocketAddr::from(([127, 0, 0, 1], 8080)), allowed.as_deref(), named.iter().copied())
     }
 
     #[test]
@@ -179,15 +189,16 @@ mod tests {
 
     #[test]
     fn other_addresses_check_only_when_allowed_hosts_is_set() {
-        for listen in [IpAddr::from([0, 0, 0, 0]), IpAddr::from([10, 0, 0, 7]), "::".parse().unwrap()] {
+        for ip in [IpAddr::from([0, 0, 0, 0]), IpAddr::from([10, 0, 0, 7]), "::".parse().unwrap()] {
+            let listen = SocketAddr::new(ip, 8080);
             assert!(!HostCheck::new(listen, None, ["a.example"]).is_on(), "{listen}");
             let named = HostCheck::new(listen, Some(&["gateway.svc".to_owned()]), []);
             assert!(named.admits(Some("gateway.svc:8080")));
             assert!(!named.admits(Some("evil.example")));
             assert!(named.admits(Some("10.0.0.7:8080")), "probes by pod IP keep working");
         }
-        assert!(HostCheck::new("::1".parse().unwrap(), None, []).is_on());
-        assert!(HostCheck::new("::ffff:127.0.0.1".parse().unwrap(), None, []).is_on());
-        assert!(HostCheck::new(IpAddr::from([127, 0, 0, 53]), None, []).is_on());
+        assert!(HostCheck::new("[::1]:1".parse().unwrap(), None, []).is_on());
+        assert!(HostCheck::new("[::ffff:127.0.0.1]:1".parse().unwrap(), None, []).is_on());
+        assert!(HostCheck::new(SocketAddr::from(([127, 0, 0, 53], 1)), None, []).is_on());
     }
 }

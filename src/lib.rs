@@ -203,7 +203,7 @@ fn build_proxy(
     let routes =
         config.routes.iter().map(|r| Route::new(r, &lookup, metrics, client)).collect::<Result<Vec<_>, _>>()?;
     let route_hosts = config.routes.iter().filter_map(|route| route.host.as_deref());
-    let hosts = HostCheck::new(config.server.listen.ip(), config.server.allowed_hosts.as_deref(), route_hosts);
+    let hosts = HostCheck::new(config.server.listen, config.server.allowed_hosts.as_deref(), route_hosts);
     Ok(Proxy::new(
         RouteTable::new(routes),
         (hosts, metrics.misdirected("proxy")),
@@ -456,7 +456,7 @@ impl BoundApp {
         let vending_options =
             ListenerOptions { metrics: Some(app.metrics.listener("vending")), ..admin_options.clone() };
         let proxy = Arc::new(ProxyHandler(Arc::clone(&app.proxy)));
-        let admin_hosts = HostCheck::new(app.config.admin.listen.ip(), app.config.admin.allowed_hosts.as_deref(), []);
+        let admin_hosts = HostCheck::new(app.config.admin.listen, app.config.admin.allowed_hosts.as_deref(), []);
         let admin = Arc::new(AdminHandler(
             Admin::new(
                 Arc::clone(&app.engine),
@@ -476,8 +476,8 @@ impl BoundApp {
                 VendingListener::Tcp(listener) => {
                     let allowed = app.config.vending.allowed_hosts.as_deref();
                     let hosts = listener.local_addr().map_or_else(
-                        |_| HostCheck::new(std::net::Ipv4Addr::LOCALHOST.into(), allowed, []),
-                        |addr| HostCheck::new(addr.ip(), allowed, []),
+                        |_| HostCheck::new(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)), allowed, []),
+                        |addr| HostCheck::new(addr, allowed, []),
                     );
                     tokio::spawn(server::serve(listener, vending(hosts), vending_options, stop_rx.clone(), None))
                 }

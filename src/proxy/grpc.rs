@@ -120,7 +120,7 @@ pin_project_lite::pin_project! {
         watch: Option<Box<UnauthenticatedWatch>>,
         // The request's place among the upstream's requests in flight (`max_upstream_connections`), until the body
         // is sent.
-        place: Option<tokio::sync::OwnedSemaphorePermit>,
+        place: Option<super::upstream::slots::OwnedPlace>,
     }
 }
 
@@ -129,7 +129,7 @@ impl ResponseBody {
     pub fn new(
         body: Incoming,
         watch: Option<Box<UnauthenticatedWatch>>,
-        place: Option<tokio::sync::OwnedSemaphorePermit>,
+        place: Option<super::upstream::slots::OwnedPlace>,
     ) -> ResponseBody {
         ResponseBody { body, watch, place }
     }

@@ -15,7 +15,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::Either;
 use hyper::body::Incoming;
-use tokio::sync::OwnedSemaphorePermit;
+use super::upstream::slots::OwnedPlace;
 use tokio::time::Instant;
 
 use super::grpc::{self, ResponseBody, UnauthenticatedWatch};
@@ -69,7 +69,7 @@ pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Conn
 /// The first attempt of a request that got a 401.
 struct Attempt {
     /// Its place among the upstream's requests in flight.
-    place: OwnedSemaphorePermit,
+    place: OwnedPlace,
     token: Arc<Token>,
     replay: Replay,
     response: Response<Incoming>,
@@ -326,14 +326,12 @@ async fn replay_after_401(
 
 /// A request's place among the requests in flight to its upstream (`max_upstream_connections`): at once, or when one
 /// ends before the request's deadline; else 503 `upstream_busy`.
-async fn upstream_place(route: &Route, deadline: Instant) -> Result<OwnedSemaphorePermit, ProxyError> {
-    let slots = Arc::clone(&route.upstream_slots);
-    match slots.try_acquire_owned() {
-        Ok(place) => Ok(place),
-        Err(_) => match tokio::time::timeout_at(deadline, Arc::clone(&route.upstream_slots).acquire_owned()).await {
-            Ok(Ok(place)) => Ok(place),
-            _ => Err(ProxyError::UpstreamBusy(route.upstream_limit)),
-        },
+async fn upstream_place(route: &Route, deadline: Instant) -> Result<OwnedPlace, ProxyError> {
+    match route.upstream_slots.try_owned() {
+        Some(place) => Ok(place),
+        None => tokio::time::timeout_at(deadline, route.upstream_slots.owned())
+            .await
+            .map_err(|_| ProxyError::UpstreamBusy(route.upstream_slots.limit())),
     }
 }
 
@@ -345,7 +343,7 @@ pub(super) fn finish(
     response: Response<Incoming>,
     head_request: bool,
     mut watch: Option<Box<UnauthenticatedWatch>>,
-    place: Option<OwnedSemaphorePermit>,
+    place: Option<OwnedPlace>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     if watch.as_mut().is_some_and(|watch| watch.check(&parts.headers)) {

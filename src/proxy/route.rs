@@ -11,6 +11,7 @@ use std::sync::Arc;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
+use super::upstream::slots::Slots;
 use super::upstream::{RouteTls, UpstreamClient, Via};
 use crate::config::{EncodedSlashes, IncomingAuthorization, Inject, PathParameters, RouteConfig, UpstreamProtocol};
 use crate::metrics::{Metrics, RouteMetrics};
@@ -79,9 +80,7 @@ pub struct Route {
     pub grpc_unauthenticated_refresh: bool,
     /// Requests in flight to the upstream's connection pool at once (`max_upstream_connections`), shared by the
     /// routes of one pool ([`RouteTable::new`]).
-    pub upstream_slots: Arc<tokio::sync::Semaphore>,
-    /// The bound of `upstream_slots`: this route's `max_upstream_connections`, or a smaller one of its pool's.
-    pub upstream_limit: usize,
+    pub upstream_slots: Arc<Slots>,
     /// The route's metric handles.
     pub metrics: RouteMetrics,
 }
@@ -170,8 +169,7 @@ impl Route {
             tls,
             h2c: config.upstream_protocol == UpstreamProtocol::H2c,
             grpc_unauthenticated_refresh: config.grpc_unauthenticated_refresh,
-            upstream_slots: Arc::new(tokio::sync::Semaphore::new(config.max_upstream_connections)),
-            upstream_limit: config.max_upstream_connections,
+            upstream_slots: Arc::new(Slots::new(config.max_upstream_connections)),
             metrics: metrics.route(&config.name),
         })
     }
@@ -355,17 +353,14 @@ impl RouteTable {
     pub fn new(mut routes: Vec<Route>) -> RouteTable {
         let mut pools: HashMap<String, usize> = HashMap::new();
         for route in &routes {
-            let limit = pools.entry(route.pool_key()).or_insert(route.upstream_limit);
-            *limit = (*limit).min(route.upstream_limit);
+            let limit = pools.entry(route.pool_key()).or_insert(route.upstream_slots.limit());
+            *limit = (*limit).min(route.upstream_slots.limit());
         }
-        let slots: HashMap<String, (usize, Arc<tokio::sync::Semaphore>)> = pools
-            .into_iter()
-            .map(|(key, limit)| (key, (limit, Arc::new(tokio::sync::Semaphore::new(limit)))))
-            .collect();
+        let slots: HashMap<String, Arc<Slots>> =
+            pools.into_iter().map(|(key, limit)| (key, Arc::new(Slots::new(limit)))).collect();
         for route in &mut routes {
-            if let Some((limit, shared)) = slots.get(&route.pool_key()) {
+            if let Some(shared) = slots.get(&route.pool_key()) {
                 route.upstream_slots = Arc::clone(shared);
-                route.upstream_limit = *limit;
             }
         }
         routes.sort_by(|a, b| b.host.is_some().cmp(&a.host.is_some()).then(b.prefix.len().cmp(&a.prefix.len())));
@@ -552,8 +547,8 @@ mod upstream_limits {
             RouteTable::new(config.routes.iter().map(|r| Route::new(r, &none, &metrics, &client).unwrap()).collect());
         let route = |name: &str| table.routes().iter().find(|r| &*r.name == name).unwrap();
         assert!(Arc::ptr_eq(&route("a").upstream_slots, &route("b").upstream_slots), "one pool, one bound");
-        assert_eq!((route("a").upstream_limit, route("a").upstream_slots.available_permits()), (3, 3));
-        assert_eq!(route("c").upstream_limit, 256, "another upstream: the default");
+        assert_eq!((route("a").upstream_slots.limit(), route("a").upstream_slots.available()), (3, 3));
+        assert_eq!(route("c").upstream_slots.limit(), 256, "another upstream: the default");
         assert!(!Arc::ptr_eq(&route("a").upstream_slots, &route("d").upstream_slots), "h2c is another pool");
     }
 }

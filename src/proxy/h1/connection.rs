@@ -464,11 +464,11 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
     };
     // At most `max_upstream_connections` requests in flight to the upstream: a caller waits for a place within its
     // deadline. The place is held until the response is forwarded.
-    let _place = match route.upstream_slots.try_acquire() {
-        Ok(place) => place,
-        Err(_) => match timer.within(deadline, route.upstream_slots.acquire()).await {
-            Some(Ok(place)) => place,
-            _ => return Outcome::Error(ProxyError::UpstreamBusy(route.upstream_limit)),
+    let _place = match route.upstream_slots.try_place() {
+        Some(place) => place,
+        None => match timer.within(deadline, route.upstream_slots.place()).await {
+            Some(place) => place,
+            None => return Outcome::Error(ProxyError::UpstreamBusy(route.upstream_slots.limit())),
         },
     };
     let mut retried = Retried::default();

@@ -15,6 +15,7 @@
 
 mod body;
 mod connector;
+pub mod slots;
 mod tls;
 
 use std::cell::RefCell;
