@@ -18,6 +18,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod host_check;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

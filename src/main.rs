@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use tokenproxy::config::{Config, ConfigError, LogConfig, LogFormat};
+use tokenproxy::logging::{Escape, EscapingWriter};
 use tokenproxy::server::WorkerPool;
 use tokenproxy::token::device::{self, Logout};
 use tokenproxy::token::response::TokenError;
@@ -190,9 +191,14 @@ fn init_tracing(log: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Every line is escaped as it is written: no text from a peer reaches the log raw (src/logging.rs).
+    let escape = match log.format {
+        LogFormat::Json => Escape::Json,
+        LogFormat::Pretty => Escape::Text,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(move || EscapingWriter::new(std::io::stderr(), escape))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),

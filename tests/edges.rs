@@ -455,3 +455,45 @@ async fn callers_beyond_max_upstream_connections_wait_then_get_503_upstream_busy
     assert_eq!(upstream.most_held.load(std::sync::atomic::Ordering::SeqCst), 4);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn text_from_a_peer_reaches_neither_log_format_raw() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    for (format, escapes) in [
+        ("json", ["\\u009b", "\\u0085", "\\u2028", "\\u202e"]),
+        ("pretty", ["\\u{9b}", "\\u{85}", "\\u{2028}", "\\u{202e}"]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenproxy.toml");
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"{format}\"\n\
+             access = true\n[state]\ndir = \"{}\"\n{}",
+            dir.path().join("state").display(),
+            basic_config(&idp, &upstream)
+        );
+        std::fs::write(&path, toml).unwrap();
+        let mut proxy = support::BinaryProxy::start(&path, &[]).await;
+        proxy.wait_ready().await;
+        // A path with a C1 CSI, NEL, a line separator and a right-to-left override, and a request id with a CSI.
+        let evil = "/api/a\u{9b}31mred\u{85}b\u{2028}c\u{202e}txt";
+        let request =
+            format!("GET {evil} HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: id\u{9b}2J\r\nConnection: close\r\n\r\n");
+        let answer = raw(proxy.addr.parse().unwrap(), &request).await;
+        assert!(status(&answer) > 0, "{answer}");
+        support::signal(proxy.child.id().unwrap(), libc::SIGTERM);
+        let log = proxy.finish().await;
+        let access: Vec<&str> = log.lines().filter(|line| line.contains("/api/a")).collect();
+        assert!(!access.is_empty(), "{format}: the access line: {log}");
+        for c in ['\u{9b}', '\u{85}', '\u{2028}', '\u{202e}'] {
+            assert!(!log.contains(c), "{format}: a raw U+{:04X} in the log: {log:?}", c as u32);
+        }
+        for escape in escapes {
+            assert!(access.iter().any(|line| line.contains(escape)), "{format}: {escape} in {access:?}");
+        }
+        if format == "json" {
+            for line in &access {
+                serde_json::from_str::<serde_json::Value>(line).expect("each line is still JSON");
+            }
+        }
+    }
+}

@@ -9,13 +9,13 @@
 
 use std::sync::Arc;
 
+use super::upstream::slots::OwnedPlace;
 use http::header::CONTENT_LENGTH;
 use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::Either;
 use hyper::body::Incoming;
-use super::upstream::slots::OwnedPlace;
 use tokio::time::Instant;
 
 use super::grpc::{self, ResponseBody, UnauthenticatedWatch};
