@@ -60,7 +60,8 @@ impl Slots {
     /// A place now, if one is free.
     #[inline]
     pub fn try_place(&self) -> Option<Place<'_>> {
-        self.try_take().then_some(Place(self))
+        // (`then`, not `then_some`: a place made and dropped when none was taken would give one back.)
+        self.try_take().then(|| Place(self))
     }
 
     /// A place, when one is free (cancel-safe: dropping the future takes none).
