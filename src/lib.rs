@@ -20,6 +20,7 @@ pub mod demo;
 pub mod host_check;
 pub mod logging;
 pub mod metrics;
+pub mod private_file;
 pub mod proxy;
 pub mod server;
 pub mod tls;

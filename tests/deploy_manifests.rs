@@ -437,14 +437,20 @@ fn the_secret_is_mounted_where_client_secret_file_points() {
 }
 
 #[test]
-fn the_state_dir_is_the_writable_volume() {
+fn the_state_dir_is_a_private_directory_in_the_writable_volume() {
     let base = Base::load();
-    let dir = base.config.state.dir.display().to_string();
+    // state.dir is a directory tokenproxy creates (mode 0700) in the volume: an emptyDir is mode 0777, which
+    // tokenproxy refuses as a state directory (others could plant files where refresh tokens are written).
+    let dir = base.config.state.dir.clone();
+    let volume_path = dir.parent().expect("state.dir is in a volume").display().to_string();
     let mount = array(&base.sidecar()["volumeMounts"], "volumeMounts")
         .iter()
-        .find(|m| m["mountPath"] == dir.as_str())
+        .find(|m| m["mountPath"] == volume_path.as_str())
         .unwrap_or_else(|| {
-            panic!("state.dir {dir} is not a volume mount: with a read-only root it could not be written")
+            panic!(
+                "the parent of state.dir {} is not a volume mount: with a read-only root it could not be written",
+                dir.display()
+            )
         });
     assert_ne!(mount["readOnly"], true, "the state dir is writable");
     let volume = named(&base.pod_spec()["volumes"], str_of(&mount["name"], "name"), "volumes");

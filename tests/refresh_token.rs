@@ -1,6 +1,9 @@
 //! Refresh-token sessions, the password grant, discovery, and `tokenproxy login` / `logout`, against a fake IdP
 //! that rotates refresh tokens and revokes the whole family when a rotated one is reused.
 
+// Some helpers serve only the tests of the crash hooks (the `failpoints` feature, which scripts/test turns on).
+#![cfg_attr(not(feature = "failpoints"), allow(dead_code, unused_imports))]
+
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -227,6 +230,8 @@ provider = "api"
     proxy.stop().await;
 }
 
+// Needs the state store's crash hooks: `cargo test --features failpoints` (scripts/test).
+#[cfg(feature = "failpoints")]
 #[tokio::test]
 async fn a_failed_state_write_keeps_the_rotated_token_and_stores_it_first_next_time() {
     let setup = Setup::new().await;
@@ -303,6 +308,8 @@ provider = "api"
     assert!(setup.idp.stats()["valid"].is_null(), "the session is dead at the IdP too");
 }
 
+// Needs the state store's crash hooks: `cargo test --features failpoints` (scripts/test).
+#[cfg(feature = "failpoints")]
 #[tokio::test]
 async fn killed_between_the_idp_answer_and_the_write_never_leaves_a_corrupt_state_file() {
     let listen = "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
@@ -354,4 +361,31 @@ async fn killed_between_the_idp_answer_and_the_write_never_leaves_a_corrupt_stat
             }
         }
     }
+}
+
+#[tokio::test]
+async fn planted_links_and_files_in_the_state_dir_never_redirect_a_refresh_token() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let setup = Setup::new().await;
+    let state = setup.state();
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // What a co-tenant plants: a symlink at the name the temporary file used to have (a fixed one). Files planted at
+    // the final name, or at any name, are replaced, never written through (src/private_file.rs's tests).
+    let stolen = setup.dir.path().join("stolen");
+    std::os::unix::fs::symlink(&stolen, state.join(".api.json.tmp")).unwrap();
+    let proxy = Proxy::start(&setup.config()).await;
+    proxy.wait_ready().await;
+    assert_eq!(record(&state)["refresh_token"], "rt-1");
+    assert!(!stolen.exists(), "the planted link was not followed");
+    assert_eq!(std::fs::metadata(state.join("api.json")).unwrap().permissions().mode() & 0o777, 0o600);
+    proxy.stop().await;
+
+    // A state directory others can write is refused (unless allow_shared_dir), naming the key.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let refused = tokenproxy::config::Config::from_toml_str(&setup.config(), "test.toml").unwrap_err().to_string();
+    assert!(refused.contains("state.dir") && refused.contains("0777"), "{refused}");
+    let config = setup.config().replacen("[state]\n", "[state]\nallow_shared_dir = true\n", 1);
+    let config = tokenproxy::config::Config::from_toml_str(&config, "test.toml").unwrap();
+    assert!(config.warnings().iter().any(|w| w.starts_with("state.dir:")), "{:?}", config.warnings());
 }

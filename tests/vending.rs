@@ -191,3 +191,27 @@ async fn the_vending_listener_can_be_a_unix_socket_only_its_owner_may_use() {
     proxy.stop().await;
     assert!(!socket.exists(), "the socket file is removed at shutdown");
 }
+
+#[tokio::test]
+async fn planted_links_and_open_files_never_receive_the_sink_token() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let sink = dir.path().join("api.token");
+    // A symlink at the name the temporary file used to have, and a world-readable file at the final name.
+    let stolen = dir.path().join("stolen");
+    std::os::unix::fs::symlink(&stolen, dir.path().join(".api.token.tmp")).unwrap();
+    std::fs::write(&sink, "planted").unwrap();
+    std::fs::set_permissions(&sink, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let proxy = Proxy::start(&config(&idp, &upstream, &sink, "raw")).await;
+    proxy.wait_ready().await;
+    assert_eq!(std::fs::read_to_string(&sink).unwrap(), "tok-1");
+    assert_eq!(std::fs::metadata(&sink).unwrap().permissions().mode() & 0o777, 0o600, "0600, whatever was there");
+    assert!(!stolen.exists(), "the planted link was not followed");
+    // A directory others can write is named in check's warnings.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let toml = format!("[server]\nlisten = \"127.0.0.1:0\"\n{}", config(&idp, &upstream, &sink, "raw"));
+    let warnings = tokenproxy::config::Config::from_toml_str(&toml, "test.toml").unwrap().warnings();
+    assert!(warnings.iter().any(|w| w.starts_with("providers.api.sink_file:") && w.contains("0777")), "{warnings:?}");
+    proxy.stop().await;
+}

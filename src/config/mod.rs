@@ -177,6 +177,8 @@ pub struct StateConfig {
     pub dir: PathBuf,
     /// `store = "redis"`: the shared store of a fleet of replicas (docs/fleet.md).
     pub shared: Option<SharedStoreConfig>,
+    /// Accept a `dir` that group or others may write to (`state.allow_shared_dir`).
+    pub allow_shared_dir: bool,
 }
 
 /// `[state]` with `store = "redis"`: where replicas share their tokens (docs/fleet.md).
@@ -812,7 +814,7 @@ impl Default for LogConfig {
 impl Default for StateConfig {
     /// The SPEC default: `./tokenproxy-state`.
     fn default() -> Self {
-        StateConfig { dir: PathBuf::from("./tokenproxy-state"), shared: None }
+        StateConfig { dir: PathBuf::from("./tokenproxy-state"), shared: None, allow_shared_dir: false }
     }
 }
 

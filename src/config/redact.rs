@@ -38,6 +38,7 @@ struct StateView<'a> {
     encryption_key_file: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
     redis_timeout: Option<String>,
+    allow_shared_dir: bool,
 }
 
 impl Serialize for StateConfig {
@@ -66,6 +67,7 @@ impl Serialize for StateConfig {
             key_prefix: shared.map(|s| s.key_prefix.as_str()),
             encryption_key_file: shared.map(|s| s.encryption_key_file.as_path()),
             redis_timeout: shared.map(|s| humantime::format_duration(s.timeout).to_string()),
+            allow_shared_dir: self.allow_shared_dir,
         }
         .serialize(serializer)
     }

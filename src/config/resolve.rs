@@ -203,7 +203,23 @@ fn log(r: &mut Reader<'_>, root: &mut Table<'_>) -> LogConfig {
 fn state(r: &mut Reader<'_>, root: &mut Table<'_>) -> StateConfig {
     let d = StateConfig::default();
     let mut t = r.table(root, "state");
-    let dir = value_or(r.get(&mut t, "dir", reader::path), d.dir);
+    let dir_leaf = r.get(&mut t, "dir", reader::path);
+    let allow_shared_dir = value_or(r.get(&mut t, "allow_shared_dir", reader::boolean), false);
+    // Refresh tokens are written there: a directory others can write lets them plant or replace files in it.
+    if let Some(mode) = crate::private_file::writable_by_others(dir_leaf.as_ref().map_or(&d.dir, |leaf| &leaf.value)) {
+        if !allow_shared_dir {
+            let message = format!(
+                "the directory is writable by group or others (mode {mode:04o}), who could plant or replace the files \
+                 that hold refresh tokens: chmod 700 it, point dir at a subdirectory tokenproxy creates (mode 0700), \
+                 or set allow_shared_dir = true"
+            );
+            match &dir_leaf {
+                Some(leaf) => r.report_leaf(leaf, message),
+                None => r.report(&t.path.key("dir"), t.tag, message),
+            }
+        }
+    }
+    let dir = value_or(dir_leaf, d.dir);
     let store = r.get(&mut t, "store", reader::choice(STORES));
     let shared = match store.map(|leaf| leaf.value) {
         Some(Store::Redis) => shared_store(r, &mut t),
@@ -217,7 +233,7 @@ fn state(r: &mut Reader<'_>, root: &mut Table<'_>) -> StateConfig {
         }
     };
     r.finish(t);
-    StateConfig { dir, shared }
+    StateConfig { dir, shared, allow_shared_dir }
 }
 
 /// Values of `state.store`.

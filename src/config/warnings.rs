@@ -65,6 +65,28 @@ impl Config {
                 }
             }
         }
+        // Token files are written so that nothing planted beside them is followed (src/private_file.rs), but a
+        // directory others can write still lets them delete or replace what is there.
+        for (name, provider) in &self.providers {
+            let Some(dir) = provider.sink_file.as_deref().and_then(std::path::Path::parent) else { continue };
+            let dir = if dir.as_os_str().is_empty() { std::path::Path::new(".") } else { dir };
+            if let Some(mode) = crate::private_file::writable_by_others(dir) {
+                warnings.push(format!(
+                    "providers.{name}.sink_file: its directory {} is writable by group or others (mode {mode:04o}), who \
+                     can delete or replace the token file; use a directory only tokenproxy and its readers can write",
+                    dir.display()
+                ));
+            }
+        }
+        if self.state.allow_shared_dir {
+            if let Some(mode) = crate::private_file::writable_by_others(&self.state.dir) {
+                warnings.push(format!(
+                    "state.dir: {} is writable by group or others (mode {mode:04o}; allowed by allow_shared_dir), who \
+                     can delete or replace the files that hold refresh tokens",
+                    self.state.dir.display()
+                ));
+            }
+        }
         if let Some(shared) = &self.state.shared {
             if let Some(mode) = world_readable(&shared.encryption_key_file) {
                 warnings.push(format!(

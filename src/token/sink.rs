@@ -1,9 +1,7 @@
 //! `sink_file`: a provider's token written to a file on every refresh, for tools that read a token from a file
-//! (docs/vending.md). The file is replaced atomically (written beside it, then renamed over it), so a reader never
-//! sees part of a token, and it is readable by its owner only (mode 0600).
+//! (docs/vending.md). The file is replaced atomically and privately ([`crate::private_file`]): a reader never sees
+//! part of a token, it is readable by its owner only (mode 0600), and nothing planted in its directory redirects it.
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use super::cache::Token;
@@ -35,19 +33,8 @@ impl Sink {
             .to_string()
             .into_bytes(),
         };
-        if let Err(error) = replace(&self.path, &content) {
+        if let Err(error) = crate::private_file::write_private(&self.path, &content) {
             tracing::warn!(provider = %self.provider, path = %self.path.display(), "cannot write sink_file: {error}");
         }
     }
-}
-
-/// Writes `content` to a new file beside `path` (mode 0600) and renames it over `path`.
-fn replace(path: &Path, content: &[u8]) -> std::io::Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let temporary = path.with_file_name(format!(".{name}.tmp"));
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temporary)?;
-    file.write_all(content)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&temporary, path)
 }

@@ -1,13 +1,13 @@
 //! The state store: rotated refresh tokens, one JSON file per provider in `state.dir`.
 //!
-//! Losing a rotated refresh token ends a session, and so does a corrupt file, so every write is atomic and durable:
-//! write a temporary file (mode 0600) in the same directory, fsync it, rename it over the old one, fsync the
-//! directory. A crash at any point leaves either the old file or the new one, never a torn or empty one.
+//! Losing a rotated refresh token ends a session, and so does a corrupt file, so every write is atomic, durable and
+//! private ([`crate::private_file`]: a temporary file nobody can guess or plant, mode 0600, fsync'd, renamed over the
+//! old one, the directory fsync'd). A crash at any point leaves either the old file or the new one, never a torn or
+//! empty one.
 //! An advisory lock (`PROVIDER.lock`) keeps two processes sharing the directory (the proxy and `tokenproxy token`,
 //! or replicas on one volume) from using one refresh token twice.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -155,22 +155,11 @@ impl StateStore {
     pub fn save(&self, record: &Record) -> Result<(), StoreError> {
         self.ensure_dir()?;
         let path = self.path(&record.provider);
-        let tmp = self.dir.join(format!(".{}.json.tmp", record.provider));
-        let json = serde_json::to_vec_pretty(&RecordOnDisk(record))
+        let mut json = serde_json::to_vec_pretty(&RecordOnDisk(record))
             .map_err(|e| StoreError::Corrupt { path: path.clone(), message: e.to_string() })?;
-        failpoint("before_state_write").map_err(Self::io(&tmp))?;
-        {
-            let mut options = OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options.open(&tmp).map_err(Self::io(&tmp))?;
-            file.write_all(&json).map_err(Self::io(&tmp))?;
-            file.write_all(b"\n").map_err(Self::io(&tmp))?;
-            file.sync_all().map_err(Self::io(&tmp))?;
-        }
-        fs::rename(&tmp, &path).map_err(Self::io(&path))?;
-        File::open(&self.dir).and_then(|dir| dir.sync_all()).map_err(Self::io(&self.dir))?;
+        json.push(b'\n');
+        failpoint("before_state_write").map_err(Self::io(&path))?;
+        crate::private_file::write_private(&path, &json).map_err(Self::io(&path))?;
         failpoint("after_state_write").map_err(Self::io(&path))?;
         Ok(())
     }
@@ -231,8 +220,18 @@ impl Serialize for RecordOnDisk<'_> {
     }
 }
 
-/// Test hook for crash tests (named outside the `TOKENPROXY_` config prefix on purpose): `TP_FAILPOINT=NAME` aborts the process (as `kill -9` would) at that point;
-/// `TP_FAILPOINT=NAME:error` makes the first pass through it fail with an I/O error instead.
+/// Test hook for crash tests, only in builds with the `failpoints` feature (the test command's; a release build has
+/// no trace of it). Named outside the `TOKENPROXY_` config prefix on purpose: `TP_FAILPOINT=NAME` aborts the process
+/// (as `kill -9` would) at that point; `TP_FAILPOINT=NAME:error` makes the first pass through it fail with an I/O
+/// error instead.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+fn failpoint(_name: &str) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// See the other `failpoint`.
+#[cfg(feature = "failpoints")]
 fn failpoint(name: &str) -> std::io::Result<()> {
     static FAILPOINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
