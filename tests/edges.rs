@@ -497,3 +497,41 @@ async fn text_from_a_peer_reaches_neither_log_format_raw() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_idp_answering_tiny_lifetimes_gets_at_most_one_call_per_min_refresh_interval() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // A hostile (or broken) IdP: every token lives a millisecond.
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&calls);
+    let (idp, _stop) = support::spawn_server(move |_request| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async {
+            support::json_response(
+                http::StatusCode::OK,
+                serde_json::json!({ "access_token": "t", "token_type": "Bearer", "expires_in": 0.001 }),
+            )
+        }
+    })
+    .await;
+    let upstream = FakeUpstream::start().await;
+    let toml = format!(
+        "[providers.api]\ntoken_url = \"http://{idp}/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\ntimeout = \"200ms\"\n\
+         [[routes]]\nprefix = \"/api\"\nupstream = \"{}\"\nprovider = \"api\"\n",
+        upstream.url()
+    );
+    let proxy = Proxy::start(&toml).await;
+    // Steady traffic for the whole measurement (the seconds can be raised to measure longer).
+    let seconds: u64 = std::env::var("TP_TINY_LIFETIME_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let until = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let client = support::Client::new();
+    let mut requests = 0;
+    while tokio::time::Instant::now() < until {
+        let _ = client.get(&proxy.url("/api/x")).await;
+        requests += 1;
+    }
+    let made = calls.load(Ordering::SeqCst);
+    println!("IdP answering expires_in 0.001: {made} token calls in {seconds} s under {requests} requests");
+    assert!(made as u64 <= seconds + 1, "{made} token calls in {seconds} s");
+    proxy.stop().await;
+}

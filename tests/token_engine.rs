@@ -92,7 +92,7 @@ fn start_with(answer: Answer, refresh_at: f64, skew: u64, wait: bool) -> Engine 
     let slot = TokenSlot::new("p", metrics.provider("p"), Duration::from_secs(10)).waiting_during_refresh(wait);
     let slot = Arc::new(slot);
     let fetcher = FakeFetcher::new(answer);
-    let timing = Timing { refresh_at, expiry_skew: Duration::from_secs(skew) };
+    let timing = Timing { refresh_at, expiry_skew: Duration::from_secs(skew), min_interval: Duration::from_secs(1) };
     let scheduler = RefreshScheduler::new(Arc::clone(&slot), fetcher.clone() as Arc<dyn TokenFetcher>, timing, true);
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(scheduler.run(stopped));
@@ -239,8 +239,9 @@ async fn hold_a_refresh(engine: &Engine) {
     assert_eq!(engine.slot.obtain(None).await.unwrap().generation, 1);
     engine.fetcher.gate.forget_permits(Semaphore::MAX_PERMITS);
     engine.slot.request_refresh();
+    // (Virtual time: the call waits out min_refresh_interval after the first one.)
     while engine.fetcher.calls() < 2 {
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -323,4 +324,30 @@ async fn a_refresh_whose_outcome_is_unknown_never_sends_the_old_token_again() {
     engine.fetcher.set(Answer::Token { lifetime: 300 });
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(engine.slot.obtain(None).await.unwrap().generation, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tokens_that_expire_at_once_are_fetched_at_most_once_per_min_refresh_interval() {
+    // An IdP answering a lifetime of nothing: without the floor, the refresher would call it again at once, forever.
+    let engine = start(Answer::Token { lifetime: 0 }, 0.75, 30);
+    let started = Instant::now();
+    // Requests keep asking for a token meanwhile (each wait ends in the provider's timeout: none is ever usable).
+    let asking = {
+        let slot = Arc::clone(&engine.slot);
+        tokio::spawn(async move {
+            loop {
+                let _ = slot.obtain(None).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    asking.abort();
+    let times = engine.fetcher.times.lock().unwrap().clone();
+    assert!(times.len() <= 11, "{} calls in 10 s", times.len());
+    for pair in times.windows(2) {
+        assert!(pair[1] - pair[0] >= Duration::from_secs(1), "calls {:?} apart", pair[1] - pair[0]);
+    }
+    assert!(times.len() >= 9, "it kept trying: {} calls", times.len());
+    assert!(times[0] >= started);
 }

@@ -13,7 +13,7 @@ use support::{Client, FakeIdp, FakeUpstream, Proxy};
 
 fn config(idp: &FakeIdp, upstream: &FakeUpstream, sink: &std::path::Path, format: &str) -> String {
     format!(
-        "[providers.api]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s3cret-value\"\nmanual_refresh_interval = \"0s\"\n\
+        "[providers.api]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s3cret-value\"\nmanual_refresh_interval = \"0s\"\nmin_refresh_interval = \"0s\"\n\
          vend = true\nsink_file = \"{}\"\nsink_format = \"{format}\"\n\
          [[routes]]\nprefix = \"/api\"\nupstream = \"{}\"\nprovider = \"api\"\n",
         idp.token_url(),

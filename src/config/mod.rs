@@ -437,6 +437,8 @@ pub struct ProviderConfig {
     pub refresh_at: f64,
     /// A token is never sent this close to its expiry (capped at a quarter of its lifetime).
     pub expiry_skew: Duration,
+    /// Token calls of one slot never follow each other closer than this, whatever the IdP answers.
+    pub min_refresh_interval: Duration,
     /// Lifetime assumed when the IdP gives neither `expires_in` nor a JWT `exp` claim.
     pub default_lifetime: Duration,
     /// Deadline for one token call.

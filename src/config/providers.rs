@@ -19,6 +19,7 @@ mod provider_defaults {
 
     pub(super) const REFRESH_AT: f64 = 0.75;
     pub(super) const EXPIRY_SKEW: Duration = Duration::from_secs(30);
+    pub(super) const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
     pub(super) const DEFAULT_LIFETIME: Duration = Duration::from_secs(5 * 60);
     pub(super) const TIMEOUT: Duration = Duration::from_secs(10);
     pub(super) const UNAUTHORIZED_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
@@ -334,6 +335,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     let extra_params = extra_params(r, t, "provider");
     let refresh_at = r.get(t, "refresh_at", fraction);
     let expiry_skew = r.get(t, "expiry_skew", reader::positive_duration);
+    let min_refresh_interval = r.get(t, "min_refresh_interval", reader::duration);
     let default_lifetime = r.get(t, "default_lifetime", reader::positive_duration);
     let timeout = r.get(t, "timeout", reader::positive_duration);
     let unauthorized_refresh_interval = r.get(t, "unauthorized_refresh_interval", reader::duration);
@@ -444,6 +446,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         extra_params,
         refresh_at: value_or(refresh_at, provider_defaults::REFRESH_AT),
         expiry_skew: value_or(expiry_skew, provider_defaults::EXPIRY_SKEW),
+        min_refresh_interval: value_or(min_refresh_interval, provider_defaults::MIN_REFRESH_INTERVAL),
         default_lifetime: value_or(default_lifetime, provider_defaults::DEFAULT_LIFETIME),
         timeout: value_or(timeout, provider_defaults::TIMEOUT),
         unauthorized_refresh_interval: value_or(

@@ -141,6 +141,8 @@ struct ProviderView<'a> {
     #[serde(serialize_with = "duration")]
     expiry_skew: Duration,
     #[serde(serialize_with = "duration")]
+    min_refresh_interval: Duration,
+    #[serde(serialize_with = "duration")]
     default_lifetime: Duration,
     #[serde(serialize_with = "duration")]
     timeout: Duration,
@@ -231,6 +233,7 @@ impl Serialize for ProviderConfig {
             resource: self.resource.as_deref(),
             refresh_at: self.refresh_at,
             expiry_skew: self.expiry_skew,
+            min_refresh_interval: self.min_refresh_interval,
             default_lifetime: self.default_lifetime,
             timeout: self.timeout,
             unauthorized_refresh_interval: self.unauthorized_refresh_interval,

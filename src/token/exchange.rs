@@ -105,7 +105,11 @@ impl ExchangeCache {
         Arc::new(ExchangeCache {
             name: Arc::from(provider.name.as_str()),
             fetcher,
-            timing: Timing { refresh_at: provider.refresh_at, expiry_skew: provider.expiry_skew },
+            timing: Timing {
+                refresh_at: provider.refresh_at,
+                expiry_skew: provider.expiry_skew,
+                min_interval: provider.min_refresh_interval,
+            },
             timeout: provider.timeout,
             unauthorized_interval: provider.unauthorized_refresh_interval,
             tokens,

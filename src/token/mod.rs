@@ -235,7 +235,11 @@ impl TokenEngine {
                 .with_limits(limits)
                 .waiting_during_refresh(provider.during_refresh == DuringRefresh::Wait);
             let slot = Arc::new(slot);
-            let timing = Timing { refresh_at: provider.refresh_at, expiry_skew: provider.expiry_skew };
+            let timing = Timing {
+                refresh_at: provider.refresh_at,
+                expiry_skew: provider.expiry_skew,
+                min_interval: provider.min_refresh_interval,
+            };
             let store = StateStore::new(&config.state.dir);
             let grant = GrantFetcher::new(provider.clone(), store)?;
             let (_, fetcher, store_health) = through_store(grant, shared.as_ref(), provider, &metrics.store());

@@ -26,6 +26,9 @@ pub struct Timing {
     pub refresh_at: f64,
     /// Never send a token this close to its expiry (capped at a quarter of its lifetime).
     pub expiry_skew: Duration,
+    /// Token calls of the slot never follow each other closer than this (`min_refresh_interval`), whatever the IdP
+    /// answers and whoever asks.
+    pub min_interval: Duration,
 }
 
 /// When a fresh token stops being usable, and when its background refresh should start.
@@ -155,6 +158,8 @@ impl RefreshScheduler {
         // When the next scheduled call is due; `None` = only on demand.
         let mut next_at = self.eager.then(Instant::now);
         let mut ever_had_token = false;
+        // When the last call was sent: the next one waits for `min_refresh_interval` after it.
+        let mut last_call: Option<Instant> = None;
         loop {
             let sleep = async {
                 match next_at {
@@ -171,6 +176,18 @@ impl RefreshScheduler {
                 },
                 () = sleep => self.scheduled_reason(ever_had_token),
             };
+            // The floor, for every call whatever asked for it: an IdP answering tiny lifetimes (or a flood of
+            // demands) makes at most one call per `min_refresh_interval`.
+            if let Some(earliest) = last_call.map(|last| last + self.timing.min_interval) {
+                if Instant::now() < earliest {
+                    tokio::select! {
+                        biased;
+                        () = crate::stopped(&mut shutdown) => return,
+                        () = tokio::time::sleep_until(earliest) => {}
+                    }
+                }
+            }
+            last_call = Some(Instant::now());
             slot.metrics.refreshes(reason).inc();
             {
                 // This call answers every demand made so far; demands made while it is in flight stay for the next
@@ -204,6 +221,15 @@ impl RefreshScheduler {
                     slot.metrics.token_success.inc();
                     backoff.reset();
                     ever_had_token = true;
+                    if response.lifetime < self.timing.min_interval {
+                        tracing::warn!(
+                            provider = %slot.name,
+                            lifetime_ms = response.lifetime.as_millis() as u64,
+                            min_refresh_interval_ms = self.timing.min_interval.as_millis() as u64,
+                            "the IdP answered a token that lives shorter than min_refresh_interval: it is refreshed \
+                             once per interval and requests may find none usable meanwhile; check the IdP's expires_in"
+                        );
+                    }
                     let mut schedule = self.timing.schedule(response.lifetime, random.random());
                     if let Some(rt_lifetime) = response.refresh_token_lifetime {
                         // Refresh before the refresh token itself expires (idle sessions of Keycloak and others).
@@ -312,7 +338,7 @@ mod tests {
     use super::*;
 
     fn timing(refresh_at: f64, skew: u64) -> Timing {
-        Timing { refresh_at, expiry_skew: Duration::from_secs(skew) }
+        Timing { refresh_at, expiry_skew: Duration::from_secs(skew), min_interval: Duration::from_secs(1) }
     }
 
     #[test]
