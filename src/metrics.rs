@@ -187,6 +187,8 @@ pub struct ExchangeMetrics {
     pub refused: IntCounter,
     /// A caller's token was evicted to stay within `max_subjects`.
     pub evicted: IntCounter,
+    /// A new caller was answered 429 without an exchange: the budget for new subjects was spent.
+    pub throttled: IntCounter,
     /// Callers with a token in the cache.
     pub subjects: IntGauge,
 }
@@ -505,6 +507,7 @@ impl Metrics {
             miss: event("miss"),
             refused: event("refused"),
             evicted: event("evicted"),
+            throttled: event("throttled"),
             subjects: self.exchange_subjects.with_label_values(&[name]),
         }
     }

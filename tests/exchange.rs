@@ -142,3 +142,76 @@ async fn the_subject_never_reaches_the_upstream_whatever_the_route_injects() {
         proxy.stop().await;
     }
 }
+
+/// Requests per second of one caller already in the cache, sending `n` requests one after another.
+async fn cached_rate(proxy: &Proxy, n: usize) -> f64 {
+    let client = Client::new();
+    let started = std::time::Instant::now();
+    for _ in 0..n {
+        let request = Request::get(proxy.url("/api/x"))
+            .header("authorization", "Bearer known-caller")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(client.send(request).await.status, 200, "a cached caller is never throttled");
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+#[tokio::test]
+async fn garbage_subjects_spend_the_budget_for_new_callers_not_the_idp_and_cached_callers_pass() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    // The default budget: 20 new subjects a second (a burst of 20), 32 in flight.
+    let proxy = Proxy::start(&config(&idp, &upstream, "")).await;
+    assert_eq!(as_caller(&proxy, "known-caller").await.status, 200);
+    let alone = cached_rate(&proxy, 300).await;
+    let before = idp.calls();
+    // Garbage subjects (TP_GARBAGE_SUBJECTS, 400 by default), each new, as fast as 8 callers can send them.
+    let total: usize = std::env::var("TP_GARBAGE_SUBJECTS").ok().and_then(|n| n.parse().ok()).unwrap_or(400);
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = std::time::Instant::now();
+    let mut flood = Vec::new();
+    for _ in 0..8 {
+        let (url, sent) = (proxy.url("/api/x"), std::sync::Arc::clone(&sent));
+        flood.push(tokio::spawn(async move {
+            let client = Client::new();
+            let mut throttled = 0;
+            loop {
+                let n = sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if n >= total {
+                    return throttled;
+                }
+                let request = Request::get(&url)
+                    .header("authorization", format!("Bearer bad-{n}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let reply = client.send(request).await;
+                if reply.status == 429 {
+                    assert_eq!(reply.headers["x-tokenproxy-error"], "exchange_throttled");
+                    assert_eq!(reply.headers["retry-after"], "1");
+                    throttled += 1;
+                }
+            }
+        }));
+    }
+    // The cached caller meanwhile.
+    let during = cached_rate(&proxy, 300).await;
+    let mut throttled = 0;
+    for task in flood {
+        throttled += task.await.unwrap();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let exchanges = idp.calls() - before;
+    println!(
+        "{total} garbage subjects in {seconds:.2} s: {exchanges} exchanges (budget: 20 + 20 x {seconds:.2} s), \
+         {throttled} answered 429; a cached caller: {alone:.0} req/s alone, {during:.0} req/s during the flood"
+    );
+    assert!(exchanges as f64 <= 20.0 + 20.0 * seconds + 1.0, "{exchanges} exchanges in {seconds:.2} s");
+    assert_eq!(exchanges + throttled, total, "every garbage subject was exchanged within the budget or refused");
+    let ready = Client::new().get(&proxy.admin_url("/readyz")).await;
+    assert_eq!(ready.status, 200, "readiness does not depend on callers' exchanges: {}", ready.text());
+    assert_eq!(
+        proxy.metric("tokenproxy_exchange_cache_total{event=\"throttled\",provider=\"ex\"}").await,
+        throttled as f64
+    );
+    proxy.stop().await;
+}

@@ -496,6 +496,10 @@ pub struct ExchangeConfig {
     pub max_subjects: u64,
     /// A subject the IdP refused is answered without an IdP call for this long.
     pub refused_subject_ttl: Duration,
+    /// New subjects (not in the cache) exchanged per second at most, in a token bucket of the same burst.
+    pub new_subjects_per_second: f64,
+    /// Exchanges in flight at once at most.
+    pub max_in_flight: usize,
 }
 
 /// `providers.NAME.subject_token_source`.

@@ -585,6 +585,8 @@ const EXCHANGE_KEYS: &[&str] = &[
     "exchange_dialect",
     "max_subjects",
     "refused_subject_ttl",
+    "exchange_new_subjects_per_second",
+    "exchange_max_in_flight",
 ];
 
 /// A token type: a short name of RFC 8693 §3, or a URN as is.
@@ -653,8 +655,14 @@ fn exchange(r: &mut Reader<'_>, t: &mut Table<'_>, grant: Grant) -> Option<Excha
     }
     let max_subjects = r.get(t, "max_subjects", reader::positive_count);
     let refused_subject_ttl = r.get(t, "refused_subject_ttl", reader::duration);
+    let new_subjects_per_second = r.get(t, "exchange_new_subjects_per_second", |value| match reader::number(value)? {
+        n if n > 0.0 && n.is_finite() => Ok(n),
+        _ => Err("must be a number above 0 (new callers exchanged per second)".to_owned()),
+    });
+    let max_in_flight = r.get(t, "exchange_max_in_flight", reader::positive_count);
     if !matches!(subject, SubjectSource::Request) {
-        for key in ["max_subjects", "refused_subject_ttl"] {
+        for key in ["max_subjects", "refused_subject_ttl", "exchange_new_subjects_per_second", "exchange_max_in_flight"]
+        {
             if let Some(field) = t.field(key) {
                 r.report_field(
                     &field,
@@ -673,6 +681,8 @@ fn exchange(r: &mut Reader<'_>, t: &mut Table<'_>, grant: Grant) -> Option<Excha
         dialect,
         max_subjects: max_subjects.map_or(10_000, |leaf| leaf.value as u64),
         refused_subject_ttl: value_or(refused_subject_ttl, Duration::from_secs(30)),
+        new_subjects_per_second: value_or(new_subjects_per_second, 20.0),
+        max_in_flight: value_or(max_in_flight, 32),
     })
 }
 

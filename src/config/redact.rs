@@ -183,6 +183,10 @@ struct ProviderView<'a> {
     max_subjects: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     refused_subject_ttl: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exchange_new_subjects_per_second: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exchange_max_in_flight: Option<usize>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     vend: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -262,6 +266,8 @@ impl Serialize for ProviderConfig {
             max_subjects: request_exchange.map(|e| e.max_subjects),
             refused_subject_ttl: request_exchange
                 .map(|e| humantime::format_duration(e.refused_subject_ttl).to_string()),
+            exchange_new_subjects_per_second: request_exchange.map(|e| e.new_subjects_per_second),
+            exchange_max_in_flight: request_exchange.map(|e| e.max_in_flight),
             vend: self.vend,
             dpop: self.dpop,
             dpop_key_file: self.dpop_key_file.as_deref(),

@@ -77,6 +77,9 @@ impl ProxyError {
         match self {
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Subject { refusal: crate::token::SubjectRefusal::Refused, .. } => StatusCode::FORBIDDEN,
+            ProxyError::Subject { refusal: crate::token::SubjectRefusal::Throttled, .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::Subject { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -104,6 +107,7 @@ impl ProxyError {
                 crate::token::SubjectRefusal::Missing => "subject_token_missing",
                 crate::token::SubjectRefusal::Invalid => "subject_token_invalid",
                 crate::token::SubjectRefusal::Refused => "exchange_refused",
+                crate::token::SubjectRefusal::Throttled => "exchange_throttled",
             },
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamBusy(_) => "upstream_busy",
@@ -188,7 +192,8 @@ impl ProxyError {
                 let seconds = retry_after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
                 headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
             }
-            ProxyError::UpstreamBusy(_) => {
+            ProxyError::UpstreamBusy(_)
+            | ProxyError::Subject { refusal: crate::token::SubjectRefusal::Throttled, .. } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

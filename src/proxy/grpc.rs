@@ -53,6 +53,7 @@ pub fn code(error: &ProxyError) -> Code {
         ProxyError::UpstreamTimeout(_) | ProxyError::RequestTimeout(_) => Code::DeadlineExceeded,
         ProxyError::HostNotAllowed(_) | ProxyError::Misdirected(_) => Code::PermissionDenied,
         ProxyError::Subject { refusal: crate::token::SubjectRefusal::Refused, .. } => Code::PermissionDenied,
+        ProxyError::Subject { refusal: crate::token::SubjectRefusal::Throttled, .. } => Code::Unavailable,
         ProxyError::Subject { .. } => Code::Unauthenticated,
         ProxyError::NoRoute | ProxyError::MethodNotAllowed(_) => Code::Unimplemented,
         ProxyError::BadRequest(_) | ProxyError::Malformed(_) => Code::InvalidArgument,

@@ -350,6 +350,9 @@ pub enum SubjectRefusal {
     Invalid,
     /// The IdP refused the exchange for this subject (`invalid_target`, `unauthorized_client`, `access_denied`).
     Refused,
+    /// The provider's budget for new subjects was spent (`exchange_new_subjects_per_second`,
+    /// `exchange_max_in_flight`): no exchange was made.
+    Throttled,
 }
 
 /// Why a request could not get a token.

@@ -48,6 +48,8 @@ pub struct ExchangeCache {
     /// Subjects whose token an upstream refused lately: no second exchange for them inside the interval.
     forced: moka::sync::Cache<SubjectKey, ()>,
     inflight: Mutex<HashMap<SubjectKey, Exchange>>,
+    /// What new subjects may cost the IdP: checked before any exchange of a subject not in the cache.
+    budget: Budget,
     generation: AtomicU64,
     /// Whether the token endpoint answered at the last exchange (readiness).
     reachable: AtomicBool,
@@ -116,6 +118,7 @@ impl ExchangeCache {
             refused,
             forced,
             inflight: Mutex::new(HashMap::new()),
+            budget: Budget::new(exchange.new_subjects_per_second, exchange.max_in_flight),
             generation: AtomicU64::new(0),
             reachable: AtomicBool::new(true),
             metrics,
@@ -207,6 +210,13 @@ impl ExchangeCache {
                     exchange.clone()
                 }
                 None => {
+                    // A subject not in the cache costs an IdP call: within the budget, or refused at once.
+                    if !self.budget.admit(inflight.len(), Instant::now()) {
+                        drop(inflight);
+                        self.cache_metrics.throttled.inc();
+                        let refusal = SubjectRefusal::Throttled;
+                        return Err(self.unavailable(refusal_reason(refusal).into(), Some(refusal), false));
+                    }
                     let cache = Arc::clone(self);
                     let subject: Arc<str> = Arc::from(subject);
                     let task = tokio::spawn(async move {
@@ -310,12 +320,48 @@ impl ExchangeCache {
     }
 }
 
+/// What new subjects may cost the IdP: a token bucket (`rate` per second, a burst of as many) and a bound on the
+/// exchanges in flight. Callers already in the cache never reach it.
+struct Budget {
+    rate: f64,
+    in_flight: usize,
+    /// Tokens in the bucket, and when they were counted.
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl Budget {
+    fn new(rate: f64, in_flight: usize) -> Budget {
+        Budget { rate, in_flight, bucket: Mutex::new((rate.max(1.0), Instant::now())) }
+    }
+
+    /// Whether one more exchange may start now, `in_flight` being in flight; takes a token when it may.
+    fn admit(&self, in_flight: usize, now: Instant) -> bool {
+        if in_flight >= self.in_flight {
+            return false;
+        }
+        let mut bucket = lock(&self.bucket);
+        let (tokens, since) = *bucket;
+        let burst = self.rate.max(1.0);
+        let tokens = (tokens + now.saturating_duration_since(since).as_secs_f64() * self.rate).min(burst);
+        if tokens < 1.0 {
+            *bucket = (tokens, now);
+            return false;
+        }
+        *bucket = (tokens - 1.0, now);
+        true
+    }
+}
+
 /// What the caller is told about a refused subject (never the subject itself).
 fn refusal_reason(refusal: SubjectRefusal) -> &'static str {
     match refusal {
         SubjectRefusal::Missing => "the request carries no bearer token to exchange",
         SubjectRefusal::Invalid => "the identity provider refused the caller's token (invalid_grant)",
         SubjectRefusal::Refused => "the identity provider refused the exchange for the caller's token",
+        SubjectRefusal::Throttled => {
+            "too many new callers to exchange just now (exchange_new_subjects_per_second, exchange_max_in_flight): \
+             retry shortly"
+        }
     }
 }
 
