@@ -215,3 +215,91 @@ async fn garbage_subjects_spend_the_budget_for_new_callers_not_the_idp_and_cache
     );
     proxy.stop().await;
 }
+
+/// An ES256 key of the subjects' issuer: its PKCS#8 PEM (to sign) and its public JWK with `kid`.
+fn issuer_key(seed: u8, kid: &str) -> (String, serde_json::Value) {
+    use base64::Engine as _;
+    use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+    use p256::pkcs8::EncodePrivateKey as _;
+    let secret = p256::SecretKey::from_slice(&[seed; 32]).unwrap();
+    let pem = secret.to_pkcs8_pem(Default::default()).unwrap().to_string();
+    let point = secret.public_key().to_encoded_point(false);
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+        "x": b64(point.x().unwrap()), "y": b64(point.y().unwrap()),
+    });
+    (pem, jwk)
+}
+
+/// A subject signed with `pem` (ES256, `kid`) carrying `claims`.
+fn subject(pem: &str, kid: &str, claims: serde_json::Value) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ec_pem(pem.as_bytes()).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn subjects_that_are_not_valid_jwts_of_their_issuer_cost_no_exchange() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let (pem, jwk) = issuer_key(11, "k1");
+    let (other_pem, _) = issuer_key(12, "k2");
+    let fetched = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&fetched);
+    let (jwks, _stop) = support::spawn_server(move |_| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let keys = serde_json::json!({ "keys": [jwk.clone()] });
+        async move { support::json_response(http::StatusCode::OK, keys) }
+    })
+    .await;
+    let issuer = "https://issuer.example";
+    let extra = format!(
+        "subject_issuer = \"{issuer}\"\nsubject_jwks_uri = \"http://{jwks}/jwks\"\nsubject_audience = \"gateway\"\n"
+    );
+    let proxy = Proxy::start(&config(&idp, &upstream, &extra)).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = |iss: &str, aud: &str, exp: u64, nbf: u64| serde_json::json!({ "iss": iss, "aud": aud, "sub": "alice", "exp": exp, "nbf": nbf });
+    let valid = subject(&pem, "k1", claims(issuer, "gateway", now + 600, now - 10));
+    assert_eq!(as_caller(&proxy, &valid).await.status, 200);
+    assert_eq!(idp.calls(), 1, "a valid subject is exchanged");
+    let hs256 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims(issuer, "gateway", now + 600, now - 10),
+        &jsonwebtoken::EncodingKey::from_secret(b"anything"),
+    )
+    .unwrap();
+    for (what, bad) in [
+        ("not a JWT", "bad-1".to_owned()),
+        ("expired", subject(&pem, "k1", claims(issuer, "gateway", now - 120, now - 600))),
+        ("not yet valid", subject(&pem, "k1", claims(issuer, "gateway", now + 600, now + 300))),
+        ("another issuer", subject(&pem, "k1", claims("https://evil.example", "gateway", now + 600, now - 10))),
+        ("another audience", subject(&pem, "k1", claims(issuer, "someone-else", now + 600, now - 10))),
+        ("a key the issuer does not publish", subject(&other_pem, "k1", claims(issuer, "gateway", now + 600, now))),
+        ("a symmetric algorithm", hs256),
+    ] {
+        let reply = as_caller(&proxy, &bad).await;
+        assert_eq!(reply.status, 401, "{what}: {}", reply.text());
+        assert_eq!(reply.headers["x-tokenproxy-error"], "subject_token_invalid", "{what}");
+    }
+    assert_eq!(idp.calls(), 1, "no subject that failed reached the IdP");
+    // Made-up key ids: the keys are fetched again at most once per 30 s, however many come.
+    let before = fetched.load(Ordering::SeqCst);
+    for n in 0..20 {
+        let made_up = subject(&other_pem, &format!("kid-{n}"), claims(issuer, "gateway", now + 600, now - 10));
+        assert_eq!(as_caller(&proxy, &made_up).await.status, 401);
+    }
+    assert!(fetched.load(Ordering::SeqCst) - before <= 1, "{} fetches", fetched.load(Ordering::SeqCst) - before);
+    assert_eq!(idp.calls(), 1);
+    proxy.stop().await;
+
+    // The issuer's keys cannot be had: 503 token_unavailable, no exchange.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let extra = format!("subject_issuer = \"{issuer}\"\nsubject_jwks_uri = \"http://{closed}/jwks\"\n");
+    let proxy = Proxy::start(&config(&idp, &upstream, &extra)).await;
+    let reply = as_caller(&proxy, &valid).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.headers["x-tokenproxy-error"], "token_unavailable");
+    assert_eq!(idp.calls(), 1);
+    proxy.stop().await;
+}

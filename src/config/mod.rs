@@ -500,6 +500,12 @@ pub struct ExchangeConfig {
     pub new_subjects_per_second: f64,
     /// Exchanges in flight at once at most.
     pub max_in_flight: usize,
+    /// Subjects are checked first as JWTs of this issuer (`subject_issuer`), when set.
+    pub subject_issuer: Option<Url>,
+    /// Where that issuer's keys are (`subject_jwks_uri`); else its metadata's `jwks_uri`.
+    pub subject_jwks_uri: Option<Url>,
+    /// The audience a subject must name (`subject_audience`), when set.
+    pub subject_audience: Option<String>,
 }
 
 /// `providers.NAME.subject_token_source`.

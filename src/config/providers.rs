@@ -587,6 +587,9 @@ const EXCHANGE_KEYS: &[&str] = &[
     "refused_subject_ttl",
     "exchange_new_subjects_per_second",
     "exchange_max_in_flight",
+    "subject_issuer",
+    "subject_jwks_uri",
+    "subject_audience",
 ];
 
 /// A token type: a short name of RFC 8693 §3, or a URN as is.
@@ -660,9 +663,26 @@ fn exchange(r: &mut Reader<'_>, t: &mut Table<'_>, grant: Grant) -> Option<Excha
         _ => Err("must be a number above 0 (new callers exchanged per second)".to_owned()),
     });
     let max_in_flight = r.get(t, "exchange_max_in_flight", reader::positive_count);
+    let subject_issuer = r.get(t, "subject_issuer", |v| http_url(v, UrlUse::TokenEndpoint));
+    let subject_jwks_uri = r.get(t, "subject_jwks_uri", |v| http_url(v, UrlUse::TokenEndpoint));
+    let subject_audience = r.get(t, "subject_audience", reader::non_empty_string);
+    if subject_issuer.is_none() {
+        for key in ["subject_jwks_uri", "subject_audience"] {
+            if let Some(field) = t.field(key) {
+                r.report_field(&field, "only used with subject_issuer (the issuer whose JWTs the subjects are)");
+            }
+        }
+    }
     if !matches!(subject, SubjectSource::Request) {
-        for key in ["max_subjects", "refused_subject_ttl", "exchange_new_subjects_per_second", "exchange_max_in_flight"]
-        {
+        for key in [
+            "max_subjects",
+            "refused_subject_ttl",
+            "exchange_new_subjects_per_second",
+            "exchange_max_in_flight",
+            "subject_issuer",
+            "subject_jwks_uri",
+            "subject_audience",
+        ] {
             if let Some(field) = t.field(key) {
                 r.report_field(
                     &field,
@@ -683,6 +703,9 @@ fn exchange(r: &mut Reader<'_>, t: &mut Table<'_>, grant: Grant) -> Option<Excha
         refused_subject_ttl: value_or(refused_subject_ttl, Duration::from_secs(30)),
         new_subjects_per_second: value_or(new_subjects_per_second, 20.0),
         max_in_flight: value_or(max_in_flight, 32),
+        subject_issuer: subject_issuer.map(|leaf| leaf.value),
+        subject_jwks_uri: subject_jwks_uri.map(|leaf| leaf.value),
+        subject_audience: subject_audience.map(|leaf| leaf.value),
     })
 }
 

@@ -187,6 +187,12 @@ struct ProviderView<'a> {
     exchange_new_subjects_per_second: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     exchange_max_in_flight: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject_issuer: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject_jwks_uri: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject_audience: Option<&'a str>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     vend: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -268,6 +274,9 @@ impl Serialize for ProviderConfig {
                 .map(|e| humantime::format_duration(e.refused_subject_ttl).to_string()),
             exchange_new_subjects_per_second: request_exchange.map(|e| e.new_subjects_per_second),
             exchange_max_in_flight: request_exchange.map(|e| e.max_in_flight),
+            subject_issuer: request_exchange.and_then(|e| e.subject_issuer.as_ref()).map(Url::as_str),
+            subject_jwks_uri: request_exchange.and_then(|e| e.subject_jwks_uri.as_ref()).map(Url::as_str),
+            subject_audience: request_exchange.and_then(|e| e.subject_audience.as_deref()),
             vend: self.vend,
             dpop: self.dpop,
             dpop_key_file: self.dpop_key_file.as_deref(),

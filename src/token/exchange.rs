@@ -26,6 +26,7 @@ use super::cache::{lock, SubjectRefusal, Token, TokenUnavailable};
 use super::grant::GrantFetcher;
 use super::refresh::Timing;
 use super::response::TokenError;
+use super::subject::{SubjectCheck, SubjectValidator};
 use super::TokenSource;
 use crate::config::{ExchangeConfig, ProviderConfig};
 use crate::metrics::{ExchangeMetrics, ProviderMetrics};
@@ -50,6 +51,8 @@ pub struct ExchangeCache {
     inflight: Mutex<HashMap<SubjectKey, Exchange>>,
     /// What new subjects may cost the IdP: checked before any exchange of a subject not in the cache.
     budget: Budget,
+    /// With `subject_issuer`: subjects are checked as that issuer's JWTs before any exchange.
+    validator: Option<SubjectValidator>,
     generation: AtomicU64,
     /// Whether the token endpoint answered at the last exchange (readiness).
     reachable: AtomicBool,
@@ -104,6 +107,10 @@ impl ExchangeCache {
             .max_capacity(exchange.max_subjects)
             .time_to_live(provider.unauthorized_refresh_interval.max(Duration::from_millis(1)))
             .build();
+        let validator = exchange.subject_issuer.as_ref().map(|issuer| {
+            let audience = exchange.subject_audience.clone();
+            SubjectValidator::new(issuer, audience, exchange.subject_jwks_uri.clone(), Arc::clone(fetcher.idp()))
+        });
         Arc::new(ExchangeCache {
             name: Arc::from(provider.name.as_str()),
             fetcher,
@@ -119,6 +126,7 @@ impl ExchangeCache {
             forced,
             inflight: Mutex::new(HashMap::new()),
             budget: Budget::new(exchange.new_subjects_per_second, exchange.max_in_flight),
+            validator,
             generation: AtomicU64::new(0),
             reachable: AtomicBool::new(true),
             metrics,
@@ -199,6 +207,18 @@ impl ExchangeCache {
                 }
                 self.forced.insert(key, ());
                 self.tokens.invalidate(&key);
+            }
+        }
+        // A subject that is not a valid token of its issuer costs no exchange (and is remembered as refused).
+        if let Some(validator) = &self.validator {
+            match validator.check(subject).await {
+                Ok(()) => {}
+                Err(SubjectCheck::Invalid(reason)) => {
+                    self.refused.insert(key, SubjectRefusal::Invalid);
+                    self.cache_metrics.refused.inc();
+                    return Err(self.unavailable(reason, Some(SubjectRefusal::Invalid), false));
+                }
+                Err(SubjectCheck::Unavailable(reason)) => return Err(self.unavailable(reason, None, false)),
             }
         }
         self.cache_metrics.miss.inc();

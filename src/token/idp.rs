@@ -238,6 +238,12 @@ impl IdpClient {
         }
     }
 
+    /// A GET of `url` (a subject issuer's metadata or keys), with the provider's TLS settings, bounded by its
+    /// `timeout`.
+    pub async fn get(&self, url: &Url) -> Result<FormAnswer, TokenError> {
+        self.bounded(self.send(Method::GET, url, None, None, None)).await
+    }
+
     /// A form POST to one of the provider's endpoints (device authorization, revocation), with client auth.
     pub async fn post_form(&self, url: &Url, request: &TokenRequest) -> Result<FormAnswer, TokenError> {
         self.bounded(async {

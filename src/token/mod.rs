@@ -20,6 +20,7 @@ pub mod session;
 pub mod shared;
 pub mod sink;
 pub mod store;
+pub mod subject;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
