@@ -21,6 +21,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "tokenproxy_singleflight_waiters_total",
     "tokenproxy_refresh_wait_seconds",
     "tokenproxy_provider_permanent_failure",
+    "tokenproxy_token_budget_exhausted_total",
     "tokenproxy_requests_total",
     "tokenproxy_request_duration_seconds",
     "tokenproxy_upstream_unauthorized_total",
@@ -124,6 +125,7 @@ pub struct Metrics {
     singleflight_waiters: IntCounterVec,
     refresh_wait: HistogramVec,
     permanent_failure: IntGaugeVec,
+    budget_exhausted: IntCounterVec,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     upstream_unauthorized: IntCounterVec,
@@ -213,6 +215,8 @@ pub struct ProviderMetrics {
     pub refresh_wait: Histogram,
     /// 1 while the provider's last token call failed permanently (a new login or config is needed).
     pub permanent_failure: IntGauge,
+    /// Token calls not made: `max_token_calls` was spent.
+    pub budget_exhausted: IntCounter,
 }
 
 impl ProviderMetrics {
@@ -323,6 +327,11 @@ impl Metrics {
         )
         .expect("static metric definition");
         registry.register(Box::new(permanent_failure.clone())).expect("metric registered once");
+        let budget_exhausted = counter(
+            "tokenproxy_token_budget_exhausted_total",
+            "Token calls not made because the provider's max_token_calls was spent in the current window.",
+            &["provider"],
+        );
         let requests =
             counter("tokenproxy_requests_total", "Requests answered, by route and status.", &["route", "status"]);
         let request_duration =
@@ -432,6 +441,7 @@ impl Metrics {
             singleflight_waiters,
             refresh_wait,
             permanent_failure,
+            budget_exhausted,
             requests,
             request_duration,
             upstream_unauthorized,
@@ -496,6 +506,7 @@ impl Metrics {
             singleflight_waiters: self.singleflight_waiters.with_label_values(&[name]),
             refresh_wait: self.refresh_wait.with_label_values(&[name]),
             permanent_failure: self.permanent_failure.with_label_values(&[name]),
+            budget_exhausted: self.budget_exhausted.with_label_values(&[name]),
         }
     }
 

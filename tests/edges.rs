@@ -535,3 +535,31 @@ async fn an_idp_answering_tiny_lifetimes_gets_at_most_one_call_per_min_refresh_i
     assert!(made as u64 <= seconds + 1, "{made} token calls in {seconds} s");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_spent_token_budget_keeps_the_token_in_hand_then_answers_503_until_the_window_ends() {
+    // One-second tokens and a budget of two calls an hour: the startup call and one refresh, then no more.
+    let (idp, upstream) = (FakeIdp::start(1).await, FakeUpstream::start().await);
+    let toml = basic_config(&idp, &upstream)
+        .replace("client_secret = \"s3cret-value\"\n", "client_secret = \"s3cret-value\"\nmax_token_calls = \"2/h\"\n");
+    let proxy = Proxy::start(&toml).await;
+    proxy.wait_ready().await;
+    idp.wait_calls(2).await;
+    // The budget refuses the next refresh; once the token in hand runs out, requests get the budget's answer.
+    let exhausted = async {
+        loop {
+            let reply = support::Client::new().get(&proxy.url("/api/x")).await;
+            if reply.status == 503 {
+                return reply;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(10), exhausted).await.expect("the token ran out");
+    assert_eq!(reply.headers["x-tokenproxy-error"], "token_budget_exhausted", "{}", reply.text());
+    let retry_after: u64 = reply.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=3600).contains(&retry_after), "until the hour's window ends: {retry_after}");
+    assert_eq!(idp.calls(), 2, "no call beyond the budget");
+    assert!(proxy.metric("tokenproxy_token_budget_exhausted_total{provider=\"api\"}").await >= 1.0);
+    proxy.stop().await;
+}

@@ -627,3 +627,29 @@ async fn a_session_whose_store_cannot_be_set_up_is_not_redeemed_beside_the_fleet
     assert_eq!(ready.json()["providers"]["api"]["shared_store"], "unavailable", "{}", ready.text());
     replica.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_token_calls_is_the_fleets_budget_not_each_replicas() {
+    let redis = RedisServer::start();
+    let (idp, upstream, keys) = (FakeIdp::start(300).await, FakeUpstream::start().await, key_file());
+    let config = replica(&idp, &upstream, &redis, keys.path(), "budget").replace(
+        "manual_refresh_interval = \"0s\"\n",
+        "manual_refresh_interval = \"0s\"\nmin_refresh_interval = \"0s\"\nmax_token_calls = \"4/h\"\n",
+    );
+    let (a, b) = (Proxy::start(&config).await, Proxy::start(&config).await);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    // Forced refreshes on both replicas, alternately: the fleet's budget is 4 calls this hour, whoever makes them.
+    for n in 0..8 {
+        let replica = if n % 2 == 0 { &a } else { &b };
+        let _ = Client::new().post(&replica.admin_url("/tokens/api/refresh"), bytes::Bytes::new()).await;
+    }
+    assert_eq!(idp.calls(), 4, "four calls in the fleet's window, then none");
+    let refused = a.metric("tokenproxy_token_budget_exhausted_total").await
+        + b.metric("tokenproxy_token_budget_exhausted_total").await;
+    assert!(refused >= 1.0, "{refused} calls refused by the budget");
+    // The token in hand is still served.
+    assert_eq!(Client::new().get(&a.url("/x")).await.status, 200);
+    a.stop().await;
+    b.stop().await;
+}

@@ -443,6 +443,9 @@ pub struct ProviderConfig {
     pub default_lifetime: Duration,
     /// Deadline for one token call.
     pub timeout: Duration,
+    /// A ceiling on calls to the token endpoint (`max_token_calls = "600/h"`): calls, window, and the setting as
+    /// written.
+    pub max_token_calls: Option<(u64, Duration, String)>,
     /// At most one refresh driven by upstream 401s per this interval (0: no limit).
     pub unauthorized_refresh_interval: Duration,
     /// Forced refreshes (`POST /tokens/{provider}/refresh`) no closer together than this (0: no limit).

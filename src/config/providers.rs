@@ -338,6 +338,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     let min_refresh_interval = r.get(t, "min_refresh_interval", reader::duration);
     let default_lifetime = r.get(t, "default_lifetime", reader::positive_duration);
     let timeout = r.get(t, "timeout", reader::positive_duration);
+    let max_token_calls = r.get(t, "max_token_calls", call_budget);
     let unauthorized_refresh_interval = r.get(t, "unauthorized_refresh_interval", reader::duration);
     let manual_refresh_interval = r.get(t, "manual_refresh_interval", reader::duration);
     let during_refresh = r.get(t, "during_refresh", reader::choice(DURING_REFRESH));
@@ -449,6 +450,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         min_refresh_interval: value_or(min_refresh_interval, provider_defaults::MIN_REFRESH_INTERVAL),
         default_lifetime: value_or(default_lifetime, provider_defaults::DEFAULT_LIFETIME),
         timeout: value_or(timeout, provider_defaults::TIMEOUT),
+        max_token_calls: max_token_calls.map(|leaf| leaf.value),
         unauthorized_refresh_interval: value_or(
             unauthorized_refresh_interval,
             provider_defaults::UNAUTHORIZED_REFRESH_INTERVAL,
@@ -707,6 +709,25 @@ fn exchange(r: &mut Reader<'_>, t: &mut Table<'_>, grant: Grant) -> Option<Excha
         subject_jwks_uri: subject_jwks_uri.map(|leaf| leaf.value),
         subject_audience: subject_audience.map(|leaf| leaf.value),
     })
+}
+
+/// `max_token_calls`: `N/s`, `N/m`, `N/h` or `N/d` (N ≥ 1).
+fn call_budget(value: &Value) -> Result<(u64, Duration, String), String> {
+    let text = reader::non_empty_string(value)?;
+    let usage = || format!("`{text}` is not a budget: write calls per window, such as \"600/h\" (s, m, h or d)");
+    let (calls, window) = text.split_once('/').ok_or_else(usage)?;
+    let calls: u64 = calls.trim().parse().map_err(|_| usage())?;
+    let window = match window.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        "d" => Duration::from_secs(86_400),
+        _ => return Err(usage()),
+    };
+    if calls == 0 {
+        return Err("a budget of 0 calls would never let a token be fetched; remove the key to have none".into());
+    }
+    Ok((calls, window, text.trim().to_owned()))
 }
 
 /// `extra_params` of a provider, or of a route (`owner` says whose `scope` to set instead of a parameter).

@@ -146,6 +146,8 @@ struct ProviderView<'a> {
     default_lifetime: Duration,
     #[serde(serialize_with = "duration")]
     timeout: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_token_calls: Option<&'a str>,
     #[serde(serialize_with = "duration")]
     unauthorized_refresh_interval: Duration,
     #[serde(serialize_with = "duration")]
@@ -246,6 +248,7 @@ impl Serialize for ProviderConfig {
             min_refresh_interval: self.min_refresh_interval,
             default_lifetime: self.default_lifetime,
             timeout: self.timeout,
+            max_token_calls: self.max_token_calls.as_ref().map(|(_, _, text)| text.as_str()),
             unauthorized_refresh_interval: self.unauthorized_refresh_interval,
             manual_refresh_interval: self.manual_refresh_interval,
             during_refresh: self.during_refresh,

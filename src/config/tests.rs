@@ -1154,3 +1154,20 @@ fn allowed_hosts_are_host_names_wildcards_or_a_lone_star() {
     );
     assert!(refused("[\"\"]")[0].contains("must not be empty"));
 }
+
+#[test]
+fn max_token_calls_is_calls_per_window() {
+    let with = |budget: &str| {
+        load(&format!(
+            "[providers.p]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+             max_token_calls = {budget}\n{MINIMAL}"
+        ))
+    };
+    let config = with("\"600/h\"").unwrap();
+    assert_eq!(config.providers["p"].max_token_calls, Some((600, Duration::from_secs(3600), "600/h".to_owned())));
+    assert_eq!(with("\"5/s\"").unwrap().providers["p"].max_token_calls.as_ref().unwrap().1, Duration::from_secs(1));
+    for bad in ["\"600\"", "\"600/w\"", "\"x/h\"", "\"0/h\"", "600"] {
+        let problems = problems(with(bad));
+        assert!(problems[0].starts_with("providers.p.max_token_calls: "), "{bad}: {problems:?}");
+    }
+}

@@ -36,6 +36,13 @@ pub enum ProxyError {
         /// Safe to show (never the token).
         detail: String,
     },
+    /// The provider's `max_token_calls` is spent, and no usable token is in hand.
+    TokenBudgetExhausted {
+        /// Why, safe to show.
+        detail: String,
+        /// When the window ends.
+        retry_after: Option<Duration>,
+    },
     /// Connect or TLS to the upstream failed.
     UpstreamUnreachable(String),
     /// `max_upstream_connections` requests were in flight to the upstream for the whole `request_timeout`.
@@ -82,7 +89,7 @@ impl ProxyError {
             }
             ProxyError::Subject { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::UpstreamBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamBusy(_) | ProxyError::TokenBudgetExhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
@@ -111,6 +118,7 @@ impl ProxyError {
             },
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamBusy(_) => "upstream_busy",
+            ProxyError::TokenBudgetExhausted { .. } => "token_budget_exhausted",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::RequestTimeout(_) => "request_timeout",
             ProxyError::NoRoute => "no_route",
@@ -127,6 +135,7 @@ impl ProxyError {
             ProxyError::Subject { .. } => "The caller's token cannot be exchanged for this route",
             ProxyError::UpstreamUnreachable(_) => "The upstream could not be reached",
             ProxyError::UpstreamBusy(_) => "Too many requests are in flight to the upstream",
+            ProxyError::TokenBudgetExhausted { .. } => "The provider's budget of token calls is spent",
             ProxyError::UpstreamTimeout(_) => "The upstream did not answer in time",
             ProxyError::RequestTimeout(_) => "The request body did not arrive in time",
             ProxyError::NoRoute => "No route matches this request",
@@ -140,7 +149,9 @@ impl ProxyError {
 
     fn detail(&self) -> String {
         match self {
-            ProxyError::TokenUnavailable { detail, .. } | ProxyError::Subject { detail, .. } => detail.clone(),
+            ProxyError::TokenUnavailable { detail, .. }
+            | ProxyError::TokenBudgetExhausted { detail, .. }
+            | ProxyError::Subject { detail, .. } => detail.clone(),
             ProxyError::UpstreamUnreachable(detail) => detail.clone(),
             ProxyError::UpstreamBusy(limit) => format!(
                 "{limit} requests were in flight to this upstream (max_upstream_connections) for the whole \
@@ -188,7 +199,7 @@ impl ProxyError {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         headers.insert(X_TOKENPROXY_ERROR.clone(), HeaderValue::from_static(code));
         match &self {
-            ProxyError::TokenUnavailable { retry_after, .. } => {
+            ProxyError::TokenUnavailable { retry_after, .. } | ProxyError::TokenBudgetExhausted { retry_after, .. } => {
                 let seconds = retry_after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
                 headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
             }

@@ -47,9 +47,10 @@ pub enum Code {
 /// The gRPC status for one of the proxy's errors.
 pub fn code(error: &ProxyError) -> Code {
     match error {
-        ProxyError::TokenUnavailable { .. } | ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamBusy(_) => {
-            Code::Unavailable
-        }
+        ProxyError::TokenUnavailable { .. }
+        | ProxyError::TokenBudgetExhausted { .. }
+        | ProxyError::UpstreamUnreachable(_)
+        | ProxyError::UpstreamBusy(_) => Code::Unavailable,
         ProxyError::UpstreamTimeout(_) | ProxyError::RequestTimeout(_) => Code::DeadlineExceeded,
         ProxyError::HostNotAllowed(_) | ProxyError::Misdirected(_) => Code::PermissionDenied,
         ProxyError::Subject { refusal: crate::token::SubjectRefusal::Refused, .. } => Code::PermissionDenied,

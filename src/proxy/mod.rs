@@ -474,6 +474,9 @@ impl Proxy {
         }
         tokens.obtain(rejected).await.map_err(|e| match e.refusal {
             Some(refusal) => ProxyError::Subject { refusal, detail: e.reason },
+            None if e.budget_exhausted => {
+                ProxyError::TokenBudgetExhausted { detail: e.to_string(), retry_after: e.retry_after }
+            }
             None => ProxyError::TokenUnavailable { detail: e.to_string(), retry_after: e.retry_after },
         })
     }

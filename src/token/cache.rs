@@ -181,6 +181,8 @@ pub struct SlotStatus {
     pub refreshes: u64,
     /// After a failed call: no token call before this instant (requests fail fast meanwhile).
     pub backoff_until: Option<Instant>,
+    /// The last call was refused by `max_token_calls`.
+    pub budget_exhausted: bool,
 }
 
 /// How often refreshes that callers can cause may happen (SPEC: the 401 budget and the forced-refresh interval).
@@ -320,6 +322,7 @@ impl TokenSlot {
                     retry_after: Some(next - now),
                     rate_limited: true,
                     refusal: None,
+                    budget_exhausted: false,
                 });
             }
         }
@@ -369,6 +372,8 @@ pub struct TokenUnavailable {
     pub rate_limited: bool,
     /// For a caller's own token (token exchange): why it got none, when that is the caller's fault.
     pub refusal: Option<SubjectRefusal>,
+    /// The provider's `max_token_calls` is spent: no call was made.
+    pub budget_exhausted: bool,
 }
 
 impl TokenSlot {
@@ -452,6 +457,7 @@ impl TokenSlot {
             retry_after,
             rate_limited: false,
             refusal: None,
+            budget_exhausted: status.budget_exhausted,
         }
     }
 
@@ -478,6 +484,7 @@ impl TokenSlot {
                     retry_after: Some(next - now),
                     rate_limited: true,
                     refusal: None,
+                    budget_exhausted: false,
                 });
             }
             pacing.last_manual = Some(now);

@@ -170,7 +170,14 @@ impl ExchangeCache {
     }
 
     fn unavailable(&self, reason: String, refusal: Option<SubjectRefusal>, rate_limited: bool) -> TokenUnavailable {
-        TokenUnavailable { provider: Arc::clone(&self.name), reason, retry_after: None, rate_limited, refusal }
+        TokenUnavailable {
+            provider: Arc::clone(&self.name),
+            reason,
+            retry_after: None,
+            rate_limited,
+            refusal,
+            budget_exhausted: false,
+        }
     }
 
     /// The caller's token: from the cache, or the one exchange in flight for this subject (started if none is).
@@ -253,6 +260,7 @@ impl ExchangeCache {
                                 retry_after: None,
                                 rate_limited: false,
                                 refusal: None,
+                                budget_exhausted: false,
                             })
                         })
                     }
@@ -309,6 +317,16 @@ impl ExchangeCache {
                 self.cache_metrics.subjects.set(self.tokens.entry_count() as i64);
                 tracing::debug!(provider = %self.name, generation, "exchanged a caller's token");
                 Ok(token)
+            }
+            Err(TokenError::BudgetExhausted { limit, retry_after }) => {
+                // No call was made: the provider's budget is spent until its window ends.
+                self.metrics.budget_exhausted.inc();
+                let error = TokenError::BudgetExhausted { limit, retry_after };
+                Err(TokenUnavailable {
+                    retry_after: Some(retry_after),
+                    budget_exhausted: true,
+                    ..self.unavailable(error.to_string(), None, false)
+                })
             }
             Err(error) => {
                 self.metrics.token_error.inc();

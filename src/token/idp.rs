@@ -15,6 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use url::Url;
 
 use super::assertion;
+use super::budget::CallBudget;
 use super::dpop::{self, DpopKey, ProofFor};
 use super::grant::TokenRequest;
 use super::response::{parse_response, TokenError, TokenResponse};
@@ -56,6 +57,8 @@ pub struct IdpClient {
     discovered: Mutex<Option<Arc<Endpoints>>>,
     /// The DPoP key (`dpop = true`): every token call carries a proof of it.
     dpop: Option<Arc<DpopKey>>,
+    /// `max_token_calls`: every call to the token endpoint takes from it first.
+    budget: Option<CallBudget>,
 }
 
 impl IdpClient {
@@ -70,7 +73,20 @@ impl IdpClient {
             }
             (true, None) => Some(Arc::new(DpopKey::generate())),
         };
-        Ok(IdpClient { provider, client: Mutex::new((stamp, client, None)), discovered: Mutex::new(None), dpop })
+        let budget =
+            provider.max_token_calls.as_ref().map(|(calls, window, text)| CallBudget::new(*calls, *window, text));
+        Ok(IdpClient {
+            provider,
+            client: Mutex::new((stamp, client, None)),
+            discovered: Mutex::new(None),
+            dpop,
+            budget,
+        })
+    }
+
+    /// The provider's budget of token calls, when it has one.
+    pub fn budget(&self) -> Option<&CallBudget> {
+        self.budget.as_ref()
     }
 
     /// The provider's DPoP key, when it uses DPoP.
@@ -170,6 +186,10 @@ impl IdpClient {
 
     /// One token call with `request`, bounded by the provider's `timeout`.
     pub async fn token_call(&self, request: TokenRequest) -> Result<TokenResponse, TokenError> {
+        // Every call to the token endpoint, whatever asked for it, takes from the budget first.
+        if let Some(budget) = &self.budget {
+            budget.take().await?;
+        }
         let result = self
             .bounded(async {
                 let endpoints = self.endpoints().await?;

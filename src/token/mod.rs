@@ -8,6 +8,7 @@
 //! The proxy sees the engine only through [`TokenSource`], so its tests can hand it a fake.
 
 pub mod assertion;
+pub mod budget;
 pub mod cache;
 pub mod device;
 pub mod dpop;
@@ -134,6 +135,10 @@ fn through_store(
     provider: &ProviderConfig,
     metrics: &crate::metrics::StoreMetrics,
 ) -> (Arc<GrantFetcher>, Arc<dyn TokenFetcher>, Option<Arc<shared::StoreHealth>>) {
+    // The budget of token calls is the fleet's whatever the provider shares (a DPoP provider's calls count too).
+    if let (Some(store), Some(budget)) = (store, grant.idp().budget()) {
+        budget.share(Arc::clone(store), store.budget_key(provider));
+    }
     let Some(store) = store.filter(|_| shared::shareable(provider)) else {
         let grant = Arc::new(grant);
         return (Arc::clone(&grant), grant, None);
@@ -207,6 +212,9 @@ impl TokenEngine {
                         changes.started.push(name.clone());
                         let fetcher =
                             Arc::new(GrantFetcher::new(provider.clone(), StateStore::new(&config.state.dir))?);
+                        if let (Some(store), Some(budget)) = (&shared, fetcher.idp().budget()) {
+                            budget.share(Arc::clone(store), store.budget_key(provider));
+                        }
                         exchange::ExchangeCache::new(
                             provider,
                             settings,

@@ -214,7 +214,11 @@ impl RefreshScheduler {
                     token.resume();
                 }
             }
-            slot.metrics.token_duration.observe(started_instant.elapsed().as_secs_f64());
+            // A call the budget refused was not made: it is not an IdP call to time or count as one.
+            let budget_refused = matches!(result, Err(TokenError::BudgetExhausted { .. }));
+            if !budget_refused {
+                slot.metrics.token_duration.observe(started_instant.elapsed().as_secs_f64());
+            }
             let mut random = rand::rng();
             match result {
                 Ok(response) => {
@@ -267,11 +271,16 @@ impl RefreshScheduler {
                     status.permanent_failure = false;
                     slot.metrics.permanent_failure.set(0);
                     status.backoff_until = None;
+                    status.budget_exhausted = false;
                     status.last_refresh = Some(SystemTime::now());
                     status.refreshes += 1;
                 }
                 Err(error) => {
-                    slot.metrics.token_error.inc();
+                    if budget_refused {
+                        slot.metrics.budget_exhausted.inc();
+                    } else {
+                        slot.metrics.token_error.inc();
+                    }
                     // The token requests are using now (one held back during a rotation is not theirs to use).
                     let usable_for =
                         slot.current().map(|token| token.usable_until.saturating_duration_since(Instant::now()));
@@ -291,6 +300,7 @@ impl RefreshScheduler {
                     status.permanent_failure = error.is_permanent();
                     slot.metrics.permanent_failure.set(i64::from(error.is_permanent()));
                     status.backoff_until = Some(retry_at);
+                    status.budget_exhausted = budget_refused;
                 }
             }
             slot.attempts.send_modify(|n| *n += 1);

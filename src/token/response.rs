@@ -161,6 +161,14 @@ pub enum TokenError {
     /// Discovery (`issuer`) failed or gave unusable metadata.
     #[error("discovery: {0}")]
     Discovery(String),
+    /// `max_token_calls` were made in the current window: no call was made.
+    #[error("the provider's budget of token calls (max_token_calls = {limit}) is spent until the window ends")]
+    BudgetExhausted {
+        /// The budget as configured (`600/h`).
+        limit: String,
+        /// Until the window ends.
+        retry_after: Duration,
+    },
 }
 
 /// OAuth error codes that no retry will fix: they need a config or IdP change.
@@ -194,7 +202,8 @@ impl TokenError {
             | TokenError::LoginNeeded { .. }
             | TokenError::LoggedOut(_)
             | TokenError::NoRefreshToken(_)
-            | TokenError::Discovery(_) => false,
+            | TokenError::Discovery(_)
+            | TokenError::BudgetExhausted { .. } => false,
         }
     }
 
@@ -217,7 +226,8 @@ impl TokenError {
             | TokenError::Secret(_)
             | TokenError::Assertion(_)
             | TokenError::Store(_)
-            | TokenError::Discovery(_) => false,
+            | TokenError::Discovery(_)
+            | TokenError::BudgetExhausted { .. } => false,
         }
     }
 
@@ -257,6 +267,7 @@ impl TokenError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             TokenError::Status { retry_after, .. } => *retry_after,
+            TokenError::BudgetExhausted { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

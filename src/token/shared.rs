@@ -219,6 +219,20 @@ impl SharedStore {
         outcome
     }
 
+    /// The start of the Redis keys that count `provider`'s token calls (`max_token_calls`), one per window.
+    pub fn budget_key(&self, provider: &ProviderConfig) -> String {
+        format!("{}:calls:{}", self.config.key_prefix, provider.name)
+    }
+
+    /// Counts one call in `key` (created with a lifetime of `ttl_seconds`) and says how many there are now.
+    pub async fn count_call(&self, key: &str, ttl_seconds: u64) -> Result<u64, StoreError> {
+        let count: u64 = self.run("budget", redis::cmd("INCR").arg(key).clone()).await?;
+        if count == 1 {
+            self.run::<()>("budget", redis::cmd("EXPIRE").arg(key).arg(ttl_seconds).clone()).await?;
+        }
+        Ok(count)
+    }
+
     /// The Redis key of `provider`'s token.
     pub fn token_key(&self, provider: &ProviderConfig) -> String {
         format!("{}:token:{}:{}", self.config.key_prefix, provider.name, settings_hash(provider))
