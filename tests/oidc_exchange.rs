@@ -34,7 +34,9 @@ fn config(token_url: &str, upstream: &str) -> String {
          client_id = {client_id}\n\
          client_secret = {secret}\n\
          scope = \"api.read\"\n\
-         timeout = \"5s\"\n\n\
+         timeout = \"5s\"\n\
+         # 100 new callers at once: a budget for them all (the default, 20 a second, would answer most 429).\n\
+         exchange_new_subjects_per_second = 200\nexchange_max_in_flight = 200\n\n\
          [[routes]]\nprefix = \"/api\"\nstrip_prefix = true\nupstream = {upstream}\nprovider = \"exchange\"\n",
         token_url = toml_string(token_url),
         client_id = toml_string(EXCHANGE_CLIENT.0),
