@@ -411,7 +411,11 @@ async fn an_h2_upstream_reset_fails_the_streams_of_that_connection_and_only_thos
             "{path} failed ({outcome}) but was on a connection never reset: {connections:?}, reset: {:?}",
             seen.killed
         );
-        assert!(["status 502", "cut body", "no answer"].contains(&outcome.as_str()), "a clean failure: {outcome}");
+        // A 504 is the rare stream that stalls in the h2 client until request_timeout: bounded just below.
+        assert!(
+            ["status 502", "status 504", "cut body", "no answer"].contains(&outcome.as_str()),
+            "a clean failure: {outcome}"
+        );
         *failed.entry(outcome.clone()).or_insert(0) += 1;
     }
     let failures: usize = failed.values().sum();
