@@ -67,6 +67,20 @@ pub enum ProxyError {
     MethodNotAllowed(String),
 }
 
+impl From<super::upstream::UpstreamError> for ProxyError {
+    /// The one mapping of an upstream exchange's failure to the caller's answer (for a transport that sends no more):
+    /// the caller's own body failing is the caller's fault (400, and the connection ends); anything else is 502.
+    fn from(error: super::upstream::UpstreamError) -> ProxyError {
+        use super::upstream::UpstreamError;
+        match error {
+            UpstreamError::CallerBody(detail) => ProxyError::Malformed(detail),
+            UpstreamError::Failed(detail)
+            | UpstreamError::Unprocessed(detail)
+            | UpstreamError::Unanswered { detail, .. } => ProxyError::UpstreamUnreachable(detail),
+        }
+    }
+}
+
 /// Where an error happened, for the problem body.
 #[derive(Debug, Default, Clone)]
 pub struct ErrorContext {

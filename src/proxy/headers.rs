@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use http::header::{CONNECTION, TE, TRANSFER_ENCODING, VIA};
 
-use http::{HeaderMap, HeaderName, HeaderValue, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 
 /// Hop-by-hop headers of RFC 9110 §7.6.1, plus the non-standard ones proxies have always stripped.
 const HOP_BY_HOP: &[&str] = &["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "upgrade"];
@@ -61,6 +61,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .collect();
     for name in dropped {
         headers.remove(name);
+    }
+}
+
+/// The `Content-Length` a response gets from tokenproxy, ours and never copied (RFC 9110 §8.6): none for a 204; for
+/// a HEAD request or a 304, the length the upstream `stated` (of the representation a GET would have had); else the
+/// length of the `body` as it will be sent, when it is known before it is sent (`None`: chunked, or until close).
+/// The one rule for both transports.
+#[inline]
+pub fn response_length(status: StatusCode, head_request: bool, stated: Option<u64>, body: Option<u64>) -> Option<u64> {
+    if status == StatusCode::NO_CONTENT {
+        None
+    } else if head_request || status == StatusCode::NOT_MODIFIED {
+        stated
+    } else {
+        body
     }
 }
 

@@ -29,6 +29,7 @@ pub mod grpc;
 pub mod h1;
 pub mod headers;
 pub mod hyper_transport;
+mod lifecycle;
 pub mod path;
 pub mod replay;
 pub mod route;
@@ -198,6 +199,39 @@ pub struct Answer {
     pub use_dpop_nonce: bool,
     /// Its `DPoP-Nonce` header: the nonce the upstream wants in the next proofs.
     pub dpop_nonce: Option<HeaderValue>,
+}
+
+impl Answer {
+    /// An answer with `status`, its headers not looked at yet.
+    #[inline]
+    pub fn new(status: StatusCode) -> Answer {
+        Answer { status, ..Answer::default() }
+    }
+
+    /// Looks at one header of the answer, in the order they came: the only place where an upstream's answer is read
+    /// for the status decision. Only a 4xx can refuse the token (docs/configuration.md, "The 401 budget"); the
+    /// `DPoP-Nonce` counts whatever the status (RFC 9449 §9).
+    #[inline]
+    pub fn observe(&mut self, name: &[u8], value: &[u8]) {
+        const NONCE: &[u8] = b"dpop-nonce";
+        const CHALLENGE: &[u8] = b"www-authenticate";
+        if name.len() == CHALLENGE.len() && self.status.is_client_error() && name.eq_ignore_ascii_case(CHALLENGE) {
+            let found = headers::challenge(value);
+            self.invalid_token |= found.invalid_token;
+            self.use_dpop_nonce |= found.use_dpop_nonce;
+        } else if name.len() == NONCE.len() && name.eq_ignore_ascii_case(NONCE) {
+            self.dpop_nonce = HeaderValue::from_bytes(value).ok();
+        }
+    }
+
+    /// The answer of a response with `status` and `headers`.
+    pub fn from_headers(status: StatusCode, headers: &http::HeaderMap) -> Answer {
+        let mut answer = Answer::new(status);
+        for (name, value) in headers {
+            answer.observe(name.as_str().as_bytes(), value.as_bytes());
+        }
+        answer
+    }
 }
 
 /// What to do with an upstream's response (phase 5).

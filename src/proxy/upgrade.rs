@@ -24,9 +24,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use super::upstream::{CallerWait, UpstreamBody, UpstreamError};
-use super::{Proxy, ProxyBody, ProxyError, Retried, Route, Target};
-use crate::token::Token;
+use super::lifecycle::{self, Attempt, Transport};
+use super::upstream::{CallerWait, UpstreamBody};
+use super::{Answer, Connection, Proxy, ProxyBody, ProxyError, Retried, Route};
 
 /// An upgrade the caller asked for: the protocol it named, and its side of the connection once switched.
 pub(super) struct Requested {
@@ -52,83 +52,101 @@ fn lists_upgrade(headers: &HeaderMap) -> bool {
         .any(|value| value.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade")))
 }
 
-/// The handshake to forward: the request as prepared (hop-by-hop headers gone), its body, the token and deadline.
-pub(super) struct Handshake {
-    pub parts: Parts,
-    pub body: Incoming,
-    pub token: Option<Arc<Token>>,
-    pub requested: Requested,
-    pub deadline: Instant,
-}
-
-/// Forwards an upgrade handshake and, on `101`, starts the tunnel; any other answer goes to the caller as it is.
-pub(super) async fn forward(
-    proxy: &Proxy,
-    route: &Route,
-    target: &Target,
-    handshake: Handshake,
-    replayed: &mut bool,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let Handshake { mut parts, body, token, requested, deadline } = handshake;
-    // The hop-by-hop headers of the caller were removed; these two are the upgrade's own, for this hop.
-    parts.headers.insert(UPGRADE, requested.protocol.clone());
-    parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    let replayable = body.is_end_stream() && token.as_deref().is_some_and(|token| Proxy::may_send_again(route, token));
-    let head = replayable.then(|| super::hyper_transport::copy_head(&parts));
-    let waiting = CallerWait::for_body(&body);
-    let request =
-        super::hyper_transport::attach(route, target, parts, token.as_deref(), UpstreamBody::Plain { body, waiting })?;
-    let mut response = send(proxy, route, request, deadline).await?;
-    let decision = Proxy::decide(
-        route,
-        &super::hyper_transport::answer(&response, token.as_deref()),
-        token.as_deref(),
-        Retried::default(),
-    );
-    // One more send at most: with a newer token after a 401, or with the upstream's DPoP nonce.
-    let mut retried = Retried::default();
-    let again = match head {
-        Some(head) => Proxy::next_token(route, target, decision, token.as_ref(), deadline, &mut retried)
-            .await
-            .map(|fresh| (head, fresh)),
-        None => None,
-    };
-    if let Some((head, fresh)) = again {
-        *replayed = true;
-        drop(response);
-        let again = super::hyper_transport::attach(route, target, head, Some(&fresh), UpstreamBody::empty())?;
-        response = send(proxy, route, again, deadline).await?;
-        Proxy::decide(route, &super::hyper_transport::answer(&response, Some(&fresh)), Some(&fresh), retried);
-    }
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(super::hyper_transport::finish(response, false, None, None));
-    }
-    let upstream = hyper::upgrade::on(&mut response);
-    let (mut head, _) = response.into_parts();
-    let protocol = head.headers.get(UPGRADE).cloned().unwrap_or(requested.protocol);
-    super::headers::strip_hop_by_hop(&mut head.headers);
-    head.headers.insert(UPGRADE, protocol.clone());
-    head.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    let ends = (requested.caller, upstream);
-    tokio::spawn(tunnel(Arc::clone(&route.name), protocol, ends, proxy.tunnel_idle_timeout, proxy.access_log));
-    Ok(Response::from_parts(head, Either::Right(Full::new(Bytes::new()))))
-}
-
-async fn send(
-    proxy: &Proxy,
-    route: &Route,
-    request: http::Request<UpstreamBody>,
+/// An upgrade handshake on its way: hyper's side of its lifecycle. The handshake goes once more (with a newer token
+/// after a refusal, or with the upstream's DPoP nonce) only when it has no body; it holds no place among the
+/// upstream's requests in flight (`max_upstream_connections`): a tunnel is counted by the listener instead.
+pub(super) struct Handshake<'p> {
+    proxy: &'p Proxy,
+    route: &'p Route,
     deadline: Instant,
-) -> Result<Response<Incoming>, ProxyError> {
-    match tokio::time::timeout_at(deadline, proxy.client.upgrade(request, route.via())).await {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(UpstreamError::CallerBody(detail))) => Err(ProxyError::Malformed(detail)),
-        Ok(Err(
-            UpstreamError::Failed(detail)
-            | UpstreamError::Unprocessed(detail)
-            | UpstreamError::Unanswered { detail, .. },
-        )) => Err(ProxyError::UpstreamUnreachable(detail)),
-        Err(_) => Err(ProxyError::UpstreamTimeout(proxy.request_timeout)),
+    /// The caller's body, until the first send.
+    body: Option<Incoming>,
+    requested: Requested,
+    /// The handshake's head, kept for the one send after the first.
+    saved: Option<Parts>,
+}
+
+impl<'p> Handshake<'p> {
+    /// The handshake of `requested` with `body`, within `deadline`.
+    pub(super) fn new(
+        proxy: &'p Proxy,
+        route: &'p Route,
+        body: Incoming,
+        requested: Requested,
+        deadline: Instant,
+    ) -> Handshake<'p> {
+        Handshake { proxy, route, deadline, body: Some(body), requested, saved: None }
+    }
+
+    /// Forwards the handshake through the request's lifecycle and, on `101`, starts the tunnel; any other answer
+    /// goes to the caller as it is.
+    pub(super) async fn forward(
+        mut self,
+        mut parts: Parts,
+        connection: &Connection,
+        retried: &mut Retried,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (proxy, route, deadline) = (self.proxy, self.route, self.deadline);
+        let delivery = lifecycle::forward(route, &mut parts, connection, deadline, retried, &mut self).await?;
+        let mut response = delivery.head;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(super::hyper_transport::finish(response, false, None, None));
+        }
+        let Requested { protocol, caller } = self.requested;
+        let upstream = hyper::upgrade::on(&mut response);
+        let (mut head, _) = response.into_parts();
+        let protocol = head.headers.get(UPGRADE).cloned().unwrap_or(protocol);
+        super::headers::strip_hop_by_hop(&mut head.headers);
+        head.headers.insert(UPGRADE, protocol.clone());
+        head.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        let ends = (caller, upstream);
+        tokio::spawn(tunnel(Arc::clone(&route.name), protocol, ends, proxy.tunnel_idle_timeout, proxy.access_log));
+        Ok(Response::from_parts(head, Either::Right(Full::new(Bytes::new()))))
+    }
+}
+
+impl Transport for Handshake<'_> {
+    type Head = Response<Incoming>;
+    type Failure = ProxyError;
+    const BOUNDED: bool = false;
+
+    async fn send(&mut self, parts: &mut Parts, attempt: &Attempt<'_>) -> Result<Response<Incoming>, ProxyError> {
+        let request = match self.body.take() {
+            Some(body) => {
+                super::hyper_transport::frame_request(parts, &body);
+                // The hop-by-hop headers of the caller were removed; these two are the upgrade's own, for this hop.
+                parts.headers.insert(UPGRADE, self.requested.protocol.clone());
+                parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                let token = attempt.token();
+                let again = body.is_end_stream() && token.is_some_and(|token| Proxy::may_send_again(self.route, token));
+                self.saved = again.then(|| super::hyper_transport::copy_head(parts));
+                let waiting = CallerWait::for_body(&body);
+                let head = super::hyper_transport::take_head(parts);
+                attempt.request(head, UpstreamBody::Plain { body, waiting })?
+            }
+            None => {
+                let Some(head) = self.saved.take() else {
+                    return Err(ProxyError::UpstreamUnreachable("the handshake was not kept for another send".into()));
+                };
+                attempt.request(head, UpstreamBody::empty())?
+            }
+        };
+        match tokio::time::timeout_at(self.deadline, self.proxy.client.upgrade(request, self.route.via())).await {
+            Ok(answer) => Ok(answer?),
+            Err(_) => Err(ProxyError::UpstreamTimeout(self.proxy.request_timeout)),
+        }
+    }
+
+    fn answer(response: &mut Response<Incoming>) -> Answer {
+        Answer::from_headers(response.status(), response.headers())
+    }
+
+    async fn can_resend(&mut self, _: &Response<Incoming>) -> bool {
+        self.saved.is_some()
+    }
+
+    fn discard(&mut self, response: Response<Incoming>) {
+        drop(response);
     }
 }
 

@@ -26,12 +26,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::exchange::{discard_body, forward_response, round_trip, Buffers, Outcome, READ_SIZE};
-use super::{encode_error, encode_request, parse_request, Parse, ReplyTo, Span, UpstreamRequest};
+use super::{encode_error, encode_request, parse_request, Parse, ReplyTo, ResponseHead, Span, UpstreamRequest};
 use crate::activity::{Activity, Timeouts};
-use crate::proxy::upstream::PlainConnection;
-use crate::proxy::{
-    Answer, Connection, Decision, ErrorContext, Proxy, ProxyError, Retried, Route, CLIENT_CLOSED_REQUEST,
-};
+use crate::proxy::lifecycle::{self, Attempt, Transport};
+use crate::proxy::upstream::{PlainConnection, UpstreamClient};
+use crate::proxy::{Answer, Connection, Proxy, ProxyError, Retried, Route, CLIENT_CLOSED_REQUEST};
+use http::uri::Authority;
 
 /// The room made for each read from the caller: a request head and a small body (8 KiB with its head) come in one
 /// read.
@@ -337,12 +337,8 @@ async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
             // body not read yet, ends the connection (where the next request starts is not known).
             let close = close || error.ends_connection() || s.input.len() < parsed.body_len;
             let reply = ReplyTo { request_id: &request_id, close, head_request };
-            let context = proxy.error_context(None, &error);
-            let status = error.status();
-            let (head, body) = error.into_parts(&context);
-            encode_error(&mut s.response, &head, &body, &reply);
-            let written = io.write_all(&s.response).await;
-            (status, false, written.is_err() || close)
+            let (status, done) = write_error(io, &mut s.response, &proxy, None, error, &reply).await;
+            (status, false, done)
         }
         Ok(route) => {
             // The body, read whole: it is small, and kept for a replay.
@@ -356,11 +352,8 @@ async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
                         // The body did not come in time; where the next request would start is unknown.
                         let error = ProxyError::RequestTimeout(proxy.request_timeout);
                         let reply = ReplyTo { request_id: &request_id, close: true, head_request };
-                        let context = proxy.error_context(Some(route), &error);
-                        let (head, body) = error.into_parts(&context);
-                        encode_error(&mut s.response, &head, &body, &reply);
-                        let _ = io.write_all(&s.response).await;
-                        proxy.end(exchange, StatusCode::REQUEST_TIMEOUT, false);
+                        let (status, _) = write_error(io, &mut s.response, &proxy, Some(route), error, &reply).await;
+                        proxy.end(exchange, status, false);
                         return Step::Close;
                     }
                 }
@@ -377,12 +370,8 @@ async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
             match forward(&proxy, &request, s, timer, io).await {
                 Outcome::Answered { status, replayed, open } => (status, replayed, !open),
                 Outcome::Error(error) => {
-                    let context = proxy.error_context(Some(route), &error);
-                    let status = error.status();
-                    let (head, body) = error.into_parts(&context);
-                    encode_error(&mut s.response, &head, &body, &reply);
-                    let written = io.write_all(&s.response).await;
-                    (status, false, written.is_err() || close)
+                    let (status, done) = write_error(io, &mut s.response, &proxy, Some(route), error, &reply).await;
+                    (status, false, done)
                 }
                 Outcome::Broken { status } => (status, false, true),
                 Outcome::Gone => (CLIENT_CLOSED_REQUEST, false, true),
@@ -415,11 +404,28 @@ async fn refuse<I: AsyncWrite + Unpin>(
     let reply = ReplyTo { request_id: &request_id, close: true, head_request: false };
     tracing::debug!("refused a request: {reason}");
     let error = ProxyError::Malformed(format!("{reason}: refused"));
-    let (head, body) = error.into_parts(&ErrorContext::default());
-    encode_error(out, &head, &body, &reply);
-    let _ = io.write_all(out).await;
-    proxies.load().count_refused(StatusCode::BAD_REQUEST);
+    let proxy = proxies.load();
+    let (status, _) = write_error(io, out, &proxy, None, error, &reply).await;
+    proxy.count_refused(status);
     let _ = io.shutdown().await;
+}
+
+/// Writes the proxy's own answer to `error` on a request of `route` (problem+json, see [`ProxyError::into_parts`]):
+/// its status, and whether the connection ends after it (the reply says so, or the write failed).
+async fn write_error<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    out: &mut Vec<u8>,
+    proxy: &Proxy,
+    route: Option<&Route>,
+    error: ProxyError,
+    reply: &ReplyTo<'_>,
+) -> (StatusCode, bool) {
+    let context = proxy.error_context(route, &error);
+    let status = error.status();
+    let (head, body) = error.into_parts(&context);
+    encode_error(out, &head, &body, reply);
+    let written = io.write_all(out).await;
+    (status, written.is_err() || reply.close)
 }
 
 /// A request read whole, for [`forward`].
@@ -434,8 +440,7 @@ struct Request<'a> {
     deadline: Instant,
 }
 
-/// The proxy's phases for one request (prepare, credential, upstream request, status decision, and the one replay),
-/// with this transport's I/O; the response is written to `io`.
+/// A request's lifecycle ([`lifecycle::forward`]) with this transport's I/O; the response is written to `io`.
 async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
     proxy: &Proxy,
     request: &Request<'_>,
@@ -444,86 +449,110 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
     io: &mut I,
 ) -> Outcome {
     let Request { route, body_len, has_length, connection, reply, deadline } = *request;
-    // The pool's clock reading for this request: its start (`request_timeout` before its deadline).
-    let started = deadline.checked_sub(proxy.request_timeout).unwrap_or(deadline);
     let Some(authority) = route.plain_http_upstream() else {
         return Outcome::Error(ProxyError::UpstreamUnreachable("not a plain-HTTP upstream".into()));
     };
-    let client = &proxy.client;
-    let idempotent = s.parts.method.is_idempotent();
-    let target = match Proxy::prepare(route, &mut s.parts, connection) {
-        Ok(target) => target,
-        Err(error) => return Outcome::Error(error),
-    };
-    let mut token = match (target.tokens(route), target.attach) {
-        (Some(tokens), true) => match Proxy::credential(tokens.as_ref(), None).await {
-            Ok(token) => Some(token),
-            Err(error) => return Outcome::Error(error),
-        },
-        _ => None,
-    };
-    // At most `max_upstream_connections` requests in flight to the upstream: a caller waits for a place within its
-    // deadline. The place is held until the response is forwarded.
-    let _place = match route.upstream_slots.try_place() {
-        Some(place) => place,
-        None => match timer.within(deadline, route.upstream_slots.place()).await {
-            Some(place) => place,
-            None => return Outcome::Error(ProxyError::UpstreamBusy(route.upstream_slots.limit())),
-        },
+    let Scratch { input, parts, request: encoded, response, upstream_input, .. } = s;
+    let mut upstream = Upstream {
+        client: &proxy.client,
+        // The pool's clock reading for this request: its start (`request_timeout` before its deadline).
+        started: deadline.checked_sub(proxy.request_timeout).unwrap_or(deadline),
+        authority,
+        connection: None,
+        idempotent: parts.method.is_idempotent(),
+        body: (body_len, has_length),
+        reply,
+        deadline,
+        request_timeout: proxy.request_timeout,
+        timer,
+        io,
+        input,
+        encoded,
+        response,
+        upstream_input,
     };
     let mut retried = Retried::default();
-    let mut upstream: Option<PlainConnection> = None;
-    loop {
-        let (uri, credential) = match Proxy::upstream_target(route, &target, &s.parts.method, token.as_deref()) {
-            Ok(parts) => parts,
-            Err(error) => return Outcome::Error(error),
-        };
+    let delivery = match lifecycle::forward(route, parts, connection, deadline, &mut retried, &mut upstream).await {
+        Ok(delivery) => delivery,
+        Err(outcome) => return outcome,
+    };
+    // The place among the upstream's requests in flight is held until the response is forwarded.
+    let _place = delivery.place;
+    let Upstream { client, started, connection, io, response, upstream_input, .. } = upstream;
+    forward_response(io, response, upstream_input, (connection, client, started), delivery.head, retried.any()).await
+}
+
+/// This transport's side of a request's lifecycle: the upstream connection (from the worker's pool) and the
+/// request's buffers. The body was read whole, so the request can always go again.
+struct Upstream<'a, I> {
+    client: &'a UpstreamClient,
+    /// The pool's clock reading for this request.
+    started: Instant,
+    authority: &'a Authority,
+    connection: Option<PlainConnection>,
+    idempotent: bool,
+    /// The body's length, and whether the caller framed it with `Content-Length`.
+    body: (usize, bool),
+    reply: &'a ReplyTo<'a>,
+    deadline: Instant,
+    request_timeout: Duration,
+    timer: &'a mut Timer,
+    io: &'a mut I,
+    /// What the caller sent: the body, then what is read ahead of its next requests.
+    input: &'a mut BytesMut,
+    /// The upstream request, encoded.
+    encoded: &'a mut Vec<u8>,
+    /// The response head rewritten for the caller.
+    response: &'a mut Vec<u8>,
+    /// What the upstream sent and was not forwarded yet.
+    upstream_input: &'a mut BytesMut,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Transport for Upstream<'_, I> {
+    type Head = ResponseHead;
+    type Failure = Outcome;
+    const BOUNDED: bool = true;
+
+    async fn send(&mut self, parts: &mut Parts, attempt: &Attempt<'_>) -> Result<ResponseHead, Outcome> {
+        let (uri, credential) = attempt.upstream(&parts.method)?;
+        let (body_len, has_length) = self.body;
         let message = UpstreamRequest {
-            method: &s.parts.method,
+            method: &parts.method,
             target: uri.path_and_query().map_or("/", |p| p.as_str()),
-            headers: &s.parts.headers,
+            headers: &parts.headers,
             credential,
-            body: &s.input[..body_len],
+            body: &self.input[..body_len],
             has_length,
         };
-        encode_request(&mut s.request, &message);
-        let mut buffers = Buffers { response: &mut s.response, upstream_input: &mut s.upstream_input };
-        let exchange =
-            round_trip((client, started), authority, &mut upstream, &s.request, idempotent, reply, &mut buffers);
-        let mut head = match timer.within(deadline, watch_caller(exchange, io, &mut s.input)).await {
-            Some(Some(Ok(head))) => head,
-            Some(Some(Err(error))) => return Outcome::Error(ProxyError::UpstreamUnreachable(error)),
-            Some(None) => return Outcome::Gone,
-            None => return Outcome::Error(ProxyError::UpstreamTimeout(proxy.request_timeout)),
-        };
-        let answer = Answer {
-            status: head.status,
-            invalid_token: head.challenge.invalid_token,
-            use_dpop_nonce: head.challenge.use_dpop_nonce,
-            dpop_nonce: head.dpop_nonce.take(),
-        };
-        // Most answers go to the caller as they are: no future is made for them.
-        let fresh = match Proxy::decide(route, &answer, token.as_deref(), retried) {
-            Decision::Deliver => None,
-            decision => {
-                let next = Proxy::next_token(route, &target, decision, token.as_ref(), deadline, &mut retried);
-                timer.within(deadline, next).await.flatten()
-            }
-        };
-        let Some(fresh) = fresh else {
-            // No replay called for, or no newer token to be had: the upstream's own answer is the honest one.
-            return forward_response(
-                io,
-                &mut s.response,
-                &mut s.upstream_input,
-                (upstream, client, started),
-                head,
-                retried.any(),
-            )
-            .await;
-        };
-        discard_body(&mut upstream, &mut s.upstream_input, head);
-        token = Some(fresh);
+        encode_request(self.encoded, &message);
+        let mut buffers = Buffers { response: self.response, upstream_input: self.upstream_input };
+        let exchange = round_trip(
+            (self.client, self.started),
+            self.authority,
+            &mut self.connection,
+            self.encoded,
+            self.idempotent,
+            self.reply,
+            &mut buffers,
+        );
+        match self.timer.within(self.deadline, watch_caller(exchange, self.io, self.input)).await {
+            Some(Some(Ok(head))) => Ok(head),
+            Some(Some(Err(error))) => Err(Outcome::Error(ProxyError::UpstreamUnreachable(error))),
+            Some(None) => Err(Outcome::Gone),
+            None => Err(Outcome::Error(ProxyError::UpstreamTimeout(self.request_timeout))),
+        }
+    }
+
+    fn answer(head: &mut ResponseHead) -> Answer {
+        std::mem::take(&mut head.answer)
+    }
+
+    async fn can_resend(&mut self, _: &ResponseHead) -> bool {
+        true
+    }
+
+    fn discard(&mut self, head: ResponseHead) {
+        discard_body(&mut self.connection, self.upstream_input, head);
     }
 }
 

@@ -31,6 +31,12 @@ pub(super) enum Outcome {
     Gone,
 }
 
+impl From<ProxyError> for Outcome {
+    fn from(error: ProxyError) -> Outcome {
+        Outcome::Error(error)
+    }
+}
+
 /// Why an exchange on one upstream connection failed.
 struct Failure {
     message: String,

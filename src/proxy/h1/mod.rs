@@ -17,8 +17,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version}
 
 use self::chunked::ChunkedScanner;
 use self::framing::{FramingError, FramingFields};
-use super::headers::{connection_lists, forwarded, Challenge};
-use super::Credential;
+use super::headers::{connection_lists, forwarded, response_length};
+use super::{Answer, Credential};
 use crate::token::dpop::DPOP;
 
 /// A request head larger than this goes to hyper (which refuses heads beyond its own, larger, limit).
@@ -305,10 +305,8 @@ pub struct ResponseHead {
     pub reusable: bool,
     /// The caller's connection ends after this response.
     pub close: bool,
-    /// What its `WWW-Authenticate` says of the token (a 4xx only).
-    pub challenge: Challenge,
-    /// Its `DPoP-Nonce` header (RFC 9449 §9).
-    pub dpop_nonce: Option<HeaderValue>,
+    /// What the status decision looks at.
+    pub answer: Answer,
 }
 
 /// A parsed upstream response head: a 1xx to skip, or the final head.
@@ -337,20 +335,10 @@ pub fn parse_response(input: &[u8], reply: &ReplyTo<'_>, out: &mut Vec<u8>) -> R
     let connection = || headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")).map(|h| h.value);
     let has_connection = connection().next().is_some();
     let mut fields = FramingFields::default();
-    // Only a 4xx can be a refusal of the token (docs/configuration.md, "The 401 budget").
-    let mut challenge = Challenge::default();
-    let mut dpop_nonce = None;
-    let client_error = status.is_client_error();
+    let mut answer = Answer::new(status);
     for header in headers {
         fields.add(header.name.as_bytes(), header.value);
-        if client_error && header.name.eq_ignore_ascii_case("www-authenticate") {
-            let found = super::headers::challenge(header.value);
-            challenge.invalid_token |= found.invalid_token;
-            challenge.use_dpop_nonce |= found.use_dpop_nonce;
-        }
-        if header.name.len() == b"dpop-nonce".len() && header.name.eq_ignore_ascii_case("dpop-nonce") {
-            dpop_nonce = HeaderValue::from_bytes(header.value).ok();
-        }
+        answer.observe(header.name.as_bytes(), header.value);
     }
     // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): a length is only checked without it.
     let stated = if fields.has_transfer_encoding() {
@@ -393,14 +381,12 @@ pub fn parse_response(input: &[u8], reply: &ReplyTo<'_>, out: &mut Vec<u8>) -> R
         }
     }
     // The framing headers, ours: derived from the framing above.
-    let length = match framing {
+    let body = match framing {
         Framing::Length(n) => Some(n),
-        Framing::Empty if !bodiless => Some(0),
-        // HEAD and 304 describe the representation a GET would have had: its length, when the upstream gave it.
-        Framing::Empty if status != StatusCode::NO_CONTENT => stated,
-        _ => None,
+        Framing::Empty => Some(0),
+        Framing::Chunked(_) | Framing::UntilClose => None,
     };
-    if let Some(length) = length {
+    if let Some(length) = response_length(status, reply.head_request, stated, body) {
         put_header(out, b"content-length", itoa::Buffer::new().format(length).as_bytes());
     }
     if fields.has_transfer_encoding() && status != StatusCode::NO_CONTENT {
@@ -410,7 +396,7 @@ pub fn parse_response(input: &[u8], reply: &ReplyTo<'_>, out: &mut Vec<u8>) -> R
         }
     }
     put_own_headers(out, reply, close);
-    Ok(Some((head_len, Some(ResponseHead { status, framing, reusable, close, challenge, dpop_nonce }))))
+    Ok(Some((head_len, Some(ResponseHead { status, framing, reusable, close, answer }))))
 }
 
 #[cfg(test)]
