@@ -1,5 +1,6 @@
-//! Every IdP dialect of docs/dialects.md, one test per row, driven by the recorded response bodies in
-//! tests/fixtures/dialects/. A row added to the docs without a fixture (or the reverse) fails `table_matches_fixtures`.
+//! Every IdP dialect of docs/dialects.md, one test per row, driven by the response bodies in
+//! tests/fixtures/dialects/: written by hand from each provider's documentation, not recorded from a live IdP. A row
+//! added to the docs without a fixture (or the reverse) fails `table_matches_fixtures`.
 
 use std::path::PathBuf;
 use std::time::Duration;
