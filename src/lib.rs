@@ -48,8 +48,8 @@ use crate::config::VendingListen;
 use crate::host_check::HostCheck;
 use crate::metrics::Metrics;
 use crate::proxy::route::{Route, RouteTable};
-use crate::proxy::{Connection, Ended, Proxy, ProxyBody, ProxyOptions, UpstreamClient};
-use crate::server::{Handler, ListenerOptions};
+use crate::proxy::{Connection, Proxy, ProxyBody, ProxyOptions, UpstreamClient};
+use crate::server::{Ended, Handler, ListenerOptions};
 use crate::token::TokenEngine;
 
 /// Why tokenproxy could not start (exit code 1).
@@ -583,7 +583,7 @@ impl Handler for ProxyHandler {
         proxy.handle(request, connection).await
     }
 
-    async fn serve_direct<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    async fn serve_h1<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         self: &Arc<Self>,
         io: I,
         connection: &Arc<Connection>,
@@ -594,7 +594,7 @@ impl Handler for ProxyHandler {
         if !self.0.load().direct_http1() {
             return Ended::Handoff { io, buffered: bytes::Bytes::new() };
         }
-        proxy::drive_http1(&self.0, connection, io, shutdown, timeouts, activity).await
+        proxy::h1::connection::drive(&self.0, connection, io, shutdown, timeouts, activity).await
     }
 }
 

@@ -180,7 +180,8 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 fn workers(threads: Option<usize>) -> Option<Arc<WorkerPool>> {
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)));
-    WorkerPool::start(threads)
+    // Each worker's upstream connections of the h1 transport are pooled on its thread.
+    WorkerPool::start(threads, tokenproxy::proxy::UpstreamClient::set_worker)
         .map(Arc::new)
         .map_err(|e| eprintln!("tokenproxy: cannot start the worker threads: {e}"))
         .ok()

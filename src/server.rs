@@ -33,7 +33,6 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::activity::{Activity, Registry, Timeouts, Tracked, Watched};
 use crate::proxy::h1::vet::Vetted;
-use crate::proxy::Ended;
 
 /// How a listener serves its connections.
 #[derive(Clone)]
@@ -87,6 +86,19 @@ impl Listen for tokio::net::UnixListener {
     }
 }
 
+/// How a connection served by a handler's own HTTP/1.1 driver ([`Handler::serve_h1`]) ended.
+pub enum Ended<I> {
+    /// The connection is over (closed by either side, timed out, or shut down).
+    Closed,
+    /// The rest of the connection is hyper's: `buffered` holds the bytes already read from it.
+    Handoff {
+        /// The connection.
+        io: I,
+        /// What was read and not served, to be read again first.
+        buffered: bytes::Bytes,
+    },
+}
+
 /// Something that answers requests, with per-connection state at hand.
 pub trait Handler: Send + Sync + 'static {
     /// The response body type.
@@ -103,17 +115,17 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Response<Self::Body>> + Send;
 
     /// Serves a new connection's HTTP/1.1 requests itself for as long as it can, and hands the rest of the connection
-    /// to hyper with the bytes already read (see `proxy::h1`), noting each request in `activity` and applying
-    /// `timeouts` to its waits. By default everything goes to hyper.
-    fn serve_direct<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    /// to hyper with the bytes already read (the proxy's h1 transport), noting each request in `activity` and
+    /// applying `timeouts` to its waits. By default everything goes to hyper.
+    fn serve_h1<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         self: &Arc<Self>,
         io: I,
         _connection: &Arc<Self::Connection>,
         _shutdown: watch::Receiver<bool>,
         _timeouts: Timeouts,
         _activity: &Activity,
-    ) -> impl Future<Output = crate::proxy::Ended<I>> + Send {
-        std::future::ready(crate::proxy::Ended::Handoff { io, buffered: bytes::Bytes::new() })
+    ) -> impl Future<Output = Ended<I>> + Send {
+        std::future::ready(Ended::Handoff { io, buffered: bytes::Bytes::new() })
     }
 }
 
@@ -127,8 +139,9 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    /// Starts `threads` worker threads (at least one); they stop when the pool is dropped.
-    pub fn start(threads: usize) -> std::io::Result<WorkerPool> {
+    /// Starts `threads` worker threads (at least one), each calling `on_start` with its index first; they stop when
+    /// the pool is dropped.
+    pub fn start(threads: usize, on_start: fn(usize)) -> std::io::Result<WorkerPool> {
         let mut handles = Vec::new();
         let mut stops = Vec::new();
         for i in 0..threads.max(1) {
@@ -137,7 +150,7 @@ impl WorkerPool {
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             stops.push(stop);
             std::thread::Builder::new().name(format!("tokenproxy-worker-{i}")).spawn(move || {
-                crate::proxy::UpstreamClient::set_worker(i);
+                on_start(i);
                 runtime.block_on(async {
                     let _ = stopped.await;
                 });
@@ -326,7 +339,7 @@ pub async fn serve_plain<H, I>(
     let state = Arc::new(handler.connection(peer, false));
     let activity = Arc::new(Activity::new(None));
     let timeouts = Timeouts { header_read: header_read_timeout, keepalive: header_read_timeout };
-    if let Ended::Handoff { io, buffered } = handler.serve_direct(io, &state, shutdown, timeouts, &activity).await {
+    if let Ended::Handoff { io, buffered } = handler.serve_h1(io, &state, shutdown, timeouts, &activity).await {
         let builder = hyper_builder(Some(header_read_timeout));
         let io = TokioIo::new(Vetted::new(Rewind::new(io, buffered)));
         let _ = serve_io(&builder, io, handler, state, activity).await;
@@ -361,7 +374,7 @@ async fn serve_connection<L: Listen, H: Handler>(
     let state = Arc::new(handler.connection(peer, tls.is_some()));
     match tls {
         None => {
-            let ended = handler.serve_direct(stream, &state, shutdown.clone(), timeouts, &activity).await;
+            let ended = handler.serve_h1(stream, &state, shutdown.clone(), timeouts, &activity).await;
             if let Ended::Handoff { io, buffered } = ended {
                 // Boxed, like the TLS branch, in a statement of its own (a temporary of an `.await` expression is kept
                 // in the state): a connection's task is as large as its largest state, and an idle plain connection
@@ -415,7 +428,7 @@ async fn serve_tls<S, H>(
         activity.set_h2();
         Ended::Handoff { io: tls, buffered: bytes::Bytes::new() }
     } else {
-        handler.serve_direct(tls, &state, shutdown.clone(), timeouts, &activity).await
+        handler.serve_h1(tls, &state, shutdown.clone(), timeouts, &activity).await
     };
     if let Ended::Handoff { io, buffered } = ended {
         activity.set_hyper();

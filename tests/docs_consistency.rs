@@ -21,7 +21,8 @@ use std::path::{Component, Path, PathBuf};
 use support::markdown;
 use tokenproxy::config::{Config, ConfigError};
 use tokenproxy::metrics::{Metrics, METRIC_NAMES};
-use tokenproxy::proxy::{grpc, ProxyError};
+use tokenproxy::proxy::hyper::grpc;
+use tokenproxy::proxy::ProxyError;
 use tokenproxy::token::SubjectRefusal;
 
 fn repo() -> PathBuf {

@@ -1,4 +1,4 @@
-//! WebSockets through tokenproxy (src/proxy/upgrade.rs), with tokio-tungstenite on both ends: the token on the
+//! WebSockets through tokenproxy (src/proxy/hyper/upgrade.rs), with tokio-tungstenite on both ends: the token on the
 //! handshake, the one replay after a 401 to it, 1,000 messages echoed through the tunnel, an upstream's refusal
 //! passed on as it is, and an upgrade to a host no route names refused before anything is sent.
 

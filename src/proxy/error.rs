@@ -11,7 +11,7 @@ use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
-use super::grpc::{self, ResponseBody};
+use super::hyper::grpc::{self, ResponseBody};
 
 /// The body of every proxied response: the upstream's, streamed, or one of ours.
 pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
@@ -68,7 +68,7 @@ pub enum ProxyError {
 }
 
 impl From<super::upstream::UpstreamError> for ProxyError {
-    /// The one mapping of an upstream exchange's failure to the caller's answer (for a transport that sends no more):
+    /// The one mapping of an upstream round trip's failure to the caller's answer (for a transport that sends no more):
     /// the caller's own body failing is the caller's fault (400, and the connection ends); anything else is 502.
     fn from(error: super::upstream::UpstreamError) -> ProxyError {
         use super::upstream::UpstreamError;

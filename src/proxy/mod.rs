@@ -13,27 +13,26 @@
 //! 5. **Status decision** ([`Proxy::decide`], [`Proxy::replacement`]): deliver the response, or, on a 401 to a token
 //!    we attached, get a newer token (within the 401 budget) and replay once.
 //! 6. **Response filter** ([`headers::forwarded`]): which of the upstream's headers reach the caller.
-//! 7. **Logging** ([`Proxy::begin`], [`Proxy::end`]): request id, metrics and the access log; an exchange dropped
+//! 7. **Logging** ([`Proxy::begin`], [`Proxy::end`]): request id, metrics and the access log; a request dropped
 //!    before its end (the caller went away) still lowers the in-flight gauge.
 //!
 //! Errors become problem+json responses in one place ([`error::ProxyError::into_parts`]).
 //!
-//! The transports contain I/O and framing only: [`h1`] serves plain HTTP/1.1 requests to plain-HTTP upstreams (nearly
-//! all of a sidecar's) with its own parser and a per-worker upstream pool; [`hyper_transport`] serves everything else
-//! (h2, TLS upstreams, HTTP/1.0, chunked or large request bodies, `Expect`, upgrades), and a connection moves from the
-//! first to the second at the first request the first does not take. Upstream connections for both come from
-//! [`upstream`].
+//! Phases 2 to 5 and the one replay run in [`lifecycle`], written once over a small transport trait; the two
+//! transports do I/O and framing only: [`h1`] (tokenproxy's own HTTP/1.1: wire format, framing, connection driver
+//! and upstream round trip) serves plain HTTP/1.1 requests to plain-HTTP upstreams (nearly all of a sidecar's) with a
+//! per-worker upstream pool; [`hyper`] serves everything else (h2, TLS upstreams, HTTP/1.0, chunked or large request
+//! bodies, `Expect`, upgrades, gRPC), and a connection moves from the first to the second at the first request the
+//! first does not take. Upstream connections for both come from [`upstream`].
 
 pub mod error;
-pub mod grpc;
 pub mod h1;
 pub mod headers;
-pub mod hyper_transport;
+pub mod hyper;
 mod lifecycle;
 pub mod path;
 pub mod replay;
 pub mod route;
-mod upgrade;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -46,7 +45,6 @@ use http::{HeaderName, HeaderValue, Method, StatusCode, Version};
 use tokio::time::Instant;
 
 pub use error::{ErrorContext, ProxyBody, ProxyError};
-pub use h1::connection::{drive as drive_http1, Ended};
 use route::{Injection, Lookup, Route, RouteTable};
 pub use upstream::{UpstreamBody, UpstreamClient};
 
@@ -79,7 +77,7 @@ impl Connection {
 pub struct ProxyOptions {
     /// Request bodies up to this size are kept for a replay after a 401.
     pub replay_buffer: usize,
-    /// The whole upstream exchange (and its replay) must have its response head within this.
+    /// The whole upstream round trip (and its replay) must have its response head within this.
     pub request_timeout: Duration,
     /// A tunnel with no byte either way for this long is closed.
     pub tunnel_idle_timeout: Duration,
@@ -125,8 +123,8 @@ impl Target {
 }
 
 /// A request's bookkeeping from its arrival to its answer. Dropped before [`Proxy::end`] (the caller went away and
-/// the transport cancelled the exchange), it still lowers the in-flight gauge and counts the request as 499.
-pub struct Exchange<'p> {
+/// the transport cancelled the request), it still lowers the in-flight gauge and counts the request as 499.
+pub struct InFlight<'p> {
     started: Instant,
     request_id: HeaderValue,
     /// Method and path for the access log, when it is on.
@@ -142,7 +140,7 @@ pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
     Err(_) => StatusCode::BAD_REQUEST,
 };
 
-impl<'p> Exchange<'p> {
+impl<'p> InFlight<'p> {
     /// When the request arrived.
     pub fn started(&self) -> Instant {
         self.started
@@ -158,14 +156,14 @@ impl<'p> Exchange<'p> {
         self.route
     }
 
-    /// The request has a route: it is in flight on it until the exchange ends.
+    /// The request has a route: it is in flight on it until it ends.
     pub fn routed(&mut self, route: &'p Route) {
         route.metrics.inflight.inc();
         self.route = Some(route);
     }
 }
 
-impl Drop for Exchange<'_> {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if self.ended {
             return;
@@ -296,46 +294,46 @@ impl Proxy {
     /// Serves one request that hyper parsed; never fails (errors are responses). See [`hyper_transport`].
     pub async fn handle(
         &self,
-        request: http::Request<hyper::body::Incoming>,
+        request: http::Request<::hyper::body::Incoming>,
         connection: &Connection,
     ) -> http::Response<ProxyBody> {
-        hyper_transport::handle(self, request, connection).await
+        self::hyper::handle(self, request, connection).await
     }
 
     /// Phase 7, at the start: the request's id (taken from the caller or made), and what the access log will need.
-    pub fn begin(&self, parts: &mut Parts) -> Exchange<'_> {
+    pub fn begin(&self, parts: &mut Parts) -> InFlight<'_> {
         let started = Instant::now();
         let request_id = request_id(&mut parts.headers);
         // Kept for the access log only: the path without its query (which may carry a token).
         let access_log = self.access_log && tracing::enabled!(target: "access", tracing::Level::INFO);
         let logged = access_log.then(|| (parts.method.clone(), parts.uri.path().to_owned()));
-        Exchange { started, request_id, logged, route: None, ended: false }
+        InFlight { started, request_id, logged, route: None, ended: false }
     }
 
     /// Phase 7, at the end: a request answered with `status`: metrics and the access log.
-    pub fn end(&self, mut exchange: Exchange<'_>, status: StatusCode, replayed: bool) {
-        exchange.ended = true;
-        let route = exchange.route;
+    pub fn end(&self, mut in_flight: InFlight<'_>, status: StatusCode, replayed: bool) {
+        in_flight.ended = true;
+        let route = in_flight.route;
         match route {
             Some(route) => {
                 let metrics = &route.metrics;
                 metrics.inflight.dec();
                 metrics.count_status(status);
-                metrics.duration.observe(exchange.started.elapsed().as_secs_f64());
+                metrics.duration.observe(in_flight.started.elapsed().as_secs_f64());
             }
             None => self.unrouted.count_status(status),
         }
-        if let Some((method, path)) = exchange.logged.take() {
+        if let Some((method, path)) = in_flight.logged.take() {
             tracing::info!(
                 target: "access",
                 route = route.map_or("-", |r| &r.name),
                 method = %method,
                 path = %path,
                 status = status.as_u16(),
-                duration_ms = exchange.started.elapsed().as_secs_f64() * 1000.0,
+                duration_ms = in_flight.started.elapsed().as_secs_f64() * 1000.0,
                 upstream = route.map_or("-", |r| r.upstream_authority()),
                 replayed,
-                request_id = exchange.request_id.to_str().unwrap_or("-"),
+                request_id = in_flight.request_id.to_str().unwrap_or("-"),
                 "request"
             );
         }
@@ -457,7 +455,7 @@ impl Proxy {
             IncomingAuthorization::Keep if caller_credential => attach = false,
             _ => {}
         }
-        // The caller's own bearer token is the subject of the exchange: taken off the request here, whatever header
+        // The caller's own bearer token is the subject of the token exchange: taken off the request here, whatever header
         // or parameter the route puts its own token in, so it is never forwarded; its hash keys the caller's tokens.
         let caller_tokens = match &route.exchange {
             Some(exchange) => {
@@ -545,7 +543,7 @@ impl Proxy {
     /// Phase 5, the status decision on the response to an attempt: a refusal of a token we attached (a status of the
     /// route's `retry_on_status`, 401 by default, or any 4xx saying `Bearer error="invalid_token"`), on a route
     /// that replays, calls for the one replay (not after a replay). A 403 to a token that a refresh call sent during
-    /// the exchange may have revoked (`during_refresh = "wait"` holds it back) is such a refusal too: its replay waits
+    /// the round trip may have revoked (`during_refresh = "wait"` holds it back) is such a refusal too: its replay waits
     /// for that call and makes none of its own. Counts the upstream's refusals and a replay's outcome.
     ///
     /// For a DPoP-bound token, the upstream's `DPoP-Nonce` is kept for the next proofs to it, and a 401 that only asks

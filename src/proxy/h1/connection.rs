@@ -9,7 +9,7 @@
 //! An idle connection holds no buffer: what a request needs ([`Scratch`]: the read buffers, the parsed head, the
 //! encoding buffers) is taken from a per-thread list when its first bytes arrive and given back when it is answered,
 //! and its upstream connection goes back to the pool. While the upstream prepares its answer, the caller's side is
-//! watched: a caller that goes away cancels the exchange (and its upstream connection is closed, not pooled).
+//! watched: a caller that goes away cancels the round trip (and its upstream connection is closed, not pooled).
 //!
 //! Everything else is handed to hyper with the bytes already read, for the rest of the connection (see
 //! [`super::Parse::Handoff`]), and so are routes to TLS upstreams. Hyper then answers exactly as it would have from
@@ -25,12 +25,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::exchange::{discard_body, forward_response, round_trip, Buffers, Outcome, READ_SIZE};
+use super::round_trip::{discard_body, forward_response, round_trip, Buffers, Outcome, READ_SIZE};
 use super::{encode_error, encode_request, parse_request, Parse, ReplyTo, ResponseHead, Span, UpstreamRequest};
 use crate::activity::{Activity, Timeouts};
 use crate::proxy::lifecycle::{self, Attempt, Transport};
 use crate::proxy::upstream::{PlainConnection, UpstreamClient};
 use crate::proxy::{Answer, Connection, Proxy, ProxyError, Retried, Route, CLIENT_CLOSED_REQUEST};
+use crate::server::Ended;
 use http::uri::Authority;
 
 /// The room made for each read from the caller: a request head and a small body (8 KiB with its head) come in one
@@ -40,19 +41,6 @@ const CALLER_READ_SIZE: usize = 16 * 1024;
 const SPARE_SCRATCH: usize = 256;
 /// While the upstream prepares its answer, at most this much of the caller's next requests is read ahead.
 const READ_AHEAD: usize = 64 * 1024;
-
-/// How a connection served by this driver ended.
-pub enum Ended<I> {
-    /// The connection is over (closed by either side, timed out, or shut down).
-    Closed,
-    /// The rest of the connection is hyper's: `buffered` holds the bytes already read from it.
-    Handoff {
-        /// The connection.
-        io: I,
-        /// What was read and not served, to be read again first.
-        buffered: Bytes,
-    },
-}
 
 /// What a request in progress needs; kept on a per-thread list between requests, so that an idle connection holds
 /// none of it and a busy one allocates nothing per request.
@@ -320,16 +308,16 @@ async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
 ) -> Step {
     let proxy = proxies.load_full();
     timer.set_period(header_read_timeout.min(proxy.request_timeout));
-    let mut exchange = proxy.begin(&mut s.parts);
+    let mut in_flight = proxy.begin(&mut s.parts);
     let route = proxy.admit(&mut s.parts);
     if let Ok(route) = route {
         if route.plain_http_upstream().is_none() || parsed.body_len > proxy.replay_buffer {
             return Step::Handoff(parsed.head);
         }
-        exchange.routed(route);
+        in_flight.routed(route);
     }
     let close = parsed.close || closing;
-    let request_id = exchange.request_id().clone();
+    let request_id = in_flight.request_id().clone();
     let head_request = s.parts.method == Method::HEAD;
     let (status, replayed, done) = match route {
         Err(error) => {
@@ -342,7 +330,7 @@ async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
         }
         Ok(route) => {
             // The body, read whole: it is small, and kept for a replay.
-            let deadline = exchange.started() + proxy.request_timeout;
+            let deadline = in_flight.started() + proxy.request_timeout;
             while s.input.len() < parsed.body_len {
                 s.input.reserve(parsed.body_len - s.input.len());
                 match timer.within(deadline, io.read_buf(&mut s.input)).await {
@@ -353,7 +341,7 @@ async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
                         let error = ProxyError::RequestTimeout(proxy.request_timeout);
                         let reply = ReplyTo { request_id: &request_id, close: true, head_request };
                         let (status, _) = write_error(io, &mut s.response, &proxy, Some(route), error, &reply).await;
-                        proxy.end(exchange, status, false);
+                        proxy.end(in_flight, status, false);
                         return Step::Close;
                     }
                 }
@@ -378,7 +366,7 @@ async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
-    proxy.end(exchange, status, replayed);
+    proxy.end(in_flight, status, replayed);
     // A request refused before its body came ends the connection; the body is skipped only when it is here.
     let body = parsed.body_len.min(s.input.len());
     s.input.advance(body);
@@ -526,7 +514,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Transport for Upstream<'_, I> {
         };
         encode_request(self.encoded, &message);
         let mut buffers = Buffers { response: self.response, upstream_input: self.upstream_input };
-        let exchange = round_trip(
+        let sent = round_trip(
             (self.client, self.started),
             self.authority,
             &mut self.connection,
@@ -535,7 +523,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Transport for Upstream<'_, I> {
             self.reply,
             &mut buffers,
         );
-        match self.timer.within(self.deadline, watch_caller(exchange, self.io, self.input)).await {
+        match self.timer.within(self.deadline, watch_caller(sent, self.io, self.input)).await {
             Some(Some(Ok(head))) => Ok(head),
             Some(Some(Err(error))) => Err(Outcome::Error(ProxyError::UpstreamUnreachable(error))),
             Some(None) => Err(Outcome::Gone),
@@ -556,9 +544,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Transport for Upstream<'_, I> {
     }
 }
 
-/// `exchange`'s outcome, or `None` if the caller closes its connection first. The caller's next bytes (pipelined
+/// `work`'s outcome, or `None` if the caller closes its connection first. The caller's next bytes (pipelined
 /// requests) are read ahead into `input` meanwhile, up to [`READ_AHEAD`].
-async fn watch_caller<F, T, I>(exchange: F, io: &mut I, input: &mut BytesMut) -> Option<T>
+async fn watch_caller<F, T, I>(work: F, io: &mut I, input: &mut BytesMut) -> Option<T>
 where
     F: std::future::Future<Output = T>,
     I: AsyncRead + Unpin,
@@ -575,7 +563,7 @@ where
     };
     tokio::select! {
         biased;
-        outcome = exchange => Some(outcome),
+        outcome = work => Some(outcome),
         () = caller => None,
     }
 }

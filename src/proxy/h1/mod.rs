@@ -7,8 +7,8 @@
 
 pub mod chunked;
 pub mod connection;
-mod exchange;
 pub mod framing;
+mod round_trip;
 pub mod vet;
 
 use bytes::{Bytes, BytesMut};

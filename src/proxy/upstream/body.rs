@@ -33,7 +33,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// Whether the upstream exchange is waiting for more of the caller's body: set while the body is asked for a frame
+/// Whether the upstream round trip is waiting for more of the caller's body: set while the body is asked for a frame
 /// that has not come, so that a timeout can blame the right side (408 for the caller, 504 for the upstream).
 #[derive(Debug, Clone, Default)]
 pub struct CallerWait(Arc<AtomicBool>);

@@ -100,7 +100,7 @@ impl Connector {
     pub(super) async fn connect_http1(&self, uri: Uri) -> Result<UpstreamIo, BoxError> {
         if uri.scheme() == Some(&Scheme::HTTPS) {
             let stream = tower_service::Service::call(&mut self.https_http1.clone(), uri).await?;
-            return Ok(UpstreamIo::Tls { stream: Box::new(stream), exchanges: Exchanges::default() });
+            return Ok(UpstreamIo::Tls { stream: Box::new(stream), round_trips: RoundTrips::default() });
         }
         self.plain(uri).await
     }
@@ -110,7 +110,7 @@ impl Connector {
         async move {
             let authority = uri.authority().ok_or("the upstream URI has no authority")?.clone();
             let stream = dial.dial(&authority).await.map_err(|e| format!("connecting to {authority}: {e}"))?;
-            Ok(UpstreamIo::Plain { stream: TokioIo::new(stream), exchanges: Exchanges::default() })
+            Ok(UpstreamIo::Plain { stream: TokioIo::new(stream), round_trips: RoundTrips::default() })
         }
     }
 }
@@ -128,7 +128,7 @@ impl tower_service::Service<Uri> for Connector {
         if uri.scheme() == Some(&Scheme::HTTPS) {
             let connecting = self.https.call(uri);
             return Box::pin(async move {
-                Ok(UpstreamIo::Tls { stream: Box::new(connecting.await?), exchanges: Exchanges::default() })
+                Ok(UpstreamIo::Tls { stream: Box::new(connecting.await?), round_trips: RoundTrips::default() })
             });
         }
         Box::pin(self.plain(uri))
@@ -137,20 +137,20 @@ impl tower_service::Service<Uri> for Connector {
 
 /// A connection hyper's client uses.
 pub(super) enum UpstreamIo {
-    Tls { stream: Box<MaybeHttpsStream<TokioIo<TcpStream>>>, exchanges: Exchanges },
-    Plain { stream: TokioIo<UpstreamStream>, exchanges: Exchanges },
+    Tls { stream: Box<MaybeHttpsStream<TokioIo<TcpStream>>>, round_trips: RoundTrips },
+    Plain { stream: TokioIo<UpstreamStream>, round_trips: RoundTrips },
 }
 
-/// Exchanges a hyper connection has carried (an extra of its [`Connected`]), counted by [`UpstreamClient::send`]:
+/// RoundTrips a hyper connection has carried (an extra of its [`Connected`]), counted by [`UpstreamClient::send`]:
 /// hyper does not say whether it reused a connection.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Exchanges(pub(super) Arc<AtomicU64>);
+pub(super) struct RoundTrips(pub(super) Arc<AtomicU64>);
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
         match self {
-            UpstreamIo::Tls { stream, exchanges } => stream.connected().extra(exchanges.clone()),
-            UpstreamIo::Plain { exchanges, .. } => Connected::new().extra(exchanges.clone()),
+            UpstreamIo::Tls { stream, round_trips } => stream.connected().extra(round_trips.clone()),
+            UpstreamIo::Plain { round_trips, .. } => Connected::new().extra(round_trips.clone()),
         }
     }
 }

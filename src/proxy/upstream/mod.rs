@@ -38,13 +38,13 @@ use tokio::time::Instant;
 
 use crate::tls::{ClientTls, TlsError};
 pub use body::{CallerBodyError, CallerWait, UpstreamBody};
-use connector::{pooled, Connector, Exchanges, Protocol};
+use connector::{pooled, Connector, Protocol, RoundTrips};
 pub use tls::RouteTls;
 
-/// Why an upstream exchange failed before a response head arrived.
+/// Why an upstream round trip failed before a response head arrived.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// The upstream could not be reached, or failed the exchange.
+    /// The upstream could not be reached, or failed the round trip.
     #[error("{0}")]
     Failed(String),
     /// The caller's body failed while it was being sent.
@@ -60,7 +60,7 @@ pub enum UpstreamError {
     Unanswered {
         /// What happened.
         detail: String,
-        /// The connection had served an exchange before this one.
+        /// The connection had served a round trip before this one.
         reused: bool,
     },
 }
@@ -175,14 +175,14 @@ impl AsyncWrite for UpstreamStream {
     }
 }
 
-/// A plain HTTP/1.1 connection to one upstream, checked out of the pool for one exchange.
+/// A plain HTTP/1.1 connection to one upstream, checked out of the pool for one round trip.
 #[derive(Debug)]
 pub struct PlainConnection {
     /// The upstream it goes to.
     pub authority: Authority,
     /// The connection.
     pub stream: UpstreamStream,
-    /// It came from the pool (it served an exchange before), rather than being opened for this one.
+    /// It came from the pool (it served a round trip before), rather than being opened for this one.
     pub reused: bool,
     /// When it went back to the pool.
     idle_since: Instant,
@@ -309,8 +309,8 @@ impl UpstreamClient {
     /// Sends one request through hyper (`via` the pool the route uses) and returns the response head with its
     /// streaming body.
     ///
-    /// With `watch_reuse` (a request that could be sent again), a failure tells whether the connection had served an
-    /// exchange before ([`UpstreamError::Unanswered`]), for [`may_retry`]; hyper's client itself sends again a
+    /// With `watch_reuse` (a request that could be sent again), a failure tells whether the connection had served a
+    /// round trip before ([`UpstreamError::Unanswered`]), for [`may_retry`]; hyper's client itself sends again a
     /// request that a reused connection never took.
     pub async fn send(
         &self,
@@ -336,12 +336,12 @@ impl UpstreamClient {
         }
         let captured = watch_reuse.then(|| hyper_util::client::legacy::connect::capture_connection(&mut request));
         let result = pool.request(request).await;
-        // Count the exchange on its connection, whatever its outcome: the next one on it is a reuse.
-        let exchanges_before = captured.as_ref().and_then(|captured| {
+        // Count the round trip on its connection, whatever its outcome: the next one on it is a reuse.
+        let round_trips_before = captured.as_ref().and_then(|captured| {
             let metadata = captured.connection_metadata();
             let mut extensions = http::Extensions::new();
             metadata.as_ref()?.get_extras(&mut extensions);
-            Some(extensions.get::<Exchanges>()?.0.fetch_add(1, Ordering::Relaxed))
+            Some(extensions.get::<RoundTrips>()?.0.fetch_add(1, Ordering::Relaxed))
         });
         result.map_err(|error| {
             // A TLS failure is told in words, and never sent again: a client certificate refused after the request
@@ -367,7 +367,7 @@ impl UpstreamClient {
                 }
                 source = cause.source();
             }
-            match exchanges_before {
+            match round_trips_before {
                 Some(before) if unanswered => UpstreamError::Unanswered { detail: chain, reused: before > 0 },
                 _ => UpstreamError::Failed(chain),
             }
@@ -431,8 +431,8 @@ impl UpstreamClient {
         })
     }
 
-    /// Gives a connection whose exchange completed back to this thread's pool (closed when the pool is full);
-    /// `now`: when its exchange ended, or a little before.
+    /// Gives a connection whose round trip completed back to this thread's pool (closed when the pool is full);
+    /// `now`: when its round trip ended, or a little before.
     pub fn checkin(&self, mut connection: PlainConnection, now: Instant) {
         if connection.owner != self.id || self.max_idle == 0 {
             return;

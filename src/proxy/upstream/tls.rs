@@ -67,7 +67,7 @@ impl RouteTls {
     }
 
     /// The pool to send through: the current one, or a new one when the files changed since it was built (looked
-    /// at no more often than [`CHECK_INTERVAL`]). Connections of a replaced pool are not used again; an exchange
+    /// at no more often than [`CHECK_INTERVAL`]). Connections of a replaced pool are not used again; a round trip
     /// in flight on one finishes.
     pub(super) fn client(&self) -> Arc<RouteClient> {
         let now = self.epoch.elapsed().as_millis() as u64;

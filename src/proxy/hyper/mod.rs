@@ -4,8 +4,11 @@
 //!
 //! A request body streams to the upstream as it comes, and is kept (up to `replay_buffer`) by [`ReplayBody`] so that
 //! the request can be replayed after a 401. When the caller goes away (an h2 `RST_STREAM`, a closed connection),
-//! hyper drops the request's future: the upstream exchange is dropped with it and its [`super::Exchange`] still
+//! hyper drops the request's future: the upstream round trip is dropped with it and its [`crate::proxy::InFlight`] still
 //! lowers the in-flight gauge.
+
+pub mod grpc;
+mod upgrade;
 
 use http::header::CONTENT_LENGTH;
 use http::request::Parts;
@@ -15,20 +18,21 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::grpc::{self, ResponseBody, UnauthenticatedWatch};
-use super::h1::framing::parse_length;
-use super::lifecycle::{self, Attempt, Transport};
-use super::replay::{BufferedBody, Replay, ReplayBody};
-use super::upgrade;
-use super::upstream::slots::OwnedPlace;
-use super::upstream::{may_retry, CallerWait, UpstreamBody, UpstreamError};
-use super::{Answer, Connection, ErrorContext, Proxy, ProxyBody, ProxyError, Retried, Route, Target, X_REQUEST_ID};
+use self::grpc::{ResponseBody, UnauthenticatedWatch};
+use crate::proxy::h1::framing::parse_length;
+use crate::proxy::lifecycle::{self, Attempt, Transport};
+use crate::proxy::replay::{BufferedBody, Replay, ReplayBody};
+use crate::proxy::upstream::slots::OwnedPlace;
+use crate::proxy::upstream::{may_retry, CallerWait, UpstreamBody, UpstreamError};
+use crate::proxy::{
+    Answer, Connection, ErrorContext, Proxy, ProxyBody, ProxyError, Retried, Route, Target, X_REQUEST_ID,
+};
 use crate::token::Token;
 
 /// Serves one request; never fails (errors are responses).
 pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Connection) -> Response<ProxyBody> {
     let (mut parts, body) = request.into_parts();
-    let mut exchange = proxy.begin(&mut parts);
+    let mut in_flight = proxy.begin(&mut parts);
     let mut replayed = false;
     let grpc = grpc::is_grpc(&parts.headers);
     // A gRPC caller's error goes as HTTP 200 with a grpc-status: metrics and the access log count the HTTP status
@@ -36,8 +40,8 @@ pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Conn
     let mut error_status = None;
     let mut response = match proxy.admit(&mut parts) {
         Ok(route) => {
-            exchange.routed(route);
-            let started = exchange.started();
+            in_flight.routed(route);
+            let started = in_flight.started();
             match forward(proxy, route, parts, body, connection, started, &mut replayed).await {
                 Ok(response) => response,
                 Err(error) => {
@@ -57,8 +61,8 @@ pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Conn
             response
         }
     };
-    response.headers_mut().insert(X_REQUEST_ID.clone(), exchange.request_id().clone());
-    proxy.end(exchange, error_status.unwrap_or(response.status()), replayed);
+    response.headers_mut().insert(X_REQUEST_ID.clone(), in_flight.request_id().clone());
+    proxy.end(in_flight, error_status.unwrap_or(response.status()), replayed);
     response
 }
 
@@ -246,7 +250,7 @@ pub(super) fn take_head(parts: &mut Parts) -> Parts {
     std::mem::replace(parts, Request::new(()).into_parts().0)
 }
 
-/// Why an exchange failed: an error to answer, or a request the upstream did not answer, which may go once more.
+/// Why a round trip failed: an error to answer, or a request the upstream did not answer, which may go once more.
 enum Failure {
     Error(ProxyError),
     Resend {
@@ -276,7 +280,7 @@ pub(super) fn frame_request(parts: &mut Parts, body: &Incoming) {
     }
 }
 
-/// One exchange with the upstream, bounded by the request's deadline (`resendable`: the request could go once
+/// One round trip to the upstream, bounded by the request's deadline (`resendable`: the request could go once
 /// more, so a connection that closed without answering is reported as such).
 async fn send(
     proxy: &Proxy,
@@ -294,8 +298,8 @@ async fn send(
     }
 }
 
-/// Phase 6: the upstream's response as the caller gets it: headers as [`super::headers::forwarded`] says, and its
-/// length ours, never copied ([`super::headers::response_length`]).
+/// Phase 6: the upstream's response as the caller gets it: headers as [`crate::proxy::headers::forwarded`] says, and its
+/// length ours, never copied ([`crate::proxy::headers::response_length`]).
 /// `watch` looks for a gRPC `UNAUTHENTICATED` in a trailers-only head or in the trailers; `place` (the request's
 /// among the upstream's requests in flight) is held until the body is sent.
 pub(super) fn finish(
@@ -308,9 +312,9 @@ pub(super) fn finish(
     if watch.as_mut().is_some_and(|watch| watch.check(&parts.headers)) {
         watch = None;
     }
-    super::headers::strip_hop_by_hop(&mut parts.headers);
+    crate::proxy::headers::strip_hop_by_hop(&mut parts.headers);
     let stated = parts.headers.remove(CONTENT_LENGTH).and_then(|value| parse_length(value.as_bytes()));
-    let length = super::headers::response_length(parts.status, head_request, stated, body.size_hint().exact());
+    let length = crate::proxy::headers::response_length(parts.status, head_request, stated, body.size_hint().exact());
     if let Some(length) = length {
         parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
     }

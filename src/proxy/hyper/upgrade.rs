@@ -24,9 +24,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use super::lifecycle::{self, Attempt, Transport};
-use super::upstream::{CallerWait, UpstreamBody};
-use super::{Answer, Connection, Proxy, ProxyBody, ProxyError, Retried, Route};
+use crate::proxy::lifecycle::{self, Attempt, Transport};
+use crate::proxy::upstream::{CallerWait, UpstreamBody};
+use crate::proxy::{Answer, Connection, Proxy, ProxyBody, ProxyError, Retried, Route};
 
 /// An upgrade the caller asked for: the protocol it named, and its side of the connection once switched.
 pub(super) struct Requested {
@@ -90,13 +90,13 @@ impl<'p> Handshake<'p> {
         let delivery = lifecycle::forward(route, &mut parts, connection, deadline, retried, &mut self).await?;
         let mut response = delivery.head;
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return Ok(super::hyper_transport::finish(response, false, None, None));
+            return Ok(super::finish(response, false, None, None));
         }
         let Requested { protocol, caller } = self.requested;
         let upstream = hyper::upgrade::on(&mut response);
         let (mut head, _) = response.into_parts();
         let protocol = head.headers.get(UPGRADE).cloned().unwrap_or(protocol);
-        super::headers::strip_hop_by_hop(&mut head.headers);
+        crate::proxy::headers::strip_hop_by_hop(&mut head.headers);
         head.headers.insert(UPGRADE, protocol.clone());
         head.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         let ends = (caller, upstream);
@@ -113,15 +113,15 @@ impl Transport for Handshake<'_> {
     async fn send(&mut self, parts: &mut Parts, attempt: &Attempt<'_>) -> Result<Response<Incoming>, ProxyError> {
         let request = match self.body.take() {
             Some(body) => {
-                super::hyper_transport::frame_request(parts, &body);
+                super::frame_request(parts, &body);
                 // The hop-by-hop headers of the caller were removed; these two are the upgrade's own, for this hop.
                 parts.headers.insert(UPGRADE, self.requested.protocol.clone());
                 parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
                 let token = attempt.token();
                 let again = body.is_end_stream() && token.is_some_and(|token| Proxy::may_send_again(self.route, token));
-                self.saved = again.then(|| super::hyper_transport::copy_head(parts));
+                self.saved = again.then(|| super::copy_head(parts));
                 let waiting = CallerWait::for_body(&body);
-                let head = super::hyper_transport::take_head(parts);
+                let head = super::take_head(parts);
                 attempt.request(head, UpstreamBody::Plain { body, waiting })?
             }
             None => {

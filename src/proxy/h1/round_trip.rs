@@ -1,4 +1,4 @@
-//! The upstream side of the HTTP/1.1 transport: one exchange on a pooled connection (the request written, the final
+//! The upstream side of the HTTP/1.1 transport: one round trip on a pooled connection (the request written, the final
 //! response head read and rewritten for the caller, the one retry on a new connection that [`may_retry`] allows),
 //! and the response forwarded to the caller as it comes: a `Content-Length` body copied, a chunked body passed through
 //! undecoded ([`ChunkedScanner`] finds its end), a body delimited by the upstream closing copied until then.
@@ -27,7 +27,7 @@ pub(super) enum Outcome {
     Error(ProxyError),
     /// The response could not be completed (a side went away mid-body): the connection ends.
     Broken { status: StatusCode },
-    /// The caller went away before the response head came: the exchange was cancelled.
+    /// The caller went away before the response head came: the round trip was cancelled.
     Gone,
 }
 
@@ -37,7 +37,7 @@ impl From<ProxyError> for Outcome {
     }
 }
 
-/// Why an exchange on one upstream connection failed.
+/// Why a round trip on one upstream connection failed.
 struct Failure {
     message: String,
     /// The request was written (so the upstream may have acted on it).
@@ -66,7 +66,7 @@ pub(super) async fn round_trip(
             None => Box::pin(client.connect(authority)).await.map_err(|e| e.to_string())?,
         };
         s.upstream_input.clear();
-        match exchange(&mut upstream, request, reply, s).await {
+        match send_and_read_head(&mut upstream, request, reply, s).await {
             Ok(head) => {
                 *slot = Some(upstream);
                 return Ok(head);
@@ -82,7 +82,7 @@ pub(super) async fn round_trip(
     }
 }
 
-/// The buffers an upstream exchange writes to (a request's scratch space).
+/// The buffers an upstream round trip writes to (a request's scratch space).
 pub(super) struct Buffers<'a> {
     /// The response head rewritten for the caller.
     pub(super) response: &'a mut Vec<u8>,
@@ -97,7 +97,7 @@ async fn read_more(upstream: &mut PlainConnection, input: &mut BytesMut) -> io::
 }
 
 /// Sends `request` and reads the final response head (1xx heads are skipped), rewriting it for the caller.
-async fn exchange(
+async fn send_and_read_head(
     upstream: &mut PlainConnection,
     request: &[u8],
     reply: &ReplyTo<'_>,

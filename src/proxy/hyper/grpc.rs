@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 
-use super::error::ProxyError;
+use crate::proxy::error::ProxyError;
 use crate::token::TokenSource;
 
 /// `grpc-status`.
@@ -122,7 +122,7 @@ pin_project_lite::pin_project! {
         watch: Option<Box<UnauthenticatedWatch>>,
         // The request's place among the upstream's requests in flight (`max_upstream_connections`), until the body
         // is sent.
-        place: Option<super::upstream::slots::OwnedPlace>,
+        place: Option<crate::proxy::upstream::slots::OwnedPlace>,
     }
 }
 
@@ -131,7 +131,7 @@ impl ResponseBody {
     pub fn new(
         body: Incoming,
         watch: Option<Box<UnauthenticatedWatch>>,
-        place: Option<super::upstream::slots::OwnedPlace>,
+        place: Option<crate::proxy::upstream::slots::OwnedPlace>,
     ) -> ResponseBody {
         ResponseBody { body, watch, place }
     }
