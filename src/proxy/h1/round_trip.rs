@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::chunked::{ChunkedScanner, Scan};
 use super::{parse_response, Framing, ReplyTo, ResponseHead};
-use crate::proxy::upstream::{may_retry, PlainConnection, UpstreamClient};
+use crate::proxy::upstream::{may_retry, PlainConnection, FailedSend, UpstreamClient};
 use crate::proxy::ProxyError;
 
 /// The size of each read from the upstream.
@@ -72,7 +72,8 @@ pub(super) async fn round_trip(
                 return Ok(head);
             }
             Err(failure) => {
-                if !retried && may_retry(upstream.reused, failure.written, failure.answered, idempotent) {
+                let Failure { written, answered, .. } = failure;
+                if !retried && may_retry(FailedSend { reused: upstream.reused, written, answered, idempotent }) {
                     retried = true;
                     continue;
                 }

@@ -23,7 +23,7 @@ use crate::proxy::h1::framing::parse_length;
 use crate::proxy::lifecycle::{self, Attempt, Transport};
 use crate::proxy::replay::{BufferedBody, Replay, ReplayBody};
 use crate::proxy::upstream::slots::OwnedPlace;
-use crate::proxy::upstream::{may_retry, CallerWait, UpstreamBody, UpstreamError};
+use crate::proxy::upstream::{may_retry, CallerWait, FailedSend, UpstreamBody, UpstreamError};
 use crate::proxy::{
     Answer, Connection, ErrorContext, Proxy, ProxyBody, ProxyError, Retried, Route, Target, X_REQUEST_ID,
 };
@@ -189,14 +189,18 @@ impl Hyper<'_> {
             Err(Failure::Error(ProxyError::UpstreamTimeout(after))) if waiting.is_some_and(|w| w.waiting()) => {
                 Err(ProxyError::RequestTimeout(after))
             }
-            Err(Failure::Resend { reused, detail }) => match (&self.saved, may_retry(reused, true, false, true)) {
-                (Some(head), true) => {
-                    tracing::debug!(route = %route.name, "sending once more on a new connection: {detail}");
-                    let again = attempt.request(copy_head(head), UpstreamBody::empty())?;
-                    send(proxy, route, again, deadline, false).await.map_err(Failure::into_error)
+            // Written, and the connection closed with no byte back: hyper reports it for a bodiless idempotent request.
+            Err(Failure::Resend { reused, detail }) => {
+                let failed = FailedSend { reused, written: true, answered: false, idempotent: true };
+                match (&self.saved, may_retry(failed)) {
+                    (Some(head), true) => {
+                        tracing::debug!(route = %route.name, "sending once more on a new connection: {detail}");
+                        let again = attempt.request(copy_head(head), UpstreamBody::empty())?;
+                        send(proxy, route, again, deadline, false).await.map_err(Failure::into_error)
+                    }
+                    _ => Err(ProxyError::UpstreamUnreachable(detail)),
                 }
-                _ => Err(ProxyError::UpstreamUnreachable(detail)),
-            },
+            }
             Err(Failure::Unprocessed(detail)) => {
                 // Sent again with its head and its body: none, or the kept one (waited for within the request's
                 // deadline: hyper may still hold the first attempt's body for a moment).

@@ -190,12 +190,25 @@ pub struct PlainConnection {
     owner: u64,
 }
 
+/// What is known of a request that failed on an upstream connection without a response head.
+#[derive(Debug, Clone, Copy)]
+pub struct FailedSend {
+    /// The connection had served a round trip before (it came from the pool).
+    pub reused: bool,
+    /// The request was written, so the upstream may have acted on it.
+    pub written: bool,
+    /// Some bytes came back.
+    pub answered: bool,
+    /// The request's method is idempotent (RFC 9110 §9.2.2).
+    pub idempotent: bool,
+}
+
 /// Whether a request that failed on a connection may be sent once more on a new one: only when the connection was
 /// reused (a fresh one failing says the upstream is the problem) and the upstream cannot have acted on it: it was
 /// never written, or nothing at all came back and the method is idempotent (RFC 9110 §9.2.2). The one rule for every
 /// transport; hyper's client applies the first half itself (`retry_canceled_requests`).
-pub fn may_retry(reused: bool, written: bool, answered: bool, idempotent: bool) -> bool {
-    reused && (!written || (!answered && idempotent))
+pub fn may_retry(failed: FailedSend) -> bool {
+    failed.reused && (!failed.written || (!failed.answered && failed.idempotent))
 }
 
 /// Whether an h2 stream error says the upstream never processed the stream (RFC 9113 §8.7): a GOAWAY from the
@@ -567,10 +580,12 @@ mod tests {
 
     #[test]
     fn a_request_is_retried_only_where_the_upstream_cannot_have_acted_on_it() {
-        assert!(may_retry(true, false, false, false), "never written: any method");
-        assert!(may_retry(true, true, false, true), "written, nothing back, idempotent");
-        assert!(!may_retry(true, true, false, false), "a POST that may have been processed");
-        assert!(!may_retry(true, true, true, true), "an answer came back");
-        assert!(!may_retry(false, false, false, true), "a fresh connection failing: the upstream is the problem");
+        let reused = FailedSend { reused: true, written: true, answered: false, idempotent: true };
+        assert!(may_retry(FailedSend { written: false, idempotent: false, ..reused }), "never written: any method");
+        assert!(may_retry(reused), "written, nothing back, idempotent");
+        assert!(!may_retry(FailedSend { idempotent: false, ..reused }), "a POST that may have been processed");
+        assert!(!may_retry(FailedSend { answered: true, ..reused }), "an answer came back");
+        let fresh = FailedSend { reused: false, written: false, ..reused };
+        assert!(!may_retry(fresh), "a fresh connection failing: the upstream is the problem");
     }
 }
