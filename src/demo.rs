@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError};
-use crate::server::{serve, Handler, ListenerOptions};
+use crate::server::{run_listener, Handler, ListenerOptions};
 
 /// The demo's client id.
 pub const CLIENT_ID: &str = "demo-client";
@@ -62,8 +62,8 @@ pub async fn start_services() -> std::io::Result<DemoServices> {
     let upstream_url = format!("http://{}", upstream_listener.local_addr()?);
     let idp = Arc::new(DemoIdp { key: EncodingKey::from_secret(&key), issued: Arc::clone(&issued) });
     let upstream = Arc::new(DemoUpstream { key: DecodingKey::from_secret(&key) });
-    tokio::spawn(serve(idp_listener, idp, options.clone(), stopped.clone(), None));
-    tokio::spawn(serve(upstream_listener, upstream, options, stopped, None));
+    tokio::spawn(run_listener(idp_listener, idp, options.clone(), stopped.clone(), None));
+    tokio::spawn(run_listener(upstream_listener, upstream, options, stopped, None));
     Ok(DemoServices { token_url, upstream_url, issued, _stop: stop })
 }
 

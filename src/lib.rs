@@ -147,7 +147,7 @@ impl App {
     {
         let handler = Arc::new(ProxyHandler(Arc::clone(&self.proxy)));
         let (_never, shutdown) = watch::channel(false);
-        server::serve_plain(io, peer, handler, self.config.server.header_read_timeout, shutdown).await;
+        server::plain_connection(io, peer, handler, self.config.server.header_read_timeout, shutdown).await;
     }
 
     /// One summary line per route and provider: what this config will do.
@@ -467,8 +467,10 @@ impl BoundApp {
             ),
             ListenerHosts::new(admin_hosts, &app.metrics, "admin"),
         ));
-        let proxy_task = tokio::spawn(server::serve(proxy_listener, proxy, proxy_options, stop_rx.clone(), workers));
-        let admin_task = tokio::spawn(server::serve(admin_listener, admin, admin_options, stop_rx.clone(), None));
+        let proxy_task =
+            tokio::spawn(server::run_listener(proxy_listener, proxy, proxy_options, stop_rx.clone(), workers));
+        let admin_task =
+            tokio::spawn(server::run_listener(admin_listener, admin, admin_options, stop_rx.clone(), None));
         let vending_task = vending_listener.map(|listener| {
             let vending = |hosts| {
                 let api = vending::Vending::new(Arc::clone(&app.engine), Arc::clone(&app.metrics));
@@ -481,12 +483,17 @@ impl BoundApp {
                         |_| HostCheck::new(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)), allowed, []),
                         |addr| HostCheck::new(addr, allowed, []),
                     );
-                    tokio::spawn(server::serve(listener, vending(hosts), vending_options, stop_rx.clone(), None))
+                    tokio::spawn(server::run_listener(listener, vending(hosts), vending_options, stop_rx.clone(), None))
                 }
                 // A unix socket has no Host to rebind: its file mode decides who may ask.
                 VendingListener::Unix(listener, path) => {
-                    let serving =
-                        server::serve(listener, vending(HostCheck::off()), vending_options, stop_rx.clone(), None);
+                    let serving = server::run_listener(
+                        listener,
+                        vending(HostCheck::off()),
+                        vending_options,
+                        stop_rx.clone(),
+                        None,
+                    );
                     tokio::spawn(async move {
                         serving.await;
                         let _ = std::fs::remove_file(&path);

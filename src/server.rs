@@ -188,7 +188,7 @@ impl WorkerPool {
 
 /// Accepts connections on `listener` until `shutdown` turns true, then drains for at most `shutdown_grace`.
 /// Connections are served on `workers` when given, else on the calling runtime.
-pub async fn serve<L: Listen, H: Handler>(
+pub async fn run_listener<L: Listen, H: Handler>(
     listener: L,
     handler: Arc<H>,
     options: ListenerOptions,
@@ -231,7 +231,7 @@ pub async fn serve<L: Listen, H: Handler>(
             (Some(i), Some(locals)) => locals[i].clone(),
             _ => shutdown.clone(),
         };
-        let connection = serve_connection::<L, H>(
+        let connection = connection_task::<L, H>(
             stream,
             peer,
             Arc::clone(&handler),
@@ -326,7 +326,7 @@ fn hyper_builder(header_read_timeout: Option<Duration>) -> auto::Builder<TokioEx
 /// then hyper (HTTP/1.1 and h2c) for the rest of the connection. The listener adds TLS, the connection limit, the
 /// idle timeouts and graceful draining; this is for tests and embedders that bring their own connection (an
 /// in-memory one, say): `header_read_timeout` bounds each request head, and an idle wait as long.
-pub async fn serve_plain<H, I>(
+pub async fn plain_connection<H, I>(
     io: I,
     peer: SocketAddr,
     handler: Arc<H>,
@@ -342,13 +342,13 @@ pub async fn serve_plain<H, I>(
     if let Ended::Handoff { io, buffered } = handler.serve_h1(io, &state, shutdown, timeouts, &activity).await {
         let builder = hyper_builder(Some(header_read_timeout));
         let io = TokioIo::new(Vetted::new(Rewind::new(io, buffered)));
-        let _ = serve_io(&builder, io, handler, state, activity).await;
+        let _ = hyper_connection(&builder, io, handler, state, activity).await;
     }
 }
 
 /// Serves one connection to its end: TLS handshake if any, then HTTP/1.1 or h2, under the graceful watcher.
 #[allow(clippy::too_many_arguments)]
-async fn serve_connection<L: Listen, H: Handler>(
+async fn connection_task<L: Listen, H: Handler>(
     stream: L::Io,
     peer: SocketAddr,
     handler: Arc<H>,
@@ -381,14 +381,14 @@ async fn serve_connection<L: Listen, H: Handler>(
                 // served by the HTTP/1.1 transport should not carry hyper's.
                 let io = TokioIo::new(Vetted::new(Rewind::new(Watched::new(io, Arc::clone(&activity)), buffered)));
                 activity.set_hyper();
-                let connection = serve_io(&builder, io, handler, state, Arc::clone(&activity));
+                let connection = hyper_connection(&builder, io, handler, state, Arc::clone(&activity));
                 let hyper = Box::pin(drain(connection, watcher, shutdown, activity));
                 hyper.await;
             }
         }
         Some(acceptor) => {
             let tls = (&*builder, acceptor, timeouts, (watcher, shutdown));
-            let serving = Box::pin(serve_tls(stream, peer, handler, state, tls, activity));
+            let serving = Box::pin(tls_connection(stream, peer, handler, state, tls, activity));
             serving.await;
         }
     }
@@ -403,8 +403,8 @@ type TlsSettings<'a> = (
     (hyper_util::server::graceful::Watcher, watch::Receiver<bool>),
 );
 
-/// The TLS branch of [`serve_connection`]: the handshake, then h2 (by ALPN) or the HTTP/1.1 transport and hyper.
-async fn serve_tls<S, H>(
+/// The TLS branch of [`connection_task`]: the handshake, then h2 (by ALPN) or the HTTP/1.1 transport and hyper.
+async fn tls_connection<S, H>(
     stream: S,
     peer: SocketAddr,
     handler: Arc<H>,
@@ -434,7 +434,7 @@ async fn serve_tls<S, H>(
         activity.set_hyper();
         // (h2 by ALPN passes the vetting untouched: it judges HTTP/1.1 heads only.)
         let io = TokioIo::new(Vetted::new(Rewind::new(Watched::new(io, Arc::clone(&activity)), buffered)));
-        let connection = serve_io(builder, io, handler, state, Arc::clone(&activity));
+        let connection = hyper_connection(builder, io, handler, state, Arc::clone(&activity));
         drain(connection, watcher, shutdown, activity).await;
     }
 }
@@ -536,7 +536,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
     }
 }
 
-fn serve_io<'a, H, I>(
+fn hyper_connection<'a, H, I>(
     builder: &'a auto::Builder<TokioExecutor>,
     io: TokioIo<I>,
     handler: Arc<H>,

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::chunked::{ChunkedScanner, Scan};
 use super::{parse_response, Framing, ReplyTo, ResponseHead};
-use crate::proxy::upstream::{may_retry, PlainConnection, FailedSend, UpstreamClient};
+use crate::proxy::upstream::{may_retry, FailedSend, PlainConnection, UpstreamClient};
 use crate::proxy::ProxyError;
 
 /// The size of each read from the upstream.
