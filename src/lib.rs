@@ -1,7 +1,11 @@
 //! tokenproxy: a reverse proxy that attaches fresh OAuth2 access tokens to every request.
 //!
-//! Module map (dependencies point one way: `config` and `metrics` import nothing of ours, `token` knows nothing of
-//! `proxy`, `admin` never imports `proxy`, and only this file wires the parts together):
+//! Module map (dependencies point one way: `secret`, `private_file` and `metrics` import nothing of ours, `keys` only
+//! `secret`, `config` only those below it (tests/layers.rs), `token` knows nothing of `proxy`, `admin` never imports
+//! `proxy`, and only this file wires the parts together):
+//! - [`secret`]: secret values, where they come from (inline, a file, an environment variable) and how they are read;
+//! - [`keys`]: keys and certificates read from files (signing keys, Google key files, DPoP key pairs, thumbprints),
+//!   for the config (which checks them at load) and the token engine (which signs with them);
 //! - [`config`]: figment layers → validated, typed [`config::Config`], every error with its key and source;
 //! - [`metrics`]: the Prometheus registry and typed handles; the only place metric names are defined;
 //! - [`tls`]: rustls server and client configurations;
@@ -18,10 +22,12 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod host_check;
+pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod private_file;
 pub mod proxy;
+pub mod secret;
 pub mod server;
 pub mod tls;
 pub mod token;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use figment::value::Value;
 
+use crate::keys::{self, KeyError};
+
 use super::reader::{self, Leaf, Reader, Table};
 use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
 use super::{
@@ -146,9 +148,9 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
                     "missing; assertion_dialect = \"google\" needs the service account's JSON key file",
                 ),
                 None => {}
-                Some(leaf) => match crate::token::assertion::load_google(&leaf.value) {
+                Some(leaf) => match keys::load_google(&leaf.value) {
                     Ok((credentials, _)) => google = Some(credentials),
-                    Err(crate::token::assertion::AssertionError::Secret(SecretError::FileUnreadable { .. })) => {}
+                    Err(KeyError::Secret(SecretError::FileUnreadable { .. })) => {}
                     Err(error) => r.report_leaf(leaf, error.to_string()),
                 },
             },
@@ -223,7 +225,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     if let Some(leaf) = &assertion_certificate_file {
         if client_auth != ClientAuth::PrivateKeyJwt {
             r.report_leaf(leaf, "only used with client_auth = \"private_key_jwt\"; remove it");
-        } else if let Err(error) = crate::token::assertion::CertificateThumbprints::read(&leaf.value) {
+        } else if let Err(error) = keys::CertificateThumbprints::read(&leaf.value) {
             r.report_leaf(leaf, error);
         }
     }
@@ -241,7 +243,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         }
         if let Some(leaf) = &private_key_file {
             // The key is read now too, so `check` tells a wrong file before the first token call does.
-            match crate::token::assertion::load_key(&leaf.value) {
+            match keys::load_key(&leaf.value) {
                 Ok(key) => {
                     if let Some(algorithm) = &assertion_algorithm {
                         if let Err(error) = key.algorithm(Some(algorithm.value), &leaf.value) {
@@ -249,7 +251,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
                         }
                     }
                 }
-                Err(crate::token::assertion::AssertionError::Secret(SecretError::FileUnreadable { .. })) => {}
+                Err(KeyError::Secret(SecretError::FileUnreadable { .. })) => {}
                 Err(error) => r.report_leaf(leaf, error.to_string()),
             }
         }
@@ -380,7 +382,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
             r.report_leaf(leaf, "only used with dpop = true; set it, or remove this key");
         } else {
             // Read now too, so that `check` tells a wrong file before the first token call does.
-            if let Err(reason) = crate::token::dpop::DpopKey::load(&leaf.value) {
+            if let Err(reason) = keys::ProofKey::load(&leaf.value) {
                 r.report_leaf(leaf, format!("{}: {reason}", leaf.value.display()));
             }
         }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize, Serializer};
 
 /// What every secret prints as.
-pub(super) const REDACTED: &str = "[redacted]";
+pub(crate) const REDACTED: &str = "[redacted]";
 
 /// Secret files larger than this are refused: a secret is a few hundred bytes, a bigger file is a wrong path.
 const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
