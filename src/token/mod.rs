@@ -40,6 +40,7 @@ pub use store::StateStore;
 
 use crate::config::{Config, DuringRefresh, ProviderConfig, SecretSource, SubjectSource};
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 use crate::tls::TlsError;
 
 /// What the proxy needs of a provider's tokens.
@@ -303,7 +304,7 @@ impl TokenEngine {
             let eager = routed || sink.is_some();
             let scheduler =
                 RefreshScheduler::new(Arc::clone(&p.slot), Arc::clone(&p.fetcher), p.timing, eager).with_sink(sink);
-            let task = tokio::spawn(scheduler.run(p.stop.subscribe()));
+            let task = tokio::spawn(scheduler.run(Shutdown::new(p.stop.subscribe())));
             *p.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
     }
@@ -393,13 +394,13 @@ fn secret_file_fingerprints(provider: &ProviderConfig) -> Vec<String> {
 pub async fn watch_secret_files(
     engine: Arc<arc_swap::ArcSwap<TokenEngine>>,
     period: std::time::Duration,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = crate::stopped(&mut shutdown) => return,
+            () = shutdown.recv() => return,
             _ = ticks.tick() => {
                 let engine = engine.load_full();
                 // Reading a few small files: off the async threads.
