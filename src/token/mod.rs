@@ -1,6 +1,6 @@
 //! The token engine: one [`TokenSlot`] and one [`RefreshScheduler`] task per provider.
 //!
-//! - [`cache`]: slots, generations, the hot-path read and the single-flight rendezvous;
+//! - [`slot`]: the token ([`Token`]) and its slot: generations, the hot-path read and the single-flight rendezvous;
 //! - [`refresh`]: the per-provider task that makes every token call, its schedule and backoff;
 //! - [`grant`]: grant types and client authentication (what a token request carries);
 //! - [`idp`]: HTTP to the identity provider and lenient, safe response parsing.
@@ -9,7 +9,6 @@
 
 pub mod assertion;
 pub mod budget;
-pub mod cache;
 pub mod device;
 pub mod dpop;
 pub mod exchange;
@@ -20,6 +19,7 @@ pub mod response;
 pub mod session;
 pub mod shared;
 pub mod sink;
+pub mod slot;
 pub mod store;
 pub mod subject;
 
@@ -31,11 +31,11 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
-pub use cache::{RefreshLimits, SlotStatus, SubjectRefusal, Token, TokenSlot, TokenUnavailable};
 pub use grant::GrantFetcher;
 pub use idp::IdpClient;
 pub use refresh::{RefreshScheduler, Timing, TokenFetcher};
 pub use response::{AccessToken, TokenError, TokenResponse};
+pub use slot::{RefreshLimits, SlotStatus, SubjectRefusal, Token, TokenSlot, TokenUnavailable};
 pub use store::StateStore;
 
 use crate::config::{Config, DuringRefresh, ProviderConfig, SecretSource, SubjectSource};

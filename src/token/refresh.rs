@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime};
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::cache::{lock, Token, TokenSlot};
 use super::response::{TokenError, TokenResponse};
+use super::slot::{lock, Token, TokenSlot};
 use crate::metrics::RefreshReason;
 use crate::shutdown::Shutdown;
 
@@ -126,7 +126,7 @@ pub trait TokenFetcher: Send + Sync + 'static {
     /// that shares tokens between replicas may answer with a newer shared one instead of calling; others call.
     fn fetch_after(
         &self,
-        current: Option<Arc<super::cache::Token>>,
+        current: Option<Arc<super::slot::Token>>,
     ) -> futures_util::future::BoxFuture<'_, Result<TokenResponse, TokenError>> {
         drop(current);
         self.fetch()

@@ -22,9 +22,9 @@ use futures_util::future::BoxFuture;
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
-use super::cache::Token;
 use super::refresh::TokenFetcher;
 use super::response::{TokenError, TokenResponse};
+use super::slot::Token;
 use super::store::Record;
 use crate::config::{Grant, ProviderConfig, RedisServer, SharedStoreConfig};
 use crate::metrics::StoreMetrics;
