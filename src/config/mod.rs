@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::Serialize;
 use url::Url;
 
-pub use crate::keys::AssertionAlgorithm;
+pub use crate::keys::{AssertionAlgorithm, EncryptionKey};
 pub use crate::secret::{Secret, SecretError, SecretSource};
 
 /// The environment variable that names the config file for the CLI; it is not a config key.
@@ -196,7 +196,7 @@ pub struct SharedStoreConfig {
     /// Base64 32-byte keys, one per line: the first encrypts, all decrypt.
     pub encryption_key_file: PathBuf,
     /// The keys of `encryption_key_file` as read at load (never printed).
-    pub encryption_keys: Vec<[u8; 32]>,
+    pub encryption_keys: Vec<EncryptionKey>,
     /// The longest one Redis operation may take.
     pub timeout: Duration,
 }

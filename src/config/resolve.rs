@@ -273,7 +273,7 @@ fn shared_store(r: &mut Reader<'_>, t: &mut Table<'_>) -> Option<SharedStoreConf
         "missing; store = \"redis\" needs the keys that encrypt tokens at rest: a file of base64 32-byte keys, one \
          per line (make one with `head -c 32 /dev/urandom | base64`)",
     );
-    let keys = key_file.as_ref().and_then(|leaf| match encryption_keys(&leaf.value) {
+    let keys = key_file.as_ref().and_then(|leaf| match crate::keys::read_encryption_keys(&leaf.value) {
         Ok(keys) => Some(keys),
         Err(message) => {
             r.report_leaf(leaf, message);
@@ -360,30 +360,6 @@ fn key_prefix(value: &Value) -> Result<String, String> {
     } else {
         Err("use letters, digits, `_`, `-`, `.` and `:` only".into())
     }
-}
-
-/// The keys of an `encryption_key_file`: base64 32-byte keys, one per line (blank lines and `#` comments skipped).
-fn encryption_keys(path: &std::path::Path) -> Result<Vec<[u8; 32]>, String> {
-    use base64::Engine as _;
-    let text = super::SecretSource::File(path.to_path_buf()).read().map_err(|e| e.to_string())?;
-    let mut keys = Vec::new();
-    for (n, line) in text.expose().lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(line)
-            .map_err(|_| format!("{}: line {} is not base64", path.display(), n + 1))?;
-        let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
-            format!("{}: line {} holds {} bytes; a key is 32 (AES-256)", path.display(), n + 1, b.len())
-        })?;
-        keys.push(key);
-    }
-    if keys.is_empty() {
-        return Err(format!("{}: no key (base64 32-byte keys, one per line)", path.display()));
-    }
-    Ok(keys)
 }
 
 /// What a URL is for: the rules differ a little.

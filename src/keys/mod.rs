@@ -1,6 +1,6 @@
 //! Keys and certificates read from files: the PEM private keys that sign client and grant assertions (RSA, EC
-//! P-256/P-384, Ed25519), Google service-account key files, DPoP key pairs, and the thumbprints that name a public key
-//! (RFC 7638) or a certificate (`x5t`, `x5t#S256`).
+//! P-256/P-384, Ed25519), Google service-account key files, DPoP key pairs, the shared store's encryption keys, and
+//! the thumbprints that name a public key (RFC 7638) or a certificate (`x5t`, `x5t#S256`).
 //!
 //! Both the configuration (which reads every key at load, so `check` tells a wrong file before the first token call
 //! does) and the token engine (which signs with them) use this module, so it sits below both: it imports nothing of
@@ -8,6 +8,7 @@
 //! names the file and what is wrong with it, never its content.
 
 mod certificate;
+mod encryption;
 mod proof;
 mod signing;
 
@@ -15,6 +16,7 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 pub use certificate::{certificate_thumbprint, CertificateThumbprints};
+pub use encryption::{read_encryption_keys, EncryptionKey};
 pub use proof::ProofKey;
 pub use signing::{load_google, load_key, AssertionAlgorithm, GoogleCredentials, KeyError, KeyKind, SigningKey};
 

@@ -386,7 +386,7 @@ fn secret_file_fingerprints(provider: &ProviderConfig) -> Vec<String> {
         .into_iter()
         .flatten()
         .filter(|source| matches!(source, SecretSource::File(_)))
-        .map(|source| source.read().map_or_else(|_| "-".to_owned(), |secret| store::sha256_hex(&secret)))
+        .map(|source| source.read().map_or_else(|_| "-".to_owned(), |secret| store::sha256_hex(secret.expose())))
         .collect()
 }
 

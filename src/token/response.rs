@@ -10,14 +10,14 @@ use http::header::{CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use super::store::StoreError;
-use crate::config::{Secret, SecretError};
+use crate::config::SecretError;
 
-/// An access token: a secret from the moment it is parsed (oauth2-rs's `new_secret_type!` is the model). Its bytes
-/// are private, `Debug` and `Display` print `[redacted]`, and it is a sensitive header value from construction (hyper
-/// keeps sensitive values out of HTTP/2's compression tables). The token is read only through
-/// [`AccessToken::expose`], so every place that puts it on the wire says so.
-#[derive(Clone)]
-pub struct AccessToken(HeaderValue);
+crate::secret::secret_type! {
+    /// An access token: a secret from the moment it is parsed (declared as every secret is, [`crate::secret`]). It
+    /// is a sensitive header value from construction (hyper keeps sensitive values out of HTTP/2's compression
+    /// tables), read only through [`AccessToken::expose`], so every place that puts it on the wire says so.
+    pub struct AccessToken(HeaderValue);
+}
 
 impl AccessToken {
     /// A token, marked sensitive.
@@ -25,22 +25,25 @@ impl AccessToken {
         value.set_sensitive(true);
         AccessToken(value)
     }
+}
 
-    /// The token itself, to send where it belongs (and nowhere else).
-    pub fn expose(&self) -> &HeaderValue {
-        &self.0
+crate::secret::secret_type! {
+    /// A refresh token: the IdP's (rotated ones), the state store's, or the configured seed's once read.
+    #[derive(PartialEq, Eq)]
+    pub struct RefreshToken(String) exposed as str;
+}
+
+impl RefreshToken {
+    /// Wraps a refresh token.
+    pub fn new(value: impl Into<String>) -> RefreshToken {
+        RefreshToken(value.into())
     }
 }
 
-impl std::fmt::Debug for AccessToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AccessToken([redacted])")
-    }
-}
-
-impl std::fmt::Display for AccessToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
+impl<'de> serde::Deserialize<'de> for RefreshToken {
+    /// Reads a refresh token from stored state (the state store's records).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <String as serde::Deserialize>::deserialize(deserializer).map(RefreshToken)
     }
 }
 
@@ -53,7 +56,7 @@ pub struct TokenResponse {
     /// The scopes granted, when the IdP says.
     pub scope: Option<String>,
     /// A new refresh token (rotation), when the IdP issued one.
-    pub refresh_token: Option<Secret>,
+    pub refresh_token: Option<RefreshToken>,
     /// The refresh token's own lifetime: `refresh_expires_in` (Keycloak) or `refresh_token_expires_in` (GitHub,
     /// Snowflake).
     pub refresh_token_lifetime: Option<Duration>,
@@ -338,7 +341,8 @@ pub fn parse_response(
         (None, None) => default_lifetime,
     };
     let scope = fields.get("scope").and_then(|s| s.as_str()).map(|s| sanitize(s, 1000));
-    let refresh_token = fields.get("refresh_token").and_then(|t| t.as_str()).filter(|t| !t.is_empty()).map(Secret::new);
+    let refresh_token =
+        fields.get("refresh_token").and_then(|t| t.as_str()).filter(|t| !t.is_empty()).map(RefreshToken::new);
     // Keycloak: refresh_expires_in (0 = offline token, no expiry); GitHub, Snowflake: refresh_token_expires_in.
     let refresh_token_lifetime =
         match fields.get("refresh_expires_in").or_else(|| fields.get("refresh_token_expires_in")) {
@@ -443,6 +447,15 @@ mod tests {
         assert_eq!(token.expose(), "eyJ.secret-token");
         let response = TokenResponse::new(HeaderValue::from_static("eyJ.secret-token"), Duration::from_secs(60));
         assert!(!format!("{response:?}").contains("secret-token"));
+    }
+
+    #[test]
+    fn a_refresh_token_never_shows_itself_and_reads_back_from_stored_state() {
+        let token = RefreshToken::new("rt-secret");
+        assert_eq!(format!("{token:?} {token}"), "RefreshToken([redacted]) [redacted]");
+        assert_eq!(token.expose(), "rt-secret");
+        let stored: RefreshToken = serde_json::from_str("\"rt-secret\"").unwrap();
+        assert_eq!(stored, token);
     }
 
     const DEFAULT: Duration = Duration::from_secs(300);

@@ -147,7 +147,7 @@ impl SharedStore {
     /// then (Redis, its password file, the Sentinels) is a store that does not answer, with what that implies (a
     /// session is never redeemed without it).
     pub fn new(config: &SharedStoreConfig, metrics: StoreMetrics) -> SharedStore {
-        let keys = config.encryption_keys.iter().map(|key| Aes256Gcm::new(key.into())).collect();
+        let keys = config.encryption_keys.iter().map(|key| Aes256Gcm::new(key.expose().into())).collect();
         SharedStore {
             config: config.clone(),
             connection: tokio::sync::Mutex::new(None),
@@ -361,7 +361,7 @@ impl SharedStore {
             false => SharedSession::Live(Record {
                 version: 1,
                 provider: String::new(),
-                refresh_token: crate::config::Secret::new(state.refresh_token),
+                refresh_token: super::response::RefreshToken::new(state.refresh_token),
                 seed_sha256: state.seed_sha256,
                 stored_at: state.stored_at,
                 refresh_token_expires_at: state.refresh_token_expires_at,
