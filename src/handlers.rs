@@ -2,6 +2,7 @@
 //! and vending listeners. They adapt the proxy, the admin API and the vending API to the server's trait; the admin
 //! and vending listeners check `Host` first (the proxy's check is a phase of the proxy).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -52,27 +53,28 @@ impl Handler for ProxyHandler {
     }
 }
 
-/// The vending listener's handler: the vending API behind its `Host` check.
-pub(crate) struct VendingHandler(pub(crate) Vending, pub(crate) ListenerHosts);
+/// What the admin and vending listeners serve: an API that answers every request with a small body.
+pub(crate) trait Api: Send + Sync + 'static {
+    /// The answer to `request`.
+    fn handle(&self, request: Request<Incoming>) -> impl Future<Output = Response<Full<bytes::Bytes>>> + Send;
+}
 
-impl Handler for VendingHandler {
-    type Body = Full<bytes::Bytes>;
-    type Connection = ();
-
-    fn connection(&self, _peer: SocketAddr, _tls: bool) {}
-
-    async fn call(self: &Arc<Self>, request: Request<Incoming>, _connection: &Arc<()>) -> Response<Self::Body> {
-        match self.1.refuse(&request) {
-            Some(refusal) => refusal,
-            None => self.0.handle(request).await,
-        }
+impl Api for Admin {
+    fn handle(&self, request: Request<Incoming>) -> impl Future<Output = Response<Full<bytes::Bytes>>> + Send {
+        Admin::handle(self, request)
     }
 }
 
-/// The admin listener's handler: the admin API behind its `Host` check.
-pub(crate) struct AdminHandler(pub(crate) Admin, pub(crate) ListenerHosts);
+impl Api for Vending {
+    fn handle(&self, request: Request<Incoming>) -> impl Future<Output = Response<Full<bytes::Bytes>>> + Send {
+        Vending::handle(self, request)
+    }
+}
 
-impl Handler for AdminHandler {
+/// The admin or vending listener's handler: its API behind the listener's `Host` check.
+pub(crate) struct HostChecked<A>(pub(crate) A, pub(crate) ListenerHosts);
+
+impl<A: Api> Handler for HostChecked<A> {
     type Body = Full<bytes::Bytes>;
     type Connection = ();
 

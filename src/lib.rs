@@ -53,7 +53,7 @@ use crate::activity::Timeouts;
 use crate::admin::{Admin, Reload};
 use crate::config::Config;
 use crate::config::VendingListen;
-use crate::handlers::{AdminHandler, ListenerHosts, ProxyHandler, VendingHandler};
+use crate::handlers::{HostChecked, ListenerHosts, ProxyHandler};
 use crate::host_check::HostCheck;
 use crate::metrics::Metrics;
 use crate::proxy::route::{Route, RouteTable};
@@ -474,7 +474,7 @@ impl BoundApp {
             ListenerOptions { metrics: Some(app.metrics.listener("vending")), ..admin_options.clone() };
         let proxy = Arc::new(ProxyHandler(Arc::clone(&app.proxy)));
         let admin_hosts = HostCheck::new(app.config.admin.listen, app.config.admin.allowed_hosts.as_deref(), []);
-        let admin = Arc::new(AdminHandler(
+        let admin = Arc::new(HostChecked(
             Admin::new(
                 Arc::clone(&app.engine),
                 Arc::clone(&app.metrics),
@@ -487,7 +487,7 @@ impl BoundApp {
         let vending_task = vending_listener.map(|listener| {
             let vending = |hosts| {
                 let api = vending::Vending::new(Arc::clone(&app.engine), Arc::clone(&app.metrics));
-                Arc::new(VendingHandler(api, ListenerHosts::new(hosts, &app.metrics, "vending")))
+                Arc::new(HostChecked(api, ListenerHosts::new(hosts, &app.metrics, "vending")))
             };
             match listener {
                 VendingListener::Tcp(listener) => {
