@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use super::grant::{build_request, GrantFetcher, Profile};
-use super::response::RefreshToken;
 use super::response::TokenError;
+use super::secrets::RefreshToken;
 
 /// What the user must do to approve the login.
 #[derive(Debug, Clone)]

@@ -16,6 +16,7 @@ pub mod grant;
 pub mod idp;
 pub mod refresh;
 pub mod response;
+pub mod secrets;
 pub mod session;
 pub mod shared;
 pub mod sink;
@@ -34,7 +35,8 @@ use tokio::sync::watch;
 pub use grant::GrantFetcher;
 pub use idp::IdpClient;
 pub use refresh::{RefreshScheduler, Timing, TokenFetcher};
-pub use response::{AccessToken, TokenError, TokenResponse};
+pub use response::{TokenError, TokenResponse};
+pub use secrets::{AccessToken, RefreshToken};
 pub use slot::{RefreshLimits, SlotStatus, SubjectRefusal, Token, TokenSlot, TokenUnavailable};
 pub use store::StateStore;
 

@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime};
 
 use super::grant::{build_request, Profile};
 use super::idp::IdpClient;
-use super::response::{RefreshToken, TokenError, TokenResponse};
+use super::response::{TokenError, TokenResponse};
+use super::secrets::RefreshToken;
 use super::shared::{SharedSession, SharedStore, StoreError as SharedError, StoreHealth};
 use super::store::{sha256_hex, unix, Record, StateStore};
 use crate::config::{ProviderConfig, SecretSource};

@@ -361,7 +361,7 @@ impl SharedStore {
             false => SharedSession::Live(Record {
                 version: 1,
                 provider: String::new(),
-                refresh_token: super::response::RefreshToken::new(state.refresh_token),
+                refresh_token: super::secrets::RefreshToken::new(state.refresh_token),
                 seed_sha256: state.seed_sha256,
                 stored_at: state.stored_at,
                 refresh_token_expires_at: state.refresh_token_expires_at,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use sha2::{Digest, Sha256};
 
-use super::response::RefreshToken;
+use super::secrets::RefreshToken;
 
 /// Why the state store could not be read or written.
 #[derive(Debug, thiserror::Error)]
