@@ -14,6 +14,7 @@ mod resolve;
 mod routes;
 #[cfg(test)]
 mod tests;
+mod values;
 mod warnings;
 
 use std::collections::BTreeMap;

@@ -9,7 +9,7 @@ use figment::value::Value;
 use crate::keys::{self, KeyError};
 
 use super::reader::{self, Leaf, Reader, Table};
-use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
+use super::values::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
 use super::{
     AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, ExchangeConfig, ExchangeDialect,
     Grant, ProviderConfig, Secret, SecretError, SecretSource, SinkFormat, SubjectSource,
