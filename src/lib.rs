@@ -62,8 +62,8 @@ use crate::server::ListenerOptions;
 use crate::shutdown::Shutdown;
 use crate::token::TokenEngine;
 
+// Until proxy/upstream names `crate::error_chain::error_chain`, and server's listeners take a `Shutdown`.
 pub(crate) use crate::error_chain::error_chain;
-/// `Shutdown::recv` for the tasks that still take a bare `watch::Receiver<bool>` (the listeners of `server`).
 pub(crate) use crate::shutdown::stopped;
 
 /// Why tokenproxy could not start (exit code 1).
