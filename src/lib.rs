@@ -1,7 +1,11 @@
 //! tokenproxy: a reverse proxy that attaches fresh OAuth2 access tokens to every request.
 //!
-//! Module map (dependencies point one way: `config` and `metrics` import nothing of ours, `token` knows nothing of
-//! `proxy`, `admin` never imports `proxy`, and only this file wires the parts together):
+//! Module map (dependencies point one way: `secret`, `private_file` and `metrics` import nothing of ours, `keys` only
+//! `secret`, `config` only those below it (tests/layers.rs), `token` knows nothing of `proxy`, `admin` never imports
+//! `proxy`, and only this file wires the parts together):
+//! - [`secret`]: secret values, where they come from (inline, a file, an environment variable) and how they are read;
+//! - [`keys`]: keys and certificates read from files (signing keys, Google key files, DPoP key pairs, thumbprints),
+//!   for the config (which checks them at load) and the token engine (which signs with them);
 //! - [`config`]: figment layers → validated, typed [`config::Config`], every error with its key and source;
 //! - [`metrics`]: the Prometheus registry and typed handles; the only place metric names are defined;
 //! - [`tls`]: rustls server and client configurations;
@@ -11,18 +15,25 @@
 //!   requests and hyper for the rest, over one upstream client with a bounded per-worker pool;
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/tokens`;
 //! - [`server`]: listeners, connection limits, graceful shutdown;
+//! - `handlers`: what each listener serves (the proxy; the admin and vending APIs behind their `Host` checks);
+//! - [`shutdown`]: the signal every long-running task listens for; `error_chain`: an error and its causes on one line;
 //! - [`demo`]: the in-process demo IdP and upstream behind `tokenproxy demo`.
 
 pub mod activity;
 pub mod admin;
 pub mod config;
 pub mod demo;
+mod error_chain;
+mod handlers;
 pub mod host_check;
+pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod private_file;
 pub mod proxy;
+pub mod secret;
 pub mod server;
+pub mod shutdown;
 pub mod tls;
 pub mod token;
 pub mod vending;
@@ -34,23 +45,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::{Request, Response};
-use http_body_util::Full;
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::activity::{Activity, Timeouts};
+use crate::activity::Timeouts;
 use crate::admin::{Admin, Reload};
 use crate::config::Config;
 use crate::config::VendingListen;
+use crate::handlers::{HostChecked, ListenerHosts, ProxyHandler};
 use crate::host_check::HostCheck;
 use crate::metrics::Metrics;
 use crate::proxy::route::{Route, RouteTable};
-use crate::proxy::{Connection, Proxy, ProxyBody, ProxyOptions, UpstreamClient};
-use crate::server::{Ended, Handler, ListenerOptions};
+use crate::proxy::{Proxy, ProxyOptions, UpstreamClient};
+use crate::server::ListenerOptions;
+use crate::shutdown::Shutdown;
 use crate::token::TokenEngine;
+
+// Until proxy/upstream names `crate::error_chain::error_chain`, and server's listeners take a `Shutdown`.
+pub(crate) use crate::error_chain::error_chain;
+pub(crate) use crate::shutdown::stopped;
 
 /// Why tokenproxy could not start (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -428,6 +442,7 @@ impl BoundApp {
         let RunOptions { workers, reload_on_sighup } = options;
         let BoundApp { app, proxy_listener, admin_listener, vending_listener, tls } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let stop = Shutdown::new(stop_rx.clone());
         app.engine.load().spawn();
         let reloader = Arc::new(AppReloader {
             path: app.config_path.clone(),
@@ -459,7 +474,7 @@ impl BoundApp {
             ListenerOptions { metrics: Some(app.metrics.listener("vending")), ..admin_options.clone() };
         let proxy = Arc::new(ProxyHandler(Arc::clone(&app.proxy)));
         let admin_hosts = HostCheck::new(app.config.admin.listen, app.config.admin.allowed_hosts.as_deref(), []);
-        let admin = Arc::new(AdminHandler(
+        let admin = Arc::new(HostChecked(
             Admin::new(
                 Arc::clone(&app.engine),
                 Arc::clone(&app.metrics),
@@ -474,7 +489,7 @@ impl BoundApp {
         let vending_task = vending_listener.map(|listener| {
             let vending = |hosts| {
                 let api = vending::Vending::new(Arc::clone(&app.engine), Arc::clone(&app.metrics));
-                Arc::new(VendingHandler(api, ListenerHosts::new(hosts, &app.metrics, "vending")))
+                Arc::new(HostChecked(api, ListenerHosts::new(hosts, &app.metrics, "vending")))
             };
             match listener {
                 VendingListener::Tcp(listener) => {
@@ -501,10 +516,10 @@ impl BoundApp {
                 }
             }
         });
-        tokio::spawn(token::watch_secret_files(Arc::clone(&app.engine), SECRET_FILE_CHECK, stop_rx.clone()));
-        tokio::spawn(return_memory_when_idle(Arc::clone(&app.metrics), stop_rx.clone()));
+        tokio::spawn(token::watch_secret_files(Arc::clone(&app.engine), SECRET_FILE_CHECK, stop.clone()));
+        tokio::spawn(return_memory_when_idle(Arc::clone(&app.metrics), stop.clone()));
         if reload_on_sighup {
-            tokio::spawn(reload_on_hangup(Arc::clone(&reloader), stop_rx.clone()));
+            tokio::spawn(reload_on_hangup(Arc::clone(&reloader), stop));
         }
         shutdown.await;
         tracing::info!("shutting down: draining in-flight requests");
@@ -532,12 +547,12 @@ pub struct RunOptions {
 /// glibc's malloc keeps freed memory in its arenas: after 10,000 connections closed, a proxy idling at 20 MB stayed
 /// at 340 MB (tests/cold_start.rs). `malloc_trim` returns it; it runs only when idle, so it never adds latency under
 /// load. (musl's allocator, in the static image, returns memory by itself.)
-async fn return_memory_when_idle(metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+async fn return_memory_when_idle(metrics: Arc<Metrics>, mut shutdown: Shutdown) {
     let mut ticks = tokio::time::interval(Duration::from_secs(10));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = stopped(&mut shutdown) => return,
+            () = shutdown.recv() => return,
             _ = ticks.tick() => {
                 if metrics.inflight() == 0 {
                     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -550,7 +565,7 @@ async fn return_memory_when_idle(metrics: Arc<Metrics>, mut shutdown: watch::Rec
 }
 
 /// Reloads on every SIGHUP until shutdown.
-async fn reload_on_hangup(reloader: Arc<AppReloader>, mut shutdown: watch::Receiver<bool>) {
+async fn reload_on_hangup(reloader: Arc<AppReloader>, mut shutdown: Shutdown) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -560,7 +575,7 @@ async fn reload_on_hangup(reloader: Arc<AppReloader>, mut shutdown: watch::Recei
         };
         loop {
             tokio::select! {
-                () = stopped(&mut shutdown) => return,
+                () = shutdown.recv() => return,
                 Some(()) = hangups.recv() => {
                     let reloader = Arc::clone(&reloader);
                     let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
@@ -572,111 +587,4 @@ async fn reload_on_hangup(reloader: Arc<AppReloader>, mut shutdown: watch::Recei
     {
         let _ = (reloader, shutdown);
     }
-}
-
-struct ProxyHandler(Arc<ArcSwap<Proxy>>);
-
-impl Handler for ProxyHandler {
-    type Body = ProxyBody;
-    type Connection = Connection;
-
-    fn connection(&self, peer: SocketAddr, tls: bool) -> Connection {
-        Connection::new(peer, tls)
-    }
-
-    async fn call(self: &Arc<Self>, request: Request<Incoming>, connection: &Arc<Connection>) -> Response<ProxyBody> {
-        // The routes as they are when the request arrives; a reload does not change them under it.
-        let proxy = self.0.load_full();
-        proxy.handle(request, connection).await
-    }
-
-    async fn serve_h1<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-        self: &Arc<Self>,
-        io: I,
-        connection: &Arc<Connection>,
-        shutdown: watch::Receiver<bool>,
-        timeouts: Timeouts,
-        activity: &Activity,
-    ) -> Ended<I> {
-        if !self.0.load().direct_http1() {
-            return Ended::Handoff { io, buffered: bytes::Bytes::new() };
-        }
-        proxy::h1::connection::drive(&self.0, connection, io, shutdown, timeouts, activity).await
-    }
-}
-
-struct VendingHandler(vending::Vending, ListenerHosts);
-
-impl Handler for VendingHandler {
-    type Body = Full<bytes::Bytes>;
-    type Connection = ();
-
-    fn connection(&self, _peer: SocketAddr, _tls: bool) {}
-
-    async fn call(self: &Arc<Self>, request: Request<Incoming>, _connection: &Arc<()>) -> Response<Self::Body> {
-        match self.1.refuse(&request) {
-            Some(refusal) => refusal,
-            None => self.0.handle(request).await,
-        }
-    }
-}
-
-struct AdminHandler(Admin, ListenerHosts);
-
-impl Handler for AdminHandler {
-    type Body = Full<bytes::Bytes>;
-    type Connection = ();
-
-    fn connection(&self, _peer: SocketAddr, _tls: bool) {}
-
-    async fn call(self: &Arc<Self>, request: Request<Incoming>, _connection: &Arc<()>) -> Response<Self::Body> {
-        match self.1.refuse(&request) {
-            Some(refusal) => refusal,
-            None => self.0.handle(request).await,
-        }
-    }
-}
-
-/// The `Host` check of the admin or vending listener (the proxy's is a phase of the proxy: `Proxy::admit`).
-struct ListenerHosts {
-    check: HostCheck,
-    refused: prometheus::IntCounter,
-    /// The config section of the listener (`admin`, `vending`).
-    section: &'static str,
-}
-
-impl ListenerHosts {
-    fn new(check: HostCheck, metrics: &Metrics, section: &'static str) -> ListenerHosts {
-        ListenerHosts { check, refused: metrics.misdirected(section), section }
-    }
-
-    /// The 421 problem+json answer to a request whose `Host` this listener does not answer (counted), if it does not.
-    fn refuse<B>(&self, request: &Request<B>) -> Option<Response<Full<bytes::Bytes>>> {
-        let host = host_check::requested_host(request.version(), request.uri(), request.headers());
-        if self.check.admits(host) {
-            return None;
-        }
-        self.refused.inc();
-        let error = proxy::ProxyError::Misdirected(proxy::misdirected_detail(self.section));
-        let (parts, body) = error.into_parts(&proxy::ErrorContext::default());
-        Some(Response::from_parts(parts, Full::new(body)))
-    }
-}
-
-/// An error and its chain of causes on one line (hyper's errors say little without their sources).
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// Completes once `shutdown` holds `true` (or its sender is gone).
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is dropped within this statement, so callers' futures stay `Send`.
-    let _ = shutdown.wait_for(|stop| *stop).await.is_ok();
 }

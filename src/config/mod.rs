@@ -2,8 +2,9 @@
 //! layers), read into a typed [`Config`] with URLs, [`Duration`]s, byte counts and secret newtypes. The merged
 //! tree is walked key by key, so every problem is reported at once, each with its dotted key and the file or
 //! environment variable it came from, and an unknown key (a typo) is an error rather than a silent no-op.
-//! Secrets are never part of an error message or of the printed configuration. This module imports nothing
-//! else of tokenproxy.
+//! Secrets are never part of an error message or of the printed configuration. This module imports only the
+//! modules below it: [`crate::secret`] (secret values and their sources), [`crate::keys`] (keys and certificates
+//! are read at load, so `check` tells a wrong file) and [`crate::private_file`] (is a directory safe).
 
 mod layers;
 mod providers;
@@ -11,9 +12,9 @@ mod reader;
 mod redact;
 mod resolve;
 mod routes;
-mod secret;
 #[cfg(test)]
 mod tests;
+mod values;
 mod warnings;
 
 use std::collections::BTreeMap;
@@ -25,7 +26,8 @@ use std::time::Duration;
 use serde::Serialize;
 use url::Url;
 
-pub use secret::{Secret, SecretError, SecretSource};
+pub use crate::keys::{AssertionAlgorithm, EncryptionKey};
+pub use crate::secret::{Secret, SecretError, SecretSource};
 
 /// The environment variable that names the config file for the CLI; it is not a config key.
 pub const CONFIG_FILE_VARIABLE: &str = "TOKENPROXY_CONFIG";
@@ -195,7 +197,7 @@ pub struct SharedStoreConfig {
     /// Base64 32-byte keys, one per line: the first encrypts, all decrypt.
     pub encryption_key_file: PathBuf,
     /// The keys of `encryption_key_file` as read at load (never printed).
-    pub encryption_keys: Vec<[u8; 32]>,
+    pub encryption_keys: Vec<EncryptionKey>,
     /// The longest one Redis operation may take.
     pub timeout: Duration,
 }
@@ -342,45 +344,6 @@ pub struct AssertionClaims {
     /// More claims, as strings.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub extra: BTreeMap<String, String>,
-}
-
-/// `providers.NAME.assertion_algorithm`: the JWS algorithm of a `private_key_jwt` assertion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum AssertionAlgorithm {
-    /// RSASSA-PKCS1-v1_5 with SHA-256.
-    RS256,
-    /// RSASSA-PSS with SHA-256.
-    PS256,
-    /// ECDSA on P-256 with SHA-256.
-    ES256,
-    /// ECDSA on P-384 with SHA-384.
-    ES384,
-    /// Ed25519.
-    EdDSA,
-}
-
-impl AssertionAlgorithm {
-    /// The config spelling (the JWS `alg`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AssertionAlgorithm::RS256 => "RS256",
-            AssertionAlgorithm::PS256 => "PS256",
-            AssertionAlgorithm::ES256 => "ES256",
-            AssertionAlgorithm::ES384 => "ES384",
-            AssertionAlgorithm::EdDSA => "EdDSA",
-        }
-    }
-
-    /// The `jsonwebtoken` algorithm.
-    pub fn algorithm(self) -> jsonwebtoken::Algorithm {
-        match self {
-            AssertionAlgorithm::RS256 => jsonwebtoken::Algorithm::RS256,
-            AssertionAlgorithm::PS256 => jsonwebtoken::Algorithm::PS256,
-            AssertionAlgorithm::ES256 => jsonwebtoken::Algorithm::ES256,
-            AssertionAlgorithm::ES384 => jsonwebtoken::Algorithm::ES384,
-            AssertionAlgorithm::EdDSA => jsonwebtoken::Algorithm::EdDSA,
-        }
-    }
 }
 
 /// `[providers.NAME]`: one token profile.

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use figment::value::Value;
 
+use crate::keys::{self, KeyError};
+
 use super::reader::{self, Leaf, Reader, Table};
-use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
+use super::values::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
 use super::{
     AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, ExchangeConfig, ExchangeDialect,
     Grant, ProviderConfig, Secret, SecretError, SecretSource, SinkFormat, SubjectSource,
@@ -105,10 +107,86 @@ pub(super) fn providers(r: &mut Reader<'_>, root: &mut Table<'_>) -> (BTreeMap<S
     (providers, names)
 }
 
-/// Reads one provider; `None` when it has problems (already reported).
+/// Reads one provider; `None` when it has problems (already reported). Each part reads its keys in turn, in the order
+/// the problems are reported.
 fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<ProviderConfig> {
     let before = r.problem_count();
+    let endpoints = endpoints(r, t);
+    let grant = value_or(r.get(t, "grant", reader::choice(GRANTS)), Grant::ClientCredentials);
+    let exchange = exchange(r, t, grant);
+    let jwt = jwt_bearer(r, t, grant);
+    let client_id = client_id(r, t, &jwt);
+    let client_auth = client_auth(r, t, &jwt);
+    let client_secret = client_secret(r, t, client_auth);
+    let assertion = client_assertion(r, t, client_auth, jwt.dialect);
+    let owner = resource_owner(r, t, grant, jwt.dialect);
+    let request = token_request(r, t, jwt.dialect);
+    let timing = timing(r, t, grant);
+    let tls = tls_files(r, t, client_auth);
+    let holding = holding(r, t, grant, client_auth, exchange.as_ref());
 
+    if r.problem_count() > before {
+        return None;
+    }
+    Some(ProviderConfig {
+        name: name.to_owned(),
+        profile_of: None,
+        exchange,
+        vend: holding.vend,
+        dpop: holding.dpop,
+        dpop_key_file: holding.dpop_key_file,
+        sink_file: holding.sink_file,
+        sink_format: holding.sink_format,
+        token_url: endpoints
+            .token_url
+            .or_else(|| jwt.google.as_ref().and_then(|credentials| url::Url::parse(&credentials.token_uri).ok())),
+        issuer: endpoints.issuer,
+        device_authorization_endpoint: endpoints.device_authorization_endpoint,
+        revocation_endpoint: endpoints.revocation_endpoint,
+        grant,
+        refresh_token: owner.refresh_token,
+        username: owner.username,
+        password: owner.password,
+        client_id: client_id?,
+        client_secret,
+        client_auth,
+        scope: request.scope,
+        audience: request.audience,
+        resource: request.resource,
+        extra_params: request.extra_params,
+        refresh_at: timing.refresh_at,
+        expiry_skew: timing.expiry_skew,
+        min_refresh_interval: timing.min_refresh_interval,
+        default_lifetime: timing.default_lifetime,
+        timeout: timing.timeout,
+        max_token_calls: timing.max_token_calls,
+        unauthorized_refresh_interval: timing.unauthorized_refresh_interval,
+        manual_refresh_interval: timing.manual_refresh_interval,
+        during_refresh: timing.during_refresh,
+        ca_file: tls.ca_file,
+        client_cert_file: tls.client_cert_file,
+        client_key_file: tls.client_key_file,
+        private_key_file: assertion.private_key_file,
+        assertion_dialect: jwt.dialect_value,
+        google_credentials_file: jwt.google_credentials_file,
+        assertion_claims: jwt.claims,
+        assertion_audience: assertion.audience,
+        assertion_algorithm: assertion.algorithm,
+        assertion_key_id: assertion.key_id,
+        assertion_certificate_file: assertion.certificate_file,
+        client_assertion: assertion.client_assertion,
+    })
+}
+
+/// Where the IdP is: its token endpoint (or the issuer to discover it from), and the optional endpoints.
+struct Endpoints {
+    token_url: Option<url::Url>,
+    issuer: Option<url::Url>,
+    device_authorization_endpoint: Option<url::Url>,
+    revocation_endpoint: Option<url::Url>,
+}
+
+fn endpoints(r: &mut Reader<'_>, t: &mut Table<'_>) -> Endpoints {
     let token_url = r.get(t, "token_url", |v| http_url(v, UrlUse::TokenEndpoint));
     let issuer = r.get(t, "issuer", |v| http_url(v, UrlUse::TokenEndpoint));
     // A Google service-account key file names its token endpoint.
@@ -123,14 +201,30 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     let device_authorization_endpoint =
         r.get(t, "device_authorization_endpoint", |v| http_url(v, UrlUse::TokenEndpoint));
     let revocation_endpoint = r.get(t, "revocation_endpoint", |v| http_url(v, UrlUse::TokenEndpoint));
+    Endpoints {
+        token_url: token_url.map(|leaf| leaf.value),
+        issuer: issuer.map(|leaf| leaf.value),
+        device_authorization_endpoint: device_authorization_endpoint.map(|leaf| leaf.value),
+        revocation_endpoint: revocation_endpoint.map(|leaf| leaf.value),
+    }
+}
 
-    let grant = value_or(r.get(t, "grant", reader::choice(GRANTS)), Grant::ClientCredentials);
-    let exchange = exchange(r, t, grant);
+/// `grant = "jwt_bearer"` (RFC 7523 §2.1): the assertion is the grant, in one of three dialects.
+struct JwtBearer {
+    google_credentials_file: Option<PathBuf>,
+    /// `assertion_dialect` as set, or as the keys imply (Google's with a Google key file).
+    dialect_value: AssertionDialect,
+    /// The dialect when the grant is `jwt_bearer`, else `None`.
+    dialect: Option<AssertionDialect>,
+    claims: AssertionClaims,
+    /// The Google key file, read (dialect `google`).
+    google: Option<keys::GoogleCredentials>,
+}
 
-    // grant = "jwt_bearer" (RFC 7523 §2.1): the assertion is the grant, in one of three dialects.
+fn jwt_bearer(r: &mut Reader<'_>, t: &mut Table<'_>, grant: Grant) -> JwtBearer {
     let google_credentials_file = r.file(t, "google_credentials_file");
     let dialect = r.get(t, "assertion_dialect", reader::choice(ASSERTION_DIALECTS));
-    let assertion_claims = assertion_claims(r, t);
+    let claims = assertion_claims(r, t);
     let dialect_value = match (&dialect, t.has("google_credentials_file")) {
         (Some(leaf), _) => leaf.value,
         (None, true) => AssertionDialect::Google,
@@ -146,9 +240,9 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
                     "missing; assertion_dialect = \"google\" needs the service account's JSON key file",
                 ),
                 None => {}
-                Some(leaf) => match crate::token::assertion::load_google(&leaf.value) {
+                Some(leaf) => match keys::load_google(&leaf.value) {
                     Ok((credentials, _)) => google = Some(credentials),
-                    Err(crate::token::assertion::AssertionError::Secret(SecretError::FileUnreadable { .. })) => {}
+                    Err(KeyError::Secret(SecretError::FileUnreadable { .. })) => {}
                     Err(error) => r.report_leaf(leaf, error.to_string()),
                 },
             },
@@ -165,32 +259,42 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
             }
         }
     }
-    let jwt_dialect = (grant == Grant::JwtBearer).then_some(dialect_value);
+    JwtBearer {
+        google_credentials_file: google_credentials_file.map(|leaf| leaf.value),
+        dialect_value,
+        dialect: (grant == Grant::JwtBearer).then_some(dialect_value),
+        claims,
+        google,
+    }
+}
 
-    let client_id = match &google {
-        // A service account's id is its e-mail address, from its key file.
-        Some(credentials) if !t.has("client_id") => {
-            Some(Leaf { value: credentials.client_email.clone(), path: t.path.key("client_id"), tag: t.tag })
-        }
-        _ if jwt_dialect == Some(AssertionDialect::Google) && !t.has("client_id") => {
-            Some(Leaf { value: String::new(), path: t.path.key("client_id"), tag: t.tag })
-        }
-        _ => r.require(t, "client_id", "missing; set the OAuth2 client identifier", reader::non_empty_string),
-    };
+/// `client_id`; a Google service account's is its e-mail address, from its key file.
+fn client_id(r: &mut Reader<'_>, t: &mut Table<'_>, jwt: &JwtBearer) -> Option<String> {
+    match &jwt.google {
+        Some(credentials) if !t.has("client_id") => Some(credentials.client_email.clone()),
+        _ if jwt.dialect == Some(AssertionDialect::Google) && !t.has("client_id") => Some(String::new()),
+        _ => r
+            .require(t, "client_id", "missing; set the OAuth2 client identifier", reader::non_empty_string)
+            .map(|leaf| leaf.value),
+    }
+}
 
+/// `client_auth`: how the client authenticates (Google's and Salesforce's flows with the assertion alone).
+fn client_auth(r: &mut Reader<'_>, t: &mut Table<'_>, jwt: &JwtBearer) -> ClientAuth {
     let client_auth = r.get(t, "client_auth", reader::choice(CLIENT_AUTHS));
-    // Google's and Salesforce's flows authenticate with the assertion alone.
-    let assertion_only = matches!(jwt_dialect, Some(AssertionDialect::Google | AssertionDialect::Salesforce));
+    let assertion_only = matches!(jwt.dialect, Some(AssertionDialect::Google | AssertionDialect::Salesforce));
     if let Some(leaf) = client_auth.as_ref().filter(|leaf| assertion_only && leaf.value != ClientAuth::None) {
         let message = format!(
             "assertion_dialect = \"{}\" authenticates with the assertion alone; remove client_auth",
-            dialect_value.as_str()
+            jwt.dialect_value.as_str()
         );
         r.report_leaf(leaf, message);
     }
-    let client_auth =
-        value_or(client_auth, if assertion_only { ClientAuth::None } else { ClientAuth::ClientSecretBasic });
+    value_or(client_auth, if assertion_only { ClientAuth::None } else { ClientAuth::ClientSecretBasic })
+}
 
+/// `client_secret` (`_file`, `_env`): needed by the `client_secret_*` methods, refused by the others.
+fn client_secret(r: &mut Reader<'_>, t: &mut Table<'_>, client_auth: ClientAuth) -> Option<SecretSource> {
     let client_secret = secret(r, t, "client_secret");
     let secret_given = ["client_secret", "client_secret_file", "client_secret_env"].iter().any(|key| t.has(key));
     match (client_auth, &client_secret) {
@@ -213,8 +317,25 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         }
         _ => {}
     }
+    client_secret.map(|leaf| leaf.value)
+}
 
-    // Client assertions (RFC 7523 §2.2): a key that signs them, or a file the platform writes them to.
+/// Client assertions (RFC 7523 §2.2): a key that signs them, or a file the platform writes them to.
+struct ClientAssertion {
+    private_key_file: Option<PathBuf>,
+    audience: Option<String>,
+    algorithm: Option<AssertionAlgorithm>,
+    key_id: Option<String>,
+    certificate_file: Option<PathBuf>,
+    client_assertion: Option<SecretSource>,
+}
+
+fn client_assertion(
+    r: &mut Reader<'_>,
+    t: &mut Table<'_>,
+    client_auth: ClientAuth,
+    jwt_dialect: Option<AssertionDialect>,
+) -> ClientAssertion {
     let private_key_file = r.file(t, "private_key_file");
     let assertion_audience = r.get(t, "assertion_audience", reader::non_empty_string);
     let assertion_algorithm = r.get(t, "assertion_algorithm", reader::choice(ASSERTION_ALGORITHMS));
@@ -223,7 +344,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     if let Some(leaf) = &assertion_certificate_file {
         if client_auth != ClientAuth::PrivateKeyJwt {
             r.report_leaf(leaf, "only used with client_auth = \"private_key_jwt\"; remove it");
-        } else if let Err(error) = crate::token::assertion::CertificateThumbprints::read(&leaf.value) {
+        } else if let Err(error) = keys::CertificateThumbprints::read(&leaf.value) {
             r.report_leaf(leaf, error);
         }
     }
@@ -241,7 +362,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         }
         if let Some(leaf) = &private_key_file {
             // The key is read now too, so `check` tells a wrong file before the first token call does.
-            match crate::token::assertion::load_key(&leaf.value) {
+            match keys::load_key(&leaf.value) {
                 Ok(key) => {
                     if let Some(algorithm) = &assertion_algorithm {
                         if let Err(error) = key.algorithm(Some(algorithm.value), &leaf.value) {
@@ -249,7 +370,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
                         }
                     }
                 }
-                Err(crate::token::assertion::AssertionError::Secret(SecretError::FileUnreadable { .. })) => {}
+                Err(KeyError::Secret(SecretError::FileUnreadable { .. })) => {}
                 Err(error) => r.report_leaf(leaf, error.to_string()),
             }
         }
@@ -282,7 +403,30 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         (ClientAuth::ClientAssertion, _) | (_, None) => {}
         (_, Some(leaf)) => r.report_leaf(leaf, "only used with client_auth = \"client_assertion\"; remove it"),
     }
+    ClientAssertion {
+        private_key_file: private_key_file.map(|leaf| leaf.value),
+        audience: assertion_audience.map(|leaf| leaf.value),
+        algorithm: assertion_algorithm.map(|leaf| leaf.value),
+        key_id: assertion_key_id.map(|leaf| leaf.value),
+        certificate_file: assertion_certificate_file.map(|leaf| leaf.value),
+        client_assertion: client_assertion.map(|leaf| leaf.value),
+    }
+}
 
+/// The resource owner's credentials: a refresh token seed (`grant = "refresh_token"`), or a username and password
+/// (`grant = "password"`; Salesforce's JWT bearer flow names its user too).
+struct ResourceOwner {
+    refresh_token: Option<SecretSource>,
+    username: Option<String>,
+    password: Option<SecretSource>,
+}
+
+fn resource_owner(
+    r: &mut Reader<'_>,
+    t: &mut Table<'_>,
+    grant: Grant,
+    jwt_dialect: Option<AssertionDialect>,
+) -> ResourceOwner {
     // The first refresh token (a seed); rotated ones live in the state store. Optional: `tokenproxy login` can
     // put one in the store instead.
     let refresh_token = secret(r, t, "refresh_token");
@@ -322,7 +466,22 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
             r.report_leaf(leaf, "only used with grant = \"password\"; remove it");
         }
     }
+    ResourceOwner {
+        refresh_token: refresh_token.map(|leaf| leaf.value),
+        username: username.map(|leaf| leaf.value),
+        password: password.map(|leaf| leaf.value),
+    }
+}
 
+/// What the token request asks for: `scope`, `audience`, `resource` and `extra_params`.
+struct TokenRequestParams {
+    scope: Option<String>,
+    audience: Option<String>,
+    resource: Option<String>,
+    extra_params: BTreeMap<String, String>,
+}
+
+fn token_request(r: &mut Reader<'_>, t: &mut Table<'_>, jwt_dialect: Option<AssertionDialect>) -> TokenRequestParams {
     let scope = r.get(t, "scope", reader::non_empty_string);
     if let Some(leaf) = scope.as_ref().filter(|_| jwt_dialect == Some(AssertionDialect::Salesforce)) {
         r.report_leaf(
@@ -333,6 +492,28 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     let audience = r.get(t, "audience", reader::non_empty_string);
     let resource = r.get(t, "resource", reader::non_empty_string);
     let extra_params = extra_params(r, t, "provider");
+    TokenRequestParams {
+        scope: scope.map(|leaf| leaf.value),
+        audience: audience.map(|leaf| leaf.value),
+        resource: resource.map(|leaf| leaf.value),
+        extra_params,
+    }
+}
+
+/// When tokens are fetched and how many calls may be made: the refresh schedule, timeouts and the call budget.
+struct ProviderTiming {
+    refresh_at: f64,
+    expiry_skew: Duration,
+    min_refresh_interval: Duration,
+    default_lifetime: Duration,
+    timeout: Duration,
+    max_token_calls: Option<(u64, Duration, String)>,
+    unauthorized_refresh_interval: Duration,
+    manual_refresh_interval: Duration,
+    during_refresh: DuringRefresh,
+}
+
+fn timing(r: &mut Reader<'_>, t: &mut Table<'_>, grant: Grant) -> ProviderTiming {
     let refresh_at = r.get(t, "refresh_at", fraction);
     let expiry_skew = r.get(t, "expiry_skew", reader::positive_duration);
     let min_refresh_interval = r.get(t, "min_refresh_interval", reader::duration);
@@ -342,6 +523,37 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     let unauthorized_refresh_interval = r.get(t, "unauthorized_refresh_interval", reader::duration);
     let manual_refresh_interval = r.get(t, "manual_refresh_interval", reader::duration);
     let during_refresh = r.get(t, "during_refresh", reader::choice(DURING_REFRESH));
+    ProviderTiming {
+        refresh_at: value_or(refresh_at, provider_defaults::REFRESH_AT),
+        expiry_skew: value_or(expiry_skew, provider_defaults::EXPIRY_SKEW),
+        min_refresh_interval: value_or(min_refresh_interval, provider_defaults::MIN_REFRESH_INTERVAL),
+        default_lifetime: value_or(default_lifetime, provider_defaults::DEFAULT_LIFETIME),
+        timeout: value_or(timeout, provider_defaults::TIMEOUT),
+        max_token_calls: max_token_calls.map(|leaf| leaf.value),
+        unauthorized_refresh_interval: value_or(
+            unauthorized_refresh_interval,
+            provider_defaults::UNAUTHORIZED_REFRESH_INTERVAL,
+        ),
+        manual_refresh_interval: value_or(manual_refresh_interval, provider_defaults::MANUAL_REFRESH_INTERVAL),
+        // Grants whose refresh rotates a refresh token may revoke the old access token with it.
+        during_refresh: value_or(
+            during_refresh,
+            match grant {
+                Grant::RefreshToken | Grant::Password => DuringRefresh::Wait,
+                _ => DuringRefresh::UseCurrent,
+            },
+        ),
+    }
+}
+
+/// TLS to the IdP: the CA to trust, and the client certificate (`tls_client_auth` needs one).
+struct TlsFiles {
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
+}
+
+fn tls_files(r: &mut Reader<'_>, t: &mut Table<'_>, client_auth: ClientAuth) -> TlsFiles {
     let ca_file = r.file(t, "ca_file");
     let client_cert_file = r.file(t, "client_cert_file");
     let client_key_file = r.file(t, "client_key_file");
@@ -358,7 +570,30 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         }
         _ => {}
     }
+    TlsFiles {
+        ca_file: ca_file.map(|leaf| leaf.value),
+        client_cert_file: client_cert_file.map(|leaf| leaf.value),
+        client_key_file: client_key_file.map(|leaf| leaf.value),
+    }
+}
 
+/// Who may hold the token: handed out (`vend`, docs/vending.md), or bound to a key only tokenproxy holds (DPoP,
+/// docs/dpop.md). The two exclude each other.
+struct Holding {
+    vend: bool,
+    sink_file: Option<PathBuf>,
+    sink_format: SinkFormat,
+    dpop: bool,
+    dpop_key_file: Option<PathBuf>,
+}
+
+fn holding(
+    r: &mut Reader<'_>,
+    t: &mut Table<'_>,
+    grant: Grant,
+    client_auth: ClientAuth,
+    exchange: Option<&ExchangeConfig>,
+) -> Holding {
     // Handing the raw token out (docs/vending.md).
     let vend_leaf = r.get(t, "vend", reader::boolean);
     let vend = vend_leaf.as_ref().is_some_and(|leaf| leaf.value);
@@ -371,7 +606,30 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
     } else if let Some(leaf) = &sink_format {
         r.report_leaf(leaf, "only used with sink_file; remove it");
     }
-    // DPoP (docs/dpop.md): sender-constrained tokens, bound to a key only tokenproxy holds.
+    let (dpop, dpop_key_file) = dpop(r, t, grant, vend);
+    if let Some(leaf) = vend_leaf.as_ref().filter(|leaf| leaf.value) {
+        if matches!(client_auth, ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth) {
+            r.report_leaf(
+                leaf,
+                "the tokens of a provider that authenticates with a client certificate may be bound to it (RFC 8705): \
+                 they would not work in other hands, so they cannot be vended",
+            );
+        }
+        if exchange.is_some_and(|e| e.subject == SubjectSource::Request) {
+            r.report_leaf(leaf, "this provider exchanges each caller's token: it has no token of its own to vend");
+        }
+    }
+    Holding {
+        vend,
+        sink_file: sink_file.map(|leaf| leaf.value),
+        sink_format: value_or(sink_format, SinkFormat::Raw),
+        dpop,
+        dpop_key_file,
+    }
+}
+
+/// DPoP (docs/dpop.md): sender-constrained tokens, bound to a key only tokenproxy holds; `dpop_key_file` is read now.
+fn dpop(r: &mut Reader<'_>, t: &mut Table<'_>, grant: Grant, vend: bool) -> (bool, Option<PathBuf>) {
     let dpop_leaf = r.get(t, "dpop", reader::boolean);
     let dpop = dpop_leaf.as_ref().is_some_and(|leaf| leaf.value);
     let dpop_key_file = r.file(t, "dpop_key_file");
@@ -380,7 +638,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
             r.report_leaf(leaf, "only used with dpop = true; set it, or remove this key");
         } else {
             // Read now too, so that `check` tells a wrong file before the first token call does.
-            if let Err(reason) = crate::token::dpop::DpopKey::load(&leaf.value) {
+            if let Err(reason) = keys::ProofKey::load(&leaf.value) {
                 r.report_leaf(leaf, format!("{}: {reason}", leaf.value.display()));
             }
         }
@@ -401,82 +659,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
             );
         }
     }
-    if let Some(leaf) = vend_leaf.as_ref().filter(|leaf| leaf.value) {
-        if matches!(client_auth, ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth) {
-            r.report_leaf(
-                leaf,
-                "the tokens of a provider that authenticates with a client certificate may be bound to it (RFC 8705): \
-                 they would not work in other hands, so they cannot be vended",
-            );
-        }
-        if exchange.as_ref().is_some_and(|e| e.subject == SubjectSource::Request) {
-            r.report_leaf(leaf, "this provider exchanges each caller's token: it has no token of its own to vend");
-        }
-    }
-    let sink_file = sink_file.map(|leaf| leaf.value);
-    let sink_format = value_or(sink_format, SinkFormat::Raw);
-
-    if r.problem_count() > before {
-        return None;
-    }
-    Some(ProviderConfig {
-        name: name.to_owned(),
-        profile_of: None,
-        exchange,
-        vend,
-        dpop,
-        dpop_key_file: dpop_key_file.map(|leaf| leaf.value),
-        sink_file,
-        sink_format,
-        token_url: token_url
-            .map(|leaf| leaf.value)
-            .or_else(|| google.as_ref().and_then(|credentials| url::Url::parse(&credentials.token_uri).ok())),
-        issuer: issuer.map(|leaf| leaf.value),
-        device_authorization_endpoint: device_authorization_endpoint.map(|leaf| leaf.value),
-        revocation_endpoint: revocation_endpoint.map(|leaf| leaf.value),
-        grant,
-        refresh_token: refresh_token.map(|leaf| leaf.value),
-        username: username.map(|leaf| leaf.value),
-        password: password.map(|leaf| leaf.value),
-        client_id: client_id?.value,
-        client_secret: client_secret.map(|leaf| leaf.value),
-        client_auth,
-        scope: scope.map(|leaf| leaf.value),
-        audience: audience.map(|leaf| leaf.value),
-        resource: resource.map(|leaf| leaf.value),
-        extra_params,
-        refresh_at: value_or(refresh_at, provider_defaults::REFRESH_AT),
-        expiry_skew: value_or(expiry_skew, provider_defaults::EXPIRY_SKEW),
-        min_refresh_interval: value_or(min_refresh_interval, provider_defaults::MIN_REFRESH_INTERVAL),
-        default_lifetime: value_or(default_lifetime, provider_defaults::DEFAULT_LIFETIME),
-        timeout: value_or(timeout, provider_defaults::TIMEOUT),
-        max_token_calls: max_token_calls.map(|leaf| leaf.value),
-        unauthorized_refresh_interval: value_or(
-            unauthorized_refresh_interval,
-            provider_defaults::UNAUTHORIZED_REFRESH_INTERVAL,
-        ),
-        manual_refresh_interval: value_or(manual_refresh_interval, provider_defaults::MANUAL_REFRESH_INTERVAL),
-        // Grants whose refresh rotates a refresh token may revoke the old access token with it.
-        during_refresh: value_or(
-            during_refresh,
-            match grant {
-                Grant::RefreshToken | Grant::Password => DuringRefresh::Wait,
-                _ => DuringRefresh::UseCurrent,
-            },
-        ),
-        ca_file: ca_file.map(|leaf| leaf.value),
-        client_cert_file: client_cert_file.map(|leaf| leaf.value),
-        client_key_file: client_key_file.map(|leaf| leaf.value),
-        private_key_file: private_key_file.map(|leaf| leaf.value),
-        assertion_dialect: dialect_value,
-        google_credentials_file: google_credentials_file.map(|leaf| leaf.value),
-        assertion_claims,
-        assertion_audience: assertion_audience.map(|leaf| leaf.value),
-        assertion_algorithm: assertion_algorithm.map(|leaf| leaf.value),
-        assertion_key_id: assertion_key_id.map(|leaf| leaf.value),
-        assertion_certificate_file: assertion_certificate_file.map(|leaf| leaf.value),
-        client_assertion: client_assertion.map(|leaf| leaf.value),
-    })
+    (dpop, dpop_key_file.map(|leaf| leaf.value))
 }
 
 /// Reads the secret `key` from one of `key`, `key_file` or `key_env`, and checks it can be read now.

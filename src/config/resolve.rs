@@ -1,5 +1,5 @@
 //! Turns the merged tree into a typed [`Config`], section by section, applying the SPEC defaults for absent keys;
-//! providers and routes have files of their own. Also the converters both of those use.
+//! providers and routes have files of their own.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,6 +9,7 @@ use figment::{Figment, Profile, Provider};
 use url::Url;
 
 use super::reader::{self, KeyPath, Leaf, Reader, Table};
+use super::values::{server_url, value_or};
 use super::{providers, routes};
 use super::{
     AdminConfig, Config, ConfigError, LogConfig, LogFormat, Problem, RedisServer, ServerConfig, ServerTls,
@@ -17,9 +18,6 @@ use super::{
 
 /// Values of `log.format`.
 const LOG_FORMATS: &[(&str, LogFormat)] = &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)];
-
-/// What names of providers and routes may contain.
-pub(super) const NAME_RULE: &str = "names may only contain letters, digits, `_`, `.` and `-`";
 
 /// Reads and checks the whole configuration; every problem found is returned at once. `offline`: secrets and files
 /// that cannot be had here are warnings (in [`Config::unavailable`]), not problems.
@@ -61,11 +59,6 @@ pub(super) fn config(figment: &Figment, root_source: &str, offline: bool) -> Res
         return Err(ConfigError::Invalid(problems));
     }
     Ok(Config { server, admin, log, state, vending, providers, routes, unavailable })
-}
-
-/// The value of a leaf, or `default` when it is absent or invalid (invalid ones are already reported).
-pub(super) fn value_or<T>(leaf: Option<Leaf<T>>, default: T) -> T {
-    leaf.map_or(default, |leaf| leaf.value)
 }
 
 /// `[server]`.
@@ -273,7 +266,7 @@ fn shared_store(r: &mut Reader<'_>, t: &mut Table<'_>) -> Option<SharedStoreConf
         "missing; store = \"redis\" needs the keys that encrypt tokens at rest: a file of base64 32-byte keys, one \
          per line (make one with `head -c 32 /dev/urandom | base64`)",
     );
-    let keys = key_file.as_ref().and_then(|leaf| match encryption_keys(&leaf.value) {
+    let keys = key_file.as_ref().and_then(|leaf| match crate::keys::read_encryption_keys(&leaf.value) {
         Ok(keys) => Some(keys),
         Err(message) => {
             r.report_leaf(leaf, message);
@@ -360,71 +353,4 @@ fn key_prefix(value: &Value) -> Result<String, String> {
     } else {
         Err("use letters, digits, `_`, `-`, `.` and `:` only".into())
     }
-}
-
-/// The keys of an `encryption_key_file`: base64 32-byte keys, one per line (blank lines and `#` comments skipped).
-fn encryption_keys(path: &std::path::Path) -> Result<Vec<[u8; 32]>, String> {
-    use base64::Engine as _;
-    let text = super::SecretSource::File(path.to_path_buf()).read().map_err(|e| e.to_string())?;
-    let mut keys = Vec::new();
-    for (n, line) in text.expose().lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(line)
-            .map_err(|_| format!("{}: line {} is not base64", path.display(), n + 1))?;
-        let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
-            format!("{}: line {} holds {} bytes; a key is 32 (AES-256)", path.display(), n + 1, b.len())
-        })?;
-        keys.push(key);
-    }
-    if keys.is_empty() {
-        return Err(format!("{}: no key (base64 32-byte keys, one per line)", path.display()));
-    }
-    Ok(keys)
-}
-
-/// What a URL is for: the rules differ a little.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum UrlUse {
-    /// An IdP's token endpoint.
-    TokenEndpoint,
-    /// A route's upstream.
-    Upstream,
-}
-
-/// An absolute http(s) URL with a host, without credentials or fragment (and for upstreams, without a query).
-pub(super) fn http_url(value: &Value, purpose: UrlUse) -> Result<Url, String> {
-    let url = server_url(value, (["http", "https"], "an http:// or https:// URL"), "secrets have keys of their own")?;
-    if url.fragment().is_some() {
-        return Err("must not have a #fragment".to_owned());
-    }
-    if purpose == UrlUse::Upstream && url.query().is_some() {
-        return Err("must not have a ?query; each request's own query is forwarded".to_owned());
-    }
-    Ok(url)
-}
-
-/// An absolute URL of one of `schemes` (which `expected` names), with a host and without credentials (`instead`: where
-/// they go). The URL is not echoed: it may carry credentials.
-fn server_url(value: &Value, (schemes, expected): ([&str; 2], &str), instead: &str) -> Result<Url, String> {
-    let text = reader::string(value)?;
-    let url = Url::parse(text.trim()).map_err(|e| e.to_string())?;
-    if !schemes.contains(&url.scheme()) {
-        return Err(format!("must be {expected} (found scheme `{}`)", url.scheme()));
-    }
-    if url.host().is_none() {
-        return Err("must name a host".to_owned());
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!("must not contain credentials (user:password@); {instead}"));
-    }
-    Ok(url)
-}
-
-/// Provider and route names: `[A-Za-z0-9_.-]+`.
-pub(super) fn is_valid_name(name: &str) -> bool {
-    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }

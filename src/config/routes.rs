@@ -8,7 +8,7 @@ use figment::value::{Tag, Value};
 use http::HeaderName;
 
 use super::reader::{self, KeyPath, Leaf, Reader, Table};
-use super::resolve::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
+use super::values::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
 use super::{
     AssertionDialect, EncodedSlashes, Grant, IncomingAuthorization, Inject, PathParameters, ProviderConfig,
     RouteConfig, RouteProfile, SubjectSource, UpstreamProtocol, UpstreamTlsConfig,

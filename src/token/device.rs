@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::grant::{build_request, GrantFetcher, Profile};
 use super::response::TokenError;
-use crate::config::Secret;
+use super::secrets::RefreshToken;
 
 /// What the user must do to approve the login.
 #[derive(Debug, Clone)]
@@ -158,7 +158,7 @@ pub async fn logout(fetcher: &GrantFetcher) -> Result<Logout, LoginError> {
     Err(LoginError::Token(TokenError::Connect("the shared session kept changing during the logout: try again".into())))
 }
 
-async fn revoke(fetcher: &GrantFetcher, endpoint: &url::Url, token: &Secret) -> Result<(), LoginError> {
+async fn revoke(fetcher: &GrantFetcher, endpoint: &url::Url, token: &RefreshToken) -> Result<(), LoginError> {
     let idp = fetcher.idp();
     let params = [("token", token.expose()), ("token_type_hint", "refresh_token")];
     let request = build_request(idp.provider(), &params, Profile::Bare).map_err(TokenError::from)?;

@@ -8,8 +8,8 @@
 //! token's SHA-256. Servers may demand a nonce of their own in proofs (`DPoP-Nonce`); the last one each origin gave
 //! is kept and put in the next proof to it.
 //!
-//! The key crates read the PEM and give the public half; ring signs (the header is encoded once per key), not
-//! `jsonwebtoken`, which parses the key again at every signature: a proof is made per request.
+//! The key pair itself (reading, signing) is [`crate::keys::ProofKey`]; this module makes the proofs and keeps the
+//! nonces.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,6 +20,8 @@ use base64::Engine as _;
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
+use crate::keys::ProofKey;
+
 /// The request header a proof goes in.
 pub static DPOP: http::HeaderName = http::HeaderName::from_static("dpop");
 /// The response header a server's nonce comes in.
@@ -28,36 +30,16 @@ pub static DPOP_NONCE: http::HeaderName = http::HeaderName::from_static("dpop-no
 /// The longest nonce kept: a server's nonce is opaque, but not a place for a megabyte.
 const MAX_NONCE: usize = 1024;
 
-/// A key as the key crates read it (PEM, the public half for the JWK), before ring takes it for signing.
-enum Key {
-    P256(p256::ecdsa::SigningKey),
-    P384(p384::ecdsa::SigningKey),
-    Ed25519(ed25519_dalek::SigningKey),
-}
-
-/// The signing half, in ring: a proof is made for every request, and ring's ES256 signature costs a fraction of the
-/// pure-Rust crate's (docs/dpop.md, "Cost").
-enum Signer {
-    Ecdsa(ring::signature::EcdsaKeyPair),
-    Ed25519(ring::signature::Ed25519KeyPair),
-}
-
 /// A DPoP key: it signs proofs, and keeps the nonces servers asked for. Its `Debug` shows only the thumbprint.
 pub struct DpopKey {
-    signer: Signer,
-    rng: ring::rand::SystemRandom,
-    alg: &'static str,
-    /// The proof header, base64url-encoded once: `typ`, `alg` and the public `jwk`.
-    header: String,
-    /// The RFC 7638 thumbprint of the public key (`cnf.jkt` of the tokens bound to it).
-    thumbprint: String,
+    key: ProofKey,
     /// The last nonce each origin (`scheme://authority`) asked for.
     nonces: Mutex<HashMap<String, Arc<str>>>,
 }
 
 impl std::fmt::Debug for DpopKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DpopKey").field("alg", &self.algorithm()).field("jkt", &self.thumbprint).finish()
+        f.debug_struct("DpopKey").field("alg", &self.algorithm()).field("jkt", &self.thumbprint()).finish()
     }
 }
 
@@ -86,106 +68,28 @@ pub fn token_hash(token: &[u8]) -> String {
 impl DpopKey {
     /// A new P-256 key (ES256), made from the operating system's randomness.
     pub fn generate() -> DpopKey {
-        loop {
-            let bytes: [u8; 32] = rand::random();
-            // Nearly every 32-byte string is a valid scalar; the loop only guards against the others.
-            if let Ok(key) = p256::ecdsa::SigningKey::from_bytes(&bytes.into()) {
-                if let Ok(key) = DpopKey::new(Key::P256(key)) {
-                    return key;
-                }
-            }
-        }
+        DpopKey::with_key(ProofKey::generate())
     }
 
     /// Reads a PEM private key (PKCS#8 `PRIVATE KEY`, or SEC1 `EC PRIVATE KEY`): EC P-256, P-384 or Ed25519. The
     /// error says what is wrong, never the key.
     pub fn load(path: &Path) -> Result<DpopKey, String> {
-        let text = crate::config::SecretSource::File(path.to_path_buf()).read().map_err(|e| e.to_string())?;
-        Self::parse(text.expose())
+        ProofKey::load(path).map(DpopKey::with_key)
     }
 
-    fn parse(text: &str) -> Result<DpopKey, String> {
-        use ed25519_dalek::pkcs8::DecodePrivateKey as _;
-        let label = text
-            .lines()
-            .find_map(|line| line.trim().strip_prefix("-----BEGIN ")?.strip_suffix("-----").map(str::to_owned))
-            .ok_or("no PEM block found (expected -----BEGIN PRIVATE KEY-----)")?;
-        let key = match label.as_str() {
-            "PRIVATE KEY" => {
-                if let Ok(key) = p256::SecretKey::from_pkcs8_pem(text) {
-                    Key::P256(key.into())
-                } else if let Ok(key) = p384::SecretKey::from_pkcs8_pem(text) {
-                    Key::P384(key.into())
-                } else if let Ok(key) = ed25519_dalek::SigningKey::from_pkcs8_pem(text) {
-                    Key::Ed25519(key)
-                } else {
-                    return Err("not an EC P-256, P-384 or Ed25519 key (DPoP keys are one of these; RSA keys make \
-                                proofs too large to send with every request)"
-                        .into());
-                }
-            }
-            "EC PRIVATE KEY" => {
-                if let Ok(key) = p256::SecretKey::from_sec1_pem(text) {
-                    Key::P256(key.into())
-                } else if let Ok(key) = p384::SecretKey::from_sec1_pem(text) {
-                    Key::P384(key.into())
-                } else {
-                    return Err("an EC key on a curve other than P-256 and P-384".into());
-                }
-            }
-            "RSA PRIVATE KEY" => return Err("an RSA key: DPoP keys here are EC P-256, P-384 or Ed25519".into()),
-            other => return Err(format!("a `{other}` PEM block, not a private key")),
-        };
-        DpopKey::new(key)
-    }
-
-    fn new(key: Key) -> Result<DpopKey, String> {
-        use ring::signature::{
-            EcdsaKeyPair, Ed25519KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING,
-        };
-        let rng = ring::rand::SystemRandom::new();
-        let refused = |e: ring::error::KeyRejected| format!("the key is refused by the signer: {e}");
-        let ecdsa = |signing: &'static ring::signature::EcdsaSigningAlgorithm, private: &[u8], public: &[u8]| {
-            EcdsaKeyPair::from_private_key_and_public_key(signing, private, public, &rng).map(Signer::Ecdsa)
-        };
-        let (alg, jwk, thumbprint, signer) = match &key {
-            Key::P256(key) => {
-                let point = key.verifying_key().to_encoded_point(false);
-                let signer =
-                    ecdsa(&ECDSA_P256_SHA256_FIXED_SIGNING, &key.to_bytes(), point.as_bytes()).map_err(refused)?;
-                let (jwk, thumbprint) = ec_jwk("P-256", point.x().map(|x| b64(x)), point.y().map(|y| b64(y)));
-                ("ES256", jwk, thumbprint, signer)
-            }
-            Key::P384(key) => {
-                let point = key.verifying_key().to_encoded_point(false);
-                let signer =
-                    ecdsa(&ECDSA_P384_SHA384_FIXED_SIGNING, &key.to_bytes(), point.as_bytes()).map_err(refused)?;
-                let (jwk, thumbprint) = ec_jwk("P-384", point.x().map(|x| b64(x)), point.y().map(|y| b64(y)));
-                ("ES384", jwk, thumbprint, signer)
-            }
-            Key::Ed25519(key) => {
-                let public = key.verifying_key();
-                let signer =
-                    Ed25519KeyPair::from_seed_and_public_key(key.as_bytes(), public.as_bytes()).map_err(refused)?;
-                let x = b64(public.as_bytes());
-                let jwk = serde_json::json!({"crv": "Ed25519", "kty": "OKP", "x": x});
-                let thumbprint = canonical_thumbprint(&format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#));
-                ("EdDSA", jwk, thumbprint, Signer::Ed25519(signer))
-            }
-        };
-        let header = serde_json::json!({"typ": "dpop+jwt", "alg": alg, "jwk": jwk});
-        let header = b64(header.to_string().as_bytes());
-        Ok(DpopKey { signer, rng, alg, header, thumbprint, nonces: Mutex::new(HashMap::new()) })
+    /// A DPoP key that signs with `key`, no nonce known yet.
+    pub fn with_key(key: ProofKey) -> DpopKey {
+        DpopKey { key, nonces: Mutex::new(HashMap::new()) }
     }
 
     /// The JWS algorithm of its proofs.
     pub fn algorithm(&self) -> &'static str {
-        self.alg
+        self.key.algorithm()
     }
 
     /// The RFC 7638 thumbprint of the public key: `cnf.jkt` of the tokens bound to it (safe to show).
     pub fn thumbprint(&self) -> &str {
-        &self.thumbprint
+        self.key.thumbprint()
     }
 
     /// A new proof for one request (a header value, sensitive: it is bound to the token through `ath`).
@@ -207,11 +111,12 @@ impl DpopKey {
         let claims = Claims { jti: &jti, htm: to.method, htu: to.url, iat, ath: to.ath, nonce: nonce.as_deref() };
         // Serialising a struct of strings and a number cannot fail.
         let claims = serde_json::to_vec(&claims).unwrap_or_default();
-        let mut jws = String::with_capacity(self.header.len() + claims.len() * 4 / 3 + 100);
-        jws.push_str(&self.header);
+        let header = self.key.header();
+        let mut jws = String::with_capacity(header.len() + claims.len() * 4 / 3 + 100);
+        jws.push_str(header);
         jws.push('.');
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(&claims, &mut jws);
-        let signature = self.sign(jws.as_bytes());
+        let signature = self.key.sign(jws.as_bytes());
         jws.push('.');
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(&signature, &mut jws);
         // Base64url and dots only: always a valid header value.
@@ -219,15 +124,6 @@ impl DpopKey {
             .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
         value.set_sensitive(true);
         value
-    }
-
-    /// The JWS signature of `message` (ECDSA: `r || s`, fixed size).
-    fn sign(&self, message: &[u8]) -> Vec<u8> {
-        match &self.signer {
-            // Fails only if the system's random source does; a proof without a signature is refused by the server.
-            Signer::Ecdsa(key) => key.sign(&self.rng, message).map(|s| s.as_ref().to_vec()).unwrap_or_default(),
-            Signer::Ed25519(key) => key.sign(message).as_ref().to_vec(),
-        }
     }
 
     /// The nonce `origin` asked for last, if any.
@@ -249,19 +145,6 @@ impl DpopKey {
         nonces.insert(origin.to_owned(), Arc::from(nonce));
         true
     }
-}
-
-/// The JWK and thumbprint of an EC public key.
-fn ec_jwk(crv: &str, x: Option<String>, y: Option<String>) -> (serde_json::Value, String) {
-    // A signing key's public point is never the point at infinity.
-    let (x, y) = (x.unwrap_or_default(), y.unwrap_or_default());
-    let thumbprint = canonical_thumbprint(&format!(r#"{{"crv":"{crv}","kty":"EC","x":"{x}","y":"{y}"}}"#));
-    (serde_json::json!({"crv": crv, "kty": "EC", "x": x, "y": y}), thumbprint)
-}
-
-/// The RFC 7638 thumbprint of a JWK's required members, given in canonical form.
-fn canonical_thumbprint(canonical: &str) -> String {
-    b64(&Sha256::digest(canonical.as_bytes()))
 }
 
 /// `scheme://authority` of a URL, the key of its nonce.
@@ -339,31 +222,19 @@ mod tests {
     }
 
     #[test]
-    fn keys_load_from_pem_for_each_curve_and_rsa_is_refused_with_a_reason() {
+    fn keys_of_each_curve_make_proofs_that_verify() {
         use ed25519_dalek::pkcs8::EncodePrivateKey as _;
-        let p256 = p256::SecretKey::from_bytes(&[7u8; 32].into()).unwrap();
-        let pem = p256.to_pkcs8_pem(Default::default()).unwrap();
-        let key = DpopKey::parse(&pem).unwrap();
-        assert_eq!(key.algorithm(), "ES256");
-        let sec1 = p256.to_sec1_pem(Default::default()).unwrap();
-        assert_eq!(DpopKey::parse(&sec1).unwrap().thumbprint(), key.thumbprint());
+        let parse = |pem: &str| DpopKey::with_key(ProofKey::from_pem(pem).unwrap());
         let p384 = p384::SecretKey::from_bytes(&[9u8; 48].into()).unwrap();
-        let key = DpopKey::parse(&p384.to_pkcs8_pem(Default::default()).unwrap()).unwrap();
+        let key = parse(&p384.to_pkcs8_pem(Default::default()).unwrap());
         assert_eq!(key.algorithm(), "ES384");
         let to = ProofFor { method: "GET", url: "http://h/", origin: "http://h", ath: None };
         assert_eq!(verify(&key.proof(to)).0["alg"], "ES384");
         let ed = ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]);
-        let key = DpopKey::parse(&ed.to_pkcs8_pem(Default::default()).unwrap()).unwrap();
+        let key = parse(&ed.to_pkcs8_pem(Default::default()).unwrap());
         assert_eq!(key.algorithm(), "EdDSA");
         let (header, _) = verify(&key.proof(to));
         assert_eq!(header["jwk"]["crv"], "Ed25519");
-        assert!(DpopKey::parse("-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n")
-            .unwrap_err()
-            .contains("RSA"));
-        assert!(DpopKey::parse("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-            .unwrap_err()
-            .contains("CERTIFICATE"));
-        assert!(DpopKey::parse("hello").unwrap_err().contains("no PEM block"));
         assert!(format!("{key:?}").contains("jkt"));
     }
 

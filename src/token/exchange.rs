@@ -22,10 +22,10 @@ use http::HeaderValue;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::cache::{lock, SubjectRefusal, Token, TokenUnavailable};
 use super::grant::GrantFetcher;
 use super::refresh::Timing;
 use super::response::TokenError;
+use super::slot::{lock, SubjectRefusal, Token, TokenUnavailable};
 use super::subject::{SubjectCheck, SubjectValidator};
 use super::TokenSource;
 use crate::config::{ExchangeConfig, ProviderConfig};

@@ -326,9 +326,9 @@ impl IdpClient {
         let response = self.client().request(request).await.map_err(|e| {
             // A connect error means nothing was sent; any other failure may come after the IdP read the request.
             if e.is_connect() {
-                TokenError::Connect(crate::error_chain(&e))
+                TokenError::Connect(crate::error_chain::error_chain(&e))
             } else {
-                TokenError::Interrupted(crate::error_chain(&e))
+                TokenError::Interrupted(crate::error_chain::error_chain(&e))
             }
         })?;
         let (parts, body) = response.into_parts();

@@ -1,6 +1,6 @@
 //! The token engine: one [`TokenSlot`] and one [`RefreshScheduler`] task per provider.
 //!
-//! - [`cache`]: slots, generations, the hot-path read and the single-flight rendezvous;
+//! - [`slot`]: the token ([`Token`]) and its slot: generations, the hot-path read and the single-flight rendezvous;
 //! - [`refresh`]: the per-provider task that makes every token call, its schedule and backoff;
 //! - [`grant`]: grant types and client authentication (what a token request carries);
 //! - [`idp`]: HTTP to the identity provider and lenient, safe response parsing.
@@ -9,7 +9,6 @@
 
 pub mod assertion;
 pub mod budget;
-pub mod cache;
 pub mod device;
 pub mod dpop;
 pub mod exchange;
@@ -17,9 +16,11 @@ pub mod grant;
 pub mod idp;
 pub mod refresh;
 pub mod response;
+pub mod secrets;
 pub mod session;
 pub mod shared;
 pub mod sink;
+pub mod slot;
 pub mod store;
 pub mod subject;
 
@@ -31,15 +32,17 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
-pub use cache::{RefreshLimits, SlotStatus, SubjectRefusal, Token, TokenSlot, TokenUnavailable};
 pub use grant::GrantFetcher;
 pub use idp::IdpClient;
 pub use refresh::{RefreshScheduler, Timing, TokenFetcher};
-pub use response::{AccessToken, TokenError, TokenResponse};
+pub use response::{TokenError, TokenResponse};
+pub use secrets::{AccessToken, RefreshToken};
+pub use slot::{RefreshLimits, SlotStatus, SubjectRefusal, Token, TokenSlot, TokenUnavailable};
 pub use store::StateStore;
 
 use crate::config::{Config, DuringRefresh, ProviderConfig, SecretSource, SubjectSource};
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 use crate::tls::TlsError;
 
 /// What the proxy needs of a provider's tokens.
@@ -303,7 +306,7 @@ impl TokenEngine {
             let eager = routed || sink.is_some();
             let scheduler =
                 RefreshScheduler::new(Arc::clone(&p.slot), Arc::clone(&p.fetcher), p.timing, eager).with_sink(sink);
-            let task = tokio::spawn(scheduler.run(p.stop.subscribe()));
+            let task = tokio::spawn(scheduler.run(Shutdown::new(p.stop.subscribe())));
             *p.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
     }
@@ -385,7 +388,7 @@ fn secret_file_fingerprints(provider: &ProviderConfig) -> Vec<String> {
         .into_iter()
         .flatten()
         .filter(|source| matches!(source, SecretSource::File(_)))
-        .map(|source| source.read().map_or_else(|_| "-".to_owned(), |secret| store::sha256_hex(&secret)))
+        .map(|source| source.read().map_or_else(|_| "-".to_owned(), |secret| store::sha256_hex(secret.expose())))
         .collect()
 }
 
@@ -393,13 +396,13 @@ fn secret_file_fingerprints(provider: &ProviderConfig) -> Vec<String> {
 pub async fn watch_secret_files(
     engine: Arc<arc_swap::ArcSwap<TokenEngine>>,
     period: std::time::Duration,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = crate::stopped(&mut shutdown) => return,
+            () = shutdown.recv() => return,
             _ = ticks.tick() => {
                 let engine = engine.load_full();
                 // Reading a few small files: off the async threads.

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::cache::{lock, Token, TokenSlot};
 use super::response::{TokenError, TokenResponse};
+use super::slot::{lock, Token, TokenSlot};
 use crate::metrics::RefreshReason;
+use crate::shutdown::Shutdown;
 
 /// Timing knobs of one provider, from its config.
 #[derive(Debug, Clone, Copy)]
@@ -126,7 +126,7 @@ pub trait TokenFetcher: Send + Sync + 'static {
     /// that shares tokens between replicas may answer with a newer shared one instead of calling; others call.
     fn fetch_after(
         &self,
-        current: Option<Arc<super::cache::Token>>,
+        current: Option<Arc<super::slot::Token>>,
     ) -> futures_util::future::BoxFuture<'_, Result<TokenResponse, TokenError>> {
         drop(current);
         self.fetch()
@@ -151,8 +151,9 @@ impl RefreshScheduler {
         self
     }
 
-    /// Runs until `shutdown` turns true (or its sender is dropped).
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` is given (a `watch::Receiver<bool>` turns true, or its sender is dropped).
+    pub async fn run(self, shutdown: impl Into<Shutdown>) {
+        let mut shutdown = shutdown.into();
         let slot = &self.slot;
         let mut backoff = Backoff::default();
         // When the next scheduled call is due; `None` = only on demand.
@@ -169,7 +170,7 @@ impl RefreshScheduler {
             };
             let reason = tokio::select! {
                 biased;
-                () = crate::stopped(&mut shutdown) => return,
+                () = shutdown.recv() => return,
                 () = slot.wake.notified() => match self.take_demand() {
                     Some(reason) => reason,
                     None => continue,
@@ -182,7 +183,7 @@ impl RefreshScheduler {
                 if Instant::now() < earliest {
                     tokio::select! {
                         biased;
-                        () = crate::stopped(&mut shutdown) => return,
+                        () = shutdown.recv() => return,
                         () = tokio::time::sleep_until(earliest) => {}
                     }
                 }

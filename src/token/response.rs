@@ -9,40 +9,9 @@ use std::time::{Duration, SystemTime};
 use http::header::{CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, StatusCode};
 
+use super::secrets::{AccessToken, RefreshToken};
 use super::store::StoreError;
-use crate::config::{Secret, SecretError};
-
-/// An access token: a secret from the moment it is parsed (oauth2-rs's `new_secret_type!` is the model). Its bytes
-/// are private, `Debug` and `Display` print `[redacted]`, and it is a sensitive header value from construction (hyper
-/// keeps sensitive values out of HTTP/2's compression tables). The token is read only through
-/// [`AccessToken::expose`], so every place that puts it on the wire says so.
-#[derive(Clone)]
-pub struct AccessToken(HeaderValue);
-
-impl AccessToken {
-    /// A token, marked sensitive.
-    pub fn new(mut value: HeaderValue) -> AccessToken {
-        value.set_sensitive(true);
-        AccessToken(value)
-    }
-
-    /// The token itself, to send where it belongs (and nowhere else).
-    pub fn expose(&self) -> &HeaderValue {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for AccessToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AccessToken([redacted])")
-    }
-}
-
-impl std::fmt::Display for AccessToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+use crate::config::SecretError;
 
 /// A token the IdP issued, with its lifetime resolved.
 pub struct TokenResponse {
@@ -53,7 +22,7 @@ pub struct TokenResponse {
     /// The scopes granted, when the IdP says.
     pub scope: Option<String>,
     /// A new refresh token (rotation), when the IdP issued one.
-    pub refresh_token: Option<Secret>,
+    pub refresh_token: Option<RefreshToken>,
     /// The refresh token's own lifetime: `refresh_expires_in` (Keycloak) or `refresh_token_expires_in` (GitHub,
     /// Snowflake).
     pub refresh_token_lifetime: Option<Duration>,
@@ -338,7 +307,8 @@ pub fn parse_response(
         (None, None) => default_lifetime,
     };
     let scope = fields.get("scope").and_then(|s| s.as_str()).map(|s| sanitize(s, 1000));
-    let refresh_token = fields.get("refresh_token").and_then(|t| t.as_str()).filter(|t| !t.is_empty()).map(Secret::new);
+    let refresh_token =
+        fields.get("refresh_token").and_then(|t| t.as_str()).filter(|t| !t.is_empty()).map(RefreshToken::new);
     // Keycloak: refresh_expires_in (0 = offline token, no expiry); GitHub, Snowflake: refresh_token_expires_in.
     let refresh_token_lifetime =
         match fields.get("refresh_expires_in").or_else(|| fields.get("refresh_token_expires_in")) {
@@ -436,11 +406,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_access_token_never_shows_itself_and_is_sensitive() {
-        let token = AccessToken::new(HeaderValue::from_static("eyJ.secret-token"));
-        assert_eq!(format!("{token:?} {token}"), "AccessToken([redacted]) [redacted]");
-        assert!(token.expose().is_sensitive());
-        assert_eq!(token.expose(), "eyJ.secret-token");
+    fn a_token_response_never_shows_its_token() {
         let response = TokenResponse::new(HeaderValue::from_static("eyJ.secret-token"), Duration::from_secs(60));
         assert!(!format!("{response:?}").contains("secret-token"));
     }

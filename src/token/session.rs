@@ -16,16 +16,17 @@ use std::time::{Duration, SystemTime};
 use super::grant::{build_request, Profile};
 use super::idp::IdpClient;
 use super::response::{TokenError, TokenResponse};
+use super::secrets::RefreshToken;
 use super::shared::{SharedSession, SharedStore, StoreError as SharedError, StoreHealth};
 use super::store::{sha256_hex, unix, Record, StateStore};
-use crate::config::{ProviderConfig, Secret, SecretSource};
+use crate::config::{ProviderConfig, SecretSource};
 
 /// How long a refresh waits for another process holding the store's lock.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// The refresh token to use and where it came from.
 struct Current {
-    refresh_token: Secret,
+    refresh_token: RefreshToken,
     seed_sha256: Option<String>,
     rotations: u64,
 }
@@ -84,11 +85,16 @@ impl RefreshSession {
         &self.store
     }
 
+    /// The configured seed (`refresh_token`, `_file`, `_env`), read now.
+    fn seed(&self) -> Result<Option<RefreshToken>, TokenError> {
+        Ok(self.seed.as_ref().map(SecretSource::read).transpose()?.map(|seed| RefreshToken::new(seed.expose())))
+    }
+
     /// The refresh token to use now: the stored one, unless the configured seed changed since it was stored
     /// (a new login wins), else the seed.
     fn current(&self) -> Result<Current, TokenError> {
-        let seed = self.seed.as_ref().map(SecretSource::read).transpose()?;
-        let seed_sha256 = seed.as_ref().map(sha256_hex);
+        let seed = self.seed()?;
+        let seed_sha256 = seed.as_ref().map(|seed| sha256_hex(seed.expose()));
         match (self.store.load(&self.provider)?, seed) {
             (Some(record), None) => Ok(Current {
                 refresh_token: record.refresh_token,
@@ -143,7 +149,7 @@ impl RefreshSession {
         let found = shared.store.read_session(&shared.key).await.map_err(unavailable)?;
         shared.health.ok();
         let local = self.store.load(&self.provider)?;
-        let seed_sha256 = self.seed.as_ref().map(SecretSource::read).transpose()?.as_ref().map(sha256_hex);
+        let seed_sha256 = self.seed()?.map(|seed| sha256_hex(seed.expose()));
         let Some((version, found)) = found else {
             // Nothing shared yet (or Redis lost it): this replica's copy seeds it, with the first rotation.
             return Ok((None, self.current()?));
@@ -297,14 +303,14 @@ impl RefreshSession {
     /// Stores a refresh token obtained by `tokenproxy login` (a new session, replacing any stored one), in
     /// `state.dir` and, with a shared store, in it too (replacing the fleet's session, or its logout). The configured
     /// seed, if any, is recorded as seen: only a seed that changes after the login wins over it.
-    pub async fn store_login(&self, refresh_token: Secret, lifetime: Option<Duration>) -> Result<(), TokenError> {
+    pub async fn store_login(&self, refresh_token: RefreshToken, lifetime: Option<Duration>) -> Result<(), TokenError> {
         let now = SystemTime::now();
-        let seed = self.seed.as_ref().map(SecretSource::read).transpose()?;
+        let seed = self.seed()?;
         let record = Record {
             version: 1,
             provider: self.provider.clone(),
             refresh_token,
-            seed_sha256: seed.as_ref().map(sha256_hex),
+            seed_sha256: seed.map(|seed| sha256_hex(seed.expose())),
             stored_at: unix(now),
             refresh_token_expires_at: lifetime.map(|l| unix(now + l)),
             rotations: 0,
@@ -330,7 +336,7 @@ impl RefreshSession {
 
     /// The refresh tokens a logout should revoke (the shared session's, then this replica's copy if it differs),
     /// and the shared session's version (to end it with a compare-and-swap).
-    pub async fn logout_targets(&self) -> Result<(Option<u64>, Vec<Secret>), TokenError> {
+    pub async fn logout_targets(&self) -> Result<(Option<u64>, Vec<RefreshToken>), TokenError> {
         let mut tokens = Vec::new();
         let mut version = None;
         if let Some(shared) = &self.shared {
@@ -360,10 +366,10 @@ impl RefreshSession {
             let failed = |error: SharedError| {
                 TokenError::Connect(format!("the session could not be ended in the shared store: {error}"))
             };
-            let seed = self.seed.as_ref().map(SecretSource::read).transpose()?;
+            let seed = self.seed()?;
             let ended = shared
                 .store
-                .end_session(&shared.key, version, unix(SystemTime::now()), seed.as_ref().map(sha256_hex))
+                .end_session(&shared.key, version, unix(SystemTime::now()), seed.map(|seed| sha256_hex(seed.expose())))
                 .await
                 .map_err(failed)?;
             if !ended {

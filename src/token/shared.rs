@@ -22,9 +22,9 @@ use futures_util::future::BoxFuture;
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
-use super::cache::Token;
 use super::refresh::TokenFetcher;
 use super::response::{TokenError, TokenResponse};
+use super::slot::Token;
 use super::store::Record;
 use crate::config::{Grant, ProviderConfig, RedisServer, SharedStoreConfig};
 use crate::metrics::StoreMetrics;
@@ -147,7 +147,7 @@ impl SharedStore {
     /// then (Redis, its password file, the Sentinels) is a store that does not answer, with what that implies (a
     /// session is never redeemed without it).
     pub fn new(config: &SharedStoreConfig, metrics: StoreMetrics) -> SharedStore {
-        let keys = config.encryption_keys.iter().map(|key| Aes256Gcm::new(key.into())).collect();
+        let keys = config.encryption_keys.iter().map(|key| Aes256Gcm::new(key.expose().into())).collect();
         SharedStore {
             config: config.clone(),
             connection: tokio::sync::Mutex::new(None),
@@ -361,7 +361,7 @@ impl SharedStore {
             false => SharedSession::Live(Record {
                 version: 1,
                 provider: String::new(),
-                refresh_token: crate::config::Secret::new(state.refresh_token),
+                refresh_token: super::secrets::RefreshToken::new(state.refresh_token),
                 seed_sha256: state.seed_sha256,
                 stored_at: state.stored_at,
                 refresh_token_expires_at: state.refresh_token_expires_at,

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::cache::Token;
+use super::slot::Token;
 use crate::config::SinkFormat;
 
 /// Where and how a provider's tokens are written.

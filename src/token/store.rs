@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use sha2::{Digest, Sha256};
 
-use crate::config::Secret;
+use super::secrets::RefreshToken;
 
 /// Why the state store could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +54,7 @@ pub struct Record {
     /// The provider's name.
     pub provider: String,
     /// The current refresh token.
-    pub refresh_token: Secret,
+    pub refresh_token: RefreshToken,
     /// SHA-256 (hex) of the configured seed refresh token this session started from, if any: a different seed
     /// means a new login, which wins over the stored token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -80,8 +80,8 @@ impl std::fmt::Debug for Record {
 }
 
 /// SHA-256 of a secret, hex-encoded (for recognising a seed without storing it twice).
-pub fn sha256_hex(secret: &Secret) -> String {
-    Sha256::digest(secret.expose().as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+pub fn sha256_hex(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Unix seconds of `time`.
@@ -257,7 +257,7 @@ mod tests {
         Record {
             version: 1,
             provider: "p".into(),
-            refresh_token: Secret::new(rt),
+            refresh_token: RefreshToken::new(rt),
             seed_sha256: None,
             stored_at: 1,
             refresh_token_expires_at: None,

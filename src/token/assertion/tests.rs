@@ -1,15 +1,5 @@
 use super::*;
-
-/// RFC 7638 §3.1: the example RSA key and its thumbprint.
-const RFC_7638_N: &str = "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw";
-
-#[test]
-fn the_thumbprint_is_rfc_7638s() {
-    assert_eq!(
-        thumbprint(&[("e", "AQAB"), ("kty", "RSA"), ("n", RFC_7638_N)]),
-        "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
-    );
-}
+use crate::keys::{jwk_thumbprint, KeyKind};
 
 fn rsa_pem(pkcs1: bool) -> (String, rsa::RsaPublicKey) {
     use rsa::pkcs1::EncodeRsaPrivateKey as _;
@@ -42,10 +32,10 @@ fn an_rsa_key_signs_rs256_or_ps256_with_its_thumbprint_as_kid() {
     use rsa::traits::PublicKeyParts as _;
     for pkcs1 in [false, true] {
         let (pem, public) = rsa_pem(pkcs1);
-        let key = parse_key(&pem).unwrap();
+        let key = SigningKey::from_pem(&pem).unwrap();
         assert_eq!(key.kind(), KeyKind::Rsa);
         let n = b64(&public.n().to_bytes_be());
-        assert_eq!(key.thumbprint(), thumbprint(&[("e", "AQAB"), ("kty", "RSA"), ("n", &n)]));
+        assert_eq!(key.thumbprint(), jwk_thumbprint(&[("e", "AQAB"), ("kty", "RSA"), ("n", &n)]));
         let decoding = jsonwebtoken::DecodingKey::from_rsa_der(public.to_pkcs1_der().unwrap().as_bytes());
         for alg in [Algorithm::RS256, Algorithm::PS256] {
             let assertion = sign(&key, alg, None, "client-1", "https://idp.example/token").unwrap();
@@ -61,7 +51,7 @@ fn an_rsa_key_signs_rs256_or_ps256_with_its_thumbprint_as_kid() {
 #[test]
 fn ec_and_ed25519_keys_sign_with_their_own_algorithm() {
     use p256::pkcs8::EncodePrivateKey as _;
-    let p256 = parse_key(&p256_pem(7)).unwrap();
+    let p256 = SigningKey::from_pem(&p256_pem(7)).unwrap();
     assert_eq!((p256.kind(), p256.algorithm(None, Path::new("k")).unwrap()), (KeyKind::P256, Algorithm::ES256));
     let secret = p256::SecretKey::from_slice(&[7; 32]).unwrap();
     let point = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&secret.public_key(), false);
@@ -72,19 +62,19 @@ fn ec_and_ed25519_keys_sign_with_their_own_algorithm() {
 
     // SEC1 (`EC PRIVATE KEY`) reads as the same key.
     let sec1 = secret.to_sec1_pem(Default::default()).unwrap();
-    assert_eq!(parse_key(&sec1).unwrap().thumbprint(), p256.thumbprint());
+    assert_eq!(SigningKey::from_pem(&sec1).unwrap().thumbprint(), p256.thumbprint());
 
     let p384 = p384::SecretKey::from_slice(&[9; 48]).unwrap().to_pkcs8_pem(Default::default()).unwrap();
-    let p384 = parse_key(&p384).unwrap();
+    let p384 = SigningKey::from_pem(&p384).unwrap();
     assert_eq!((p384.kind(), p384.algorithm(None, Path::new("k")).unwrap()), (KeyKind::P384, Algorithm::ES384));
     assert!(sign(&p384, Algorithm::ES384, None, "c", "aud").is_ok());
 
     let ed = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
     let ed_pem = ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_pem(&ed, Default::default()).unwrap();
-    let key = parse_key(&ed_pem).unwrap();
+    let key = SigningKey::from_pem(&ed_pem).unwrap();
     assert_eq!((key.kind(), key.algorithm(None, Path::new("k")).unwrap()), (KeyKind::Ed25519, Algorithm::EdDSA));
     let x = b64(ed.verifying_key().as_bytes());
-    assert_eq!(key.thumbprint(), thumbprint(&[("crv", "Ed25519"), ("kty", "OKP"), ("x", &x)]));
+    assert_eq!(key.thumbprint(), jwk_thumbprint(&[("crv", "Ed25519"), ("kty", "OKP"), ("x", &x)]));
     let decoding = jsonwebtoken::DecodingKey::from_ed_der(ed.verifying_key().as_bytes());
     let assertion = sign(&key, Algorithm::EdDSA, None, "c", "aud").unwrap();
     decode(&assertion, &decoding, Algorithm::EdDSA, "aud");
@@ -92,7 +82,7 @@ fn ec_and_ed25519_keys_sign_with_their_own_algorithm() {
 
 #[test]
 fn every_assertion_is_fresh() {
-    let key = parse_key(&p256_pem(5)).unwrap();
+    let key = SigningKey::from_pem(&p256_pem(5)).unwrap();
     let a = sign(&key, Algorithm::ES256, None, "c", "aud").unwrap();
     let b = sign(&key, Algorithm::ES256, None, "c", "aud").unwrap();
     let jti = |jwt: &str| {
@@ -103,32 +93,6 @@ fn every_assertion_is_fresh() {
     };
     assert_ne!(jti(&a), jti(&b), "an IdP refuses a reused jti");
     assert!(jti(&a).len() >= 22, "128 random bits");
-}
-
-#[test]
-fn a_key_that_cannot_sign_the_algorithm_set_is_refused() {
-    let key = parse_key(&p256_pem(5)).unwrap();
-    let error = key.algorithm(Some(AssertionAlgorithm::RS256), Path::new("/keys/ec.pem")).unwrap_err();
-    assert_eq!(error.to_string(), "/keys/ec.pem: an EC P-256 key cannot sign RS256");
-    assert!(key.algorithm(Some(AssertionAlgorithm::ES256), Path::new("k")).is_ok());
-}
-
-#[test]
-fn what_is_not_a_usable_private_key_is_named_without_its_content() {
-    let cases = [
-        ("", "no PEM block found"),
-        (
-            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-            "holds a `CERTIFICATE` PEM block, not a private key",
-        ),
-        ("-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----\n", "holds a `PUBLIC KEY` PEM block"),
-        ("-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n", "the key is encrypted"),
-        ("-----BEGIN PRIVATE KEY-----\nnot base64 at all\n-----END PRIVATE KEY-----\n", "unsupported type or curve"),
-    ];
-    for (pem, expected) in cases {
-        let error = parse_key(pem).unwrap_err();
-        assert!(error.contains(expected), "{pem:?}: {error}");
-    }
 }
 
 #[test]

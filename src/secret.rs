@@ -1,43 +1,71 @@
 //! Secret values and where they come from: inline, a file (re-read by the token engine when it changes), or an
 //! environment variable. A [`Secret`] never prints its value; errors name the file or variable, never the value.
 
-use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize, Serializer};
 
 /// What every secret prints as.
-pub(super) const REDACTED: &str = "[redacted]";
+pub(crate) const REDACTED: &str = "[redacted]";
 
 /// Secret files larger than this are refused: a secret is a few hundred bytes, a bigger file is a wrong path.
 const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
 
-/// A secret value (client secret, refresh token). `Debug`, `Display` and `Serialize` show `[redacted]`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+/// Declares a secret type, the one way every secret of tokenproxy is declared (as oauth2-rs's `new_secret_type!`): a
+/// newtype whose value is private, whose `Debug` prints `Name([redacted])` and `Display` `[redacted]`, and whose
+/// value is read only through `expose()`, so every place that puts a secret on the wire (or in a private file) says
+/// so. Its constructor is the declaring module's: a token becomes a sensitive header value, a string is taken as is.
+///
+/// ```ignore
+/// secret_type! {
+///     /// A refresh token.
+///     pub struct RefreshToken(String) exposed as str;
+/// }
+/// ```
+macro_rules! secret_type {
+    ($(#[$attr:meta])* $vis:vis struct $name:ident($inner:ty) exposed as $exposed:ty;) => {
+        $(#[$attr])*
+        #[derive(Clone)]
+        $vis struct $name($inner);
+
+        impl $name {
+            /// The secret itself: only to put it where it belongs (the wire, a private file), never in a log.
+            #[inline]
+            pub fn expose(&self) -> &$exposed {
+                &self.0
+            }
+        }
+
+        impl ::std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(concat!(stringify!($name), "([redacted])"))
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str($crate::secret::REDACTED)
+            }
+        }
+    };
+    ($(#[$attr:meta])* $vis:vis struct $name:ident($inner:ty);) => {
+        $crate::secret::secret_type! { $(#[$attr])* $vis struct $name($inner) exposed as $inner; }
+    };
+}
+pub(crate) use secret_type;
+
+secret_type! {
+    /// A secret value of the configuration (client secret, password, actor token, a refresh token seed): `Debug`,
+    /// `Display` and `Serialize` show `[redacted]`.
+    #[derive(PartialEq, Eq)]
+    pub struct Secret(String) exposed as str;
+}
 
 impl Secret {
     /// Wraps a secret value.
     pub fn new(s: impl Into<String>) -> Self {
         Secret(s.into())
-    }
-
-    /// The secret value itself: only for putting it on the wire.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(REDACTED)
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(REDACTED)
     }
 }
 

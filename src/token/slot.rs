@@ -15,7 +15,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::dpop::{self, DpopKey};
-use super::response::AccessToken;
+use super::secrets::AccessToken;
 use crate::metrics::{ProviderMetrics, SkippedRefresh};
 
 /// One access token as the proxy uses it. Its `Debug` never shows the token.
