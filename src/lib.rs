@@ -10,9 +10,10 @@
 //! - [`metrics`]: the Prometheus registry and typed handles; the only place metric names are defined;
 //! - [`tls`]: rustls server and client configurations;
 //! - [`token`]: the token engine: slots, single flight, generations, the refresher tasks, the IdP client;
-//! - [`proxy`]: the request path: one lifecycle (routing, method and path policy, header rewriting, token injection,
-//!   the 401 replay, problem+json errors) driven by two transports, tokenproxy's own HTTP/1.1 one for plain
-//!   requests and hyper for the rest, over one upstream client with a bounded per-worker pool;
+//! - [`proxy`]: the request path: its phases (routing, method and path policy, header rewriting, token injection, the
+//!   401 replay, problem+json errors) run by one lifecycle over two transports that do I/O only, `proxy::h1`
+//!   (tokenproxy's own HTTP/1.1, for plain requests) and `proxy::hyper` (the rest), over one upstream client with a
+//!   bounded per-worker pool;
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/tokens`;
 //! - [`server`]: listeners, connection limits, graceful shutdown;
 //! - `handlers`: what each listener serves (the proxy; the admin and vending APIs behind their `Host` checks);
@@ -61,10 +62,6 @@ use crate::proxy::{Proxy, ProxyOptions, UpstreamClient};
 use crate::server::ListenerOptions;
 use crate::shutdown::Shutdown;
 use crate::token::TokenEngine;
-
-// Until proxy/upstream names `crate::error_chain::error_chain`, and server's listeners take a `Shutdown`.
-pub(crate) use crate::error_chain::error_chain;
-pub(crate) use crate::shutdown::stopped;
 
 /// Why tokenproxy could not start (exit code 1).
 #[derive(Debug, thiserror::Error)]

@@ -174,7 +174,7 @@ impl WorkerPool {
                 let mut global = shutdown.clone();
                 handle.spawn(async move {
                     tokio::select! {
-                        () = crate::stopped(&mut global) => {
+                        () = crate::shutdown::stopped(&mut global) => {
                             let _ = local.send(true);
                         }
                         () = local.closed() => {}
@@ -204,7 +204,7 @@ pub async fn run_listener<L: Listen, H: Handler>(
     loop {
         let (stream, peer) = tokio::select! {
             biased;
-            () = crate::stopped(&mut shutdown) => break,
+            () = crate::shutdown::stopped(&mut shutdown) => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -280,7 +280,7 @@ async fn make_room(
         }
         tokio::select! {
             biased;
-            () = crate::stopped(shutdown) => return None,
+            () = crate::shutdown::stopped(shutdown) => return None,
             permit = Arc::clone(limit).acquire_owned() => return permit.ok(),
             () = tokio::time::sleep(EVICTION_RETRY) => {}
         }
@@ -298,7 +298,7 @@ async fn housekeeping(registry: Arc<Registry>, options: ListenerOptions, mut shu
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = crate::stopped(&mut shutdown) => return,
+            () = crate::shutdown::stopped(&mut shutdown) => return,
             _ = ticks.tick() => {
                 let now = crate::activity::advance_clock();
                 let swept = registry.sweep(now, &options.timeouts);
@@ -456,7 +456,7 @@ async fn drain<C>(
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
         _ = connection.as_mut() => return,
-        () = crate::stopped(&mut shutdown) => connection.as_mut().close_gracefully(),
+        () = crate::shutdown::stopped(&mut shutdown) => connection.as_mut().close_gracefully(),
         () = activity.closing() => connection.as_mut().close_gracefully(),
     }
     let _ = connection.await;

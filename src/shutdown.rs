@@ -37,7 +37,7 @@ impl From<watch::Receiver<bool>> for Shutdown {
 }
 
 /// Completes once `shutdown` holds `true` (or its sender is gone): [`Shutdown::recv`] for the callers that still
-/// hold the bare receiver (`crate::stopped`).
+/// hold the bare receiver (the listeners in `server.rs`).
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is dropped within this statement, so callers' futures stay `Send`.
     let _ = shutdown.wait_for(|stop| *stop).await.is_ok();

@@ -362,7 +362,7 @@ impl UpstreamClient {
             if let Some(detail) = tls::describe_failure(&error, tls) {
                 return UpstreamError::Failed(detail);
             }
-            let chain = crate::error_chain(&error);
+            let chain = crate::error_chain::error_chain(&error);
             let mut unanswered = false;
             let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
             while let Some(cause) = source {
@@ -412,7 +412,9 @@ impl UpstreamClient {
             _ => None,
         };
         let failed = |error: &(dyn std::error::Error + 'static)| {
-            UpstreamError::Failed(tls::describe_failure(error, tls).unwrap_or_else(|| crate::error_chain(error)))
+            UpstreamError::Failed(
+                tls::describe_failure(error, tls).unwrap_or_else(|| crate::error_chain::error_chain(error)),
+            )
         };
         let io = connector.connect_http1(request.uri().clone()).await.map_err(|e| failed(&*e))?;
         // hyper's connection-level client writes the target as it is given: the handshake goes in origin form, as

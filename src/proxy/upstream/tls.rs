@@ -165,7 +165,7 @@ pub(super) fn describe_failure(error: &(dyn std::error::Error + 'static), tls: O
     }
     // h2 keeps only the text of an I/O error: an alert received after the handshake (a client certificate refused
     // under TLS 1.3) arrives as such.
-    let chain = crate::error_chain(error);
+    let chain = crate::error_chain::error_chain(error);
     let (_, alert) = chain.split_once("received fatal alert: ")?;
     let alert = alert.split(|c: char| !c.is_ascii_alphanumeric()).next().unwrap_or_default();
     let description = CLIENT_CERTIFICATE_ALERTS.iter().find(|a| format!("{a:?}") == alert)?;
