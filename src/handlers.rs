@@ -46,7 +46,7 @@ impl Handler for ProxyHandler {
         timeouts: Timeouts,
         activity: &Activity,
     ) -> Ended<I> {
-        if !self.0.load().direct_http1() {
+        if !self.0.load().h1_transport() {
             return Ended::Handoff { io, buffered: bytes::Bytes::new() };
         }
         proxy::h1::connection::drive(&self.0, connection, io, shutdown, timeouts, activity).await

@@ -226,7 +226,7 @@ fn build_proxy(
             request_timeout: config.server.request_timeout,
             tunnel_idle_timeout: config.server.tunnel_idle_timeout,
             access_log: config.log.access,
-            direct_http1: config.server.direct_http1,
+            h1_transport: config.server.h1_transport,
         },
         metrics.unrouted(),
     ))

@@ -1,6 +1,6 @@
 //! The HTTP/1.1 transport frames requests exactly as hyper does: the same bytes from a caller, fed once to
 //! tokenproxy as it runs by default (its own HTTP/1.1 transport, handing over to hyper what it does not take) and once
-//! with `server.direct_http1 = false` (hyper for everything), must get the same verdict. "Same" means: the caller
+//! with `server.h1_transport = false` (hyper for everything), must get the same verdict. "Same" means: the caller
 //! gets the same sequence of response statuses, and the upstream receives the same parsed messages (method, target,
 //! headers as a multiset, body bytes), as read by hyper's own server standing in for the upstream. Not the same
 //! bytes: hyper may frame a body differently, and only what the upstream makes of them matters.
@@ -142,7 +142,7 @@ const PEER: &str = "127.0.0.1:40000";
 /// virtual time never makes it refresh).
 fn config(idp: &support::FakeIdp, direct: bool) -> tokenproxy::config::Config {
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ndirect_http1 = {direct}\nheader_read_timeout = \"5s\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nh1_transport = {direct}\nheader_read_timeout = \"5s\"\n\
          allowed_hosts = [\"a\", \"internal\"]\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n[log]\naccess = false\n\
          [providers.api]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\

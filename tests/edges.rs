@@ -178,7 +178,7 @@ async fn an_h2c_request_naming_another_host_in_its_authority_gets_421() {
 async fn proxy_with(idp: &FakeIdp, upstream: &FakeUpstream, server: &str) -> Proxy {
     let direct = !support::hyper_only();
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ndirect_http1 = {direct}\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        "[server]\nlisten = \"127.0.0.1:0\"\nh1_transport = {direct}\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
         basic_config(idp, upstream)
     );
     let proxy = Proxy::start_config(tokenproxy::config::Config::from_toml_str(&toml, "test.toml").unwrap()).await;
@@ -379,7 +379,7 @@ impl HoldingUpstream {
 async fn bounded_proxy(idp: &FakeIdp, upstream: &HoldingUpstream, request_timeout: &str) -> Proxy {
     let direct = !support::hyper_only();
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ndirect_http1 = {direct}\nrequest_timeout = \"{request_timeout}\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nh1_transport = {direct}\nrequest_timeout = \"{request_timeout}\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n\
          [providers.api]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
          [[routes]]\nprefix = \"/api\"\nupstream = \"http://{}\"\nprovider = \"api\"\nmax_upstream_connections = 4\n",

@@ -149,7 +149,7 @@ async def drill(args):
         with open(config, "w") as f:
             f.write(f"""[server]
 listen = "127.0.0.1:{ports['proxy']}"
-direct_http1 = {'true' if args.transport == 'direct' else 'false'}
+h1_transport = {'true' if args.transport == 'direct' else 'false'}
 shutdown_grace = "1s"
 
 [admin]

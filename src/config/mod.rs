@@ -91,9 +91,11 @@ pub struct ServerConfig {
     pub worker_threads: Option<usize>,
     /// Idle upstream connections kept per upstream and worker thread; beyond them, idle ones are closed.
     pub max_idle_upstream_connections: usize,
-    /// Plain HTTP/1.1 requests are served by tokenproxy's own HTTP/1.1 transport; `false` serves every request with
-    /// hyper.
-    pub direct_http1: bool,
+    /// Plain HTTP/1.1 requests to plain-HTTP upstreams are served by the h1 transport (tokenproxy's own HTTP/1.1);
+    /// `false` serves every request with the hyper transport (`server.h1_transport`).
+    pub h1_transport: bool,
+    /// The config set `h1_transport` under its old name, `direct_http1` (a warning).
+    pub h1_transport_old_key: bool,
     /// Names the listener answers besides IP literals, `localhost` and the routes' hosts (`server.allowed_hosts`;
     /// `["*"]`: any); `None`: checked on a loopback address only.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -769,7 +771,8 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(20),
             worker_threads: None,
             max_idle_upstream_connections: 128,
-            direct_http1: true,
+            h1_transport: true,
+            h1_transport_old_key: false,
             allowed_hosts: None,
         }
     }

@@ -88,9 +88,21 @@ fn server(r: &mut Reader<'_>, root: &mut Table<'_>) -> (ServerConfig, Option<Lea
             r.get(&mut t, "max_idle_upstream_connections", reader::count),
             d.max_idle_upstream_connections,
         ),
-        direct_http1: value_or(r.get(&mut t, "direct_http1", reader::boolean), d.direct_http1),
+        h1_transport: d.h1_transport,
+        h1_transport_old_key: false,
         allowed_hosts: r.get(&mut t, "allowed_hosts", host_names).map(|leaf| leaf.value),
     };
+    // `direct_http1` is the old name of `h1_transport`, still read.
+    let mut server = server;
+    let old = r.get(&mut t, "direct_http1", reader::boolean);
+    match (r.get(&mut t, "h1_transport", reader::boolean), old) {
+        (Some(_), Some(old)) => {
+            r.report_leaf(&old, "the old name of h1_transport, which is also set: keep h1_transport only".to_owned())
+        }
+        (Some(new), None) => server.h1_transport = new.value,
+        (None, Some(old)) => (server.h1_transport, server.h1_transport_old_key) = (old.value, true),
+        (None, None) => {}
+    }
     r.finish(t);
     (server, listen)
 }

@@ -12,6 +12,13 @@ impl Config {
     /// Offline (`check --offline`), the secrets and files that could not be had come first.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = self.unavailable.clone();
+        if self.server.h1_transport_old_key {
+            warnings.push(
+                "server.direct_http1: deprecated, the key is now server.h1_transport (same values); the old name still \
+                 works"
+                    .to_owned(),
+            );
+        }
         if !self.admin.listen.ip().is_loopback() {
             warnings.push(format!(
                 "admin.listen: {} is not a loopback address, and the admin API has no authentication (it forces token \

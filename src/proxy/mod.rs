@@ -83,8 +83,8 @@ pub struct ProxyOptions {
     pub tunnel_idle_timeout: Duration,
     /// One access-log line per request.
     pub access_log: bool,
-    /// Plain HTTP/1.1 requests are served by the [`h1`] transport; `false` sends every request to hyper.
-    pub direct_http1: bool,
+    /// Plain HTTP/1.1 requests are served by the [`h1`] transport; `false` sends every request to [`hyper`].
+    pub h1_transport: bool,
 }
 
 /// The reverse proxy: routes, the upstream client and the limits that apply to every request.
@@ -99,7 +99,7 @@ pub struct Proxy {
     request_timeout: Duration,
     tunnel_idle_timeout: Duration,
     access_log: bool,
-    direct_http1: bool,
+    h1_transport: bool,
     unrouted: RouteMetrics,
 }
 
@@ -281,14 +281,14 @@ impl Proxy {
             request_timeout: options.request_timeout,
             tunnel_idle_timeout: options.tunnel_idle_timeout,
             access_log: options.access_log,
-            direct_http1: options.direct_http1,
+            h1_transport: options.h1_transport,
             unrouted,
         }
     }
 
-    /// Whether plain HTTP/1.1 requests are served by the [`h1`] transport (else every request goes to hyper).
-    pub fn direct_http1(&self) -> bool {
-        self.direct_http1
+    /// Whether plain HTTP/1.1 requests are served by the [`h1`] transport (else every request goes to [`hyper`]).
+    pub fn h1_transport(&self) -> bool {
+        self.h1_transport
     }
 
     /// Serves one request that hyper parsed; never fails (errors are responses). See [`hyper_transport`].

@@ -377,10 +377,10 @@ impl Proxy {
     }
 
     /// Starts tokenproxy with a ready config. With `TP_TEST_HTTP1=hyper` in the environment, every request is served
-    /// by hyper (`server.direct_http1 = false`): `scripts/test` runs the HTTP/1.1 suites a second time that way.
+    /// by hyper (`server.h1_transport = false`): `scripts/test` runs the HTTP/1.1 suites a second time that way.
     pub async fn start_config(mut config: tokenproxy::config::Config) -> Proxy {
         if hyper_only() {
-            config.server.direct_http1 = false;
+            config.server.h1_transport = false;
         }
         let app = tokenproxy::App::build(config).expect("build");
         let bound = app.bind().await.expect("bind");

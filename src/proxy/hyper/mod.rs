@@ -1,5 +1,5 @@
 //! The hyper transport: requests that hyper parsed (h2 callers, HTTP/1.0, chunked or large bodies, `Expect`,
-//! upgrades, routes to TLS upstreams, and every request when `server.direct_http1 = false`), sent through hyper's
+//! upgrades, routes to TLS upstreams, and every request when `server.h1_transport = false`), sent through hyper's
 //! client ([`UpstreamClient::send`]). hyper frames both sides; the phases are the proxy's ([`Proxy`]).
 //!
 //! A request body streams to the upstream as it comes, and is kept (up to `replay_buffer`) by [`ReplayBody`] so that
