@@ -94,7 +94,8 @@ pub struct ServerConfig {
     /// Plain HTTP/1.1 requests to plain-HTTP upstreams are served by the h1 transport (tokenproxy's own HTTP/1.1);
     /// `false` serves every request with the hyper transport (`server.h1_transport`).
     pub h1_transport: bool,
-    /// The config set `h1_transport` under its old name, `direct_http1` (a warning).
+    /// The config set `h1_transport` under its old name, `direct_http1` (a warning; never printed back).
+    #[serde(skip)]
     pub h1_transport_old_key: bool,
     /// Names the listener answers besides IP literals, `localhost` and the routes' hosts (`server.allowed_hosts`;
     /// `["*"]`: any); `None`: checked on a loopback address only.

@@ -909,30 +909,33 @@ fn token_exchange_reads_its_subject_from_the_request_or_a_file() {
 
 #[test]
 fn offline_an_absent_secret_or_file_is_a_warning_and_a_directory_still_a_problem() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tokenproxy.toml");
-    let config = |cert: &str| {
-        format!(
-            "[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"/absent/key.pem\"\n\
+    // In a jail: loading reads the environment, which other tests' jails set (it failed once when one did).
+    in_jail(|_| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenproxy.toml");
+        let config = |cert: &str| {
+            format!(
+                "[server.tls]\ncert_file = \"{cert}\"\nkey_file = \"/absent/key.pem\"\n\
              [providers.orders]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c\"\n\
              client_secret_env = \"TOKENPROXY_TEST_UNSET_VARIABLE\"\n\
              [[routes]]\nprefix = \"/\"\nupstream = \"https://api.example\"\nprovider = \"orders\"\n"
-        )
-    };
-    std::fs::write(&path, config("/absent/cert.pem")).unwrap();
-    let offline = Config::load_offline(&path).unwrap();
-    assert_eq!(offline.unavailable.len(), 3, "{:?}", offline.unavailable);
-    assert!(offline.unavailable[0].starts_with("server.tls.cert_file: cannot read /absent/cert.pem"));
-    assert!(offline.unavailable[2].starts_with(
-        "providers.orders.client_secret_env: environment variable `TOKENPROXY_TEST_UNSET_VARIABLE` is not set"
-    ));
-    assert_eq!(offline.warnings()[..3], offline.unavailable[..]);
-    assert_eq!(problems(Config::load(&path)).len(), 3, "online, each is a problem");
+            )
+        };
+        std::fs::write(&path, config("/absent/cert.pem")).unwrap();
+        let offline = Config::load_offline(&path).unwrap();
+        assert_eq!(offline.unavailable.len(), 3, "{:?}", offline.unavailable);
+        assert!(offline.unavailable[0].starts_with("server.tls.cert_file: cannot read /absent/cert.pem"));
+        assert!(offline.unavailable[2].starts_with(
+            "providers.orders.client_secret_env: environment variable `TOKENPROXY_TEST_UNSET_VARIABLE` is not set"
+        ));
+        assert_eq!(offline.warnings()[..3], offline.unavailable[..]);
+        assert_eq!(problems(Config::load(&path)).len(), 3, "online, each is a problem");
 
-    std::fs::write(&path, config(&dir.path().display().to_string())).unwrap();
-    let problems = problems(Config::load_offline(&path));
-    assert_eq!(problems.len(), 1);
-    assert!(problems[0].contains("is not a file"), "{problems:?}");
+        std::fs::write(&path, config(&dir.path().display().to_string())).unwrap();
+        let problems = problems(Config::load_offline(&path));
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("is not a file"), "{problems:?}");
+    });
 }
 
 #[test]
@@ -1171,4 +1174,16 @@ fn max_token_calls_is_calls_per_window() {
         let problems = problems(with(bad));
         assert!(problems[0].starts_with("providers.p.max_token_calls: "), "{bad}: {problems:?}");
     }
+}
+
+#[test]
+fn the_h1_transport_switch_is_read_under_its_old_name_with_a_warning() {
+    let config = load(&format!("[server]\nh1_transport = false\n{MINIMAL}")).unwrap();
+    assert!(!config.server.h1_transport);
+    assert!(config.warnings().iter().all(|w| !w.contains("direct_http1")));
+    let old = load(&format!("[server]\ndirect_http1 = false\n{MINIMAL}")).unwrap();
+    assert!(!old.server.h1_transport, "the old name still works");
+    assert!(old.warnings().iter().any(|w| w.starts_with("server.direct_http1: deprecated")), "{:?}", old.warnings());
+    let both = problems(load(&format!("[server]\ndirect_http1 = false\nh1_transport = true\n{MINIMAL}")));
+    assert!(both.iter().any(|p| p.starts_with("server.direct_http1: the old name of h1_transport")), "{both:?}");
 }
