@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use hyper::StatusCode;
-use support::oidc::{IdpProcess, UpstreamProcess};
+use support::oidc::{soak, IdpProcess, UpstreamProcess};
 use support::tls::{Ca, Leaf};
 use support::{spawn_tokenproxy, toml_string, TokenProxyProcess};
 
@@ -243,7 +243,6 @@ async fn self_signed_tls_client_auth_registered_certificate_authenticates_anothe
 #[tokio::test]
 #[ignore]
 async fn soak_both_mtls_methods_with_30_second_tokens() {
-    let seconds: u64 = std::env::var("TP_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
     let pki = Pki::start(30).await;
     pki.ca.client("tokenproxy-mtls").write(pki.dir.path(), "client");
     let mut config = String::new();
@@ -256,30 +255,10 @@ async fn soak_both_mtls_methods_with_30_second_tokens() {
     }
     let proxy = TokenProxyProcess::start_in(pki.dir.path(), &config, &[]).await;
     proxy.wait_ready().await;
-    let started = tokio::time::Instant::now();
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    let mut requests = 0;
-    while started.elapsed() < Duration::from_secs(seconds) {
-        ticker.tick().await;
-        for name in ["mtls", "selfsigned"] {
-            let reply = proxy.get(&format!("/{name}/x")).await;
-            assert_eq!(reply.status, StatusCode::OK, "/{name} after {:?}: {}", started.elapsed(), reply.text());
-            requests += 1;
-        }
-    }
-    let stats = pki.idp.stats().await;
-    for (name, client) in [("tls_client_auth", "tp-mtls"), ("self_signed_tls_client_auth", "tp-mtls-self")] {
-        let entry = &stats["clients"][client];
-        println!(
-            "soak: {name}: {} token calls in {seconds} s with 30 s tokens ({} refused)",
-            entry["ok"], entry["error"]
-        );
-        assert_eq!(entry["error"], 0, "{name}: {entry}");
-    }
+    let methods =
+        [("mtls", "tls_client_auth", "tp-mtls"), ("selfsigned", "self_signed_tls_client_auth", "tp-mtls-self")];
+    soak(&proxy, &pki.idp, &methods).await;
     let upstream = pki.upstream.stats().await;
-    println!(
-        "soak: {requests} requests, all 200; upstream cnf_ok {}, cnf_mismatch {}",
-        upstream["cnf_ok"], upstream["cnf_mismatch"]
-    );
+    println!("soak: upstream cnf_ok {}, cnf_mismatch {}", upstream["cnf_ok"], upstream["cnf_mismatch"]);
     assert_eq!(upstream["cnf_mismatch"], 0, "{upstream}");
 }

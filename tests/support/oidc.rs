@@ -1,6 +1,6 @@
 //! Harness for tests against a real OpenID provider: the npm `oidc-provider` in `tests/idp/server.mjs` and a
 //! JWT-checking upstream in `tests/idp/upstream.mjs`, with the real `tokenproxy` binary between them
-//! ([`super::TokenProxyProcess`]).
+//! ([`super::TokenProxyProcess`]); and the soak those tests share.
 //!
 //! Every process listens on 127.0.0.1 only, is killed when its handle drops, and the Node ones also exit
 //! when their stdin (a pipe this process holds) closes, so a test that dies leaves nothing running.
@@ -442,4 +442,40 @@ impl UpstreamProcess {
     pub fn process(&self) -> &ChildProcess {
         &self.process
     }
+}
+
+// ---- the soak ----------------------------------------------------------------------------------
+
+/// How long [`soak`] runs: `TP_SOAK_SECS` seconds, 600 by default.
+pub fn soak_seconds() -> u64 {
+    std::env::var("TP_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(600)
+}
+
+/// The soak of the client-authentication tests (for the numbers in docs/no-shared-secrets.md): a request a second on
+/// each route `/NAME/x` of `methods` (`(NAME, method, client_id)`) for [`soak_seconds`], every one answered 200; then
+/// prints the token calls each client made and fails on any the provider refused. Returns how many requests it sent.
+pub async fn soak(proxy: &TokenProxyProcess, idp: &IdpProcess, methods: &[(&str, &str, &str)]) -> u64 {
+    let seconds = soak_seconds();
+    let started = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut requests = 0;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        ticker.tick().await;
+        for (name, _, _) in methods {
+            let reply = proxy.get(&format!("/{name}/x")).await;
+            assert_eq!(reply.status, StatusCode::OK, "/{name} after {:?}: {}", started.elapsed(), reply.text());
+            requests += 1;
+        }
+    }
+    let stats = idp.stats().await;
+    for (_, method, client) in methods {
+        let entry = &stats["clients"][client];
+        println!(
+            "soak: {method}: {} token calls in {seconds} s with 30 s tokens ({} refused)",
+            entry["ok"], entry["error"]
+        );
+        assert_eq!(entry["error"], 0, "{method}: {entry}");
+    }
+    println!("soak: {requests} requests, all 200");
+    requests
 }
