@@ -3,15 +3,14 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use support::{Client, FakeIdp, FakeUpstream};
+use support::{eventually, tokenproxy_command, Client, FakeIdp, FakeUpstream, TokenProxyProcess};
 
+/// `tokenproxy` with no variable of the developer's shell that would change what it does.
 fn tokenproxy() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
-    command.env_remove("TOKENPROXY_CONFIG").env_remove("RUST_LOG");
-    command
+    tokenproxy_command(&[])
 }
 
 fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
@@ -179,7 +178,7 @@ provider = "api"
             secret.display()
         ),
     );
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+    let output = tokio::process::Command::from(tokenproxy())
         .args(["token", "api", "--config"])
         .arg(&path)
         .output()
@@ -190,7 +189,7 @@ provider = "api"
     let basic = idp.received()[0].authorization.clone().unwrap();
     assert!(basic.starts_with("Basic "), "the secret file was read (trailing newline trimmed)");
 
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+    let output = tokio::process::Command::from(tokenproxy())
         .args(["token", "nope", "--config"])
         .arg(&path)
         .output()
@@ -199,7 +198,7 @@ provider = "api"
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no provider named `nope`"));
 
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+    let output = tokio::process::Command::from(tokenproxy())
         .args(["check", "--fetch", "--config"])
         .arg(&path)
         .output()
@@ -225,54 +224,26 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
             support::basic_config(&idp, &upstream)
         ),
     );
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    // The startup line names the bound addresses (port 0 was asked for).
-    let stderr = child.stderr.take().unwrap();
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        use tokio::io::AsyncBufReadExt;
-        let mut addr_tx = Some(addr_tx);
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(start) = line.find("proxy=") {
-                let addr = line[start + 6..].split_whitespace().next().unwrap_or_default().to_owned();
-                if let Some(tx) = addr_tx.take() {
-                    let _ = tx.send(addr);
-                }
-            }
-        }
-    });
-    let addr = tokio::time::timeout(Duration::from_secs(20), addr_rx).await.unwrap().unwrap();
+    // On port 0: the harness reads the bound addresses from the startup line.
+    let mut proxy = TokenProxyProcess::run(&path, &[]).await;
     let client = Client::new();
-    let url = format!("http://{addr}/api/slow/long-request");
+    let url = proxy.url("/api/slow/long-request");
     let in_flight = tokio::spawn({
         let client = client.clone();
         async move { client.get(&url).await }
     });
     upstream.wait_requests(1).await;
-    let pid = child.id().unwrap();
-    support::signal(pid, libc::SIGTERM);
+    proxy.signal(libc::SIGTERM);
     // New connections are refused once the listener is closed.
-    let refused = async {
-        loop {
-            if tokio::net::TcpStream::connect(&addr).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), refused).await.expect("listener closed after SIGTERM");
+    let addr = proxy.addr;
+    eventually("the listener closed after SIGTERM", Duration::from_secs(10), async || {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
     upstream.release_slow();
     let reply = in_flight.await.unwrap();
     assert_eq!(reply.status, 200, "the in-flight request completed");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.unwrap().unwrap();
+    let status = proxy.wait_exit(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0));
 }
 

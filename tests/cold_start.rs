@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{BinaryProxy, Client, FakeIdp, FakeUpstream};
+use support::{eventually, Client, FakeIdp, FakeUpstream, TokenProxyProcess};
 
 const REQUESTS: usize = 10_000;
 
@@ -49,35 +49,29 @@ async fn ten_thousand_concurrent_requests_on_a_cold_start_make_one_token_call() 
     )
     .replace("client_secret = \"s3cret-value\"", "client_secret = \"s3cret-value\"\ntimeout = \"60s\"");
     std::fs::write(&path, config).unwrap();
-    let proxy = BinaryProxy::start(&path, &[("RUST_LOG", "warn,tokenproxy=info")]).await;
-    let pid = proxy.child.id().unwrap();
+    let mut proxy = TokenProxyProcess::run(&path, &[("RUST_LOG", "warn,tokenproxy=info")]).await;
+    let pid = proxy.process().pid();
     idp.wait_calls(1).await;
     let idle = rss_kib(pid);
 
-    let client = Client::new();
-    let url = format!("http://{}/api/cold", proxy.addr);
+    // Each request may wait as long as all of them take to arrive (below), then for the token.
+    let client = Client::new().with_timeout(Duration::from_secs(180));
+    let url = proxy.url("/api/cold");
     let requests: Vec<_> = (0..REQUESTS)
         .map(|_| {
             let (client, url) = (client.clone(), url.clone());
             tokio::spawn(async move { client.get(&url).await.status })
         })
         .collect();
-    let metrics = Client::new();
-    let waiting = async {
-        loop {
-            let text = metrics.get(&proxy.admin_url("/metrics")).await.text();
-            let waiters = text
-                .lines()
-                .find_map(|l| l.strip_prefix("tokenproxy_singleflight_waiters_total{provider=\"api\"} "))
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0);
-            if waiters >= REQUESTS as f64 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually("every request to wait on the one token call", Duration::from_secs(120), async || {
+        let waiters = proxy.metric("tokenproxy_singleflight_waiters_total{provider=\"api\"}").await;
+        if waiters >= REQUESTS as f64 {
+            Ok(())
+        } else {
+            Err(format!("{waiters} waiting"))
         }
-    };
-    tokio::time::timeout(Duration::from_secs(120), waiting).await.expect("every request waits on the one token call");
+    })
+    .await;
     let peak = rss_kib(pid);
     idp.open();
     for request in requests {
@@ -87,18 +81,15 @@ async fn ten_thousand_concurrent_requests_on_a_cold_start_make_one_token_call() 
     drop(client);
 
     // Memory comes back once the connections are gone.
-    let settled = async {
-        loop {
-            let now = rss_kib(pid);
-            if now <= 2 * idle {
-                return now;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+    println!("cold start: {REQUESTS} requests, 1 token call; RSS idle {idle} KiB, peak {peak} KiB");
+    let after = eventually(format!("RSS back within 2x idle ({idle} KiB)"), Duration::from_secs(30), async || {
+        let now = rss_kib(pid);
+        if now <= 2 * idle {
+            Ok(now)
+        } else {
+            Err(format!("{now} KiB"))
         }
-    };
-    let after = tokio::time::timeout(Duration::from_secs(30), settled).await;
-    println!(
-        "cold start: {REQUESTS} requests, 1 token call; RSS idle {idle} KiB, peak {peak} KiB, after {after:?} KiB"
-    );
-    assert!(after.is_ok(), "RSS did not come back within 2x idle ({idle} KiB): now {} KiB", rss_kib(pid));
+    })
+    .await;
+    println!("cold start: RSS after {after} KiB");
 }

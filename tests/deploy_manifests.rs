@@ -5,11 +5,9 @@
 //!
 //! No cluster is needed. When `kubectl` is on the PATH, `kubectl kustomize` also renders both variants.
 
-mod support {
-    pub mod markdown;
-}
+mod support;
 
-use support::markdown;
+use support::{markdown, tokenproxy_command};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -325,14 +323,7 @@ fn the_config_map_config_passes_tokenproxy_check() {
     let rewritten = with_stand_in_secrets(&base.toml, dir.path());
     let path = dir.path().join("tokenproxy.toml");
     std::fs::write(&path, toml::to_string(&rewritten).expect("TOML")).expect("write the config");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
-    command.args(["check", "--config"]).arg(&path);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("TOKENPROXY_") || name == "RUST_LOG" {
-            command.env_remove(name);
-        }
-    }
-    let output = command.output().expect("run tokenproxy check");
+    let output = tokenproxy_command(&["check", "--config"]).arg(&path).output().expect("run tokenproxy check");
     assert!(
         output.status.success(),
         "tokenproxy check failed ({}):\n{}",
@@ -850,16 +841,7 @@ fn the_workload_identity_overlay_reads_the_projected_token_entra_accepts() {
     assert!(deletes_secret, "the placeholder Secret is deleted");
 
     // `check --offline` passes as shipped; plain `check` with a stand-in token too.
-    let run = |args: &[&str], path: &Path| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
-        command.args(args).arg(path);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("TOKENPROXY_") || name == "RUST_LOG" {
-                command.env_remove(name);
-            }
-        }
-        command.output().expect("run tokenproxy check")
-    };
+    let run = |args: &[&str], path: &Path| tokenproxy_command(args).arg(path).output().expect("run tokenproxy check");
     let output = run(&["check", "--offline", "--config"], &dir.join(&config_file));
     assert!(output.status.success(), "check --offline: {}", String::from_utf8_lossy(&output.stderr));
     let temp = tempfile::tempdir().expect("temp dir");

@@ -2,12 +2,15 @@
 //! tests/fixtures/dialects/: written by hand from each provider's documentation, not recorded from a live IdP. A row
 //! added to the docs without a fixture (or the reverse) fails `table_matches_fixtures`.
 
+mod support;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use serde_json::Value;
+use support::{FakeIdp, FakeUpstream, Proxy};
 use tokenproxy::token::response::{parse_response, TokenError};
 
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
@@ -109,37 +112,46 @@ fn table_matches_fixtures() {
     }
 }
 
-/// Request-side dialects: parameters a provider needs in the token request.
-#[test]
-fn entra_default_scope_and_auth0_audience_are_sent_as_given() {
-    let config = tokenproxy::config::Config::from_toml_str(
+/// Request-side dialects: parameters a provider needs in the token request, as the running proxy sends them.
+#[tokio::test]
+async fn entra_default_scope_and_auth0_audience_are_sent_as_given() {
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let proxy = Proxy::start(&format!(
         r#"
 [providers.entra]
-token_url = "https://login.microsoftonline.com/tenant/oauth2/v2.0/token"
+token_url = "{token_url}"
 client_id = "11111111-2222-3333-4444-555555555555"
 client_secret = "x"
 client_auth = "client_secret_post"
 scope = "api://orders-api/.default"
 [providers.auth0]
-token_url = "https://tenant.eu.auth0.com/oauth/token"
+token_url = "{token_url}"
 client_id = "abc"
 client_secret = "y"
 client_auth = "client_secret_post"
 audience = "https://orders.example.com/api"
 [[routes]]
-prefix = "/"
-upstream = "http://127.0.0.1:1"
+prefix = "/entra"
+upstream = "{upstream}"
 provider = "entra"
+[[routes]]
+prefix = "/auth0"
+upstream = "{upstream}"
+provider = "auth0"
 "#,
-        "dialects.toml",
-    )
-    .unwrap();
-    use tokenproxy::token::grant::{build_request, Profile};
-    let form = |name: &str| {
-        let request =
-            build_request(&config.providers[name], &[("grant_type", "client_credentials")], Profile::Full).unwrap();
-        form_urlencoded::parse(request.body.as_bytes()).into_owned().collect::<Vec<(String, String)>>()
+        token_url = idp.token_url(),
+        upstream = upstream.url(),
+    ))
+    .await;
+    proxy.wait_ready().await;
+    let form = |client_id: &str| {
+        let calls = idp.received();
+        let call = calls.iter().find(|call| call.form.contains(&("client_id".into(), client_id.into())));
+        call.unwrap_or_else(|| panic!("no token call of {client_id}: {calls:?}")).form.clone()
     };
-    assert!(form("entra").contains(&("scope".into(), "api://orders-api/.default".into())));
-    assert!(form("auth0").contains(&("audience".into(), "https://orders.example.com/api".into())));
+    let entra = form("11111111-2222-3333-4444-555555555555");
+    assert!(entra.contains(&("scope".into(), "api://orders-api/.default".into())), "{entra:?}");
+    let auth0 = form("abc");
+    assert!(auth0.contains(&("audience".into(), "https://orders.example.com/api".into())), "{auth0:?}");
+    proxy.stop().await;
 }

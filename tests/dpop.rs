@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use support::{json_response, spawn_server, Proxy};
+use support::{eventually, json_response, spawn_server, Client, Proxy};
 
 /// A proof checked as a server checks it: its claims and the thumbprint of the key that signed it.
 #[derive(Debug, Clone)]
@@ -274,14 +274,10 @@ async fn every_request_carries_a_new_proof_for_itself_bound_to_the_key_of_the_to
     assert_eq!(judged.iter().map(|j| &j.jti).collect::<HashSet<_>>().len(), 4, "a new jti every time");
     assert_eq!(idp.calls(), 1, "one token, many proofs");
     // /tokens says how the token is sent, and which key it is bound to (a public thumbprint).
-    let tokens: Value = reqwest_json(&proxy.admin_url("/tokens")).await;
+    let tokens: Value = Client::new().get(&proxy.admin_url("/tokens")).await.json();
     assert_eq!(tokens["providers"]["api"]["token_type"], "DPoP", "{tokens}");
     assert_eq!(tokens["providers"]["api"]["dpop_jkt"], jkt.as_str());
     proxy.stop().await;
-}
-
-async fn reqwest_json(url: &str) -> Value {
-    support::Client::new().get(url).await.json()
 }
 
 #[tokio::test]
@@ -296,14 +292,9 @@ async fn the_idps_nonce_is_asked_for_once_and_used_by_the_next_call() {
     assert_eq!(proofs[1].as_ref().unwrap().claims["nonce"], "idp-nonce-1");
     assert_ne!(proofs[0].as_ref().unwrap().claims["jti"], proofs[1].as_ref().unwrap().claims["jti"]);
     // The next token call (a refresh asked for by the admin API) sends the nonce it knows at once.
-    let reply = support::Client::new().post(&proxy.admin_url("/tokens/api/refresh"), "").await;
+    let reply = Client::new().post(&proxy.admin_url("/tokens/api/refresh"), "").await;
     assert!((200..300).contains(&reply.status), "{}", reply.text());
-    let third = async {
-        while idp.calls() < 3 {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(10), third).await.expect("a third token call");
+    eventually("a third token call", std::time::Duration::from_secs(10), async || idp.calls() >= 3).await;
     assert_eq!(idp.proofs()[2].as_ref().unwrap().claims["nonce"], "idp-nonce-1");
     proxy.stop().await;
 }

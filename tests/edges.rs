@@ -10,21 +10,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use support::{basic_config, FakeIdp, FakeUpstream, Proxy};
+use support::{basic_config, eventually, raw_exchange, FakeIdp, FakeUpstream, Proxy, TokenProxyProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Sends `request` (which should say `Connection: close`) on a new connection and reads the answer to its end.
-async fn raw(addr: SocketAddr, request: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-        .await
-        .expect("the answer ends")
-        .unwrap();
-    String::from_utf8_lossy(&answer).into_owned()
-}
 
 fn status(answer: &str) -> u16 {
     answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
@@ -62,7 +50,7 @@ async fn a_rebound_web_page_gets_421_from_every_loopback_listener_and_nothing_el
              Connection: close\r\n"
         )
     };
-    let answer = raw(
+    let answer = raw_exchange(
         vending,
         &format!("GET /v1/token/api HTTP/1.1\r\n{}Metadata-Flavor: tokenproxy\r\n\r\n", page(vending.port())),
     )
@@ -70,13 +58,15 @@ async fn a_rebound_web_page_gets_421_from_every_loopback_listener_and_nothing_el
     assert_eq!(status(&answer), 421, "{answer}");
     assert!(answer.contains("misdirected_request") && !answer.contains("tok-"), "{answer}");
     for path in ["/tokens/api/refresh", "/admin/reload"] {
-        let answer =
-            raw(proxy.admin, &format!("POST {path} HTTP/1.1\r\n{}Content-Length: 0\r\n\r\n", page(proxy.admin.port())))
-                .await;
+        let answer = raw_exchange(
+            proxy.admin,
+            &format!("POST {path} HTTP/1.1\r\n{}Content-Length: 0\r\n\r\n", page(proxy.admin.port())),
+        )
+        .await;
         assert_eq!(status(&answer), 421, "{path}: {answer}");
         assert!(answer.contains("application/problem+json"), "{answer}");
     }
-    let answer = raw(proxy.addr, &format!("GET /api/x HTTP/1.1\r\n{}\r\n", page(proxy.addr.port()))).await;
+    let answer = raw_exchange(proxy.addr, &format!("GET /api/x HTTP/1.1\r\n{}\r\n", page(proxy.addr.port()))).await;
     assert_eq!(status(&answer), 421, "{answer}");
     assert!(answer.contains("x-tokenproxy-error: misdirected_request"), "{answer}");
     assert_eq!(upstream.requests(), 0, "nothing was forwarded");
@@ -94,28 +84,33 @@ async fn local_names_ip_literals_and_route_hosts_pass_and_forwarded_requests_get
     let vending = proxy.vending.expect("the vending listener");
     for host in ["localhost", "LocalHost:8080", "127.0.0.1", "[::1]:1", "10.9.8.7", "app.localhost"] {
         let answer =
-            raw(proxy.addr, &format!("GET /api/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")).await;
-        assert_eq!(status(&answer), 200, "{host}: {answer}");
-        let answer =
-            raw(vending, &format!("GET /v1/token/api HTTP/1.1\r\nHost: {host}\r\nMetadata-Flavor: tokenproxy\r\nConnection: close\r\n\r\n"))
+            raw_exchange(proxy.addr, &format!("GET /api/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"))
                 .await;
         assert_eq!(status(&answer), 200, "{host}: {answer}");
         let answer =
-            raw(proxy.admin, &format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")).await;
+            raw_exchange(vending, &format!("GET /v1/token/api HTTP/1.1\r\nHost: {host}\r\nMetadata-Flavor: tokenproxy\r\nConnection: close\r\n\r\n"))
+                .await;
+        assert_eq!(status(&answer), 200, "{host}: {answer}");
+        let answer =
+            raw_exchange(proxy.admin, &format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"))
+                .await;
         assert_eq!(status(&answer), 200, "{host}: {answer}");
     }
     // A host a route names is the proxy's to answer; without a Host at all (HTTP/1.0), nothing to check.
-    let answer = raw(proxy.addr, "GET /x HTTP/1.1\r\nHost: api.example.test:8080\r\nConnection: close\r\n\r\n").await;
-    assert_eq!(status(&answer), 200, "{answer}");
-    assert_eq!(status(&raw(proxy.addr, "GET /api/x HTTP/1.0\r\n\r\n").await), 200);
-    // Absolute form keeps its own rule: a host no route names is 403, as before.
     let answer =
-        raw(proxy.addr, "GET http://evil.example/api/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
-            .await;
+        raw_exchange(proxy.addr, "GET /x HTTP/1.1\r\nHost: api.example.test:8080\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_eq!(status(&raw_exchange(proxy.addr, "GET /api/x HTTP/1.0\r\n\r\n").await), 200);
+    // Absolute form keeps its own rule: a host no route names is 403, as before.
+    let answer = raw_exchange(
+        proxy.addr,
+        "GET http://evil.example/api/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert_eq!(status(&answer), 403, "{answer}");
     // A request that came through a forwarding proxy is not a local application's.
     for header in ["X-Forwarded-For: 127.0.0.1", "Forwarded: for=127.0.0.1"] {
-        let answer = raw(
+        let answer = raw_exchange(
             vending,
             &format!("GET /v1/token/api HTTP/1.1\r\nHost: localhost\r\nMetadata-Flavor: tokenproxy\r\n{header}\r\nConnection: close\r\n\r\n"),
         )
@@ -133,10 +128,11 @@ async fn allowed_hosts_add_names_and_a_star_turns_the_check_off() {
     let server = "allowed_hosts = [\"dev.internal\", \"*.corp.test\"]";
     let proxy = rebinding_target(&idp, &upstream, server, "allowed_hosts = [\"*\"]").await;
     let get = |host: &str| format!("GET /api/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    assert_eq!(status(&raw(proxy.addr, &get("dev.internal:8080")).await), 200);
-    assert_eq!(status(&raw(proxy.addr, &get("a.corp.test")).await), 200);
-    assert_eq!(status(&raw(proxy.addr, &get("evil.example")).await), 421);
-    let answer = raw(proxy.admin, "GET /healthz HTTP/1.1\r\nHost: anything.example\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status(&raw_exchange(proxy.addr, &get("dev.internal:8080")).await), 200);
+    assert_eq!(status(&raw_exchange(proxy.addr, &get("a.corp.test")).await), 200);
+    assert_eq!(status(&raw_exchange(proxy.addr, &get("evil.example")).await), 421);
+    let answer =
+        raw_exchange(proxy.admin, "GET /healthz HTTP/1.1\r\nHost: anything.example\r\nConnection: close\r\n\r\n").await;
     assert_eq!(status(&answer), 200, "admin.allowed_hosts = [\"*\"]: {answer}");
     proxy.stop().await;
 }
@@ -236,7 +232,7 @@ async fn zero_byte_connections_cannot_keep_healthz_from_answering() {
     }
     // The kubelet's probe is answered at once (the admin listener's own timeouts are 5 s: eviction, not a timeout,
     // made room).
-    let probe = raw(proxy.admin, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let probe = raw_exchange(proxy.admin, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
     let answer = tokio::time::timeout(Duration::from_secs(4), probe).await.expect("/healthz answered");
     assert_eq!(status(&answer), 200, "{answer}");
     assert!(proxy.metric("tokenproxy_connections_evicted_total{listener=\"admin\"}").await >= 1.0);
@@ -255,7 +251,7 @@ async fn at_max_connections_idle_h2c_connections_give_way_to_a_new_caller() {
         idle.push(stream);
     }
     // A new caller is served (the timeouts are a minute: the longest-idle connection made room).
-    let get = raw(proxy.addr, "GET /api/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let get = raw_exchange(proxy.addr, "GET /api/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     let answer = tokio::time::timeout(Duration::from_secs(5), get).await.expect("the new caller was served");
     assert_eq!(status(&answer), 200, "{answer}");
     assert!(closed(&mut idle[0]).await, "the longest idle connection was closed");
@@ -367,12 +363,10 @@ impl HoldingUpstream {
     }
 
     async fn wait_held(&self, n: usize) {
-        let held = async {
-            while self.held.load(std::sync::atomic::Ordering::SeqCst) < n {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), held).await.expect("the upstream holds the requests");
+        eventually(format!("the upstream to hold {n} requests"), Duration::from_secs(10), async || {
+            self.held.load(std::sync::atomic::Ordering::SeqCst) >= n
+        })
+        .await;
     }
 }
 
@@ -437,7 +431,7 @@ async fn callers_beyond_max_upstream_connections_wait_then_get_503_upstream_busy
     for i in 0..6 {
         let addr = proxy.addr;
         calls.spawn(async move {
-            raw(addr, &format!("GET /api/{i} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")).await
+            raw_exchange(addr, &format!("GET /api/{i} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")).await
         });
     }
     // The two others wait for a place for their request_timeout, then get 503 upstream_busy.
@@ -472,16 +466,16 @@ async fn text_from_a_peer_reaches_neither_log_format_raw() {
             basic_config(&idp, &upstream)
         );
         std::fs::write(&path, toml).unwrap();
-        let mut proxy = support::BinaryProxy::start(&path, &[]).await;
+        let mut proxy = TokenProxyProcess::run(&path, &[]).await;
         proxy.wait_ready().await;
         // A path with a C1 CSI, NEL, a line separator and a right-to-left override, and a request id with a CSI.
         let evil = "/api/a\u{9b}31mred\u{85}b\u{2028}c\u{202e}txt";
         let request =
             format!("GET {evil} HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: id\u{9b}2J\r\nConnection: close\r\n\r\n");
-        let answer = raw(proxy.addr.parse().unwrap(), &request).await;
+        let answer = raw_exchange(proxy.addr, &request).await;
         assert!(status(&answer) > 0, "{answer}");
-        support::signal(proxy.child.id().unwrap(), libc::SIGTERM);
-        let log = proxy.finish().await;
+        assert_eq!(proxy.terminate().await.code(), Some(0), "clean exit");
+        let log = proxy.logs();
         let access: Vec<&str> = log.lines().filter(|line| line.contains("/api/a")).collect();
         assert!(!access.is_empty(), "{format}: the access line: {log}");
         for c in ['\u{9b}', '\u{85}', '\u{2028}', '\u{202e}'] {
@@ -546,16 +540,11 @@ async fn a_spent_token_budget_keeps_the_token_in_hand_then_answers_503_until_the
     proxy.wait_ready().await;
     idp.wait_calls(2).await;
     // The budget refuses the next refresh; once the token in hand runs out, requests get the budget's answer.
-    let exhausted = async {
-        loop {
-            let reply = support::Client::new().get(&proxy.url("/api/x")).await;
-            if reply.status == 503 {
-                return reply;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let reply = tokio::time::timeout(Duration::from_secs(10), exhausted).await.expect("the token ran out");
+    let reply = eventually("the token to run out (503)", Duration::from_secs(10), async || {
+        let reply = support::Client::new().get(&proxy.url("/api/x")).await;
+        (reply.status == 503).then_some(reply)
+    })
+    .await;
     assert_eq!(reply.headers["x-tokenproxy-error"], "token_budget_exhausted", "{}", reply.text());
     let retry_after: u64 = reply.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=3600).contains(&retry_after), "until the hour's window ends: {retry_after}");

@@ -13,7 +13,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::tls::{Ca, TlsUpstream};
-use support::{basic_config, FakeIdp, FakeUpstream, Proxy};
+use support::{basic_config, eventually, FakeIdp, FakeUpstream, Proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -22,12 +22,10 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// Waits until `tokenproxy_inflight_requests` is `n`.
 async fn wait_inflight(proxy: &Proxy, n: f64) {
-    let settled = async {
-        while proxy.metric("tokenproxy_inflight_requests").await != n {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, settled).await.unwrap_or_else(|_| panic!("the in-flight gauge did not reach {n}"));
+    eventually(format!("the in-flight gauge at {n}"), WAIT, async || {
+        proxy.metric("tokenproxy_inflight_requests").await == n
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -11,19 +11,15 @@
 //!
 //! Needs `node` >= 20 and `npm` on PATH (`tests/idp/node_modules` is installed by `npm ci` on first use).
 
-mod support {
-    pub mod oidc;
-}
+mod support;
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use hyper::body::Bytes;
 use hyper::{Method, StatusCode};
 use serde_json::Value;
-use support::oidc::{toml_string, IdpProcess, TokenProxyProcess, UpstreamProcess, DPOP_CLIENT};
-
-const READY_TIMEOUT: Duration = Duration::from_secs(15);
+use support::oidc::{IdpProcess, UpstreamProcess, DPOP_CLIENT};
+use support::{toml_string, TokenProxyProcess};
 
 fn config(token_url: &str, upstream: &str) -> String {
     format!(
@@ -53,7 +49,7 @@ async fn dpop_bound_tokens_go_with_a_fresh_proof_every_time_and_nonces_are_answe
     let upstream = UpstreamProcess::start(&idp).await;
     let token_url = idp.token_endpoint().await;
     let proxy = TokenProxyProcess::start(tempfile::tempdir().unwrap(), &config(&token_url, &upstream.url)).await;
-    proxy.wait_ready(READY_TIMEOUT).await;
+    proxy.wait_ready().await;
 
     // The first token call was asked for the provider's nonce, and made again with it: two proofs of one key.
     let client = &idp.stats().await["clients"][DPOP_CLIENT.0];

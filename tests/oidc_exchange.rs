@@ -11,20 +11,14 @@
 //!
 //! Needs `node` >= 20 and `npm` on PATH (`tests/idp/node_modules` is installed by `npm ci` on first use).
 
-mod support {
-    pub mod oidc;
-}
+mod support;
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use hyper::body::Bytes;
 use hyper::{Method, StatusCode};
-use support::oidc::{
-    toml_string, IdpProcess, Reply, TokenProxyProcess, UpstreamProcess, BASIC_CLIENT, EXCHANGE_CLIENT, POST_CLIENT,
-};
-
-const READY_TIMEOUT: Duration = Duration::from_secs(15);
+use support::oidc::{IdpProcess, UpstreamProcess, BASIC_CLIENT, EXCHANGE_CLIENT, POST_CLIENT};
+use support::{toml_string, Reply, TokenProxyProcess};
 
 fn config(token_url: &str, upstream: &str) -> String {
     format!(
@@ -56,7 +50,7 @@ async fn each_caller_gets_one_exchange_and_refused_callers_cost_one_call() {
     let upstream = UpstreamProcess::start(&idp).await;
     let token_url = idp.token_endpoint().await;
     let proxy = TokenProxyProcess::start(tempfile::tempdir().unwrap(), &config(&token_url, &upstream.url)).await;
-    proxy.wait_ready(READY_TIMEOUT).await;
+    proxy.wait_ready().await;
     let exchanges = || async { idp.token_calls(EXCHANGE_CLIENT.0).await };
     assert_eq!(exchanges().await.calls, 0, "nothing to fetch ahead");
 
@@ -97,7 +91,7 @@ async fn each_caller_gets_one_exchange_and_refused_callers_cost_one_call() {
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     }
     assert_eq!(exchanges().await.calls, 102, "a refused subject is remembered");
-    let refused = proxy.metric("tokenproxy_exchange_cache_total", &[("provider", "exchange"), ("event", "refused")]);
+    let refused = proxy.metric_sample("tokenproxy_exchange_cache_total{event=\"refused\",provider=\"exchange\"}");
     assert_eq!(refused.await, Some(100.0), "answered from the refusal cache");
     assert_eq!(as_caller(&proxy, &newcomer).await.status, StatusCode::OK, "other callers are unaffected");
 

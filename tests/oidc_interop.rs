@@ -10,9 +10,7 @@
 //!
 //! Needs `node` >= 20 and `npm` on PATH (`tests/idp/node_modules` is installed by `npm ci` on first use).
 
-mod support {
-    pub mod oidc;
-}
+mod support;
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -20,9 +18,10 @@ use std::time::Duration;
 use hyper::body::Bytes;
 use hyper::{Method, StatusCode};
 use serde_json::Value;
-use support::oidc::{toml_string, wait_for, IdpProcess, TokenProxyProcess, UpstreamProcess, BASIC_CLIENT, POST_CLIENT};
+use support::oidc::{IdpProcess, UpstreamProcess, BASIC_CLIENT, POST_CLIENT};
+use support::{eventually, toml_string, TokenProxyProcess};
 
-/// How long tokenproxy may take to hold a token for every provider after it answers `/healthz`.
+/// How long a provider may take to hold a valid token.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One `[providers.NAME]` table for a client_credentials client of the test provider.
@@ -99,7 +98,7 @@ impl Harness {
         config += &route_toml("post", "/post", &upstream.url, "post", false);
 
         let proxy = TokenProxyProcess::start(dir, &config).await;
-        proxy.wait_ready(READY_TIMEOUT).await;
+        proxy.wait_ready().await;
         Harness { proxy, upstream, idp }
     }
 }
@@ -230,7 +229,7 @@ async fn tokens_are_refreshed_ahead_of_expiry_across_several_lifetimes() {
     }
 
     // /tokens: every provider valid, refreshed several times, with a fingerprint.
-    let tokens = wait_for("both providers 'valid' in /tokens", Duration::from_secs(3), || async {
+    let tokens = eventually("both providers 'valid' in /tokens", Duration::from_secs(3), || async {
         let body = admin_tokens(&h.proxy).await;
         let valid = ["basic", "post"].iter().all(|p| body["providers"][*p]["state"] == "valid");
         valid.then_some(body)
@@ -319,7 +318,7 @@ async fn a_client_the_provider_refuses_keeps_readyz_503_and_its_route_answers_to
     // last_error's shape is the implementation's (a string or an object): look at its JSON text.
     let refused = |body: &Value| body["providers"]["wrong"]["last_error"].to_string().contains("invalid_client");
 
-    let body = wait_for("/readyz to report invalid_client for 'wrong'", Duration::from_secs(10), || async {
+    let body = eventually("/readyz to report invalid_client for 'wrong'", Duration::from_secs(10), || async {
         let body = readyz("while the provider refuses the client").await;
         refused(&body).then_some(body)
     })
@@ -339,7 +338,7 @@ async fn a_client_the_provider_refuses_keeps_readyz_503_and_its_route_answers_to
     assert!(!reply.text().contains(WRONG_SECRET), "the problem body shows the secret: {problem}");
 
     // The other provider is unaffected, and nothing was sent upstream for the refused one.
-    wait_for("'post' to hold a valid token", READY_TIMEOUT, || async {
+    eventually("'post' to hold a valid token", READY_TIMEOUT, || async {
         (admin_tokens(&proxy).await["providers"]["post"]["state"] == "valid").then_some(())
     })
     .await;
@@ -391,7 +390,7 @@ async fn route_profiles_get_one_token_per_audience_from_one_client() {
             .replace("provider = \"basic\"\n", &format!("provider = \"basic\"\nresource = {}\n", toml_string(SECOND)));
     }
     let proxy = TokenProxyProcess::start(dir, &config).await;
-    proxy.wait_ready(READY_TIMEOUT).await;
+    proxy.wait_ready().await;
 
     // Concurrent requests on every route: one token call per slot.
     let requests = (0..20).flat_map(|i| {
@@ -417,7 +416,7 @@ async fn route_profiles_get_one_token_per_audience_from_one_client() {
     let names: Vec<&String> = tokens["providers"].as_object().expect("providers").keys().collect();
     assert_eq!(names, ["basic", "basic[reports]"], "{tokens}");
     let metric =
-        proxy.metric("tokenproxy_token_requests_total", &[("provider", "basic[reports]"), ("outcome", "success")]);
+        proxy.metric_sample("tokenproxy_token_requests_total{outcome=\"success\",provider=\"basic[reports]\"}");
     assert_eq!(metric.await, Some(1.0));
     let refresh = proxy.admin_post("/tokens/basic%5Breports%5D/refresh").await;
     assert_eq!(refresh.status, StatusCode::OK, "{}", refresh.text());

@@ -23,9 +23,7 @@
 // Some helpers serve only the tests of the crash hooks (the `failpoints` feature, which scripts/test turns on).
 #![cfg_attr(not(feature = "failpoints"), allow(dead_code, unused_imports))]
 
-mod support {
-    pub mod oidc;
-}
+mod support;
 
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
@@ -35,16 +33,15 @@ use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 use serde_json::Value;
-use support::oidc::{
-    free_port, sha256_hex, spawn_tokenproxy, toml_string, wait_for, write_proxy_config, IdpProcess, TokenProxyProcess,
-    UpstreamProcess, ROTATE_CLIENT, SESSION_SCOPE,
-};
+use support::oidc::{sha256_hex, IdpProcess, UpstreamProcess, ROTATE_CLIENT, SESSION_SCOPE};
+use support::process::ChildProcess;
+use support::{eventually, spawn_tokenproxy, toml_string, write_proxy_config, TokenProxyProcess};
 
 /// The provider's access-token lifetime in these tests (seconds).
 const TOKEN_TTL: u64 = 3;
 /// The name of the tokenproxy provider, hence of its state file (`state/session.json`).
 const PROVIDER: &str = "session";
-/// How long tokenproxy may take to hold a token after it answers `/healthz`.
+/// How long a tokenproxy command (or a run expected to end) may take, and a state the tests wait for to show.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Interval between two requests through the proxy while a session runs.
 const TICK: Duration = Duration::from_millis(200);
@@ -148,6 +145,7 @@ struct Session {
     // if the test fails), then the processes they talk to, then the directory.
     proxy: Option<TokenProxyProcess>,
     stopped: Vec<TokenProxyProcess>,
+    crashed: Vec<ChildProcess>,
     upstream: UpstreamProcess,
     idp: IdpProcess,
     dir: tempfile::TempDir,
@@ -166,7 +164,8 @@ impl Session {
         let seed = idp.seed_refresh_token().await;
         std::fs::write(&seed_file, format!("{}\n", seed.refresh_token)).expect("write seed file");
         let body = config_body(&idp, &upstream, endpoint, Some(&seed_file), false).await;
-        let session = Session { proxy: None, stopped: Vec::new(), upstream, idp, dir, seed_file, body };
+        let session =
+            Session { proxy: None, stopped: Vec::new(), crashed: Vec::new(), upstream, idp, dir, seed_file, body };
         (session, seed)
     }
 
@@ -182,7 +181,7 @@ impl Session {
         self.proxy.as_ref().expect("tokenproxy is running")
     }
 
-    /// Starts tokenproxy (with `env`) and waits until it answers `/healthz`.
+    /// Starts tokenproxy (with `env`) and waits until it listens.
     async fn start(&mut self, env: &[(&str, &str)]) {
         assert!(self.proxy.is_none(), "tokenproxy is already running");
         self.proxy = Some(TokenProxyProcess::start_in(self.dir.path(), &self.body, env).await);
@@ -191,7 +190,7 @@ impl Session {
     /// Starts tokenproxy and waits until `/readyz` answers 200.
     async fn start_ready(&mut self) {
         self.start(&[]).await;
-        self.proxy().wait_ready(READY_TIMEOUT).await;
+        self.proxy().wait_ready().await;
     }
 
     /// Stops tokenproxy with SIGTERM; it must exit 0.
@@ -206,14 +205,15 @@ impl Session {
     #[cfg(feature = "failpoints")]
     async fn crash_at(&mut self, failpoint: &str) {
         assert!(self.proxy.is_none(), "tokenproxy is already running");
-        let env = [("TP_FAILPOINT", failpoint)];
+        let config = write_proxy_config(self.dir.path(), &self.body).to_string_lossy().into_owned();
+        let name = format!("tokenproxy ({failpoint})");
         let mut proxy =
-            TokenProxyProcess::spawn_in(self.dir.path(), &self.body, &env, &format!("tokenproxy ({failpoint})"));
-        let status = proxy.wait_exit(READY_TIMEOUT).await;
-        let output = proxy.process().output().text();
+            spawn_tokenproxy(&name, self.dir.path(), &["run", "--config", &config], &[("TP_FAILPOINT", failpoint)]);
+        let status = proxy.wait_exit_async(READY_TIMEOUT).await.unwrap_or_else(|| panic!("{name} did not exit"));
+        let output = proxy.output().text();
         assert_eq!(status.signal(), Some(SIGABRT), "expected an abort at {failpoint}, got {status}:\n{output}");
         assert!(output.contains(&format!("failpoint {failpoint}")), "no failpoint message in:\n{output}");
-        self.stopped.push(proxy);
+        self.crashed.push(proxy);
     }
 
     /// Sends a request through the proxy every [`TICK`] (each must answer 200 from the upstream) and looks at
@@ -266,7 +266,8 @@ impl Session {
 
     /// `tokenproxy_provider_permanent_failure{provider="session"}`.
     async fn permanent_failure(&self) -> Option<f64> {
-        self.proxy().metric("tokenproxy_provider_permanent_failure", &[("provider", PROVIDER)]).await
+        let sample = format!("tokenproxy_provider_permanent_failure{{provider=\"{PROVIDER}\"}}");
+        self.proxy().metric_sample(&sample).await
     }
 
     /// The upstream saw only valid tokens: none missing, forged, foreign or past its JWT `exp` (oidc-provider
@@ -411,7 +412,7 @@ async fn an_abort_before_the_state_write_ends_the_session_with_a_clear_failure()
     // the whole grant, so the newest token (issued to the aborted process, never stored) is dead as well.
     // Nothing can save this session: tokenproxy must say so clearly and stop there.
     s.start(&[]).await;
-    let readyz = wait_for("/readyz 503 asking for a new login", READY_TIMEOUT, || async {
+    let readyz = eventually("/readyz 503 asking for a new login", READY_TIMEOUT, || async {
         let reply = s.proxy().admin_get("/readyz").await;
         (reply.status == StatusCode::SERVICE_UNAVAILABLE && reply.text().contains("new login")).then(|| reply.json())
     })
@@ -502,7 +503,7 @@ async fn a_new_seed_wins_over_the_stored_refresh_token() {
 /// consent would do) and waits for the command to succeed. Returns the id of the Grant the login created.
 async fn device_login(idp: &IdpProcess, dir: &Path, config: &str) -> String {
     let mut login = spawn_tokenproxy("tokenproxy login", dir, &["login", PROVIDER, "--config", config], &[]);
-    let (url, code) = wait_for("the verification URL and code on stderr", READY_TIMEOUT, || {
+    let (url, code) = eventually("the verification URL and code on stderr", READY_TIMEOUT, || {
         let text = login.output().text();
         async move {
             let line = text.lines().find(|l| l.contains("enter the code "))?;
@@ -527,7 +528,7 @@ async fn device_login_then_proxy_then_logout_revokes() {
     let dir = tempfile::tempdir().expect("temp dir");
     // No seed: the session comes from `tokenproxy login`. The device authorization request needs `openid`.
     let body = config_body(&idp, &upstream, Endpoint::Issuer, None, true).await;
-    let (config_path, _) = write_proxy_config(dir.path(), &body, free_port(), free_port());
+    let config_path = write_proxy_config(dir.path(), &body);
     let config = config_path.to_string_lossy().into_owned();
     let state_path = dir.path().join("state").join(format!("{PROVIDER}.json"));
 
@@ -540,7 +541,7 @@ async fn device_login_then_proxy_then_logout_revokes() {
 
     // The proxy works from the stored token.
     let mut proxy = TokenProxyProcess::start_in(dir.path(), &body, &[]).await;
-    proxy.wait_ready(READY_TIMEOUT).await;
+    proxy.wait_ready().await;
     let reply = proxy.get("/api/after-login").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["client_id"], ROTATE_CLIENT.0);
@@ -601,7 +602,7 @@ async fn a_sigterm_during_a_refresh_keeps_the_rotated_token() {
     // The next token call (the proactive refresh, ≈ 2 s after startup) is served at once but its answer
     // reaches tokenproxy 800 ms later.
     s.idp.hold_next_answers(1, 800).await;
-    wait_for("the proactive refresh to reach the provider", PER_ROTATION, || async {
+    eventually("the proactive refresh to reach the provider", PER_ROTATION, || async {
         (s.idp.refresh_stats().await.calls >= 2).then_some(())
     })
     .await;
@@ -636,7 +637,7 @@ async fn a_device_login_wins_over_an_unchanged_seed() {
     let login = s.state().expect("the login stored a refresh token");
 
     s.start(&[]).await;
-    let readyz = wait_for("/readyz ready or failed", READY_TIMEOUT, || async {
+    let readyz = eventually("/readyz ready or failed", READY_TIMEOUT, || async {
         let reply = s.proxy().admin_get("/readyz").await;
         (reply.status == StatusCode::OK || reply.text().contains("\"failed\"")).then(|| reply.text())
     })

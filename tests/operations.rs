@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use support::session_idp::SessionIdp;
-use support::{BinaryProxy, Client, FakeIdp, FakeUpstream, IdpMode, Proxy};
+use support::{eventually, Client, FakeIdp, FakeUpstream, IdpMode, Proxy, TokenProxyProcess};
 
 const LISTEN: &str = "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
 
@@ -26,13 +26,12 @@ fn route(prefix: &str, upstream: &FakeUpstream, provider: &str) -> String {
     )
 }
 
-async fn wait_metric(client: &Client, proxy: &BinaryProxy, line: &str) {
-    let wait = async {
-        while !client.get(&proxy.admin_url("/metrics")).await.text().lines().any(|l| l == line) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), wait).await.unwrap_or_else(|_| panic!("never saw `{line}`"));
+/// Waits until `/metrics` has the sample `line` (name, labels and value).
+async fn wait_metric(proxy: &TokenProxyProcess, line: &str) {
+    eventually(format!("`{line}` in /metrics"), Duration::from_secs(20), async || {
+        proxy.admin_get("/metrics").await.text().lines().any(|l| l == line)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,10 +41,10 @@ async fn reload_keeps_unchanged_providers_tokens_and_refuses_a_bad_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenproxy.toml");
     std::fs::write(&path, format!("{LISTEN}{}{}", provider("a", &idp_a, ""), route("/a", &upstream, "a"))).unwrap();
-    let proxy = BinaryProxy::start(&path, &[]).await;
+    let proxy = TokenProxyProcess::run(&path, &[]).await;
     proxy.wait_ready().await;
     let client = Client::new();
-    let url = |p: &str| format!("http://{}{p}", proxy.addr);
+    let url = |p: &str| proxy.url(p);
     assert_eq!(client.get(&url("/a/x")).await.json()["token"], "tok-1");
     let fingerprint = client.get(&proxy.admin_url("/tokens")).await.json()["providers"]["a"]["fingerprint"].clone();
 
@@ -58,9 +57,8 @@ async fn reload_keeps_unchanged_providers_tokens_and_refuses_a_bad_config() {
         route("/b", &upstream, "b")
     );
     std::fs::write(&path, config).unwrap();
-    let pid = proxy.child.id().unwrap();
-    support::signal(pid, libc::SIGHUP);
-    wait_metric(&client, &proxy, "tokenproxy_config_reloads_total{outcome=\"success\"} 1").await;
+    proxy.signal(libc::SIGHUP);
+    wait_metric(&proxy, "tokenproxy_config_reloads_total{outcome=\"success\"} 1").await;
     proxy.wait_ready().await;
     assert_eq!(idp_a.calls(), 1, "provider a kept its token: no new token call");
     let tokens = client.get(&proxy.admin_url("/tokens")).await.json();
@@ -76,7 +74,7 @@ async fn reload_keeps_unchanged_providers_tokens_and_refuses_a_bad_config() {
     let errors = refused.json()["errors"].to_string();
     assert!(errors.contains("server.bogus") && errors.contains("routes[0].upstream"), "{errors}");
     assert_eq!(client.get(&url("/b/x")).await.status, 200, "the old routes still serve");
-    wait_metric(&client, &proxy, "tokenproxy_config_reloads_total{outcome=\"error\"} 1").await;
+    wait_metric(&proxy, "tokenproxy_config_reloads_total{outcome=\"error\"} 1").await;
 
     // A changed provider gets a new token; a removed route stops matching.
     let config = format!("{LISTEN}{}{}", provider("a", &idp_a, "scope = \"more\""), route("/a", &upstream, "a"));
@@ -186,10 +184,10 @@ inject = "query"
         up = upstream.url(),
     );
     std::fs::write(&path, config).unwrap();
-    let mut proxy = BinaryProxy::start(&path, &[("RUST_LOG", "debug")]).await;
+    let mut proxy = TokenProxyProcess::run(&path, &[("RUST_LOG", "debug")]).await;
     proxy.wait_ready().await;
     let client = Client::new();
-    let url = |p: &str| format!("http://{}{p}", proxy.addr);
+    let url = |p: &str| proxy.url(p);
     for p in ["/cc/a?secret=1", "/session/b", "/owner/c", "/q/d?x=1", "/signer/e"] {
         assert_eq!(client.get(&url(p)).await.status, 200, "{p}");
     }
@@ -210,9 +208,9 @@ inject = "query"
         client.get(&proxy.admin_url("/readyz")).await.text(),
     ]
     .join("\n");
-    let pid = proxy.child.id().unwrap();
-    support::signal(pid, libc::SIGTERM);
-    let logs = proxy.finish().await;
+    let status = proxy.terminate().await;
+    assert_eq!(status.code(), Some(0), "clean exit");
+    let logs = proxy.logs();
 
     // Every line is one JSON object with timestamp, level and message.
     let mut access = Vec::new();

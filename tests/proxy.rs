@@ -9,8 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use support::{basic_config, Client, FakeIdp, FakeUpstream, IdpMode, Proxy};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::{basic_config, eventually, raw_exchange, Client, FakeIdp, FakeUpstream, IdpMode, Proxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_flight_500_concurrent_requests_make_one_token_call() {
@@ -29,12 +28,10 @@ async fn single_flight_500_concurrent_requests_make_one_token_call() {
         })
         .collect();
     // Every request is now parked on the one call in flight: wait for the proxy to say so.
-    let waiters = async {
-        while proxy.metric("tokenproxy_singleflight_waiters_total").await < 500.0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), waiters).await.expect("500 requests waiting");
+    eventually("500 requests waiting", Duration::from_secs(30), async || {
+        proxy.metric("tokenproxy_singleflight_waiters_total").await >= 500.0
+    })
+    .await;
     idp.open();
     let mut tokens = HashSet::new();
     for request in requests {
@@ -439,15 +436,6 @@ async fn hop_by_hop_headers_are_stripped_both_ways_and_forwarding_headers_set() 
     proxy.stop().await;
 }
 
-/// Sends raw bytes to the proxy and returns the raw answer's status line and body.
-async fn raw(proxy: &Proxy, request: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
 #[tokio::test]
 async fn never_an_open_proxy() {
     let idp = FakeIdp::start(300).await;
@@ -460,32 +448,44 @@ async fn never_an_open_proxy() {
     let proxy = Proxy::start(&config).await;
     proxy.wait_ready().await;
 
-    let answer =
-        raw(&proxy, "GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n").await;
+    let answer = raw_exchange(
+        proxy.addr,
+        "GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert!(answer.contains("x-tokenproxy-error: host_not_allowed"), "{answer}");
-    let answer = raw(&proxy, "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n").await;
+    // (The refusal keeps the connection open like any answer: `Connection: close` ends the exchange.)
+    let connect = "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(proxy.addr, connect).await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     // An absolute-form request for a host that is not a route's host does not fall back to host-less routes.
-    let answer =
-        raw(&proxy, "GET http://evil.example/api/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n").await;
+    let answer = raw_exchange(
+        proxy.addr,
+        "GET http://evil.example/api/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert_eq!(upstream.requests(), 0, "nothing was sent anywhere");
 
     // A configured host in absolute form (HTTP_PROXY users) is routed, with a token.
-    let answer =
-        raw(&proxy, "GET http://orders.internal:80/o/1 HTTP/1.1\r\nHost: orders.internal\r\nConnection: close\r\n\r\n")
-            .await;
+    let answer = raw_exchange(
+        proxy.addr,
+        "GET http://orders.internal:80/o/1 HTTP/1.1\r\nHost: orders.internal\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(upstream.seen()[0].uri, "/o/1");
     assert_eq!(upstream.seen()[0].headers["authorization"], "Bearer tok-1");
     // So is an origin-form request whose Host names it.
-    let answer = raw(&proxy, "GET /o/2 HTTP/1.1\r\nHost: Orders.Internal:8080\r\nConnection: close\r\n\r\n").await;
+    let answer =
+        raw_exchange(proxy.addr, "GET /o/2 HTTP/1.1\r\nHost: Orders.Internal:8080\r\nConnection: close\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let answer = raw(&proxy, "GET /nowhere HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
+    let answer =
+        raw_exchange(proxy.addr, "GET /nowhere HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 404") && answer.contains("no_route"), "{answer}");
     // An origin-form Host that names neither this loopback listener nor a route: a rebound web page (421).
-    let answer = raw(&proxy, "GET /api/x HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n").await;
+    let answer = raw_exchange(proxy.addr, "GET /api/x HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 421") && answer.contains("misdirected_request"), "{answer}");
     proxy.stop().await;
 }

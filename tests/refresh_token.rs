@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use support::session_idp::SessionIdp;
-use support::{Client, FakeUpstream, Proxy};
+use support::{eventually, spawn_tokenproxy, tokenproxy_command, Client, FakeUpstream, Proxy, TokenProxyProcess};
 
 fn record(state: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(state.join("api.json")).expect("state file");
@@ -132,16 +132,11 @@ async fn invalid_grant_ends_the_session_with_a_clear_error_and_an_alertable_metr
     setup.idp.revoke_session();
     let proxy = Proxy::start(&setup.config()).await;
     let client = Client::new();
-    let failed = async {
-        loop {
-            let ready = client.get(&proxy.admin_url("/readyz")).await;
-            if ready.json()["providers"]["api"]["last_error"].is_string() {
-                return ready;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    let ready = tokio::time::timeout(Duration::from_secs(10), failed).await.unwrap();
+    let ready = eventually("a last_error in /readyz", Duration::from_secs(10), async || {
+        let ready = client.get(&proxy.admin_url("/readyz")).await;
+        ready.json()["providers"]["api"]["last_error"].is_string().then_some(ready)
+    })
+    .await;
     assert_eq!(ready.status, 503);
     let error = ready.json()["providers"]["api"]["last_error"].as_str().unwrap().to_owned();
     assert!(error.contains("refresh token expired or revoked: a new login is needed"), "{error}");
@@ -187,16 +182,11 @@ async fn discovery_finds_the_token_endpoint_and_refuses_another_issuer() {
         session_config(&endpoint, &setup.dir.path().join("seed"), &setup.dir.path().join("s2"), &setup.upstream);
     let proxy = Proxy::start(&config).await;
     let client = Client::new();
-    let refused = async {
-        loop {
-            let ready = client.get(&proxy.admin_url("/readyz")).await.json();
-            if let Some(error) = ready["providers"]["api"]["last_error"].as_str() {
-                return error.to_owned();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    let error = tokio::time::timeout(Duration::from_secs(10), refused).await.unwrap();
+    let error = eventually("a last_error in /readyz", Duration::from_secs(10), async || {
+        let ready = client.get(&proxy.admin_url("/readyz")).await.json();
+        ready["providers"]["api"]["last_error"].as_str().map(str::to_owned)
+    })
+    .await;
     assert!(error.contains("impostor.example") && error.contains("refusing"), "{error}");
     assert_eq!(other.calls(), 0, "no token request went to an unverified endpoint");
     proxy.stop().await;
@@ -240,7 +230,7 @@ async fn a_failed_state_write_keeps_the_rotated_token_and_stores_it_first_next_t
     std::fs::write(&config, format!("{listen}{}", setup.config())).unwrap();
     // The first write of a rotated refresh token fails (as on a full disk): rt-1 then exists only in memory, its
     // access token is not used, and the next attempt stores rt-1 before redeeming it.
-    let proxy = support::BinaryProxy::start(&config, &[("TP_FAILPOINT", "before_state_write:error")]).await;
+    let proxy = TokenProxyProcess::run(&config, &[("TP_FAILPOINT", "before_state_write:error")]).await;
     proxy.wait_ready().await;
     let stored = record(&setup.state());
     assert_eq!(stored["refresh_token"], "rt-2");
@@ -254,9 +244,9 @@ async fn a_failed_state_write_keeps_the_rotated_token_and_stores_it_first_next_t
 }
 
 fn tokenproxy(args: &[&str], config: &Path) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
-    command.args(args).arg("--config").arg(config).env_remove("TOKENPROXY_CONFIG").env_remove("TP_FAILPOINT");
-    command
+    let mut command = tokenproxy_command(args);
+    command.arg("--config").arg(config);
+    tokio::process::Command::from(command)
 }
 
 #[tokio::test]
@@ -317,17 +307,12 @@ async fn killed_between_the_idp_answer_and_the_write_never_leaves_a_corrupt_stat
         let setup = Setup::new().await;
         let config = setup.dir.path().join("tokenproxy.toml");
         std::fs::write(&config, format!("{listen}{}", setup.config())).unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env_remove("TOKENPROXY_CONFIG")
-            .env("TP_FAILPOINT", failpoint)
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let config_arg = config.to_string_lossy().into_owned();
+        let args = ["run", "--config", &config_arg];
+        let name = format!("tokenproxy ({failpoint})");
+        let mut child = spawn_tokenproxy(&name, setup.dir.path(), &args, &[("TP_FAILPOINT", failpoint)]);
         // The IdP answers (rt-seed → rt-1) and the process dies at the failpoint, as under kill -9.
-        let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
+        let status = child.wait_exit_async(Duration::from_secs(20)).await.expect("it ends at the failpoint");
         assert!(!status.success(), "{failpoint}: aborted");
         assert_eq!(setup.idp.stats()["valid"], "rt-1", "{failpoint}: the IdP rotated");
         let leftovers: Vec<String> = std::fs::read_dir(setup.state())
@@ -337,24 +322,20 @@ async fn killed_between_the_idp_answer_and_the_write_never_leaves_a_corrupt_stat
             "before_state_write" => {
                 assert!(!setup.state().join("api.json").exists(), "no partial file: {leftovers:?}");
                 // Restart: the stored token never came; the seed was already rotated away, and the IdP says so.
-                let proxy = support::BinaryProxy::start(&config, &[]).await;
+                let proxy = TokenProxyProcess::run(&config, &[]).await;
                 let client = Client::new();
-                let failed = async {
-                    loop {
-                        let ready = client.get(&proxy.admin_url("/readyz")).await;
-                        if let Some(error) = ready.json()["providers"]["api"]["last_error"].as_str() {
-                            return (ready.status, error.to_owned());
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                };
-                let (status, error) = tokio::time::timeout(Duration::from_secs(10), failed).await.unwrap();
+                let (status, error) = eventually("a last_error in /readyz", Duration::from_secs(10), async || {
+                    let ready = client.get(&proxy.admin_url("/readyz")).await;
+                    let error = ready.json()["providers"]["api"]["last_error"].as_str().map(str::to_owned);
+                    error.map(|error| (ready.status, error))
+                })
+                .await;
                 assert_eq!(status, 503);
                 assert!(error.contains("a new login is needed"), "{error}");
             }
             _ => {
                 assert_eq!(record(&setup.state())["refresh_token"], "rt-1", "the stored record is whole");
-                let proxy = support::BinaryProxy::start(&config, &[]).await;
+                let proxy = TokenProxyProcess::run(&config, &[]).await;
                 proxy.wait_ready().await;
                 assert_eq!(record(&setup.state())["refresh_token"], "rt-2");
                 assert_eq!(setup.idp.stats()["reused"], 0);

@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
-use support::{FakeIdp, Proxy};
+use support::{eventually, FakeIdp, Proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -137,16 +137,18 @@ async fn an_upstream_resetting_5_percent_of_connections_fails_those_requests_onl
     // idle upstream connections (two descriptors each in this process: the proxy's end and the upstream's).
     drop(client);
     assert_eq!(proxy.metric("tokenproxy_inflight_requests").await, 0.0);
-    let settled = async {
-        // At most: the baseline may hold a descriptor that closes meanwhile (the IdP connection of the startup call).
-        while open_descriptors() > baseline + 2 * upstream_open.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    // At most: the baseline may hold a descriptor that closes meanwhile (the IdP connection of the startup call).
+    let no_leak = format!("no leaked socket (descriptors at most {baseline} + 2 × the idle pooled connections)");
+    let (now, idle) = eventually(no_leak, Duration::from_secs(10), async || {
+        let (now, idle) = (open_descriptors(), upstream_open.load(Ordering::SeqCst));
+        if now <= baseline + 2 * idle {
+            Ok((now, idle))
+        } else {
+            Err(format!("{now} descriptors with {idle} idle upstream connections pooled"))
         }
-    };
-    let settled = tokio::time::timeout(Duration::from_secs(10), settled).await;
-    let (now, idle) = (open_descriptors(), upstream_open.load(Ordering::SeqCst));
+    })
+    .await;
     println!("drill: descriptors {baseline} before, {now} after, with {idle} idle upstream connections pooled");
-    assert!(settled.is_ok(), "sockets leaked: {now} descriptors, baseline {baseline} + 2 × {idle} pooled");
     assert!(idle <= 2 * 128, "the pool keeps at most max_idle_upstream_connections per worker: {idle}");
     proxy.stop().await;
 }

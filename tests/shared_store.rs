@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use support::redis::RedisServer;
-use support::{Client, FakeIdp, FakeUpstream, Proxy};
+use support::{eventually, tokenproxy_command, Client, FakeIdp, FakeUpstream, Proxy};
 
 /// A key file with one random AES-256 key.
 fn key_file() -> tempfile::NamedTempFile {
@@ -48,13 +48,9 @@ fn replica_of(
     )
 }
 
-/// Waits (polling, up to 10 s) until `check` holds.
-async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Waits until `check` holds (up to 10 s).
+async fn until(what: &str, check: impl AsyncFnMut() -> bool) {
+    eventually(what, Duration::from_secs(10), check).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,14 +393,8 @@ async fn a_session_redis_lost_is_seeded_again_from_the_newest_copy_without_a_reu
 
 /// Runs `tokenproxy ARGS --config CONFIG` (login, logout) and returns its stderr, asserting it succeeded.
 async fn command(args: &[&str], config: &std::path::Path) -> String {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env_remove("TOKENPROXY_CONFIG")
-        .output()
-        .await
-        .unwrap();
+    let output =
+        tokio::process::Command::from(tokenproxy_command(args)).arg("--config").arg(config).output().await.unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "tokenproxy {args:?}: {stderr}");
     stderr
@@ -441,10 +431,8 @@ async fn login_and_logout_reach_every_replica_and_a_replica_with_another_key_is_
     // `tokenproxy token` where the login ran: the fleet's token, without redeeming the login's refresh token (long
     // spent by the replicas: redeeming it would be a reuse, which ends the session at such IdPs).
     let refreshes = idp.stats()["refreshes"].as_u64();
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
-        .args(["token", "api", "--config"])
+    let output = tokio::process::Command::from(tokenproxy_command(&["token", "api", "--config"]))
         .arg(&cli_config)
-        .env_remove("TOKENPROXY_CONFIG")
         .output()
         .await
         .unwrap();

@@ -29,6 +29,8 @@ enum Answer {
 struct FakeFetcher {
     answer: Mutex<Answer>,
     calls: AtomicUsize,
+    /// The number of calls, for tests to await.
+    calls_seen: watch::Sender<usize>,
     times: Mutex<Vec<Instant>>,
     /// Each call takes a permit first: tests hold calls by keeping the semaphore empty.
     gate: Semaphore,
@@ -39,6 +41,7 @@ impl FakeFetcher {
         Arc::new(FakeFetcher {
             answer: Mutex::new(answer),
             calls: AtomicUsize::new(0),
+            calls_seen: watch::Sender::new(0),
             times: Mutex::new(Vec::new()),
             gate: Semaphore::new(Semaphore::MAX_PERMITS),
         })
@@ -57,6 +60,7 @@ impl TokenFetcher for FakeFetcher {
     fn fetch(&self) -> BoxFuture<'_, Result<TokenResponse, TokenError>> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            self.calls_seen.send_replace(n);
             self.times.lock().unwrap().push(Instant::now());
             self.gate.acquire().await.expect("gate").forget();
             match *self.answer.lock().unwrap() {
@@ -240,9 +244,7 @@ async fn hold_a_refresh(engine: &Engine) {
     engine.fetcher.gate.forget_permits(Semaphore::MAX_PERMITS);
     engine.slot.request_refresh();
     // (Virtual time: the call waits out min_refresh_interval after the first one.)
-    while engine.fetcher.calls() < 2 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let _ = engine.fetcher.calls_seen.subscribe().wait_for(|calls| *calls >= 2).await;
 }
 
 /// The `count` of a histogram in the metrics text.

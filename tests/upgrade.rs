@@ -7,7 +7,7 @@ mod support;
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
-use support::{FakeIdp, Proxy};
+use support::{eventually, FakeIdp, Proxy};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::Message;
@@ -179,15 +179,10 @@ async fn tunnels_count_against_max_connections_and_are_never_evicted() {
             String::from_utf8_lossy(&answer).into_owned()
         }
     });
-    let open = async {
-        loop {
-            if proxy.metric("tokenproxy_open_tunnels").await == 3.0 {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(10), open).await.expect("the tunnels are counted");
+    eventually("the three tunnels counted", std::time::Duration::from_secs(10), async || {
+        proxy.metric("tokenproxy_open_tunnels").await == 3.0
+    })
+    .await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert!(!fourth.is_finished(), "the fourth caller was served while three tunnels held every connection");
     for tunnel in &mut tunnels {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::tls::{write_atomically, Ca, TlsUpstream};
-use support::{Client, FakeIdp, Proxy};
+use support::{eventually, Client, FakeIdp, Proxy};
 
 fn provider(idp: &FakeIdp) -> String {
     format!("[providers.api]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s\"\n", idp.token_url())
@@ -153,20 +153,16 @@ async fn a_rotated_ca_bundle_and_client_certificate_are_used_without_a_failed_re
     let next = new_client_ca.client("client-2");
     write_atomically(&cert, &next.cert.pem());
     write_atomically(&ca_file, &(old_ca.pem() + &new_ca.pem()));
-    let settle = async {
-        for round in 0.. {
-            send(&mut sent, &mut failed).await;
-            if round == 60 {
-                write_atomically(&key, &next.key.serialize_pem());
-            }
-            if proxy.metric(reloads).await >= 1.0 {
-                return round;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut rounds = 0..;
+    let round = eventually("the new files to be loaded", Duration::from_secs(10), async || {
+        let round = rounds.next().expect("a next round");
+        send(&mut sent, &mut failed).await;
+        if round == 60 {
+            write_atomically(&key, &next.key.serialize_pem());
         }
-        unreachable!()
-    };
-    let round = tokio::time::timeout(Duration::from_secs(10), settle).await.expect("the new files were loaded");
+        (proxy.metric(reloads).await >= 1.0).then_some(round)
+    })
+    .await;
     assert!(round >= 60, "the half pair (new certificate, old key) was never loaded; the whole pair was");
     assert_eq!(proxy.metric(reloads).await, 1.0);
     let switched = upstream.seen().len();
@@ -182,13 +178,14 @@ async fn a_rotated_ca_bundle_and_client_certificate_are_used_without_a_failed_re
     upstream.replace(&new_ca.leaf(&["127.0.0.1"]), &[&new_client_ca]);
     let last_connection = upstream.seen().iter().map(|s| s.connection).max().unwrap();
     write_atomically(&ca_file, &new_ca.pem());
-    let settle = async {
-        while proxy.metric(reloads).await < 2.0 {
-            send(&mut sent, &mut failed).await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    eventually("the new bundle to be loaded", Duration::from_secs(10), async || {
+        if proxy.metric(reloads).await >= 2.0 {
+            return true;
         }
-    };
-    tokio::time::timeout(Duration::from_secs(10), settle).await.expect("the new bundle was loaded");
+        send(&mut sent, &mut failed).await;
+        false
+    })
+    .await;
     let switched = upstream.seen();
     for _ in 0..20 {
         send(&mut sent, &mut failed).await;

@@ -1,20 +1,32 @@
-//! Test fakes: an identity provider and an upstream, each a hyper server on 127.0.0.1 port 0 that counts, stalls
-//! and fails on command, plus helpers to start tokenproxy in-process and to talk HTTP to it.
-#![allow(dead_code)]
+//! What the tests share. Here: the fakes (an identity provider and an upstream, each a hyper server on 127.0.0.1
+//! port 0 that counts, stalls and fails on command) and tokenproxy started in-process ([`Proxy`]). Beside it: the one
+//! HTTP client ([`client`]), the one polling helper ([`wait`]), the one way to run the binary ([`process`]), the real
+//! OpenID provider's harness ([`oidc`]), Redis, TLS material and Markdown reading.
+#![allow(dead_code, unused_imports)]
 
+pub mod client;
+pub mod markdown;
+pub mod oidc;
+pub mod process;
 pub mod redis;
 pub mod session_idp;
 pub mod tls;
+pub mod wait;
+
+pub use client::{raw_exchange, Client, Reply};
+pub use process::{spawn_tokenproxy, tokenproxy_command, write_proxy_config, TokenProxyProcess};
+pub use wait::eventually;
 
 use std::collections::HashSet;
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -404,18 +416,20 @@ impl Proxy {
         format!("http://{}{path}", self.admin)
     }
 
-    /// Polls `/readyz` until it answers 200 (panics after 20 s).
-    pub async fn wait_ready(&self) {
-        wait_ready(&self.admin_url("/readyz")).await;
+    /// Waits until `/readyz` answers 200 (panics after [`READY_WITHIN`]), and returns its body.
+    pub async fn wait_ready(&self) -> Value {
+        wait_ready(&Client::new(), &self.admin_url("/readyz")).await
     }
 
-    /// A metric's value from `/metrics` (sum of matching lines), 0 when absent.
+    /// A metric's value from `/metrics`: the sum of the samples of `name_and_labels` (a name, or a name with its
+    /// labels as printed, e.g. `tokenproxy_replays_total{outcome="success",route="api"}`), 0 when absent.
     pub async fn metric(&self, name_and_labels: &str) -> f64 {
-        let text = Client::new().get(&self.admin_url("/metrics")).await.text();
-        text.lines()
-            .filter(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        self.metric_sample(name_and_labels).await.unwrap_or(0.0)
+    }
+
+    /// As [`Proxy::metric`], `None` when no sample has that name and labels.
+    pub async fn metric_sample(&self, name_and_labels: &str) -> Option<f64> {
+        metric_sample(&Client::new().get(&self.admin_url("/metrics")).await.text(), name_and_labels)
     }
 
     /// Stops it and waits for the drain to finish.
@@ -434,53 +448,6 @@ impl Drop for Proxy {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-    }
-}
-
-/// A response read whole.
-#[derive(Debug)]
-pub struct Reply {
-    pub status: u16,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-impl Reply {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
-    }
-}
-
-/// A small HTTP/1.1 client.
-#[derive(Clone)]
-pub struct Client {
-    inner: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-}
-
-impl Client {
-    pub fn new() -> Client {
-        let inner =
-            hyper_util::client::legacy::Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build_http();
-        Client { inner }
-    }
-
-    pub async fn get(&self, url: &str) -> Reply {
-        self.send(Request::get(url).body(Full::default()).unwrap()).await
-    }
-
-    pub async fn post(&self, url: &str, body: impl Into<Bytes>) -> Reply {
-        self.send(Request::post(url).body(Full::new(body.into())).unwrap()).await
-    }
-
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Reply {
-        let response = self.inner.request(request).await.expect("request to tokenproxy failed");
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.expect("read response body").to_bytes();
-        Reply { status: parts.status.as_u16(), headers: parts.headers, body }
     }
 }
 
@@ -504,104 +471,45 @@ provider = "api"
     )
 }
 
-/// The `tokenproxy run` binary as a child process, with the addresses it printed at startup and its log lines.
-pub struct BinaryProxy {
-    pub child: tokio::process::Child,
-    pub addr: String,
-    pub admin: String,
-    captured: Arc<Mutex<Vec<String>>>,
-    reader: Option<tokio::task::JoinHandle<()>>,
+/// How long tokenproxy may take to be ready (`/readyz` 200).
+pub const READY_WITHIN: Duration = Duration::from_secs(20);
+
+/// Waits until the readiness URL `url` answers 200, and returns its body (panics after [`READY_WITHIN`], with the
+/// last answer).
+pub async fn wait_ready(client: &Client, url: &str) -> Value {
+    eventually(format!("{url} to answer 200"), READY_WITHIN, async || {
+        match client.try_send(Method::GET, url, &[], Bytes::new()).await {
+            Ok(reply) if reply.status == 200 => Ok(reply.json()),
+            Ok(reply) => Err(format!("{} {}", reply.status, reply.text())),
+            Err(error) => Err(error),
+        }
+    })
+    .await
 }
 
-impl BinaryProxy {
-    /// Runs `tokenproxy run --config CONFIG` with `env`, and waits for its "listening" line (the config should
-    /// listen on port 0). Pretty and JSON log formats are both understood.
-    pub async fn start(config: &std::path::Path, env: &[(&str, &str)]) -> BinaryProxy {
-        use tokio::io::AsyncBufReadExt;
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
-        command
-            .args(["run", "--config"])
-            .arg(config)
-            .env_remove("TOKENPROXY_CONFIG")
-            .env_remove("TP_FAILPOINT")
-            .env("RUST_LOG", "info")
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().expect("spawn tokenproxy");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = oneshot::channel();
-        let captured = Arc::new(Mutex::new(Vec::new()));
-        let lines_out = Arc::clone(&captured);
-        let reader = tokio::spawn(async move {
-            let mut tx = Some(tx);
-            let mut lines = tokio::io::BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let addresses = match serde_json::from_str::<Value>(&line) {
-                    Ok(entry) => {
-                        entry["proxy"].as_str().zip(entry["admin"].as_str()).map(|(p, a)| (p.to_owned(), a.to_owned()))
-                    }
-                    Err(_) => {
-                        let field = |name: &str| {
-                            line.find(name).map(|i| {
-                                line[i + name.len()..].split_whitespace().next().unwrap_or_default().to_owned()
-                            })
-                        };
-                        field("proxy=").zip(field("admin="))
-                    }
-                };
-                if let Some(addresses) = addresses {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addresses);
-                    }
-                }
-                eprintln!("[tokenproxy] {line}");
-                lines_out.lock().unwrap().push(line);
+/// The value of a sample in Prometheus text: the sum of the lines of `name_and_labels` (a metric name, or a name
+/// with its labels as printed); `None` when no line has it.
+pub fn metric_sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|sum, value| sum + value)
+}
+
+/// Quotes `s` as a TOML basic string.
+pub fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
             }
-        });
-        let (addr, admin) =
-            tokio::time::timeout(Duration::from_secs(20), rx).await.expect("tokenproxy started").expect("address line");
-        BinaryProxy { child, addr, admin, captured, reader: Some(reader) }
-    }
-
-    pub fn admin_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.admin)
-    }
-
-    /// Polls `/readyz` until 200 (panics after 20 s).
-    pub async fn wait_ready(&self) {
-        wait_ready(&self.admin_url("/readyz")).await;
-    }
-
-    /// Waits for the process to exit (after a signal), checks it exited 0, and returns everything it logged.
-    pub async fn finish(&mut self) -> String {
-        let status =
-            tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.expect("exit").expect("wait");
-        assert_eq!(status.code(), Some(0), "clean exit");
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.await;
+            c => out.push(c),
         }
-        let lines = self.captured.lock().unwrap().clone();
-        lines.join("\n")
     }
-}
-
-/// Polls a readiness URL until it answers 200 (panics after 20 s).
-pub async fn wait_ready(url: &str) {
-    let client = Client::new();
-    let ready = async {
-        while client.get(url).await.status != 200 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), ready).await.expect("tokenproxy never became ready");
-}
-
-/// Sends a signal (`libc::SIGTERM`, `libc::SIGHUP`, …) to a child process.
-pub fn signal(pid: u32, signal: i32) {
-    // SAFETY: kill(2) with a pid of a child we started and a valid signal number.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
-    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+    out.push('"');
+    out
 }

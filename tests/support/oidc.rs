@@ -1,5 +1,6 @@
-//! Harness for tests against a real OpenID provider: the npm `oidc-provider` in `tests/idp/server.mjs`,
-//! a JWT-checking upstream in `tests/idp/upstream.mjs`, and the real `tokenproxy` binary between them.
+//! Harness for tests against a real OpenID provider: the npm `oidc-provider` in `tests/idp/server.mjs` and a
+//! JWT-checking upstream in `tests/idp/upstream.mjs`, with the real `tokenproxy` binary between them
+//! ([`super::TokenProxyProcess`]); and the soak those tests share.
 //!
 //! Every process listens on 127.0.0.1 only, is killed when its handle drops, and the Node ones also exit
 //! when their stdin (a pipe this process holds) closes, so a test that dies leaves nothing running.
@@ -8,28 +9,23 @@
 //! Needs `node` (>= 20) and `npm` on PATH; `tests/idp/node_modules` is installed with `npm ci` on first
 //! use (once per machine, guarded against concurrent tests and test binaries).
 //!
-//! The HTTP client, polling and the shapes of the control APIs' answers live in `oidc_http.rs`, re-exported
-//! from here: a test declares `mod support { pub mod oidc; }` and uses `support::oidc::…` for everything.
-#![allow(dead_code)]
+//! The shapes of the control APIs' answers live in `oidc_api.rs`, re-exported from here.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
-use hyper::body::Bytes;
-use hyper::{Method, StatusCode};
+use bytes::Bytes;
+use http::{Method, StatusCode};
 use serde_json::Value;
 
-#[path = "oidc_http.rs"]
-mod oidc_http;
-pub use oidc_http::*;
+use super::client::{Client, Reply};
+use super::process::{ChildProcess, ReadyLine, TokenProxyProcess};
 
-/// How long a Node process may take to print its READY line.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long tokenproxy may take to answer on its admin listener after it was spawned.
-pub const PROXY_START_TIMEOUT: Duration = Duration::from_secs(20);
+#[path = "oidc_api.rs"]
+mod oidc_api;
+pub use oidc_api::*;
 
 /// The resource (JWT `aud`) the test provider issues tokens for.
 pub const TEST_AUDIENCE: &str = "urn:tokenproxy:test-api";
@@ -137,168 +133,21 @@ pub fn ensure_node_modules() {
     });
 }
 
-// ---- child processes ---------------------------------------------------------------------------
+// ---- the Node children -------------------------------------------------------------------------
 
-/// Output a child printed, kept to show when a test fails.
-#[derive(Clone, Default)]
-pub struct CapturedOutput(Arc<Mutex<String>>);
-
-impl CapturedOutput {
-    fn push_line(&self, line: &str) {
-        let mut text = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        text.push_str(line);
-        text.push('\n');
-    }
-
-    /// Everything captured so far.
-    pub fn text(&self) -> String {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// The last `n` lines captured so far.
-    pub fn tail(&self, n: usize) -> String {
-        let text = self.text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    /// Copies a child's stream into the buffer, line by line, on a thread of its own. The first line
-    /// starting with `ready_prefix` (if any) goes to `ready` instead.
-    fn drain<R: Read + Send + 'static>(
-        &self,
-        stream: R,
-        label: &'static str,
-        ready_prefix: Option<&'static str>,
-        mut ready: Option<tokio::sync::oneshot::Sender<String>>,
-    ) {
-        let this = self.clone();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut raw = Vec::new();
-            loop {
-                raw.clear();
-                match reader.read_until(b'\n', &mut raw) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let line = String::from_utf8_lossy(&raw);
-                let line = line.trim_end_matches(['\r', '\n']);
-                if let (Some(prefix), Some(_)) = (ready_prefix, ready.as_ref()) {
-                    if let Some(rest) = line.strip_prefix(prefix) {
-                        if let Some(tx) = ready.take() {
-                            let _ = tx.send(rest.trim().to_owned());
-                        }
-                        continue;
-                    }
-                }
-                this.push_line(&format!("[{label}] {line}"));
-            }
-        });
-    }
+/// The URL in a Node child's `READY URL` line.
+fn node_ready_line(line: &str) -> Option<String> {
+    line.strip_prefix("READY ").map(|rest| rest.trim().to_owned())
 }
 
-/// A child process that is killed (and reaped) when dropped; its output is printed if the test failed.
-pub struct ChildProcess {
-    name: String,
-    child: Child,
-    output: CapturedOutput,
-}
-
-impl ChildProcess {
-    /// Spawns `command` with stdin, stdout and stderr piped. stdin stays open as long as this handle
-    /// lives. stdout lines starting with `ready_prefix` are delivered through the returned receiver.
-    fn spawn(
-        name: impl Into<String>,
-        mut command: Command,
-        ready_prefix: Option<&'static str>,
-    ) -> (Self, tokio::sync::oneshot::Receiver<String>) {
-        let name = name.into();
-        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = command.spawn().unwrap_or_else(|e| panic!("cannot spawn {name} ({command:?}): {e}"));
-        let output = CapturedOutput::default();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        output.drain(stdout, "stdout", ready_prefix, ready_prefix.map(|_| tx));
-        output.drain(stderr, "stderr", None, None);
-        (ChildProcess { name, child, output }, rx)
-    }
-
-    /// Waits for the READY line; panics with the child's output if it exits or times out first.
-    async fn wait_ready(&mut self, rx: tokio::sync::oneshot::Receiver<String>) -> String {
-        match tokio::time::timeout(READY_TIMEOUT, rx).await {
-            Ok(Ok(url)) => url,
-            Ok(Err(_)) => {
-                // stdout closed without READY: the process is exiting; give it a moment to be reaped.
-                let status = self.wait_exit(Duration::from_secs(2));
-                panic!("{} exited before it was ready ({status:?}):\n{}", self.name, self.output.tail(60));
-            }
-            Err(_) => panic!("{} did not print READY within {READY_TIMEOUT:?}:\n{}", self.name, self.output.tail(60)),
-        }
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Some(status),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                _ => return None,
-            }
-        }
-    }
-
-    /// Waits up to `limit` for the process to exit, without blocking the runtime.
-    pub async fn wait_exit_async(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Some(status),
-                Ok(None) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
-                _ => return None,
-            }
-        }
-    }
-
-    /// Sends `signal` (a name such as `TERM`) to the process.
-    pub fn signal(&self, signal: &str) {
-        let number = match signal {
-            "TERM" => libc::SIGTERM,
-            "HUP" => libc::SIGHUP,
-            "INT" => libc::SIGINT,
-            "KILL" => libc::SIGKILL,
-            other => panic!("unknown signal {other}"),
-        };
-        // SAFETY: kill(2) with the pid of a child we started and a valid signal number.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, number) };
-        assert_eq!(rc, 0, "kill -{signal} {} failed", self.child.id());
-    }
-
-    /// The exit status, if the process has already exited.
-    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// What the process printed so far.
-    pub fn output(&self) -> &CapturedOutput {
-        &self.output
-    }
-}
-
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("----- {} (pid {}) output, last 200 lines -----", self.name, self.child.id());
-            eprintln!("{}", self.output.tail(200));
-            eprintln!("----- end of {} output -----", self.name);
-        }
+/// Spawns `node SCRIPT` (`command`) as `name` and waits for its READY line; returns the process and the URL it
+/// printed. Panics with its output if it exits first.
+async fn start_node(name: &str, command: Command) -> (ChildProcess, String) {
+    tokio::task::spawn_blocking(ensure_node_modules).await.expect("npm ci task");
+    let mut process = ChildProcess::spawn(name, command, Some(ReadyLine { stdout: true, parse: node_ready_line }));
+    match process.ready().await {
+        Ok(url) => (process, url),
+        Err(status) => panic!("{name} exited before it was ready ({status:?}):\n{}", process.output().tail(60)),
     }
 }
 
@@ -315,18 +164,16 @@ pub struct IdpProcess {
     process: ChildProcess,
     /// `http://127.0.0.1:PORT`, also the base URL of its control API (`/_test/...`).
     pub issuer: String,
-    http: HttpClient,
+    http: Client,
 }
 
 impl IdpProcess {
     /// Starts the provider with access tokens living `ttl_secs` seconds.
     pub async fn start(ttl_secs: u64) -> IdpProcess {
-        tokio::task::spawn_blocking(ensure_node_modules).await.expect("npm ci task");
         let mut command = node_command("server.mjs");
         command.env("IDP_TOKEN_TTL", ttl_secs.to_string()).env_remove("IDP_PORT");
-        let (mut process, rx) = ChildProcess::spawn("idp (server.mjs)", command, Some("READY "));
-        let issuer = process.wait_ready(rx).await;
-        IdpProcess { process, issuer, http: HttpClient::new() }
+        let (process, issuer) = start_node("idp (server.mjs)", command).await;
+        IdpProcess { process, issuer, http: Client::new() }
     }
 
     /// Starts the provider over HTTPS with mutual TLS (the HTTPS mode of `tests/idp/server.mjs`): its certificate
@@ -339,7 +186,6 @@ impl IdpProcess {
         self_signed: &Path,
         ca_file: &Path,
     ) -> IdpProcess {
-        tokio::task::spawn_blocking(ensure_node_modules).await.expect("npm ci task");
         let mut command = node_command("server.mjs");
         command
             .env("IDP_TOKEN_TTL", ttl_secs.to_string())
@@ -348,10 +194,9 @@ impl IdpProcess {
             .env("IDP_TLS_KEY", server.1)
             .env("IDP_TLS_CLIENT_CA", client_ca)
             .env("IDP_SELF_SIGNED_CERT", self_signed);
-        let (mut process, rx) = ChildProcess::spawn("idp (server.mjs, https)", command, Some("READY "));
-        let issuer = process.wait_ready(rx).await;
+        let (process, issuer) = start_node("idp (server.mjs, https)", command).await;
         assert!(issuer.starts_with("https://"), "{issuer}");
-        IdpProcess { process, issuer, http: HttpClient::trusting(ca_file) }
+        IdpProcess { process, issuer, http: Client::trusting(ca_file) }
     }
 
     /// The SHA-256 thumbprints (base64url, as `x5t#S256`) of the client certificates `client_id`'s /token calls
@@ -514,29 +359,24 @@ pub struct UpstreamProcess {
     process: ChildProcess,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
-    http: HttpClient,
+    http: Client,
 }
 
 impl UpstreamProcess {
     /// Starts an upstream trusting `idp`'s tokens.
     pub async fn start(idp: &IdpProcess) -> UpstreamProcess {
-        tokio::task::spawn_blocking(ensure_node_modules).await.expect("npm ci task");
         let mut command = node_command("upstream.mjs");
         command.arg(&idp.issuer).env_remove("UPSTREAM_PORT");
-        let (mut process, rx) = ChildProcess::spawn("upstream (upstream.mjs)", command, Some("READY "));
-        let url = process.wait_ready(rx).await;
-        UpstreamProcess { process, url, http: HttpClient::new() }
+        let (process, url) = start_node("upstream (upstream.mjs)", command).await;
+        UpstreamProcess { process, url, http: Client::new() }
     }
 
     /// Starts an upstream accepting tokens for `audience` instead of [`TEST_AUDIENCE`].
     pub async fn start_for_audience(idp: &IdpProcess, audience: &str) -> UpstreamProcess {
-        tokio::task::spawn_blocking(ensure_node_modules).await.expect("npm ci task");
         let mut command = node_command("upstream.mjs");
         command.arg(&idp.issuer).env_remove("UPSTREAM_PORT").env("UPSTREAM_AUDIENCE", audience);
-        let (mut process, rx) =
-            ChildProcess::spawn(format!("upstream (upstream.mjs, aud {audience})"), command, Some("READY "));
-        let url = process.wait_ready(rx).await;
-        UpstreamProcess { process, url, http: HttpClient::new() }
+        let (process, url) = start_node(&format!("upstream (upstream.mjs, aud {audience})"), command).await;
+        UpstreamProcess { process, url, http: Client::new() }
     }
 
     /// Starts an upstream over HTTPS (the HTTPS mode of `tests/idp/upstream.mjs`), with certificate `server` (cert,
@@ -548,7 +388,6 @@ impl UpstreamProcess {
         client_ca: &Path,
         ca_file: &Path,
     ) -> UpstreamProcess {
-        tokio::task::spawn_blocking(ensure_node_modules).await.expect("npm ci task");
         let mut command = node_command("upstream.mjs");
         command
             .arg(&idp.issuer)
@@ -557,10 +396,9 @@ impl UpstreamProcess {
             .env("UPSTREAM_TLS_KEY", server.1)
             .env("UPSTREAM_TLS_CLIENT_CA", client_ca)
             .env("NODE_EXTRA_CA_CERTS", ca_file);
-        let (mut process, rx) = ChildProcess::spawn("upstream (upstream.mjs, https)", command, Some("READY "));
-        let url = process.wait_ready(rx).await;
+        let (process, url) = start_node("upstream (upstream.mjs, https)", command).await;
         assert!(url.starts_with("https://"), "{url}");
-        UpstreamProcess { process, url, http: HttpClient::trusting(ca_file) }
+        UpstreamProcess { process, url, http: Client::trusting(ca_file) }
     }
 
     /// `GET /_test/stats`: `{requests, ok, unauthorized, missing, invalid, expired, distinct_jti,
@@ -606,225 +444,38 @@ impl UpstreamProcess {
     }
 }
 
-// ---- tokenproxy ----------------------------------------------------------------------------------
+// ---- the soak ----------------------------------------------------------------------------------
 
-/// The real `tokenproxy run --config FILE`, with its config in a directory (a temporary one it owns, or
-/// one the test keeps across several runs).
-pub struct TokenProxyProcess {
-    process: ChildProcess,
-    /// Base URL of the proxy listener.
-    pub proxy_url: String,
-    /// Base URL of the admin listener.
-    pub admin_url: String,
-    /// The config file written for this run.
-    pub config_path: PathBuf,
-    /// `[state] dir` of the config: `DIR/state`.
-    pub state_dir: PathBuf,
-    /// When the process was spawned (for rate bounds on token calls).
-    pub started_at: Instant,
-    http: HttpClient,
-    _dir: Option<tempfile::TempDir>,
+/// How long [`soak`] runs: `TP_SOAK_SECS` seconds, 600 by default.
+pub fn soak_seconds() -> u64 {
+    std::env::var("TP_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(600)
 }
 
-/// Writes `[server]`, `[admin]` (on the given ports), `[log]` and `[state]` (`dir/state`) followed by
-/// `body` (the providers and routes) to `dir/tokenproxy.toml`; returns the path and the text.
-pub fn write_proxy_config(dir: &Path, body: &str, proxy_port: u16, admin_port: u16) -> (PathBuf, String) {
-    let config_path = dir.join("tokenproxy.toml");
-    let state_dir = dir.join("state");
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:{proxy_port}\"\nrequest_timeout = \"10s\"\nshutdown_grace = \"1s\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n\
-         [log]\nformat = \"pretty\"\nlevel = \"info,tokenproxy=debug\"\n\n\
-         [state]\ndir = {}\n\n{body}",
-        toml_string(&state_dir.to_string_lossy()),
-    );
-    std::fs::write(&config_path, &config).unwrap_or_else(|e| panic!("cannot write {config_path:?}: {e}"));
-    (config_path, config)
-}
-
-/// `tokenproxy ARGS…` run in `dir`, with no `TOKENPROXY_*` variable from the developer's shell (the
-/// test's config alone decides) and `env` added.
-pub fn tokenproxy_command(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
-    command.args(args).current_dir(dir);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("TOKENPROXY_") {
-            command.env_remove(key);
+/// The soak of the client-authentication tests (for the numbers in docs/no-shared-secrets.md): a request a second on
+/// each route `/NAME/x` of `methods` (`(NAME, method, client_id)`) for [`soak_seconds`], every one answered 200; then
+/// prints the token calls each client made and fails on any the provider refused. Returns how many requests it sent.
+pub async fn soak(proxy: &TokenProxyProcess, idp: &IdpProcess, methods: &[(&str, &str, &str)]) -> u64 {
+    let seconds = soak_seconds();
+    let started = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut requests = 0;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        ticker.tick().await;
+        for (name, _, _) in methods {
+            let reply = proxy.get(&format!("/{name}/x")).await;
+            assert_eq!(reply.status, StatusCode::OK, "/{name} after {:?}: {}", started.elapsed(), reply.text());
+            requests += 1;
         }
     }
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    command
-}
-
-/// Spawns `tokenproxy ARGS…` (see [`tokenproxy_command`]) as a [`ChildProcess`] named `name`: for the
-/// one-shot commands (`login`, `logout`, `token`).
-pub fn spawn_tokenproxy(name: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> ChildProcess {
-    ChildProcess::spawn(name, tokenproxy_command(dir, args, env), None).0
-}
-
-impl TokenProxyProcess {
-    /// Writes the config (see [`write_proxy_config`], ports picked here) to `dir/tokenproxy.toml`, starts
-    /// tokenproxy on it and waits until its admin listener answers `/healthz`. If the process exits with
-    /// status 1 (it could not start: most likely a port taken by someone else between picking and binding)
-    /// it is tried again on new ports, up to three times.
-    pub async fn start(dir: tempfile::TempDir, body: &str) -> TokenProxyProcess {
-        let mut proxy = Self::start_in(dir.path(), body, &[]).await;
-        proxy._dir = Some(dir);
-        proxy
-    }
-
-    /// As [`TokenProxyProcess::start`] in a directory the caller keeps (a later run can use the same
-    /// config and state), with `env` added to tokenproxy's environment.
-    pub async fn start_in(dir: &Path, body: &str, env: &[(&str, &str)]) -> TokenProxyProcess {
-        let mut attempt = 1;
-        loop {
-            let mut proxy = Self::spawn_in(dir, body, env, &format!("tokenproxy (attempt {attempt})"));
-            match wait_admin_up(&proxy.http, &mut proxy.process, &proxy.admin_url).await {
-                Ok(()) => return proxy,
-                Err(status) if status.code() == Some(1) && attempt < 3 => {
-                    eprintln!(
-                        "tokenproxy could not start ({status}), retrying on new ports:\n{}",
-                        proxy.process.output.tail(20)
-                    );
-                    attempt += 1;
-                }
-                Err(status) => panic!(
-                    "tokenproxy exited at startup ({status}); config:\n{}\noutput:\n{}",
-                    std::fs::read_to_string(&proxy.config_path).unwrap_or_default(),
-                    proxy.process.output.tail(80)
-                ),
-            }
-        }
-    }
-
-    /// Writes the config on fresh ports and spawns `tokenproxy run` on it, without waiting for anything
-    /// (for a run expected to die early, e.g. at a failpoint).
-    pub fn spawn_in(dir: &Path, body: &str, env: &[(&str, &str)], name: &str) -> TokenProxyProcess {
-        let (proxy_port, admin_port) = (free_port(), free_port());
-        let (config_path, _) = write_proxy_config(dir, body, proxy_port, admin_port);
-        let config_arg = config_path.to_string_lossy().into_owned();
-        let command = tokenproxy_command(dir, &["run", "--config", &config_arg], env);
-        let started_at = Instant::now();
-        let (process, _) = ChildProcess::spawn(name, command, None);
-        TokenProxyProcess {
-            process,
-            proxy_url: format!("http://127.0.0.1:{proxy_port}"),
-            admin_url: format!("http://127.0.0.1:{admin_port}"),
-            config_path,
-            state_dir: dir.join("state"),
-            started_at,
-            http: HttpClient::new(),
-            _dir: None,
-        }
-    }
-
-    /// SIGTERM, then waits (up to 10 s) for the exit and returns its status.
-    pub async fn terminate(&mut self) -> ExitStatus {
-        self.process.signal("TERM");
-        self.wait_exit(Duration::from_secs(10)).await
-    }
-
-    /// Waits up to `limit` for the process to exit by itself; panics with its output if it does not.
-    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        match self.process.wait_exit_async(limit).await {
-            Some(status) => status,
-            None => panic!("tokenproxy did not exit within {limit:?}:\n{}", self.process.output.tail(60)),
-        }
-    }
-
-    /// The state store's record of `provider` (`state/PROVIDER.json`).
-    pub fn state_file(&self, provider: &str) -> PathBuf {
-        self.state_dir.join(format!("{provider}.json"))
-    }
-
-    /// The value of the `/metrics` sample of `name` with exactly `labels` (in any order), e.g.
-    /// `("tokenproxy_replays_total", &[("route", "api"), ("outcome", "success")])`; `None` if absent.
-    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let text = self.admin_get("/metrics").await.text();
-        let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-        wanted.sort();
-        text.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, label_text) = match series.split_once('{') {
-                Some((metric, rest)) => (metric, rest.strip_suffix('}')?),
-                None => (series, ""),
-            };
-            let mut have: Vec<String> = label_text.split(',').filter(|l| !l.is_empty()).map(str::to_owned).collect();
-            have.sort();
-            (metric == name && have == wanted).then(|| value.parse().unwrap_or_else(|e| panic!("{line:?}: {e}")))
-        })
-    }
-
-    /// Polls `GET /readyz` until it answers 200, and returns its body.
-    pub async fn wait_ready(&self, timeout: Duration) -> Value {
-        let url = format!("{}/readyz", self.admin_url);
-        let deadline = Instant::now() + timeout;
-        loop {
-            let last = match self.http.try_send(Method::GET, &url, &[], Bytes::new()).await {
-                Ok(reply) if reply.status == StatusCode::OK => return reply.json(),
-                Ok(reply) => format!("{} {}", reply.status, reply.text()),
-                Err(e) => e,
-            };
-            assert!(Instant::now() < deadline, "{url} did not answer 200 within {timeout:?}; last answer: {last}");
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-    }
-
-    /// A request to the proxy listener; `path_and_query` starts with `/`.
-    pub async fn request(&self, method: Method, path_and_query: &str, headers: &[(&str, &str)], body: Bytes) -> Reply {
-        let url = format!("{}{path_and_query}", self.proxy_url);
-        self.http
-            .try_send(method, &url, headers, body)
-            .await
-            .unwrap_or_else(|e| panic!("{url}: {e}\n{}", self.process.output.tail(40)))
-    }
-
-    /// `GET` on the proxy listener.
-    pub async fn get(&self, path_and_query: &str) -> Reply {
-        self.request(Method::GET, path_and_query, &[], Bytes::new()).await
-    }
-
-    /// `GET` on the admin listener.
-    pub async fn admin_get(&self, path: &str) -> Reply {
-        self.http.get(&format!("{}{path}", self.admin_url)).await
-    }
-
-    /// `POST` (empty body) on the admin listener.
-    pub async fn admin_post(&self, path: &str) -> Reply {
-        self.http.post(&format!("{}{path}", self.admin_url), Bytes::new()).await
-    }
-
-    /// Everything tokenproxy printed so far (stdout and stderr).
-    pub fn logs(&self) -> String {
-        self.process.output.text()
-    }
-
-    /// The child process.
-    pub fn process(&mut self) -> &mut ChildProcess {
-        &mut self.process
-    }
-}
-
-/// Polls `GET /healthz` until it answers 200; `Err` with the exit status if the process exits first.
-async fn wait_admin_up(http: &HttpClient, process: &mut ChildProcess, admin_url: &str) -> Result<(), ExitStatus> {
-    let url = format!("{admin_url}/healthz");
-    let deadline = Instant::now() + PROXY_START_TIMEOUT;
-    loop {
-        if let Some(status) = process.try_exit_status() {
-            return Err(status);
-        }
-        if let Ok(reply) = http.try_send(Method::GET, &url, &[], Bytes::new()).await {
-            if reply.status == StatusCode::OK {
-                return Ok(());
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tokenproxy's admin listener did not answer {url} within {PROXY_START_TIMEOUT:?}:\n{}",
-            process.output.tail(80)
+    let stats = idp.stats().await;
+    for (_, method, client) in methods {
+        let entry = &stats["clients"][client];
+        println!(
+            "soak: {method}: {} token calls in {seconds} s with 30 s tokens ({} refused)",
+            entry["ok"], entry["error"]
         );
-        tokio::time::sleep(POLL_INTERVAL).await;
+        assert_eq!(entry["error"], 0, "{method}: {entry}");
     }
+    println!("soak: {requests} requests, all 200");
+    requests
 }

@@ -2,9 +2,41 @@
 //! A real `redis-server` for the shared-store tests, on a free loopback port, without persistence; stopped (and
 //! killed if need be) when dropped. `scripts/test` installs Debian's redis-server when it is missing.
 
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+/// How long a redis-server may take to say it is ready.
+const START_WITHIN: Duration = Duration::from_secs(10);
+
+/// Spawns `command` (a `redis-server`, logging to stdout as it does without a log file) and waits until it logs a line
+/// containing `ready`; panics, naming `what`, if it exits first or [`START_WITHIN`] passes. Its log keeps being read
+/// (and dropped) until it exits, so that it never blocks on a full pipe.
+fn spawn_until_logged(mut command: Command, ready: &'static str, what: &str) -> Child {
+    command.stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut child = command.spawn().unwrap_or_else(|e| {
+        panic!("cannot start redis-server ({e}); install it (`apt-get install redis-server`, as scripts/test does)")
+    });
+    let log = child.stdout.take().expect("stdout is piped");
+    let (tell, told) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tell = Some(tell);
+        for line in BufReader::new(log).lines().map_while(Result::ok) {
+            if line.contains(ready) {
+                if let Some(tell) = tell.take() {
+                    let _ = tell.send(());
+                }
+            }
+        }
+    });
+    if told.recv_timeout(START_WITHIN).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what} did not log `{ready}` within {START_WITHIN:?} (or exited)");
+    }
+    child
+}
 
 /// One redis-server process.
 pub struct RedisServer {
@@ -15,7 +47,7 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts one on a free port and waits until it answers PING.
+    /// Starts one on a free port and waits until it is ready to accept connections.
     pub fn start() -> RedisServer {
         Self::start_with(&[])
     }
@@ -49,21 +81,12 @@ impl RedisServer {
     /// Starts it again on the same port (empty: there is no persistence).
     pub fn restart(&mut self) {
         self.kill();
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start redis-server ({e}); install it (`apt-get install redis-server`, as scripts/test does)")
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.command(&["PING"]).is_err() {
-            assert!(Instant::now() < deadline, "redis-server on port {} did not answer PING", self.port);
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            .args(&self.extra);
+        let what = format!("redis-server on port {}", self.port);
+        self.child = Some(spawn_until_logged(command, "Ready to accept connections", &what));
     }
 
     /// Runs one command on a fresh connection.
@@ -123,7 +146,7 @@ pub struct Sentinel {
 }
 
 impl Sentinel {
-    /// Starts one for `master` and waits until it answers.
+    /// Starts one for `master` and waits until it monitors it.
     pub fn start(master: &RedisServer) -> Sentinel {
         let port = free_port();
         let dir = tempfile::tempdir().expect("temp dir");
@@ -138,20 +161,11 @@ impl Sentinel {
             ),
         )
         .expect("sentinel config");
-        let child = Command::new("redis-server")
-            .arg(&config)
-            .arg("--sentinel")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server --sentinel");
-        let sentinel = Sentinel { port, child, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while sentinel.command(&["PING"]).is_err() {
-            assert!(Instant::now() < deadline, "sentinel on port {port} did not answer PING");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        sentinel
+        let mut command = Command::new("redis-server");
+        command.arg(&config).arg("--sentinel");
+        // Sentinel says nothing of accepting connections: it listens before it starts monitoring, which it logs.
+        let child = spawn_until_logged(command, "+monitor master mymaster", &format!("sentinel on port {port}"));
+        Sentinel { port, child, _dir: dir }
     }
 
     /// `redis://127.0.0.1:PORT`.
