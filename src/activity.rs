@@ -5,7 +5,7 @@
 //! "Idle connections and timeouts"): its first request head must be complete within `header_read_timeout` of the
 //! accept; after a request, the next one's first byte must come within `keepalive_timeout`, and its whole head within
 //! `header_read_timeout` of that byte. A connection with a request in flight, or a tunnel, has no such deadline. The
-//! HTTP/1.1 transport applies the rule to its own waits; the listener applies it to hyper's connections (h2: GOAWAY
+//! h1 transport applies the rule to its own waits; the listener applies it to hyper's connections (h2: GOAWAY
 //! first) and, at `max_connections`, closes the connection idle the longest to make room for a new caller.
 //!
 //! Every connection's socket is wrapped in [`Tracked`], which holds the connection's [`Activity`] (and with it the
@@ -354,7 +354,7 @@ impl Registry {
     }
 
     /// One housekeeping pass at `now` (on [`now_ms`]'s clock): forgets closed connections, and applies the rule of
-    /// [`Activity::deadline`] to hyper's (the HTTP/1.1 transport applies it to its own): asks one past its deadline
+    /// [`Activity::deadline`] to hyper's (the h1 transport applies it to its own): asks one past its deadline
     /// to close gracefully (h2: GOAWAY), and shuts its socket if it has not within a second.
     pub fn sweep(&self, now: u64, timeouts: &Timeouts) -> Swept {
         let mut swept = Swept::default();

@@ -149,7 +149,7 @@ impl App {
         &self.metrics
     }
 
-    /// Serves one caller connection as the proxy listener does (the HTTP/1.1 transport, then hyper), until it ends:
+    /// Serves one caller connection as the proxy listener does (the h1 transport, then hyper), until it ends:
     /// for tests and embedders that bring their own connection. Tokens come from the engine, which must be running
     /// ([`TokenEngine::spawn`]).
     pub async fn serve_connection<I>(&self, io: I, peer: SocketAddr)

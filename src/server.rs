@@ -2,11 +2,11 @@
 //! connections cannot exhaust, idle and header timeouts for every connection, an optional TLS handshake, HTTP/1.1
 //! and h2c on one port (hyper-util `conn::auto`), and graceful draining on shutdown.
 //!
-//! What hyper reads of an HTTP/1.1 connection is held to the HTTP/1.1 transport's framing verdicts first
+//! What hyper reads of an HTTP/1.1 connection is held to the h1 transport's framing verdicts first
 //! ([`Vetted`]), so that both transports refuse the same requests.
 //!
 //! Each connection has an [`Activity`]: what it is doing, where the listener sees it. A housekeeping task applies the
-//! timeouts to hyper's connections ([`Registry::sweep`]; the HTTP/1.1 transport keeps its own by the same rule), and
+//! timeouts to hyper's connections ([`Registry::sweep`]; the h1 transport keeps its own by the same rule), and
 //! at `max_connections` the connection idle the longest is closed to make room for the new caller
 //! ([`Registry::evict_longest_idle`]); only when none is idle does the new caller wait.
 
@@ -251,7 +251,7 @@ pub async fn run_listener<L: Listen, H: Handler>(
     }
     drop(listener);
     // Idle connections and tunnels are closed; hyper's connections are told to finish what is in flight; the
-    // HTTP/1.1 transport's see `shutdown` themselves. Every connection holds a permit until its socket closes.
+    // h1 transport's see `shutdown` themselves. Every connection holds a permit until its socket closes.
     registry.shut_idle_and_tunnels();
     let drained = async {
         graceful.shutdown().await;
@@ -322,7 +322,7 @@ fn hyper_builder(header_read_timeout: Option<Duration>) -> auto::Builder<TokioEx
     builder
 }
 
-/// Serves one plain (unencrypted) connection the way the listener does: the handler's own HTTP/1.1 transport first,
+/// Serves one plain (unencrypted) connection the way the listener does: the handler's own h1 transport first,
 /// then hyper (HTTP/1.1 and h2c) for the rest of the connection. The listener adds TLS, the connection limit, the
 /// idle timeouts and graceful draining; this is for tests and embedders that bring their own connection (an
 /// in-memory one, say): `header_read_timeout` bounds each request head, and an idle wait as long.
@@ -378,7 +378,7 @@ async fn connection_task<L: Listen, H: Handler>(
             if let Ended::Handoff { io, buffered } = ended {
                 // Boxed, like the TLS branch, in a statement of its own (a temporary of an `.await` expression is kept
                 // in the state): a connection's task is as large as its largest state, and an idle plain connection
-                // served by the HTTP/1.1 transport should not carry hyper's.
+                // served by the h1 transport should not carry hyper's.
                 let io = TokioIo::new(Vetted::new(Rewind::new(Watched::new(io, Arc::clone(&activity)), buffered)));
                 activity.set_hyper();
                 let connection = hyper_connection(&builder, io, handler, state, Arc::clone(&activity));
@@ -403,7 +403,7 @@ type TlsSettings<'a> = (
     (hyper_util::server::graceful::Watcher, watch::Receiver<bool>),
 );
 
-/// The TLS branch of [`connection_task`]: the handshake, then h2 (by ALPN) or the HTTP/1.1 transport and hyper.
+/// The TLS branch of [`connection_task`]: the handshake, then h2 (by ALPN) or the h1 transport and hyper.
 async fn tls_connection<S, H>(
     stream: S,
     peer: SocketAddr,

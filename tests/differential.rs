@@ -1,5 +1,5 @@
-//! The HTTP/1.1 transport frames requests exactly as hyper does: the same bytes from a caller, fed once to
-//! tokenproxy as it runs by default (its own HTTP/1.1 transport, handing over to hyper what it does not take) and once
+//! The h1 transport frames requests exactly as hyper does: the same bytes from a caller, fed once to
+//! tokenproxy as it runs by default (its own h1 transport, handing over to hyper what it does not take) and once
 //! with `server.h1_transport = false` (hyper for everything), must get the same verdict. "Same" means: the caller
 //! gets the same sequence of response statuses, and the upstream receives the same parsed messages (method, target,
 //! headers as a multiset, body bytes), as read by hyper's own server standing in for the upstream. Not the same
@@ -16,7 +16,7 @@
 //! with `TP_DIFFERENTIAL_SEED` to replay a run.
 //!
 //! No disagreement is allowed. Where hyper's parser alone is more lenient (a request with both `Content-Length` and
-//! `Transfer-Encoding`, a header line ended by a bare LF), what hyper reads is held to the HTTP/1.1 transport's
+//! `Transfer-Encoding`, a header line ended by a bare LF), what hyper reads is held to the h1 transport's
 //! verdict first (`proxy::h1::vet`), so both answer 400 and close.
 
 mod support;

@@ -227,7 +227,7 @@ fn config(idp: &DpopIdp, upstream: &DpopUpstream) -> String {
     )
 }
 
-/// How the caller talks to the proxy: plain HTTP/1.1 (the direct transport) or h2c (hyper's).
+/// How the caller talks to the proxy: plain HTTP/1.1 (the h1 transport) or h2c (hyper's).
 #[derive(Debug, Clone, Copy)]
 enum Caller {
     Http1,

@@ -133,7 +133,7 @@ async fn start_with_stalled_upstream() -> (FakeIdp, Proxy, mpsc::UnboundedReceiv
 #[tokio::test]
 async fn a_caller_hanging_up_cancels_its_upstream_exchange_on_both_http1_transports() {
     let (_idp, proxy, mut requests, mut closes) = start_with_stalled_upstream().await;
-    // A plain request (the HTTP/1.1 transport), a chunked one and an HTTP/1.0 one (both handed to hyper).
+    // A plain request (the h1 transport), a chunked one and an HTTP/1.0 one (both handed to hyper).
     let cases: [&[u8]; 3] = [
         b"GET /stall HTTP/1.1\r\nHost: localhost\r\n\r\n",
         b"POST /stall HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",

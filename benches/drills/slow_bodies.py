@@ -10,7 +10,7 @@ request is answered, and that RSS and open descriptors come back once the caller
 Everything runs on 127.0.0.1: a fake IdP (benches/load/fake_idp.py), an upstream that reads each body and answers
 with its length (a second process of this script), tokenproxy, and the callers. Usage:
 
-    benches/drills/slow_bodies.py [--bin target/release/tokenproxy] [--transport direct|hyper]
+    benches/drills/slow_bodies.py [--bin target/release/tokenproxy] [--transport h1|hyper]
 
 Environment: CONNECTIONS, BODY, CHUNKS, BODY_SECONDS. Prints a markdown report; exit status 0 when every request got
 its 200 and RSS came back within 2x idle, 1 otherwise.
@@ -149,7 +149,7 @@ async def drill(args):
         with open(config, "w") as f:
             f.write(f"""[server]
 listen = "127.0.0.1:{ports['proxy']}"
-h1_transport = {'true' if args.transport == 'direct' else 'false'}
+h1_transport = {'true' if args.transport == 'h1' else 'false'}
 shutdown_grace = "1s"
 
 [admin]
@@ -250,7 +250,7 @@ provider = "drill"
         kept = connections * body_size / 1024
         overhead = (peak - idle_rss - kept) / connections
         mib = lambda kb: f"{kb / 1024:.1f} MiB"  # noqa: E731
-        print(f"# slow-bodies drill ({args.transport} HTTP/1.1 transport)\n")
+        print(f"# slow-bodies drill ({args.transport} transport)\n")
         print(f"{connections:,} connections, each a POST with a {body_size:,}-byte body in {chunks} pieces over "
               f"{body_seconds:g} s; all connected and mid-body after {opened_in:.1f} s, done after {finished_in:.1f} s.\n")
         print("| measure | value |\n|---|---:|")
@@ -286,7 +286,7 @@ provider = "drill"
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bin", default=os.path.join(REPO, "target/release/tokenproxy"))
-    parser.add_argument("--transport", choices=("direct", "hyper"), default="direct")
+    parser.add_argument("--transport", choices=("h1", "hyper"), default="h1")
     parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.upstream:

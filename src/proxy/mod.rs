@@ -363,7 +363,7 @@ impl Proxy {
     /// headers are refused; dot segments are removed from the path before routing ([`path`]), and the normalised
     /// path is the one forwarded.
     pub fn admit(&self, request: &mut Parts) -> Result<&Route, ProxyError> {
-        // A malformed message first (the HTTP/1.1 transport's parser refuses it before anything else), then policy.
+        // A malformed message first (the h1 transport's parser refuses it before anything else), then policy.
         if request.headers.get_all(HOST).iter().nth(1).is_some() {
             return Err(ProxyError::Malformed("more than one Host header".into()));
         }

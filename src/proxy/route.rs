@@ -179,7 +179,7 @@ impl Route {
         self.refusals.contains(&status.as_u16())
     }
 
-    /// The upstream's authority when it is reached over plain HTTP/1.1 (the direct path's case).
+    /// The upstream's authority when it is reached over plain HTTP/1.1 (the h1 transport's case).
     pub fn plain_http_upstream(&self) -> Option<&Authority> {
         (self.scheme == Scheme::HTTP && !self.h2c).then_some(&self.authority)
     }

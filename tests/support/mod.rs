@@ -363,7 +363,7 @@ impl FakeUpstream {
 }
 
 /// Whether this run serves every request with hyper (`TP_TEST_HTTP1=hyper`), so that the HTTP/1.1 suites test the
-/// hyper transport too. Tests of behaviour only the HTTP/1.1 transport has (its stricter verdicts, its connection
+/// hyper transport too. Tests of behaviour only the h1 transport has (its stricter verdicts, its connection
 /// reuse) ask this.
 pub fn hyper_only() -> bool {
     std::env::var("TP_TEST_HTTP1").is_ok_and(|v| v == "hyper")

@@ -155,7 +155,7 @@ pub enum RequestBody {
 
 /// The verdict on a request head's framing, from its framing fields and its number of `Host` fields: how its body
 /// is delimited, or why HTTP/1.1 forbids it (two `Host`s, `Content-Length` with `Transfer-Encoding`, a last coding
-/// other than chunked, a bad or conflicting length). One rule for both transports: the HTTP/1.1 transport's parser
+/// other than chunked, a bad or conflicting length). One rule for both transports: the h1 transport's parser
 /// and [`vet`], which holds hyper's HTTP/1.1 input to it.
 #[inline]
 pub fn request_body(framing: &FramingFields, hosts: usize) -> Result<RequestBody, String> {

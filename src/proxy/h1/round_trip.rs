@@ -1,4 +1,4 @@
-//! The upstream side of the HTTP/1.1 transport: one round trip on a pooled connection (the request written, the final
+//! The upstream side of the h1 transport: one round trip on a pooled connection (the request written, the final
 //! response head read and rewritten for the caller, the one retry on a new connection that [`may_retry`] allows),
 //! and the response forwarded to the caller as it comes: a `Content-Length` body copied, a chunked body passed through
 //! undecoded ([`ChunkedScanner`] finds its end), a body delimited by the upstream closing copied until then.

@@ -1,4 +1,4 @@
-//! What hyper reads of an HTTP/1.1 connection, held to the HTTP/1.1 transport's verdicts.
+//! What hyper reads of an HTTP/1.1 connection, held to the h1 transport's verdicts.
 //!
 //! hyper is more lenient than tokenproxy's own parser in ways another hop could read differently: it takes a request
 //! with both `Content-Length` and `Transfer-Encoding` (reading chunks and closing afterwards) and header lines ended

@@ -276,7 +276,7 @@ impl Failure {
 
 /// The request's framing, ours: the caller's `Content-Length` is never copied; hyper's client derives the length from
 /// the body it reads (or chunks a body of unknown length), and a caller's explicit empty body keeps its
-/// `Content-Length: 0`, as the HTTP/1.1 transport writes it.
+/// `Content-Length: 0`, as the h1 transport writes it.
 pub(super) fn frame_request(parts: &mut Parts, body: &Incoming) {
     let had_length = parts.headers.remove(CONTENT_LENGTH).is_some();
     if had_length && body.is_end_stream() {

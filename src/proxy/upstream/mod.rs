@@ -1,12 +1,12 @@
 //! Upstream connections: one interface, two ways to use a connection, one bound on what is kept idle.
 //!
-//! - The HTTP/1.1 transport (`h1`) writes and reads upstream messages itself: it checks a plain connection out of a
+//! - The h1 transport (`h1`) writes and reads upstream messages itself: it checks a plain connection out of a
 //!   pool of this worker thread ([`UpstreamClient::checkout`]), and gives it back when the response is complete
 //!   ([`UpstreamClient::checkin`]). The pool is a thread-local list per upstream: checkout and return are a `Vec`
 //!   pop and push on the worker's own thread, with no lock and no atomic. A burst opens what it needs (HTTP/1.1 has
 //!   one request in flight per connection); only idle connections beyond `max_idle_upstream_connections` per upstream
 //!   and worker are closed, as nginx's `keepalive` does.
-//! - The hyper transport (h2 callers, TLS upstreams, what the HTTP/1.1 transport hands over) sends through
+//! - The hyper transport (h2 callers, TLS upstreams, what the h1 transport hands over) sends through
 //!   hyper-util's pooled client, one per worker thread, bounded the same way; it speaks h2 to TLS upstreams that
 //!   offer it by ALPN.
 //!
@@ -218,7 +218,7 @@ fn refused_unprocessed(error: &h2::Error) -> bool {
     error.is_remote() && (error.is_go_away() || error.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
-/// Idle connections of the HTTP/1.1 transport on this thread: per client and upstream, most recently used last.
+/// Idle connections of the h1 transport on this thread: per client and upstream, most recently used last.
 struct IdlePool {
     upstreams: Vec<(u64, Authority, VecDeque<PlainConnection>)>,
 }

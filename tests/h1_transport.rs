@@ -1224,7 +1224,7 @@ async fn requests_http_1_1_forbids_get_400_and_the_connection_closes() {
         b"GET /api/x HTTP/1.1\r\nHost: localhost\nX: y\r\n\r\n",
     ];
     for case in cases {
-        // On hyper too: what hyper reads is held to the HTTP/1.1 transport's verdict first (src/proxy/h1/vet.rs).
+        // On hyper too: what hyper reads is held to the h1 transport's verdict first (src/proxy/h1/vet.rs).
         let mut client = RawClient::connect(&proxy).await;
         let mut bytes = case.to_vec();
         bytes.extend(get("/api/after", ""));
