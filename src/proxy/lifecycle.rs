@@ -86,8 +86,6 @@ pub(crate) struct Delivery<H> {
     pub token: Option<Arc<Token>>,
     /// The request's place among the upstream's requests in flight, held until the response is delivered.
     pub place: Option<OwnedPlace>,
-    /// Where the request's tokens come from.
-    pub target: Target,
     /// The status decision on it: `Deliver`, or a refusal that could not be replayed.
     pub last: Decision,
 }
@@ -101,53 +99,59 @@ impl<H> Delivery<H> {
 
 /// Phases 2 to 5 for a routed request: prepare it, attach the credential, hold a place among the upstream's
 /// requests in flight, send it and decide on the answer, and send it again once if the decision asks. `retried`
-/// notes what was sent again, even when a later send fails.
+/// notes what was sent again, even when a later send fails; `target` receives where the request goes and where its
+/// tokens come from (left in the caller's hands rather than moved back with the answer).
 pub(crate) async fn forward<T: Transport>(
     route: &Route,
     parts: &mut Parts,
+    target: &mut Option<Target>,
     connection: &Connection,
     deadline: Instant,
     retried: &mut Retried,
     transport: &mut T,
 ) -> Result<Delivery<T::Head>, T::Failure> {
-    let target = Proxy::prepare(route, parts, connection)?;
+    let target = &*target.insert(Proxy::prepare(route, parts, connection)?);
     let mut token = match (target.tokens(route), target.attach) {
         (Some(tokens), true) => Some(Proxy::credential(tokens.as_ref(), None).await?),
         _ => None,
     };
-    let place = if T::BOUNDED { Some(upstream_place(route, deadline).await?) } else { None };
+    let place = match T::BOUNDED {
+        // A free place at once (no future is made for it), else a wait for one.
+        true => Some(match route.upstream_slots.try_owned() {
+            Some(place) => place,
+            None => wait_for_place(route, deadline).await?,
+        }),
+        false => None,
+    };
     loop {
-        let attempt = Attempt { route, target: &target, token: token.as_deref() };
+        let attempt = Attempt { route, target, token: token.as_deref() };
         let mut head = transport.send(parts, &attempt).await?;
         let last = Proxy::decide(route, &T::answer(&mut head), token.as_deref(), *retried);
         // Most answers go to the caller as they are: no future is made for them.
         if last == Decision::Deliver {
-            return Ok(Delivery { head, token, place, target, last });
+            return Ok(Delivery { head, token, place, last });
         }
         if !transport.can_resend(&head).await {
             if !retried.any() {
                 route.metrics.replays(ReplayOutcome::NotReplayable).inc();
             }
-            return Ok(Delivery { head, token, place, target, last });
+            return Ok(Delivery { head, token, place, last });
         }
         // No newer token to be had (or the 401 budget refuses one): the upstream's own answer is the honest one.
-        let Some(next) = Proxy::next_token(route, &target, last, token.as_ref(), deadline, retried).await else {
-            return Ok(Delivery { head, token, place, target, last });
+        let Some(next) = Proxy::next_token(route, target, last, token.as_ref(), deadline, retried).await else {
+            return Ok(Delivery { head, token, place, last });
         };
         transport.discard(head);
         token = Some(next);
     }
 }
 
-/// A request's place among the requests in flight to its upstream (`max_upstream_connections`): at once, or when one
-/// ends before the request's deadline; else 503 `upstream_busy`.
-async fn upstream_place(route: &Route, deadline: Instant) -> Result<OwnedPlace, ProxyError> {
-    match route.upstream_slots.try_owned() {
-        Some(place) => Ok(place),
-        None => tokio::time::timeout_at(deadline, route.upstream_slots.owned())
-            .await
-            .map_err(|_| ProxyError::UpstreamBusy(route.upstream_slots.limit())),
-    }
+/// A request's place among the requests in flight to its upstream (`max_upstream_connections`) when none was free:
+/// when one ends before the request's deadline; else 503 `upstream_busy`.
+async fn wait_for_place(route: &Route, deadline: Instant) -> Result<OwnedPlace, ProxyError> {
+    tokio::time::timeout_at(deadline, route.upstream_slots.owned())
+        .await
+        .map_err(|_| ProxyError::UpstreamBusy(route.upstream_slots.limit()))
 }
 
 #[cfg(test)]

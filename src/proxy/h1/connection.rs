@@ -460,10 +460,11 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
         upstream_input,
     };
     let mut retried = Retried::default();
-    let delivery = match lifecycle::forward(route, parts, connection, deadline, &mut retried, &mut upstream).await {
-        Ok(delivery) => delivery,
-        Err(outcome) => return outcome,
-    };
+    let delivery =
+        match lifecycle::forward(route, parts, &mut None, connection, deadline, &mut retried, &mut upstream).await {
+            Ok(delivery) => delivery,
+            Err(outcome) => return outcome,
+        };
     // The place among the upstream's requests in flight is held until the response is forwarded.
     let _place = delivery.place;
     let Upstream { client, started, connection, io, response, upstream_input, .. } = upstream;

@@ -88,13 +88,15 @@ async fn forward(
     }
     let mut transport =
         Hyper { proxy, route, deadline, body: Some(body), saved: None, replay: Replay::none(), next: None };
-    let delivered = lifecycle::forward(route, &mut parts, connection, deadline, &mut retried, &mut transport).await;
+    let mut target = None;
+    let delivered =
+        lifecycle::forward(route, &mut parts, &mut target, connection, deadline, &mut retried, &mut transport).await;
     *replayed = retried.any();
     let delivery = delivered?;
     // Only an answer the decision delivers (not a refusal left without its replay) is watched for gRPC's
     // UNAUTHENTICATED.
     let watch = (grpc && (delivery.decided() || retried.any()))
-        .then(|| unauthenticated_watch(route, &delivery.target, delivery.token.as_deref()))
+        .then(|| unauthenticated_watch(route, target.as_ref()?, delivery.token.as_deref()))
         .flatten();
     Ok(finish(delivery.head, head_request, watch, delivery.place))
 }

@@ -87,7 +87,8 @@ impl<'p> Handshake<'p> {
         retried: &mut Retried,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (proxy, route, deadline) = (self.proxy, self.route, self.deadline);
-        let delivery = lifecycle::forward(route, &mut parts, connection, deadline, retried, &mut self).await?;
+        let delivery =
+            lifecycle::forward(route, &mut parts, &mut None, connection, deadline, retried, &mut self).await?;
         let mut response = delivery.head;
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return Ok(super::finish(response, false, None, None));

@@ -71,6 +71,7 @@ impl Slots {
     }
 
     /// An owned place now, if one is free.
+    #[inline]
     pub fn try_owned(self: &Arc<Self>) -> Option<OwnedPlace> {
         self.try_take().then(|| OwnedPlace(Arc::clone(self)))
     }
