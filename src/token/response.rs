@@ -402,6 +402,9 @@ fn sanitize(text: &str, max: usize) -> String {
 }
 
 #[cfg(test)]
+mod dialects;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
