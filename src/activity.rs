@@ -306,6 +306,19 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     }
 }
 
+/// How a connection served by a handler's own HTTP/1.1 driver (`server::Handler::serve_h1`; kept here, below both the listener and the proxy) ended.
+pub enum Ended<I> {
+    /// The connection is over (closed by either side, timed out, or shut down).
+    Closed,
+    /// The rest of the connection is hyper's: `buffered` holds the bytes already read from it.
+    Handoff {
+        /// The connection.
+        io: I,
+        /// What was read and not served, to be read again first.
+        buffered: bytes::Bytes,
+    },
+}
+
 /// The connections of one listener.
 #[derive(Default)]
 pub struct Registry {

@@ -13,12 +13,12 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use crate::activity::{Activity, Timeouts};
+use crate::activity::{Activity, Ended, Timeouts};
 use crate::admin::Admin;
 use crate::host_check::{self, HostCheck};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Connection, Proxy, ProxyBody};
-use crate::server::{Ended, Handler};
+use crate::server::Handler;
 use crate::vending::Vending;
 
 /// The proxy listener's handler: each request goes to the proxy as it is when the request arrives.

@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::activity::{Activity, Registry, Timeouts, Tracked, Watched};
+use crate::activity::{Activity, Ended, Registry, Timeouts, Tracked, Watched};
 use crate::proxy::h1::vet::Vetted;
 
 /// How a listener serves its connections.
@@ -84,19 +84,6 @@ impl Listen for tokio::net::UnixListener {
     fn move_to_this_runtime(io: Self::Io) -> io::Result<Self::Io> {
         io.into_std().and_then(tokio::net::UnixStream::from_std)
     }
-}
-
-/// How a connection served by a handler's own HTTP/1.1 driver ([`Handler::serve_h1`]) ended.
-pub enum Ended<I> {
-    /// The connection is over (closed by either side, timed out, or shut down).
-    Closed,
-    /// The rest of the connection is hyper's: `buffered` holds the bytes already read from it.
-    Handoff {
-        /// The connection.
-        io: I,
-        /// What was read and not served, to be read again first.
-        buffered: bytes::Bytes,
-    },
 }
 
 /// Something that answers requests, with per-connection state at hand.

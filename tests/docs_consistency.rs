@@ -21,7 +21,6 @@ use std::path::{Component, Path, PathBuf};
 use support::markdown;
 use tokenproxy::config::{Config, ConfigError};
 use tokenproxy::metrics::{Metrics, METRIC_NAMES};
-use tokenproxy::proxy::hyper::grpc;
 use tokenproxy::proxy::ProxyError;
 use tokenproxy::token::SubjectRefusal;
 
@@ -192,7 +191,7 @@ struct Answered {
 fn error_codes() -> BTreeMap<&'static str, Answered> {
     let mut codes: BTreeMap<&'static str, Answered> = BTreeMap::new();
     for error in every_error() {
-        let grpc_code = grpc::code(&error);
+        let grpc_code = error.grpc_code();
         // `DeadlineExceeded` → `DEADLINE_EXCEEDED`, the name the gRPC spec gives the status.
         let mut grpc_name = String::new();
         for (i, c) in format!("{grpc_code:?}").chars().enumerate() {

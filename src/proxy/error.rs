@@ -93,6 +93,24 @@ pub struct ErrorContext {
 }
 
 impl ProxyError {
+    /// The gRPC status a gRPC caller gets for this error (its trailers-only answer).
+    pub fn grpc_code(&self) -> grpc::Code {
+        use grpc::Code;
+        match self {
+            ProxyError::TokenUnavailable { .. }
+            | ProxyError::TokenBudgetExhausted { .. }
+            | ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UpstreamBusy(_) => Code::Unavailable,
+            ProxyError::UpstreamTimeout(_) | ProxyError::RequestTimeout(_) => Code::DeadlineExceeded,
+            ProxyError::HostNotAllowed(_) | ProxyError::Misdirected(_) => Code::PermissionDenied,
+            ProxyError::Subject { refusal: crate::token::SubjectRefusal::Refused, .. } => Code::PermissionDenied,
+            ProxyError::Subject { refusal: crate::token::SubjectRefusal::Throttled, .. } => Code::Unavailable,
+            ProxyError::Subject { .. } => Code::Unauthenticated,
+            ProxyError::NoRoute | ProxyError::MethodNotAllowed(_) => Code::Unimplemented,
+            ProxyError::BadRequest(_) | ProxyError::Malformed(_) => Code::InvalidArgument,
+        }
+    }
+
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -225,10 +243,30 @@ impl ProxyError {
         }
         if context.grpc {
             let message = format!("{}: {}", self.title(), self.detail());
-            grpc::trailers_only(&mut parts, grpc::code(&self), &message);
+            grpc::trailers_only(&mut parts, self.grpc_code(), &message);
             return (parts, Bytes::new());
         }
         // A final newline: the body reads well in a terminal (`curl`), and a response never runs into the next.
         (parts, Bytes::from(format!("{body}\n")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::hyper::grpc::Code;
+
+    #[test]
+    fn every_proxy_error_has_the_grpc_status_a_grpc_client_acts_on() {
+        let unavailable = ProxyError::TokenUnavailable { detail: String::new(), retry_after: None };
+        assert_eq!(unavailable.grpc_code(), Code::Unavailable);
+        assert_eq!(ProxyError::UpstreamUnreachable(String::new()).grpc_code(), Code::Unavailable);
+        let after = std::time::Duration::from_secs(1);
+        assert_eq!(ProxyError::UpstreamTimeout(after).grpc_code(), Code::DeadlineExceeded);
+        assert_eq!(ProxyError::RequestTimeout(after).grpc_code(), Code::DeadlineExceeded);
+        assert_eq!(ProxyError::HostNotAllowed(String::new()).grpc_code(), Code::PermissionDenied);
+        assert_eq!(ProxyError::NoRoute.grpc_code(), Code::Unimplemented);
+        assert_eq!(ProxyError::BadRequest(String::new()).grpc_code(), Code::InvalidArgument);
+        assert_eq!(Code::ResourceExhausted as u8, 8);
     }
 }

@@ -27,11 +27,10 @@ use tokio::time::Instant;
 
 use super::round_trip::{discard_body, forward_response, round_trip, Buffers, Outcome, READ_SIZE};
 use super::{encode_error, encode_request, parse_request, Parse, ReplyTo, ResponseHead, Span, UpstreamRequest};
-use crate::activity::{Activity, Timeouts};
+use crate::activity::{Activity, Ended, Timeouts};
 use crate::proxy::lifecycle::{self, Attempt, Transport};
 use crate::proxy::upstream::{PlainConnection, UpstreamClient};
 use crate::proxy::{Answer, Connection, Proxy, ProxyError, Retried, Route, CLIENT_CLOSED_REQUEST};
-use crate::server::Ended;
 use http::uri::Authority;
 
 /// The room made for each read from the caller: a request head and a small body (8 KiB with its head) come in one

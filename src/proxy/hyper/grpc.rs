@@ -16,7 +16,6 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 
-use crate::proxy::error::ProxyError;
 use crate::token::TokenSource;
 
 /// `grpc-status`.
@@ -42,23 +41,6 @@ pub enum Code {
     Unavailable = 14,
     /// The upstream refused the credentials.
     Unauthenticated = 16,
-}
-
-/// The gRPC status for one of the proxy's errors.
-pub fn code(error: &ProxyError) -> Code {
-    match error {
-        ProxyError::TokenUnavailable { .. }
-        | ProxyError::TokenBudgetExhausted { .. }
-        | ProxyError::UpstreamUnreachable(_)
-        | ProxyError::UpstreamBusy(_) => Code::Unavailable,
-        ProxyError::UpstreamTimeout(_) | ProxyError::RequestTimeout(_) => Code::DeadlineExceeded,
-        ProxyError::HostNotAllowed(_) | ProxyError::Misdirected(_) => Code::PermissionDenied,
-        ProxyError::Subject { refusal: crate::token::SubjectRefusal::Refused, .. } => Code::PermissionDenied,
-        ProxyError::Subject { refusal: crate::token::SubjectRefusal::Throttled, .. } => Code::Unavailable,
-        ProxyError::Subject { .. } => Code::Unauthenticated,
-        ProxyError::NoRoute | ProxyError::MethodNotAllowed(_) => Code::Unimplemented,
-        ProxyError::BadRequest(_) | ProxyError::Malformed(_) => Code::InvalidArgument,
-    }
 }
 
 /// Whether a request is a gRPC call: `content-type: application/grpc` or `application/grpc+…` (`;` parameters
@@ -184,20 +166,6 @@ mod tests {
             assert!(!with(no), "{no}");
         }
         assert!(!is_grpc(&HeaderMap::new()));
-    }
-
-    #[test]
-    fn every_proxy_error_has_the_grpc_status_a_grpc_client_acts_on() {
-        let unavailable = ProxyError::TokenUnavailable { detail: String::new(), retry_after: None };
-        assert_eq!(code(&unavailable), Code::Unavailable);
-        assert_eq!(code(&ProxyError::UpstreamUnreachable(String::new())), Code::Unavailable);
-        let after = std::time::Duration::from_secs(1);
-        assert_eq!(code(&ProxyError::UpstreamTimeout(after)), Code::DeadlineExceeded);
-        assert_eq!(code(&ProxyError::RequestTimeout(after)), Code::DeadlineExceeded);
-        assert_eq!(code(&ProxyError::HostNotAllowed(String::new())), Code::PermissionDenied);
-        assert_eq!(code(&ProxyError::NoRoute), Code::Unimplemented);
-        assert_eq!(code(&ProxyError::BadRequest(String::new())), Code::InvalidArgument);
-        assert_eq!(Code::ResourceExhausted as u8, 8);
     }
 
     #[test]
