@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use super::grant::{build_request, GrantFetcher, Profile};
+use super::grant::GrantFetcher;
+use super::request::{build_request, Profile};
 use super::response::TokenError;
 use super::secrets::RefreshToken;
 

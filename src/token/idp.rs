@@ -17,7 +17,7 @@ use url::Url;
 use super::assertion;
 use super::budget::CallBudget;
 use super::dpop::{self, DpopKey, ProofFor};
-use super::grant::TokenRequest;
+use super::request::TokenRequest;
 use super::response::{parse_response, TokenError, TokenResponse};
 use crate::config::ProviderConfig;
 use crate::tls::{client_config, ClientTls, FileStamp, TlsError};

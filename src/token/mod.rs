@@ -15,6 +15,7 @@ pub mod exchange;
 pub mod grant;
 pub mod idp;
 pub mod refresh;
+pub mod request;
 pub mod response;
 pub mod secrets;
 pub mod session;

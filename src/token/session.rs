@@ -13,8 +13,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::grant::{build_request, Profile};
 use super::idp::IdpClient;
+use super::request::{build_request, Profile};
 use super::response::{TokenError, TokenResponse};
 use super::secrets::RefreshToken;
 use super::shared::{SharedSession, SharedStore, StoreError as SharedError, StoreHealth};
