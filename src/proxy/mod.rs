@@ -209,15 +209,24 @@ impl Answer {
     /// Looks at one header of the answer, in the order they came: the only place where an upstream's answer is read
     /// for the status decision. Only a 4xx can refuse the token (docs/configuration.md, "The 401 budget"); the
     /// `DPoP-Nonce` counts whatever the status (RFC 9449 §9).
-    #[inline]
+    #[inline(always)]
     pub fn observe(&mut self, name: &[u8], value: &[u8]) {
-        const NONCE: &[u8] = b"dpop-nonce";
-        const CHALLENGE: &[u8] = b"www-authenticate";
-        if name.len() == CHALLENGE.len() && self.status.is_client_error() && name.eq_ignore_ascii_case(CHALLENGE) {
+        // Most names have neither length: one comparison each, inline.
+        if name.len() == Self::CHALLENGE.len() || name.len() == Self::NONCE.len() {
+            self.observe_named(name, value);
+        }
+    }
+
+    const CHALLENGE: &'static [u8] = b"www-authenticate";
+    const NONCE: &'static [u8] = b"dpop-nonce";
+
+    #[inline(never)]
+    fn observe_named(&mut self, name: &[u8], value: &[u8]) {
+        if self.status.is_client_error() && name.eq_ignore_ascii_case(Self::CHALLENGE) {
             let found = headers::challenge(value);
             self.invalid_token |= found.invalid_token;
             self.use_dpop_nonce |= found.use_dpop_nonce;
-        } else if name.len() == NONCE.len() && name.eq_ignore_ascii_case(NONCE) {
+        } else if name.eq_ignore_ascii_case(Self::NONCE) {
             self.dpop_nonce = HeaderValue::from_bytes(value).ok();
         }
     }
@@ -714,7 +723,10 @@ pub(crate) fn new_request_id() -> HeaderValue {
         let id = ids.0.slice(ids.1..ids.1 + ID);
         ids.1 += ID;
         // Shared bytes, so that the copy kept for the response costs no allocation either.
-        HeaderValue::from_maybe_shared(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        debug_assert!(id.iter().all(u8::is_ascii_hexdigit));
+        // SAFETY: the id is 32 lowercase hex digits written above, all visible ASCII: a valid header value, so the
+        // per-byte check `from_maybe_shared` would make (a third of the id's cost) is skipped.
+        unsafe { HeaderValue::from_maybe_shared_unchecked(id) }
     })
 }
 

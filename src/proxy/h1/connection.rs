@@ -316,18 +316,18 @@ async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
         in_flight.routed(route);
     }
     let close = parsed.close || closing;
-    let request_id = in_flight.request_id().clone();
+    let request_id = in_flight.request_id();
     let head_request = s.parts.method == Method::HEAD;
     let (status, replayed, done) = match route {
         Err(error) => {
             // Refused before routing: answered at once, without waiting for a body. A malformed request, or a
             // body not read yet, ends the connection (where the next request starts is not known).
             let close = close || error.ends_connection() || s.input.len() < parsed.body_len;
-            let reply = ReplyTo { request_id: &request_id, close, head_request };
+            let reply = ReplyTo { request_id, close, head_request };
             let (status, done) = write_error(io, &mut s.response, &proxy, None, error, &reply).await;
             (status, false, done)
         }
-        Ok(route) => {
+        Ok(route) => 'answered: {
             // The body, read whole: it is small, and kept for a replay.
             let deadline = in_flight.started() + proxy.request_timeout;
             while s.input.len() < parsed.body_len {
@@ -338,14 +338,13 @@ async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
                     None => {
                         // The body did not come in time; where the next request would start is unknown.
                         let error = ProxyError::RequestTimeout(proxy.request_timeout);
-                        let reply = ReplyTo { request_id: &request_id, close: true, head_request };
+                        let reply = ReplyTo { request_id, close: true, head_request };
                         let (status, _) = write_error(io, &mut s.response, &proxy, Some(route), error, &reply).await;
-                        proxy.end(in_flight, status, false);
-                        return Step::Close;
+                        break 'answered (status, false, true);
                     }
                 }
             }
-            let reply = ReplyTo { request_id: &request_id, close, head_request };
+            let reply = ReplyTo { request_id, close, head_request };
             let request = Request {
                 route,
                 body_len: parsed.body_len,
