@@ -4,7 +4,7 @@
 //! [`forward`] runs phases 2 to 5 of [`Proxy`] in order: prepare the request, get the credential, take a place among
 //! the upstream's requests in flight, then send and decide, sending once more when the decision asks for it (a newer
 //! token after a refusal, or the upstream's DPoP nonce) and the transport still has the request. A transport
-//! ([`Transport`]) only does I/O and framing: it sends a prepared request and returns the upstream's response head,
+//! ([`Transport`]) only does I/O and framing: it sends a prepared request and keeps the upstream's response head,
 //! says what the status decision needs of that head, and keeps the request for a second send or says it cannot.
 //! Every rule of the loop (which answer is a refusal, which token comes next, when to stop) lives here and in the
 //! phase methods it calls; `tests::the_loop_has_one_home` fails if a transport grows its own.
@@ -20,29 +20,29 @@ use super::{Answer, Connection, Credential, Decision, Proxy, ProxyError, Retried
 use crate::metrics::ReplayOutcome;
 use crate::token::Token;
 
-/// What a transport does for the lifecycle: send a prepared request, read what the decision needs of the answer,
-/// and keep the request for the next send. Static dispatch: the lifecycle is compiled once per transport.
+/// What a transport does for the lifecycle: send a prepared request, keep the upstream's response head until it is
+/// delivered or discarded, read what the decision needs of it, and keep the request for the next send. Static
+/// dispatch: the lifecycle is compiled once per transport. The head stays in the transport (it is not moved through
+/// the loop's results): the caller takes it from there once the lifecycle has settled on it.
 pub(crate) trait Transport {
-    /// The upstream's response head, as the transport holds it until it is delivered or discarded.
-    type Head;
     /// How a send fails: the proxy's own error, or what only the transport knows (the caller went away).
     type Failure: From<ProxyError>;
     /// Whether a request holds a place among the upstream's requests in flight (`max_upstream_connections`) until
     /// its response is delivered; an upgrade's tunnel does not.
     const BOUNDED: bool;
 
-    /// Sends the request: `parts` as prepared, with the URI and credential of `attempt`. Called once per send; the
-    /// transport keeps what it needs of the request for a later one.
-    async fn send(&mut self, parts: &mut Parts, attempt: &Attempt<'_>) -> Result<Self::Head, Self::Failure>;
+    /// Sends the request: `parts` as prepared, with the URI and credential of `attempt`, and keeps the upstream's
+    /// response head. Called once per send; the transport keeps what it needs of the request for a later one.
+    async fn send(&mut self, parts: &mut Parts, attempt: &Attempt<'_>) -> Result<(), Self::Failure>;
 
-    /// What the status decision looks at in `head`.
-    fn answer(head: &mut Self::Head) -> Answer;
+    /// What the status decision looks at in the response head kept by the last send.
+    fn answer(&mut self) -> Answer;
 
-    /// Whether the request can go once more after `head` (its body is still to be had).
-    async fn can_resend(&mut self, head: &Self::Head) -> bool;
+    /// Whether the request can go once more after the kept response (its body is still to be had).
+    async fn can_resend(&mut self) -> bool;
 
-    /// Drops a response that will not be delivered (a new send follows).
-    fn discard(&mut self, head: Self::Head);
+    /// Drops the kept response: it will not be delivered (a new send follows).
+    fn discard(&mut self);
 }
 
 /// One send of a request: where it goes and with which token.
@@ -78,10 +78,8 @@ impl<'a> Attempt<'a> {
     }
 }
 
-/// The response the lifecycle settled on, for the transport to deliver.
-pub(crate) struct Delivery<H> {
-    /// Its head.
-    pub head: H,
+/// What the lifecycle settled on, beside the response head the transport keeps for delivery.
+pub(crate) struct Delivery {
     /// The token its request carried.
     pub token: Option<Arc<Token>>,
     /// The request's place among the upstream's requests in flight, held until the response is delivered.
@@ -90,7 +88,7 @@ pub(crate) struct Delivery<H> {
     pub last: Decision,
 }
 
-impl<H> Delivery<H> {
+impl Delivery {
     /// Whether the response is the one the decision chose to deliver (not a refusal left without its replay).
     pub fn decided(&self) -> bool {
         self.last == Decision::Deliver
@@ -109,8 +107,8 @@ pub(crate) async fn forward<T: Transport>(
     deadline: Instant,
     retried: &mut Retried,
     transport: &mut T,
-) -> Result<Delivery<T::Head>, T::Failure> {
-    let target = &*target.insert(Proxy::prepare(route, parts, connection)?);
+) -> Result<Delivery, T::Failure> {
+    let target = &*Proxy::prepare(route, parts, connection, target)?;
     let mut token = match (target.tokens(route), target.attach) {
         (Some(tokens), true) => Some(Proxy::credential(tokens.as_ref(), None).await?),
         _ => None,
@@ -125,23 +123,23 @@ pub(crate) async fn forward<T: Transport>(
     };
     loop {
         let attempt = Attempt { route, target, token: token.as_deref() };
-        let mut head = transport.send(parts, &attempt).await?;
-        let last = Proxy::decide(route, &T::answer(&mut head), token.as_deref(), *retried);
+        transport.send(parts, &attempt).await?;
+        let last = Proxy::decide(route, &transport.answer(), token.as_deref(), *retried);
         // Most answers go to the caller as they are: no future is made for them.
         if last == Decision::Deliver {
-            return Ok(Delivery { head, token, place, last });
+            return Ok(Delivery { token, place, last });
         }
-        if !transport.can_resend(&head).await {
+        if !transport.can_resend().await {
             if !retried.any() {
                 route.metrics.replays(ReplayOutcome::NotReplayable).inc();
             }
-            return Ok(Delivery { head, token, place, last });
+            return Ok(Delivery { token, place, last });
         }
         // No newer token to be had (or the 401 budget refuses one): the upstream's own answer is the honest one.
         let Some(next) = Proxy::next_token(route, target, last, token.as_ref(), deadline, retried).await else {
-            return Ok(Delivery { head, token, place, last });
+            return Ok(Delivery { token, place, last });
         };
-        transport.discard(head);
+        transport.discard();
         token = Some(next);
     }
 }

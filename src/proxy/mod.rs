@@ -430,7 +430,12 @@ impl Proxy {
     }
 
     /// Phase 2: the request as the upstream will see it, minus the token.
-    fn prepare(route: &Route, parts: &mut Parts, connection: &Connection) -> Result<Target, ProxyError> {
+    fn prepare<'t>(
+        route: &Route,
+        parts: &mut Parts,
+        connection: &Connection,
+        target: &'t mut Option<Target>,
+    ) -> Result<&'t Target, ProxyError> {
         let original_host = match parts.version {
             Version::HTTP_2 => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
             _ => parts
@@ -503,7 +508,8 @@ impl Proxy {
                 query = current.map(|q| without_param(q, SUBJECT_QUERY_PARAM));
             }
         }
-        Ok(Target { original: parts.uri.clone(), query, attach, caller_tokens })
+        // Written where the caller keeps it rather than returned: the target is large and is not moved again.
+        Ok(target.insert(Target { original: parts.uri.clone(), query, attach, caller_tokens }))
     }
 
     /// Phase 3: the token to attach: the current one, or a wait for the single token call in flight.

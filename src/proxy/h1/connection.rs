@@ -456,6 +456,7 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
         encoded,
         response,
         upstream_input,
+        head: None,
     };
     let mut retried = Retried::default();
     let delivery =
@@ -465,8 +466,11 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
         };
     // The place among the upstream's requests in flight is held until the response is forwarded.
     let _place = delivery.place;
-    let Upstream { client, started, connection, io, response, upstream_input, .. } = upstream;
-    forward_response(io, response, upstream_input, (connection, client, started), delivery.head, retried.any()).await
+    let Some(head) = upstream.head.take() else {
+        return Outcome::Error(ProxyError::UpstreamUnreachable("no response was kept".into()));
+    };
+    let pool = (upstream.connection.take(), upstream.client, upstream.started);
+    forward_response(upstream.io, upstream.response, upstream.upstream_input, pool, head, retried.any()).await
 }
 
 /// This transport's side of a request's lifecycle: the upstream connection (from the worker's pool) and the
@@ -493,14 +497,15 @@ struct Upstream<'a, I> {
     response: &'a mut Vec<u8>,
     /// What the upstream sent and was not forwarded yet.
     upstream_input: &'a mut BytesMut,
+    /// The response head of the last send, until it is forwarded or discarded.
+    head: Option<ResponseHead>,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Transport for Upstream<'_, I> {
-    type Head = ResponseHead;
     type Failure = Outcome;
     const BOUNDED: bool = true;
 
-    async fn send(&mut self, parts: &mut Parts, attempt: &Attempt<'_>) -> Result<ResponseHead, Outcome> {
+    async fn send(&mut self, parts: &mut Parts, attempt: &Attempt<'_>) -> Result<(), Outcome> {
         let (uri, credential) = attempt.upstream(&parts.method)?;
         let (body_len, has_length) = self.body;
         let message = UpstreamRequest {
@@ -523,23 +528,28 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Transport for Upstream<'_, I> {
             &mut buffers,
         );
         match self.timer.within(self.deadline, watch_caller(sent, self.io, self.input)).await {
-            Some(Some(Ok(head))) => Ok(head),
+            Some(Some(Ok(head))) => {
+                self.head = Some(head);
+                Ok(())
+            }
             Some(Some(Err(error))) => Err(Outcome::Error(ProxyError::UpstreamUnreachable(error))),
             Some(None) => Err(Outcome::Gone),
             None => Err(Outcome::Error(ProxyError::UpstreamTimeout(self.request_timeout))),
         }
     }
 
-    fn answer(head: &mut ResponseHead) -> Answer {
-        std::mem::take(&mut head.answer)
+    fn answer(&mut self) -> Answer {
+        self.head.as_mut().map(|head| std::mem::take(&mut head.answer)).unwrap_or_default()
     }
 
-    async fn can_resend(&mut self, _: &ResponseHead) -> bool {
+    async fn can_resend(&mut self) -> bool {
         true
     }
 
-    fn discard(&mut self, head: ResponseHead) {
-        discard_body(&mut self.connection, self.upstream_input, head);
+    fn discard(&mut self) {
+        if let Some(head) = self.head.take() {
+            discard_body(&mut self.connection, self.upstream_input, head);
+        }
     }
 }
 

@@ -86,8 +86,16 @@ async fn forward(
         *replayed = retried.any();
         return upgraded;
     }
-    let mut transport =
-        Hyper { proxy, route, deadline, body: Some(body), saved: None, replay: Replay::none(), next: None };
+    let mut transport = Hyper {
+        proxy,
+        route,
+        deadline,
+        body: Some(body),
+        saved: None,
+        replay: Replay::none(),
+        next: None,
+        response: None,
+    };
     let mut target = None;
     let delivered =
         lifecycle::forward(route, &mut parts, &mut target, connection, deadline, &mut retried, &mut transport).await;
@@ -98,7 +106,8 @@ async fn forward(
     let watch = (grpc && (delivery.decided() || retried.any()))
         .then(|| unauthenticated_watch(route, target.as_ref()?, delivery.token.as_deref()))
         .flatten();
-    Ok(finish(delivery.head, head_request, watch, delivery.place))
+    let response = transport.response.ok_or_else(|| ProxyError::UpstreamUnreachable("no response was kept".into()))?;
+    Ok(finish(response, head_request, watch, delivery.place))
 }
 
 /// hyper's side of a request's lifecycle: the caller's body, streamed by the first send and kept (up to
@@ -116,14 +125,46 @@ struct Hyper<'p> {
     replay: Replay,
     /// The next send's body, once had.
     next: Option<BufferedBody>,
+    /// The upstream's response to the last send, until it is delivered or discarded.
+    response: Option<Response<Incoming>>,
 }
 
 impl Transport for Hyper<'_> {
-    type Head = Response<Incoming>;
     type Failure = ProxyError;
     const BOUNDED: bool = true;
 
-    async fn send(&mut self, parts: &mut Parts, attempt: &Attempt<'_>) -> Result<Response<Incoming>, ProxyError> {
+    async fn send(&mut self, parts: &mut Parts, attempt: &Attempt<'_>) -> Result<(), ProxyError> {
+        self.response = Some(self.send_once(parts, attempt).await?);
+        Ok(())
+    }
+
+    fn answer(&mut self) -> Answer {
+        self.response
+            .as_ref()
+            .map(|response| Answer::from_headers(response.status(), response.headers()))
+            .unwrap_or_default()
+    }
+
+    async fn can_resend(&mut self) -> bool {
+        if self.saved.is_none() {
+            return false;
+        }
+        if self.next.is_none() {
+            // Waited for within the request's deadline: hyper may still hold the body sent last for a moment.
+            let replay = std::mem::replace(&mut self.replay, Replay::none());
+            self.next = tokio::time::timeout_at(self.deadline, replay.replay()).await.ok().flatten();
+        }
+        self.next.is_some()
+    }
+
+    fn discard(&mut self) {
+        self.response = None;
+    }
+}
+
+impl Hyper<'_> {
+    /// One send: the first streams the caller's body, a later one sends the request kept.
+    async fn send_once(&mut self, parts: &mut Parts, attempt: &Attempt<'_>) -> Result<Response<Incoming>, ProxyError> {
         if let Some(body) = self.body.take() {
             return self.first(parts, attempt, body).await;
         }
@@ -138,28 +179,6 @@ impl Transport for Hyper<'_> {
         send(self.proxy, self.route, request, self.deadline, false).await.map_err(Failure::into_error)
     }
 
-    fn answer(response: &mut Response<Incoming>) -> Answer {
-        Answer::from_headers(response.status(), response.headers())
-    }
-
-    async fn can_resend(&mut self, _: &Response<Incoming>) -> bool {
-        if self.saved.is_none() {
-            return false;
-        }
-        if self.next.is_none() {
-            // Waited for within the request's deadline: hyper may still hold the body sent last for a moment.
-            let replay = std::mem::replace(&mut self.replay, Replay::none());
-            self.next = tokio::time::timeout_at(self.deadline, replay.replay()).await.ok().flatten();
-        }
-        self.next.is_some()
-    }
-
-    fn discard(&mut self, response: Response<Incoming>) {
-        drop(response);
-    }
-}
-
-impl Hyper<'_> {
     /// The first send: the caller's body streams to the upstream (kept if the request may go once more). A request
     /// the upstream did not answer on a reused connection goes once more at once, if its body is known (none, or
     /// kept): a bodiless idempotent one whose connection turned out stale ([`may_retry`]), or any the upstream refused

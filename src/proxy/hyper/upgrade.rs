@@ -64,6 +64,8 @@ pub(super) struct Handshake<'p> {
     requested: Requested,
     /// The handshake's head, kept for the one send after the first.
     saved: Option<Parts>,
+    /// The upstream's answer to the last send, until it is delivered or discarded.
+    response: Option<Response<Incoming>>,
 }
 
 impl<'p> Handshake<'p> {
@@ -75,7 +77,7 @@ impl<'p> Handshake<'p> {
         requested: Requested,
         deadline: Instant,
     ) -> Handshake<'p> {
-        Handshake { proxy, route, deadline, body: Some(body), requested, saved: None }
+        Handshake { proxy, route, deadline, body: Some(body), requested, saved: None, response: None }
     }
 
     /// Forwards the handshake through the request's lifecycle and, on `101`, starts the tunnel; any other answer
@@ -87,9 +89,10 @@ impl<'p> Handshake<'p> {
         retried: &mut Retried,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (proxy, route, deadline) = (self.proxy, self.route, self.deadline);
-        let delivery =
-            lifecycle::forward(route, &mut parts, &mut None, connection, deadline, retried, &mut self).await?;
-        let mut response = delivery.head;
+        lifecycle::forward(route, &mut parts, &mut None, connection, deadline, retried, &mut self).await?;
+        let Some(mut response) = self.response.take() else {
+            return Err(ProxyError::UpstreamUnreachable("no answer to the handshake was kept".into()));
+        };
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return Ok(super::finish(response, false, None, None));
         }
@@ -107,11 +110,10 @@ impl<'p> Handshake<'p> {
 }
 
 impl Transport for Handshake<'_> {
-    type Head = Response<Incoming>;
     type Failure = ProxyError;
     const BOUNDED: bool = false;
 
-    async fn send(&mut self, parts: &mut Parts, attempt: &Attempt<'_>) -> Result<Response<Incoming>, ProxyError> {
+    async fn send(&mut self, parts: &mut Parts, attempt: &Attempt<'_>) -> Result<(), ProxyError> {
         let request = match self.body.take() {
             Some(body) => {
                 super::frame_request(parts, &body);
@@ -133,21 +135,25 @@ impl Transport for Handshake<'_> {
             }
         };
         match tokio::time::timeout_at(self.deadline, self.proxy.client.upgrade(request, self.route.via())).await {
-            Ok(answer) => Ok(answer?),
+            Ok(answer) => {
+                self.response = Some(answer?);
+                Ok(())
+            }
             Err(_) => Err(ProxyError::UpstreamTimeout(self.proxy.request_timeout)),
         }
     }
 
-    fn answer(response: &mut Response<Incoming>) -> Answer {
-        Answer::from_headers(response.status(), response.headers())
+    fn answer(&mut self) -> Answer {
+        let response = self.response.as_ref();
+        response.map(|response| Answer::from_headers(response.status(), response.headers())).unwrap_or_default()
     }
 
-    async fn can_resend(&mut self, _: &Response<Incoming>) -> bool {
+    async fn can_resend(&mut self) -> bool {
         self.saved.is_some()
     }
 
-    fn discard(&mut self, response: Response<Incoming>) {
-        drop(response);
+    fn discard(&mut self) {
+        self.response = None;
     }
 }
 
