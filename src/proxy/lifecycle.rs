@@ -108,7 +108,7 @@ pub(crate) async fn forward<T: Transport>(
     retried: &mut Retried,
     transport: &mut T,
 ) -> Result<Delivery, T::Failure> {
-    let target = &*Proxy::prepare(route, parts, connection, target)?;
+    let target = Proxy::prepare(route, parts, connection, target)?;
     let mut token = match (target.tokens(route), target.attach) {
         (Some(tokens), true) => Some(Proxy::credential(tokens.as_ref(), None).await?),
         _ => None,
