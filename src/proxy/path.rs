@@ -76,9 +76,15 @@ pub fn has_encoded_slash(path: &str) -> bool {
     path.contains('%') && has_encoded_separator(path)
 }
 
-/// Cheap test: only a path with `/.`, `%` or `\` can have a dot segment or an encoded separator.
+/// Cheap test: only a path with `/.`, `%` or `\` can have a dot segment or an encoded separator. One pass over
+/// the bytes (a substring search would set up a searcher on every request for a two-byte needle).
 fn needs_a_look(path: &str) -> bool {
-    path.as_bytes().iter().any(|&b| b == b'%' || b == b'\\') || path.contains("/.")
+    let mut after_slash = false;
+    path.as_bytes().iter().any(|&b| {
+        let hit = b == b'%' || b == b'\\' || (after_slash && b == b'.');
+        after_slash = b == b'/';
+        hit
+    })
 }
 
 /// Whether the path has a dot segment with path parameters (`..;x`, `.;`), for `path_parameters = "reject"`.
@@ -153,6 +159,23 @@ mod tests {
             Ok(Some(new)) => new,
             Ok(None) => path.to_owned(),
             Err(e) => panic!("{path}: {e}"),
+        }
+    }
+
+    #[test]
+    fn the_cheap_test_misses_no_path_that_has_a_dot_segment_or_an_escape() {
+        // Every path of up to 6 bytes over the characters that matter, against the plain definition.
+        let alphabet = [b'/', b'.', b'%', b'\\', b'a'];
+        let mut paths = vec![Vec::new()];
+        for _ in 0..6 {
+            let longer: Vec<Vec<u8>> =
+                paths.iter().flat_map(|p: &Vec<u8>| alphabet.iter().map(move |&c| [&p[..], &[c]].concat())).collect();
+            for path in &longer {
+                let path = std::str::from_utf8(path).expect("ascii");
+                let plain = path.contains('%') || path.contains('\\') || path.contains("/.");
+                assert_eq!(needs_a_look(path), plain, "{path:?}");
+            }
+            paths = longer;
         }
     }
 
