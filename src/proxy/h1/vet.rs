@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::chunked::{ChunkedScanner, Scan};
 use super::framing::FramingFields;
-use super::{has_bare_lf, request_body, RequestBody, MAX_HEADERS};
+use super::{has_bare_lf, request_body, RequestBody};
 
 /// What hyper reads instead of a refused head: a head with an invalid `Content-Length`, which hyper answers `400 Bad
 /// Request` before closing the connection.
@@ -141,9 +141,9 @@ enum Head {
 }
 
 fn vet_head(input: &[u8]) -> Head {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    let len = match request.parse(input) {
+    let mut headers = super::uninit_headers();
+    let mut request = httparse::Request::new(&mut []);
+    let len = match request.parse_with_uninit_headers(input, &mut headers) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Head::Partial,
         Err(_) => return Head::Unknown,
