@@ -244,10 +244,20 @@ pub fn encode_request(out: &mut Vec<u8>, request: &UpstreamRequest<'_>) {
 
 /// Writes one header line.
 pub fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
+    let line = name.len() + value.len() + 4;
+    out.reserve(line);
+    let start = out.len();
+    // SAFETY: `reserve` made room for `line` more bytes after `start`; the four copies below write exactly those
+    // bytes (none of the sources is `out` itself: it is borrowed mutably), so every byte up to the new length is
+    // initialised when the length is set.
+    unsafe {
+        let at = out.as_mut_ptr().add(start);
+        std::ptr::copy_nonoverlapping(name.as_ptr(), at, name.len());
+        std::ptr::copy_nonoverlapping(b": ".as_ptr(), at.add(name.len()), 2);
+        std::ptr::copy_nonoverlapping(value.as_ptr(), at.add(name.len() + 2), value.len());
+        std::ptr::copy_nonoverlapping(b"\r\n".as_ptr(), at.add(name.len() + 2 + value.len()), 2);
+        out.set_len(start + line);
+    }
 }
 
 /// Writes a status line.
@@ -417,6 +427,20 @@ pub fn parse_response(input: &[u8], reply: &ReplyTo<'_>, out: &mut Vec<u8>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_header_line_is_written_whole_whatever_room_the_buffer_has() {
+        for capacity in [0, 1, 7, 64] {
+            for (name, value) in [(&b"x"[..], &b""[..]), (b"content-length", b"42"), (b"authorization", &[b'a'; 300])] {
+                let mut out = Vec::with_capacity(capacity);
+                out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+                put_header(&mut out, name, value);
+                put_header(&mut out, b"via", b"1.1 tokenproxy");
+                let expected = [b"HTTP/1.1 200 OK\r\n", name, b": ", value, b"\r\nvia: 1.1 tokenproxy\r\n"].concat();
+                assert_eq!(out, expected);
+            }
+        }
+    }
 
     fn parse(bytes: &[u8]) -> (Parse, Parts, BytesMut) {
         let mut input = BytesMut::from(bytes);
