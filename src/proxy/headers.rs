@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{CONNECTION, TE, TRANSFER_ENCODING, VIA};
+use http::header::{Entry, CONNECTION, TE, TRANSFER_ENCODING, VIA};
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 
@@ -155,18 +155,20 @@ pub fn via_element(version: Version) -> &'static str {
 /// Appends `element` to `Via`.
 pub fn append_via(headers: &mut HeaderMap, version: Version) {
     let element = via_element(version);
-    match headers.get(VIA).map(|v| v.as_bytes()) {
-        Some(existing) => {
+    // One lookup (an entry) whether or not the request has a `Via` already.
+    match headers.entry(VIA) {
+        Entry::Occupied(mut via) => {
+            let existing = via.get().as_bytes();
             let mut joined = Vec::with_capacity(existing.len() + 2 + element.len());
             joined.extend_from_slice(existing);
             joined.extend_from_slice(b", ");
             joined.extend_from_slice(element.as_bytes());
             if let Ok(value) = HeaderValue::from_bytes(&joined) {
-                headers.insert(VIA, value);
+                via.insert(value);
             }
         }
-        None => {
-            headers.insert(VIA, HeaderValue::from_static(element));
+        Entry::Vacant(via) => {
+            via.insert(HeaderValue::from_static(element));
         }
     }
 }
@@ -182,13 +184,21 @@ pub fn add_forwarding(headers: &mut HeaderMap, peer: &HeaderValue, tls: bool, or
     static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
-    let appended = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => {
-            HeaderValue::from_str(&format!("{existing}, {}", peer.to_str().unwrap_or_default())).ok()
+    // One lookup (an entry) whether or not the request has an `X-Forwarded-For` already.
+    match headers.entry(&XFF) {
+        Entry::Occupied(mut xff) => {
+            let appended = match xff.get().to_str() {
+                Ok(existing) if !existing.trim().is_empty() => {
+                    HeaderValue::from_str(&format!("{existing}, {}", peer.to_str().unwrap_or_default())).ok()
+                }
+                _ => None,
+            };
+            xff.insert(appended.unwrap_or_else(|| peer.clone()));
         }
-        _ => None,
-    };
-    headers.insert(XFF.clone(), appended.unwrap_or_else(|| peer.clone()));
+        Entry::Vacant(xff) => {
+            xff.insert(peer.clone());
+        }
+    }
     headers.insert(XFP.clone(), HeaderValue::from_static(if tls { "https" } else { "http" }));
     match original_host {
         Some(host) => {
