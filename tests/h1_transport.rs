@@ -902,6 +902,17 @@ async fn connection_close_request_gets_its_response_then_the_proxy_closes() {
 }
 
 #[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_at_shutdown_without_waiting_for_the_grace() {
+    let (_idp, _upstream, proxy) = setup(RawUpstream::echo_target().await).await;
+    let mut client = RawClient::connect(&proxy).await;
+    let reply = client.get("/api/one").await;
+    assert_eq!((reply.status, reply.text().as_str()), (200, "GET /one"));
+    // Between requests: nothing in flight, so the drain has nothing to wait for (shutdown_grace is 20 s).
+    assert!(tokio::time::timeout(WAIT, proxy.stop()).await.is_ok(), "the drain waited for an idle connection");
+    client.assert_closed().await;
+}
+
+#[tokio::test]
 async fn http_1_0_request_gets_an_unchunked_response_and_the_connection_closes() {
     // The upstream answers chunked, which an HTTP/1.0 client cannot read.
     let upstream = RawUpstream::start(|_| {

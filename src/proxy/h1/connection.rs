@@ -200,7 +200,7 @@ pub async fn drive<I>(
     proxies: &arc_swap::ArcSwap<Proxy>,
     connection: &Connection,
     mut io: I,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     timeouts: Timeouts,
     activity: &Activity,
 ) -> Ended<I>
@@ -210,8 +210,15 @@ where
     let mut scratch: Option<Box<Scratch>> = None;
     let mut timer = Timer::new(timeouts.header_read.min(proxies.load().request_timeout));
     let mut served = false;
+    // One wait for the shutdown for the whole connection (a `changed` future made per idle read registered and
+    // unregistered a waiter each request); `stopping` answers whether it has begun.
+    let stopping = shutdown.clone();
+    let mut stop = std::pin::pin!(async move {
+        let mut shutdown = shutdown;
+        let _ = shutdown.changed().await;
+    });
     loop {
-        if *shutdown.borrow() {
+        if *stopping.borrow() {
             return Ended::Closed;
         }
         // The rule of `Activity::deadline`: the first request's head within `header_read_timeout` of the accept; after
@@ -249,7 +256,7 @@ where
                     let read = tokio::select! {
                         biased;
                         read = timer.within(idle_deadline, read_idle(&mut io)) => read,
-                        _ = shutdown.changed() => return Ended::Closed,
+                        () = &mut stop => return Ended::Closed,
                     };
                     match read {
                         Some(Some(s)) => scratch = Some(s),
@@ -259,7 +266,7 @@ where
             }
         };
         let Some(s) = scratch.as_mut() else { return Ended::Closed };
-        let close = *shutdown.borrow();
+        let close = *stopping.borrow();
         // Boxed: what a request needs while in flight is allocated per request, so that an idle connection's task
         // stays small (its future is as large as its largest state).
         let settings = (timeouts.header_read, close);
