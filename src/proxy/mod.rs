@@ -436,19 +436,18 @@ impl Proxy {
         connection: &Connection,
         target: &'t mut Option<Target>,
     ) -> Result<&'t Target, ProxyError> {
+        // The upstream's Host, set at once (one lookup, which also hands back the caller's: `Host` is never removed as
+        // hop-by-hop, see headers::never_connection_listed).
+        let caller_host = parts.headers.insert(HOST, route.host_header.clone());
+        let authority = || parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
         let original_host = match parts.version {
-            Version::HTTP_2 => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-            _ => parts
-                .headers
-                .get(HOST)
-                .cloned()
-                .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())),
+            Version::HTTP_2 => authority(),
+            _ => caller_host.or_else(authority),
         };
         let version = parts.version;
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::add_forwarding(&mut parts.headers, &connection.forwarded_for, connection.tls, original_host);
         headers::append_via(&mut parts.headers, version);
-        parts.headers.insert(HOST, route.host_header.clone());
         // The upstream connection's protocol is the transport's business; the request head is version-neutral.
         parts.version = Version::HTTP_11;
 
