@@ -560,27 +560,3 @@ impl Default for Metrics {
         Self::new()
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metric_names_lists_exactly_what_is_registered() {
-        let metrics = Metrics::new();
-        let _provider = metrics.provider("p");
-        let route = metrics.route("r");
-        route.count_status(http::StatusCode::OK);
-        route.duration.observe(0.001);
-        let _tls = metrics.upstream_tls_reloads("r");
-        let _exchange = metrics.exchange("x");
-        metrics.vended("v");
-        metrics.store().operation("get", "ok").inc();
-        metrics.store().degraded("p").set(0);
-        let mut registered: Vec<String> = metrics.registry.gather().iter().map(|f| f.name().to_owned()).collect();
-        let mut listed: Vec<String> = METRIC_NAMES.iter().map(|n| n.to_string()).collect();
-        registered.sort();
-        listed.sort();
-        assert_eq!(registered, listed);
-    }
-}
