@@ -174,9 +174,16 @@ impl Activity {
         }
     }
 
-    /// Completes when the listener asks this (hyper) connection to finish gracefully.
-    pub async fn closing(&self) {
-        self.close.notified().await;
+    /// Completes when the listener asks this connection to finish gracefully: a hyper connection past its deadline,
+    /// or any connection at shutdown ([`Activity::ask_to_close`]). An ask made before the wait is not lost.
+    pub fn closing(&self) -> tokio::sync::futures::Notified<'_> {
+        self.close.notified()
+    }
+
+    /// Asks the connection to finish what is in flight and close (its next, or current, [`Activity::closing`]
+    /// completes).
+    pub fn ask_to_close(&self) {
+        self.close.notify_one();
     }
 
     /// Whether it may be evicted now, and since when it has been idle.
@@ -391,7 +398,7 @@ impl Registry {
             match activity.asked.load(Ordering::Relaxed) {
                 0 => {
                     activity.asked.store(now.max(1), Ordering::Relaxed);
-                    activity.close.notify_one();
+                    activity.ask_to_close();
                 }
                 asked if now >= asked + GRACE => activity.shut(),
                 _ => {}
@@ -401,10 +408,12 @@ impl Registry {
     }
 
     /// At shutdown: shuts the sockets of the connections with no request in flight, and of the tunnels (which are
-    /// not drained); connections with requests in flight finish them.
+    /// not drained); connections with requests in flight finish them, and every connection is asked to close
+    /// ([`Activity::ask_to_close`]: one that turns idle after this pass closes then, not after its idle timeout).
     pub fn shut_idle_and_tunnels(&self) {
         let connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         for activity in connections.iter().filter_map(Weak::upgrade) {
+            activity.ask_to_close();
             if activity.is_tunnel() || activity.idle().is_some() {
                 activity.shut();
             }
@@ -476,5 +485,20 @@ mod tests {
         drop((sockets.remove(3), activities.remove(3)));
         activities[0].begin();
         assert!(!registry.evict_longest_idle());
+    }
+
+    #[test]
+    fn at_shutdown_every_connection_is_asked_to_close_and_one_busy_then_sees_it_when_it_next_waits() {
+        let registry = Registry::default();
+        let busy = Arc::new(Activity::new(None));
+        let quiet = Arc::new(Activity::new(None));
+        registry.add(&busy);
+        assert!(futures_util::FutureExt::now_or_never(busy.closing()).is_none(), "nobody asked yet");
+        busy.begin();
+        registry.shut_idle_and_tunnels();
+        busy.end();
+        // The ask came while the request was in flight, before the connection waited: it is not lost.
+        assert!(futures_util::FutureExt::now_or_never(busy.closing()).is_some());
+        assert!(futures_util::FutureExt::now_or_never(quiet.closing()).is_none(), "only the listener's connections");
     }
 }

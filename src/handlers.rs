@@ -38,18 +38,16 @@ impl Handler for ProxyHandler {
         proxy.handle(request, connection).await
     }
 
-    async fn serve_h1<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-        self: &Arc<Self>,
+    fn serve_h1<'a, 'b, 'c, I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        self: &'a Arc<Self>,
         io: I,
-        connection: &Arc<Connection>,
+        connection: &'b Arc<Connection>,
         shutdown: watch::Receiver<bool>,
         timeouts: Timeouts,
-        activity: &Activity,
-    ) -> Ended<I> {
-        if !self.0.load().h1_transport() {
-            return Ended::Handoff { io, buffered: bytes::Bytes::new() };
-        }
-        proxy::h1::connection::drive(&self.0, connection, io, shutdown, timeouts, activity).await
+        activity: &'c Activity,
+    ) -> impl Future<Output = Ended<I>> + Send + use<'a, 'b, 'c, I> {
+        // The transport's own future, not one wrapping it: every idle connection holds it.
+        proxy::h1::connection::drive(&self.0, connection, io, shutdown, timeouts, activity)
     }
 }
 

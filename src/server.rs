@@ -326,7 +326,21 @@ pub async fn plain_connection<H, I>(
     let state = Arc::new(handler.connection(peer, false));
     let activity = Arc::new(Activity::new(None));
     let timeouts = Timeouts { header_read: header_read_timeout, keepalive: header_read_timeout };
-    if let Ended::Handoff { io, buffered } = handler.serve_h1(io, &state, shutdown, timeouts, &activity).await {
+    // No listener asks this connection to close at shutdown: it is asked here (an idle one closes at once, one
+    // with a request in flight after it).
+    let ended = {
+        let serving = std::pin::pin!(handler.serve_h1(io, &state, shutdown.clone(), timeouts, &activity));
+        let asking = std::pin::pin!(async {
+            let mut shutdown = shutdown;
+            crate::shutdown::stopped(&mut shutdown).await;
+            activity.ask_to_close();
+        });
+        match futures_util::future::select(serving, asking).await {
+            futures_util::future::Either::Left((ended, _)) => ended,
+            futures_util::future::Either::Right(((), serving)) => serving.await,
+        }
+    };
+    if let Ended::Handoff { io, buffered } = ended {
         let builder = hyper_builder(Some(header_read_timeout));
         let io = TokioIo::new(Vetted::new(Rewind::new(io, buffered)));
         let _ = hyper_connection(&builder, io, handler, state, activity).await;
@@ -334,8 +348,11 @@ pub async fn plain_connection<H, I>(
 }
 
 /// Serves one connection to its end: TLS handshake if any, then HTTP/1.1 or h2, under the graceful watcher.
+///
+/// (A function returning an `async` block rather than an `async fn`, with the connection's state made before it: an
+/// `async fn` keeps its arguments twice in its state, and this state is what every idle connection holds.)
 #[allow(clippy::too_many_arguments)]
-async fn connection_task<L: Listen, H: Handler>(
+fn connection_task<L: Listen, H: Handler>(
     stream: L::Io,
     peer: SocketAddr,
     handler: Arc<H>,
@@ -344,39 +361,41 @@ async fn connection_task<L: Listen, H: Handler>(
     (watcher, shutdown): (hyper_util::server::graceful::Watcher, watch::Receiver<bool>),
     // The connection's permit lives in its activity, which its socket holds until it closes (a tunnel's too).
     (moved, activity): (bool, Arc<Activity>),
-) {
-    // A connection handed to a worker runtime is registered with that runtime's reactor.
-    let stream = if moved {
-        match L::move_to_this_runtime(stream) {
-            Ok(stream) => stream,
-            Err(error) => {
-                tracing::debug!(%peer, "cannot move the connection to a worker: {error}");
-                return;
-            }
-        }
-    } else {
-        stream
-    };
-    let stream = Tracked::new(stream, Arc::clone(&activity));
+) -> impl Future<Output = ()> + Send {
     let state = Arc::new(handler.connection(peer, tls.is_some()));
-    match tls {
-        None => {
-            let ended = handler.serve_h1(stream, &state, shutdown.clone(), timeouts, &activity).await;
-            if let Ended::Handoff { io, buffered } = ended {
-                // Boxed, like the TLS branch, in a statement of its own (a temporary of an `.await` expression is kept
-                // in the state): a connection's task is as large as its largest state, and an idle plain connection
-                // served by the h1 transport should not carry hyper's.
-                let io = TokioIo::new(Vetted::new(Rewind::new(Watched::new(io, Arc::clone(&activity)), buffered)));
-                activity.set_hyper();
-                let connection = hyper_connection(&builder, io, handler, state, Arc::clone(&activity));
-                let hyper = Box::pin(drain(connection, watcher, shutdown, activity));
-                hyper.await;
+    async move {
+        // A connection handed to a worker runtime is registered with that runtime's reactor.
+        let stream = if moved {
+            match L::move_to_this_runtime(stream) {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::debug!("cannot move the connection to a worker: {error}");
+                    return;
+                }
             }
-        }
-        Some(acceptor) => {
-            let tls = (&*builder, acceptor, timeouts, (watcher, shutdown));
-            let serving = Box::pin(tls_connection(stream, peer, handler, state, tls, activity));
-            serving.await;
+        } else {
+            stream
+        };
+        let stream = Tracked::new(stream, Arc::clone(&activity));
+        match tls {
+            None => {
+                let ended = handler.serve_h1(stream, &state, shutdown.clone(), timeouts, &activity).await;
+                if let Ended::Handoff { io, buffered } = ended {
+                    // Boxed, like the TLS branch, in a statement of its own (a temporary of an `.await` expression is
+                    // kept in the state): a connection's task is as large as its largest state, and an idle plain
+                    // connection served by the h1 transport should not carry hyper's.
+                    let io = TokioIo::new(Vetted::new(Rewind::new(Watched::new(io, Arc::clone(&activity)), buffered)));
+                    activity.set_hyper();
+                    let connection = hyper_connection(&builder, io, handler, state, Arc::clone(&activity));
+                    let hyper = Box::pin(drain(connection, watcher, shutdown, activity));
+                    hyper.await;
+                }
+            }
+            Some(acceptor) => {
+                let tls = (&*builder, acceptor, timeouts, (watcher, shutdown));
+                let serving = Box::pin(tls_connection(stream, peer, handler, state, tls, activity));
+                serving.await;
+            }
         }
     }
 }

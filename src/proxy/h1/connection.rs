@@ -27,6 +27,8 @@ use tokio::time::Instant;
 
 use super::round_trip::{discard_body, forward_response, round_trip, Buffers, Outcome, READ_SIZE};
 use super::{encode_error, encode_request, parse_request, Parse, ReplyTo, ResponseHead, Span, UpstreamRequest};
+#[cfg(doc)]
+use crate::activity::Registry;
 use crate::activity::{Activity, Ended, Timeouts};
 use crate::proxy::lifecycle::{self, Attempt, Transport};
 use crate::proxy::upstream::{PlainConnection, UpstreamClient};
@@ -134,32 +136,55 @@ impl Timer {
     }
 
     /// `future`'s output, or `None` if `deadline` passes first. Only for futures of the connection's own task.
-    async fn within<F: std::future::Future>(&mut self, deadline: Instant, future: F) -> Option<F::Output> {
+    /// (A future of its own rather than an `async fn`: it holds `future`, the deadline and a reference, nothing
+    /// twice, and every wait of a connection is one of these.)
+    fn within<F: std::future::Future>(&mut self, deadline: Instant, future: F) -> Within<'_, F> {
+        Within { future, timer: self, deadline }
+    }
+
+    /// Polls the timer for a wait whose deadline is `deadline`: ready when it has passed.
+    fn poll_deadline(&mut self, deadline: Instant, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         use std::future::Future;
         use std::task::Poll;
-        let mut future = std::pin::pin!(future);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(output) = future.as_mut().poll(cx) {
-                return Poll::Ready(Some(output));
-            }
-            loop {
-                if !self.armed {
-                    if self.sleep.as_mut().poll(cx).is_pending() {
-                        self.armed = true;
-                        return Poll::Pending;
-                    }
-                } else if !self.sleep.is_elapsed() {
+        loop {
+            if !self.armed {
+                if self.sleep.as_mut().poll(cx).is_pending() {
+                    self.armed = true;
                     return Poll::Pending;
                 }
-                let now = Instant::now();
-                if now >= deadline {
-                    return Poll::Ready(None);
-                }
-                self.sleep.as_mut().reset(deadline.min(now + self.period));
-                self.armed = false;
+            } else if !self.sleep.is_elapsed() {
+                return Poll::Pending;
             }
-        })
-        .await
+            let now = Instant::now();
+            if now >= deadline {
+                return Poll::Ready(());
+            }
+            self.sleep.as_mut().reset(deadline.min(now + self.period));
+            self.armed = false;
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A wait of [`Timer::within`].
+    struct Within<'a, F> {
+        #[pin]
+        future: F,
+        timer: &'a mut Timer,
+        deadline: Instant,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Within<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = self.project();
+        if let Poll::Ready(output) = this.future.poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        this.timer.poll_deadline(*this.deadline, cx).map(|()| None)
     }
 }
 
@@ -195,97 +220,104 @@ async fn read_idle<I: AsyncRead + Unpin>(io: &mut I) -> Option<Box<Scratch>> {
 }
 
 /// Serves `io`'s requests for as long as they are of this transport's shape, noting each in `activity` (what the
-/// listener's eviction looks at).
-pub async fn drive<I>(
-    proxies: &arc_swap::ArcSwap<Proxy>,
-    connection: &Connection,
+/// listener's eviction looks at); with `server.h1_transport = false`, hands the connection to hyper at once.
+///
+/// (A function returning an `async` block rather than an `async fn`: an `async fn` keeps its arguments twice in its
+/// state, as they came and as the body's locals, and this state is what every idle connection holds.)
+#[allow(clippy::manual_async_fn)]
+pub fn drive<'a, 'b, 'c, I>(
+    proxies: &'a arc_swap::ArcSwap<Proxy>,
+    connection: &'b Connection,
     mut io: I,
     shutdown: watch::Receiver<bool>,
     timeouts: Timeouts,
-    activity: &Activity,
-) -> Ended<I>
+    activity: &'c Activity,
+) -> impl std::future::Future<Output = Ended<I>> + Send + use<'a, 'b, 'c, I>
 where
-    I: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let mut scratch: Option<Box<Scratch>> = None;
-    let mut timer = Timer::new(timeouts.header_read.min(proxies.load().request_timeout));
-    let mut served = false;
-    // One wait for the shutdown for the whole connection (a `changed` future made per idle read registered and
-    // unregistered a waiter each request); `stopping` answers whether it has begun.
-    let stopping = shutdown.clone();
-    let mut stop = std::pin::pin!(async move {
-        let mut shutdown = shutdown;
-        let _ = shutdown.changed().await;
-    });
-    loop {
-        if *stopping.borrow() {
-            return Ended::Closed;
+    async move {
+        if !proxies.load().h1_transport() {
+            return Ended::Handoff { io, buffered: Bytes::new() };
         }
-        // The rule of `Activity::deadline`: the first request's head within `header_read_timeout` of the accept; after
-        // a request, the next one's first byte within `keepalive_timeout`, its whole head within `header_read_timeout`
-        // of that byte (slowloris guard).
-        let idle_deadline = Instant::now() + timeouts.idle(served);
-        let mut head_deadline = (!served).then_some(idle_deadline);
-        let parsed = loop {
-            if let Some(s) = scratch.as_mut().filter(|s| !s.input.is_empty()) {
-                match parse_request(&mut s.input, &mut s.parts, &mut s.spans) {
-                    Parse::Complete(parsed) => break parsed,
-                    Parse::Handoff(head) => return handoff(io, head, scratch),
-                    Parse::Refuse(reason) => {
-                        // Boxed, in a statement of its own: a rare path that would otherwise grow every connection.
-                        let refusal = Box::pin(refuse(&mut io, proxies, &mut s.response, reason));
-                        refusal.await;
-                        return Ended::Closed;
-                    }
-                    Parse::Partial => {}
-                }
+        let mut scratch: Option<Box<Scratch>> = None;
+        let mut timer = Timer::new(timeouts.header_read.min(proxies.load().request_timeout));
+        let mut served = false;
+        // At shutdown the listener asks every connection to close ([`Registry::shut_idle_and_tunnels`]): one wait
+        // for that, registered once for the whole connection (a future made per idle read would register and
+        // unregister a waiter each request). `stopping` answers whether shutdown has begun, between requests.
+        let stopping = shutdown;
+        let mut stop = std::pin::pin!(activity.closing());
+        loop {
+            if *stopping.borrow() {
+                return Ended::Closed;
             }
-            match scratch.as_mut().filter(|s| !s.input.is_empty()) {
-                Some(s) => {
-                    s.input.reserve(CALLER_READ_SIZE);
-                    let deadline = *head_deadline.get_or_insert_with(|| Instant::now() + timeouts.header_read);
-                    match timer.within(deadline, io.read_buf(&mut s.input)).await {
-                        Some(Ok(n)) if n > 0 => {}
-                        _ => return Ended::Closed,
+            // The rule of `Activity::deadline`: the first request's head within `header_read_timeout` of the accept; after
+            // a request, the next one's first byte within `keepalive_timeout`, its whole head within `header_read_timeout`
+            // of that byte (slowloris guard).
+            let idle_deadline = Instant::now() + timeouts.idle(served);
+            let mut head_deadline = (!served).then_some(idle_deadline);
+            let parsed = loop {
+                if let Some(s) = scratch.as_mut().filter(|s| !s.input.is_empty()) {
+                    match parse_request(&mut s.input, &mut s.parts, &mut s.spans) {
+                        Parse::Complete(parsed) => break parsed,
+                        Parse::Handoff(head) => return handoff(io, head, scratch),
+                        Parse::Refuse(reason) => {
+                            // Boxed, in a statement of its own: a rare path that would otherwise grow every connection.
+                            let refusal = Box::pin(refuse(&mut io, proxies, &mut s.response, reason));
+                            refusal.await;
+                            return Ended::Closed;
+                        }
+                        Parse::Partial => {}
                     }
                 }
-                None => {
+                match scratch.as_mut().filter(|s| !s.input.is_empty()) {
+                    Some(s) => {
+                        s.input.reserve(CALLER_READ_SIZE);
+                        let deadline = *head_deadline.get_or_insert_with(|| Instant::now() + timeouts.header_read);
+                        match timer.within(deadline, io.read_buf(&mut s.input)).await {
+                            Some(Ok(n)) if n > 0 => {}
+                            _ => return Ended::Closed,
+                        }
+                    }
+                    None => {
+                        if let Some(s) = scratch.take() {
+                            s.give_back();
+                        }
+                        let read = tokio::select! {
+                            biased;
+                            read = timer.within(idle_deadline, read_idle(&mut io)) => read,
+                            () = &mut stop => return Ended::Closed,
+                        };
+                        match read {
+                            Some(Some(s)) => scratch = Some(s),
+                            _ => return Ended::Closed,
+                        }
+                    }
+                }
+            };
+            let Some(s) = scratch.as_mut() else { return Ended::Closed };
+            let close = *stopping.borrow();
+            // Boxed: what a request needs while in flight is allocated per request, so that an idle connection's task
+            // stays small (its future is as large as its largest state).
+            let settings = (timeouts.header_read, close);
+            // In flight from its complete head to its answer (a request handed to hyper is hyper's from there).
+            activity.begin();
+            served = true;
+            // (In a statement of its own: a temporary of an `.await` expression is kept in the state.)
+            let request = Box::pin(serve_request(proxies, connection, parsed, s, &mut timer, &mut io, settings));
+            let step = request.await;
+            activity.end();
+            match step {
+                Step::Next => {}
+                Step::Handoff(head) => return handoff(io, head, scratch),
+                Step::Close => {
+                    let _ = io.shutdown().await;
                     if let Some(s) = scratch.take() {
                         s.give_back();
                     }
-                    let read = tokio::select! {
-                        biased;
-                        read = timer.within(idle_deadline, read_idle(&mut io)) => read,
-                        () = &mut stop => return Ended::Closed,
-                    };
-                    match read {
-                        Some(Some(s)) => scratch = Some(s),
-                        _ => return Ended::Closed,
-                    }
+                    return Ended::Closed;
                 }
-            }
-        };
-        let Some(s) = scratch.as_mut() else { return Ended::Closed };
-        let close = *stopping.borrow();
-        // Boxed: what a request needs while in flight is allocated per request, so that an idle connection's task
-        // stays small (its future is as large as its largest state).
-        let settings = (timeouts.header_read, close);
-        // In flight from its complete head to its answer (a request handed to hyper is hyper's from there).
-        activity.begin();
-        served = true;
-        // (In a statement of its own: a temporary of an `.await` expression is kept in the state.)
-        let request = Box::pin(serve_request(proxies, connection, parsed, s, &mut timer, &mut io, settings));
-        let step = request.await;
-        activity.end();
-        match step {
-            Step::Next => {}
-            Step::Handoff(head) => return handoff(io, head, scratch),
-            Step::Close => {
-                let _ = io.shutdown().await;
-                if let Some(s) = scratch.take() {
-                    s.give_back();
-                }
-                return Ended::Closed;
             }
         }
     }
