@@ -115,3 +115,29 @@ async fn dpop_bound_tokens_go_with_a_fresh_proof_every_time_and_nonces_are_answe
     let stats = upstream.stats().await;
     assert_eq!((count(&stats, "dpop_replay"), count(&stats, "dpop_invalid")), (0, 0), "{stats}");
 }
+
+#[tokio::test]
+async fn an_eddsa_key_made_at_startup_gets_bound_tokens_from_the_real_idp_and_its_proofs_pass_upstream() {
+    let idp = IdpProcess::start(300).await;
+    let upstream = UpstreamProcess::start(&idp).await;
+    let token_url = idp.token_endpoint().await;
+    let config =
+        config(&token_url, &upstream.url).replace("dpop = true\n", "dpop = true\ndpop_algorithm = \"EdDSA\"\n");
+    assert!(config.contains("EdDSA"));
+    let proxy = TokenProxyProcess::start(tempfile::tempdir().unwrap(), &config).await;
+    proxy.wait_ready().await;
+
+    let tokens = proxy.admin_get("/tokens").await.json();
+    assert_eq!(tokens["providers"]["bound"]["token_type"], "DPoP", "{tokens}");
+    let jkt = tokens["providers"]["bound"]["dpop_jkt"].as_str().unwrap_or_else(|| panic!("{tokens}")).to_owned();
+    let client = &idp.stats().await["clients"][DPOP_CLIENT.0];
+    let jkts: Vec<&str> = client["dpop_jkts"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(!jkts.is_empty() && jkts.iter().all(|j| *j == jkt), "the IdP bound the token to the EdDSA key: {client}");
+    for n in 0..5 {
+        let reply = proxy.get(&format!("/api/orders/{n}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    let stats = upstream.stats().await;
+    assert_eq!((count(&stats, "dpop_ok"), count(&stats, "dpop_invalid")), (5, 0), "{stats}");
+    assert_eq!(stats["dpop_jkts"], serde_json::json!([jkt]));
+}

@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde::Serialize;
 use url::Url;
 
-pub use crate::keys::{AssertionAlgorithm, EncryptionKey};
+pub use crate::keys::{AssertionAlgorithm, DpopAlgorithm, EncryptionKey};
 pub use crate::secret::{Secret, SecretError, SecretSource};
 
 /// The environment variable that names the config file for the CLI; it is not a config key.
@@ -363,8 +363,10 @@ pub struct ProviderConfig {
     pub vend: bool,
     /// DPoP (RFC 9449, docs/dpop.md): token calls and requests carry proofs of possession of a key (`dpop = true`).
     pub dpop: bool,
-    /// The DPoP key (PEM: EC P-256, P-384 or Ed25519); without it, a P-256 key is made at startup.
+    /// The DPoP key (PEM: EC P-256, P-384 or Ed25519); without it, a key is made at startup.
     pub dpop_key_file: Option<PathBuf>,
+    /// The algorithm of the DPoP key made at startup (`dpop_algorithm`; a `dpop_key_file`'s key decides its own).
+    pub dpop_algorithm: DpopAlgorithm,
     /// Every new token is written to this file (mode 0600, replaced atomically).
     pub sink_file: Option<PathBuf>,
     /// What `sink_file` holds.

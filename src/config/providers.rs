@@ -11,8 +11,8 @@ use crate::keys::{self, KeyError};
 use super::reader::{self, Leaf, Reader, Table};
 use super::values::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
 use super::{
-    AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, ExchangeConfig, ExchangeDialect,
-    Grant, ProviderConfig, Secret, SecretError, SecretSource, SinkFormat, SubjectSource,
+    AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DpopAlgorithm, DuringRefresh, ExchangeConfig,
+    ExchangeDialect, Grant, ProviderConfig, Secret, SecretError, SecretSource, SinkFormat, SubjectSource,
 };
 
 /// Defaults of a provider (SPEC).
@@ -135,6 +135,7 @@ fn provider(r: &mut Reader<'_>, name: &str, t: &mut Table<'_>) -> Option<Provide
         vend: holding.vend,
         dpop: holding.dpop,
         dpop_key_file: holding.dpop_key_file,
+        dpop_algorithm: holding.dpop_algorithm,
         sink_file: holding.sink_file,
         sink_format: holding.sink_format,
         token_url: endpoints
@@ -585,6 +586,7 @@ struct Holding {
     sink_format: SinkFormat,
     dpop: bool,
     dpop_key_file: Option<PathBuf>,
+    dpop_algorithm: DpopAlgorithm,
 }
 
 fn holding(
@@ -606,7 +608,7 @@ fn holding(
     } else if let Some(leaf) = &sink_format {
         r.report_leaf(leaf, "only used with sink_file; remove it");
     }
-    let (dpop, dpop_key_file) = dpop(r, t, grant, vend);
+    let (dpop, dpop_key_file, dpop_algorithm) = dpop(r, t, grant, vend);
     if let Some(leaf) = vend_leaf.as_ref().filter(|leaf| leaf.value) {
         if matches!(client_auth, ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth) {
             r.report_leaf(
@@ -625,14 +627,23 @@ fn holding(
         sink_format: value_or(sink_format, SinkFormat::Raw),
         dpop,
         dpop_key_file,
+        dpop_algorithm,
     }
 }
 
 /// DPoP (docs/dpop.md): sender-constrained tokens, bound to a key only tokenproxy holds; `dpop_key_file` is read now.
-fn dpop(r: &mut Reader<'_>, t: &mut Table<'_>, grant: Grant, vend: bool) -> (bool, Option<PathBuf>) {
+fn dpop(r: &mut Reader<'_>, t: &mut Table<'_>, grant: Grant, vend: bool) -> (bool, Option<PathBuf>, DpopAlgorithm) {
     let dpop_leaf = r.get(t, "dpop", reader::boolean);
     let dpop = dpop_leaf.as_ref().is_some_and(|leaf| leaf.value);
     let dpop_key_file = r.file(t, "dpop_key_file");
+    let dpop_algorithm = r.get(t, "dpop_algorithm", reader::choice(DPOP_ALGORITHMS));
+    if let Some(leaf) = &dpop_algorithm {
+        if !dpop {
+            r.report_leaf(leaf, "only used with dpop = true; set it, or remove this key");
+        } else if dpop_key_file.is_some() {
+            r.report_leaf(leaf, "the key in dpop_key_file decides the algorithm: remove one of the two");
+        }
+    }
     if let Some(leaf) = &dpop_key_file {
         if !dpop {
             r.report_leaf(leaf, "only used with dpop = true; set it, or remove this key");
@@ -659,7 +670,7 @@ fn dpop(r: &mut Reader<'_>, t: &mut Table<'_>, grant: Grant, vend: bool) -> (boo
             );
         }
     }
-    (dpop, dpop_key_file.map(|leaf| leaf.value))
+    (dpop, dpop_key_file.map(|leaf| leaf.value), value_or(dpop_algorithm, DpopAlgorithm::Es256))
 }
 
 /// Reads the secret `key` from one of `key`, `key_file` or `key_env`, and checks it can be read now.
@@ -749,6 +760,9 @@ fn assertion_claims(r: &mut Reader<'_>, provider: &mut Table<'_>) -> AssertionCl
 
 /// Values of `sink_format`.
 const SINK_FORMATS: &[(&str, SinkFormat)] = &[("raw", SinkFormat::Raw), ("json", SinkFormat::Json)];
+
+/// Values of `dpop_algorithm`.
+const DPOP_ALGORITHMS: &[(&str, DpopAlgorithm)] = &[("ES256", DpopAlgorithm::Es256), ("EdDSA", DpopAlgorithm::EdDsa)];
 
 /// Values of `exchange_dialect`.
 const EXCHANGE_DIALECTS: &[(&str, ExchangeDialect)] =

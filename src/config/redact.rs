@@ -10,9 +10,9 @@ use serde::{Serialize, Serializer};
 use url::Url;
 
 use super::{
-    AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DuringRefresh, EncodedSlashes, ExchangeDialect,
-    Grant, IncomingAuthorization, Inject, PathParameters, ProviderConfig, RedisServer, RouteConfig, SecretSource,
-    SinkFormat, StateConfig, SubjectSource, UpstreamProtocol,
+    AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DpopAlgorithm, DuringRefresh, EncodedSlashes,
+    ExchangeDialect, Grant, IncomingAuthorization, Inject, PathParameters, ProviderConfig, RedisServer, RouteConfig,
+    SecretSource, SinkFormat, StateConfig, SubjectSource, UpstreamProtocol,
 };
 
 /// What `[state]` prints as: the shared store's keys only with `store = "redis"`, its password as the key it was
@@ -202,6 +202,8 @@ struct ProviderView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     dpop_key_file: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    dpop_algorithm: Option<DpopAlgorithm>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     sink_file: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
     sink_format: Option<SinkFormat>,
@@ -283,6 +285,7 @@ impl Serialize for ProviderConfig {
             vend: self.vend,
             dpop: self.dpop,
             dpop_key_file: self.dpop_key_file.as_deref(),
+            dpop_algorithm: (self.dpop && self.dpop_key_file.is_none()).then_some(self.dpop_algorithm),
             sink_file: self.sink_file.as_deref(),
             sink_format: self.sink_file.is_some().then_some(self.sink_format),
             assertion_dialect: (self.grant == Grant::JwtBearer).then_some(self.assertion_dialect),

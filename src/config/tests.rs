@@ -1006,6 +1006,20 @@ fn dpop_keys_are_checked_and_its_tokens_go_nowhere_but_authorization() {
         problems(load(&unused))[0],
         "providers.p.dpop_key_file: only used with dpop = true; set it, or remove this key (from tokenproxy.toml)"
     );
+
+    // The key made at startup: ES256 unless dpop_algorithm says EdDSA; a key file decides its own.
+    assert_eq!(load(&config("", "")).unwrap().providers["p"].dpop_algorithm, DpopAlgorithm::Es256);
+    let eddsa = load(&config("dpop_algorithm = \"EdDSA\"", "")).unwrap();
+    assert_eq!(eddsa.providers["p"].dpop_algorithm, DpopAlgorithm::EdDsa);
+    let printed = toml::to_string(&eddsa).unwrap();
+    assert!(printed.contains("dpop_algorithm = \"EdDSA\""), "{printed}");
+    assert_eq!(load(&printed).unwrap().providers["p"].dpop_algorithm, DpopAlgorithm::EdDsa);
+    assert_eq!(
+        problems_of(&format!("{key}\ndpop_algorithm = \"EdDSA\""), ""),
+        ["providers.p.dpop_algorithm: the key in dpop_key_file decides the algorithm: remove one of the two \
+          (from tokenproxy.toml)"]
+    );
+    assert!(problems_of("dpop_algorithm = \"ES384\"", "")[0].starts_with("providers.p.dpop_algorithm:"));
 }
 
 #[test]

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 pub use certificate::{certificate_thumbprint, CertificateThumbprints};
 pub use encryption::{read_encryption_keys, EncryptionKey};
-pub use proof::ProofKey;
+pub use proof::{DpopAlgorithm, ProofKey};
 pub use signing::{load_google, load_key, AssertionAlgorithm, GoogleCredentials, KeyError, KeyKind, SigningKey};
 
 /// Base64url without padding, as JOSE writes binary values.

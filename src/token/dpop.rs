@@ -1,12 +1,12 @@
 //! DPoP (RFC 9449): proofs of possession for sender-constrained tokens (docs/dpop.md).
 //!
-//! A provider with `dpop = true` holds one key pair: loaded from `dpop_key_file` (PEM: EC P-256, P-384 or Ed25519),
-//! or made at startup (P-256). Every token call carries a proof (`htm` POST, `htu` the token endpoint); a token the
-//! IdP issues with `token_type: DPoP` is bound to the key (`cnf.jkt`, the key's RFC 7638 thumbprint) and goes to the
-//! upstream as `Authorization: DPoP <token>` with a new proof for each request and each replay: `htm` and `htu` of
-//! the request as the upstream receives it (`htu` without query and fragment), `iat`, a random `jti`, and `ath`, the
-//! token's SHA-256. Servers may demand a nonce of their own in proofs (`DPoP-Nonce`); the last one each origin gave
-//! is kept and put in the next proof to it.
+//! A provider with `dpop = true` holds one key pair: loaded from `dpop_key_file` (PEM: EC P-256, P-384 or Ed25519), or
+//! made at startup (P-256, or Ed25519 with `dpop_algorithm = "EdDSA"`). Every token call carries a proof (`htm` POST,
+//! `htu` the token endpoint); a token the IdP issues with `token_type: DPoP` is bound to the key (`cnf.jkt`, the key's
+//! RFC 7638 thumbprint) and goes to the upstream as `Authorization: DPoP <token>` with a new proof for each request and
+//! each replay: `htm` and `htu` of the request as the upstream receives it (`htu` without query and fragment), `iat`, a
+//! random `jti`, and `ath`, the token's SHA-256. Servers may demand a nonce of their own in proofs (`DPoP-Nonce`); the
+//! last one each origin gave is kept and put in the next proof to it.
 //!
 //! The key pair itself (reading, signing) is [`crate::keys::ProofKey`]; this module makes the proofs and keeps the
 //! nonces.
@@ -20,7 +20,7 @@ use base64::Engine as _;
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
-use crate::keys::ProofKey;
+use crate::keys::{DpopAlgorithm, ProofKey};
 
 /// The request header a proof goes in.
 pub static DPOP: http::HeaderName = http::HeaderName::from_static("dpop");
@@ -68,7 +68,12 @@ pub fn token_hash(token: &[u8]) -> String {
 impl DpopKey {
     /// A new P-256 key (ES256), made from the operating system's randomness.
     pub fn generate() -> DpopKey {
-        DpopKey::with_key(ProofKey::generate())
+        DpopKey::generate_for(DpopAlgorithm::Es256)
+    }
+
+    /// A new key for `algorithm` (`dpop_algorithm`), made from the operating system's randomness.
+    pub fn generate_for(algorithm: DpopAlgorithm) -> DpopKey {
+        DpopKey::with_key(ProofKey::generate(algorithm))
     }
 
     /// Reads a PEM private key (PKCS#8 `PRIVATE KEY`, or SEC1 `EC PRIVATE KEY`): EC P-256, P-384 or Ed25519. The
@@ -205,6 +210,20 @@ mod tests {
         let jtis: std::collections::HashSet<String> =
             (0..100).map(|_| verify(&key.proof(to)).1["jti"].as_str().unwrap().to_owned()).collect();
         assert_eq!(jtis.len(), 100, "every proof has its own jti");
+    }
+
+    #[test]
+    fn a_key_made_for_eddsa_signs_eddsa_proofs_that_verify_with_its_own_key() {
+        let key = DpopKey::generate_for(DpopAlgorithm::EdDsa);
+        assert_eq!(key.algorithm(), "EdDSA");
+        let to = ProofFor { method: "GET", url: "https://api.example/a", origin: "https://api.example", ath: None };
+        let (header, claims) = verify(&key.proof(to));
+        assert_eq!((header["alg"].as_str(), header["jwk"]["kty"].as_str()), (Some("EdDSA"), Some("OKP")));
+        assert!(header["jwk"].get("d").is_none(), "the private part never leaves");
+        assert_eq!(claims["htu"], "https://api.example/a");
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(header["jwk"].clone()).unwrap();
+        assert_eq!(jwk.thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256).unwrap(), key.thumbprint());
+        assert_ne!(DpopKey::generate_for(DpopAlgorithm::EdDsa).thumbprint(), key.thumbprint(), "a new key each time");
     }
 
     #[test]

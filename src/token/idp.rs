@@ -71,7 +71,7 @@ impl IdpClient {
             (true, Some(path)) => {
                 Some(Arc::new(DpopKey::load(path).map_err(|message| TlsError::Pem { path: path.clone(), message })?))
             }
-            (true, None) => Some(Arc::new(DpopKey::generate())),
+            (true, None) => Some(Arc::new(DpopKey::generate_for(provider.dpop_algorithm))),
         };
         let budget =
             provider.max_token_calls.as_ref().map(|(calls, window, text)| CallBudget::new(*calls, *window, text));
