@@ -480,7 +480,7 @@ impl BoundApp {
             ListenerHosts::new(admin_hosts, &app.metrics, "admin"),
         ));
         let proxy_task =
-            tokio::spawn(server::run_listener(proxy_listener, proxy, proxy_options, stop_rx.clone(), workers));
+            tokio::spawn(server::run_listener(proxy_listener, proxy, proxy_options, stop_rx.clone(), workers.clone()));
         let admin_task =
             tokio::spawn(server::run_listener(admin_listener, admin, admin_options, stop_rx.clone(), None));
         let vending_task = vending_listener.map(|listener| {
@@ -514,7 +514,7 @@ impl BoundApp {
             }
         });
         tokio::spawn(token::watch_secret_files(Arc::clone(&app.engine), SECRET_FILE_CHECK, stop.clone()));
-        tokio::spawn(return_memory_when_idle(Arc::clone(&app.metrics), stop.clone()));
+        tokio::spawn(return_memory_when_idle(Arc::clone(&app.metrics), workers, stop.clone()));
         if reload_on_sighup {
             tokio::spawn(reload_on_hangup(Arc::clone(&reloader), stop));
         }
@@ -543,19 +543,39 @@ pub struct RunOptions {
 ///
 /// glibc's malloc keeps freed memory in its arenas: after 10,000 connections closed, a proxy idling at 20 MB stayed
 /// at 340 MB (tests/cold_start.rs). `malloc_trim` returns it; it runs only when idle, so it never adds latency under
-/// load. (musl's allocator, in the static image, returns memory by itself.)
-async fn return_memory_when_idle(metrics: Arc<Metrics>, mut shutdown: Shutdown) {
-    let mut ticks = tokio::time::interval(Duration::from_secs(10));
+/// load: within a second or two of the last request of a burst, and every 10 s while idle. Before it, each worker
+/// frees the request buffers it kept for the next requests (the h1 transport's spares: tens of KiB per request that
+/// was in flight at once). (musl's allocator, in the static image, returns memory by itself.)
+async fn return_memory_when_idle(
+    metrics: Arc<Metrics>,
+    workers: Option<Arc<server::WorkerPool>>,
+    mut shutdown: Shutdown,
+) {
+    const IDLE_EVERY: u32 = 10;
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Seconds since the last trim; a tick that saw requests in flight makes the next idle one trim at once.
+    let mut since_trim = 0;
+    let mut busy = false;
     loop {
         tokio::select! {
             () = shutdown.recv() => return,
             _ = ticks.tick() => {
-                if metrics.inflight() == 0 {
-                    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-                    // SAFETY: malloc_trim has no preconditions.
-                    let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+                since_trim += 1;
+                if metrics.inflight() != 0 {
+                    busy = true;
+                    continue;
                 }
+                if !busy && since_trim < IDLE_EVERY {
+                    continue;
+                }
+                (busy, since_trim) = (false, 0);
+                if let Some(workers) = &workers {
+                    workers.on_each(proxy::h1::connection::release_spares).await;
+                }
+                #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                // SAFETY: malloc_trim has no preconditions.
+                let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
             }
         }
     }

@@ -146,6 +146,14 @@ impl WorkerPool {
         Ok(WorkerPool { handles, next: std::sync::atomic::AtomicUsize::new(0), _stop: stops })
     }
 
+    /// Runs `work` on each worker's thread, and returns when all have.
+    pub async fn on_each(&self, work: fn()) {
+        let done: Vec<_> = self.handles.iter().map(|handle| handle.spawn(async move { work() })).collect();
+        for task in done {
+            let _ = task.await;
+        }
+    }
+
     /// The next worker, round-robin.
     fn next(&self) -> usize {
         self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.handles.len()
@@ -655,5 +663,24 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn on_each_runs_the_work_once_on_every_worker_thread_and_waits_for_all() {
+        static THREADS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        fn note_thread() {
+            let name = std::thread::current().name().unwrap_or_default().to_owned();
+            THREADS.lock().unwrap().push(name);
+        }
+        let pool = WorkerPool::start(2, |_| {}).unwrap();
+        pool.on_each(note_thread).await;
+        let mut threads = THREADS.lock().unwrap().clone();
+        threads.sort();
+        assert_eq!(threads, ["tokenproxy-worker-0", "tokenproxy-worker-1"]);
     }
 }

@@ -109,6 +109,12 @@ impl Scratch {
     }
 }
 
+/// Frees the [`Scratch`]es this thread keeps for its next requests (when the proxy is idle: the next request takes
+/// a new one).
+pub fn release_spares() {
+    let _ = SPARE.try_with(|spare| std::mem::take(&mut *spare.borrow_mut()));
+}
+
 /// One timer per connection for all its deadlines (the request head's, the request's). A tokio timer armed per wait
 /// costs a wheel insertion and removal under the driver's lock, and may wake the driver; this one is set once and
 /// moved only when it fires before the deadline of the wait in progress, at most once per `period`. It is polled
@@ -662,5 +668,10 @@ mod tests {
         assert_eq!(spare(), before - 1, "a spare one was taken, none allocated");
         scratch.give_back();
         assert_eq!(spare(), before);
+        // When the proxy is idle, the spares are freed; the next request makes a new one.
+        release_spares();
+        assert_eq!(spare(), 0);
+        Scratch::take().give_back();
+        assert_eq!(spare(), 1);
     }
 }
