@@ -43,11 +43,11 @@ pub struct ExchangeCache {
     timing: Timing,
     timeout: Duration,
     unauthorized_interval: Duration,
-    tokens: moka::sync::Cache<SubjectKey, Arc<Token>>,
+    tokens: moka::sync::Cache<SubjectKey, Arc<Token>, KeyHasher>,
     /// Subjects the IdP refused, with why.
-    refused: moka::sync::Cache<SubjectKey, SubjectRefusal>,
+    refused: moka::sync::Cache<SubjectKey, SubjectRefusal, KeyHasher>,
     /// Subjects whose token an upstream refused lately: no second exchange for them inside the interval.
-    forced: moka::sync::Cache<SubjectKey, ()>,
+    forced: moka::sync::Cache<SubjectKey, (), KeyHasher>,
     inflight: Mutex<HashMap<SubjectKey, Exchange>>,
     /// What new subjects may cost the IdP: checked before any exchange of a subject not in the cache.
     budget: Budget,
@@ -98,15 +98,15 @@ impl ExchangeCache {
                     evicted.inc();
                 }
             })
-            .build();
+            .build_with_hasher(KeyHasher::default());
         let refused = moka::sync::Cache::builder()
             .max_capacity(exchange.max_subjects)
             .time_to_live(exchange.refused_subject_ttl.max(Duration::from_millis(1)))
-            .build();
+            .build_with_hasher(KeyHasher::default());
         let forced = moka::sync::Cache::builder()
             .max_capacity(exchange.max_subjects)
             .time_to_live(provider.unauthorized_refresh_interval.max(Duration::from_millis(1)))
-            .build();
+            .build_with_hasher(KeyHasher::default());
         let validator = exchange.subject_issuer.as_ref().map(|issuer| {
             let audience = exchange.subject_audience.clone();
             SubjectValidator::new(issuer, audience, exchange.subject_jwks_uri.clone(), Arc::clone(fetcher.idp()))
@@ -403,12 +403,18 @@ fn refusal_reason(refusal: SubjectRefusal) -> &'static str {
     }
 }
 
-/// The token of an `Authorization: Bearer …` value (any case of the scheme), if it is one.
+/// The token of an `Authorization: Bearer …` value (any case of the scheme), if it is one: `Bearer`, a space, and the
+/// rest without the blanks around it. (By bytes: a header value is visible ASCII, spaces and tabs.)
 pub fn bearer_subject(value: &HeaderValue) -> Option<&str> {
-    let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    let value = value.to_str().ok()?;
+    let (scheme, token) = (value.get(..6)?, value.get(7..)?);
+    let token = token.trim_ascii();
+    (value.as_bytes()[6] == b' ' && scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
+
+/// The hasher of the caches' keys: SHA-256 digests of callers' tokens, hashed again with a per-process random seed
+/// (a caller cannot aim its subjects at one bucket), more cheaply than the standard library's SipHash.
+type KeyHasher = foldhash::quality::RandomState;
 
 /// The SHA-256 of a subject token.
 pub fn subject_key(subject: &str) -> SubjectKey {
@@ -449,6 +455,41 @@ impl TokenSource for SubjectTokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_subject_is_read_as_the_plain_definition_reads_it() {
+        // The plain definition: the scheme before the first space, `bearer` in any case; the rest, trimmed, not empty.
+        fn plain(value: &HeaderValue) -> Option<&str> {
+            let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
+            let token = token.trim();
+            (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+        }
+        let values = [
+            "Bearer abc",
+            "bearer abc",
+            "BEARER  abc  ",
+            "Bearer\tabc",
+            "Bearer",
+            "Bearer ",
+            "Bearer  ",
+            "Bearer \t",
+            "Bearerx abc",
+            "Basic abc",
+            "Bear abc",
+            "",
+            " Bearer abc",
+            "Bearer a b",
+            "Bearer abc\t",
+            "DPoP abc",
+            "Bearer é",
+        ];
+        for value in values {
+            let Ok(header) = HeaderValue::from_bytes(value.as_bytes()) else { continue };
+            assert_eq!(bearer_subject(&header), plain(&header), "{value:?}");
+        }
+        let opaque = HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap();
+        assert_eq!(bearer_subject(&opaque), None);
+    }
 
     #[test]
     fn a_jwt_subject_bounds_the_cache_entry_and_other_subjects_do_not() {
