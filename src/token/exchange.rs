@@ -46,6 +46,8 @@ pub struct ExchangeCache {
     tokens: moka::sync::Cache<SubjectKey, Arc<Token>, KeyHasher>,
     /// Subjects the IdP refused, with why.
     refused: moka::sync::Cache<SubjectKey, SubjectRefusal, KeyHasher>,
+    /// A subject was ever refused: until then, a cache hit does not look in `refused`.
+    any_refused: AtomicBool,
     /// Subjects whose token an upstream refused lately: no second exchange for them inside the interval.
     forced: moka::sync::Cache<SubjectKey, (), KeyHasher>,
     inflight: Mutex<HashMap<SubjectKey, Exchange>>,
@@ -123,6 +125,7 @@ impl ExchangeCache {
             unauthorized_interval: provider.unauthorized_refresh_interval,
             tokens,
             refused,
+            any_refused: AtomicBool::new(false),
             forced,
             inflight: Mutex::new(HashMap::new()),
             budget: Budget::new(exchange.new_subjects_per_second, exchange.max_in_flight),
@@ -160,6 +163,12 @@ impl ExchangeCache {
     pub fn for_caller(self: &Arc<Self>, authorization: &HeaderValue) -> Option<Arc<dyn TokenSource>> {
         let key = subject_key(bearer_subject(authorization)?);
         Some(Arc::new(SubjectTokens { cache: Arc::clone(self), key, authorization: authorization.clone() }))
+    }
+
+    /// Keeps the IdP's refusal of a subject; from the first one on, cache hits look for refusals too.
+    fn note_refused(&self, key: SubjectKey, refusal: SubjectRefusal) {
+        self.any_refused.store(true, Ordering::Release);
+        self.refused.insert(key, refusal);
     }
 
     /// The caller's usable token from the cache, if any.
@@ -221,7 +230,7 @@ impl ExchangeCache {
             match validator.check(subject).await {
                 Ok(()) => {}
                 Err(SubjectCheck::Invalid(reason)) => {
-                    self.refused.insert(key, SubjectRefusal::Invalid);
+                    self.note_refused(key, SubjectRefusal::Invalid);
                     self.cache_metrics.refused.inc();
                     return Err(self.unavailable(reason, Some(SubjectRefusal::Invalid), false));
                 }
@@ -347,7 +356,7 @@ impl ExchangeCache {
                     Ordering::Relaxed,
                 );
                 if let Some(refusal) = refusal {
-                    self.refused.insert(key, refusal);
+                    self.note_refused(key, refusal);
                     tracing::info!(provider = %self.name, "the identity provider refused a caller's token: {error}");
                 } else {
                     tracing::warn!(provider = %self.name, "token exchange failed: {error}");
@@ -440,7 +449,7 @@ struct SubjectTokens {
 
 impl TokenSource for SubjectTokens {
     fn current(&self) -> Option<Arc<Token>> {
-        if self.cache.refused.contains_key(&self.key) {
+        if self.cache.any_refused.load(Ordering::Acquire) && self.cache.refused.contains_key(&self.key) {
             return None;
         }
         self.cache.hit(&self.key)
