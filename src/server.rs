@@ -377,7 +377,7 @@ fn connection_task<L: Listen, H: Handler>(
             match L::move_to_this_runtime(stream) {
                 Ok(stream) => stream,
                 Err(error) => {
-                    tracing::debug!("cannot move the connection to a worker: {error}");
+                    tracing::debug!(%peer, "cannot move the connection to a worker: {error}");
                     return;
                 }
             }

@@ -1,6 +1,7 @@
-//! DPoP key pairs (RFC 9449): read from a PEM file (EC P-256, P-384 or Ed25519) or made at startup (P-256 or Ed25519), ready to
-//! sign proofs. The key crates read the PEM and give the public half; aws-lc-rs signs (the proof header is encoded
-//! once per key), not `jsonwebtoken`, which parses the key again at every signature: a proof is made per request.
+//! DPoP key pairs (RFC 9449): read from a PEM file (EC P-256, P-384 or Ed25519) or made at startup (P-256 or
+//! Ed25519), ready to sign proofs. The key crates read the PEM and give the public half; aws-lc-rs signs (the proof
+//! header is encoded once per key), not `jsonwebtoken`, which parses the key again at every signature: a proof is
+//! made per request.
 
 use std::path::Path;
 
@@ -54,18 +55,16 @@ impl std::fmt::Debug for ProofKey {
 impl ProofKey {
     /// A new key for `algorithm` (P-256 for ES256, Ed25519 for EdDSA), made from the operating system's randomness.
     pub fn generate(algorithm: DpopAlgorithm) -> ProofKey {
-        if algorithm == DpopAlgorithm::EdDsa {
-            let seed: [u8; 32] = rand::random();
-            // Every 32-byte seed is an Ed25519 key.
-            if let Ok(key) = ProofKey::new(Key::Ed25519(ed25519_dalek::SigningKey::from_bytes(&seed))) {
-                return key;
-            }
-        }
+        // Always of `algorithm`: every 32-byte seed is an Ed25519 key and nearly every 32-byte string a P-256 scalar;
+        // the loop only guards against the others.
         loop {
             let bytes: [u8; 32] = rand::random();
-            // Nearly every 32-byte string is a valid scalar; the loop only guards against the others.
-            if let Ok(key) = p256::ecdsa::SigningKey::from_bytes(&bytes.into()) {
-                if let Ok(key) = ProofKey::new(Key::P256(key)) {
+            let key = match algorithm {
+                DpopAlgorithm::EdDsa => Some(Key::Ed25519(ed25519_dalek::SigningKey::from_bytes(&bytes))),
+                DpopAlgorithm::Es256 => p256::ecdsa::SigningKey::from_bytes(&bytes.into()).ok().map(Key::P256),
+            };
+            if let Some(key) = key {
+                if let Ok(key) = ProofKey::new(key) {
                     return key;
                 }
             }
