@@ -5,7 +5,9 @@
 //! short lifetimes prove that each token call signs a fresh assertion with the right `kid`. A wrong
 //! `assertion_audience` is refused, and `check --fetch` says so without printing the key. With `client_assertion`,
 //! the file a platform writes is read at every token call: a rotated file is used, a stale one is refused. A key
-//! rotated on disk (the IdP's jwks_uri serving only the new one) signs the next token call, under its new `kid`.
+//! rotated on disk (the IdP's jwks_uri serving only the new one) signs the next token call, under its new `kid`. A
+//! key the provider registered without a `kid` is refused under the default `kid` (and `check --fetch` names both
+//! fixes) and accepted with `assertion_key_id = false`.
 //! `grant = "jwt_bearer"` (generic dialect) gets tokens from a grant type registered on the provider that verifies the
 //! assertion's signature and claims, with the client's secret on top.
 //!
@@ -161,6 +163,42 @@ fn platform_assertion(pem: &str, kid: &str, token_url: &str, jti: &str) -> Strin
         "iss": "tp-jwt-ec", "sub": "tp-jwt-ec", "aud": token_url, "jti": jti, "iat": now, "exp": now + 300,
     });
     jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn a_key_registered_without_kid_needs_assertion_key_id_false_and_check_fetch_says_so() {
+    let idp = IdpProcess::start(300).await;
+    let token_url = idp.token_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, thumbprint) = idp.client_key("tp-jwt-nokid").await;
+    let key_file = write_key(dir.path(), "nokid.pem", &pem);
+    let route = route_toml("nokid", "http://127.0.0.1:9");
+    let fetch = |config: String| {
+        std::fs::write(dir.path().join("tokenproxy.toml"), config).unwrap();
+        let dir = dir.path().to_owned();
+        async move {
+            let mut check =
+                spawn_tokenproxy("check --fetch", &dir, &["check", "--fetch", "--config", "tokenproxy.toml"], &[]);
+            let status = check.wait_exit_async(Duration::from_secs(20)).await.expect("check --fetch exits");
+            (status.success(), check.output().text())
+        }
+    };
+
+    // The default kid (the thumbprint) is refused by a provider that registered the key without one; the hint says
+    // which kid was sent and names both ways out.
+    let (ok, output) = fetch(provider_toml("nokid", &token_url, "tp-jwt-nokid", &key_file, "") + &route).await;
+    assert!(!ok && output.contains("invalid_client"), "{output}");
+    assert!(
+        output.contains(&thumbprint) && output.contains("set assertion_key_id = false, or set it to the IdP's kid"),
+        "the hint names the kid sent and both fixes: {output}"
+    );
+
+    // assertion_key_id = false: no kid header, and the provider accepts the assertion.
+    let (ok, output) =
+        fetch(provider_toml("nokid", &token_url, "tp-jwt-nokid", &key_file, "assertion_key_id = false") + &route).await;
+    assert!(ok, "{output}");
+    let kids = idp.stats().await["clients"]["tp-jwt-nokid"]["assertion_kids"].clone();
+    assert_eq!(kids, serde_json::json!([thumbprint, "(none)"]), "the second assertion had no kid header");
 }
 
 #[tokio::test]

@@ -349,6 +349,30 @@ pub struct AssertionClaims {
     pub extra: BTreeMap<String, String>,
 }
 
+/// The `kid` header of the client assertions a provider signs (`assertion_key_id`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AssertionKeyId {
+    /// The RFC 7638 thumbprint of the public key (the default): a rotated key gets a new `kid` by itself.
+    #[default]
+    Thumbprint,
+    /// A name the IdP registered the key under.
+    Named(String),
+    /// No `kid` header (`assertion_key_id = false`): for an IdP that registered the key without one and matches
+    /// a `kid` strictly.
+    Omitted,
+}
+
+impl AssertionKeyId {
+    /// The header's value for a key with `thumbprint`, or `None` when it is left out.
+    pub fn header(&self, thumbprint: &str) -> Option<String> {
+        match self {
+            AssertionKeyId::Thumbprint => Some(thumbprint.to_owned()),
+            AssertionKeyId::Named(name) => Some(name.clone()),
+            AssertionKeyId::Omitted => None,
+        }
+    }
+}
+
 /// `[providers.NAME]`: one token profile.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProviderConfig {
@@ -432,8 +456,8 @@ pub struct ProviderConfig {
     pub assertion_audience: Option<String>,
     /// `private_key_jwt`: the JWS algorithm when not the key's own (RS256 for RSA keys; PS256 may be set).
     pub assertion_algorithm: Option<AssertionAlgorithm>,
-    /// `private_key_jwt`: the `kid` header when not the RFC 7638 thumbprint of the public key.
-    pub assertion_key_id: Option<String>,
+    /// `private_key_jwt` (and the `jwt_bearer` grant): the assertion's `kid` header.
+    pub assertion_key_id: AssertionKeyId,
     /// `private_key_jwt`: the certificate of `private_key_file` as the IdP has it; its thumbprints go in the
     /// assertion's header as `x5t` and `x5t#S256` (Entra ID finds a certificate credential by them).
     pub assertion_certificate_file: Option<PathBuf>,

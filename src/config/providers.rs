@@ -11,8 +11,9 @@ use crate::keys::{self, KeyError};
 use super::reader::{self, Leaf, Reader, Table};
 use super::values::{http_url, is_valid_name, value_or, UrlUse, NAME_RULE};
 use super::{
-    AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DpopAlgorithm, DuringRefresh, ExchangeConfig,
-    ExchangeDialect, Grant, ProviderConfig, Secret, SecretError, SecretSource, SinkFormat, SubjectSource,
+    AssertionAlgorithm, AssertionClaims, AssertionDialect, AssertionKeyId, ClientAuth, DpopAlgorithm, DuringRefresh,
+    ExchangeConfig, ExchangeDialect, Grant, ProviderConfig, Secret, SecretError, SecretSource, SinkFormat,
+    SubjectSource,
 };
 
 /// Defaults of a provider (SPEC).
@@ -326,7 +327,7 @@ struct ClientAssertion {
     private_key_file: Option<PathBuf>,
     audience: Option<String>,
     algorithm: Option<AssertionAlgorithm>,
-    key_id: Option<String>,
+    key_id: AssertionKeyId,
     certificate_file: Option<PathBuf>,
     client_assertion: Option<SecretSource>,
 }
@@ -340,7 +341,7 @@ fn client_assertion(
     let private_key_file = r.file(t, "private_key_file");
     let assertion_audience = r.get(t, "assertion_audience", reader::non_empty_string);
     let assertion_algorithm = r.get(t, "assertion_algorithm", reader::choice(ASSERTION_ALGORITHMS));
-    let assertion_key_id = r.get(t, "assertion_key_id", reader::non_empty_string);
+    let assertion_key_id = r.get(t, "assertion_key_id", key_id);
     let assertion_certificate_file = r.file(t, "assertion_certificate_file");
     if let Some(leaf) = &assertion_certificate_file {
         if client_auth != ClientAuth::PrivateKeyJwt {
@@ -408,9 +409,20 @@ fn client_assertion(
         private_key_file: private_key_file.map(|leaf| leaf.value),
         audience: assertion_audience.map(|leaf| leaf.value),
         algorithm: assertion_algorithm.map(|leaf| leaf.value),
-        key_id: assertion_key_id.map(|leaf| leaf.value),
+        key_id: assertion_key_id.map(|leaf| leaf.value).unwrap_or_default(),
         certificate_file: assertion_certificate_file.map(|leaf| leaf.value),
         client_assertion: client_assertion.map(|leaf| leaf.value),
+    }
+}
+
+/// `assertion_key_id`: a name, or `false` for no `kid` header (`true` is the default, the key's thumbprint).
+fn key_id(value: &Value) -> Result<AssertionKeyId, String> {
+    match value {
+        Value::Bool(_, false) => Ok(AssertionKeyId::Omitted),
+        Value::Bool(_, true) => Ok(AssertionKeyId::Thumbprint),
+        _ => reader::non_empty_string(value)
+            .map(AssertionKeyId::Named)
+            .map_err(|e| format!("{e} (the kid), or false to send no kid header")),
     }
 }
 

@@ -10,9 +10,9 @@ use serde::{Serialize, Serializer};
 use url::Url;
 
 use super::{
-    AssertionAlgorithm, AssertionClaims, AssertionDialect, ClientAuth, DpopAlgorithm, DuringRefresh, EncodedSlashes,
-    ExchangeDialect, Grant, IncomingAuthorization, Inject, PathParameters, ProviderConfig, RedisServer, RouteConfig,
-    SecretSource, SinkFormat, StateConfig, SubjectSource, UpstreamProtocol,
+    AssertionAlgorithm, AssertionClaims, AssertionDialect, AssertionKeyId, ClientAuth, DpopAlgorithm, DuringRefresh,
+    EncodedSlashes, ExchangeDialect, Grant, IncomingAuthorization, Inject, PathParameters, ProviderConfig, RedisServer,
+    RouteConfig, SecretSource, SinkFormat, StateConfig, SubjectSource, UpstreamProtocol,
 };
 
 /// What `[state]` prints as: the shared store's keys only with `store = "redis"`, its password as the key it was
@@ -166,7 +166,7 @@ struct ProviderView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     assertion_algorithm: Option<AssertionAlgorithm>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    assertion_key_id: Option<&'a str>,
+    assertion_key_id: Option<KeyIdView<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     assertion_certificate_file: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -260,7 +260,11 @@ impl Serialize for ProviderConfig {
             private_key_file: self.private_key_file.as_deref(),
             assertion_audience: self.assertion_audience.as_deref(),
             assertion_algorithm: self.assertion_algorithm,
-            assertion_key_id: self.assertion_key_id.as_deref(),
+            assertion_key_id: match &self.assertion_key_id {
+                AssertionKeyId::Thumbprint => None,
+                AssertionKeyId::Named(name) => Some(KeyIdView::Name(name)),
+                AssertionKeyId::Omitted => Some(KeyIdView::Sent(false)),
+            },
             assertion_certificate_file: self.assertion_certificate_file.as_deref(),
             subject_token_source: exchange.map(|e| match e.subject {
                 SubjectSource::Request => "request",
@@ -390,4 +394,12 @@ impl Serialize for RouteConfig {
 
 fn is_default_claims(claims: &&AssertionClaims) -> bool {
     **claims == AssertionClaims::default()
+}
+
+/// `assertion_key_id` as the TOML has it: a name, or `false`.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum KeyIdView<'a> {
+    Name(&'a str),
+    Sent(bool),
 }

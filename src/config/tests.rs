@@ -612,6 +612,24 @@ fn private_key_jwt_needs_a_usable_key_and_its_keys_belong_to_it() {
             "providers.orders.assertion_key_id: only used with client_auth = \"private_key_jwt\" or grant = \"jwt_bearer\"; remove it (from tokenproxy.toml)",
         ]
     );
+    // assertion_key_id: a name, false (no kid header), true (the default, the thumbprint); nothing else.
+    for (value, expected) in [
+        ("\"k1\"", AssertionKeyId::Named("k1".into())),
+        ("false", AssertionKeyId::Omitted),
+        ("true", AssertionKeyId::Thumbprint),
+    ] {
+        let config =
+            load(&with_assertion_provider("private_key_jwt", &format!("{key_line}\nassertion_key_id = {value}")));
+        assert_eq!(config.unwrap().providers["orders"].assertion_key_id, expected, "{value}");
+    }
+    assert_eq!(
+        load(&with_assertion_provider("private_key_jwt", &key_line)).unwrap().providers["orders"].assertion_key_id,
+        AssertionKeyId::Thumbprint
+    );
+    assert_eq!(
+        problems_of("private_key_jwt", &format!("{key_line}\nassertion_key_id = 3")),
+        ["providers.orders.assertion_key_id: expected a string, found a number; quote it (the kid), or false to send no kid header (from tokenproxy.toml)"]
+    );
     assert_eq!(
         problems_of("private_key_jwt", &format!("{key_line}\nclient_secret = \"s\"")),
         ["providers.orders.client_secret: not used with client_auth = \"private_key_jwt\"; remove it (from tokenproxy.toml)"]

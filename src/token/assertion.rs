@@ -3,8 +3,8 @@
 //!
 //! With `private_key_jwt`, every token call gets a fresh JWT signed with the key in `private_key_file`: `iss` = `sub`
 //! = the client id, `aud` = the token endpoint (or `assertion_audience`), a random `jti`, `iat` now and `exp` five
-//! minutes later, and a `kid` header that is the RFC 7638 thumbprint of the public key unless `assertion_key_id` is
-//! set, so a rotated key gets a new `kid` by itself. The key file is read at every call: a key rotated on disk is
+//! minutes later, and a `kid` header that is the RFC 7638 thumbprint of the public key unless `assertion_key_id` names
+//! another (or is `false`: no `kid`), so a rotated key gets a new `kid` by itself. The key file is read at every call: a key rotated on disk is
 //! used by the next one. With `client_assertion`, the JWT is one the platform minted (a Kubernetes projected
 //! service-account token for workload identity federation), read from `client_assertion_file` at every call,
 //! because the kubelet rotates it.
@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, Header};
 
-use crate::config::{AssertionDialect, ClientAuth, ProviderConfig, SecretError, SecretSource};
+use crate::config::{AssertionDialect, AssertionKeyId, ClientAuth, ProviderConfig, SecretError, SecretSource};
 use crate::keys::{certificate_thumbprint, load_google, load_key, CertificateThumbprints, KeyError, SigningKey};
 
 /// The `client_assertion_type` of a JWT client assertion (RFC 7523 §2.2).
@@ -77,7 +77,7 @@ pub fn client_assertion(provider: &ProviderConfig, token_endpoint: &str) -> Resu
             let algorithm = key.algorithm(provider.assertion_algorithm, path)?;
             let aud = provider.assertion_audience.as_deref().unwrap_or(token_endpoint);
             let mut header = Header::new(algorithm);
-            header.kid = Some(provider.assertion_key_id.clone().unwrap_or_else(|| key.thumbprint().to_owned()));
+            header.kid = provider.assertion_key_id.header(key.thumbprint());
             if let Some(path) = &provider.assertion_certificate_file {
                 let thumbprints = CertificateThumbprints::read(path).map_err(AssertionError::Certificate)?;
                 header.x5t = Some(thumbprints.sha1);
@@ -131,7 +131,8 @@ pub fn grant_assertion(provider: &ProviderConfig, token_endpoint: &str) -> Resul
             let aud = provider.assertion_audience.as_deref().unwrap_or(SALESFORCE_LOGIN);
             put("aud", aud.into());
             put("exp", (now + 180).into());
-            (key, algorithm, provider.assertion_key_id.clone())
+            let kid = provider.assertion_key_id.header(key.thumbprint());
+            (key, algorithm, kid)
         }
         AssertionDialect::Generic => {
             let path = provider.private_key_file.as_deref().unwrap_or(Path::new(""));
@@ -148,11 +149,12 @@ pub fn grant_assertion(provider: &ProviderConfig, token_endpoint: &str) -> Resul
             put("jti", random_jti().into());
             put("iat", now.into());
             put("exp", (now + LIFETIME_SECS).into());
-            (key, algorithm, provider.assertion_key_id.clone())
+            let kid = provider.assertion_key_id.header(key.thumbprint());
+            (key, algorithm, kid)
         }
     };
     let mut header = Header::new(algorithm);
-    header.kid = Some(kid.unwrap_or_else(|| key.thumbprint().to_owned()));
+    header.kid = kid;
     jsonwebtoken::encode(&header, &claims, key.encoding_key()).map_err(|e| AssertionError::Signing(e.to_string()))
 }
 
@@ -166,9 +168,14 @@ pub fn refusal_hint(provider: &ProviderConfig, token_endpoint: Option<&str>) -> 
         ClientAuth::PrivateKeyJwt => {
             let path = provider.private_key_file.as_ref()?;
             let mut kid = match (&provider.assertion_key_id, load_key(path)) {
-                (Some(kid), _) => format!("`{kid}` (assertion_key_id)"),
-                (None, Ok(key)) => format!("`{}` (the RFC 7638 thumbprint of the key's public half)", key.thumbprint()),
-                (None, Err(error)) => return Some(format!("the key could not be read: {error}")),
+                (AssertionKeyId::Named(kid), _) => format!("`{kid}` (assertion_key_id)"),
+                (AssertionKeyId::Omitted, _) => "left out (assertion_key_id = false)".to_owned(),
+                (AssertionKeyId::Thumbprint, Ok(key)) => format!(
+                    "`{}` (the RFC 7638 thumbprint of the key's public half; if the IdP registered the key without a \
+                     kid and matches kids strictly, set assertion_key_id = false, or set it to the IdP's kid)",
+                    key.thumbprint()
+                ),
+                (AssertionKeyId::Thumbprint, Err(error)) => return Some(format!("the key could not be read: {error}")),
             };
             match provider.assertion_certificate_file.as_deref().map(CertificateThumbprints::read) {
                 Some(Ok(thumbprints)) => {

@@ -543,7 +543,7 @@ const signingKey = { ...(await exportJWK(privateKey)), kid: randomUUID(), alg: '
 // (registered `jwks`, `kid` = its RFC 7638 thumbprint, so a client that computes the thumbprint differently
 // is refused), and GET /_test/client-key hands the private half to the test as PKCS#8 PEM.
 const clientKeys = {};
-for (const [clientId, alg] of [['tp-jwt-rsa', 'RS256'], ['tp-jwt-ec', 'ES256'], ['tp-jwt-grant', 'ES256']]) {
+for (const [clientId, alg] of [['tp-jwt-rsa', 'RS256'], ['tp-jwt-ec', 'ES256'], ['tp-jwt-grant', 'ES256'], ['tp-jwt-nokid', 'ES256']]) {
   const pair = await generateKeyPair(alg, { extractable: true, modulusLength: 2048 });
   const publicJwk = await exportJWK(pair.publicKey);
   const kid = await calculateJwkThumbprint(publicJwk);
@@ -630,6 +630,14 @@ const provider = new Provider(issuer, {
       token_endpoint_auth_method: 'private_key_jwt',
       jwks: { keys: [key.publicJwk] },
     })),
+    // tp-jwt-nokid: its public key registered without a `kid`, as many IdPs' consoles do; the provider then
+    // refuses an assertion whose header names any kid.
+    (({ kid, ...publicJwk }) => ({
+      ...clientBase,
+      client_id: 'tp-jwt-nokid',
+      token_endpoint_auth_method: 'private_key_jwt',
+      jwks: { keys: [publicJwk] },
+    }))(clientKeys['tp-jwt-nokid'].publicJwk),
     {
       ...clientBase,
       client_id: 'tp-exchange',
