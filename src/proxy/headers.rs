@@ -138,6 +138,29 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// The trace id of a W3C `traceparent` value (`VERSION-TRACEID-PARENTID-FLAGS`, Trace Context §3.2): 32 lowercase hex
+/// digits, not all zero, in a header whose version is not `ff` and whose parts have their lengths (a later version
+/// may append fields after a `-`). `None` for anything else.
+pub fn trace_id(value: &HeaderValue) -> Option<String> {
+    let v = value.as_bytes();
+    if v.len() < 55 {
+        return None;
+    }
+    let hex = |part: &[u8]| part.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let well_formed = (v.len() == 55 || (v[0..2] != *b"00" && v[55] == b'-'))
+        && hex(&v[0..2])
+        && v[0..2] != *b"ff"
+        && v[2] == b'-'
+        && hex(&v[3..35])
+        && v[35] == b'-'
+        && hex(&v[36..52])
+        && v[52] == b'-'
+        && hex(&v[53..55]);
+    let trace = &v[3..35];
+    (well_formed && trace.iter().any(|&b| b != b'0') && v[36..52].iter().any(|&b| b != b'0'))
+        .then(|| String::from_utf8_lossy(trace).into_owned())
+}
+
 /// Whether a `TE` value asks for trailers only (the one `TE` that passes a proxy: gRPC needs it).
 pub fn only_trailers(te: &[u8]) -> bool {
     te.split(|&b| b == b',').all(|p| p.trim_ascii().eq_ignore_ascii_case(b"trailers"))
@@ -212,6 +235,30 @@ pub fn add_forwarding(headers: &mut HeaderMap, peer: &HeaderValue, tls: bool, or
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn trace_ids_come_only_from_well_formed_traceparents() {
+        let id = |v: &str| trace_id(&HeaderValue::from_str(v).unwrap());
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(id(good).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(
+            id("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later").as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            "",
+            "tokenproxy",
+        ] {
+            assert_eq!(id(bad), None, "{bad}");
+        }
+    }
     use super::*;
 
     #[test]

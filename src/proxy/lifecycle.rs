@@ -16,7 +16,7 @@ use http::Method;
 use tokio::time::Instant;
 
 use super::upstream::slots::OwnedPlace;
-use super::{Answer, Connection, Credential, Decision, Proxy, ProxyError, Retried, Route, Target};
+use super::{Answer, Connection, Credential, Decision, Proxy, ProxyError, Resend, Retried, Route, Target};
 use crate::metrics::ReplayOutcome;
 use crate::token::Token;
 
@@ -43,6 +43,12 @@ pub(crate) trait Transport {
 
     /// Drops the kept response: it will not be delivered (a new send follows).
     fn discard(&mut self);
+
+    /// Whether the last send wrote the request a second time on its own (a stale keep-alive connection, a refused
+    /// h2 stream), and why; asked once after each send.
+    fn resent(&mut self) -> Option<Resend> {
+        None
+    }
 }
 
 /// One send of a request: where it goes and with which token.
@@ -109,6 +115,9 @@ pub(crate) async fn forward<T: Transport>(
     transport: &mut T,
 ) -> Result<Delivery, T::Failure> {
     let target = Proxy::prepare(route, parts, connection, target)?;
+    if let (Some(audit), Some(tokens)) = (&mut retried.audit, &target.caller_tokens) {
+        audit.subject = tokens.subject_fingerprint();
+    }
     let mut token = match (target.tokens(route), target.attach) {
         (Some(tokens), true) => Some(Proxy::credential(tokens.as_ref(), None).await?),
         _ => None,
@@ -123,8 +132,10 @@ pub(crate) async fn forward<T: Transport>(
     };
     loop {
         let attempt = Attempt { route, target, token: token.as_deref() };
-        transport.send(parts, &attempt).await?;
-        let last = Proxy::decide(route, &transport.answer(), token.as_deref(), *retried);
+        let sent = transport.send(parts, &attempt).await;
+        retried.sent(token.as_ref(), transport.resent());
+        sent?;
+        let last = Proxy::decide(route, &transport.answer(), token.as_deref(), retried);
         // Most answers go to the caller as they are: no future is made for them.
         if last == Decision::Deliver {
             return Ok(Delivery { token, place, last });

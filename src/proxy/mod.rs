@@ -127,11 +127,20 @@ impl Target {
 pub struct InFlight<'p> {
     started: Instant,
     request_id: HeaderValue,
-    /// Method and path for the access log, when it is on.
-    logged: Option<(Method, String)>,
+    /// What the access log needs of the request as it came, when the log is on.
+    logged: Option<Logged>,
     /// The route, once found (its `inflight` gauge was raised then).
     route: Option<&'p Route>,
     ended: bool,
+}
+
+/// What the access log keeps of a request as it came.
+struct Logged {
+    method: Method,
+    /// The path without its query (which may carry a token).
+    path: String,
+    /// The trace id of the caller's W3C `traceparent`, when it sent a valid one.
+    trace_id: Option<Box<str>>,
 }
 
 /// The status counted and logged for a request whose caller went away before its answer (nginx's 499).
@@ -149,6 +158,11 @@ impl<'p> InFlight<'p> {
     /// The request's id.
     pub fn request_id(&self) -> &HeaderValue {
         &self.request_id
+    }
+
+    /// What its sends will be noted in: with the token side kept when the access log is on.
+    pub fn retried(&self) -> Retried {
+        Retried::new(self.logged.is_some())
     }
 
     /// The request's route, once found.
@@ -250,25 +264,94 @@ pub enum Decision {
     Replay {
         /// The generation the upstream refused.
         rejected: u64,
+        /// How the upstream refused it.
+        why: Resend,
     },
     /// A 401 asking only for a DPoP nonce: send once more with the same token and a new proof with the nonce. The
     /// token was not refused; its generation stays.
     Nonce,
 }
 
-/// What was sent again already for one request.
-#[derive(Debug, Clone, Copy, Default)]
+/// Why a request was sent to its upstream once more: the access log's `replay_reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resend {
+    /// The upstream answered this status, one of the route's `retry_on_status` (401 by default): `"401"`, `"403"`…
+    Status(StatusCode),
+    /// Another 4xx saying `Bearer error="invalid_token"` (or `DPoP error="invalid_token"`).
+    InvalidToken,
+    /// A 401 asking only for the upstream's DPoP nonce (`DPoP error="use_dpop_nonce"`).
+    DpopNonce,
+    /// An h2 upstream refused the stream unprocessed (`REFUSED_STREAM`, or a `GOAWAY` before it).
+    RefusedStream,
+    /// A reused upstream connection closed before answering (a keep-alive connection the upstream had let go).
+    StaleConnection,
+}
+
+impl Resend {
+    /// Its name in the access log.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Resend::Status(status) => status.as_str(),
+            Resend::InvalidToken => "invalid_token",
+            Resend::DpopNonce => "dpop_nonce",
+            Resend::RefusedStream => "refused_stream",
+            Resend::StaleConnection => "stale_connection",
+        }
+    }
+}
+
+/// What was sent, and sent again, for one request: what the status decision needs (was it replayed already?) and
+/// what the access log tells (how many sends, why a second, with which token).
+#[derive(Debug, Default)]
 pub struct Retried {
     /// Replayed with a newer token after a 401.
     pub replayed: bool,
     /// Sent again with the upstream's DPoP nonce.
     pub nonce: bool,
+    /// The sends made to the upstream, a transport's own resends included.
+    pub sends: u8,
+    /// Why the request went a second time (the first resend's reason).
+    pub reason: Option<Resend>,
+    /// For the access log only (`None` when it is off): what the last send carried.
+    pub audit: Option<Box<Audit>>,
+}
+
+/// The token side of a request, for its access-log line: kept only while the access log is on.
+#[derive(Debug, Default)]
+pub struct Audit {
+    /// The token the last send carried.
+    pub token: Option<Arc<Token>>,
+    /// On a route that exchanges the caller's token: the caller's subject's fingerprint.
+    pub subject: Option<String>,
 }
 
 impl Retried {
+    /// Nothing sent yet; `audit`: keep what the access log tells.
+    pub fn new(audit: bool) -> Retried {
+        Retried { audit: audit.then(Box::default), ..Retried::default() }
+    }
+
     /// Whether the request went more than once.
-    pub fn any(self) -> bool {
+    pub fn any(&self) -> bool {
         self.replayed || self.nonce
+    }
+
+    /// Notes a send of `token`, and the transport's own `resend` within it (a second write of the same request).
+    pub(crate) fn sent(&mut self, token: Option<&Arc<Token>>, resend: Option<Resend>) {
+        self.sends = self.sends.saturating_add(1 + u8::from(resend.is_some()));
+        if self.reason.is_none() {
+            self.reason = resend;
+        }
+        if let Some(audit) = &mut self.audit {
+            audit.token = token.cloned();
+        }
+    }
+
+    /// Notes why the next send is made.
+    fn resending(&mut self, why: Resend) {
+        if self.reason.is_none() {
+            self.reason = Some(why);
+        }
     }
 }
 
@@ -315,12 +398,17 @@ impl Proxy {
         let request_id = request_id(&mut parts.headers);
         // Kept for the access log only: the path without its query (which may carry a token).
         let access_log = self.access_log && tracing::enabled!(target: "access", tracing::Level::INFO);
-        let logged = access_log.then(|| (parts.method.clone(), parts.uri.path().to_owned()));
+        let logged = access_log.then(|| Logged {
+            method: parts.method.clone(),
+            path: parts.uri.path().to_owned(),
+            trace_id: parts.headers.get(&TRACEPARENT).and_then(headers::trace_id).map(Into::into),
+        });
         InFlight { started, request_id, logged, route: None, ended: false }
     }
 
-    /// Phase 7, at the end: a request answered with `status`: metrics and the access log.
-    pub fn end(&self, mut in_flight: InFlight<'_>, status: StatusCode, replayed: bool) {
+    /// Phase 7, at the end: a request answered with `status` after the sends in `retried`: metrics and the access
+    /// log (its fields are documented in docs/configuration.md, "The access log").
+    pub fn end(&self, mut in_flight: InFlight<'_>, status: StatusCode, retried: &Retried) {
         in_flight.ended = true;
         let route = in_flight.route;
         match route {
@@ -332,16 +420,25 @@ impl Proxy {
             }
             None => self.unrouted.count_status(status),
         }
-        if let Some((method, path)) = in_flight.logged.take() {
+        if let Some(logged) = in_flight.logged.take() {
+            let audit = retried.audit.as_deref();
+            let token = audit.and_then(|a| a.token.as_deref());
             tracing::info!(
                 target: "access",
                 route = route.map_or("-", |r| &r.name),
-                method = %method,
-                path = %path,
+                method = %logged.method,
+                path = %logged.path,
                 status = status.as_u16(),
                 duration_ms = in_flight.started.elapsed().as_secs_f64() * 1000.0,
                 upstream = route.map_or("-", |r| r.upstream_authority()),
-                replayed,
+                replayed = retried.any(),
+                replay_reason = retried.reason.as_ref().map_or("-", Resend::as_str),
+                attempts = retried.sends,
+                token_slot = route.and_then(|r| r.provider.as_deref()).unwrap_or("-"),
+                token_fingerprint = token.map_or("-", |t| &t.fingerprint),
+                token_generation = token.map_or(0, |t| t.generation),
+                subject_fingerprint = audit.and_then(|a| a.subject.as_deref()).unwrap_or("-"),
+                trace_id = logged.trace_id.as_deref().unwrap_or("-"),
                 request_id = in_flight.request_id.to_str().unwrap_or("-"),
                 "request"
             );
@@ -562,7 +659,7 @@ impl Proxy {
     ///
     /// For a DPoP-bound token, the upstream's `DPoP-Nonce` is kept for the next proofs to it, and a 401 that only asks
     /// for that nonce (`DPoP error="use_dpop_nonce"`) is sent once more with it, the token kept: it was not refused.
-    fn decide(route: &Route, answer: &Answer, token: Option<&Token>, retried: Retried) -> Decision {
+    fn decide(route: &Route, answer: &Answer, token: Option<&Token>, retried: &Retried) -> Decision {
         if let Some(binding) = token.and_then(Token::dpop) {
             if let Some(nonce) = &answer.dpop_nonce {
                 binding.key.remember_nonce(&route.origin, nonce);
@@ -572,19 +669,23 @@ impl Proxy {
             }
         }
         let replayed = retried.replayed;
-        let refused = answer.invalid_token
-            || route.refusal(answer.status)
-            || (answer.status == StatusCode::FORBIDDEN && token.is_some_and(Token::is_suspended));
+        let refused = if route.refusal(answer.status)
+            || (answer.status == StatusCode::FORBIDDEN && token.is_some_and(Token::is_suspended))
+        {
+            Some(Resend::Status(answer.status))
+        } else {
+            answer.invalid_token.then_some(Resend::InvalidToken)
+        };
         if replayed {
-            Self::count_replay(route, refused);
+            Self::count_replay(route, refused.is_some());
             return Decision::Deliver;
         }
-        if !refused {
-            return Decision::Deliver;
-        }
+        let Some(why) = refused else { return Decision::Deliver };
         route.metrics.upstream_unauthorized.inc();
         match token {
-            Some(token) if route.retry_on_401 && route.has_tokens() => Decision::Replay { rejected: token.generation },
+            Some(token) if route.retry_on_401 && route.has_tokens() => {
+                Decision::Replay { rejected: token.generation, why }
+            }
             _ => Decision::Deliver,
         }
     }
@@ -607,13 +708,17 @@ impl Proxy {
     ) -> Option<Arc<Token>> {
         match decision {
             Decision::Deliver => None,
-            Decision::Replay { rejected } => {
+            Decision::Replay { rejected, why } => {
                 let fresh = Self::replacement(route, target.tokens(route)?.as_ref(), rejected, deadline).await;
-                retried.replayed |= fresh.is_some();
+                if fresh.is_some() {
+                    retried.replayed = true;
+                    retried.resending(why);
+                }
                 fresh
             }
             Decision::Nonce => {
                 retried.nonce = true;
+                retried.resending(Resend::DpopNonce);
                 token.cloned()
             }
         }
@@ -677,6 +782,9 @@ fn with_path(uri: &http::Uri, path: &str) -> Result<http::Uri, ProxyError> {
 
 /// The query parameter a bearer token may be sent in (RFC 6750 §2.3).
 const SUBJECT_QUERY_PARAM: &str = "access_token";
+
+/// W3C Trace Context's `traceparent`.
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// `x-request-id`: propagated from the caller, or created, and sent upstream and back.
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");

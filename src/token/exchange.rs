@@ -459,6 +459,11 @@ impl TokenSource for SubjectTokens {
         let subject = bearer_subject(&self.authorization).unwrap_or_default();
         Box::pin(self.cache.obtain(self.key, subject, rejected))
     }
+
+    fn subject_fingerprint(&self) -> Option<String> {
+        // The key is the subject's SHA-256: its first 4 bytes, as a token's fingerprint in `/tokens`.
+        Some(self.key[..4].iter().map(|b| format!("{b:02x}")).collect())
+    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,11 @@ pub trait TokenSource: Send + Sync + 'static {
     /// Waits (single flight, bounded by the provider's timeout) for a usable token. With `rejected = Some(g)`, an
     /// upstream refused generation `g`: it is invalidated and only a newer token is returned.
     fn obtain(&self, rejected: Option<u64>) -> BoxFuture<'_, Result<Arc<Token>, TokenUnavailable>>;
+    /// For a caller's own tokens (token exchange): the fingerprint of the caller's subject token, as the access log
+    /// shows it (the first 8 hex digits of its SHA-256; never the token). `None` for a provider's tokens.
+    fn subject_fingerprint(&self) -> Option<String> {
+        None
+    }
 }
 
 impl TokenSource for TokenSlot {

@@ -32,7 +32,7 @@ use crate::activity::Registry;
 use crate::activity::{Activity, Ended, Timeouts};
 use crate::proxy::lifecycle::{self, Attempt, Transport};
 use crate::proxy::upstream::{PlainConnection, UpstreamClient};
-use crate::proxy::{Answer, Connection, Proxy, ProxyError, Retried, Route, CLIENT_CLOSED_REQUEST};
+use crate::proxy::{Answer, Connection, Proxy, ProxyError, Resend, Retried, Route, CLIENT_CLOSED_REQUEST};
 use http::uri::Authority;
 
 /// The room made for each read from the caller: a request head and a small body (8 KiB with its head) come in one
@@ -361,16 +361,16 @@ async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
         in_flight.routed(route);
     }
     let close = parsed.close || closing;
+    let mut retried = in_flight.retried();
     let request_id = in_flight.request_id();
     let head_request = s.parts.method == Method::HEAD;
-    let (status, replayed, done) = match route {
+    let (status, done) = match route {
         Err(error) => {
             // Refused before routing: answered at once, without waiting for a body. A malformed request, or a
             // body not read yet, ends the connection (where the next request starts is not known).
             let close = close || error.ends_connection() || s.input.len() < parsed.body_len;
             let reply = ReplyTo { request_id, close, head_request };
-            let (status, done) = write_error(io, &mut s.response, &proxy, None, error, &reply).await;
-            (status, false, done)
+            write_error(io, &mut s.response, &proxy, None, error, &reply).await
         }
         Ok(route) => 'answered: {
             // The body, read whole: it is small, and kept for a replay.
@@ -385,7 +385,7 @@ async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
                         let error = ProxyError::RequestTimeout(proxy.request_timeout);
                         let reply = ReplyTo { request_id, close: true, head_request };
                         let (status, _) = write_error(io, &mut s.response, &proxy, Some(route), error, &reply).await;
-                        break 'answered (status, false, true);
+                        break 'answered (status, true);
                     }
                 }
             }
@@ -398,18 +398,15 @@ async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
                 reply: &reply,
                 deadline,
             };
-            match forward(&proxy, &request, s, timer, io).await {
-                Outcome::Answered { status, replayed, open } => (status, replayed, !open),
-                Outcome::Error(error) => {
-                    let (status, done) = write_error(io, &mut s.response, &proxy, Some(route), error, &reply).await;
-                    (status, false, done)
-                }
-                Outcome::Broken { status } => (status, false, true),
-                Outcome::Gone => (CLIENT_CLOSED_REQUEST, false, true),
+            match forward(&proxy, &request, s, timer, io, &mut retried).await {
+                Outcome::Answered { status, open } => (status, !open),
+                Outcome::Error(error) => write_error(io, &mut s.response, &proxy, Some(route), error, &reply).await,
+                Outcome::Broken { status } => (status, true),
+                Outcome::Gone => (CLIENT_CLOSED_REQUEST, true),
             }
         }
     };
-    proxy.end(in_flight, status, replayed);
+    proxy.end(in_flight, status, &retried);
     // A request refused before its body came ends the connection; the body is skipped only when it is here.
     let body = parsed.body_len.min(s.input.len());
     s.input.advance(body);
@@ -478,6 +475,7 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
     s: &mut Scratch,
     timer: &mut Timer,
     io: &mut I,
+    retried: &mut Retried,
 ) -> Outcome {
     let Request { route, body_len, has_length, connection, reply, deadline } = *request;
     let Some(authority) = route.plain_http_upstream() else {
@@ -502,20 +500,20 @@ async fn forward<I: AsyncRead + AsyncWrite + Unpin>(
         response,
         upstream_input,
         head: None,
+        resent: false,
     };
-    let mut retried = Retried::default();
-    let delivery =
-        match lifecycle::forward(route, parts, &mut None, connection, deadline, &mut retried, &mut upstream).await {
-            Ok(delivery) => delivery,
-            Err(outcome) => return outcome,
-        };
+    let delivery = match lifecycle::forward(route, parts, &mut None, connection, deadline, retried, &mut upstream).await
+    {
+        Ok(delivery) => delivery,
+        Err(outcome) => return outcome,
+    };
     // The place among the upstream's requests in flight is held until the response is forwarded.
     let _place = delivery.place;
     let Some(head) = upstream.head.take() else {
         return Outcome::Error(ProxyError::UpstreamUnreachable("no response was kept".into()));
     };
     let pool = (upstream.connection.take(), upstream.client, upstream.started);
-    forward_response(upstream.io, upstream.response, upstream.upstream_input, pool, head, retried.any()).await
+    forward_response(upstream.io, upstream.response, upstream.upstream_input, pool, head).await
 }
 
 /// This transport's side of a request's lifecycle: the upstream connection (from the worker's pool) and the
@@ -544,6 +542,8 @@ struct Upstream<'a, I> {
     upstream_input: &'a mut BytesMut,
     /// The response head of the last send, until it is forwarded or discarded.
     head: Option<ResponseHead>,
+    /// The last send wrote the request again on a new connection (the pooled one had gone stale).
+    resent: bool,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Transport for Upstream<'_, I> {
@@ -569,7 +569,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Transport for Upstream<'_, I> {
             &mut self.connection,
             self.encoded,
             self.idempotent,
-            self.reply,
+            (self.reply, &mut self.resent),
             &mut buffers,
         );
         match self.timer.within(self.deadline, watch_caller(sent, self.io, self.input)).await {
@@ -595,6 +595,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Transport for Upstream<'_, I> {
         if let Some(head) = self.head.take() {
             discard_body(&mut self.connection, self.upstream_input, head);
         }
+    }
+
+    fn resent(&mut self) -> Option<Resend> {
+        std::mem::take(&mut self.resent).then_some(Resend::StaleConnection)
     }
 }
 

@@ -22,7 +22,7 @@ pub(super) const READ_SIZE: usize = 8 * 1024;
 /// How serving a request ended.
 pub(super) enum Outcome {
     /// A response was written (`open`: the connection can take the next request).
-    Answered { status: StatusCode, replayed: bool, open: bool },
+    Answered { status: StatusCode, open: bool },
     /// Nothing was written yet: the error is the answer.
     Error(ProxyError),
     /// The response could not be completed (a side went away mid-body): the connection ends.
@@ -54,12 +54,12 @@ pub(super) async fn round_trip(
     slot: &mut Option<PlainConnection>,
     request: &[u8],
     idempotent: bool,
-    reply: &ReplyTo<'_>,
+    (reply, retried): (&ReplyTo<'_>, &mut bool),
     s: &mut Buffers<'_>,
 ) -> Result<ResponseHead, String> {
-    let mut retried = false;
+    *retried = false;
     loop {
-        let pooled = if retried { None } else { slot.take().or_else(|| client.checkout(authority, now)) };
+        let pooled = if *retried { None } else { slot.take().or_else(|| client.checkout(authority, now)) };
         let mut upstream = match pooled {
             Some(upstream) => upstream,
             // Boxed: a new connection is the rarer case, and its future is large.
@@ -73,8 +73,8 @@ pub(super) async fn round_trip(
             }
             Err(failure) => {
                 let Failure { written, answered, .. } = failure;
-                if !retried && may_retry(FailedSend { reused: upstream.reused, written, answered, idempotent }) {
-                    retried = true;
+                if !*retried && may_retry(FailedSend { reused: upstream.reused, written, answered, idempotent }) {
+                    *retried = true;
                     continue;
                 }
                 return Err(failure.message);
@@ -168,7 +168,6 @@ pub(super) async fn forward_response<I: AsyncWrite + Unpin>(
     input: &mut BytesMut,
     (slot, client, now): (Option<PlainConnection>, &UpstreamClient, Instant),
     head: ResponseHead,
-    replayed: bool,
 ) -> Outcome {
     let status = head.status;
     let Some(mut upstream) = slot else { return Outcome::Broken { status } };
@@ -178,7 +177,7 @@ pub(super) async fn forward_response<I: AsyncWrite + Unpin>(
         Framing::Chunked(scanner) => copy_chunked(io, out, &mut upstream, input, scanner).await,
         Framing::UntilClose => {
             copy_until_close(io, out, &mut upstream, input).await;
-            return Outcome::Answered { status, replayed, open: false };
+            return Outcome::Answered { status, open: false };
         }
     };
     if !complete {
@@ -187,7 +186,7 @@ pub(super) async fn forward_response<I: AsyncWrite + Unpin>(
     if head.reusable && input.is_empty() {
         client.checkin(upstream, now);
     }
-    Outcome::Answered { status, replayed, open: !head.close }
+    Outcome::Answered { status, open: !head.close }
 }
 
 /// Copies a `Content-Length` body; false when either side failed before its end.

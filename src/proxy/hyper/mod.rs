@@ -25,7 +25,7 @@ use crate::proxy::replay::{BufferedBody, Replay, ReplayBody};
 use crate::proxy::upstream::slots::OwnedPlace;
 use crate::proxy::upstream::{may_retry, CallerWait, FailedSend, UpstreamBody, UpstreamError};
 use crate::proxy::{
-    Answer, Connection, ErrorContext, Proxy, ProxyBody, ProxyError, Retried, Route, Target, X_REQUEST_ID,
+    Answer, Connection, ErrorContext, Proxy, ProxyBody, ProxyError, Resend, Retried, Route, Target, X_REQUEST_ID,
 };
 use crate::token::Token;
 
@@ -33,7 +33,7 @@ use crate::token::Token;
 pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Connection) -> Response<ProxyBody> {
     let (mut parts, body) = request.into_parts();
     let mut in_flight = proxy.begin(&mut parts);
-    let mut replayed = false;
+    let mut retried = in_flight.retried();
     let grpc = grpc::is_grpc(&parts.headers);
     // A gRPC caller's error goes as HTTP 200 with a grpc-status: metrics and the access log count the HTTP status
     // the error has.
@@ -42,7 +42,7 @@ pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Conn
         Ok(route) => {
             in_flight.routed(route);
             let started = in_flight.started();
-            match forward(proxy, route, parts, body, connection, started, &mut replayed).await {
+            match forward(proxy, route, parts, body, connection, started, &mut retried).await {
                 Ok(response) => response,
                 Err(error) => {
                     error_status = Some(error.status());
@@ -62,7 +62,7 @@ pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Conn
         }
     };
     response.headers_mut().insert(X_REQUEST_ID.clone(), in_flight.request_id().clone());
-    proxy.end(in_flight, error_status.unwrap_or(response.status()), replayed);
+    proxy.end(in_flight, error_status.unwrap_or(response.status()), &retried);
     response
 }
 
@@ -74,17 +74,14 @@ async fn forward(
     body: Incoming,
     connection: &Connection,
     started: Instant,
-    replayed: &mut bool,
+    retried: &mut Retried,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let deadline = started + proxy.request_timeout;
     let grpc = grpc::is_grpc(&parts.headers);
     let head_request = parts.method == Method::HEAD;
-    let mut retried = Retried::default();
     if let Some(requested) = upgrade::requested(&mut parts) {
         let handshake = upgrade::Handshake::new(proxy, route, body, requested, deadline);
-        let upgraded = Box::pin(handshake.forward(parts, connection, &mut retried)).await;
-        *replayed = retried.any();
-        return upgraded;
+        return Box::pin(handshake.forward(parts, connection, retried)).await;
     }
     let mut transport = Hyper {
         proxy,
@@ -95,11 +92,11 @@ async fn forward(
         replay: Replay::none(),
         next: None,
         response: None,
+        resent: None,
     };
     let mut target = None;
     let delivered =
-        lifecycle::forward(route, &mut parts, &mut target, connection, deadline, &mut retried, &mut transport).await;
-    *replayed = retried.any();
+        lifecycle::forward(route, &mut parts, &mut target, connection, deadline, retried, &mut transport).await;
     let delivery = delivered?;
     // Only an answer the decision delivers (not a refusal left without its replay) is watched for gRPC's
     // UNAUTHENTICATED.
@@ -127,6 +124,8 @@ struct Hyper<'p> {
     next: Option<BufferedBody>,
     /// The upstream's response to the last send, until it is delivered or discarded.
     response: Option<Response<Incoming>>,
+    /// The last send wrote the request a second time, and why.
+    resent: Option<Resend>,
 }
 
 impl Transport for Hyper<'_> {
@@ -159,6 +158,10 @@ impl Transport for Hyper<'_> {
 
     fn discard(&mut self) {
         self.response = None;
+    }
+
+    fn resent(&mut self) -> Option<Resend> {
+        self.resent.take()
     }
 }
 
@@ -216,6 +219,7 @@ impl Hyper<'_> {
                 match (&self.saved, may_retry(failed)) {
                     (Some(head), true) => {
                         tracing::debug!(route = %route.name, "sending once more on a new connection: {detail}");
+                        self.resent = Some(Resend::StaleConnection);
                         let again = attempt.request(copy_head(head), UpstreamBody::empty())?;
                         send(proxy, route, again, deadline, false).await.map_err(Failure::into_error)
                     }
@@ -240,6 +244,7 @@ impl Hyper<'_> {
                 };
                 let Some(body) = body else { return Err(ProxyError::UpstreamUnreachable(detail)) };
                 tracing::debug!(route = %route.name, "sending once more, the upstream did not process it: {detail}");
+                self.resent = Some(Resend::RefusedStream);
                 let again = attempt.request(copy_head(head), body)?;
                 send(proxy, route, again, deadline, false).await.map_err(Failure::into_error)
             }
