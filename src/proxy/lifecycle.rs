@@ -132,9 +132,11 @@ pub(crate) async fn forward<T: Transport>(
     };
     loop {
         let attempt = Attempt { route, target, token: token.as_deref() };
-        let sent = transport.send(parts, &attempt).await;
+        if let Err(failure) = transport.send(parts, &attempt).await {
+            retried.sent(token.as_ref(), transport.resent());
+            return Err(failure);
+        }
         retried.sent(token.as_ref(), transport.resent());
-        sent?;
         let last = Proxy::decide(route, &transport.answer(), token.as_deref(), retried);
         // Most answers go to the caller as they are: no future is made for them.
         if last == Decision::Deliver {

@@ -669,19 +669,18 @@ impl Proxy {
             }
         }
         let replayed = retried.replayed;
-        let refused = if route.refusal(answer.status)
-            || (answer.status == StatusCode::FORBIDDEN && token.is_some_and(Token::is_suspended))
-        {
-            Some(Resend::Status(answer.status))
-        } else {
-            answer.invalid_token.then_some(Resend::InvalidToken)
-        };
+        let refused_status = route.refusal(answer.status)
+            || (answer.status == StatusCode::FORBIDDEN && token.is_some_and(Token::is_suspended));
+        let refused = refused_status || answer.invalid_token;
         if replayed {
-            Self::count_replay(route, refused.is_some());
+            Self::count_replay(route, refused);
             return Decision::Deliver;
         }
-        let Some(why) = refused else { return Decision::Deliver };
+        if !refused {
+            return Decision::Deliver;
+        }
         route.metrics.upstream_unauthorized.inc();
+        let why = if refused_status { Resend::Status(answer.status) } else { Resend::InvalidToken };
         match token {
             Some(token) if route.retry_on_401 && route.has_tokens() => {
                 Decision::Replay { rejected: token.generation, why }
