@@ -1,8 +1,9 @@
 //! The Kubernetes manifests under `deploy/kubernetes` agree with the tokenproxy config they mount: every YAML
 //! document parses; the config passes `tokenproxy check`; probes, ports, mounts, the grace period and the security
 //! context match that config; the native-sidecar overlay really moves tokenproxy to a restartable init container;
-//! and the alerts have runbooks that exist and read only metrics the registry registers, with only the labels those
-//! metrics have.
+//! the alerts have runbooks that exist; and every PromQL expression of the alerts and of the Grafana dashboard
+//! (`deploy/grafana/tokenproxy.json`, whose panels must also have unique ids, the `${datasource}` variable and no
+//! overlap) reads only metrics the registry registers, with only the labels those metrics have.
 //!
 //! No cluster is needed. When `kubectl` is on the PATH, `kubectl kustomize` also renders both variants.
 
@@ -1020,6 +1021,143 @@ fn alerts_use_only_tokenproxy_metrics_and_have_runbooks() {
     for required in REQUIRED_ALERTS {
         assert!(alerts.contains(*required), "alert {required} is missing");
     }
+}
+
+// ------------------------------------------------------------------------------------------------ Grafana
+
+/// The Grafana dashboard, `deploy/grafana/tokenproxy.json`.
+fn dashboard() -> Value {
+    let path = repo().join("deploy/grafana/tokenproxy.json");
+    serde_json::from_str(&read(&path)).unwrap_or_else(|e| panic!("{}: not valid JSON: {e}", path.display()))
+}
+
+/// The dashboard's panels, those of collapsed rows included.
+fn dashboard_panels(dashboard: &Value) -> Vec<&Value> {
+    let mut panels = Vec::new();
+    for panel in array(&dashboard["panels"], "panels") {
+        panels.push(panel);
+        if let Some(nested) = panel["panels"].as_array() {
+            panels.extend(nested);
+        }
+    }
+    panels
+}
+
+/// How a panel is named in a failure: `panel 3 "Token calls by provider and outcome"`.
+fn panel_origin(panel: &Value) -> String {
+    format!("panel {} {}", panel["id"], panel["title"])
+}
+
+/// The query of a template variable: `query` (a string, or an object with `query`), and `definition`, which
+/// Grafana shows, must say the same.
+fn variable_query(variable: &Value) -> &str {
+    let name = str_of(&variable["name"], "variable name");
+    let query = variable["query"]["query"].as_str().or(variable["query"].as_str());
+    let query = query.unwrap_or_else(|| panic!("variable {name}: no query"));
+    if let Some(definition) = variable["definition"].as_str() {
+        assert_eq!(definition, query, "variable {name}: `definition` differs from the query");
+    }
+    query
+}
+
+/// The `$name` and `${name}` (also `${name:format}`) references of a text.
+fn variable_references(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for (at, _) in text.match_indices('$') {
+        let rest = text[at + 1..].strip_prefix('{').unwrap_or(&text[at + 1..]);
+        let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        if !name.is_empty() {
+            names.insert(name);
+        }
+    }
+    names
+}
+
+#[test]
+fn the_grafana_dashboard_has_unique_panels_on_one_datasource_without_overlap() {
+    let dashboard = dashboard();
+    assert!(dashboard["uid"].as_str().is_some_and(|uid| !uid.is_empty()), "the dashboard has a uid");
+    assert!(dashboard["schemaVersion"].as_u64().is_some_and(|v| v >= 36), "schemaVersion: Grafana 9 or later");
+    let variables = array(&dashboard["templating"]["list"], "templating.list");
+    let datasource = named(&dashboard["templating"]["list"], "datasource", "templating.list");
+    assert_eq!(datasource["type"], "datasource", "`datasource` is a data source variable");
+    assert_eq!(datasource["query"], "prometheus", "`datasource` offers Prometheus data sources");
+    let expected = serde_json::json!({"type": "prometheus", "uid": "${datasource}"});
+    for variable in variables.iter().filter(|v| v["type"] == "query") {
+        assert_eq!(variable["datasource"], expected, "variable {}: the data source", variable["name"]);
+    }
+
+    let panels = dashboard_panels(&dashboard);
+    assert!(panels.len() >= 10, "only {} panels", panels.len());
+    let mut ids = BTreeSet::new();
+    let mut boxes: Vec<(String, [u64; 4])> = Vec::new();
+    for panel in panels {
+        let origin = panel_origin(panel);
+        let id = panel["id"].as_u64().unwrap_or_else(|| panic!("{origin}: no numeric id"));
+        assert!(ids.insert(id), "{origin}: the id {id} is used twice");
+        assert!(panel["title"].as_str().is_some_and(|t| !t.is_empty()), "{origin}: no title");
+        assert_eq!(panel["datasource"], expected, "{origin}: the panel's data source is not ${{datasource}}");
+        let targets = array(&panel["targets"], &format!("{origin}: targets"));
+        assert!(!targets.is_empty(), "{origin}: no query");
+        let mut ref_ids = BTreeSet::new();
+        for target in targets {
+            if !target["datasource"].is_null() {
+                assert_eq!(target["datasource"], expected, "{origin}: a query's data source is not ${{datasource}}");
+            }
+            assert!(ref_ids.insert(str_of(&target["refId"], "refId")), "{origin}: a refId is used twice");
+        }
+        let grid = &panel["gridPos"];
+        let [x, y, w, h] = ["x", "y", "w", "h"]
+            .map(|key| grid[key].as_u64().unwrap_or_else(|| panic!("{origin}: gridPos.{key} is not a number")));
+        assert!(w > 0 && h > 0 && x + w <= 24, "{origin}: gridPos {grid} is empty or wider than the 24 columns");
+        for (other, [ox, oy, ow, oh]) in &boxes {
+            let apart = x + w <= *ox || *ox + ow <= x || y + h <= *oy || *oy + oh <= y;
+            assert!(apart, "{origin} overlaps {other}");
+        }
+        boxes.push((origin, [x, y, w, h]));
+    }
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_registered_metrics_and_labels() {
+    let dashboard = dashboard();
+    let registered = registered_metrics();
+    let variables = array(&dashboard["templating"]["list"], "templating.list");
+    let defined: BTreeSet<&str> = variables.iter().map(|v| str_of(&v["name"], "variable name")).collect();
+    let assert_defined = |text: &str, origin: &str| {
+        for name in variable_references(text) {
+            let builtin = name.starts_with("__");
+            assert!(builtin || defined.contains(name.as_str()), "{origin}: `${name}` is not a variable: {text}");
+        }
+    };
+
+    let mut checked = 0;
+    for variable in variables.iter().filter(|v| v["type"] == "query") {
+        let origin = format!("variable {}", variable["name"]);
+        let query = variable_query(variable);
+        assert_defined(query, &origin);
+        let args = query.trim().strip_prefix("label_values(").and_then(|rest| rest.strip_suffix(')'));
+        let (selector, label) = args
+            .and_then(|args| args.rsplit_once(','))
+            .map(|(selector, label)| (selector, label.trim()))
+            .filter(|(_, label)| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or_else(|| panic!("{origin}: not `label_values(metric, label)`, which this test checks: {query}"));
+        assert_uses_registered_metrics(selector, &origin, &registered);
+        for metric in promql_uses(selector).metrics {
+            assert!(has_label(&registered, &metric, label), "{origin}: `{metric}` has no label `{label}`: {query}");
+        }
+        checked += 1;
+    }
+    for panel in dashboard_panels(&dashboard) {
+        for target in array(&panel["targets"], "targets") {
+            let origin = format!("{}, query {}", panel_origin(panel), target["refId"]);
+            let expr = str_of(&target["expr"], &format!("{origin}: expr"));
+            assert_defined(expr, &origin);
+            assert_uses_registered_metrics(expr, &origin, &registered);
+            checked += 1;
+        }
+    }
+    assert!(checked > 15, "only {checked} queries checked");
 }
 
 /// The workload-identity overlay: its config passes `check --offline` as shipped (the token exists only in the pod)
