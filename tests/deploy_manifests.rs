@@ -1,27 +1,24 @@
 //! The Kubernetes manifests under `deploy/kubernetes` agree with the tokenproxy config they mount: every YAML
 //! document parses; the config passes `tokenproxy check`; probes, ports, mounts, the grace period and the security
 //! context match that config; the native-sidecar overlay really moves tokenproxy to a restartable init container;
-//! and the alerts use only metrics that tokenproxy exports, with runbooks that exist.
+//! the alerts have runbooks that exist; and every PromQL expression of the alerts and of the Grafana dashboard
+//! (`deploy/grafana/tokenproxy.json`, whose panels must also have unique ids, the `${datasource}` variable and no
+//! overlap) reads only metrics the registry registers, with only the labels those metrics have.
 //!
 //! No cluster is needed. When `kubectl` is on the PATH, `kubectl kustomize` also renders both variants.
 
 mod support;
 
+use support::metrics::{family, registered_metrics, Registered};
 use support::{markdown, tokenproxy_command};
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Map, Value};
 use tokenproxy::config::Config;
 use yaml_rust2::{Yaml, YamlLoader};
-
-/// Metric names tokenproxy exports, as src/metrics.rs defines them (docs/metrics-and-alerts.md).
-const KNOWN_METRICS: &[&str] = tokenproxy::metrics::METRIC_NAMES;
-
-/// Histograms: their `_bucket`, `_sum` and `_count` series may be used too.
-const HISTOGRAMS: &[&str] = &["tokenproxy_token_request_duration_seconds", "tokenproxy_request_duration_seconds"];
 
 /// The alerts docs/metrics-and-alerts.md documents.
 const REQUIRED_ALERTS: &[&str] = &[
@@ -657,105 +654,342 @@ fn kubectl_kustomize_renders_both_variants_when_kubectl_is_installed() {
     }
 }
 
-/// Metric names in a PromQL expression: identifiers that are not functions, aggregations, keywords, label names
-/// (in `{…}` or after by/without/on/ignoring/group_left/group_right) or parts of strings, numbers and durations.
-fn promql_metric_names(expr: &str) -> BTreeSet<String> {
-    const KEYWORDS: &[&str] = &["and", "or", "unless", "bool", "offset", "atan2", "inf", "nan"];
-    const AGGREGATIONS: &[&str] = &[
-        "sum",
-        "min",
-        "max",
-        "avg",
-        "count",
-        "stddev",
-        "stdvar",
-        "topk",
-        "bottomk",
-        "quantile",
-        "count_values",
-        "group",
-        "limitk",
-        "limit_ratio",
-    ];
-    const LABEL_LISTS: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
+// ------------------------------------------------------------------------------------------------ PromQL
+
+/// Labels any scraped series may carry besides its own: the target labels Prometheus (and the Prometheus Operator,
+/// through the ServiceMonitor) add.
+const TARGET_LABELS: &[&str] = &["job", "instance", "pod", "namespace"];
+
+const KEYWORDS: &[&str] = &["and", "or", "unless", "bool", "offset", "atan2", "inf", "nan"];
+
+const AGGREGATIONS: &[&str] = &[
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+    "group",
+    "limitk",
+    "limit_ratio",
+];
+
+/// Words followed by a list of label names.
+const LABEL_LISTS: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
+
+/// A PromQL token, as far as the checks here need them.
+#[derive(Debug, Clone, PartialEq)]
+enum Token {
+    /// A name: a metric, a function, an aggregation, a keyword, or a label of a `by (…)` list.
+    Word(String),
+    /// `{…}`: the label names its matchers use.
+    Matchers(Vec<String>),
+    Open,
+    Close,
+    /// Anything else: a string, a number, a duration, a `[…]` range, an operator, a comma.
+    Other,
+}
+
+/// The label name a matcher starts with (`route=~"$route"` → `route`).
+fn matcher_label(matcher: &str) -> Option<String> {
+    let name: String = matcher.trim().chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+    (!name.is_empty()).then_some(name)
+}
+
+/// The tokens of a PromQL expression; `#` comments are dropped.
+fn promql_tokens(expr: &str) -> Vec<Token> {
     let chars: Vec<char> = expr.chars().collect();
-    let mut names = BTreeSet::new();
-    let mut i = 0;
-    let skip_to = |i: usize, close: char| -> usize {
+    // The index just past the string that opens at `i`.
+    let string_end = |i: usize| {
+        let quote = chars[i];
         let mut j = i + 1;
-        let mut quote = None;
-        while j < chars.len() {
-            match (quote, chars[j]) {
-                (Some(q), c) if c == q && chars[j - 1] != '\\' => quote = None,
-                (None, '"' | '\'' | '`') => quote = Some(chars[j]),
-                (None, c) if c == close => return j + 1,
-                _ => {}
-            }
-            j += 1;
+        while j < chars.len() && chars[j] != quote {
+            j += if chars[j] == '\\' && quote != '`' { 2 } else { 1 };
         }
-        j
+        j + 1
     };
+    let mut tokens = Vec::new();
+    let mut i = 0;
     while i < chars.len() {
         let c = chars[i];
         match c {
             '"' | '\'' | '`' => {
-                let mut j = i + 1;
-                while j < chars.len() && !(chars[j] == c && chars[j - 1] != '\\') {
-                    j += 1;
-                }
-                i = j + 1;
+                i = string_end(i);
+                tokens.push(Token::Other);
             }
-            '{' => i = skip_to(i, '}'),
-            '[' => i = skip_to(i, ']'),
             '#' => {
                 while i < chars.len() && chars[i] != '\n' {
                     i += 1;
                 }
             }
+            '(' => {
+                tokens.push(Token::Open);
+                i += 1;
+            }
+            ')' => {
+                tokens.push(Token::Close);
+                i += 1;
+            }
+            '[' => {
+                while i < chars.len() && chars[i] != ']' {
+                    i += 1;
+                }
+                i += 1;
+                tokens.push(Token::Other);
+            }
+            '{' => {
+                let mut labels = Vec::new();
+                let mut matcher = String::new();
+                i += 1;
+                while i < chars.len() && chars[i] != '}' {
+                    match chars[i] {
+                        '"' | '\'' | '`' => {
+                            i = string_end(i);
+                            matcher.push('"');
+                            continue;
+                        }
+                        ',' => labels.extend(matcher_label(&std::mem::take(&mut matcher))),
+                        other => matcher.push(other),
+                    }
+                    i += 1;
+                }
+                labels.extend(matcher_label(&matcher));
+                i += 1;
+                tokens.push(Token::Matchers(labels));
+            }
             c if c.is_ascii_digit() || (c == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit)) => {
                 while i < chars.len() && (chars[i].is_ascii_alphanumeric() || matches!(chars[i], '.' | '_')) {
                     i += 1;
                 }
+                tokens.push(Token::Other);
             }
             c if c.is_ascii_alphabetic() || c == '_' || c == ':' => {
                 let start = i;
                 while i < chars.len() && (chars[i].is_ascii_alphanumeric() || matches!(chars[i], '_' | ':')) {
                     i += 1;
                 }
-                let word: String = chars[start..i].iter().collect();
-                let mut next = i;
-                while next < chars.len() && chars[next].is_whitespace() {
-                    next += 1;
-                }
-                let lower = word.to_ascii_lowercase();
-                if LABEL_LISTS.contains(&lower.as_str()) {
-                    if chars.get(next) == Some(&'(') {
-                        i = skip_to(next, ')');
-                    }
-                } else if KEYWORDS.contains(&lower.as_str()) || AGGREGATIONS.contains(&lower.as_str()) {
-                    // Not a metric.
-                } else if chars.get(next) != Some(&'(') {
-                    names.insert(word);
-                }
+                tokens.push(Token::Word(chars[start..i].iter().collect()));
             }
-            _ => i += 1,
+            c => {
+                if !c.is_whitespace() {
+                    tokens.push(Token::Other);
+                }
+                i += 1;
+            }
         }
     }
-    names
+    tokens
+}
+
+/// The index of the `)` that closes the `(` at `open`.
+fn closing(tokens: &[Token], open: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, token) in tokens.iter().enumerate().skip(open) {
+        match token {
+            Token::Open => depth += 1,
+            Token::Close => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The index of the `(` that the `)` at `close` closes.
+fn opening(tokens: &[Token], close: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for i in (0..=close).rev() {
+        match tokens[i] {
+            Token::Close => depth += 1,
+            Token::Open => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The word at `i` when it starts a label list: `by (`, `on (`, ….
+fn label_list_at(tokens: &[Token], i: usize) -> Option<String> {
+    let Token::Word(word) = &tokens[i] else { return None };
+    let word = word.to_ascii_lowercase();
+    (LABEL_LISTS.contains(&word.as_str()) && tokens.get(i + 1) == Some(&Token::Open)).then_some(word)
+}
+
+/// The metric name at `i`: a word that is no keyword, aggregation or label-list word, and not a function (a word
+/// before `(`).
+fn metric_at(tokens: &[Token], i: usize) -> Option<&str> {
+    let Token::Word(word) = &tokens[i] else { return None };
+    let lower = word.to_ascii_lowercase();
+    let special = [KEYWORDS, AGGREGATIONS, LABEL_LISTS].iter().any(|words| words.contains(&lower.as_str()));
+    (!special && tokens.get(i + 1) != Some(&Token::Open)).then_some(word.as_str())
+}
+
+/// The metric names among `tokens`, label lists skipped.
+fn metrics_in(tokens: &[Token]) -> BTreeSet<String> {
+    let mut metrics = BTreeSet::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        if label_list_at(tokens, i).is_some() {
+            i = closing(tokens, i + 1).map_or(tokens.len(), |close| close + 1);
+            continue;
+        }
+        metrics.extend(metric_at(tokens, i).map(str::to_owned));
+        i += 1;
+    }
+    metrics
+}
+
+/// What a PromQL expression asks of the metrics it reads.
+#[derive(Debug, Default, PartialEq)]
+struct PromqlUses {
+    /// The metric names it selects (series names: `x_bucket` of a histogram `x`).
+    metrics: BTreeSet<String>,
+    /// `(metric, label)` for each label a selector's `{…}` matches on; the metric is empty for a selector without
+    /// a metric name.
+    matched: BTreeSet<(String, String)>,
+    /// `(label, metrics)` for each label of a `by`/`without` list, with the metrics of the expression it
+    /// aggregates, and of an `on`/`ignoring`/`group_left`/`group_right` list, with every metric of the expression.
+    grouped: BTreeSet<(String, BTreeSet<String>)>,
+}
+
+/// Reads a PromQL expression: its metric names, and the labels it uses with the metrics they must belong to.
+fn promql_uses(expr: &str) -> PromqlUses {
+    let tokens = promql_tokens(expr);
+    let unbalanced = || panic!("unbalanced parentheses in `{expr}`");
+    let mut uses = PromqlUses { metrics: metrics_in(&tokens), ..PromqlUses::default() };
+    let mut i = 0;
+    while i < tokens.len() {
+        if let Some(word) = label_list_at(&tokens, i) {
+            let close = closing(&tokens, i + 1).unwrap_or_else(unbalanced);
+            let scope = if word == "by" || word == "without" {
+                let argument = if tokens.get(close + 1) == Some(&Token::Open) {
+                    // `sum by (…) (argument)`
+                    &tokens[close + 1..=closing(&tokens, close + 1).unwrap_or_else(unbalanced)]
+                } else if i > 0 && tokens[i - 1] == Token::Close {
+                    // `sum (argument) by (…)`
+                    &tokens[opening(&tokens, i - 1).unwrap_or_else(unbalanced)..i]
+                } else {
+                    panic!("`{word} (…)` aggregates nothing in `{expr}`")
+                };
+                metrics_in(argument)
+            } else {
+                uses.metrics.clone()
+            };
+            for token in &tokens[i + 2..close] {
+                if let Token::Word(label) = token {
+                    uses.grouped.insert((label.clone(), scope.clone()));
+                }
+            }
+            i = close + 1;
+            continue;
+        }
+        if let Token::Matchers(labels) = &tokens[i] {
+            let metric = if i > 0 { metric_at(&tokens, i - 1).unwrap_or_default() } else { "" };
+            for label in labels {
+                uses.matched.insert((metric.to_owned(), label.clone()));
+            }
+        }
+        i += 1;
+    }
+    uses
+}
+
+/// Whether the series `series` can carry `label`: a label of its family, a target label, or `le` of a histogram's
+/// `_bucket` series (`quantile` of a summary's, though tokenproxy has none).
+fn has_label(registered: &BTreeMap<String, Registered>, series: &str, label: &str) -> bool {
+    let Some((name, metric)) = family(registered, series) else { return false };
+    metric.labels.contains(label)
+        || TARGET_LABELS.contains(&label)
+        || (label == "le" && metric.kind == "histogram" && series == format!("{name}_bucket"))
+        || (label == "quantile" && metric.kind == "summary")
+}
+
+/// Checks a PromQL expression against the registry: it reads at least one metric; each is a metric tokenproxy
+/// registers (`_bucket`, `_sum` and `_count` only of a histogram); each label it matches on or lists in
+/// `by`/`without`/`on`/`ignoring`/`group_*` is one the metrics it applies to have (see [`has_label`]).
+fn assert_uses_registered_metrics(expr: &str, origin: &str, registered: &BTreeMap<String, Registered>) {
+    let uses = promql_uses(expr);
+    assert!(!uses.metrics.is_empty(), "{origin}: the expression reads no metric: {expr}");
+    for metric in &uses.metrics {
+        assert!(
+            family(registered, metric).is_some(),
+            "{origin}: `{metric}` is not a metric tokenproxy registers (docs/metrics-and-alerts.md): {expr}"
+        );
+    }
+    for (metric, label) in &uses.matched {
+        assert!(!metric.is_empty(), "{origin}: a selector without a metric name matches on `{label}`: {expr}");
+        assert!(has_label(registered, metric, label), "{origin}: `{metric}` has no label `{label}`: {expr}");
+    }
+    for (label, metrics) in &uses.grouped {
+        for metric in metrics {
+            assert!(
+                has_label(registered, metric, label),
+                "{origin}: `{label}` is in a label list, but `{metric}` has no such label: {expr}"
+            );
+        }
+    }
 }
 
 #[test]
-fn the_promql_scanner_finds_metric_names_only() {
-    let names = promql_metric_names(
-        r#"sum without (outcome) (increase(foo_total{outcome="error", x=~"a}b"}[15m])) > 1e3 and on (pod) bar offset 5m
-           unless max by (provider) (baz) - time() < 60"#,
+fn the_promql_scanner_finds_metrics_and_the_labels_used_with_them() {
+    let uses = promql_uses(
+        r#"sum without (outcome) (increase(foo_total{outcome="error", x=~"a}b,c"}[15m])) > 1e3 and on (pod) bar offset 5m
+           unless max by (provider) (baz) - time() < 60
+           # qux{ignored="comment"}
+           + histogram_quantile(0.9, sum(rate(h_bucket[$__rate_interval])) by (le, route)) + {job="j"}"#,
     );
-    assert_eq!(names.into_iter().collect::<Vec<_>>(), ["bar", "baz", "foo_total"]);
+    let strings = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<String>>();
+    assert_eq!(uses.metrics, strings(&["bar", "baz", "foo_total", "h_bucket"]));
+    let matched: Vec<(&str, &str)> = uses.matched.iter().map(|(m, l)| (m.as_str(), l.as_str())).collect();
+    assert_eq!(matched, [("", "job"), ("foo_total", "outcome"), ("foo_total", "x")]);
+    let grouped: Vec<(&str, BTreeSet<String>)> = uses.grouped.iter().map(|(l, m)| (l.as_str(), m.clone())).collect();
+    assert_eq!(
+        grouped,
+        [
+            ("le", strings(&["h_bucket"])),
+            ("outcome", strings(&["foo_total"])),
+            ("pod", uses.metrics.clone()),
+            ("provider", strings(&["baz"])),
+            ("route", strings(&["h_bucket"])),
+        ]
+    );
+}
+
+#[test]
+fn the_promql_check_refuses_unknown_metrics_and_labels() {
+    let registered = registered_metrics();
+    let check =
+        |expr: &str| std::panic::catch_unwind(|| assert_uses_registered_metrics(expr, "test", &registered)).is_ok();
+    assert!(check(r#"sum by (route, le) (rate(tokenproxy_request_duration_seconds_bucket{job="j"}[5m]))"#));
+    assert!(check("tokenproxy_token_expires_at_seconds - time()"));
+    assert!(!check("time()"), "no metric");
+    assert!(!check("rate(tokenproxy_no_such_total[5m])"), "unknown metric");
+    assert!(!check("rate(tokenproxy_requests_total_count[5m])"), "`_count` of a counter");
+    assert!(!check(r#"tokenproxy_requests_total{provider="p"}"#), "a label of another metric");
+    assert!(!check("sum by (provider) (tokenproxy_requests_total)"), "grouped by another metric's label");
+    assert!(!check("sum (tokenproxy_requests_total) without (outcome)"), "suffix form");
+    assert!(!check("sum by (le) (rate(tokenproxy_request_duration_seconds_count[5m]))"), "`le` of no bucket");
+    assert!(!check(r#"{job="j"}"#), "a selector without a metric name");
 }
 
 #[test]
 fn alerts_use_only_tokenproxy_metrics_and_have_runbooks() {
     let base = Base::load();
+    let registered = registered_metrics();
     let troubleshooting = read(&repo().join("docs/troubleshooting.md"));
     let anchors = markdown::anchors(&troubleshooting);
     let mut alerts = BTreeSet::new();
@@ -765,18 +999,7 @@ fn alerts_use_only_tokenproxy_metrics_and_have_runbooks() {
             for rule in array(&group["rules"], "rules") {
                 let name = str_of(&rule["alert"], "alert name");
                 let expr = str_of(&rule["expr"], "expr");
-                let metrics = promql_metric_names(expr);
-                assert!(!metrics.is_empty(), "{name}: the expression uses no metric");
-                for metric in &metrics {
-                    let base_name = ["_bucket", "_sum", "_count"]
-                        .iter()
-                        .find_map(|suffix| metric.strip_suffix(suffix).filter(|b| HISTOGRAMS.contains(b)))
-                        .unwrap_or(metric);
-                    assert!(
-                        KNOWN_METRICS.contains(&base_name),
-                        "{name}: `{metric}` is not a tokenproxy metric (docs/metrics-and-alerts.md)"
-                    );
-                }
+                assert_uses_registered_metrics(expr, name, &registered);
                 assert!(
                     matches!(rule["labels"]["severity"].as_str(), Some("warning" | "critical" | "info")),
                     "{name}: severity label"
@@ -798,6 +1021,143 @@ fn alerts_use_only_tokenproxy_metrics_and_have_runbooks() {
     for required in REQUIRED_ALERTS {
         assert!(alerts.contains(*required), "alert {required} is missing");
     }
+}
+
+// ------------------------------------------------------------------------------------------------ Grafana
+
+/// The Grafana dashboard, `deploy/grafana/tokenproxy.json`.
+fn dashboard() -> Value {
+    let path = repo().join("deploy/grafana/tokenproxy.json");
+    serde_json::from_str(&read(&path)).unwrap_or_else(|e| panic!("{}: not valid JSON: {e}", path.display()))
+}
+
+/// The dashboard's panels, those of collapsed rows included.
+fn dashboard_panels(dashboard: &Value) -> Vec<&Value> {
+    let mut panels = Vec::new();
+    for panel in array(&dashboard["panels"], "panels") {
+        panels.push(panel);
+        if let Some(nested) = panel["panels"].as_array() {
+            panels.extend(nested);
+        }
+    }
+    panels
+}
+
+/// How a panel is named in a failure: `panel 3 "Token calls by provider and outcome"`.
+fn panel_origin(panel: &Value) -> String {
+    format!("panel {} {}", panel["id"], panel["title"])
+}
+
+/// The query of a template variable: `query` (a string, or an object with `query`), and `definition`, which
+/// Grafana shows, must say the same.
+fn variable_query(variable: &Value) -> &str {
+    let name = str_of(&variable["name"], "variable name");
+    let query = variable["query"]["query"].as_str().or(variable["query"].as_str());
+    let query = query.unwrap_or_else(|| panic!("variable {name}: no query"));
+    if let Some(definition) = variable["definition"].as_str() {
+        assert_eq!(definition, query, "variable {name}: `definition` differs from the query");
+    }
+    query
+}
+
+/// The `$name` and `${name}` (also `${name:format}`) references of a text.
+fn variable_references(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for (at, _) in text.match_indices('$') {
+        let rest = text[at + 1..].strip_prefix('{').unwrap_or(&text[at + 1..]);
+        let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        if !name.is_empty() {
+            names.insert(name);
+        }
+    }
+    names
+}
+
+#[test]
+fn the_grafana_dashboard_has_unique_panels_on_one_datasource_without_overlap() {
+    let dashboard = dashboard();
+    assert!(dashboard["uid"].as_str().is_some_and(|uid| !uid.is_empty()), "the dashboard has a uid");
+    assert!(dashboard["schemaVersion"].as_u64().is_some_and(|v| v >= 36), "schemaVersion: Grafana 9 or later");
+    let variables = array(&dashboard["templating"]["list"], "templating.list");
+    let datasource = named(&dashboard["templating"]["list"], "datasource", "templating.list");
+    assert_eq!(datasource["type"], "datasource", "`datasource` is a data source variable");
+    assert_eq!(datasource["query"], "prometheus", "`datasource` offers Prometheus data sources");
+    let expected = serde_json::json!({"type": "prometheus", "uid": "${datasource}"});
+    for variable in variables.iter().filter(|v| v["type"] == "query") {
+        assert_eq!(variable["datasource"], expected, "variable {}: the data source", variable["name"]);
+    }
+
+    let panels = dashboard_panels(&dashboard);
+    assert!(panels.len() >= 10, "only {} panels", panels.len());
+    let mut ids = BTreeSet::new();
+    let mut boxes: Vec<(String, [u64; 4])> = Vec::new();
+    for panel in panels {
+        let origin = panel_origin(panel);
+        let id = panel["id"].as_u64().unwrap_or_else(|| panic!("{origin}: no numeric id"));
+        assert!(ids.insert(id), "{origin}: the id {id} is used twice");
+        assert!(panel["title"].as_str().is_some_and(|t| !t.is_empty()), "{origin}: no title");
+        assert_eq!(panel["datasource"], expected, "{origin}: the panel's data source is not ${{datasource}}");
+        let targets = array(&panel["targets"], &format!("{origin}: targets"));
+        assert!(!targets.is_empty(), "{origin}: no query");
+        let mut ref_ids = BTreeSet::new();
+        for target in targets {
+            if !target["datasource"].is_null() {
+                assert_eq!(target["datasource"], expected, "{origin}: a query's data source is not ${{datasource}}");
+            }
+            assert!(ref_ids.insert(str_of(&target["refId"], "refId")), "{origin}: a refId is used twice");
+        }
+        let grid = &panel["gridPos"];
+        let [x, y, w, h] = ["x", "y", "w", "h"]
+            .map(|key| grid[key].as_u64().unwrap_or_else(|| panic!("{origin}: gridPos.{key} is not a number")));
+        assert!(w > 0 && h > 0 && x + w <= 24, "{origin}: gridPos {grid} is empty or wider than the 24 columns");
+        for (other, [ox, oy, ow, oh]) in &boxes {
+            let apart = x + w <= *ox || *ox + ow <= x || y + h <= *oy || *oy + oh <= y;
+            assert!(apart, "{origin} overlaps {other}");
+        }
+        boxes.push((origin, [x, y, w, h]));
+    }
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_registered_metrics_and_labels() {
+    let dashboard = dashboard();
+    let registered = registered_metrics();
+    let variables = array(&dashboard["templating"]["list"], "templating.list");
+    let defined: BTreeSet<&str> = variables.iter().map(|v| str_of(&v["name"], "variable name")).collect();
+    let assert_defined = |text: &str, origin: &str| {
+        for name in variable_references(text) {
+            let builtin = name.starts_with("__");
+            assert!(builtin || defined.contains(name.as_str()), "{origin}: `${name}` is not a variable: {text}");
+        }
+    };
+
+    let mut checked = 0;
+    for variable in variables.iter().filter(|v| v["type"] == "query") {
+        let origin = format!("variable {}", variable["name"]);
+        let query = variable_query(variable);
+        assert_defined(query, &origin);
+        let args = query.trim().strip_prefix("label_values(").and_then(|rest| rest.strip_suffix(')'));
+        let (selector, label) = args
+            .and_then(|args| args.rsplit_once(','))
+            .map(|(selector, label)| (selector, label.trim()))
+            .filter(|(_, label)| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or_else(|| panic!("{origin}: not `label_values(metric, label)`, which this test checks: {query}"));
+        assert_uses_registered_metrics(selector, &origin, &registered);
+        for metric in promql_uses(selector).metrics {
+            assert!(has_label(&registered, &metric, label), "{origin}: `{metric}` has no label `{label}`: {query}");
+        }
+        checked += 1;
+    }
+    for panel in dashboard_panels(&dashboard) {
+        for target in array(&panel["targets"], "targets") {
+            let origin = format!("{}, query {}", panel_origin(panel), target["refId"]);
+            let expr = str_of(&target["expr"], &format!("{origin}: expr"));
+            assert_defined(expr, &origin);
+            assert_uses_registered_metrics(expr, &origin, &registered);
+            checked += 1;
+        }
+    }
+    assert!(checked > 15, "only {checked} queries checked");
 }
 
 /// The workload-identity overlay: its config passes `check --offline` as shipped (the token exists only in the pod)

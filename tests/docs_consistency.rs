@@ -13,14 +13,15 @@
 
 mod support {
     pub mod markdown;
+    pub mod metrics;
 }
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 
 use support::markdown;
+use support::metrics::{family, registered_metrics, Registered};
 use tokenproxy::config::{Config, ConfigError};
-use tokenproxy::metrics::{Metrics, METRIC_NAMES};
 use tokenproxy::proxy::ProxyError;
 use tokenproxy::token::SubjectRefusal;
 
@@ -516,59 +517,6 @@ fn paths_and_tests_named_in_the_pages_exist() {
 
 // ------------------------------------------------------------------------------------------------ metrics
 
-/// A metric as the registry has it: its type and its labels.
-#[derive(Debug, PartialEq)]
-struct Registered {
-    kind: String,
-    labels: BTreeSet<String>,
-}
-
-/// Every metric the registry registers, read from its text exposition with a series of each.
-fn registered_metrics() -> BTreeMap<String, Registered> {
-    let metrics = Metrics::new();
-    // Families with labels have no series until a label value is used: use one of each.
-    let _provider = metrics.provider("p");
-    let route = metrics.route("r");
-    route.count_status(http::StatusCode::OK);
-    route.duration.observe(0.001);
-    let _tls = metrics.upstream_tls_reloads("r");
-    let _exchange = metrics.exchange("x");
-    metrics.vended("v");
-    metrics.misdirected("proxy").inc();
-    let _listener = metrics.listener("proxy");
-    metrics.store().operation("get", "ok").inc();
-    metrics.store().degraded("p").set(0);
-    metrics.config_reloaded("success");
-
-    let text = metrics.encode();
-    let mut found: BTreeMap<String, Registered> = BTreeMap::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
-            found.insert(name.to_owned(), Registered { kind: kind.to_owned(), labels: BTreeSet::new() });
-        } else if !line.starts_with('#') && !line.is_empty() {
-            let series = line.split(' ').next().expect("a series");
-            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
-            let family = ["_bucket", "_sum", "_count"]
-                .iter()
-                .filter_map(|suffix| name.strip_suffix(suffix))
-                .find(|base| found.get(*base).is_some_and(|m| m.kind == "histogram"))
-                .unwrap_or(name);
-            let metric = found.get_mut(family).unwrap_or_else(|| panic!("a series before its # TYPE: {line}"));
-            for pair in labels.trim_end_matches('}').split(',').filter(|p| !p.is_empty()) {
-                let label = pair.split('=').next().expect("label=value");
-                if label != "le" {
-                    metric.labels.insert(label.to_owned());
-                }
-            }
-        }
-    }
-    let listed: BTreeSet<&str> = METRIC_NAMES.iter().copied().collect();
-    let exposed: BTreeSet<&str> = found.keys().map(String::as_str).collect();
-    assert_eq!(exposed, listed, "touch each new metric family in registered_metrics() so that it has a series");
-    found
-}
-
 /// The label names of a label list `{a, b}`, `{a="x",b="y"}`, `{a="x"|"y"}` or `{a!="x"}`.
 fn label_names(list: &str) -> Vec<String> {
     list.split(',')
@@ -604,13 +552,7 @@ fn metric_names_in_the_pages_are_the_registered_ones() {
                 );
                 continue;
             }
-            let family = ["_bucket", "_sum", "_count"]
-                .iter()
-                .filter_map(|suffix| name.strip_suffix(suffix))
-                .find(|base| registered.get(*base).is_some_and(|m| m.kind == "histogram"))
-                .unwrap_or(name);
-            let metric = registered
-                .get(family)
+            let (_, metric) = family(&registered, name)
                 .unwrap_or_else(|| panic!("{}: `{name}` is not a metric tokenproxy registers", shown(&page)));
             if let Some(list) = text[end..].strip_prefix('{').and_then(|rest| rest.split_once('}')).map(|(l, _)| l) {
                 for label in label_names(list) {

@@ -1,11 +1,13 @@
 //! What the tests share. Here: the fakes (an identity provider and an upstream, each a hyper server on 127.0.0.1
 //! port 0 that counts, stalls and fails on command) and tokenproxy started in-process ([`Proxy`]). Beside it: the one
 //! HTTP client ([`client`]), the one polling helper ([`wait`]), the one way to run the binary ([`process`]), the real
-//! OpenID provider's harness ([`oidc`]), Redis, TLS material and Markdown reading.
+//! OpenID provider's harness ([`oidc`]), Redis, TLS material, Markdown reading and the metrics registry as a scrape
+//! shows it ([`metrics`]).
 #![allow(dead_code, unused_imports)]
 
 pub mod client;
 pub mod markdown;
+pub mod metrics;
 pub mod oidc;
 pub mod process;
 pub mod redis;
