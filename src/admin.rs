@@ -177,7 +177,13 @@ fn refresh_target(path: &str) -> Option<String> {
 
 /// `/tokens` of a provider that exchanges each caller's token: how many callers have one (never a token or a hash).
 fn describe_exchange(cache: &crate::token::exchange::ExchangeCache) -> Value {
-    json!({ "state": "per_caller", "subjects": cache.subjects(), "reachable": cache.reachable() })
+    let last_refusal = cache.last_refusal();
+    json!({
+        "state": "per_caller",
+        "subjects": cache.subjects(),
+        "reachable": cache.reachable(),
+        "last_refusal": last_refusal.as_ref().map(describe_refusal),
+    })
 }
 
 /// `valid`, `refreshing`, `expired` or `failed`.
@@ -211,6 +217,18 @@ fn describe(slot: &TokenSlot) -> Value {
         "refresh_token_expires_at": token.as_ref().and_then(|t| t.refresh_token_expires_at).map(rfc3339),
         "source": token.as_ref().map(|t| if t.shared { "shared store" } else { "own call" }),
         "permanent_failure": status.permanent_failure,
+        "last_refusal": status.last_refusal.as_ref().map(describe_refusal),
+    })
+}
+
+/// `last_refusal`: the verdict on an upstream's last refusal of the provider's token.
+fn describe_refusal(verdict: &crate::proxy::verdict::Verdict) -> Value {
+    json!({
+        "route": verdict.route,
+        "status": verdict.status,
+        "at": rfc3339(verdict.at),
+        "reasons": verdict.reasons.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+        "explanation": verdict.explanation,
     })
 }
 

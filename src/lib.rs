@@ -215,6 +215,14 @@ fn build_proxy(
     let lookup = |name: &str| engine.binding(name);
     let routes =
         config.routes.iter().map(|r| Route::new(r, &lookup, metrics, client)).collect::<Result<Vec<_>, _>>()?;
+    let mut routes = routes;
+    for route in &mut routes {
+        let provider = route.provider.as_deref().and_then(|name| config.providers.get(name));
+        if let Some(provider) = provider {
+            route.expects.audiences = provider.audience.iter().chain(&provider.resource).cloned().collect();
+            route.expects.issuer = provider.issuer.as_ref().map(|issuer| issuer.to_string());
+        }
+    }
     let route_hosts = config.routes.iter().filter_map(|route| route.host.as_deref());
     let hosts = HostCheck::new(config.server.listen, config.server.allowed_hosts.as_deref(), route_hosts);
     Ok(Proxy::new(

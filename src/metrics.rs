@@ -26,6 +26,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "tokenproxy_request_duration_seconds",
     "tokenproxy_upstream_unauthorized_total",
     "tokenproxy_replays_total",
+    "tokenproxy_upstream_refusals_total",
     "tokenproxy_inflight_requests",
     "tokenproxy_config_reloads_total",
     "tokenproxy_upstream_tls_reloads_total",
@@ -105,6 +106,45 @@ impl ReplayOutcome {
     }
 }
 
+/// Why an upstream refused a token, as tokenproxy explains it (label `reason` of
+/// `tokenproxy_upstream_refusals_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RefusalReason {
+    /// The token's `aud` does not name the audience or resource the route asked for.
+    Audience,
+    /// The upstream wants a scope the token lacks (`insufficient_scope`).
+    Scope,
+    /// The token had expired by the upstream's clock.
+    Expired,
+    /// The token was not valid yet by the upstream's clock (`nbf`, `iat`).
+    NotYetValid,
+    /// The token's `iss` is not the provider's issuer.
+    Issuer,
+    /// The token is bound (`cnf`) to a key or certificate the request did not prove.
+    Binding,
+    /// Nothing in the token or the answer explains it.
+    Unknown,
+}
+
+impl RefusalReason {
+    /// Every reason, in label order.
+    pub const ALL: [RefusalReason; 7] =
+        [Self::Audience, Self::Scope, Self::Expired, Self::NotYetValid, Self::Issuer, Self::Binding, Self::Unknown];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Audience => "audience",
+            Self::Scope => "scope",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Issuer => "issuer",
+            Self::Binding => "binding",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
 /// A refresh that a limit refused (label `reason` of `tokenproxy_token_refreshes_skipped_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SkippedRefresh {
@@ -130,6 +170,7 @@ pub struct Metrics {
     request_duration: HistogramVec,
     upstream_unauthorized: IntCounterVec,
     replays: IntCounterVec,
+    refusals: IntCounterVec,
     inflight: IntGauge,
     config_reloads: IntCounterVec,
     upstream_tls_reloads: IntCounterVec,
@@ -244,6 +285,7 @@ pub struct RouteMetrics {
     /// 401s seen from the upstream.
     pub upstream_unauthorized: IntCounter,
     replays: [IntCounter; 4],
+    refusals: [IntCounter; 7],
     /// Requests being served now (shared by all routes).
     pub inflight: IntGauge,
 }
@@ -263,6 +305,11 @@ impl RouteMetrics {
     /// The replay counter for `outcome`.
     pub fn replays(&self, outcome: ReplayOutcome) -> &IntCounter {
         &self.replays[outcome as usize]
+    }
+
+    /// The counter of refusal verdicts giving `reason`.
+    pub fn refusals(&self, reason: RefusalReason) -> &IntCounter {
+        &self.refusals[reason as usize]
     }
 }
 
@@ -340,6 +387,11 @@ impl Metrics {
             counter("tokenproxy_upstream_unauthorized_total", "401 answers seen from upstreams.", &["route"]);
         let replays =
             counter("tokenproxy_replays_total", "Requests replayed after a 401, by outcome.", &["route", "outcome"]);
+        let refusals = counter(
+            "tokenproxy_upstream_refusals_total",
+            "Explained refusals of a token by upstreams, once per token generation and route, by reason.",
+            &["route", "reason"],
+        );
         let inflight = IntGauge::new("tokenproxy_inflight_requests", "Requests being served now.")
             .expect("static metric definition");
         registry.register(Box::new(inflight.clone())).expect("metric registered once");
@@ -446,6 +498,7 @@ impl Metrics {
             request_duration,
             upstream_unauthorized,
             replays,
+            refusals,
             inflight,
             config_reloads,
             upstream_tls_reloads,
@@ -537,6 +590,7 @@ impl Metrics {
             duration: self.request_duration.with_label_values(&[name]),
             upstream_unauthorized: self.upstream_unauthorized.with_label_values(&[name]),
             replays: ReplayOutcome::ALL.map(|outcome| self.replays.with_label_values(&[name, outcome.as_str()])),
+            refusals: RefusalReason::ALL.map(|reason| self.refusals.with_label_values(&[name, reason.as_str()])),
             inflight: self.inflight.clone(),
         }
     }

@@ -87,6 +87,8 @@ pub struct Challenge {
     pub invalid_token: bool,
     /// The DPoP proof lacked the server's nonce (RFC 9449 §9: `DPoP error="use_dpop_nonce"`).
     pub use_dpop_nonce: bool,
+    /// The value has a Bearer or DPoP challenge at all.
+    pub scheme: bool,
 }
 
 /// Reads the `error` parameters of a `WWW-Authenticate` value's Bearer and DPoP challenges, whatever the status it
@@ -97,6 +99,7 @@ pub fn challenge(value: &[u8]) -> Challenge {
     let value = value.to_ascii_lowercase();
     let dpop = find_word(&value, b"dpop");
     let Some(first) = [find_word(&value, b"bearer"), dpop].into_iter().flatten().min() else { return found };
+    found.scheme = true;
     let mut offset = first;
     while let Some(at) = find(&value[offset..], b"error").map(|at| at + offset) {
         offset = at + b"error".len();
@@ -266,9 +269,9 @@ mod tests {
         let nonce = challenge(
             br#"DPoP error="use_dpop_nonce", error_description="Resource server requires nonce in DPoP proof""#,
         );
-        assert_eq!(nonce, Challenge { invalid_token: false, use_dpop_nonce: true });
+        assert_eq!(nonce, Challenge { invalid_token: false, use_dpop_nonce: true, scheme: true });
         let refused = challenge(br#"DPoP algs="ES256 EdDSA", error="invalid_token""#);
-        assert_eq!(refused, Challenge { invalid_token: true, use_dpop_nonce: false });
+        assert_eq!(refused, Challenge { invalid_token: true, use_dpop_nonce: false, scheme: true });
         let both = challenge(br#"Bearer realm="api", DPoP error=use_dpop_nonce"#);
         assert!(both.use_dpop_nonce && !both.invalid_token);
         for no in [
@@ -278,7 +281,8 @@ mod tests {
             r#"DPoP error="use_dpop_nonce_x""#,
             r#"use_dpop_nonce error="invalid_token""#,
         ] {
-            assert_eq!(challenge(no.as_bytes()), Challenge::default(), "{no}");
+            let found = challenge(no.as_bytes());
+            assert!(!found.invalid_token && !found.use_dpop_nonce, "{no}");
         }
     }
 

@@ -137,7 +137,7 @@ pub(crate) async fn forward<T: Transport>(
             return Err(failure);
         }
         retried.sent(token.as_ref(), transport.resent());
-        let last = Proxy::decide(route, &transport.answer(), token.as_deref(), retried);
+        let last = Proxy::decide(route, &transport.answer(), token.as_deref(), target, retried);
         // Most answers go to the caller as they are: no future is made for them.
         if last == Decision::Deliver {
             return Ok(Delivery { token, place, last });

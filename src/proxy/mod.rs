@@ -34,6 +34,7 @@ pub mod path;
 pub mod replay;
 pub mod route;
 pub mod upstream;
+pub mod verdict;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -211,6 +212,8 @@ pub struct Answer {
     pub use_dpop_nonce: bool,
     /// Its `DPoP-Nonce` header: the nonce the upstream wants in the next proofs.
     pub dpop_nonce: Option<HeaderValue>,
+    /// A 4xx's challenge and `Date`, for the verdict on a refusal ([`verdict`]).
+    pub refused: Option<Box<verdict::Challenged>>,
 }
 
 impl Answer {
@@ -228,6 +231,17 @@ impl Answer {
         // Most names have neither length: one comparison each, inline.
         if name.len() == Self::CHALLENGE.len() || name.len() == Self::NONCE.len() {
             self.observe_named(name, value);
+        } else if name.len() == Self::DATE.len() && self.status.is_client_error() {
+            self.observe_date(name, value);
+        }
+    }
+
+    const DATE: &'static [u8] = b"date";
+
+    #[inline(never)]
+    fn observe_date(&mut self, name: &[u8], value: &[u8]) {
+        if name.eq_ignore_ascii_case(Self::DATE) {
+            self.refused.get_or_insert_with(Box::default).date = HeaderValue::from_bytes(value).ok();
         }
     }
 
@@ -240,6 +254,9 @@ impl Answer {
             let found = headers::challenge(value);
             self.invalid_token |= found.invalid_token;
             self.use_dpop_nonce |= found.use_dpop_nonce;
+            if found.scheme {
+                self.refused.get_or_insert_with(Box::default).challenge = HeaderValue::from_bytes(value).ok();
+            }
         } else if name.eq_ignore_ascii_case(Self::NONCE) {
             self.dpop_nonce = HeaderValue::from_bytes(value).ok();
         }
@@ -659,7 +676,7 @@ impl Proxy {
     ///
     /// For a DPoP-bound token, the upstream's `DPoP-Nonce` is kept for the next proofs to it, and a 401 that only asks
     /// for that nonce (`DPoP error="use_dpop_nonce"`) is sent once more with it, the token kept: it was not refused.
-    fn decide(route: &Route, answer: &Answer, token: Option<&Token>, retried: &Retried) -> Decision {
+    fn decide(route: &Route, answer: &Answer, token: Option<&Token>, target: &Target, retried: &Retried) -> Decision {
         if let Some(binding) = token.and_then(Token::dpop) {
             if let Some(nonce) = &answer.dpop_nonce {
                 binding.key.remember_nonce(&route.origin, nonce);
@@ -674,9 +691,19 @@ impl Proxy {
         let refused = refused_status || answer.invalid_token;
         if replayed {
             Self::count_replay(route, refused);
+            if refused {
+                Self::explain(route, answer, token, target);
+            }
             return Decision::Deliver;
         }
         if !refused {
+            // A 401 or 403 with a challenge that is not a refusal to replay (`insufficient_scope`): no new token
+            // fixes it; say why.
+            if answer.refused.as_ref().is_some_and(|seen| seen.challenge.is_some())
+                && matches!(answer.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+            {
+                Self::explain(route, answer, token, target);
+            }
             return Decision::Deliver;
         }
         route.metrics.upstream_unauthorized.inc();
@@ -685,7 +712,40 @@ impl Proxy {
             Some(token) if route.retry_on_401 && route.has_tokens() => {
                 Decision::Replay { rejected: token.generation, why }
             }
-            _ => Decision::Deliver,
+            _ => {
+                Self::explain(route, answer, token, target);
+                Decision::Deliver
+            }
+        }
+    }
+
+    /// The verdict on an upstream's refusal of `token` that will not be replayed ([`verdict`]): once per token
+    /// generation and route, a WARN line, the metric by reason and `/tokens`' `last_refusal`.
+    #[cold]
+    fn explain(route: &Route, answer: &Answer, token: Option<&Token>, target: &Target) {
+        use std::sync::atomic::Ordering;
+        let Some(token) = token else { return };
+        if route.last_verdict.swap(token.generation, Ordering::Relaxed) == token.generation {
+            return;
+        }
+        let seen = answer.refused.as_deref();
+        let status = answer.status.as_u16();
+        let verdict = verdict::judge(&route.name, status, token, &route.expects, seen, std::time::SystemTime::now());
+        for reason in &verdict.reasons {
+            route.metrics.refusals(*reason).inc();
+        }
+        let reasons: Vec<&str> = verdict.reasons.iter().map(|r| r.as_str()).collect();
+        tracing::warn!(
+            route = %route.name,
+            status,
+            generation = token.generation,
+            fingerprint = %token.fingerprint,
+            reasons = %reasons.join(","),
+            "the upstream refused the token: {}",
+            verdict.explanation
+        );
+        if let Some(tokens) = target.tokens(route) {
+            tokens.note_refusal(verdict);
         }
     }
 

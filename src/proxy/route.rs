@@ -6,6 +6,7 @@
 //! `/orders` and `/orders/1`, not `/ordersx`.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -13,6 +14,7 @@ use http::{HeaderName, HeaderValue, Uri};
 
 use super::upstream::slots::Slots;
 use super::upstream::{RouteTls, UpstreamClient, Via};
+use super::verdict::Expectations;
 use crate::config::{EncodedSlashes, IncomingAuthorization, Inject, PathParameters, RouteConfig, UpstreamProtocol};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::token::exchange::ExchangeCache;
@@ -83,6 +85,10 @@ pub struct Route {
     pub upstream_slots: Arc<Slots>,
     /// The route's metric handles.
     pub metrics: RouteMetrics,
+    /// What its token was asked for, to explain a refusal ([`super::verdict`]).
+    pub expects: Expectations,
+    /// The token generation of the last refusal explained (`u64::MAX`: none): one verdict per generation.
+    pub last_verdict: AtomicU64,
 }
 
 /// Why a route could not be built (a token source missing for its provider).
@@ -171,6 +177,12 @@ impl Route {
             grpc_unauthenticated_refresh: config.grpc_unauthenticated_refresh,
             upstream_slots: Arc::new(Slots::new(config.max_upstream_connections)),
             metrics: metrics.route(&config.name),
+            expects: Expectations {
+                audiences: Vec::new(),
+                issuer: None,
+                presents_certificate: config.tls.client_cert.is_some(),
+            },
+            last_verdict: AtomicU64::new(u64::MAX),
         })
     }
 

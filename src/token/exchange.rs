@@ -48,6 +48,8 @@ pub struct ExchangeCache {
     refused: moka::sync::Cache<SubjectKey, SubjectRefusal, KeyHasher>,
     /// A subject was ever refused: until then, a cache hit does not look in `refused`.
     any_refused: AtomicBool,
+    /// The verdict on the last refusal of a caller's exchanged token by an upstream (`/tokens`).
+    last_refusal: std::sync::Mutex<Option<crate::proxy::verdict::Verdict>>,
     /// Subjects whose token an upstream refused lately: no second exchange for them inside the interval.
     forced: moka::sync::Cache<SubjectKey, (), KeyHasher>,
     inflight: Mutex<HashMap<SubjectKey, Exchange>>,
@@ -126,6 +128,7 @@ impl ExchangeCache {
             tokens,
             refused,
             any_refused: AtomicBool::new(false),
+            last_refusal: std::sync::Mutex::new(None),
             forced,
             inflight: Mutex::new(HashMap::new()),
             budget: Budget::new(exchange.new_subjects_per_second, exchange.max_in_flight),
@@ -169,6 +172,11 @@ impl ExchangeCache {
     fn note_refused(&self, key: SubjectKey, refusal: SubjectRefusal) {
         self.any_refused.store(true, Ordering::Release);
         self.refused.insert(key, refusal);
+    }
+
+    /// The verdict on the last refusal of a caller's exchanged token by an upstream.
+    pub fn last_refusal(&self) -> Option<crate::proxy::verdict::Verdict> {
+        super::slot::lock(&self.last_refusal).clone()
     }
 
     /// The caller's usable token from the cache, if any.
@@ -458,6 +466,10 @@ impl TokenSource for SubjectTokens {
     fn obtain(&self, rejected: Option<u64>) -> BoxFuture<'_, Result<Arc<Token>, TokenUnavailable>> {
         let subject = bearer_subject(&self.authorization).unwrap_or_default();
         Box::pin(self.cache.obtain(self.key, subject, rejected))
+    }
+
+    fn note_refusal(&self, verdict: crate::proxy::verdict::Verdict) {
+        *super::slot::lock(&self.cache.last_refusal) = Some(verdict);
     }
 
     fn subject_fingerprint(&self) -> Option<String> {

@@ -58,6 +58,8 @@ pub trait TokenSource: Send + Sync + 'static {
     fn subject_fingerprint(&self) -> Option<String> {
         None
     }
+    /// Keeps the verdict on an upstream's refusal of one of these tokens, for `/tokens` (`last_refusal`).
+    fn note_refusal(&self, _verdict: crate::proxy::verdict::Verdict) {}
 }
 
 impl TokenSource for TokenSlot {
@@ -68,6 +70,10 @@ impl TokenSource for TokenSlot {
 
     fn obtain(&self, rejected: Option<u64>) -> BoxFuture<'_, Result<Arc<Token>, TokenUnavailable>> {
         Box::pin(TokenSlot::obtain(self, rejected))
+    }
+
+    fn note_refusal(&self, verdict: crate::proxy::verdict::Verdict) {
+        TokenSlot::note_refusal(self, verdict);
     }
 }
 

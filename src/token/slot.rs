@@ -183,6 +183,8 @@ pub struct SlotStatus {
     pub backoff_until: Option<Instant>,
     /// The last call was refused by `max_token_calls`.
     pub budget_exhausted: bool,
+    /// The verdict on the last refusal of one of its tokens by an upstream.
+    pub last_refusal: Option<crate::proxy::verdict::Verdict>,
 }
 
 /// How often refreshes that callers can cause may happen (SPEC: the 401 budget and the forced-refresh interval).
@@ -336,6 +338,11 @@ impl TokenSlot {
     /// A copy of the status (the lock is held only for the copy).
     pub fn status(&self) -> SlotStatus {
         lock(&self.status).clone()
+    }
+
+    /// Keeps the verdict on an upstream's refusal of one of its tokens (`/tokens` → `last_refusal`).
+    pub fn note_refusal(&self, verdict: crate::proxy::verdict::Verdict) {
+        lock(&self.status).last_refusal = Some(verdict);
     }
 }
 
