@@ -222,7 +222,7 @@ fn describe(slot: &TokenSlot) -> Value {
 }
 
 /// `last_refusal`: the verdict on an upstream's last refusal of the provider's token.
-fn describe_refusal(verdict: &crate::proxy::verdict::Verdict) -> Value {
+fn describe_refusal(verdict: &crate::token::refusal::Verdict) -> Value {
     json!({
         "route": verdict.route,
         "status": verdict.status,

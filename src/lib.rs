@@ -9,7 +9,9 @@
 //! - [`config`]: figment layers → validated, typed [`config::Config`], every error with its key and source;
 //! - [`metrics`]: the Prometheus registry and typed handles; the only place metric names are defined;
 //! - [`tls`]: rustls server and client configurations;
-//! - [`token`]: the token engine: slots, single flight, generations, the refresher tasks, the IdP client;
+//! - [`token`]: the token engine: slots, single flight, generations, the refresher tasks, the IdP client, and why an
+//!   upstream refused a token (`token::refusal`);
+//! - [`telemetry`]: OpenTelemetry traces: the spans of a request, W3C trace context, the bounded OTLP export;
 //! - [`proxy`]: the request path: its phases (routing, method and path policy, header rewriting, token injection, the
 //!   401 replay, problem+json errors) run by one lifecycle over two transports that do I/O only, `proxy::h1`
 //!   (tokenproxy's own HTTP/1.1, for plain requests) and `proxy::hyper` (the rest), over one upstream client with a
@@ -35,6 +37,7 @@ pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
+pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod vending;
@@ -95,6 +98,9 @@ pub enum StartError {
     /// A route could not be built.
     #[error(transparent)]
     Route(#[from] proxy::route::RouteError),
+    /// Telemetry could not be started (the message names the key or variable at fault).
+    #[error("{0}")]
+    Telemetry(String),
 }
 
 /// Every part of a running tokenproxy, wired from one [`Config`].
@@ -106,6 +112,8 @@ pub struct App {
     engine: Arc<ArcSwap<TokenEngine>>,
     proxy: Arc<ArcSwap<Proxy>>,
     client: Arc<UpstreamClient>,
+    /// Traces (`[telemetry]`, applied at startup only); `None`: off.
+    telemetry: Option<Arc<telemetry::Telemetry>>,
 }
 
 impl App {
@@ -122,7 +130,9 @@ impl App {
         let client = UpstreamClient::with_dial(config.server.max_idle_upstream_connections, dial)
             .map_err(|source| StartError::Tls { what: "upstream TLS", source })?;
         let client = Arc::new(client);
-        let proxy = build_proxy(&config, &engine, &client, &metrics)?;
+        let telemetry = telemetry::Telemetry::start(&config.telemetry, metrics.telemetry_spans_dropped.clone())
+            .map_err(|e| StartError::Telemetry(e.to_string()))?;
+        let proxy = build_proxy(&config, &engine, &client, &metrics, telemetry.as_ref())?;
         Ok(App {
             config,
             config_path: None,
@@ -130,6 +140,7 @@ impl App {
             engine: Arc::new(ArcSwap::from_pointee(engine)),
             proxy: Arc::new(ArcSwap::from_pointee(proxy)),
             client,
+            telemetry,
         })
     }
 
@@ -211,6 +222,7 @@ fn build_proxy(
     engine: &TokenEngine,
     client: &Arc<UpstreamClient>,
     metrics: &Metrics,
+    telemetry: Option<&Arc<telemetry::Telemetry>>,
 ) -> Result<Proxy, StartError> {
     let lookup = |name: &str| engine.binding(name);
     let routes =
@@ -235,6 +247,7 @@ fn build_proxy(
             tunnel_idle_timeout: config.server.tunnel_idle_timeout,
             access_log: config.log.access,
             h1_transport: config.server.h1_transport,
+            telemetry: telemetry.cloned(),
         },
         metrics.unrouted(),
     ))
@@ -284,6 +297,7 @@ struct AppReloader {
     engine: Arc<ArcSwap<TokenEngine>>,
     proxy: Arc<ArcSwap<Proxy>>,
     client: Arc<UpstreamClient>,
+    telemetry: Option<Arc<telemetry::Telemetry>>,
     /// One reload at a time.
     lock: std::sync::Mutex<()>,
 }
@@ -318,7 +332,8 @@ impl AppReloader {
         })?;
         let old = self.engine.load_full();
         let (engine, changes) = old.rebuild(&config, &self.metrics).map_err(|e| vec![e.to_string()])?;
-        let proxy = build_proxy(&config, &engine, &self.client, &self.metrics).map_err(|e| vec![e.to_string()])?;
+        let proxy = build_proxy(&config, &engine, &self.client, &self.metrics, self.telemetry.as_ref())
+            .map_err(|e| vec![e.to_string()])?;
         let restart_needed = restart_needed(&self.running, &config);
         // Routes switch atomically: a request sees the old table or the new one, never a mix.
         self.engine.store(Arc::new(engine));
@@ -456,6 +471,7 @@ impl BoundApp {
             engine: Arc::clone(&app.engine),
             proxy: Arc::clone(&app.proxy),
             client: Arc::clone(&app.client),
+            telemetry: app.telemetry.clone(),
             lock: std::sync::Mutex::new(()),
         });
         let server = &app.config.server;

@@ -42,6 +42,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "tokenproxy_store_fallbacks_total",
     "tokenproxy_store_degraded",
     "tokenproxy_build_info",
+    "tokenproxy_telemetry_spans_dropped_total",
 ];
 
 /// Why a token call was made (label `reason` of `tokenproxy_token_refreshes_total`).
@@ -157,6 +158,8 @@ pub enum SkippedRefresh {
 /// The process-wide registry with every tokenproxy metric.
 pub struct Metrics {
     registry: Registry,
+    /// Spans not exported: the queue was full, or the collector failed or did not answer in time.
+    pub telemetry_spans_dropped: IntCounter,
     token_requests: IntCounterVec,
     token_request_duration: HistogramVec,
     token_refreshes: IntCounterVec,
@@ -483,8 +486,15 @@ impl Metrics {
             .expect("static metric definition");
         registry.register(Box::new(build_info.clone())).expect("metric registered once");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let telemetry_spans_dropped = IntCounter::new(
+            "tokenproxy_telemetry_spans_dropped_total",
+            "Trace spans not exported: the queue was full, or the collector failed or did not answer in time.",
+        )
+        .expect("static metric definition");
+        registry.register(Box::new(telemetry_spans_dropped.clone())).expect("metric registered once");
         Metrics {
             registry,
+            telemetry_spans_dropped,
             token_requests,
             token_request_duration,
             token_refreshes,

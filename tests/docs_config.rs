@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use tokenproxy::config::{Config, ConfigError};
 
 /// Secrets come in three forms (`X`, `X_file`, `X_env`); the docs and the example may show any of them.
-const SECRETS: &[&str] = &["client_secret", "refresh_token", "password"];
+const SECRETS: &[&str] = &["client_secret", "refresh_token", "password", "telemetry.headers"];
 
 /// Tables whose keys are chosen by the user, not by tokenproxy: documented as one key.
 const FREE_FORM_TABLES: &[&str] = &["extra_params"];
@@ -83,7 +83,9 @@ fn example_keys() -> BTreeSet<String> {
     // Commented-out keys: `# key = value`, several on a line separated by `; `, after the first section header.
     let mut section = None;
     for line in text.lines() {
+        // A section header, or a commented-out one (`# [vending]`: a section off by default).
         let trimmed = line.trim();
+        let trimmed = trimmed.strip_prefix("# [").map_or(trimmed, |rest| &line[line.len() - rest.len() - 1..]);
         if trimmed.starts_with('[') {
             section = Some(section_path(trimmed.split('#').next().unwrap_or(trimmed)));
             continue;
@@ -111,7 +113,7 @@ fn documented_keys() -> BTreeMap<String, String> {
         let cells: Vec<&str> = line.trim().trim_matches('|').split('|').map(str::trim).collect();
         let [key, _type, default, _meaning] = cells.as_slice() else { continue };
         let Some(key) = key.strip_prefix('`').and_then(|k| k.strip_suffix('`')) else { continue };
-        let is_key = ["server.", "admin.", "log.", "state.", "vending.", "providers.NAME.", "routes[]."]
+        let is_key = ["server.", "admin.", "log.", "state.", "vending.", "telemetry.", "providers.NAME.", "routes[]."]
             .iter()
             .any(|prefix| key.starts_with(prefix));
         if is_key {

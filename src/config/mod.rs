@@ -45,6 +45,8 @@ pub struct Config {
     pub state: StateConfig,
     /// The token vending listener (docs/vending.md); off unless `[vending] listen` is set.
     pub vending: VendingConfig,
+    /// OpenTelemetry traces (docs/telemetry.md); off unless an OTLP endpoint is configured.
+    pub telemetry: TelemetryConfig,
     /// Token providers, keyed by provider name: those configured, and one `PROVIDER[ROUTE]` per distinct route
     /// profile (see [`RouteConfig::profile`]; not printed, the routes' keys are).
     #[serde(serialize_with = "redact::configured_providers")]
@@ -173,6 +175,52 @@ pub struct LogConfig {
     pub level: String,
     /// One access-log line per proxied request (at level info, target `access`).
     pub access: bool,
+}
+
+/// `[telemetry]`: OpenTelemetry traces exported over OTLP (docs/telemetry.md). Applied at startup only.
+#[derive(Debug, Clone, Serialize)]
+pub struct TelemetryConfig {
+    /// The collector's base URL (`/v1/traces` is appended); none: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, else telemetry is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// `http/protobuf` (the default) or `grpc` (a build with the `otlp-grpc` feature).
+    pub otlp_protocol: OtlpProtocol,
+    /// `service.name`; none: `OTEL_SERVICE_NAME`, else `tokenproxy`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    /// The share of traces started here that are sampled (a sampled caller's trace is always continued).
+    pub sample_ratio: f64,
+    /// Resource attributes, over `OTEL_RESOURCE_ATTRIBUTES`'.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub resource_attributes: BTreeMap<String, String>,
+    /// Headers for the collector (`key=value,key2=value2`, as `OTEL_EXPORTER_OTLP_HEADERS`): a secret.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "redact::secret_source")]
+    pub headers: Option<SecretSource>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::HttpProtobuf,
+            service_name: None,
+            sample_ratio: 1.0,
+            resource_attributes: BTreeMap::new(),
+            headers: None,
+        }
+    }
+}
+
+/// How spans go to the collector (`telemetry.otlp_protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum OtlpProtocol {
+    /// OTLP over HTTP, protobuf bodies (`http/protobuf`).
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// OTLP over gRPC.
+    #[serde(rename = "grpc")]
+    Grpc,
 }
 
 /// `[state]`: the embedded store, and the shared one.

@@ -96,6 +96,16 @@ pub(super) fn size<S: Serializer>(value: &usize, serializer: S) -> Result<S::Ok,
     }
 }
 
+/// A secret of a section that prints itself (`telemetry.headers`): redacted, or where it is read from.
+pub(super) fn secret_source<S: Serializer>(source: &Option<SecretSource>, serializer: S) -> Result<S::Ok, S::Error> {
+    match source {
+        None => serializer.serialize_none(),
+        Some(SecretSource::Inline(secret)) => serializer.serialize_str(&secret.to_string()),
+        Some(SecretSource::File(path)) => serializer.serialize_str(&format!("(from the file {})", path.display())),
+        Some(SecretSource::Env(var)) => serializer.serialize_str(&format!("(from ${var})")),
+    }
+}
+
 /// A secret as the key it was given by: `x = "[redacted]"`, `x_file = "path"` or `x_env = "VAR"`.
 struct SecretView<'a> {
     key: &'static str,

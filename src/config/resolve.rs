@@ -1,6 +1,7 @@
 //! Turns the merged tree into a typed [`Config`], section by section, applying the SPEC defaults for absent keys;
 //! providers and routes have files of their own.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -12,8 +13,8 @@ use super::reader::{self, KeyPath, Leaf, Reader, Table};
 use super::values::{server_url, value_or};
 use super::{providers, routes};
 use super::{
-    AdminConfig, Config, ConfigError, LogConfig, LogFormat, Problem, RedisServer, ServerConfig, ServerTls,
-    SharedStoreConfig, StateConfig, VendingConfig, VendingListen,
+    AdminConfig, Config, ConfigError, LogConfig, LogFormat, OtlpProtocol, Problem, RedisServer, ServerConfig,
+    ServerTls, SharedStoreConfig, StateConfig, TelemetryConfig, VendingConfig, VendingListen,
 };
 
 /// Values of `log.format`.
@@ -47,6 +48,7 @@ pub(super) fn config(figment: &Figment, root_source: &str, offline: bool) -> Res
     let log = log(&mut r, &mut root);
     let state = state(&mut r, &mut root);
     let vending = vending(&mut r, &mut root, &[server.listen, admin.listen]);
+    let telemetry = telemetry(&mut r, &mut root);
     let (mut providers, provider_names) = providers::providers(&mut r, &mut root);
     let mut routes =
         routes::routes(&mut r, &mut root, &routes::Providers { names: &provider_names, valid: &providers });
@@ -58,7 +60,7 @@ pub(super) fn config(figment: &Figment, root_source: &str, offline: bool) -> Res
     if !problems.is_empty() {
         return Err(ConfigError::Invalid(problems));
     }
-    Ok(Config { server, admin, log, state, vending, providers, routes, unavailable })
+    Ok(Config { server, admin, log, state, vending, telemetry, providers, routes, unavailable })
 }
 
 /// `[server]`.
@@ -202,6 +204,55 @@ fn log(r: &mut Reader<'_>, root: &mut Table<'_>) -> LogConfig {
     };
     r.finish(t);
     log
+}
+
+/// Values of `telemetry.otlp_protocol`.
+const OTLP_PROTOCOLS: &[(&str, OtlpProtocol)] =
+    &[("http/protobuf", OtlpProtocol::HttpProtobuf), ("grpc", OtlpProtocol::Grpc)];
+
+/// `[telemetry]`.
+fn telemetry(r: &mut Reader<'_>, root: &mut Table<'_>) -> TelemetryConfig {
+    let d = TelemetryConfig::default();
+    let mut t = r.table(root, "telemetry");
+    let otlp_endpoint = r.get(&mut t, "otlp_endpoint", |value| {
+        super::values::http_url(value, super::values::UrlUse::Upstream).map(|url| url.to_string())
+    });
+    let otlp_protocol = r.get(&mut t, "otlp_protocol", reader::choice(OTLP_PROTOCOLS));
+    if let Some(leaf) = &otlp_protocol {
+        if leaf.value == OtlpProtocol::Grpc {
+            r.report_leaf(leaf, "gRPC export needs a build with the `otlp-grpc` feature; this one sends http/protobuf");
+        }
+    }
+    let sample_ratio = r.get(&mut t, "sample_ratio", |value| {
+        let ratio = reader::number(value)?;
+        if (0.0..=1.0).contains(&ratio) {
+            Ok(ratio)
+        } else {
+            Err("a share of traces, from 0 to 1".to_owned())
+        }
+    });
+    let service_name = r.get(&mut t, "service_name", reader::non_empty_string).map(|leaf| leaf.value);
+    let mut resource_attributes = BTreeMap::new();
+    let a = r.table(&mut t, "resource_attributes");
+    for (key, value) in a.entries() {
+        match reader::string(value) {
+            Ok(text) => {
+                resource_attributes.insert(key.clone(), text);
+            }
+            Err(e) => r.report(&a.path.key(key), value.tag(), e),
+        }
+    }
+    let headers = super::providers::secret(r, &mut t, "headers").map(|leaf| leaf.value);
+    let telemetry = TelemetryConfig {
+        otlp_endpoint: otlp_endpoint.map(|leaf| leaf.value),
+        otlp_protocol: value_or(otlp_protocol, d.otlp_protocol),
+        service_name,
+        sample_ratio: value_or(sample_ratio, d.sample_ratio),
+        resource_attributes,
+        headers,
+    };
+    r.finish(t);
+    telemetry
 }
 
 /// `[state]`.

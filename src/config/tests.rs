@@ -1219,3 +1219,30 @@ fn the_h1_transport_switch_is_read_under_its_old_name_with_a_warning() {
     let both = problems(load(&format!("[server]\ndirect_http1 = false\nh1_transport = true\n{MINIMAL}")));
     assert!(both.iter().any(|p| p.starts_with("server.direct_http1: the old name of h1_transport")), "{both:?}");
 }
+
+#[test]
+fn telemetry_keys_are_read_and_checked() {
+    let config = load(&format!(
+        "{MINIMAL}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\nservice_name = \"edge\"\nsample_ratio = 0.25\n\
+         headers = \"api-key=k1\"\n[telemetry.resource_attributes]\n\"deployment.environment\" = \"prod\"\n"
+    ))
+    .unwrap();
+    let t = &config.telemetry;
+    assert_eq!(t.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4318/"));
+    assert_eq!((t.service_name.as_deref(), t.sample_ratio), (Some("edge"), 0.25));
+    assert_eq!(t.resource_attributes["deployment.environment"], "prod");
+    assert!(matches!(&t.headers, Some(SecretSource::Inline(_))));
+    assert!(!config.to_redacted_toml().contains("k1"), "the collector's headers never print");
+    assert!(load(MINIMAL).unwrap().telemetry.otlp_endpoint.is_none(), "off by default");
+    let problems_of = |extra: &str| problems(load(&format!("{MINIMAL}\n[telemetry]\n{extra}\n")));
+    assert_eq!(
+        problems_of("sample_ratio = 1.5"),
+        ["telemetry.sample_ratio: a share of traces, from 0 to 1 (from tokenproxy.toml)"]
+    );
+    assert_eq!(
+        problems_of("otlp_protocol = \"grpc\""),
+        ["telemetry.otlp_protocol: gRPC export needs a build with the `otlp-grpc` feature; this one sends http/protobuf (from tokenproxy.toml)"]
+    );
+    assert_eq!(problems_of("otlp_endpoint = \"ftp://x\"").len(), 1);
+    assert_eq!(problems_of("sampling = 1").len(), 1, "an unknown key is an error");
+}

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::upstream::slots::OwnedPlace;
 use super::{Answer, Connection, Credential, Decision, Proxy, ProxyError, Resend, Retried, Route, Target};
 use crate::metrics::ReplayOutcome;
+use crate::telemetry::ChildSpan;
 use crate::token::Token;
 
 /// What a transport does for the lifecycle: send a prepared request, keep the upstream's response head until it is
@@ -56,6 +57,8 @@ pub(crate) struct Attempt<'a> {
     route: &'a Route,
     target: &'a Target,
     token: Option<&'a Token>,
+    /// Its span, when the request is traced.
+    span: Option<&'a ChildSpan>,
 }
 
 impl<'a> Attempt<'a> {
@@ -70,8 +73,17 @@ impl<'a> Attempt<'a> {
         Proxy::upstream_target(self.route, self.target, method, self.token)
     }
 
+    /// Puts this send's `traceparent` in `headers` when its trace is sampled: the upstream's parent span is this
+    /// send's (an unsampled caller's `traceparent` is left as it came).
+    pub(crate) fn trace_into(&self, headers: &mut http::HeaderMap) {
+        if let Some(span) = self.span {
+            span.inject(headers);
+        }
+    }
+
     /// The upstream request: `parts` with the URI and the credential of this send, and `body`.
     pub(crate) fn request<B>(&self, mut parts: Parts, body: B) -> Result<http::Request<B>, ProxyError> {
+        self.trace_into(&mut parts.headers);
         let (uri, credential) = self.upstream(&parts.method)?;
         if let Some(credential) = credential {
             parts.headers.insert(credential.name.clone(), credential.value);
@@ -119,7 +131,7 @@ pub(crate) async fn forward<T: Transport>(
         audit.subject = tokens.subject_fingerprint();
     }
     let mut token = match (target.tokens(route), target.attach) {
-        (Some(tokens), true) => Some(Proxy::credential(tokens.as_ref(), None).await?),
+        (Some(tokens), true) => Some(Proxy::credential(tokens.as_ref(), None, retried.trace.as_deref()).await?),
         _ => None,
     };
     let place = match T::BOUNDED {
@@ -131,13 +143,24 @@ pub(crate) async fn forward<T: Transport>(
         false => None,
     };
     loop {
-        let attempt = Attempt { route, target, token: token.as_deref() };
+        let span = retried
+            .trace
+            .as_deref()
+            .map(|trace| trace.attempt(route.upstream_authority(), &parts.method, retried.sends));
+        let attempt = Attempt { route, target, token: token.as_deref(), span: span.as_ref() };
         if let Err(failure) = transport.send(parts, &attempt).await {
             retried.sent(token.as_ref(), transport.resent());
+            if let Some(span) = span {
+                span.end(Some("upstream"));
+            }
             return Err(failure);
         }
         retried.sent(token.as_ref(), transport.resent());
-        let last = Proxy::decide(route, &transport.answer(), token.as_deref(), target, retried);
+        let answer = transport.answer();
+        if let Some(span) = span {
+            span.answered(answer.status);
+        }
+        let last = Proxy::decide(route, &answer, token.as_deref(), target, retried);
         // Most answers go to the caller as they are: no future is made for them.
         if last == Decision::Deliver {
             return Ok(Delivery { token, place, last });

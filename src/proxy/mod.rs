@@ -34,7 +34,6 @@ pub mod path;
 pub mod replay;
 pub mod route;
 pub mod upstream;
-pub mod verdict;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,8 +51,9 @@ pub use upstream::{UpstreamBody, UpstreamClient};
 use crate::config::IncomingAuthorization;
 use crate::host_check::HostCheck;
 use crate::metrics::{ReplayOutcome, RouteMetrics};
+use crate::telemetry::{RequestTrace, Telemetry};
 use crate::token::dpop::ProofFor;
-use crate::token::{SubjectRefusal, Token, TokenSource};
+use crate::token::{refusal, SubjectRefusal, Token, TokenSource};
 
 /// What the proxy knows of the connection a request came on.
 pub struct Connection {
@@ -74,7 +74,7 @@ impl Connection {
 }
 
 /// Settings that apply to every request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ProxyOptions {
     /// Request bodies up to this size are kept for a replay after a 401.
     pub replay_buffer: usize,
@@ -86,6 +86,8 @@ pub struct ProxyOptions {
     pub access_log: bool,
     /// Plain HTTP/1.1 requests are served by the [`h1`] transport; `false` sends every request to [`hyper`].
     pub h1_transport: bool,
+    /// Traces, when telemetry is on.
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 /// The reverse proxy: routes, the upstream client and the limits that apply to every request.
@@ -102,6 +104,7 @@ pub struct Proxy {
     access_log: bool,
     h1_transport: bool,
     unrouted: RouteMetrics,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 /// What the upstream URI is built from, besides the route.
@@ -133,6 +136,8 @@ pub struct InFlight<'p> {
     /// The route, once found (its `inflight` gauge was raised then).
     route: Option<&'p Route>,
     ended: bool,
+    /// Its trace, when telemetry is on (moved into its [`Retried`] record when that is made).
+    trace: Option<Box<RequestTrace>>,
 }
 
 /// What the access log keeps of a request as it came.
@@ -161,9 +166,11 @@ impl<'p> InFlight<'p> {
         &self.request_id
     }
 
-    /// What its sends will be noted in: with the token side kept when the access log is on.
-    pub fn retried(&self) -> Retried {
-        Retried::new(self.logged.is_some())
+    /// What its sends will be noted in: with the token side kept when the access log is on, and its trace.
+    pub fn retried(&mut self) -> Retried {
+        let mut retried = Retried::new(self.logged.is_some());
+        retried.trace = self.trace.take();
+        retried
     }
 
     /// The request's route, once found.
@@ -175,6 +182,9 @@ impl<'p> InFlight<'p> {
     pub fn routed(&mut self, route: &'p Route) {
         route.metrics.inflight.inc();
         self.route = Some(route);
+        if let Some(trace) = &self.trace {
+            trace.routed(&route.name, route.upstream_authority(), route.provider.as_deref());
+        }
     }
 }
 
@@ -212,8 +222,8 @@ pub struct Answer {
     pub use_dpop_nonce: bool,
     /// Its `DPoP-Nonce` header: the nonce the upstream wants in the next proofs.
     pub dpop_nonce: Option<HeaderValue>,
-    /// A 4xx's challenge and `Date`, for the verdict on a refusal ([`verdict`]).
-    pub refused: Option<Box<verdict::Challenged>>,
+    /// A 4xx's challenge and `Date`, for the verdict on a refusal ([`refusal`](crate::token::refusal)).
+    pub refused: Option<Box<refusal::Challenged>>,
 }
 
 impl Answer {
@@ -331,6 +341,8 @@ pub struct Retried {
     pub reason: Option<Resend>,
     /// For the access log only (`None` when it is off): what the last send carried.
     pub audit: Option<Box<Audit>>,
+    /// The request's trace, when telemetry is on.
+    pub trace: Option<Box<RequestTrace>>,
 }
 
 /// The token side of a request, for its access-log line: kept only while the access log is on.
@@ -392,6 +404,7 @@ impl Proxy {
             access_log: options.access_log,
             h1_transport: options.h1_transport,
             unrouted,
+            telemetry: options.telemetry,
         }
     }
 
@@ -420,7 +433,10 @@ impl Proxy {
             path: parts.uri.path().to_owned(),
             trace_id: parts.headers.get(&TRACEPARENT).and_then(headers::trace_id).map(Into::into),
         });
-        InFlight { started, request_id, logged, route: None, ended: false }
+        let trace = self.telemetry.as_ref().map(|telemetry| {
+            Box::new(telemetry.server_span(&parts.method, parts.uri.path(), parts.version, &parts.headers))
+        });
+        InFlight { started, request_id, logged, route: None, ended: false, trace }
     }
 
     /// Phase 7, at the end: a request answered with `status` after the sends in `retried`: metrics and the access
@@ -437,8 +453,12 @@ impl Proxy {
             }
             None => self.unrouted.count_status(status),
         }
+        if let Some(trace) = &retried.trace {
+            trace.end(status, retried.any());
+        }
         if let Some(logged) = in_flight.logged.take() {
             let audit = retried.audit.as_deref();
+            let traced = retried.trace.as_ref().and_then(|trace| trace.trace_id());
             let token = audit.and_then(|a| a.token.as_deref());
             tracing::info!(
                 target: "access",
@@ -455,7 +475,7 @@ impl Proxy {
                 token_fingerprint = token.map_or("-", |t| &t.fingerprint),
                 token_generation = token.map_or(0, |t| t.generation),
                 subject_fingerprint = audit.and_then(|a| a.subject.as_deref()).unwrap_or("-"),
-                trace_id = logged.trace_id.as_deref().unwrap_or("-"),
+                trace_id = traced.as_deref().or(logged.trace_id.as_deref()).unwrap_or("-"),
                 request_id = in_flight.request_id.to_str().unwrap_or("-"),
                 "request"
             );
@@ -625,14 +645,24 @@ impl Proxy {
         Ok(target.insert(Target { original: parts.uri.clone(), query, attach, caller_tokens }))
     }
 
-    /// Phase 3: the token to attach: the current one, or a wait for the single token call in flight.
-    async fn credential(tokens: &dyn TokenSource, rejected: Option<u64>) -> Result<Arc<Token>, ProxyError> {
+    /// Phase 3: the token to attach: the current one, or a wait for the single token call in flight (a
+    /// `token.wait` span of the request's trace).
+    async fn credential(
+        tokens: &dyn TokenSource,
+        rejected: Option<u64>,
+        trace: Option<&RequestTrace>,
+    ) -> Result<Arc<Token>, ProxyError> {
         if rejected.is_none() {
             if let Some(token) = tokens.current() {
                 return Ok(token);
             }
         }
-        tokens.obtain(rejected).await.map_err(|e| match e.refusal {
+        let span = trace.map(RequestTrace::token_wait);
+        let obtained = tokens.obtain(rejected).await;
+        if let Some(span) = span {
+            span.end(obtained.as_ref().err().map(|_| "token_unavailable"));
+        }
+        obtained.map_err(|e| match e.refusal {
             Some(refusal) => ProxyError::Subject { refusal, detail: e.reason },
             None if e.budget_exhausted => {
                 ProxyError::TokenBudgetExhausted { detail: e.to_string(), retry_after: e.retry_after }
@@ -719,7 +749,7 @@ impl Proxy {
         }
     }
 
-    /// The verdict on an upstream's refusal of `token` that will not be replayed ([`verdict`]): once per token
+    /// The verdict on an upstream's refusal of `token` that will not be replayed ([`refusal`](crate::token::refusal)): once per token
     /// generation and route, a WARN line, the metric by reason and `/tokens`' `last_refusal`.
     #[cold]
     fn explain(route: &Route, answer: &Answer, token: Option<&Token>, target: &Target) {
@@ -730,7 +760,7 @@ impl Proxy {
         }
         let seen = answer.refused.as_deref();
         let status = answer.status.as_u16();
-        let verdict = verdict::judge(&route.name, status, token, &route.expects, seen, std::time::SystemTime::now());
+        let verdict = refusal::judge(&route.name, status, token, &route.expects, seen, std::time::SystemTime::now());
         for reason in &verdict.reasons {
             route.metrics.refusals(*reason).inc();
         }

@@ -14,10 +14,10 @@ use http::{HeaderName, HeaderValue, Uri};
 
 use super::upstream::slots::Slots;
 use super::upstream::{RouteTls, UpstreamClient, Via};
-use super::verdict::Expectations;
 use crate::config::{EncodedSlashes, IncomingAuthorization, Inject, PathParameters, RouteConfig, UpstreamProtocol};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::token::exchange::ExchangeCache;
+use crate::token::refusal::Expectations;
 use crate::token::{TokenBinding, TokenSource};
 
 /// How a route attaches its token.

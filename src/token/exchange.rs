@@ -49,7 +49,7 @@ pub struct ExchangeCache {
     /// A subject was ever refused: until then, a cache hit does not look in `refused`.
     any_refused: AtomicBool,
     /// The verdict on the last refusal of a caller's exchanged token by an upstream (`/tokens`).
-    last_refusal: std::sync::Mutex<Option<crate::proxy::verdict::Verdict>>,
+    last_refusal: std::sync::Mutex<Option<crate::token::refusal::Verdict>>,
     /// Subjects whose token an upstream refused lately: no second exchange for them inside the interval.
     forced: moka::sync::Cache<SubjectKey, (), KeyHasher>,
     inflight: Mutex<HashMap<SubjectKey, Exchange>>,
@@ -175,7 +175,7 @@ impl ExchangeCache {
     }
 
     /// The verdict on the last refusal of a caller's exchanged token by an upstream.
-    pub fn last_refusal(&self) -> Option<crate::proxy::verdict::Verdict> {
+    pub fn last_refusal(&self) -> Option<crate::token::refusal::Verdict> {
         super::slot::lock(&self.last_refusal).clone()
     }
 
@@ -468,7 +468,7 @@ impl TokenSource for SubjectTokens {
         Box::pin(self.cache.obtain(self.key, subject, rejected))
     }
 
-    fn note_refusal(&self, verdict: crate::proxy::verdict::Verdict) {
+    fn note_refusal(&self, verdict: crate::token::refusal::Verdict) {
         *super::slot::lock(&self.cache.last_refusal) = Some(verdict);
     }
 

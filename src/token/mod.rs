@@ -15,6 +15,7 @@ pub mod exchange;
 pub mod grant;
 pub mod idp;
 pub mod refresh;
+pub mod refusal;
 pub mod request;
 pub mod response;
 pub mod secrets;
@@ -59,7 +60,7 @@ pub trait TokenSource: Send + Sync + 'static {
         None
     }
     /// Keeps the verdict on an upstream's refusal of one of these tokens, for `/tokens` (`last_refusal`).
-    fn note_refusal(&self, _verdict: crate::proxy::verdict::Verdict) {}
+    fn note_refusal(&self, _verdict: crate::token::refusal::Verdict) {}
 }
 
 impl TokenSource for TokenSlot {
@@ -72,7 +73,7 @@ impl TokenSource for TokenSlot {
         Box::pin(TokenSlot::obtain(self, rejected))
     }
 
-    fn note_refusal(&self, verdict: crate::proxy::verdict::Verdict) {
+    fn note_refusal(&self, verdict: crate::token::refusal::Verdict) {
         TokenSlot::note_refusal(self, verdict);
     }
 }

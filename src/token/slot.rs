@@ -184,7 +184,7 @@ pub struct SlotStatus {
     /// The last call was refused by `max_token_calls`.
     pub budget_exhausted: bool,
     /// The verdict on the last refusal of one of its tokens by an upstream.
-    pub last_refusal: Option<crate::proxy::verdict::Verdict>,
+    pub last_refusal: Option<crate::token::refusal::Verdict>,
 }
 
 /// How often refreshes that callers can cause may happen (SPEC: the 401 budget and the forced-refresh interval).
@@ -341,7 +341,7 @@ impl TokenSlot {
     }
 
     /// Keeps the verdict on an upstream's refusal of one of its tokens (`/tokens` → `last_refusal`).
-    pub fn note_refusal(&self, verdict: crate::proxy::verdict::Verdict) {
+    pub fn note_refusal(&self, verdict: crate::token::refusal::Verdict) {
         lock(&self.status).last_refusal = Some(verdict);
     }
 }

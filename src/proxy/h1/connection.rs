@@ -551,6 +551,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Transport for Upstream<'_, I> {
     const BOUNDED: bool = true;
 
     async fn send(&mut self, parts: &mut Parts, attempt: &Attempt<'_>) -> Result<(), Outcome> {
+        attempt.trace_into(&mut parts.headers);
         let (uri, credential) = attempt.upstream(&parts.method)?;
         let (body_len, has_length) = self.body;
         let message = UpstreamRequest {

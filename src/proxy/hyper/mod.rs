@@ -33,14 +33,17 @@ use crate::token::Token;
 pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Connection) -> Response<ProxyBody> {
     let (mut parts, body) = request.into_parts();
     let mut in_flight = proxy.begin(&mut parts);
-    let mut retried = in_flight.retried();
     let grpc = grpc::is_grpc(&parts.headers);
     // A gRPC caller's error goes as HTTP 200 with a grpc-status: metrics and the access log count the HTTP status
     // the error has.
     let mut error_status = None;
-    let mut response = match proxy.admit(&mut parts) {
+    let admitted = proxy.admit(&mut parts);
+    if let Ok(route) = admitted {
+        in_flight.routed(route);
+    }
+    let mut retried = in_flight.retried();
+    let mut response = match admitted {
         Ok(route) => {
-            in_flight.routed(route);
             let started = in_flight.started();
             match forward(proxy, route, parts, body, connection, started, &mut retried).await {
                 Ok(response) => response,

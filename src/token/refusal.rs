@@ -6,7 +6,8 @@
 //! asked for (`audience`/`resource`), what the upstream said (`WWW-Authenticate: Bearer error="insufficient_scope"
 //! scope="…"`, `error_description`, its `Date`), the provider's `issuer`, and the binding (`cnf`) the request proved.
 //! Explanations cite `aud`, `scope`/`scp`, `iss`, `exp`/`nbf` and the clock offset, never `sub` or other claims.
-//! docs/metrics-and-alerts.md ("Why an upstream refused a token") documents the reasons.
+//! docs/metrics-and-alerts.md ("Why an upstream refused a token") documents the reasons. The proxy calls [`judge`]
+//! when its status decision delivers such a refusal.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,8 +16,8 @@ use base64::Engine as _;
 use http::HeaderValue;
 use serde_json::Value;
 
+use super::Token;
 use crate::metrics::RefusalReason;
-use crate::token::Token;
 
 /// What a 4xx answer said that the verdict looks at.
 #[derive(Debug, Clone, Default)]

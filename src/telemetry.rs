@@ -1,0 +1,420 @@
+//! OpenTelemetry traces (docs/telemetry.md): a server span per proxied request, a child span per upstream attempt and
+//! per wait for a token, W3C `traceparent` continued from the caller and sent to the upstream, exported over OTLP
+//! (HTTP, protobuf) by the `opentelemetry-otlp` exporter through a hyper client of our own.
+//!
+//! Export never blocks or slows a request: a finished span goes into a bounded queue ([`QUEUE`] spans) or, when the
+//! queue is full, is dropped and counted (`tokenproxy_telemetry_spans_dropped_total`); one task on the runtime sends
+//! batches of up to [`BATCH`] spans, at most [`DELAY`] after the first of them, each export bounded by
+//! [`EXPORT_TIMEOUT`] (a batch that fails or times out is dropped and counted too). With telemetry off, the request
+//! path only tests one `Option`, and a caller's `traceparent` passes through untouched.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use opentelemetry::propagation::TextMapPropagator as _;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector, HttpClient, HttpError};
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor};
+use opentelemetry_sdk::Resource;
+use tokio::sync::mpsc;
+
+use crate::config::TelemetryConfig;
+
+/// Finished spans waiting for export, at most.
+pub const QUEUE: usize = 2048;
+/// Spans per export, at most.
+pub const BATCH: usize = 512;
+/// How long a span waits for others before its batch is sent.
+pub const DELAY: Duration = Duration::from_secs(1);
+/// One export's limit.
+pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The collector's answer is read up to this size (it says only whether it took the spans).
+const ANSWER_LIMIT: usize = 64 * 1024;
+
+/// Why telemetry could not be started (the message names the key or variable at fault).
+#[derive(Debug, thiserror::Error)]
+#[error("telemetry: {0}")]
+pub struct TelemetryError(String);
+
+/// The tracer and what it needs to continue and propagate traces; one per process.
+#[derive(Debug)]
+pub struct Telemetry {
+    tracer: SdkTracer,
+    provider: SdkTracerProvider,
+    propagator: TraceContextPropagator,
+}
+
+/// What telemetry's configuration comes to once the `OTEL_*` environment is read: `None` when it is off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// The URL spans are posted to (`…/v1/traces`).
+    pub endpoint: String,
+    /// `service.name`.
+    pub service_name: String,
+}
+
+/// Resolves the endpoint and service name: `telemetry.*` keys win over `OTEL_*` variables (the `TOKENPROXY_*`
+/// variables are config keys already); `OTEL_SDK_DISABLED=true` turns telemetry off unless `otlp_endpoint` is set.
+pub fn resolve(config: &TelemetryConfig, env: &dyn Fn(&str) -> Option<String>) -> Option<Resolved> {
+    let endpoint = match &config.otlp_endpoint {
+        Some(base) => traces_url(base),
+        None if env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) => return None,
+        None => match env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").filter(|v| !v.trim().is_empty()) {
+            Some(full) => full.trim().to_owned(),
+            None => traces_url(env("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|v| !v.trim().is_empty())?.trim()),
+        },
+    };
+    let service_name = config
+        .service_name
+        .clone()
+        .or_else(|| env("OTEL_SERVICE_NAME").filter(|v| !v.trim().is_empty()))
+        .unwrap_or_else(|| "tokenproxy".to_owned());
+    Some(Resolved { endpoint, service_name })
+}
+
+/// `base` + `/v1/traces`, as OTLP/HTTP appends it to a base endpoint.
+fn traces_url(base: &str) -> String {
+    format!("{}/v1/traces", base.trim_end_matches('/'))
+}
+
+impl Telemetry {
+    /// Starts telemetry as `config` and the environment say (`None`: it is off). Must run on the runtime: the export
+    /// task is spawned on it. `dropped` counts spans that were not exported.
+    pub fn start(
+        config: &TelemetryConfig,
+        dropped: prometheus::IntCounter,
+    ) -> Result<Option<Arc<Telemetry>>, TelemetryError> {
+        let Some(resolved) = resolve(config, &|name| std::env::var(name).ok()) else { return Ok(None) };
+        let mut headers = HashMap::new();
+        if let Some(source) = &config.headers {
+            let text = source.read().map_err(|e| TelemetryError(format!("telemetry.headers: {e}")))?;
+            for pair in text.expose().split(',').filter(|p| !p.trim().is_empty()) {
+                let Some((name, value)) = pair.split_once('=') else {
+                    return Err(TelemetryError(
+                        "telemetry.headers: expected name=value pairs separated by commas".into(),
+                    ));
+                };
+                let value = percent_encoding::percent_decode_str(value.trim()).decode_utf8_lossy().into_owned();
+                headers.insert(name.trim().to_owned(), value);
+            }
+        }
+        let client = ExportClient::new().map_err(|e| TelemetryError(format!("the HTTPS client: {e}")))?;
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(client)
+            .with_endpoint(resolved.endpoint.clone())
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_timeout(EXPORT_TIMEOUT)
+            .with_headers(headers)
+            .build()
+            .map_err(|e| TelemetryError(format!("telemetry.otlp_endpoint `{}`: {e}", resolved.endpoint)))?;
+        let resource = Resource::builder()
+            .with_service_name(resolved.service_name.clone())
+            .with_attributes(config.resource_attributes.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())))
+            .build();
+        exporter.set_resource(&resource);
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(export(rx, exporter, dropped.clone()));
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(Queue { tx, dropped })
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio))))
+            .with_resource(resource)
+            .build();
+        let tracer = provider.tracer("tokenproxy");
+        tracing::info!(endpoint = %resolved.endpoint, service = %resolved.service_name, "telemetry: exporting traces");
+        Ok(Some(Arc::new(Telemetry { tracer, provider, propagator: TraceContextPropagator::new() })))
+    }
+
+    /// The server span of a request with `headers` (continuing the caller's `traceparent`): named by its method
+    /// until its route is known.
+    pub fn server_span(
+        self: &Arc<Self>,
+        method: &http::Method,
+        path: &str,
+        version: http::Version,
+        headers: &HeaderMap,
+    ) -> RequestTrace {
+        let parent = self.propagator.extract(&HeaderExtractor(headers));
+        let version = match version {
+            http::Version::HTTP_2 => "2",
+            http::Version::HTTP_10 => "1.0",
+            _ => "1.1",
+        };
+        let span = self
+            .tracer
+            .span_builder(method.as_str().to_owned())
+            .with_kind(SpanKind::Server)
+            .with_attributes([
+                KeyValue::new("http.request.method", method.as_str().to_owned()),
+                KeyValue::new("url.path", path.to_owned()),
+                KeyValue::new("network.protocol.version", version),
+            ])
+            .start_with_context(&self.tracer, &parent);
+        RequestTrace { telemetry: Arc::clone(self), cx: parent.with_span(span), method: method.clone() }
+    }
+
+    /// Exports what is queued and stops (at shutdown).
+    pub fn shutdown(&self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// The trace of one request: its server span's context.
+#[derive(Debug)]
+pub struct RequestTrace {
+    telemetry: Arc<Telemetry>,
+    cx: Context,
+    method: http::Method,
+}
+
+impl RequestTrace {
+    /// The server span's trace id, when it is sampled (for the access log).
+    pub fn trace_id(&self) -> Option<String> {
+        let span = self.cx.span();
+        let context = span.span_context();
+        context.is_sampled().then(|| context.trace_id().to_string())
+    }
+
+    /// A child span named `name` (its attributes given), started now.
+    pub fn child(&self, name: &'static str, kind: SpanKind, attributes: Vec<KeyValue>) -> ChildSpan {
+        let tracer = &self.telemetry.tracer;
+        let span =
+            tracer.span_builder(name).with_kind(kind).with_attributes(attributes).start_with_context(tracer, &self.cx);
+        ChildSpan { cx: self.cx.with_span(span), telemetry: Arc::clone(&self.telemetry) }
+    }
+
+    /// The span of one send to the upstream at `server` (`resend_count`: the sends before it).
+    pub fn attempt(&self, server: &str, method: &http::Method, resend_count: u8) -> ChildSpan {
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", method.as_str().to_owned()),
+            KeyValue::new("server.address", server.to_owned()),
+        ];
+        if resend_count > 0 {
+            attributes.push(KeyValue::new("http.request.resend_count", i64::from(resend_count)));
+        }
+        self.child_named(method.as_str().to_owned(), SpanKind::Client, attributes)
+    }
+
+    /// The span of a wait for a token call in flight.
+    pub fn token_wait(&self) -> ChildSpan {
+        self.child("token.wait", SpanKind::Internal, Vec::new())
+    }
+
+    fn child_named(&self, name: String, kind: SpanKind, attributes: Vec<KeyValue>) -> ChildSpan {
+        let tracer = &self.telemetry.tracer;
+        let span =
+            tracer.span_builder(name).with_kind(kind).with_attributes(attributes).start_with_context(tracer, &self.cx);
+        ChildSpan { cx: self.cx.with_span(span), telemetry: Arc::clone(&self.telemetry) }
+    }
+
+    /// Names the server span after the route (`METHOD ROUTE`) and notes its provider.
+    pub fn routed(&self, route: &str, server: &str, provider: Option<&str>) {
+        let span = self.cx.span();
+        span.update_name(format!("{} {route}", self.method.as_str()));
+        span.set_attribute(KeyValue::new("http.route", route.to_owned()));
+        span.set_attribute(KeyValue::new("server.address", server.to_owned()));
+        if let Some(provider) = provider {
+            span.set_attribute(KeyValue::new("tokenproxy.provider", provider.to_owned()));
+        }
+    }
+
+    /// Ends the server span with the status the caller got.
+    pub fn end(&self, status: http::StatusCode, replayed: bool) {
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status.as_u16())));
+        span.set_attribute(KeyValue::new("tokenproxy.replayed", replayed));
+        if status.is_server_error() {
+            span.set_attribute(KeyValue::new("error.type", status.as_str().to_owned()));
+            span.set_status(Status::error(""));
+        }
+        span.end();
+    }
+}
+
+/// A span under a request's server span.
+#[derive(Debug)]
+pub struct ChildSpan {
+    cx: Context,
+    telemetry: Arc<Telemetry>,
+}
+
+impl ChildSpan {
+    /// Puts this span's `traceparent` (and `tracestate`) in `headers`, when it is sampled: the next hop's parent is
+    /// this span. An unsampled trace's `traceparent` stays as the caller sent it.
+    pub fn inject(&self, headers: &mut HeaderMap) {
+        if self.cx.span().span_context().is_sampled() {
+            self.telemetry.propagator.inject_context(&self.cx, &mut HeaderInjector(headers));
+        }
+    }
+
+    /// Sets an attribute.
+    pub fn set(&self, attribute: KeyValue) {
+        self.cx.span().set_attribute(attribute);
+    }
+
+    /// Ends an upstream attempt's span with the upstream's `status`.
+    pub fn answered(self, status: http::StatusCode) {
+        self.set(KeyValue::new("http.response.status_code", i64::from(status.as_u16())));
+        let error = status.is_server_error().then(|| status.as_str().to_owned());
+        self.end(error.as_deref());
+    }
+
+    /// Ends the span; `error`: what failed (`error.type`).
+    pub fn end(self, error: Option<&str>) {
+        let span = self.cx.span();
+        if let Some(error) = error {
+            span.set_attribute(KeyValue::new("error.type", error.to_owned()));
+            span.set_status(Status::error(""));
+        }
+        span.end();
+    }
+}
+
+/// The span processor: finished spans go to the export task's bounded queue, or are dropped and counted.
+#[derive(Debug)]
+struct Queue {
+    tx: mpsc::Sender<SpanData>,
+    dropped: prometheus::IntCounter,
+}
+
+impl SpanProcessor for Queue {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if self.tx.try_send(span).is_err() {
+            self.dropped.inc();
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// The export task: batches of up to [`BATCH`] spans, sent one at a time (the exporter is never called
+/// concurrently), each within [`EXPORT_TIMEOUT`]; what fails is dropped and counted.
+async fn export(
+    mut rx: mpsc::Receiver<SpanData>,
+    exporter: opentelemetry_otlp::SpanExporter,
+    dropped: prometheus::IntCounter,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + DELAY;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(span)) => batch.push(span),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let count = batch.len() as u64;
+        match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(std::mem::take(&mut batch))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                dropped.inc_by(count);
+                tracing::debug!("telemetry: {count} spans not exported: {error}");
+            }
+            Err(_) => {
+                dropped.inc_by(count);
+                tracing::debug!("telemetry: {count} spans not exported: the collector did not answer in time");
+            }
+        }
+    }
+}
+
+/// The exporter's HTTP client: hyper over rustls (the system's roots), HTTP/1.1 and h2.
+#[derive(Debug, Clone)]
+struct ExportClient {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl ExportClient {
+    fn new() -> Result<ExportClient, crate::tls::TlsError> {
+        let tls = crate::tls::client_config(&crate::tls::ClientTls {
+            ca_file: None,
+            only_ca_file: false,
+            client_cert: None,
+        })?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(EXPORT_TIMEOUT));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        Ok(ExportClient { client: Client::builder(TokioExecutor::new()).build(connector) })
+    }
+}
+
+#[async_trait::async_trait]
+impl HttpClient for ExportClient {
+    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        let (mut parts, body) = request.into_parts();
+        parts.headers.entry(http::header::USER_AGENT).or_insert(HeaderValue::from_static("tokenproxy"));
+        let response = self.client.request(Request::from_parts(parts, Full::new(body))).await?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, ANSWER_LIMIT).collect().await?.to_bytes();
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_wins_over_otel_variables_and_sdk_disabled_turns_only_the_environment_off() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        };
+        let off = TelemetryConfig::default();
+        assert_eq!(resolve(&off, &env(&[])), None, "nothing configured: off");
+        let base =
+            env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318/"), ("OTEL_SERVICE_NAME", "orders-gw")]);
+        let resolved = resolve(&off, &base).unwrap();
+        assert_eq!(
+            (resolved.endpoint.as_str(), resolved.service_name.as_str()),
+            ("http://127.0.0.1:4318/v1/traces", "orders-gw")
+        );
+        let full = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://b:4318/custom"),
+        ]);
+        assert_eq!(resolve(&off, &full).unwrap().endpoint, "http://b:4318/custom", "the traces variable is used as is");
+        let configured = TelemetryConfig {
+            otlp_endpoint: Some("http://127.0.0.1:9999".into()),
+            service_name: Some("edge".into()),
+            ..TelemetryConfig::default()
+        };
+        let resolved = resolve(&configured, &base).unwrap();
+        assert_eq!(
+            (resolved.endpoint.as_str(), resolved.service_name.as_str()),
+            ("http://127.0.0.1:9999/v1/traces", "edge")
+        );
+        let disabled = env(&[("OTEL_SDK_DISABLED", "true"), ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4318")]);
+        assert_eq!(resolve(&off, &disabled), None);
+        assert!(resolve(&configured, &disabled).is_some(), "a configured endpoint is the operator's word");
+        assert_eq!(
+            resolve(&off, &env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4318")])).unwrap().service_name,
+            "tokenproxy"
+        );
+    }
+}

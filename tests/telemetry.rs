@@ -1,0 +1,208 @@
+//! OpenTelemetry traces (docs/telemetry.md) against an in-test OTLP/HTTP receiver that decodes what it gets with
+//! `opentelemetry-proto`: a request that waited for its token and was replayed after a 401 gives one trace (server
+//! span, `token.wait`, two attempts with the second's `http.request.resend_count`), continuing the caller's
+//! `traceparent`, and the upstream sees each attempt as its parent; `sample_ratio = 0` with an unsampled caller exports
+//! nothing and forwards its `traceparent` as it came; a collector answering 503 costs no request, and the spans it
+//! refused are counted. Runs on both HTTP/1.1 transports (`TP_TEST_HTTP1`).
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message as _;
+use support::{eventually, spawn_server, Client, FakeIdp, FakeUpstream, Proxy};
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+
+/// The receiver: every span it was sent (with its resource's `service.name`), or 503 to everything.
+struct Collector {
+    spans: Arc<Mutex<Vec<(String, Span)>>>,
+    url: String,
+    _stop: tokio::sync::watch::Sender<()>,
+}
+
+async fn collector(status: StatusCode) -> Collector {
+    let spans: Arc<Mutex<Vec<(String, Span)>>> = Arc::default();
+    let kept = Arc::clone(&spans);
+    let (addr, stop) = spawn_server(move |request: Request<hyper::body::Incoming>| {
+        let kept = Arc::clone(&kept);
+        async move {
+            assert_eq!(request.uri().path(), "/v1/traces");
+            assert_eq!(request.headers()["content-type"], "application/x-protobuf");
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            if status == StatusCode::OK {
+                let export = ExportTraceServiceRequest::decode(body).expect("an OTLP trace export");
+                for resource in export.resource_spans {
+                    let service = resource
+                        .resource
+                        .iter()
+                        .flat_map(|r| &r.attributes)
+                        .find(|kv| kv.key == "service.name")
+                        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                            AnyValue::StringValue(s) => Some(s.clone()),
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    for scope in resource.scope_spans {
+                        kept.lock().unwrap().extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
+                    }
+                }
+            }
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = status;
+            response.headers_mut().insert("content-type", "application/x-protobuf".parse().unwrap());
+            response
+        }
+    })
+    .await;
+    Collector { spans, url: format!("http://{addr}"), _stop: stop }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes.iter().find(|kv| kv.key == key).and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+        AnyValue::StringValue(s) => Some(s.clone()),
+        AnyValue::IntValue(i) => Some(i.to_string()),
+        AnyValue::BoolValue(b) => Some(b.to_string()),
+        _ => None,
+    })
+}
+
+fn config(idp: &FakeIdp, upstream: &FakeUpstream, collector: &str, telemetry: &str) -> String {
+    format!(
+        "[telemetry]\notlp_endpoint = \"{collector}\"\nservice_name = \"edge-gw\"\n{telemetry}\n\
+         [telemetry.resource_attributes]\n\"deployment.environment\" = \"test\"\n\
+         [providers.api]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s3cret\"\n\
+         [[routes]]\nname = \"orders\"\nprefix = \"/api\"\nupstream = \"{}\"\nprovider = \"api\"\n",
+        idp.token_url(),
+        upstream.url()
+    )
+}
+
+async fn get(client: &Client, url: String, traceparent: &str) -> u16 {
+    let request = Request::get(url).header("traceparent", traceparent).body(Full::new(Bytes::new())).unwrap();
+    client.send(request).await.status
+}
+
+#[tokio::test]
+async fn a_waited_and_replayed_request_is_one_trace_that_continues_the_callers() {
+    let (idp, upstream, collector) =
+        (FakeIdp::start(300).await, FakeUpstream::start().await, collector(StatusCode::OK).await);
+    // The IdP holds its answer: the first request waits for the startup token call.
+    idp.close();
+    let proxy = Proxy::start(&config(&idp, &upstream, &collector.url, "")).await;
+    upstream.revoke("tok-1");
+    let client = Client::new();
+    let caller = format!("00-{TRACE}-{CALLER_SPAN}-01");
+    let request = get(&client, proxy.url("/api/orders?secret=1"), &caller);
+    let opened = async {
+        idp.wait_calls(1).await;
+        idp.open();
+    };
+    let (status, ()) = tokio::join!(request, opened);
+    assert_eq!(status, 200, "replayed with tok-2");
+
+    let spans = eventually("the server span exported", Duration::from_secs(10), async || {
+        let spans = collector.spans.lock().unwrap().clone();
+        spans.iter().any(|(_, s)| s.kind == 2).then_some(spans)
+    })
+    .await;
+    let spans: Vec<Span> = spans
+        .into_iter()
+        .map(|(service, span)| {
+            assert_eq!(service, "edge-gw");
+            span
+        })
+        .collect();
+    let named = |name: &str| spans.iter().filter(|s| s.name == name).cloned().collect::<Vec<_>>();
+    let server = named("GET orders").pop().unwrap_or_else(|| panic!("no server span named `GET orders`: {spans:#?}"));
+    assert_eq!(hex(&server.trace_id), TRACE, "the caller's trace is continued");
+    assert_eq!(hex(&server.parent_span_id), CALLER_SPAN);
+    assert_eq!(attribute(&server, "http.route").as_deref(), Some("orders"));
+    assert_eq!(attribute(&server, "url.path").as_deref(), Some("/api/orders"), "never the query");
+    assert_eq!(attribute(&server, "http.response.status_code").as_deref(), Some("200"));
+    assert_eq!(attribute(&server, "tokenproxy.provider").as_deref(), Some("api"));
+    assert_eq!(attribute(&server, "tokenproxy.replayed").as_deref(), Some("true"));
+    let wait = named("token.wait").pop().expect("a token.wait span");
+    assert_eq!(wait.parent_span_id, server.span_id);
+    let mut attempts = named("GET");
+    attempts.sort_by_key(|s| s.start_time_unix_nano);
+    assert_eq!(attempts.len(), 2, "{attempts:#?}");
+    assert!(
+        attempts.iter().all(|a| a.parent_span_id == server.span_id && a.kind == 3),
+        "client spans under the server span"
+    );
+    assert_eq!(attribute(&attempts[0], "http.response.status_code").as_deref(), Some("401"));
+    assert_eq!(attribute(&attempts[0], "http.request.resend_count"), None);
+    assert_eq!(attribute(&attempts[1], "http.request.resend_count").as_deref(), Some("1"));
+    assert_eq!(attribute(&attempts[1], "http.response.status_code").as_deref(), Some("200"));
+    // The upstream saw each attempt as its parent, in the caller's trace.
+    let seen: Vec<String> =
+        upstream.seen().iter().map(|s| s.headers["traceparent"].to_str().unwrap().to_owned()).collect();
+    let expected: Vec<String> = attempts.iter().map(|a| format!("00-{TRACE}-{}-01", hex(&a.span_id))).collect();
+    assert_eq!(seen, expected);
+    for span in &spans {
+        for kv in &span.attributes {
+            let text = format!("{:?}", kv.value);
+            assert!(!text.contains("tok-") && !text.contains("s3cret") && !text.contains("secret=1"), "{kv:?}");
+        }
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_unsampled_caller_at_ratio_zero_exports_nothing_and_its_traceparent_passes_as_it_came() {
+    let (idp, upstream, collector) =
+        (FakeIdp::start(300).await, FakeUpstream::start().await, collector(StatusCode::OK).await);
+    let proxy = Proxy::start(&config(&idp, &upstream, &collector.url, "sample_ratio = 0")).await;
+    let client = Client::new();
+    let unsampled = format!("00-{TRACE}-{CALLER_SPAN}-00");
+    assert_eq!(get(&client, proxy.url("/api/a"), &unsampled).await, 200);
+    assert_eq!(upstream.seen()[0].headers["traceparent"], unsampled.as_str(), "forwarded unchanged");
+    // And a request with no traceparent at ratio 0 gets none.
+    assert_eq!(client.get(&proxy.url("/api/b")).await.status, 200);
+    assert!(upstream.seen()[1].headers.get("traceparent").is_none());
+    // A sampled caller is always continued, whatever the ratio.
+    let sampled = format!("00-{TRACE}-{CALLER_SPAN}-01");
+    assert_eq!(get(&client, proxy.url("/api/c"), &sampled).await, 200);
+    let continued = upstream.seen()[2].headers["traceparent"].to_str().unwrap().to_owned();
+    assert!(continued.starts_with(&format!("00-{TRACE}-")) && !continued.contains(CALLER_SPAN), "{continued}");
+    eventually("the sampled request's spans", Duration::from_secs(10), async || {
+        collector.spans.lock().unwrap().iter().any(|(_, s)| s.kind == 2)
+    })
+    .await;
+    let spans = collector.spans.lock().unwrap().clone();
+    assert!(spans.iter().all(|(_, s)| hex(&s.trace_id) == TRACE), "only the sampled caller's trace: {spans:?}");
+    assert_eq!(spans.iter().filter(|(_, s)| s.kind == 2).count(), 1, "one server span: the unsampled ones made none");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_collector_answering_503_costs_no_request_and_its_spans_are_counted_as_dropped() {
+    let (idp, upstream, collector) =
+        (FakeIdp::start(300).await, FakeUpstream::start().await, collector(StatusCode::SERVICE_UNAVAILABLE).await);
+    let proxy = Proxy::start(&config(&idp, &upstream, &collector.url, "")).await;
+    proxy.wait_ready().await;
+    let client = Client::new();
+    for i in 0..20 {
+        assert_eq!(client.get(&proxy.url(&format!("/api/{i}"))).await.status, 200);
+    }
+    let dropped = eventually("spans counted as dropped", Duration::from_secs(15), async || {
+        let dropped = proxy.metric("tokenproxy_telemetry_spans_dropped_total").await;
+        (dropped >= 40.0).then_some(dropped)
+    })
+    .await;
+    assert!(dropped >= 40.0, "20 server spans and 20 attempts: {dropped}");
+    proxy.stop().await;
+}
