@@ -271,15 +271,10 @@ async fn run_demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
 const PER_CALLER: &str = "it exchanges each caller's own token (subject_token_source = \"request\"), so it has no \
                           token of its own; its token endpoint is called per caller by the running proxy";
 
-/// Whether `provider` exchanges each caller's own token.
-fn per_caller(provider: &tokenproxy::config::ProviderConfig) -> bool {
-    provider.exchange.as_ref().is_some_and(|e| e.subject == tokenproxy::config::SubjectSource::Request)
-}
-
 async fn check_fetch(config: &Config) -> ExitCode {
     let mut failed = 0;
     for (name, provider) in &config.providers {
-        if per_caller(provider) {
+        if provider.per_caller() {
             eprintln!("provider {name}: not fetched: {PER_CALLER}");
             continue;
         }
@@ -347,7 +342,7 @@ where
         eprintln!("tokenproxy: no provider named `{name}` (defined: {})", known.join(", "));
         return ExitCode::from(EXIT_START);
     };
-    if per_caller(provider) {
+    if provider.per_caller() {
         eprintln!("tokenproxy: provider {name}: {PER_CALLER}");
         return ExitCode::from(EXIT_START);
     }
