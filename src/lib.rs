@@ -20,7 +20,8 @@
 //! - [`server`]: listeners, connection limits, graceful shutdown;
 //! - `handlers`: what each listener serves (the proxy; the admin and vending APIs behind their `Host` checks);
 //! - [`shutdown`]: the signal every long-running task listens for; `error_chain`: an error and its causes on one line;
-//! - [`demo`]: the in-process demo IdP and upstream behind `tokenproxy demo`.
+//! - [`demo`]: the in-process demo IdP and upstream behind `tokenproxy demo`;
+//! - [`probe`]: `tokenproxy check --probe ROUTE`, one request handed to an [`App`] built for that route alone.
 
 pub mod activity;
 pub mod admin;
@@ -33,6 +34,7 @@ pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod private_file;
+pub mod probe;
 pub mod proxy;
 pub mod secret;
 pub mod server;

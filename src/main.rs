@@ -4,11 +4,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
 use tokenproxy::config::{Config, ConfigError, LogConfig, LogFormat};
 use tokenproxy::logging::{Escape, EscapingWriter};
+use tokenproxy::probe::Probe;
 use tokenproxy::server::WorkerPool;
 use tokenproxy::token::device::{self, Logout};
 use tokenproxy::token::response::TokenError;
@@ -55,6 +57,19 @@ enum Command {
         /// not an error; everything else is checked.
         #[arg(long)]
         offline: bool,
+        /// Get ROUTE's token, send one request through the route as the proxy does, and report the status, the time
+        /// of each step and, when the upstream refused the token, why (exit 0 on a 2xx or 3xx, else 1).
+        #[arg(long, value_name = "ROUTE", conflicts_with_all = ["offline", "fetch"])]
+        probe: Option<String>,
+        /// With --probe: the path (and query) after the route's prefix (default: the prefix itself).
+        #[arg(long, requires = "probe", value_parser = probe_path)]
+        path: Option<String>,
+        /// With --probe: the request's method (default: GET).
+        #[arg(long, requires = "probe", value_parser = probe_method)]
+        method: Option<http::Method>,
+        /// With --probe on a route that exchanges each caller's token: the file holding the caller's token.
+        #[arg(long, value_name = "FILE", requires = "probe")]
+        subject_token_file: Option<PathBuf>,
     },
     /// Start a refresh-token session for PROVIDER with the device authorization grant (RFC 8628).
     Login {
@@ -82,7 +97,7 @@ enum Command {
     },
 }
 
-/// Exit code when the proxy cannot start.
+/// Exit code when the proxy cannot start (or a command fails, or a probe's answer is not a 2xx or 3xx).
 const EXIT_START: u8 = 1;
 /// Exit code for an invalid config.
 const EXIT_CONFIG: u8 = 2;
@@ -106,8 +121,10 @@ fn main() -> ExitCode {
             let Some(runtime) = runtime() else { return ExitCode::from(EXIT_START) };
             runtime.block_on(run_demo(listen, admin_listen))
         }
-        Command::Check { config, fetch, offline } => {
+        Command::Check { config, fetch, offline, probe, path, method, subject_token_file } => {
+            let started = Instant::now();
             let loaded = if offline { load_offline(&config) } else { load(&config) };
+            let loaded_in = started.elapsed();
             let config = match loaded {
                 Ok(config) => config,
                 Err(_) => return ExitCode::from(EXIT_CONFIG),
@@ -116,11 +133,20 @@ fn main() -> ExitCode {
             for warning in config.warnings() {
                 eprintln!("tokenproxy: warning: {warning}");
             }
-            if !fetch {
+            let probe = probe.map(|route| Probe {
+                route,
+                method: method.unwrap_or(http::Method::GET),
+                path: path.unwrap_or_default(),
+                subject_token_file,
+            });
+            if !fetch && probe.is_none() {
                 return ExitCode::SUCCESS;
             }
             let Some(runtime) = runtime() else { return ExitCode::from(EXIT_START) };
-            runtime.block_on(check_fetch(&config))
+            match probe {
+                Some(probe) => runtime.block_on(check_probe(&config, &probe, loaded_in)),
+                None => runtime.block_on(check_fetch(&config)),
+            }
         }
         Command::Token { provider, config } => one_provider(&config, &provider, print_token),
         Command::Login { provider, config } => one_provider(&config, &provider, login),
@@ -271,15 +297,10 @@ async fn run_demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
 const PER_CALLER: &str = "it exchanges each caller's own token (subject_token_source = \"request\"), so it has no \
                           token of its own; its token endpoint is called per caller by the running proxy";
 
-/// Whether `provider` exchanges each caller's own token.
-fn per_caller(provider: &tokenproxy::config::ProviderConfig) -> bool {
-    provider.exchange.as_ref().is_some_and(|e| e.subject == tokenproxy::config::SubjectSource::Request)
-}
-
 async fn check_fetch(config: &Config) -> ExitCode {
     let mut failed = 0;
     for (name, provider) in &config.providers {
-        if per_caller(provider) {
+        if provider.per_caller() {
             eprintln!("provider {name}: not fetched: {PER_CALLER}");
             continue;
         }
@@ -329,6 +350,40 @@ async fn check_fetch(config: &Config) -> ExitCode {
     }
 }
 
+/// `--path`: a path (and query) that can follow the route's prefix.
+fn probe_path(text: &str) -> Result<String, String> {
+    let path = tokenproxy::probe::request_path("/", text);
+    match http::uri::PathAndQuery::try_from(path.as_str()) {
+        Ok(_) if !text.contains('#') => Ok(text.to_owned()),
+        _ => Err("not a path and query of a URL (visible ASCII, no fragment; percent-encode the rest)".to_owned()),
+    }
+}
+
+/// `--method`: an HTTP method, in any case.
+fn probe_method(text: &str) -> Result<http::Method, String> {
+    http::Method::from_bytes(text.to_ascii_uppercase().as_bytes()).map_err(|_| "not an HTTP method".to_owned())
+}
+
+/// `check --probe`: one request through the route, reported on stderr (as `--fetch` reports).
+async fn check_probe(config: &Config, probe: &Probe, loaded_in: Duration) -> ExitCode {
+    match tokenproxy::probe::run(config, probe).await {
+        Ok(report) => {
+            for line in report.lines(loaded_in) {
+                eprintln!("{line}");
+            }
+            if report.succeeded() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_START)
+            }
+        }
+        Err(error) => {
+            eprintln!("tokenproxy: {error}");
+            ExitCode::from(EXIT_START)
+        }
+    }
+}
+
 /// Loads the config and runs `command` for one of its providers (`token`, `login`, `logout`).
 fn one_provider<F, Fut>(path: &std::path::Path, name: &str, command: F) -> ExitCode
 where
@@ -347,7 +402,7 @@ where
         eprintln!("tokenproxy: no provider named `{name}` (defined: {})", known.join(", "));
         return ExitCode::from(EXIT_START);
     };
-    if per_caller(provider) {
+    if provider.per_caller() {
         eprintln!("tokenproxy: provider {name}: {PER_CALLER}");
         return ExitCode::from(EXIT_START);
     }

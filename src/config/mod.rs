@@ -519,6 +519,14 @@ pub struct ProviderConfig {
     pub client_assertion: Option<SecretSource>,
 }
 
+impl ProviderConfig {
+    /// Whether it exchanges each caller's own token (`grant = "token_exchange"`, `subject_token_source =
+    /// "request"`): it has no token of its own, only the exchanges of its callers' tokens.
+    pub fn per_caller(&self) -> bool {
+        self.exchange.as_ref().is_some_and(|exchange| exchange.subject == SubjectSource::Request)
+    }
+}
+
 /// `grant = "token_exchange"` (RFC 8693, or Entra's on-behalf-of): where the subject token comes from and what the
 /// exchange asks for (docs/token-exchange.md).
 #[derive(Debug, Clone, PartialEq)]
