@@ -6,7 +6,7 @@
 //! `--subject-token-file`), then one request is handed to the proxy over an in-memory connection
 //! ([`App::serve_connection`]): its path, headers, token injection, DPoP proofs, client certificate and one replay
 //! are the proxy's own rules, not a copy. The report gives the status, the time each step took and, when the
-//! upstream refused the token, the verdict the proxy made of it ([`crate::proxy::verdict`]).
+//! upstream refused the token, the verdict the proxy made of it ([`crate::token::refusal`]).
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -23,8 +23,8 @@ use hyper_util::rt::TokioIo;
 use crate::config::{Config, RouteConfig};
 use crate::logging::{escape_peer_text, Escape};
 use crate::metrics::ReplayOutcome;
-use crate::proxy::verdict::Verdict;
 use crate::secret::SecretSource;
+use crate::token::refusal::Verdict;
 use crate::token::{Token, TokenBinding, TokenSource};
 use crate::{App, StartError};
 
