@@ -170,6 +170,66 @@ impl Telemetry {
     }
 }
 
+tokio::task_local! {
+    /// The trace of the request a future runs for (set around its waits for a token), so that the token call it
+    /// triggers is a child of its server span.
+    static REQUEST: TraceHandle;
+    /// The span of the token call a future makes, so that the call's HTTP request carries its `traceparent`.
+    static TOKEN_CALL: Context;
+}
+
+/// A request's trace, as the token engine keeps it for the call the request triggered.
+#[derive(Debug, Clone)]
+pub struct TraceHandle {
+    telemetry: Arc<Telemetry>,
+    cx: Context,
+}
+
+impl TraceHandle {
+    /// The span of a token call of `provider` (made for `reason`) under this request's server span.
+    pub fn token_call(&self, provider: &str, reason: &'static str) -> ChildSpan {
+        let tracer = &self.telemetry.tracer;
+        let attributes =
+            vec![KeyValue::new("tokenproxy.provider", provider.to_owned()), KeyValue::new("tokenproxy.reason", reason)];
+        let span = tracer
+            .span_builder("token.call")
+            .with_kind(SpanKind::Client)
+            .with_attributes(attributes)
+            .start_with_context(tracer, &self.cx);
+        ChildSpan { cx: self.cx.with_span(span), telemetry: Arc::clone(&self.telemetry) }
+    }
+}
+
+/// The trace of the request this future runs for, if it is traced (see [`within_request`]).
+pub fn current_request() -> Option<TraceHandle> {
+    REQUEST.try_with(TraceHandle::clone).ok()
+}
+
+/// Runs `work` (a wait for a token) as part of `trace`'s request: a token call it triggers joins that trace.
+pub async fn within_request<F: std::future::Future>(trace: Option<&RequestTrace>, work: F) -> F::Output {
+    match trace {
+        Some(trace) => REQUEST.scope(trace.handle(), work).await,
+        None => work.await,
+    }
+}
+
+/// Runs `work` (a token call) under `span`: its HTTP request carries the span's `traceparent` ([`inject_token_call`]).
+pub async fn within_token_call<F: std::future::Future>(span: Option<&ChildSpan>, work: F) -> F::Output {
+    match span {
+        Some(span) => TOKEN_CALL.scope(span.cx.clone(), work).await,
+        None => work.await,
+    }
+}
+
+/// Puts the running token call's `traceparent` in `headers`, when it is traced and sampled.
+pub fn inject_token_call(headers: &mut HeaderMap) {
+    let _ = TOKEN_CALL.try_with(|cx| {
+        if cx.span().span_context().is_sampled() {
+            TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
+        }
+    });
+}
+
 /// The trace of one request: its server span's context.
 #[derive(Debug)]
 pub struct RequestTrace {
@@ -179,6 +239,11 @@ pub struct RequestTrace {
 }
 
 impl RequestTrace {
+    /// What the token engine keeps of this trace for the token call the request triggers.
+    pub fn handle(&self) -> TraceHandle {
+        TraceHandle { telemetry: Arc::clone(&self.telemetry), cx: self.cx.clone() }
+    }
+
     /// The server span's trace id, when it is sampled (for the access log).
     pub fn trace_id(&self) -> Option<String> {
         let span = self.cx.span();

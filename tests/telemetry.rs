@@ -147,6 +147,20 @@ async fn a_waited_and_replayed_request_is_one_trace_that_continues_the_callers()
     assert_eq!(attribute(&attempts[0], "http.request.resend_count"), None);
     assert_eq!(attribute(&attempts[1], "http.request.resend_count").as_deref(), Some("1"));
     assert_eq!(attribute(&attempts[1], "http.response.status_code").as_deref(), Some("200"));
+    // The replay's token call was asked for by this request: a span of its trace, and its traceparent went to the IdP.
+    // (The first call is the startup one, or this request's own when it asked before the startup call began.)
+    let calls = named("token.call");
+    let call = calls.iter().find(|c| attribute(c, "tokenproxy.reason").as_deref() == Some("unauthorized"));
+    let call = call.unwrap_or_else(|| panic!("no token.call span for the replay: {spans:#?}"));
+    assert!(calls.iter().all(|c| c.parent_span_id == server.span_id), "{calls:#?}");
+    assert_eq!(attribute(call, "tokenproxy.provider").as_deref(), Some("api"));
+    assert_eq!(attribute(call, "tokenproxy.outcome").as_deref(), Some("success"));
+    let received = idp.received();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].traceparent, Some(format!("00-{TRACE}-{}-01", hex(&call.span_id))));
+    for traced in received.iter().filter_map(|c| c.traceparent.as_deref()) {
+        assert!(calls.iter().any(|c| traced == format!("00-{TRACE}-{}-01", hex(&c.span_id))), "{traced}");
+    }
     // The upstream saw each attempt as its parent, in the caller's trace.
     let seen: Vec<String> =
         upstream.seen().iter().map(|s| s.headers["traceparent"].to_str().unwrap().to_owned()).collect();

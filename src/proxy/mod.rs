@@ -658,7 +658,7 @@ impl Proxy {
             }
         }
         let span = trace.map(RequestTrace::token_wait);
-        let obtained = tokens.obtain(rejected).await;
+        let obtained = crate::telemetry::within_request(trace, tokens.obtain(rejected)).await;
         if let Some(span) = span {
             span.end(obtained.as_ref().err().map(|_| "token_unavailable"));
         }
@@ -798,7 +798,9 @@ impl Proxy {
         match decision {
             Decision::Deliver => None,
             Decision::Replay { rejected, why } => {
-                let fresh = Self::replacement(route, target.tokens(route)?.as_ref(), rejected, deadline).await;
+                let tokens = target.tokens(route)?.as_ref();
+                let obtain = Self::replacement(route, tokens, rejected, deadline);
+                let fresh = crate::telemetry::within_request(retried.trace.as_deref(), obtain).await;
                 if fresh.is_some() {
                     retried.replayed = true;
                     retried.resending(why);

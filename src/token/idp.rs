@@ -303,6 +303,9 @@ impl IdpClient {
         if let Some(proof) = dpop_proof {
             builder = builder.header(&dpop::DPOP, proof.clone());
         }
+        if let Some(headers) = builder.headers_mut() {
+            crate::telemetry::inject_token_call(headers);
+        }
         let body = match form {
             Some(form) => {
                 builder = builder.header(CONTENT_TYPE, "application/x-www-form-urlencoded");

@@ -172,11 +172,12 @@ impl RefreshScheduler {
                 biased;
                 () = shutdown.recv() => return,
                 () = slot.wake.notified() => match self.take_demand() {
-                    Some(reason) => reason,
+                    Some(asked) => asked,
                     None => continue,
                 },
-                () = sleep => self.scheduled_reason(ever_had_token),
+                () = sleep => (self.scheduled_reason(ever_had_token), None),
             };
+            let (reason, parent) = reason;
             // The floor, for every call whatever asked for it: an IdP answering tiny lifetimes (or a flood of
             // demands) makes at most one call per `min_refresh_interval`.
             if let Some(earliest) = last_call.map(|last| last + self.timing.min_interval) {
@@ -206,7 +207,17 @@ impl RefreshScheduler {
             }
             let started_instant = Instant::now();
             let started_wall = SystemTime::now();
-            let result = self.idp.fetch_after(slot.latest()).await;
+            // A call a traced request asked for is a span of its trace, and its HTTP request carries the span's
+            // traceparent.
+            let span = parent.as_ref().map(|parent| parent.token_call(&slot.name, reason.as_str()));
+            let result = crate::telemetry::within_token_call(span.as_ref(), self.idp.fetch_after(slot.latest())).await;
+            if let Some(span) = span {
+                span.set(opentelemetry::KeyValue::new(
+                    "tokenproxy.outcome",
+                    if result.is_ok() { "success" } else { "error" },
+                ));
+                span.end(result.as_ref().err().map(|_| "token_call"));
+            }
             if let (Some(token), Err(error)) = (&held_back, &result) {
                 // Nothing reached the token endpoint, or the IdP refused: the old token is as good as before (an IdP
                 // outage does not stop a usable token). If the outcome is not known, it may be revoked: it stays
@@ -308,12 +319,19 @@ impl RefreshScheduler {
         }
     }
 
-    /// The reason for a demand that still needs a call, clearing it; `None` if nothing is needed now.
-    fn take_demand(&self) -> Option<RefreshReason> {
+    /// The reason for a demand that still needs a call (and the trace of the request that asked first), clearing
+    /// it; `None` if nothing is needed now.
+    fn take_demand(&self) -> Option<(RefreshReason, Option<crate::telemetry::TraceHandle>)> {
         let slot = &self.slot;
         let status = lock(&slot.status);
         let mut demand = lock(&slot.demand);
-        let taken = std::mem::take(&mut *demand);
+        let mut taken = std::mem::take(&mut *demand);
+        let parent = taken.parent.take();
+        self.demand_reason(&status, &taken).map(|reason| (reason, parent))
+    }
+
+    fn demand_reason(&self, status: &super::slot::SlotStatus, taken: &super::slot::Demand) -> Option<RefreshReason> {
+        let slot = &self.slot;
         if taken.manual {
             return Some(RefreshReason::Manual);
         }

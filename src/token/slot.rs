@@ -156,7 +156,7 @@ fn authorization(scheme: &[u8], raw: &AccessToken) -> AccessToken {
 }
 
 /// Refresh requests made by requests or the admin API, taken by the refresher task.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Demand {
     /// A request found no usable token.
     pub expired: bool,
@@ -164,6 +164,8 @@ pub(crate) struct Demand {
     pub unauthorized: Option<u64>,
     /// The admin API asked for a refresh.
     pub manual: bool,
+    /// The trace of the request whose demand asked for the call first, when it is traced: the call joins it.
+    pub parent: Option<crate::telemetry::TraceHandle>,
 }
 
 /// What the admin API shows of a provider, besides its token.
@@ -424,6 +426,8 @@ impl TokenSlot {
             let already_asked = status.in_flight || demand.expired || demand.unauthorized.is_some();
             if already_asked {
                 self.metrics.singleflight_waiters.inc();
+            } else if demand.parent.is_none() {
+                demand.parent = crate::telemetry::current_request();
             }
             match rejected {
                 Some(g) => demand.unauthorized = Some(demand.unauthorized.map_or(g, |d| d.max(g))),

@@ -95,6 +95,8 @@ pub enum IdpMode {
 pub struct TokenCall {
     pub authorization: Option<String>,
     pub form: Vec<(String, String)>,
+    /// Its W3C `traceparent`, when the call was traced.
+    pub traceparent: Option<String>,
 }
 
 /// A fake identity provider.
@@ -128,10 +130,11 @@ impl FakeIdp {
             let state = Arc::clone(&shared);
             async move {
                 let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                let traceparent = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned);
                 let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
                 let form = form_urlencoded::parse(&body).into_owned().collect();
                 let n = state.calls.fetch_add(1, Ordering::SeqCst) + 1;
-                state.received.lock().unwrap().push(TokenCall { authorization, form });
+                state.received.lock().unwrap().push(TokenCall { authorization, form, traceparent });
                 state.call_seen.notify_waiters();
                 let mut gate = state.gate.subscribe();
                 let _ = gate.wait_for(|open| *open).await;
