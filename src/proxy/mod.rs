@@ -800,7 +800,11 @@ impl Proxy {
             Decision::Replay { rejected, why } => {
                 let tokens = target.tokens(route)?.as_ref();
                 let obtain = Self::replacement(route, tokens, rejected, deadline);
+                let span = retried.trace.as_deref().map(RequestTrace::token_wait);
                 let fresh = crate::telemetry::within_request(retried.trace.as_deref(), obtain).await;
+                if let Some(span) = span {
+                    span.end(fresh.is_none().then_some("token_unavailable"));
+                }
                 if fresh.is_some() {
                     retried.replayed = true;
                     retried.resending(why);
