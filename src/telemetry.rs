@@ -244,11 +244,11 @@ impl RequestTrace {
         TraceHandle { telemetry: Arc::clone(&self.telemetry), cx: self.cx.clone() }
     }
 
-    /// The server span's trace id, when it is sampled (for the access log).
-    pub fn trace_id(&self) -> Option<String> {
+    /// The server span's trace and span ids, when it is sampled (for the access log).
+    pub fn ids(&self) -> Option<(String, String)> {
         let span = self.cx.span();
         let context = span.span_context();
-        context.is_sampled().then(|| context.trace_id().to_string())
+        context.is_sampled().then(|| (context.trace_id().to_string(), context.span_id().to_string()))
     }
 
     /// A child span named `name` (its attributes given), started now.

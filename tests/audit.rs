@@ -206,3 +206,42 @@ provider = "bound"
         }
     }
 }
+
+#[tokio::test]
+async fn with_telemetry_on_the_access_line_names_the_server_span() {
+    let idp = FakeIdp::start(300).await;
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenproxy.toml");
+    // No collector listens there: spans are dropped, requests are not affected.
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n\
+         [telemetry]\notlp_endpoint = \"http://127.0.0.1:9\"\n\
+         [providers.cc]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"cc-s3cret\"\n\
+         [[routes]]\nprefix = \"/cc\"\nupstream = \"{}\"\nprovider = \"cc\"\n",
+        idp.token_url(),
+        upstream.url()
+    );
+    std::fs::write(&path, config).unwrap();
+    let mut proxy = TokenProxyProcess::run(&path, &[]).await;
+    proxy.wait_ready().await;
+    let client = Client::new();
+    let traceparent = format!("00-{TRACE_ID}-00f067aa0ba902b7-01");
+    assert_eq!(get(&client, proxy.url("/cc/traced"), &[("traceparent", &traceparent)]).await, 200);
+    let sent = upstream.seen().last().unwrap().headers["traceparent"].to_str().unwrap().to_owned();
+    assert_eq!(proxy.terminate().await.code(), Some(0));
+    let logs = proxy.logs();
+    let line = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|entry| entry["target"] == "access" && entry["path"] == "/cc/traced")
+        .unwrap_or_else(|| panic!("no access line: {logs}"));
+    assert_eq!(line["trace_id"], TRACE_ID, "the caller's trace, continued: {line}");
+    let span_id = line["span_id"].as_str().unwrap_or_default();
+    assert!(span_id.len() == 16 && span_id.chars().all(|c| c.is_ascii_hexdigit()), "{line}");
+    assert_ne!(span_id, "00f067aa0ba902b7", "the server span's own id, not the caller's");
+    assert!(
+        sent.starts_with(&format!("00-{TRACE_ID}-")) && !sent.contains(span_id),
+        "the upstream's parent is the attempt: {sent}"
+    );
+}

@@ -458,7 +458,11 @@ impl Proxy {
         }
         if let Some(logged) = in_flight.logged.take() {
             let audit = retried.audit.as_deref();
-            let traced = retried.trace.as_ref().and_then(|trace| trace.trace_id());
+            let traced = retried.trace.as_ref().and_then(|trace| trace.ids());
+            let (trace_id, span_id) = match &traced {
+                Some((trace, span)) => (Some(trace.as_str()), span.as_str()),
+                None => (logged.trace_id.as_deref(), "-"),
+            };
             let token = audit.and_then(|a| a.token.as_deref());
             tracing::info!(
                 target: "access",
@@ -475,7 +479,8 @@ impl Proxy {
                 token_fingerprint = token.map_or("-", |t| &t.fingerprint),
                 token_generation = token.map_or(0, |t| t.generation),
                 subject_fingerprint = audit.and_then(|a| a.subject.as_deref()).unwrap_or("-"),
-                trace_id = traced.as_deref().or(logged.trace_id.as_deref()).unwrap_or("-"),
+                trace_id = trace_id.unwrap_or("-"),
+                span_id,
                 request_id = in_flight.request_id.to_str().unwrap_or("-"),
                 "request"
             );
