@@ -188,11 +188,20 @@ pub struct TraceHandle {
 impl TraceHandle {
     /// The span of a token call of `provider` (made for `reason`) under this request's server span.
     pub fn token_call(&self, provider: &str, reason: &'static str) -> ChildSpan {
+        self.client_span("token.call", provider, reason)
+    }
+
+    /// The span of the token exchange of this request's caller, with `provider`.
+    pub fn token_exchange(&self, provider: &str) -> ChildSpan {
+        self.client_span("token.exchange", provider, "exchange")
+    }
+
+    fn client_span(&self, name: &'static str, provider: &str, reason: &'static str) -> ChildSpan {
         let tracer = &self.telemetry.tracer;
         let attributes =
             vec![KeyValue::new("tokenproxy.provider", provider.to_owned()), KeyValue::new("tokenproxy.reason", reason)];
         let span = tracer
-            .span_builder("token.call")
+            .span_builder(name)
             .with_kind(SpanKind::Client)
             .with_attributes(attributes)
             .start_with_context(tracer, &self.cx);

@@ -221,3 +221,39 @@ async fn a_collector_answering_503_costs_no_request_and_its_spans_are_counted_as
     assert!(dropped >= 40.0, "20 server spans and 20 attempts: {dropped}");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_callers_token_exchange_is_a_span_of_its_request() {
+    let (idp, upstream, collector) =
+        (FakeIdp::start(300).await, FakeUpstream::start().await, collector(StatusCode::OK).await);
+    let config = format!(
+        "[telemetry]\notlp_endpoint = \"{}\"\n[providers.ex]\ntoken_url = \"{}\"\ngrant = \"token_exchange\"\n\
+         client_id = \"gw\"\nclient_secret = \"s3cret\"\naudience = \"orders\"\n\
+         [[routes]]\nname = \"orders\"\nprefix = \"/api\"\nupstream = \"{}\"\nprovider = \"ex\"\n",
+        collector.url,
+        idp.token_url(),
+        upstream.url()
+    );
+    let proxy = Proxy::start(&config).await;
+    let request = Request::get(proxy.url("/api/x"))
+        .header("traceparent", format!("00-{TRACE}-{CALLER_SPAN}-01"))
+        .header("authorization", "Bearer caller-subject")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(Client::new().send(request).await.status, 200);
+    let spans = eventually("the exchange's spans", Duration::from_secs(10), async || {
+        let spans: Vec<Span> = collector.spans.lock().unwrap().iter().map(|(_, s)| s.clone()).collect();
+        (spans.iter().any(|s| s.kind == 2) && spans.iter().any(|s| s.name == "token.exchange")).then_some(spans)
+    })
+    .await;
+    let server = spans.iter().find(|s| s.kind == 2).unwrap();
+    let exchange = spans.iter().find(|s| s.name == "token.exchange").unwrap();
+    assert_eq!(exchange.parent_span_id, server.span_id);
+    assert_eq!(attribute(exchange, "tokenproxy.outcome").as_deref(), Some("success"));
+    let traced = idp.received()[0].traceparent.clone();
+    assert_eq!(traced, Some(format!("00-{TRACE}-{}-01", hex(&exchange.span_id))), "the IdP's call carries the span");
+    for span in &spans {
+        assert!(!format!("{:?}", span.attributes).contains("caller-subject"), "never the subject");
+    }
+    proxy.stop().await;
+}

@@ -263,8 +263,17 @@ impl ExchangeCache {
                     }
                     let cache = Arc::clone(self);
                     let subject: Arc<str> = Arc::from(subject);
+                    // The exchange runs on its own task: it joins the trace of the request that asked for it.
+                    let parent = crate::telemetry::current_request();
                     let task = tokio::spawn(async move {
-                        let result = cache.exchange(key, &subject).await;
+                        let span = parent.as_ref().map(|parent| parent.token_exchange(&cache.name));
+                        let exchanged = cache.exchange(key, &subject);
+                        let result = crate::telemetry::within_token_call(span.as_ref(), exchanged).await;
+                        if let Some(span) = span {
+                            let outcome = if result.is_ok() { "success" } else { "error" };
+                            span.set(opentelemetry::KeyValue::new("tokenproxy.outcome", outcome));
+                            span.end(result.as_ref().err().map(|_| "token_exchange"));
+                        }
                         lock(&cache.inflight).remove(&key);
                         result
                     });
