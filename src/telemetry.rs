@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry::propagation::TextMapPropagator as _;
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _};
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::{HeaderExtractor, HeaderInjector, HttpClient, HttpError};
 use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
@@ -144,24 +144,29 @@ impl Telemetry {
         path: &str,
         version: http::Version,
         headers: &HeaderMap,
-    ) -> RequestTrace {
+    ) -> Option<RequestTrace> {
         let parent = self.propagator.extract(&HeaderExtractor(headers));
+        let mut span = self
+            .tracer
+            .span_builder(method_name(method))
+            .with_kind(SpanKind::Server)
+            .start_with_context(&self.tracer, &parent);
+        // Not sampled (the caller's trace is not, or the ratio said no): nothing more is done for the request, and the
+        // caller's traceparent goes on as it came.
+        if !span.is_recording() {
+            return None;
+        }
         let version = match version {
             http::Version::HTTP_2 => "2",
             http::Version::HTTP_10 => "1.0",
             _ => "1.1",
         };
-        let span = self
-            .tracer
-            .span_builder(method.as_str().to_owned())
-            .with_kind(SpanKind::Server)
-            .with_attributes([
-                KeyValue::new("http.request.method", method.as_str().to_owned()),
-                KeyValue::new("url.path", path.to_owned()),
-                KeyValue::new("network.protocol.version", version),
-            ])
-            .start_with_context(&self.tracer, &parent);
-        RequestTrace { telemetry: Arc::clone(self), cx: parent.with_span(span), method: method.clone() }
+        span.set_attributes([
+            KeyValue::new("http.request.method", method_name(method)),
+            KeyValue::new("url.path", path.to_owned()),
+            KeyValue::new("network.protocol.version", version),
+        ]);
+        Some(RequestTrace { telemetry: Arc::clone(self), cx: parent.with_span(span), method: method.clone() })
     }
 
     /// Exports what is queued and stops (at shutdown).
@@ -239,6 +244,22 @@ pub fn inject_token_call(headers: &mut HeaderMap) {
     });
 }
 
+/// A method's name, without an allocation for the standard ones.
+fn method_name(method: &http::Method) -> std::borrow::Cow<'static, str> {
+    use http::Method;
+    let known: &'static str = match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => return std::borrow::Cow::Owned(method.as_str().to_owned()),
+    };
+    std::borrow::Cow::Borrowed(known)
+}
+
 /// The trace of one request: its server span's context.
 #[derive(Debug)]
 pub struct RequestTrace {
@@ -271,13 +292,13 @@ impl RequestTrace {
     /// The span of one send to the upstream at `server` (`resend_count`: the sends before it).
     pub fn attempt(&self, server: &str, method: &http::Method, resend_count: u8) -> ChildSpan {
         let mut attributes = vec![
-            KeyValue::new("http.request.method", method.as_str().to_owned()),
+            KeyValue::new("http.request.method", method_name(method)),
             KeyValue::new("server.address", server.to_owned()),
         ];
         if resend_count > 0 {
             attributes.push(KeyValue::new("http.request.resend_count", i64::from(resend_count)));
         }
-        self.child_named(method.as_str().to_owned(), SpanKind::Client, attributes)
+        self.child_named(method_name(method), SpanKind::Client, attributes)
     }
 
     /// The span of a wait for a token call in flight.
@@ -285,7 +306,12 @@ impl RequestTrace {
         self.child("token.wait", SpanKind::Internal, Vec::new())
     }
 
-    fn child_named(&self, name: String, kind: SpanKind, attributes: Vec<KeyValue>) -> ChildSpan {
+    fn child_named(
+        &self,
+        name: std::borrow::Cow<'static, str>,
+        kind: SpanKind,
+        attributes: Vec<KeyValue>,
+    ) -> ChildSpan {
         let tracer = &self.telemetry.tracer;
         let span =
             tracer.span_builder(name).with_kind(kind).with_attributes(attributes).start_with_context(tracer, &self.cx);

@@ -433,8 +433,8 @@ impl Proxy {
             path: parts.uri.path().to_owned(),
             trace_id: parts.headers.get(&TRACEPARENT).and_then(headers::trace_id).map(Into::into),
         });
-        let trace = self.telemetry.as_ref().map(|telemetry| {
-            Box::new(telemetry.server_span(&parts.method, parts.uri.path(), parts.version, &parts.headers))
+        let trace = self.telemetry.as_ref().and_then(|telemetry| {
+            telemetry.server_span(&parts.method, parts.uri.path(), parts.version, &parts.headers).map(Box::new)
         });
         InFlight { started, request_id, logged, route: None, ended: false, trace }
     }
