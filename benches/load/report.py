@@ -2,12 +2,15 @@
 """Reads the raw outputs that benches/load/run collected in a results directory and prints the markdown report.
 
 Files in RESULTS (written by `run`):
-  CASE.TARGET.ROUND.out   wrk or h2load output    (CASE: h1-get, h1-post, h2-get, h1-exchange, h1-dpop; TARGET: nginx, tokenproxy)
+  CASE.TARGET.ROUND.out   wrk or h2load output    (CASE: h1-get, h1-post, h2-get, h1-exchange, h1-dpop, h1-get-traced0,
+                          h1-get-traced1; TARGET: nginx, tokenproxy, traced: the traced cases' tokenproxy with telemetry)
   CASE.TARGET.ROUND.cpu   CPU clock ticks the proxy process used during that run
+  CASE.traced.ROUND.spans spans the collector received, spans tokenproxy dropped, exports the collector refused,
+                          CPU clock ticks the collector used, during that run (and until its last spans arrived)
   CASE.TARGET.ROUND.log   h2load --log-file (per-request latency) for the h2 case
   upstream.out            wrk straight at the upstream (reference)
   facts                   key=value lines (RSS in kB, settings, counts)
-  metrics.txt             tokenproxy's /metrics after the load
+  metrics.txt             tokenproxy's /metrics after the load (metrics.CASE.txt: a traced case's tokenproxy)
   CASE.TARGET.ROUND.lat   p50 and p99 (ms) computed from that log, which is then deleted (it is large)
 Usage: report.py RESULTS | report.py --h2-latency LOG
 """
@@ -25,6 +28,16 @@ CASES = [
     ("h1-dpop", "HTTP/1.1 GET, DPoP proof per request (wrk -t1 -c64)"),
 ]
 TARGETS = ["nginx", "tokenproxy"]
+# Traced cases: GET through a tokenproxy with [telemetry], against the untraced tokenproxy in the same rounds.
+# (case, label, the least traced / untraced req/s ratio wanted)
+TRACED = [
+    ("h1-get-traced0", "HTTP/1.1 GET, traced, sample_ratio = 0 (wrk -t1 -c64)", 0.98),
+    ("h1-get-traced1", "HTTP/1.1 GET, traced, sample_ratio = 1.0 (wrk -t1 -c64)", 0.90),
+]
+TRACED_TARGETS = ["tokenproxy", "traced"]
+# A traced run that dropped more than this share of its spans is not a result: its load figure was bought by
+# dropping spans.
+MAX_DROPPED = 0.01
 UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
@@ -116,6 +129,18 @@ def main(results):
         ticks = int(open(cpu).read().strip() or 0) if os.path.exists(cpu) else None
         hz = int(facts.get("clk_tck", "100"))
         r["cpu_us"] = ticks * 1e6 / hz / r["requests"] if ticks is not None and r["requests"] else None
+        spans = path[:-4] + ".spans"
+        if os.path.exists(spans):
+            values = open(spans).read().split()
+            if len(values) == 4:
+                received, dropped, refused, collector_ticks = (int(v) for v in values)
+                finished = received + dropped
+                r["spans"] = {
+                    "received": received, "dropped": dropped, "refused": refused,
+                    "per_request": received / r["requests"] if r["requests"] else None,
+                    "dropped_share": dropped / finished if finished else 0.0,
+                    "collector_us": collector_ticks * 1e6 / hz / r["requests"] if r["requests"] else None,
+                }
         runs.setdefault((case, target), []).append((int(rnd), r))
 
     out = []
@@ -158,6 +183,52 @@ def main(results):
                    f"| {fmt(up['p50'], 2)} | | {fmt(up['p99'], 2)} | | | | |")
     out.append("")
 
+    # Traced cases: traced / untraced tokenproxy, and what the spans cost the collector and whether any were lost.
+    traced_verdicts = []
+    if any(runs.get((case, "traced")) for case, _, _ in TRACED):
+        out.append("Traced cases: tokenproxy with `[telemetry]` exporting to a span-counting collector on loopback, "
+                   "against the untraced tokenproxy in the same rounds; medians over rounds; ratio req/s = traced / "
+                   "untraced; spans per request and dropped share over all rounds; a case with a round that dropped "
+                   f"more than {MAX_DROPPED * 100:g} % of its spans is not a result")
+        out.append("")
+        out.append("| case | untraced req/s | traced req/s | ratio req/s (want) | untraced p99 ms | traced p99 ms "
+                   "| untraced CPU µs/req | traced CPU µs/req | spans received per request | spans dropped "
+                   "| collector CPU µs/req | result |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for case, label, want in TRACED:
+            if not runs.get((case, "traced")):
+                continue
+            m = {}
+            for t in TRACED_TARGETS:
+                rs = [r for _, r in runs.get((case, t), [])]
+                m[t] = {k: med([r[k] for r in rs]) for k in ("rps", "p99", "cpu_us")}
+            u, tr = m["tokenproxy"], m["traced"]
+            rr = ratio(tr["rps"], u["rps"])
+            traced_runs = [(rnd, r) for rnd, r in runs[(case, "traced")]]
+            counted = [r for _, r in traced_runs if "spans" in r and r["requests"]]
+            received = sum(r["spans"]["received"] for r in counted)
+            dropped = sum(r["spans"]["dropped"] for r in counted)
+            requests = sum(r["requests"] for r in counted)
+            per_request = received / requests if requests else None
+            dropped_share = dropped / (received + dropped) if received + dropped else 0.0
+            collector_us = med([r["spans"]["collector_us"] for r in counted])
+            over = [rnd for rnd, r in traced_runs if "spans" in r and r["spans"]["dropped_share"] > MAX_DROPPED]
+            if len(counted) < len(traced_runs):
+                result = "**not a result**: spans not counted in every round"
+            elif over:
+                result = (f"**not a result**: more than {MAX_DROPPED * 100:g} % of the spans dropped in round"
+                          f"{'s' if len(over) > 1 else ''} {', '.join(str(r) for r in over)}")
+            elif rr is None:
+                result = "—"
+            else:
+                result = f"{'met' if rr >= want else 'not met'} ({fmt(rr, 3)} {'≥' if rr >= want else '<'} {want:.2f})"
+            traced_verdicts.append(f"{case}: {result}")
+            out.append(f"| {label} | {fmt(u['rps'])} | {fmt(tr['rps'])} | {fmt(rr, 2)} (≥ {want:.2f}) "
+                       f"| {fmt(u['p99'], 2)} | {fmt(tr['p99'], 2)} | {fmt(u['cpu_us'], 1)} | {fmt(tr['cpu_us'], 1)} "
+                       f"| {fmt(per_request, 2)} | {fmt(dropped)} ({dropped_share * 100:.2f} %) | {fmt(collector_us, 1)} "
+                       f"| {result} |")
+        out.append("")
+
     def mb(key):
         v = facts.get(key)
         return f"{int(v) / 1024:.1f} MB" if v and v.isdigit() else "—"
@@ -175,6 +246,12 @@ def main(results):
         out.append("")
         out.append("tokenproxy RSS right after each of its runs (MB): " +
                    ", ".join(f"{c} r{r} {int(kb) / 1024:.1f}" for c, r, kb in trace))
+    traced_rss = [(case, facts.get(f"rss_kb_{case}"), facts.get(f"hwm_kb_{case}")) for case, _, _ in TRACED]
+    traced_rss = [(c, rss, hwm) for c, rss, hwm in traced_rss if rss and hwm and rss.isdigit() and hwm.isdigit()]
+    if traced_rss:
+        out.append("")
+        out.append("traced tokenproxies' RSS after all load (peak): " +
+                   ", ".join(f"{c} {int(rss) / 1024:.1f} MB ({int(hwm) / 1024:.1f} MB)" for c, rss, hwm in traced_rss))
     out.append("")
 
     # Idle keep-alive callers: memory per idle connection, upstream connections held.
@@ -207,12 +284,30 @@ def main(results):
         if pairs:
             out.append(f"- {case}: " + "; ".join(pairs) +
                        f" (median of per-round ratios {fmt(med(per_round_ratios), 2)})")
+    for case, _, _ in TRACED:
+        rounds = sorted({rnd for t in TRACED_TARGETS for rnd, _ in runs.get((case, t), [])})
+        if not rounds:
+            continue
+        pairs = []
+        per_round_ratios = []
+        for rnd in rounds:
+            u = dict(runs.get((case, "tokenproxy"), [])).get(rnd) or {}
+            tr = dict(runs.get((case, "traced"), [])).get(rnd) or {}
+            sp = tr.get("spans")
+            spans = (f", {fmt(sp['per_request'], 2)} spans/request, {fmt(sp['dropped'])} dropped "
+                     f"({sp['dropped_share'] * 100:.2f} %{', NOT A RESULT' if sp['dropped_share'] > MAX_DROPPED else ''})"
+                     if sp else ", spans not counted")
+            pairs.append(f"{fmt(u.get('rps'))} / {fmt(tr.get('rps'))}{spans}")
+            if ratio(tr.get("rps"), u.get("rps")):
+                per_round_ratios.append(tr["rps"] / u["rps"])
+        out.append(f"- {case}, untraced / traced tokenproxy (odd rounds ran the untraced one first): " +
+                   "; ".join(pairs) + f" (median of per-round ratios {fmt(med(per_round_ratios), 2)})")
     out.append("")
 
     # Errors: anything but a clean 200 from either proxy is worth a look.
     problems = []
-    for case, _ in CASES:
-        for t in TARGETS:
+    for case, targets in [(c, TARGETS) for c, _ in CASES] + [(c, TRACED_TARGETS) for c, _, _ in TRACED]:
+        for t in targets:
             for rnd, r in runs.get((case, t), []):
                 if r["non2xx"] or r["sockerr"] or r["rps"] is None:
                     problems.append(f"{case} {t} round {rnd}: non-2xx {r['non2xx']}, socket errors/failed "
@@ -233,12 +328,29 @@ def main(results):
         out.append("- tokenproxy_requests_total by status: " +
                    ", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items())))
     ran = lambda case: any(runs.get((case, t)) for t in TARGETS)
-    eager = 2 if ran("h1-dpop") else 1
+    eager = (2 if ran("h1-dpop") else 1) + int(facts.get("traced_processes", "0") or 0)
     expected = (f"{1000 + eager:,}: the eager fetches at startup and one exchange per caller of h1-exchange"
                 if ran("h1-exchange") else f"{eager}: the eager fetch{'es' if eager > 1 else ''} at startup")
     out.append(f"- token calls to the fake IdP during the whole run: {facts.get('idp_token_calls', '?')} "
                f"(expected {expected})")
-    out.append(f"- tokenproxy log lines at WARN or above: {facts.get('tp_warn_lines', '?')}")
+    out.append(f"- tokenproxy log lines at WARN or above: {facts.get('tp_warn_lines', '?')}"
+               + (f" (the traced tokenproxies: {facts.get('traced_warn_lines', '?')})"
+                  if facts.get("traced_processes", "0") not in ("", "0") else ""))
+    dropped_whole = []
+    for case, _, _ in TRACED:
+        path = os.path.join(results, f"metrics.{case}.txt")
+        if os.path.exists(path):
+            m = re.search(r"^tokenproxy_telemetry_spans_dropped_total\s+([\d.e+]+)", open(path).read(), re.M)
+            dropped_whole.append(f"{case} {fmt(float(m.group(1))) if m else '?'}")
+    if dropped_whole:
+        totals = facts.get("collector_totals", "").split()
+        out.append("- spans dropped by the traced tokenproxies over the whole run, warm-up included "
+                   "(tokenproxy_telemetry_spans_dropped_total): " + ", ".join(dropped_whole) +
+                   (f"; the collector received {int(totals[0]):,} spans in {int(totals[1]):,} exports and refused "
+                    f"{int(totals[2]):,} exports" if len(totals) == 4 else ""))
+    if traced_verdicts:
+        out.append("- the traced cases (issue 27: traced / untraced req/s ≥ 0.98 at sample_ratio 0, ≥ 0.90 at 1.0, "
+                   f"with at most {MAX_DROPPED * 100:g} % of the spans dropped): " + "; ".join(traced_verdicts))
     out.append(f"- machine load: load average {facts.get('loadavg_before', '?')} before, "
                f"{facts.get('loadavg_after', '?')} after; a compiler (rustc/cc1) was running at the start of "
                f"{facts.get('busy_runs', '?')} of {facts.get('measured_runs', '?')} measurements; "
