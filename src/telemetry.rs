@@ -31,6 +31,9 @@ use tokio::sync::mpsc;
 
 use crate::config::TelemetryConfig;
 
+/// W3C Trace Context's header.
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 /// Finished spans waiting for export, at most.
 pub const QUEUE: usize = 2048;
 /// Spans per export, at most.
@@ -53,6 +56,8 @@ pub struct Telemetry {
     tracer: SdkTracer,
     provider: SdkTracerProvider,
     propagator: TraceContextPropagator,
+    /// `sample_ratio = 0`: a request without a caller's trace is never sampled (and costs one header lookup).
+    no_new_traces: bool,
 }
 
 /// What telemetry's configuration comes to once the `OTEL_*` environment is read: `None` when it is off.
@@ -133,7 +138,8 @@ impl Telemetry {
             .build();
         let tracer = provider.tracer("tokenproxy");
         tracing::info!(endpoint = %resolved.endpoint, service = %resolved.service_name, "telemetry: exporting traces");
-        Ok(Some(Arc::new(Telemetry { tracer, provider, propagator: TraceContextPropagator::new() })))
+        let no_new_traces = config.sample_ratio <= 0.0;
+        Ok(Some(Arc::new(Telemetry { tracer, provider, propagator: TraceContextPropagator::new(), no_new_traces })))
     }
 
     /// The server span of a request with `headers` (continuing the caller's `traceparent`): named by its method
@@ -145,6 +151,9 @@ impl Telemetry {
         version: http::Version,
         headers: &HeaderMap,
     ) -> Option<RequestTrace> {
+        if self.no_new_traces && !headers.contains_key(TRACEPARENT) {
+            return None;
+        }
         let parent = self.propagator.extract(&HeaderExtractor(headers));
         let mut span = self
             .tracer
