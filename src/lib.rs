@@ -553,6 +553,9 @@ impl BoundApp {
             let _ = task.await;
         }
         app.engine.load_full().shutdown().await;
+        if let Some(telemetry) = &app.telemetry {
+            telemetry.flush(Duration::from_secs(5)).await;
+        }
     }
 }
 

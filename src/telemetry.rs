@@ -53,8 +53,11 @@ pub struct TelemetryError(String);
 /// The tracer and what it needs to continue and propagate traces; one per process.
 #[derive(Debug)]
 pub struct Telemetry {
+    /// The export task's queue, for a flush.
+    queue: mpsc::Sender<Item>,
     tracer: SdkTracer,
-    provider: SdkTracerProvider,
+    /// Kept for as long as telemetry runs (the SDK shuts its processors down when the last handle goes).
+    _provider: SdkTracerProvider,
     propagator: TraceContextPropagator,
     /// `sample_ratio = 0`: a request without a caller's trace is never sampled (and costs one header lookup).
     no_new_traces: bool,
@@ -132,14 +135,15 @@ impl Telemetry {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(export(rx, exporter, dropped.clone()));
         let provider = SdkTracerProvider::builder()
-            .with_span_processor(Queue { tx, dropped })
+            .with_span_processor(Queue { tx: tx.clone(), dropped })
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio))))
             .with_resource(resource)
             .build();
         let tracer = provider.tracer("tokenproxy");
         tracing::info!(endpoint = %resolved.endpoint, service = %resolved.service_name, "telemetry: exporting traces");
         let no_new_traces = config.sample_ratio <= 0.0;
-        Ok(Some(Arc::new(Telemetry { tracer, provider, propagator: TraceContextPropagator::new(), no_new_traces })))
+        let propagator = TraceContextPropagator::new();
+        Ok(Some(Arc::new(Telemetry { queue: tx, tracer, _provider: provider, propagator, no_new_traces })))
     }
 
     /// The server span of a request with `headers` (continuing the caller's `traceparent`): named by its method
@@ -178,9 +182,18 @@ impl Telemetry {
         Some(RequestTrace { telemetry: Arc::clone(self), cx: parent.with_span(span), method: method.clone() })
     }
 
-    /// Exports what is queued and stops (at shutdown).
-    pub fn shutdown(&self) {
-        let _ = self.provider.shutdown();
+    /// Exports the spans finished so far, waiting at most `within` (at shutdown: the last requests' spans are not
+    /// left in the queue).
+    pub async fn flush(&self, within: Duration) {
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        let flush = async {
+            if self.queue.send(Item::Flush(done)).await.is_ok() {
+                let _ = flushed.await;
+            }
+        };
+        if tokio::time::timeout(within, flush).await.is_err() {
+            tracing::warn!("telemetry: the last spans were not exported within {within:?}");
+        }
     }
 }
 
@@ -390,10 +403,17 @@ impl ChildSpan {
     }
 }
 
+/// What the export task's queue holds: finished spans, and a request to send what came before at once.
+#[derive(Debug)]
+enum Item {
+    Span(Box<SpanData>),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// The span processor: finished spans go to the export task's bounded queue, or are dropped and counted.
 #[derive(Debug)]
 struct Queue {
-    tx: mpsc::Sender<SpanData>,
+    tx: mpsc::Sender<Item>,
     dropped: prometheus::IntCounter,
 }
 
@@ -401,7 +421,7 @@ impl SpanProcessor for Queue {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        if self.tx.try_send(span).is_err() {
+        if self.tx.try_send(Item::Span(Box::new(span))).is_err() {
             self.dropped.inc();
         }
     }
@@ -418,19 +438,30 @@ impl SpanProcessor for Queue {
 /// The export task: batches of up to [`BATCH`] spans, sent one at a time (the exporter is never called
 /// concurrently), each within [`EXPORT_TIMEOUT`]; what fails is dropped and counted.
 async fn export(
-    mut rx: mpsc::Receiver<SpanData>,
+    mut rx: mpsc::Receiver<Item>,
     exporter: opentelemetry_otlp::SpanExporter,
     dropped: prometheus::IntCounter,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut flushed = None;
     while let Some(first) = rx.recv().await {
-        batch.push(first);
+        match first {
+            Item::Span(span) => batch.push(*span),
+            Item::Flush(done) => flushed = Some(done),
+        }
         let deadline = tokio::time::Instant::now() + DELAY;
-        while batch.len() < BATCH {
+        while batch.len() < BATCH && flushed.is_none() {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(span)) => batch.push(span),
+                Ok(Some(Item::Span(span))) => batch.push(*span),
+                Ok(Some(Item::Flush(done))) => flushed = Some(done),
                 Ok(None) | Err(_) => break,
             }
+        }
+        if batch.is_empty() {
+            if let Some(done) = flushed.take() {
+                let _ = done.send(());
+            }
+            continue;
         }
         let count = batch.len() as u64;
         match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(std::mem::take(&mut batch))).await {
@@ -443,6 +474,9 @@ async fn export(
                 dropped.inc_by(count);
                 tracing::debug!("telemetry: {count} spans not exported: the collector did not answer in time");
             }
+        }
+        if let Some(done) = flushed.take() {
+            let _ = done.send(());
         }
     }
 }

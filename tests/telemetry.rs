@@ -257,3 +257,24 @@ async fn a_callers_token_exchange_is_a_span_of_its_request() {
     }
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn the_last_requests_spans_are_exported_before_the_process_exits() {
+    let (idp, upstream, collector) =
+        (FakeIdp::start(300).await, FakeUpstream::start().await, collector(StatusCode::OK).await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenproxy.toml");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        config(&idp, &upstream, &collector.url, "")
+    );
+    std::fs::write(&path, config).unwrap();
+    let mut proxy = support::TokenProxyProcess::run(&path, &[]).await;
+    proxy.wait_ready().await;
+    let caller = format!("00-{TRACE}-{CALLER_SPAN}-01");
+    assert_eq!(get(&Client::new(), proxy.url("/api/last"), &caller).await, 200);
+    // Stopped at once: the spans are still in the export queue (a batch waits up to a second for more).
+    assert_eq!(proxy.terminate().await.code(), Some(0));
+    let spans = collector.spans.lock().unwrap().clone();
+    assert!(spans.iter().any(|(_, s)| s.kind == 2 && hex(&s.trace_id) == TRACE), "exported before the exit: {spans:?}");
+}
