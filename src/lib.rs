@@ -339,7 +339,7 @@ impl AppReloader {
         let restart_needed = restart_needed(&self.running, &config);
         // Routes switch atomically: a request sees the old table or the new one, never a mix.
         self.engine.store(Arc::new(engine));
-        self.engine.load().spawn();
+        self.engine.load().spawn_traced(self.telemetry.as_ref());
         self.proxy.store(Arc::new(proxy));
         for key in &restart_needed {
             tracing::warn!("{key} changed: it takes effect at the next restart");
@@ -465,7 +465,7 @@ impl BoundApp {
         let BoundApp { app, proxy_listener, admin_listener, vending_listener, tls } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stop = Shutdown::new(stop_rx.clone());
-        app.engine.load().spawn();
+        app.engine.load().spawn_traced(app.telemetry.as_ref());
         let reloader = Arc::new(AppReloader {
             path: app.config_path.clone(),
             running: app.config.clone(),

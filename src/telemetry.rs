@@ -182,6 +182,21 @@ impl Telemetry {
         Some(RequestTrace { telemetry: Arc::clone(self), cx: parent.with_span(span), method: method.clone() })
     }
 
+    /// The root span of a token call no request asked for (at startup, a proactive refresh, a forced one), when the
+    /// ratio samples it.
+    pub fn background_token_call(self: &Arc<Self>, provider: &str, reason: &'static str) -> Option<ChildSpan> {
+        let attributes =
+            vec![KeyValue::new("tokenproxy.provider", provider.to_owned()), KeyValue::new("tokenproxy.reason", reason)];
+        let root = Context::new();
+        let span = self
+            .tracer
+            .span_builder("token.call")
+            .with_kind(SpanKind::Client)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, &root);
+        span.is_recording().then(|| ChildSpan { cx: root.with_span(span), telemetry: Arc::clone(self) })
+    }
+
     /// Exports the spans finished so far, waiting at most `within` (at shutdown: the last requests' spans are not
     /// left in the queue).
     pub async fn flush(&self, within: Duration) {

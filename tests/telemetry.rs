@@ -150,7 +150,9 @@ async fn a_waited_and_replayed_request_is_one_trace_that_continues_the_callers()
     assert_eq!(attribute(&attempts[1], "http.response.status_code").as_deref(), Some("200"));
     // The replay's token call was asked for by this request: a span of its trace, and its traceparent went to the IdP.
     // (The first call is the startup one, or this request's own when it asked before the startup call began.)
-    let calls = named("token.call");
+    // (A startup call no request asked for is a trace of its own.)
+    let all_calls = named("token.call");
+    let calls: Vec<Span> = all_calls.iter().filter(|c| hex(&c.trace_id) == TRACE).cloned().collect();
     let call = calls.iter().find(|c| attribute(c, "tokenproxy.reason").as_deref() == Some("unauthorized"));
     let call = call.unwrap_or_else(|| panic!("no token.call span for the replay: {spans:#?}"));
     assert!(calls.iter().all(|c| c.parent_span_id == server.span_id), "{calls:#?}");
@@ -160,7 +162,8 @@ async fn a_waited_and_replayed_request_is_one_trace_that_continues_the_callers()
     assert_eq!(received.len(), 2);
     assert_eq!(received[1].traceparent, Some(format!("00-{TRACE}-{}-01", hex(&call.span_id))));
     for traced in received.iter().filter_map(|c| c.traceparent.as_deref()) {
-        assert!(calls.iter().any(|c| traced == format!("00-{TRACE}-{}-01", hex(&c.span_id))), "{traced}");
+        let of = |c: &Span| format!("00-{}-{}-01", hex(&c.trace_id), hex(&c.span_id));
+        assert!(all_calls.iter().any(|c| traced == of(c)), "{traced}");
     }
     // The upstream saw each attempt as its parent, in the caller's trace.
     let seen: Vec<String> =
@@ -277,4 +280,13 @@ async fn the_last_requests_spans_are_exported_before_the_process_exits() {
     assert_eq!(proxy.terminate().await.code(), Some(0));
     let spans = collector.spans.lock().unwrap().clone();
     assert!(spans.iter().any(|(_, s)| s.kind == 2 && hex(&s.trace_id) == TRACE), "exported before the exit: {spans:?}");
+    // The startup token call, which no request asked for, is a trace of its own.
+    let startup = spans.iter().map(|(_, s)| s).find(|s| s.name == "token.call");
+    let startup = startup.unwrap_or_else(|| panic!("no token.call span: {spans:?}"));
+    assert!(startup.parent_span_id.is_empty() && hex(&startup.trace_id) != TRACE, "a root span: {startup:?}");
+    assert_eq!(attribute(startup, "tokenproxy.reason").as_deref(), Some("startup"));
+    assert_eq!(
+        idp.received()[0].traceparent,
+        Some(format!("00-{}-{}-01", hex(&startup.trace_id), hex(&startup.span_id)))
+    );
 }

@@ -306,6 +306,11 @@ impl TokenEngine {
     /// Starts the refresher of every provider not running yet; routed providers fetch their first token at once,
     /// and a kept provider that a route now uses gets one if it has none.
     pub fn spawn(&self) {
+        self.spawn_traced(None);
+    }
+
+    /// [`TokenEngine::spawn`], the token calls no request asked for traced as root spans of `telemetry`.
+    pub fn spawn_traced(&self, telemetry: Option<&Arc<crate::telemetry::Telemetry>>) {
         for (name, p) in &self.providers {
             let routed = self.routed.contains(name);
             if p.started.swap(true, Ordering::SeqCst) {
@@ -317,8 +322,9 @@ impl TokenEngine {
             let sink = p.config.sink_file.as_ref().map(|path| sink::Sink::new(name, path, p.config.sink_format));
             // A provider whose token is written to a file is fetched at startup even without a route.
             let eager = routed || sink.is_some();
-            let scheduler =
-                RefreshScheduler::new(Arc::clone(&p.slot), Arc::clone(&p.fetcher), p.timing, eager).with_sink(sink);
+            let scheduler = RefreshScheduler::new(Arc::clone(&p.slot), Arc::clone(&p.fetcher), p.timing, eager)
+                .with_sink(sink)
+                .with_telemetry(telemetry.cloned());
             let task = tokio::spawn(scheduler.run(Shutdown::new(p.stop.subscribe())));
             *p.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }

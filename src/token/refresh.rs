@@ -115,6 +115,8 @@ pub struct RefreshScheduler {
     eager: bool,
     /// Where each new token is also written (`sink_file`), if anywhere.
     sink: Option<super::sink::Sink>,
+    /// Traces: a call no request asked for is a root span.
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 /// Something that can make one token call (the IdP client; a fake in tests).
@@ -142,12 +144,18 @@ pub trait TokenFetcher: Send + Sync + 'static {
 impl RefreshScheduler {
     /// A scheduler for `slot`; `eager` fetches the first token at once.
     pub fn new(slot: Arc<TokenSlot>, idp: Arc<dyn TokenFetcher>, timing: Timing, eager: bool) -> Self {
-        RefreshScheduler { slot, idp, timing, eager, sink: None }
+        RefreshScheduler { slot, idp, timing, eager, sink: None, telemetry: None }
     }
 
     /// Also writes each new token to `sink`.
     pub fn with_sink(mut self, sink: Option<super::sink::Sink>) -> Self {
         self.sink = sink;
+        self
+    }
+
+    /// Traces token calls no request asked for as root spans.
+    pub fn with_telemetry(mut self, telemetry: Option<Arc<crate::telemetry::Telemetry>>) -> Self {
+        self.telemetry = telemetry;
         self
     }
 
@@ -209,7 +217,11 @@ impl RefreshScheduler {
             let started_wall = SystemTime::now();
             // A call a traced request asked for is a span of its trace, and its HTTP request carries the span's
             // traceparent.
-            let span = parent.as_ref().map(|parent| parent.token_call(&slot.name, reason.as_str()));
+            let span = match (&parent, &self.telemetry) {
+                (Some(parent), _) => Some(parent.token_call(&slot.name, reason.as_str())),
+                (None, Some(telemetry)) => telemetry.background_token_call(&slot.name, reason.as_str()),
+                (None, None) => None,
+            };
             let result = crate::telemetry::within_token_call(span.as_ref(), self.idp.fetch_after(slot.latest())).await;
             if let Some(span) = span {
                 span.set(opentelemetry::KeyValue::new(
