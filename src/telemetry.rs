@@ -225,9 +225,22 @@ tokio::task_local! {
 pub struct TraceHandle {
     telemetry: Arc<Telemetry>,
     cx: Context,
+    /// The request's `token.wait` span, while it waits.
+    wait: Option<Context>,
 }
 
+/// A token call's span, as the requests that wait for it link to it.
+pub type CallLink = opentelemetry::trace::SpanContext;
+
 impl TraceHandle {
+    /// Links the request's `token.wait` span to the token call in flight it waits for (single flight: the call is
+    /// another request's, or a background one).
+    pub fn link_to_call(&self, call: &CallLink) {
+        if let Some(wait) = &self.wait {
+            wait.span().add_link(call.clone(), Vec::new());
+        }
+    }
+
     /// The span of a token call of `provider` (made for `reason`) under this request's server span.
     pub fn token_call(&self, provider: &str, reason: &'static str) -> ChildSpan {
         self.client_span("token.call", provider, reason)
@@ -256,10 +269,19 @@ pub fn current_request() -> Option<TraceHandle> {
     REQUEST.try_with(TraceHandle::clone).ok()
 }
 
-/// Runs `work` (a wait for a token) as part of `trace`'s request: a token call it triggers joins that trace.
-pub async fn within_request<F: std::future::Future>(trace: Option<&RequestTrace>, work: F) -> F::Output {
+/// Runs `work` (a wait for a token, whose span is `wait`) as part of `trace`'s request: a token call it triggers joins
+/// that trace, and a call in flight it waits for is linked to `wait`.
+pub async fn within_request<F: std::future::Future>(
+    trace: Option<&RequestTrace>,
+    wait: Option<&ChildSpan>,
+    work: F,
+) -> F::Output {
     match trace {
-        Some(trace) => REQUEST.scope(trace.handle(), work).await,
+        Some(trace) => {
+            let mut handle = trace.handle();
+            handle.wait = wait.map(|span| span.cx.clone());
+            REQUEST.scope(handle, work).await
+        }
         None => work.await,
     }
 }
@@ -308,7 +330,7 @@ pub struct RequestTrace {
 impl RequestTrace {
     /// What the token engine keeps of this trace for the token call the request triggers.
     pub fn handle(&self) -> TraceHandle {
-        TraceHandle { telemetry: Arc::clone(&self.telemetry), cx: self.cx.clone() }
+        TraceHandle { telemetry: Arc::clone(&self.telemetry), cx: self.cx.clone(), wait: None }
     }
 
     /// The server span's trace and span ids, when it is sampled (for the access log).
@@ -393,6 +415,11 @@ impl ChildSpan {
         if self.cx.span().span_context().is_sampled() {
             self.telemetry.propagator.inject_context(&self.cx, &mut HeaderInjector(headers));
         }
+    }
+
+    /// What a request waiting for this token call links its `token.wait` span to.
+    pub fn link(&self) -> CallLink {
+        self.cx.span().span_context().clone()
     }
 
     /// Sets an attribute.

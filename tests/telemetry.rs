@@ -105,9 +105,14 @@ async fn a_waited_and_replayed_request_is_one_trace_that_continues_the_callers()
     upstream.revoke("tok-1");
     let client = Client::new();
     let caller = format!("00-{TRACE}-{CALLER_SPAN}-01");
+    // The startup call is in flight (held by the IdP) when the request comes: the request waits for it.
+    idp.wait_calls(1).await;
     let request = get(&client, proxy.url("/api/orders?secret=1"), &caller);
     let opened = async {
-        idp.wait_calls(1).await;
+        eventually("the request waiting for the startup call", Duration::from_secs(10), async || {
+            proxy.metric("tokenproxy_singleflight_waiters_total{provider=\"api\"}").await >= 1.0
+        })
+        .await;
         idp.open();
     };
     let (status, ()) = tokio::join!(request, opened);
@@ -149,7 +154,6 @@ async fn a_waited_and_replayed_request_is_one_trace_that_continues_the_callers()
     assert_eq!(attribute(&attempts[1], "http.request.resend_count").as_deref(), Some("1"));
     assert_eq!(attribute(&attempts[1], "http.response.status_code").as_deref(), Some("200"));
     // The replay's token call was asked for by this request: a span of its trace, and its traceparent went to the IdP.
-    // (The first call is the startup one, or this request's own when it asked before the startup call began.)
     // (A startup call no request asked for is a trace of its own.)
     let all_calls = named("token.call");
     let calls: Vec<Span> = all_calls.iter().filter(|c| hex(&c.trace_id) == TRACE).cloned().collect();
@@ -158,6 +162,16 @@ async fn a_waited_and_replayed_request_is_one_trace_that_continues_the_callers()
     assert!(calls.iter().all(|c| c.parent_span_id == server.span_id), "{calls:#?}");
     assert_eq!(attribute(call, "tokenproxy.provider").as_deref(), Some("api"));
     assert_eq!(attribute(call, "tokenproxy.outcome").as_deref(), Some("success"));
+    // The first wait was for the startup call: a trace of its own (no request asked for it), linked from the wait.
+    let mut waits = named("token.wait");
+    waits.sort_by_key(|w| w.start_time_unix_nano);
+    let startup = all_calls.iter().find(|c| hex(&c.trace_id) != TRACE).expect("the startup call's own trace");
+    assert_eq!(attribute(startup, "tokenproxy.reason").as_deref(), Some("startup"));
+    assert!(
+        waits[0].links.iter().any(|l| l.trace_id == startup.trace_id && l.span_id == startup.span_id),
+        "the wait links to the call it waited for: {:?}",
+        waits[0].links
+    );
     let received = idp.received();
     assert_eq!(received.len(), 2);
     assert_eq!(received[1].traceparent, Some(format!("00-{TRACE}-{}-01", hex(&call.span_id))));

@@ -663,7 +663,7 @@ impl Proxy {
             }
         }
         let span = trace.map(RequestTrace::token_wait);
-        let obtained = crate::telemetry::within_request(trace, tokens.obtain(rejected)).await;
+        let obtained = crate::telemetry::within_request(trace, span.as_ref(), tokens.obtain(rejected)).await;
         if let Some(span) = span {
             span.end(obtained.as_ref().err().map(|_| "token_unavailable"));
         }
@@ -806,7 +806,7 @@ impl Proxy {
                 let tokens = target.tokens(route)?.as_ref();
                 let obtain = Self::replacement(route, tokens, rejected, deadline);
                 let span = retried.trace.as_deref().map(RequestTrace::token_wait);
-                let fresh = crate::telemetry::within_request(retried.trace.as_deref(), obtain).await;
+                let fresh = crate::telemetry::within_request(retried.trace.as_deref(), span.as_ref(), obtain).await;
                 if let Some(span) = span {
                     span.end(fresh.is_none().then_some("token_unavailable"));
                 }

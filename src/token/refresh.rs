@@ -222,7 +222,9 @@ impl RefreshScheduler {
                 (None, Some(telemetry)) => telemetry.background_token_call(&slot.name, reason.as_str()),
                 (None, None) => None,
             };
+            *lock(&slot.call_span) = span.as_ref().map(crate::telemetry::ChildSpan::link);
             let result = crate::telemetry::within_token_call(span.as_ref(), self.idp.fetch_after(slot.latest())).await;
+            *lock(&slot.call_span) = None;
             if let Some(span) = span {
                 span.set(opentelemetry::KeyValue::new(
                     "tokenproxy.outcome",

@@ -214,6 +214,8 @@ pub struct TokenSlot {
     /// Bumped after every completed token call, success or failure: the single-flight rendezvous.
     pub(crate) attempts: watch::Sender<u64>,
     pub(crate) status: Mutex<SlotStatus>,
+    /// The span of the token call in flight, when it is traced: requests waiting for it link to it.
+    pub(crate) call_span: Mutex<Option<crate::telemetry::CallLink>>,
     pub(crate) metrics: ProviderMetrics,
     /// How long a request waits for a token call in flight.
     pub(crate) wait_timeout: Duration,
@@ -233,6 +235,7 @@ impl TokenSlot {
             wake: Notify::new(),
             attempts: watch::Sender::new(0),
             status: Mutex::new(SlotStatus::default()),
+            call_span: Mutex::new(None),
             metrics,
             wait_timeout,
             limits: RefreshLimits::default(),
@@ -426,6 +429,9 @@ impl TokenSlot {
             let already_asked = status.in_flight || demand.expired || demand.unauthorized.is_some();
             if already_asked {
                 self.metrics.singleflight_waiters.inc();
+                if let (Some(request), Some(call)) = (crate::telemetry::current_request(), &*lock(&self.call_span)) {
+                    request.link_to_call(call);
+                }
             } else if demand.parent.is_none() {
                 demand.parent = crate::telemetry::current_request();
             }
