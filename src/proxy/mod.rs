@@ -131,8 +131,9 @@ impl Target {
 pub struct InFlight<'p> {
     started: Instant,
     request_id: HeaderValue,
-    /// What the access log needs of the request as it came, when the log is on.
-    logged: Option<Logged>,
+    /// What the access log needs of the request as it came, when the log is on (boxed: the bookkeeping is moved
+    /// with every request, and stays small when the log is off).
+    logged: Option<Box<Logged>>,
     /// The route, once found (its `inflight` gauge was raised then).
     route: Option<&'p Route>,
     ended: bool,
@@ -428,10 +429,12 @@ impl Proxy {
         let request_id = request_id(&mut parts.headers);
         // Kept for the access log only: the path without its query (which may carry a token).
         let access_log = self.access_log && tracing::enabled!(target: "access", tracing::Level::INFO);
-        let logged = access_log.then(|| Logged {
-            method: parts.method.clone(),
-            path: parts.uri.path().to_owned(),
-            trace_id: parts.headers.get(&TRACEPARENT).and_then(headers::trace_id).map(Into::into),
+        let logged = access_log.then(|| {
+            Box::new(Logged {
+                method: parts.method.clone(),
+                path: parts.uri.path().to_owned(),
+                trace_id: parts.headers.get(&TRACEPARENT).and_then(headers::trace_id).map(Into::into),
+            })
         });
         let trace = self.telemetry.as_ref().and_then(|telemetry| {
             telemetry.server_span(&parts.method, parts.uri.path(), parts.version, &parts.headers).map(Box::new)
