@@ -1,8 +1,9 @@
 //! Why an upstream refused a token (docs/metrics-and-alerts.md, "Why an upstream refused a token"): an IdP that
-//! issues JWTs with the wrong `aud`, a short `scope`, another `iss`, or a lifetime the upstream's clock (10 minutes
-//! ahead) has already passed, and an opaque token; upstreams that refuse each. The verdict shows in `/tokens`
-//! (`last_refusal`) and in `tokenproxy_upstream_refusals_total{route,reason}`, once per token generation and route,
-//! and never carries the token or its subject. Runs on both HTTP/1.1 transports (`TP_TEST_HTTP1`).
+//! issues JWTs with the wrong `aud`, a short `scope`, another `iss`, a lifetime the upstream's clock (10 minutes ahead)
+//! has already passed, or a certificate binding the route does not present, and an opaque token; upstreams that
+//! refuse each. The verdict shows in `/tokens` (`last_refusal`) and in `tokenproxy_upstream_refusals_total{route,
+//! reason}`, once per token generation and route, and never carries the token or its subject. Runs on both HTTP/1.1
+//! transports (`TP_TEST_HTTP1`).
 
 mod support;
 
@@ -51,6 +52,11 @@ async fn idp() -> (std::net::SocketAddr, tokio::sync::watch::Sender<()>) {
                 claims["iss"] = json!("https://rogue.example");
                 jwt(claims)
             }
+            "bound" => {
+                // Certificate-bound (RFC 8705), but the route presents no client certificate to its upstream.
+                claims["cnf"] = json!({ "x5t#S256": "bwcK0esc1ErjaVVGDFWDpxB_uRfK-QyG3AhANCSQjNs" });
+                jwt(claims)
+            }
             "opaque" => "opaque-token-value".to_owned(),
             _ => jwt(claims),
         };
@@ -94,6 +100,7 @@ async fn each_refusal_is_explained_in_tokens_and_the_metric() {
         ("clock", "good", "clock"),
         ("iss", "iss", "iss"),
         ("opaque", "opaque", "opaque"),
+        ("bound", "bound", "bound"),
     ] {
         config += &format!(
             "[providers.{name}]\ntoken_url = \"{base}/token\"\nissuer = \"{base}\"\nclient_id = \"{client}\"\n\
@@ -103,7 +110,7 @@ async fn each_refusal_is_explained_in_tokens_and_the_metric() {
     }
     let proxy = Proxy::start(&config).await;
     let client = Client::new();
-    for path in ["/aud/x", "/scope/x", "/clock/x", "/iss/x", "/opaque/x"] {
+    for path in ["/aud/x", "/scope/x", "/clock/x", "/iss/x", "/opaque/x", "/bound/x"] {
         let status = client.get(&proxy.url(path)).await.status;
         assert!(status == 401 || status == 403, "{path}: {status}");
         // Once per token generation and route: a second refusal of the same token adds nothing.
@@ -117,6 +124,7 @@ async fn each_refusal_is_explained_in_tokens_and_the_metric() {
         ("clock", "expired", 401, "s ahead of this machine's"),
         ("iss", "issuer", 401, "`https://rogue.example`"),
         ("opaque", "unknown", 401, "not a JWT"),
+        ("bound", "binding", 401, "cnf.x5t#S256"),
     ] {
         let refusal = &tokens["providers"][provider]["last_refusal"];
         assert_eq!(refusal["reasons"], json!([reason]), "{provider}: {refusal}");
