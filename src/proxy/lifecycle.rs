@@ -131,7 +131,11 @@ pub(crate) async fn forward<T: Transport>(
         audit.subject = tokens.subject_fingerprint();
     }
     let mut token = match (target.tokens(route), target.attach) {
-        (Some(tokens), true) => Some(Proxy::credential(tokens.as_ref(), None, retried.trace.as_deref()).await?),
+        // The current token at once (no future is made for it), else a wait for one.
+        (Some(tokens), true) => Some(match tokens.current() {
+            Some(token) => token,
+            None => Proxy::credential(tokens.as_ref(), None, retried.trace.as_deref()).await?,
+        }),
         _ => None,
     };
     let place = match T::BOUNDED {
