@@ -536,15 +536,7 @@ impl ExportClient {
             only_ca_file: false,
             client_cert: None,
         })?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(EXPORT_TIMEOUT));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let connector = crate::tls::https_connector(tls, EXPORT_TIMEOUT);
         Ok(ExportClient { client: Client::builder(TokioExecutor::new()).build(connector) })
     }
 }

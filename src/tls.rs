@@ -71,6 +71,24 @@ pub struct ClientTls<'a> {
     pub client_cert: Option<(&'a Path, &'a Path)>,
 }
 
+/// A connector for HTTP and HTTPS URLs (HTTP/1.1 and h2 by ALPN) with the TLS settings `tls`, connecting within
+/// `connect_timeout`: how tokenproxy reaches an IdP or a telemetry collector.
+pub fn https_connector(
+    tls: ClientConfig,
+    connect_timeout: std::time::Duration,
+) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http)
+}
+
 /// A client config (webpki roots + optional CA file + optional client certificate). ALPN is left to the connector.
 pub fn client_config(tls: &ClientTls<'_>) -> Result<ClientConfig, TlsError> {
     let mut roots = if tls.only_ca_file && tls.ca_file.is_some() {

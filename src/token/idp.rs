@@ -360,16 +360,7 @@ fn build_client(provider: &ProviderConfig) -> Result<HttpsClient, TlsError> {
         _ => None,
     };
     let tls = client_config(&ClientTls { ca_file: provider.ca_file.as_deref(), only_ca_file: false, client_cert })?;
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(provider.timeout));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+    let connector = crate::tls::https_connector(tls, provider.timeout);
     Ok(Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector))
 }
 
