@@ -133,6 +133,16 @@ fn main() -> ExitCode {
             for warning in config.warnings() {
                 eprintln!("tokenproxy: warning: {warning}");
             }
+            // Telemetry may come from the OTEL_* environment alone: say where traces would go.
+            match tokenproxy::telemetry::resolve(&config.telemetry, &|name| std::env::var(name).ok()) {
+                Some(resolved) => eprintln!(
+                    "tokenproxy: telemetry: traces go to {} (service.name {}, sample_ratio {})",
+                    resolved.endpoint, resolved.service_name, config.telemetry.sample_ratio
+                ),
+                None => {
+                    eprintln!("tokenproxy: telemetry: off (no telemetry.otlp_endpoint, no OTEL_EXPORTER_OTLP_ENDPOINT)")
+                }
+            }
             let probe = probe.map(|route| Probe {
                 route,
                 method: method.unwrap_or(http::Method::GET),

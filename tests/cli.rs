@@ -85,6 +85,28 @@ provider = "orders"
 }
 
 #[test]
+fn check_says_where_traces_go_even_when_only_the_environment_says_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, "[[routes]]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:3000\"\n");
+    let check = |env: &[(&str, &str)]| {
+        let mut command = tokenproxy();
+        command.args(["check", "--config"]).arg(&path).env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let output = command.output().unwrap();
+        assert_eq!(output.status.code(), Some(0));
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    assert!(check(&[]).contains("telemetry: off"));
+    let on = check(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"), ("OTEL_SERVICE_NAME", "edge")]);
+    assert!(
+        on.contains("telemetry: traces go to http://127.0.0.1:4318/v1/traces (service.name edge, sample_ratio 1)"),
+        "{on}"
+    );
+}
+
+#[test]
 fn the_example_config_is_valid() {
     let output = tokenproxy()
         .args(["check", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")])
