@@ -133,15 +133,13 @@ fn main() -> ExitCode {
             for warning in config.warnings() {
                 eprintln!("tokenproxy: warning: {warning}");
             }
-            // Telemetry may come from the OTEL_* environment alone: say where traces would go.
-            match tokenproxy::telemetry::resolve(&config.telemetry, &|name| std::env::var(name).ok()) {
-                Some(resolved) => eprintln!(
+            // Telemetry may come from the OTEL_* environment alone, which the printed config does not show.
+            if let Some(resolved) = tokenproxy::telemetry::resolve(&config.telemetry, &|name| std::env::var(name).ok())
+            {
+                eprintln!(
                     "tokenproxy: telemetry: traces go to {} (service.name {}, sample_ratio {})",
                     resolved.endpoint, resolved.service_name, config.telemetry.sample_ratio
-                ),
-                None => {
-                    eprintln!("tokenproxy: telemetry: off (no telemetry.otlp_endpoint, no OTEL_EXPORTER_OTLP_ENDPOINT)")
-                }
+                );
             }
             let probe = probe.map(|route| Probe {
                 route,
