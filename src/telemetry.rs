@@ -264,26 +264,27 @@ impl TraceHandle {
     }
 }
 
-/// The trace of the request this future runs for, if it is traced (see [`within_request`]).
+/// The trace of the request this future runs for, if it is traced (see [`token_wait`]).
 pub fn current_request() -> Option<TraceHandle> {
     REQUEST.try_with(TraceHandle::clone).ok()
 }
 
-/// Runs `work` (a wait for a token, whose span is `wait`) as part of `trace`'s request: a token call it triggers joins
-/// that trace, and a call in flight it waits for is linked to `wait`.
-pub async fn within_request<F: std::future::Future>(
+/// Runs `work`, a request's wait for a token, as a `token.wait` span of its trace (when it is traced): a token call it
+/// triggers joins that trace, and a call in flight it waits for is linked to the span. `failed` says whether the
+/// wait came back without a token (`error.type = token_unavailable`).
+pub async fn token_wait<F: std::future::Future>(
     trace: Option<&RequestTrace>,
-    wait: Option<&ChildSpan>,
     work: F,
+    failed: impl FnOnce(&F::Output) -> bool,
 ) -> F::Output {
-    match trace {
-        Some(trace) => {
-            let mut handle = trace.handle();
-            handle.wait = wait.map(|span| span.cx.clone());
-            REQUEST.scope(handle, work).await
-        }
-        None => work.await,
-    }
+    let Some(trace) = trace else { return work.await };
+    let span = trace.token_wait();
+    let mut handle = trace.handle();
+    handle.wait = Some(span.cx.clone());
+    let output = REQUEST.scope(handle, work).await;
+    let error = failed(&output).then_some("token_unavailable");
+    span.end(error);
+    output
 }
 
 /// Runs `work` (a token call) under `span`: its HTTP request carries the span's `traceparent` ([`inject_token_call`]).

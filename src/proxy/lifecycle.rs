@@ -134,7 +134,7 @@ pub(crate) async fn forward<T: Transport>(
         // The current token at once (no future is made for it), else a wait for one.
         (Some(tokens), true) => Some(match tokens.current() {
             Some(token) => token,
-            None => Proxy::credential(tokens.as_ref(), None, retried.trace.as_deref()).await?,
+            None => Proxy::credential(tokens.as_ref(), retried.trace.as_deref()).await?,
         }),
         _ => None,
     };

@@ -7,8 +7,8 @@
 //!    tokenproxy is never an open proxy.
 //! 2. **Prepare** ([`Proxy::prepare`]): the request as the upstream will see it (URI, hop-by-hop headers stripped,
 //!    forwarding headers set) and the route's `incoming_authorization` rule.
-//! 3. **Credential** ([`Proxy::credential`]): the provider's current token (the hot path), or a wait on the single
-//!    token call in flight.
+//! 3. **Credential**: the provider's current token (the hot path, taken by the lifecycle), or a wait on the single
+//!    token call in flight ([`Proxy::credential`]).
 //! 4. **Upstream request** ([`Proxy::upstream_target`]): the upstream URI and the header that carries the token.
 //! 5. **Status decision** ([`Proxy::decide`], [`Proxy::replacement`]): deliver the response, or, on a 401 to a token
 //!    we attached, get a newer token (within the 401 budget) and replay once.
@@ -653,23 +653,10 @@ impl Proxy {
         Ok(target.insert(Target { original: parts.uri.clone(), query, attach, caller_tokens }))
     }
 
-    /// Phase 3: the token to attach: the current one, or a wait for the single token call in flight (a
-    /// `token.wait` span of the request's trace).
-    async fn credential(
-        tokens: &dyn TokenSource,
-        rejected: Option<u64>,
-        trace: Option<&RequestTrace>,
-    ) -> Result<Arc<Token>, ProxyError> {
-        if rejected.is_none() {
-            if let Some(token) = tokens.current() {
-                return Ok(token);
-            }
-        }
-        let span = trace.map(RequestTrace::token_wait);
-        let obtained = crate::telemetry::within_request(trace, span.as_ref(), tokens.obtain(rejected)).await;
-        if let Some(span) = span {
-            span.end(obtained.as_ref().err().map(|_| "token_unavailable"));
-        }
+    /// Phase 3, when the provider has no usable token (the lifecycle takes the current one itself, the hot path): a
+    /// wait for the single token call in flight.
+    async fn credential(tokens: &dyn TokenSource, trace: Option<&RequestTrace>) -> Result<Arc<Token>, ProxyError> {
+        let obtained = crate::telemetry::token_wait(trace, tokens.obtain(None), Result::is_err).await;
         obtained.map_err(|e| match e.refusal {
             Some(refusal) => ProxyError::Subject { refusal, detail: e.reason },
             None if e.budget_exhausted => {
@@ -808,11 +795,7 @@ impl Proxy {
             Decision::Replay { rejected, why } => {
                 let tokens = target.tokens(route)?.as_ref();
                 let obtain = Self::replacement(route, tokens, rejected, deadline);
-                let span = retried.trace.as_deref().map(RequestTrace::token_wait);
-                let fresh = crate::telemetry::within_request(retried.trace.as_deref(), span.as_ref(), obtain).await;
-                if let Some(span) = span {
-                    span.end(fresh.is_none().then_some("token_unavailable"));
-                }
+                let fresh = crate::telemetry::token_wait(retried.trace.as_deref(), obtain, Option::is_none).await;
                 if fresh.is_some() {
                     retried.replayed = true;
                     retried.resending(why);
