@@ -252,16 +252,23 @@ impl TraceHandle {
     }
 
     fn client_span(&self, name: &'static str, provider: &str, reason: &'static str) -> ChildSpan {
-        let tracer = &self.telemetry.tracer;
         let attributes =
             vec![KeyValue::new("tokenproxy.provider", provider.to_owned()), KeyValue::new("tokenproxy.reason", reason)];
-        let span = tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
-            .start_with_context(tracer, &self.cx);
-        ChildSpan { cx: self.cx.with_span(span), telemetry: Arc::clone(&self.telemetry) }
+        child_of(&self.telemetry, &self.cx, name.into(), SpanKind::Client, attributes)
     }
+}
+
+/// A span started now under the span of `cx`.
+fn child_of(
+    telemetry: &Arc<Telemetry>,
+    cx: &Context,
+    name: std::borrow::Cow<'static, str>,
+    kind: SpanKind,
+    attributes: Vec<KeyValue>,
+) -> ChildSpan {
+    let tracer = &telemetry.tracer;
+    let span = tracer.span_builder(name).with_kind(kind).with_attributes(attributes).start_with_context(tracer, cx);
+    ChildSpan { cx: cx.with_span(span), telemetry: Arc::clone(telemetry) }
 }
 
 /// The trace of the request this future runs for, if it is traced (see [`token_wait`]).
@@ -341,14 +348,6 @@ impl RequestTrace {
         context.is_sampled().then(|| (context.trace_id().to_string(), context.span_id().to_string()))
     }
 
-    /// A child span named `name` (its attributes given), started now.
-    pub fn child(&self, name: &'static str, kind: SpanKind, attributes: Vec<KeyValue>) -> ChildSpan {
-        let tracer = &self.telemetry.tracer;
-        let span =
-            tracer.span_builder(name).with_kind(kind).with_attributes(attributes).start_with_context(tracer, &self.cx);
-        ChildSpan { cx: self.cx.with_span(span), telemetry: Arc::clone(&self.telemetry) }
-    }
-
     /// The span of one send to the upstream at `server` (`resend_count`: the sends before it).
     pub fn attempt(&self, server: &str, method: &http::Method, resend_count: u8) -> ChildSpan {
         let mut attributes = vec![
@@ -358,24 +357,12 @@ impl RequestTrace {
         if resend_count > 0 {
             attributes.push(KeyValue::new("http.request.resend_count", i64::from(resend_count)));
         }
-        self.child_named(method_name(method), SpanKind::Client, attributes)
+        child_of(&self.telemetry, &self.cx, method_name(method), SpanKind::Client, attributes)
     }
 
     /// The span of a wait for a token call in flight.
     pub fn token_wait(&self) -> ChildSpan {
-        self.child("token.wait", SpanKind::Internal, Vec::new())
-    }
-
-    fn child_named(
-        &self,
-        name: std::borrow::Cow<'static, str>,
-        kind: SpanKind,
-        attributes: Vec<KeyValue>,
-    ) -> ChildSpan {
-        let tracer = &self.telemetry.tracer;
-        let span =
-            tracer.span_builder(name).with_kind(kind).with_attributes(attributes).start_with_context(tracer, &self.cx);
-        ChildSpan { cx: self.cx.with_span(span), telemetry: Arc::clone(&self.telemetry) }
+        child_of(&self.telemetry, &self.cx, "token.wait".into(), SpanKind::Internal, Vec::new())
     }
 
     /// Names the server span after the route (`METHOD ROUTE`) and notes its provider.
