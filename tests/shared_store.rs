@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -250,7 +251,6 @@ async fn five_replicas_refresh_once_per_token_lifetime_between_them() {
 #[tokio::test]
 async fn a_cold_replica_takes_the_shared_token_with_one_read() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
     use tokenproxy::token::shared::{SharedFetcher, SharedStore, StoreHealth};
     use tokenproxy::token::{TokenError, TokenFetcher, TokenResponse};
 
@@ -293,10 +293,92 @@ async fn a_cold_replica_takes_the_shared_token_with_one_read() {
     );
 }
 
+/// A TCP relay to `target` that holds the first chunk naming a lease (`…:lease`) until `go` is notified, after
+/// notifying `held`: a replica stopped between its look for the shared token and its taking of the lease.
+async fn lease_gate(target: u16, held: Arc<tokio::sync::Notify>, go: Arc<tokio::sync::Notify>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let gated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let (held, go, gated) = (Arc::clone(&held), Arc::clone(&go), Arc::clone(&gated));
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move { tokio::io::copy(&mut server_read, &mut client_write).await });
+                let mut buffer = vec![0u8; 16 * 1024];
+                while let Ok(n) = client_read.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let names_lease = buffer[..n].windows(6).any(|w| w == b":lease");
+                    if names_lease && !gated.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        held.notify_one();
+                        go.notified().await;
+                    }
+                    if server_write.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Replica `b` looks for the shared token and finds none; before it takes the lease, replica `a` takes it, makes the
+/// call, shares the token and releases the lease. `b` then takes the free lease: it uses `a`'s token, no second call.
+/// (Two replicas started together once made two calls this way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_takes_the_lease_after_anothers_call_uses_that_token() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokenproxy::token::shared::{SharedFetcher, SharedStore, StoreHealth};
+    use tokenproxy::token::{TokenError, TokenFetcher, TokenResponse};
+
+    struct Counting(AtomicUsize);
+    impl TokenFetcher for Counting {
+        fn fetch(&self) -> futures_util::future::BoxFuture<'_, Result<TokenResponse, TokenError>> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            let token = http::HeaderValue::from_str(&format!("tok-{n}")).unwrap();
+            Box::pin(async move { Ok(TokenResponse::new(token, Duration::from_secs(300))) })
+        }
+    }
+    let redis = RedisServer::start();
+    let (held, go) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    let gate = lease_gate(redis.port, Arc::clone(&held), Arc::clone(&go)).await;
+    let (idp, upstream, keys) = (FakeIdp::start(300).await, FakeUpstream::start().await, key_file());
+    let toml = replica(&idp, &upstream, &redis, keys.path(), "race");
+    let config = tokenproxy::config::Config::from_toml_str(&toml, "race.toml").unwrap();
+    let gated = tokenproxy::config::Config::from_toml_str(
+        &toml.replace(&redis.url(), &format!("redis://127.0.0.1:{gate}")),
+        "race.toml",
+    )
+    .unwrap();
+    let metrics = tokenproxy::metrics::Metrics::new();
+    let inner = Arc::new(Counting(AtomicUsize::new(0)));
+    let fetcher = |config: &tokenproxy::config::Config| {
+        let provider = &config.providers["api"];
+        let store = Arc::new(SharedStore::new(config.state.shared.as_ref().unwrap(), metrics.store()));
+        let health = Arc::new(StoreHealth::new(provider, &metrics.store()));
+        SharedFetcher::new(inner.clone(), store, provider, health)
+    };
+    let (a, b) = (fetcher(&config), fetcher(&gated));
+    let b = tokio::spawn(async move { b.fetch_after(None).await.map(|r| (r.shared, r.access_token)) });
+    held.notified().await;
+    let first = a.fetch_after(None).await.unwrap();
+    assert_eq!(first.access_token.expose(), "tok-1");
+    go.notify_one();
+    let (shared, token) = b.await.unwrap().unwrap();
+    assert_eq!(inner.0.load(Ordering::SeqCst), 1, "one token call for the two");
+    assert!(shared && token.expose() == "tok-1", "b took a's token");
+    assert!(redis.keys("race:token:api:*:lease").is_empty(), "b released the lease it took");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady_traffic_sees_no_failure_while_redis_dies_and_comes_back() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
     let mut redis = RedisServer::start();
     let (idp, upstream, keys) = (FakeIdp::start(300).await, FakeUpstream::start().await, key_file());
     let config = replica(&idp, &upstream, &redis, keys.path(), "steady");

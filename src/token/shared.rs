@@ -8,8 +8,8 @@
 //!
 //! A replica that needs a token ([`SharedFetcher`]) first reads the shared one, and uses it unless it is the very
 //! token the replica wants replaced (refused by an upstream, or due for refresh) or is itself due for refresh. Else it
-//! takes the lease (`SET NX PX` with a random fencing value, released only by its holder), makes the token call and
-//! stores the result; the others poll for that result while the lease is held, up to the provider's `timeout`, and
+//! takes the lease (`SET NX PX` with a random fencing value, released only by its holder), reads once more (another
+//! replica may have made its call and released the lease since), makes the token call and stores the result; the others poll for that result while the lease is held, up to the provider's `timeout`, and
 //! make their own call if none comes (a holder that died lets its lease expire). Every Redis operation has a short
 //! timeout (`redis_timeout`); when Redis fails, the replica makes its own call, as without a shared store.
 
@@ -550,10 +550,33 @@ impl SharedFetcher {
                 self.health.failed(&error);
             }
         }
+        self.release(fence).await;
+        result
+    }
+
+    /// Releases the lease this replica holds with `fence`; one the store does not release expires.
+    async fn release(&self, fence: &str) {
         if let Err(error) = self.store.release(&self.lease_key, fence).await {
             tracing::debug!(provider = %self.name, "the lease could not be released (it expires): {error}");
         }
-        result
+    }
+
+    /// With the lease: the token another replica shared since this one looked (it made its call, shared the token and
+    /// released the lease in between), else the call. Without this second look, two replicas starting together each
+    /// made a call.
+    async fn as_holder(&self, fence: &str, current: Option<&HeaderValue>) -> Result<TokenResponse, TokenError> {
+        match self.look(current).await {
+            Ok(Some(response)) => {
+                self.release(fence).await;
+                Ok(response)
+            }
+            Ok(None) => self.call_and_share(fence).await,
+            // The lease is this replica's: its call is the fleet's, shared if the store answers again.
+            Err(error) => {
+                self.health.failed(&error);
+                self.call_and_share(fence).await
+            }
+        }
     }
 
     async fn fetch_through(&self, current: Option<Arc<Token>>) -> Result<TokenResponse, TokenError> {
@@ -569,7 +592,7 @@ impl SharedFetcher {
         let mut waited = false;
         loop {
             match self.store.lease(&self.lease_key, &fence, self.wait + Duration::from_secs(1)).await {
-                Ok(true) => return self.call_and_share(&fence).await,
+                Ok(true) => return self.as_holder(&fence, current).await,
                 Ok(false) if !waited => {
                     self.store.metrics.lease_waits.inc();
                     waited = true;
