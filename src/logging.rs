@@ -95,6 +95,53 @@ impl<W: io::Write> io::Write for EscapingWriter<W> {
     }
 }
 
+/// The trace and span ids (lowercase hex) of the request whose work is running, for the JSON log lines it writes.
+#[derive(Debug, Clone)]
+pub struct TraceIds {
+    /// The trace's id, 32 hex digits.
+    pub trace_id: String,
+    /// The request's server span's id, 16 hex digits.
+    pub span_id: String,
+}
+
+tokio::task_local! {
+    static TRACE_IDS: TraceIds;
+}
+
+/// Runs `work` (a traced request's) with `ids` on every JSON line it logs ([`WithTraceIds`]).
+pub async fn with_trace_ids<F: std::future::Future>(ids: TraceIds, work: F) -> F::Output {
+    TRACE_IDS.scope(ids, work).await
+}
+
+/// The JSON format with `trace_id` and `span_id` first on every line logged by a traced request's work (see
+/// [`with_trace_ids`]); a line that names its own `trace_id` (the access line) is left as it is.
+pub struct WithTraceIds<F>(pub F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithTraceIds<F>
+where
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let ids = TRACE_IDS.try_with(TraceIds::clone).ok();
+        let Some(ids) = ids.filter(|_| event.metadata().fields().field("trace_id").is_none()) else {
+            return self.0.format_event(ctx, writer, event);
+        };
+        let mut line = String::with_capacity(256);
+        self.0.format_event(ctx, tracing_subscriber::fmt::format::Writer::new(&mut line), event)?;
+        match line.strip_prefix('{') {
+            Some(rest) => write!(writer, "{{\"trace_id\":\"{}\",\"span_id\":\"{}\",{rest}", ids.trace_id, ids.span_id),
+            None => writer.write_str(&line),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 use tokenproxy::config::{Config, ConfigError, LogConfig, LogFormat};
-use tokenproxy::logging::{Escape, EscapingWriter};
+use tokenproxy::logging::{Escape, EscapingWriter, WithTraceIds};
 use tokenproxy::probe::Probe;
 use tokenproxy::server::WorkerPool;
 use tokenproxy::token::device::{self, Logout};
@@ -236,7 +236,12 @@ fn init_tracing(log: &LogConfig) {
         .with_writer(move || EscapingWriter::new(std::io::stderr(), escape))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        // A traced request's lines carry its trace_id and span_id (src/logging.rs).
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .event_format(WithTraceIds(tracing_subscriber::fmt::format().json().flatten_event(true)))
+            .init(),
         LogFormat::Pretty => builder.compact().init(),
     }
 }

@@ -348,6 +348,11 @@ impl RequestTrace {
         context.is_sampled().then(|| (context.trace_id().to_string(), context.span_id().to_string()))
     }
 
+    /// [`Self::ids`] for the log lines the request's work writes.
+    pub fn log_ids(&self) -> Option<crate::logging::TraceIds> {
+        self.ids().map(|(trace_id, span_id)| crate::logging::TraceIds { trace_id, span_id })
+    }
+
     /// The span of one send to the upstream at `server` (`resend_count`: the sends before it).
     pub fn attempt(&self, server: &str, method: &http::Method, resend_count: u8) -> ChildSpan {
         let mut attributes = vec![

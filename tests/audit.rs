@@ -211,6 +211,15 @@ provider = "bound"
 async fn with_telemetry_on_the_access_line_names_the_server_span() {
     let idp = FakeIdp::start(300).await;
     let upstream = FakeUpstream::start().await;
+    // An upstream that refuses every token: the refusal's WARN line is logged while the request is served.
+    let (refusing, _stop) = spawn_server(|_request: Request<hyper::body::Incoming>| async {
+        Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header("www-authenticate", "Bearer error=\"invalid_token\"")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenproxy.toml");
     // No collector listens there: spans are dropped, requests are not affected.
@@ -218,7 +227,8 @@ async fn with_telemetry_on_the_access_line_names_the_server_span() {
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n\
          [telemetry]\notlp_endpoint = \"http://127.0.0.1:9\"\n\
          [providers.cc]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"cc-s3cret\"\n\
-         [[routes]]\nprefix = \"/cc\"\nupstream = \"{}\"\nprovider = \"cc\"\n",
+         [[routes]]\nprefix = \"/cc\"\nupstream = \"{}\"\nprovider = \"cc\"\n\
+         [[routes]]\nprefix = \"/refused\"\nupstream = \"http://{refusing}\"\nprovider = \"cc\"\n",
         idp.token_url(),
         upstream.url()
     );
@@ -229,6 +239,7 @@ async fn with_telemetry_on_the_access_line_names_the_server_span() {
     let traceparent = format!("00-{TRACE_ID}-00f067aa0ba902b7-01");
     assert_eq!(get(&client, proxy.url("/cc/traced"), &[("traceparent", &traceparent)]).await, 200);
     let sent = upstream.seen().last().unwrap().headers["traceparent"].to_str().unwrap().to_owned();
+    assert_eq!(get(&client, proxy.url("/refused/x"), &[("traceparent", &traceparent)]).await, 401);
     assert_eq!(proxy.terminate().await.code(), Some(0));
     let logs = proxy.logs();
     let line = logs
@@ -244,4 +255,23 @@ async fn with_telemetry_on_the_access_line_names_the_server_span() {
         sent.starts_with(&format!("00-{TRACE_ID}-")) && !sent.contains(span_id),
         "the upstream's parent is the attempt: {sent}"
     );
+    // Every line a traced request's work logs carries its ids (the refusal's WARN line here); others carry none.
+    let entries: Vec<Value> = logs.lines().filter_map(|line| serde_json::from_str::<Value>(line).ok()).collect();
+    let refused = entries
+        .iter()
+        .find(|entry| entry["target"] == "access" && entry["path"] == "/refused/x")
+        .unwrap_or_else(|| panic!("no access line: {logs}"));
+    let warning = entries
+        .iter()
+        .find(|entry| {
+            entry["level"] == "WARN" && entry["message"].as_str().unwrap_or_default().contains("refused the token")
+        })
+        .unwrap_or_else(|| panic!("no refusal line: {logs}"));
+    assert_eq!((&warning["trace_id"], &warning["span_id"]), (&refused["trace_id"], &refused["span_id"]), "{warning}");
+    assert_ne!(refused["span_id"], line["span_id"], "each request its own server span");
+    let keys: Vec<&String> = warning.as_object().unwrap().keys().collect();
+    assert_eq!(keys.iter().filter(|k| k.as_str() == "trace_id").count(), 1, "{warning}");
+    let untraced = entries.iter().filter(|entry| entry["target"] != "access" && *entry != warning);
+    assert!(untraced.clone().all(|entry| entry.get("trace_id").is_none()), "lines of no request carry no ids");
+    assert!(untraced.count() > 0);
 }

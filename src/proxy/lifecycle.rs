@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::upstream::slots::OwnedPlace;
 use super::{Answer, Connection, Credential, Decision, Proxy, ProxyError, Resend, Retried, Route, Target};
 use crate::metrics::ReplayOutcome;
-use crate::telemetry::ChildSpan;
+use crate::telemetry::{ChildSpan, RequestTrace};
 use crate::token::Token;
 
 /// What a transport does for the lifecycle: send a prepared request, keep the upstream's response head until it is
@@ -117,7 +117,29 @@ impl Delivery {
 /// requests in flight, send it and decide on the answer, and send it again once if the decision asks. `retried`
 /// notes what was sent again, even when a later send fails; `target` receives where the request goes and where its
 /// tokens come from (left in the caller's hands rather than moved back with the answer).
-pub(crate) async fn forward<T: Transport>(
+///
+/// A traced request's work runs with its trace and span ids, which its JSON log lines carry ([`crate::logging`]);
+/// the boxed future is made for traced requests only.
+pub(crate) fn forward<'a, T: Transport>(
+    route: &'a Route,
+    parts: &'a mut Parts,
+    target: &'a mut Option<Target>,
+    connection: &'a Connection,
+    deadline: Instant,
+    retried: &'a mut Retried,
+    transport: &'a mut T,
+) -> impl std::future::Future<Output = Result<Delivery, T::Failure>> + 'a {
+    use futures_util::future::Either;
+    let ids = retried.trace.as_deref().and_then(RequestTrace::log_ids);
+    let work = phases(route, parts, target, connection, deadline, retried, transport);
+    match ids {
+        Some(ids) => Either::Left(Box::pin(crate::logging::with_trace_ids(ids, work))),
+        None => Either::Right(work),
+    }
+}
+
+/// [`forward`]'s phases.
+async fn phases<T: Transport>(
     route: &Route,
     parts: &mut Parts,
     target: &mut Option<Target>,
