@@ -134,12 +134,19 @@ fn main() -> ExitCode {
                 eprintln!("tokenproxy: warning: {warning}");
             }
             // Telemetry may come from the OTEL_* environment alone, which the printed config does not show.
-            if let Some(resolved) = tokenproxy::telemetry::resolve(&config.telemetry, &|name| std::env::var(name).ok())
-            {
-                eprintln!(
-                    "tokenproxy: telemetry: traces go to {} (service.name {}, sample_ratio {})",
-                    resolved.endpoint, resolved.service_name, config.telemetry.sample_ratio
-                );
+            match tokenproxy::telemetry::resolve(&config.telemetry, &|name| std::env::var(name).ok()) {
+                Ok(Some(resolved)) => eprintln!(
+                    "tokenproxy: telemetry: traces go to {} over {} (service.name {}, sample_ratio {})",
+                    resolved.endpoint,
+                    resolved.protocol_name(),
+                    resolved.service_name,
+                    config.telemetry.sample_ratio
+                ),
+                Ok(None) => {}
+                Err(error) => {
+                    eprintln!("tokenproxy: {error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
             }
             let probe = probe.map(|route| Probe {
                 route,

@@ -29,7 +29,7 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanData, 
 use opentelemetry_sdk::Resource;
 use tokio::sync::mpsc;
 
-use crate::config::TelemetryConfig;
+use crate::config::{OtlpProtocol, TelemetryConfig};
 
 /// W3C Trace Context's header.
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
@@ -63,37 +63,78 @@ pub struct Telemetry {
     no_new_traces: bool,
 }
 
+/// What a build without the `otlp-grpc` feature says of `grpc`.
+pub const NO_GRPC: &str = "gRPC export needs a build with the `otlp-grpc` feature; this one sends http/protobuf";
+
 /// What telemetry's configuration comes to once the `OTEL_*` environment is read: `None` when it is off.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
-    /// The URL spans are posted to (`…/v1/traces`).
+    /// Where spans go: the URL they are posted to (`…/v1/traces`), or the gRPC collector's.
     pub endpoint: String,
+    /// How they go.
+    pub protocol: OtlpProtocol,
     /// `service.name`.
     pub service_name: String,
 }
 
-/// Resolves the endpoint and service name: `telemetry.*` keys win over `OTEL_*` variables (the `TOKENPROXY_*`
-/// variables are config keys already); `OTEL_SDK_DISABLED=true` turns telemetry off unless `otlp_endpoint` is set.
-pub fn resolve(config: &TelemetryConfig, env: &dyn Fn(&str) -> Option<String>) -> Option<Resolved> {
-    let endpoint = match &config.otlp_endpoint {
-        Some(base) => traces_url(base),
-        None if env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) => return None,
-        None => match env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").filter(|v| !v.trim().is_empty()) {
-            Some(full) => full.trim().to_owned(),
-            None => traces_url(env("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|v| !v.trim().is_empty())?.trim()),
-        },
-    };
-    let service_name = config
-        .service_name
-        .clone()
-        .or_else(|| env("OTEL_SERVICE_NAME").filter(|v| !v.trim().is_empty()))
-        .unwrap_or_else(|| "tokenproxy".to_owned());
-    Some(Resolved { endpoint, service_name })
+impl Resolved {
+    /// The protocol as OTLP names it.
+    pub fn protocol_name(&self) -> &'static str {
+        match self.protocol {
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+            OtlpProtocol::Grpc => "grpc",
+        }
+    }
 }
 
-/// `base` + `/v1/traces`, as OTLP/HTTP appends it to a base endpoint.
-fn traces_url(base: &str) -> String {
-    format!("{}/v1/traces", base.trim_end_matches('/'))
+/// Resolves the endpoint, the protocol and the service name: `telemetry.*` keys win over `OTEL_*` variables (the
+/// `TOKENPROXY_*` variables are config keys already); `OTEL_SDK_DISABLED=true` turns telemetry off unless
+/// `otlp_endpoint` is set. Over HTTP, `/v1/traces` is appended to a base endpoint (`otlp_endpoint`,
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`); over gRPC every endpoint is used as it is, as the OTLP exporter specification says.
+pub fn resolve(
+    config: &TelemetryConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Resolved>, TelemetryError> {
+    let var = |name: &str| env(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    if config.otlp_endpoint.is_none() && var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Ok(None);
+    }
+    let protocol = match config.otlp_protocol {
+        Some(protocol) => protocol,
+        None => match ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
+            .into_iter()
+            .find_map(|name| var(name).map(|value| (name, value)))
+        {
+            None => OtlpProtocol::HttpProtobuf,
+            Some((_, value)) if value == "http/protobuf" => OtlpProtocol::HttpProtobuf,
+            Some((_, value)) if value == "grpc" && cfg!(feature = "otlp-grpc") => OtlpProtocol::Grpc,
+            Some((name, value)) if value == "grpc" => {
+                return Err(TelemetryError(format!("{name} `{value}`: {NO_GRPC}")))
+            }
+            Some((name, value)) => {
+                return Err(TelemetryError(format!(
+                    "{name} `{value}`: tokenproxy exports over `http/protobuf` or `grpc`"
+                )))
+            }
+        },
+    };
+    let base = |url: &str| match protocol {
+        OtlpProtocol::HttpProtobuf => format!("{}/v1/traces", url.trim_end_matches('/')),
+        OtlpProtocol::Grpc => url.to_owned(),
+    };
+    let endpoint = match &config.otlp_endpoint {
+        Some(url) => base(url),
+        None => match var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+            Some(full) => full,
+            None => match var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+                Some(url) => base(&url),
+                None => return Ok(None),
+            },
+        },
+    };
+    let service_name =
+        config.service_name.clone().or_else(|| var("OTEL_SERVICE_NAME")).unwrap_or_else(|| "tokenproxy".to_owned());
+    Ok(Some(Resolved { endpoint, protocol, service_name }))
 }
 
 impl Telemetry {
@@ -103,7 +144,7 @@ impl Telemetry {
         config: &TelemetryConfig,
         dropped: prometheus::IntCounter,
     ) -> Result<Option<Arc<Telemetry>>, TelemetryError> {
-        let Some(resolved) = resolve(config, &|name| std::env::var(name).ok()) else { return Ok(None) };
+        let Some(resolved) = resolve(config, &|name| std::env::var(name).ok())? else { return Ok(None) };
         let mut headers = HashMap::new();
         if let Some(source) = &config.headers {
             let text = source.read().map_err(|e| TelemetryError(format!("telemetry.headers: {e}")))?;
@@ -117,16 +158,24 @@ impl Telemetry {
                 headers.insert(name.trim().to_owned(), value);
             }
         }
-        let client = ExportClient::new().map_err(|e| TelemetryError(format!("the HTTPS client: {e}")))?;
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_http_client(client)
-            .with_endpoint(resolved.endpoint.clone())
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_timeout(EXPORT_TIMEOUT)
-            .with_headers(headers)
-            .build()
-            .map_err(|e| TelemetryError(format!("telemetry.otlp_endpoint `{}`: {e}", resolved.endpoint)))?;
+        let mut exporter = match resolved.protocol {
+            OtlpProtocol::HttpProtobuf => {
+                let client = ExportClient::new().map_err(|e| TelemetryError(format!("the HTTPS client: {e}")))?;
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_http_client(client)
+                    .with_endpoint(resolved.endpoint.clone())
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_timeout(EXPORT_TIMEOUT)
+                    .with_headers(headers)
+                    .build()
+            }
+            #[cfg(feature = "otlp-grpc")]
+            OtlpProtocol::Grpc => grpc_exporter(&resolved.endpoint, headers)?,
+            #[cfg(not(feature = "otlp-grpc"))]
+            OtlpProtocol::Grpc => return Err(TelemetryError(NO_GRPC.to_owned())),
+        }
+        .map_err(|e| TelemetryError(format!("telemetry.otlp_endpoint `{}`: {e}", resolved.endpoint)))?;
         let resource = Resource::builder()
             .with_service_name(resolved.service_name.clone())
             .with_attributes(config.resource_attributes.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())))
@@ -438,6 +487,29 @@ impl ChildSpan {
     }
 }
 
+/// The gRPC exporter (tonic, rustls with the webpki roots) for `endpoint`, sending `headers` as metadata.
+#[cfg(feature = "otlp-grpc")]
+fn grpc_exporter(
+    endpoint: &str,
+    headers: HashMap<String, String>,
+) -> Result<Result<opentelemetry_otlp::SpanExporter, opentelemetry_otlp::ExporterBuildError>, TelemetryError> {
+    use opentelemetry_otlp::WithTonicConfig as _;
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        let invalid = || TelemetryError(format!("telemetry.headers: `{name}` is not a valid gRPC metadata entry"));
+        let key = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid())?;
+        map.insert(key, HeaderValue::from_str(&value).map_err(|_| invalid())?);
+    }
+    Ok(opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint.to_owned())
+        .with_protocol(opentelemetry_otlp::Protocol::Grpc)
+        .with_timeout(EXPORT_TIMEOUT)
+        .with_metadata(tonic::metadata::MetadataMap::from_headers(map))
+        .with_tls_config(tonic::transport::ClientTlsConfig::new().with_webpki_roots())
+        .build())
+}
+
 /// What the export task's queue holds: finished spans, and a request to send what came before at once.
 #[derive(Debug)]
 enum Item {
@@ -556,10 +628,10 @@ mod tests {
             move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
         };
         let off = TelemetryConfig::default();
-        assert_eq!(resolve(&off, &env(&[])), None, "nothing configured: off");
+        assert_eq!(resolve(&off, &env(&[])).unwrap(), None, "nothing configured: off");
         let base =
             env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318/"), ("OTEL_SERVICE_NAME", "orders-gw")]);
-        let resolved = resolve(&off, &base).unwrap();
+        let resolved = resolve(&off, &base).unwrap().unwrap();
         assert_eq!(
             (resolved.endpoint.as_str(), resolved.service_name.as_str()),
             ("http://127.0.0.1:4318/v1/traces", "orders-gw")
@@ -568,23 +640,72 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4318"),
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://b:4318/custom"),
         ]);
-        assert_eq!(resolve(&off, &full).unwrap().endpoint, "http://b:4318/custom", "the traces variable is used as is");
+        assert_eq!(
+            resolve(&off, &full).unwrap().unwrap().endpoint,
+            "http://b:4318/custom",
+            "the traces variable is used as is"
+        );
         let configured = TelemetryConfig {
             otlp_endpoint: Some("http://127.0.0.1:9999".into()),
             service_name: Some("edge".into()),
             ..TelemetryConfig::default()
         };
-        let resolved = resolve(&configured, &base).unwrap();
+        let resolved = resolve(&configured, &base).unwrap().unwrap();
         assert_eq!(
             (resolved.endpoint.as_str(), resolved.service_name.as_str()),
             ("http://127.0.0.1:9999/v1/traces", "edge")
         );
         let disabled = env(&[("OTEL_SDK_DISABLED", "true"), ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4318")]);
-        assert_eq!(resolve(&off, &disabled), None);
-        assert!(resolve(&configured, &disabled).is_some(), "a configured endpoint is the operator's word");
+        assert_eq!(resolve(&off, &disabled).unwrap(), None);
+        assert!(resolve(&configured, &disabled).unwrap().is_some(), "a configured endpoint is the operator's word");
         assert_eq!(
-            resolve(&off, &env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4318")])).unwrap().service_name,
+            resolve(&off, &env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4318")])).unwrap().unwrap().service_name,
             "tokenproxy"
         );
+    }
+
+    #[test]
+    fn the_protocol_comes_from_the_config_then_the_otel_variables_and_grpc_takes_endpoints_as_they_are() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        };
+        let off = TelemetryConfig::default();
+        let protocol = |vars: &[(&str, &str)]| {
+            let lookup = |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned());
+            resolve(&off, &lookup).map(|r| r.map(|r| (r.endpoint, r.protocol))).map_err(|e| e.to_string())
+        };
+        let base = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317");
+        assert_eq!(
+            protocol(&[base, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]),
+            Ok(Some(("http://127.0.0.1:4317/v1/traces".into(), OtlpProtocol::HttpProtobuf)))
+        );
+        assert_eq!(
+            protocol(&[base, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]),
+            Err(
+                "telemetry: OTEL_EXPORTER_OTLP_PROTOCOL `http/json`: tokenproxy exports over `http/protobuf` or `grpc`"
+                    .into()
+            )
+        );
+        let grpc = protocol(&[
+            base,
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+        ]);
+        #[cfg(feature = "otlp-grpc")]
+        assert_eq!(grpc, Ok(Some(("http://127.0.0.1:4317".into(), OtlpProtocol::Grpc))), "the traces variable wins");
+        #[cfg(not(feature = "otlp-grpc"))]
+        assert_eq!(grpc, Err(format!("telemetry: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL `grpc`: {NO_GRPC}")));
+        let configured = TelemetryConfig {
+            otlp_endpoint: Some("http://127.0.0.1:4317/".into()),
+            otlp_protocol: Some(OtlpProtocol::HttpProtobuf),
+            ..TelemetryConfig::default()
+        };
+        let resolved = resolve(&configured, &env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")])).unwrap().unwrap();
+        assert_eq!(resolved.protocol, OtlpProtocol::HttpProtobuf, "the config wins");
+        #[cfg(feature = "otlp-grpc")]
+        {
+            let grpc = TelemetryConfig { otlp_protocol: Some(OtlpProtocol::Grpc), ..configured };
+            assert_eq!(resolve(&grpc, &env(&[])).unwrap().unwrap().endpoint, "http://127.0.0.1:4317/");
+        }
     }
 }

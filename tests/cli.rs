@@ -101,7 +101,9 @@ fn check_says_where_traces_go_even_when_only_the_environment_says_it() {
     assert!(!check(&[]).contains("telemetry"), "nothing said while it is off");
     let on = check(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"), ("OTEL_SERVICE_NAME", "edge")]);
     assert!(
-        on.contains("telemetry: traces go to http://127.0.0.1:4318/v1/traces (service.name edge, sample_ratio 1)"),
+        on.contains(
+            "telemetry: traces go to http://127.0.0.1:4318/v1/traces over http/protobuf (service.name edge, sample_ratio 1)"
+        ),
         "{on}"
     );
 }

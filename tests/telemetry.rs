@@ -39,22 +39,7 @@ async fn collector(status: StatusCode) -> Collector {
             assert_eq!(request.headers()["content-type"], "application/x-protobuf");
             let body = request.into_body().collect().await.unwrap().to_bytes();
             if status == StatusCode::OK {
-                let export = ExportTraceServiceRequest::decode(body).expect("an OTLP trace export");
-                for resource in export.resource_spans {
-                    let service = resource
-                        .resource
-                        .iter()
-                        .flat_map(|r| &r.attributes)
-                        .find(|kv| kv.key == "service.name")
-                        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                            AnyValue::StringValue(s) => Some(s.clone()),
-                            _ => None,
-                        })
-                        .unwrap_or_default();
-                    for scope in resource.scope_spans {
-                        kept.lock().unwrap().extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
-                    }
-                }
+                keep(ExportTraceServiceRequest::decode(body).expect("an OTLP trace export"), &kept);
             }
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = status;
@@ -64,6 +49,25 @@ async fn collector(status: StatusCode) -> Collector {
     })
     .await;
     Collector { spans, url: format!("http://{addr}"), _stop: stop }
+}
+
+/// Keeps the spans of `export`, each with its resource's `service.name`.
+fn keep(export: ExportTraceServiceRequest, kept: &Mutex<Vec<(String, Span)>>) {
+    for resource in export.resource_spans {
+        let service = resource
+            .resource
+            .iter()
+            .flat_map(|r| &r.attributes)
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                AnyValue::StringValue(s) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        for scope in resource.scope_spans {
+            kept.lock().unwrap().extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
+        }
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -303,4 +307,70 @@ async fn the_last_requests_spans_are_exported_before_the_process_exits() {
         idp.received()[0].traceparent,
         Some(format!("00-{}-{}-01", hex(&startup.trace_id), hex(&startup.span_id)))
     );
+}
+
+/// An OTLP/gRPC receiver (tonic, `opentelemetry-proto`'s service): the spans, and each export's `x-api-key`.
+#[cfg(feature = "otlp-grpc")]
+#[derive(Clone, Default)]
+struct GrpcCollector {
+    spans: Arc<Mutex<Vec<(String, Span)>>>,
+    keys: Arc<Mutex<Vec<String>>>,
+}
+
+#[cfg(feature = "otlp-grpc")]
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for GrpcCollector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        let key = request.metadata().get("x-api-key").and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+        self.keys.lock().unwrap().push(key);
+        keep(request.into_inner(), &self.spans);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[cfg(feature = "otlp-grpc")]
+#[tokio::test]
+async fn over_grpc_the_spans_and_the_collectors_headers_reach_a_grpc_collector() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let receiver = GrpcCollector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let incoming = futures_util::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    });
+    let server = tonic::transport::Server::builder().add_service(TraceServiceServer::new(receiver.clone()));
+    tokio::spawn(server.serve_with_incoming(incoming));
+    let (idp, upstream) = (FakeIdp::start(300).await, FakeUpstream::start().await);
+    let grpc = "otlp_protocol = \"grpc\"\nheaders = \"x-api-key=k1\"";
+    let proxy = Proxy::start(&config(&idp, &upstream, &format!("http://{addr}"), grpc)).await;
+    let caller = format!("00-{TRACE}-{CALLER_SPAN}-01");
+    assert_eq!(get(&Client::new(), proxy.url("/api/orders"), &caller).await, 200);
+    let spans = eventually("the request's spans over gRPC", Duration::from_secs(10), async || {
+        let spans = receiver.spans.lock().unwrap().clone();
+        (spans.iter().any(|(_, s)| s.kind == 2) && spans.iter().any(|(_, s)| s.kind == 3 && s.name == "GET"))
+            .then_some(spans)
+    })
+    .await;
+    let (service, server) = spans.iter().find(|(_, s)| s.kind == 2).unwrap();
+    assert_eq!(
+        (service.as_str(), server.name.as_str(), hex(&server.trace_id)),
+        ("edge-gw", "GET orders", TRACE.into())
+    );
+    let attempt = spans.iter().map(|(_, s)| s).find(|s| s.kind == 3 && s.name == "GET").unwrap();
+    assert_eq!(attempt.parent_span_id, server.span_id);
+    assert_eq!(
+        upstream.seen()[0].headers["traceparent"].to_str().unwrap(),
+        format!("00-{TRACE}-{}-01", hex(&attempt.span_id))
+    );
+    let keys = receiver.keys.lock().unwrap().clone();
+    assert!(!keys.is_empty() && keys.iter().all(|k| k == "k1"), "telemetry.headers as gRPC metadata: {keys:?}");
+    assert_eq!(proxy.metric("tokenproxy_telemetry_spans_dropped_total").await, 0.0);
+    proxy.stop().await;
 }

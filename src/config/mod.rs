@@ -184,8 +184,10 @@ pub struct TelemetryConfig {
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`, else telemetry is off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
-    /// `http/protobuf` (the default) or `grpc` (a build with the `otlp-grpc` feature).
-    pub otlp_protocol: OtlpProtocol,
+    /// `http/protobuf` or `grpc` (a build with the `otlp-grpc` feature); none: `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`
+    /// or `OTEL_EXPORTER_OTLP_PROTOCOL`, else `http/protobuf`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_protocol: Option<OtlpProtocol>,
     /// `service.name`; none: `OTEL_SERVICE_NAME`, else `tokenproxy`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service_name: Option<String>,
@@ -203,7 +205,7 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
             otlp_endpoint: None,
-            otlp_protocol: OtlpProtocol::HttpProtobuf,
+            otlp_protocol: None,
             service_name: None,
             sample_ratio: 1.0,
             resource_attributes: BTreeMap::new(),

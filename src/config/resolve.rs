@@ -218,9 +218,10 @@ fn telemetry(r: &mut Reader<'_>, root: &mut Table<'_>) -> TelemetryConfig {
         super::values::http_url(value, super::values::UrlUse::Upstream).map(|url| url.to_string())
     });
     let otlp_protocol = r.get(&mut t, "otlp_protocol", reader::choice(OTLP_PROTOCOLS));
+    #[cfg(not(feature = "otlp-grpc"))]
     if let Some(leaf) = &otlp_protocol {
         if leaf.value == OtlpProtocol::Grpc {
-            r.report_leaf(leaf, "gRPC export needs a build with the `otlp-grpc` feature; this one sends http/protobuf");
+            r.report_leaf(leaf, crate::telemetry::NO_GRPC);
         }
     }
     let sample_ratio = r.get(&mut t, "sample_ratio", |value| {
@@ -245,7 +246,7 @@ fn telemetry(r: &mut Reader<'_>, root: &mut Table<'_>) -> TelemetryConfig {
     let headers = super::providers::secret(r, &mut t, "headers").map(|leaf| leaf.value);
     let telemetry = TelemetryConfig {
         otlp_endpoint: otlp_endpoint.map(|leaf| leaf.value),
-        otlp_protocol: value_or(otlp_protocol, d.otlp_protocol),
+        otlp_protocol: otlp_protocol.map(|leaf| leaf.value),
         service_name,
         sample_ratio: value_or(sample_ratio, d.sample_ratio),
         resource_attributes,

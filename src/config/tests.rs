@@ -1239,10 +1239,17 @@ fn telemetry_keys_are_read_and_checked() {
         problems_of("sample_ratio = 1.5"),
         ["telemetry.sample_ratio: a share of traces, from 0 to 1 (from tokenproxy.toml)"]
     );
+    #[cfg(not(feature = "otlp-grpc"))]
     assert_eq!(
         problems_of("otlp_protocol = \"grpc\""),
         ["telemetry.otlp_protocol: gRPC export needs a build with the `otlp-grpc` feature; this one sends http/protobuf (from tokenproxy.toml)"]
     );
+    #[cfg(feature = "otlp-grpc")]
+    assert_eq!(
+        load(&format!("{MINIMAL}\n[telemetry]\notlp_protocol = \"grpc\"\n")).unwrap().telemetry.otlp_protocol,
+        Some(OtlpProtocol::Grpc)
+    );
+    assert_eq!(problems_of("otlp_protocol = \"http/json\"").len(), 1);
     assert_eq!(problems_of("otlp_endpoint = \"ftp://x\"").len(), 1);
     assert_eq!(problems_of("sampling = 1").len(), 1, "an unknown key is an error");
 }
