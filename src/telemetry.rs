@@ -29,7 +29,7 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanData, 
 use opentelemetry_sdk::Resource;
 use tokio::sync::mpsc;
 
-use crate::config::{OtlpProtocol, TelemetryConfig};
+use crate::config::{OtlpProtocol, TelemetryConfig, NO_GRPC};
 
 /// W3C Trace Context's header.
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
@@ -62,9 +62,6 @@ pub struct Telemetry {
     /// `sample_ratio = 0`: a request without a caller's trace is never sampled (and costs one header lookup).
     no_new_traces: bool,
 }
-
-/// What a build without the `otlp-grpc` feature says of `grpc`.
-pub const NO_GRPC: &str = "gRPC export needs a build with the `otlp-grpc` feature; this one sends http/protobuf";
 
 /// What telemetry's configuration comes to once the `OTEL_*` environment is read: `None` when it is off.
 #[derive(Debug, Clone, PartialEq)]

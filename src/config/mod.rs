@@ -214,6 +214,9 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// What a build without the `otlp-grpc` feature says of `grpc` (from `telemetry.otlp_protocol` or the environment).
+pub const NO_GRPC: &str = "gRPC export needs a build with the `otlp-grpc` feature; this one sends http/protobuf";
+
 /// How spans go to the collector (`telemetry.otlp_protocol`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum OtlpProtocol {

@@ -221,7 +221,7 @@ fn telemetry(r: &mut Reader<'_>, root: &mut Table<'_>) -> TelemetryConfig {
     #[cfg(not(feature = "otlp-grpc"))]
     if let Some(leaf) = &otlp_protocol {
         if leaf.value == OtlpProtocol::Grpc {
-            r.report_leaf(leaf, crate::telemetry::NO_GRPC);
+            r.report_leaf(leaf, super::NO_GRPC);
         }
     }
     let sample_ratio = r.get(&mut t, "sample_ratio", |value| {
