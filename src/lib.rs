@@ -25,6 +25,7 @@
 
 pub mod activity;
 pub mod admin;
+pub mod ca;
 pub mod config;
 pub mod demo;
 mod error_chain;

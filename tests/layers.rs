@@ -11,6 +11,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("keys", &["keys", "secret"]),
     ("secret", &["secret"]),
     ("private_file", &["private_file"]),
+    ("ca", &["ca", "private_file"]),
 ];
 
 fn sources(module: &str) -> Vec<PathBuf> {
