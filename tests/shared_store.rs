@@ -248,20 +248,26 @@ async fn five_replicas_refresh_once_per_token_lifetime_between_them() {
     }
 }
 
+/// A token call that answers `tok-N` (N: the calls so far), five-minute tokens, and counts.
+struct Counting(std::sync::atomic::AtomicUsize);
+
+impl tokenproxy::token::TokenFetcher for Counting {
+    fn fetch(
+        &self,
+    ) -> futures_util::future::BoxFuture<'_, Result<tokenproxy::token::TokenResponse, tokenproxy::token::TokenError>>
+    {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let token = http::HeaderValue::from_str(&format!("tok-{n}")).unwrap();
+        Box::pin(async move { Ok(tokenproxy::token::TokenResponse::new(token, Duration::from_secs(300))) })
+    }
+}
+
 #[tokio::test]
 async fn a_cold_replica_takes_the_shared_token_with_one_read() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokenproxy::token::shared::{SharedFetcher, SharedStore, StoreHealth};
-    use tokenproxy::token::{TokenError, TokenFetcher, TokenResponse};
+    use tokenproxy::token::TokenFetcher as _;
 
-    struct Counting(AtomicUsize);
-    impl TokenFetcher for Counting {
-        fn fetch(&self) -> futures_util::future::BoxFuture<'_, Result<TokenResponse, TokenError>> {
-            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
-            let token = http::HeaderValue::from_str(&format!("tok-{n}")).unwrap();
-            Box::pin(async move { Ok(TokenResponse::new(token, Duration::from_secs(300))) })
-        }
-    }
     let redis = RedisServer::start();
     let (idp, upstream, keys) = (FakeIdp::start(300).await, FakeUpstream::start().await, key_file());
     let toml = replica(&idp, &upstream, &redis, keys.path(), "cold");
@@ -335,16 +341,8 @@ async fn lease_gate(target: u16, held: Arc<tokio::sync::Notify>, go: Arc<tokio::
 async fn a_replica_that_takes_the_lease_after_anothers_call_uses_that_token() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokenproxy::token::shared::{SharedFetcher, SharedStore, StoreHealth};
-    use tokenproxy::token::{TokenError, TokenFetcher, TokenResponse};
+    use tokenproxy::token::TokenFetcher as _;
 
-    struct Counting(AtomicUsize);
-    impl TokenFetcher for Counting {
-        fn fetch(&self) -> futures_util::future::BoxFuture<'_, Result<TokenResponse, TokenError>> {
-            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
-            let token = http::HeaderValue::from_str(&format!("tok-{n}")).unwrap();
-            Box::pin(async move { Ok(TokenResponse::new(token, Duration::from_secs(300))) })
-        }
-    }
     let redis = RedisServer::start();
     let (held, go) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
     let gate = lease_gate(redis.port, Arc::clone(&held), Arc::clone(&go)).await;
