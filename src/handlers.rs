@@ -33,6 +33,10 @@ impl Handler for ProxyHandler {
     }
 
     async fn call(self: &Arc<Self>, request: Request<Incoming>, connection: &Arc<Connection>) -> Response<ProxyBody> {
+        // A CONNECT is a tunnel when a route intercepts its host, else refused (src/proxy/intercept.rs).
+        if request.method() == http::Method::CONNECT {
+            return proxy::intercept::connect(&self.0, request, connection).await;
+        }
         // The routes as they are when the request arrives; a reload does not change them under it.
         let proxy = self.0.load_full();
         proxy.handle(request, connection).await

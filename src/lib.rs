@@ -90,6 +90,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A route intercepts, and the local CA cannot be used.
+    #[error("routes[].intercept: {0}")]
+    Intercept(String),
     /// TLS material could not be loaded.
     #[error("{what}: {source}")]
     Tls {
@@ -251,6 +254,9 @@ fn build_proxy(
             access_log: config.log.access,
             h1_transport: config.server.h1_transport,
             telemetry: telemetry.cloned(),
+            interceptor: proxy::intercept::Interceptor::new(config)
+                .map_err(|e| StartError::Intercept(e.to_string()))?
+                .map(Arc::new),
         },
         metrics.unrouted(),
     ))

@@ -87,10 +87,34 @@ enum Command {
         #[arg(long, short, env = "TOKENPROXY_CONFIG", default_value = "tokenproxy.toml")]
         config: PathBuf,
     },
+    /// The local CA of HTTPS interception (routes with `intercept = true`; docs/local-dev.md).
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+    },
     /// Print one valid access token for PROVIDER on stdout, and nothing else.
     Token {
         /// The provider's name.
         provider: String,
+        /// Config file (default: $TOKENPROXY_CONFIG, then ./tokenproxy.toml).
+        #[arg(long, short, env = "TOKENPROXY_CONFIG", default_value = "tokenproxy.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaAction {
+    /// Make the local CA in `state.dir`, constrained to the hosts the intercepting routes name.
+    Init {
+        /// Config file (default: $TOKENPROXY_CONFIG, then ./tokenproxy.toml).
+        #[arg(long, short, env = "TOKENPROXY_CONFIG", default_value = "tokenproxy.toml")]
+        config: PathBuf,
+        /// Replace the CA already there (after the intercepted hosts changed, say).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the local CA's certificate (PEM) on stdout: what clients are told to trust.
+    Print {
         /// Config file (default: $TOKENPROXY_CONFIG, then ./tokenproxy.toml).
         #[arg(long, short, env = "TOKENPROXY_CONFIG", default_value = "tokenproxy.toml")]
         config: PathBuf,
@@ -148,6 +172,22 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             }
+            // Interception needs the local CA, made for the hosts the routes intercept now.
+            let intercepted = config.intercepted_hosts();
+            if !intercepted.is_empty() {
+                match tokenproxy::ca::LocalCa::load(&config.state.dir) {
+                    Ok(ca) => {
+                        for host in intercepted.iter().filter(|host| !ca.permits(host)) {
+                            eprintln!(
+                                "tokenproxy: warning: routes[].intercept: `{host}` is outside the local CA's name \
+                                 constraints ({}); `tokenproxy ca init --force` makes a CA for the intercepted hosts",
+                                ca.permitted().join(", ")
+                            );
+                        }
+                    }
+                    Err(error) => eprintln!("tokenproxy: warning: routes[].intercept: {error}"),
+                }
+            }
             let probe = probe.map(|route| Probe {
                 route,
                 method: method.unwrap_or(http::Method::GET),
@@ -163,9 +203,44 @@ fn main() -> ExitCode {
                 None => runtime.block_on(check_fetch(&config)),
             }
         }
+        Command::Ca { action } => ca(action),
         Command::Token { provider, config } => one_provider(&config, &provider, print_token),
         Command::Login { provider, config } => one_provider(&config, &provider, login),
         Command::Logout { provider, config } => one_provider(&config, &provider, logout),
+    }
+}
+
+/// `tokenproxy ca init` and `ca print`. The config is read without its secrets (the CA needs none).
+fn ca(action: CaAction) -> ExitCode {
+    use tokenproxy::ca::LocalCa;
+    let path = match &action {
+        CaAction::Init { config, .. } | CaAction::Print { config } => config,
+    };
+    let config = match load_offline(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let dir = std::path::absolute(&config.state.dir).unwrap_or_else(|_| config.state.dir.clone());
+    let made = match action {
+        CaAction::Print { .. } => LocalCa::load(&dir).map(|ca| print!("{}", ca.cert_pem())),
+        CaAction::Init { force, .. } => LocalCa::init(&dir, &config.intercepted_hosts(), force).map(|ca| {
+            eprintln!(
+                "tokenproxy: local CA made in {} for {} (and their subdomains), valid until {}",
+                dir.display(),
+                ca.permitted().join(", "),
+                ca.not_after().date()
+            );
+            eprintln!(
+                "tokenproxy: trust it with `tokenproxy ca print > tokenproxy-ca.pem` (docs/local-dev.md shows where)"
+            );
+        }),
+    };
+    match made {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tokenproxy: {error}");
+            ExitCode::from(EXIT_START)
+        }
     }
 }
 

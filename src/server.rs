@@ -580,11 +580,12 @@ where
         if request.version() == Version::HTTP_2 {
             activity.set_h2();
         }
+        let connect = request.method() == http::Method::CONNECT;
         // Made here, not in the future: a future dropped before its first poll ends the request too.
         let mut guard = InFlight(Some(Arc::clone(&activity)));
         async move {
             let response = handler.call(request, &state).await;
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && response.status().is_success()) {
                 // Its socket now carries a tunnel, which has timeouts of its own.
                 if let Some(activity) = &guard.0 {
                     activity.set_tunnel();

@@ -96,6 +96,8 @@ pub struct ServerConfig {
     /// Plain HTTP/1.1 requests to plain-HTTP upstreams are served by the h1 transport (tokenproxy's own HTTP/1.1);
     /// `false` serves every request with the hyper transport (`server.h1_transport`).
     pub h1_transport: bool,
+    /// Interception (`routes[].intercept`) on a listener that is not on a loopback address.
+    pub allow_remote_intercept: bool,
     /// The config set `h1_transport` under its old name, `direct_http1` (a warning; never printed back).
     #[serde(skip)]
     pub h1_transport_old_key: bool,
@@ -651,6 +653,9 @@ pub struct RouteConfig {
     pub upstream: Url,
     /// Remove `prefix` from the path before forwarding.
     pub strip_prefix: bool,
+    /// A `CONNECT` to `host` is accepted and its TLS terminated with a leaf of the local CA; the requests inside go
+    /// through this host's routes (docs/local-dev.md).
+    pub intercept: bool,
     /// Provider whose token is attached (the slot's name: `PROVIDER[ROUTE]` for a route with a profile); `None` for
     /// a plain pass-through route.
     pub provider: Option<String>,
@@ -813,6 +818,15 @@ impl fmt::Display for Problems<'_> {
 }
 
 impl Config {
+    /// The hosts of the routes that intercept (`intercept = true`), each once.
+    pub fn intercepted_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> =
+            self.routes.iter().filter(|route| route.intercept).filter_map(|route| route.host.clone()).collect();
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+
     /// Defaults → TOML file → `TOKENPROXY_` environment (`__` between levels). Missing/unreadable file → Unreadable.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -860,6 +874,7 @@ impl Default for ServerConfig {
             worker_threads: None,
             max_idle_upstream_connections: 128,
             h1_transport: true,
+            allow_remote_intercept: false,
             h1_transport_old_key: false,
             allowed_hosts: None,
         }

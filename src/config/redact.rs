@@ -322,6 +322,7 @@ struct RouteView<'a> {
     prefix: &'a str,
     upstream: &'a str,
     strip_prefix: bool,
+    intercept: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     provider: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -375,6 +376,7 @@ impl Serialize for RouteConfig {
             prefix: &self.prefix,
             upstream: self.upstream.as_str(),
             strip_prefix: self.strip_prefix,
+            intercept: self.intercept,
             // A route with a profile names its provider; the slot `PROVIDER[ROUTE]` is made from the keys below.
             provider: self.profile.as_ref().map(|p| p.provider.as_str()).or(self.provider.as_deref()),
             inject: with_token.then_some(self.inject),

@@ -91,6 +91,10 @@ fn server(r: &mut Reader<'_>, root: &mut Table<'_>) -> (ServerConfig, Option<Lea
             d.max_idle_upstream_connections,
         ),
         h1_transport: d.h1_transport,
+        allow_remote_intercept: value_or(
+            r.get(&mut t, "allow_remote_intercept", reader::boolean),
+            d.allow_remote_intercept,
+        ),
         h1_transport_old_key: false,
         allowed_hosts: r.get(&mut t, "allowed_hosts", host_names).map(|leaf| leaf.value),
     };

@@ -147,8 +147,24 @@ pub(super) fn routes(r: &mut Reader<'_>, root: &mut Table<'_>, providers: &Provi
 fn check_duplicates(r: &mut Reader<'_>, routes: &[ReadRoute]) {
     let mut places: HashMap<(Option<&str>, &str), &ReadRoute> = HashMap::with_capacity(routes.len());
     let mut names: HashMap<&str, &ReadRoute> = HashMap::with_capacity(routes.len());
+    let mut intercepts: HashMap<&str, &ReadRoute> = HashMap::new();
     for route in routes {
         let c = &route.config;
+        if let Some(host) = c.host.as_deref() {
+            match intercepts.get(host) {
+                Some(first) if first.config.intercept != c.intercept => {
+                    let message = format!(
+                        "`intercept` must be the same on every route of host `{host}` ({} sets it to {})",
+                        first.path, first.config.intercept
+                    );
+                    r.report(&route.path, route.tag, message);
+                }
+                Some(_) => {}
+                None => {
+                    intercepts.insert(host, route);
+                }
+            }
+        }
         if let Some(first) = places.get(&(c.host.as_deref(), c.prefix.as_str())) {
             let message = format!(
                 "same host and prefix (`{}{}`) as {}; only one of them could ever match",
@@ -190,6 +206,19 @@ fn route(
         |v| http_url(v, UrlUse::Upstream),
     );
     let strip_prefix = r.get(t, "strip_prefix", reader::boolean);
+    let intercept = r.get(t, "intercept", reader::boolean);
+    if let Some(leaf) = intercept.as_ref().filter(|leaf| leaf.value) {
+        match &host {
+            None => r.report_leaf(
+                leaf,
+                "needs `host`: a CONNECT is intercepted for the host a route names (docs/local-dev.md)".to_owned(),
+            ),
+            Some(host) if host.value.parse::<std::net::IpAddr>().is_ok() || host.value.starts_with('[') => {
+                r.report_leaf(leaf, format!("`{}` is an IP address: only DNS names are intercepted", host.value))
+            }
+            Some(_) => {}
+        }
+    }
     let provider = r.get(t, "provider", reader::non_empty_string);
     if let Some(leaf) = provider.as_ref().filter(|leaf| !provider_names.contains(&leaf.value)) {
         let defined = if provider_names.is_empty() {
@@ -308,6 +337,7 @@ fn route(
         prefix,
         upstream: upstream?.value,
         strip_prefix: value_or(strip_prefix, false),
+        intercept: value_or(intercept, false),
         provider: provider.map(|leaf| leaf.value),
         profile,
         inject,

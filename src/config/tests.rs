@@ -375,7 +375,7 @@ fn unknown_keys_are_errors_with_suggestions() {
         problems(load(toml)),
         [
             "server.listn: unknown key; did you mean `listen`? (from tokenproxy.toml)",
-            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, path_parameters, ca_file, server_name, client_cert_file, client_key_file, upstream_client_cert, scope, audience, resource, retry_on_status, upstream_protocol, grpc_unauthenticated_refresh, max_upstream_connections, extra_params) (from tokenproxy.toml)",
+            "routes[0].colour: unknown key (known here: name, host, prefix, upstream, strip_prefix, intercept, provider, inject, header_name, scheme, query_param, retry_on_401, incoming_authorization, encoded_slashes, path_parameters, ca_file, server_name, client_cert_file, client_key_file, upstream_client_cert, scope, audience, resource, retry_on_status, upstream_protocol, grpc_unauthenticated_refresh, max_upstream_connections, extra_params) (from tokenproxy.toml)",
             "routes[0].strip_prefx: unknown key; did you mean `strip_prefix`? (from tokenproxy.toml)",
             "provider: unknown key; did you mean `providers`? (from tokenproxy.toml)",
         ]
@@ -1252,4 +1252,31 @@ fn telemetry_keys_are_read_and_checked() {
     assert_eq!(problems_of("otlp_protocol = \"http/json\"").len(), 1);
     assert_eq!(problems_of("otlp_endpoint = \"ftp://x\"").len(), 1);
     assert_eq!(problems_of("sampling = 1").len(), 1, "an unknown key is an error");
+}
+
+#[test]
+fn intercept_needs_a_dns_host_and_the_same_value_on_every_route_of_that_host() {
+    let route = |extra: &str| format!("[[routes]]\nupstream = \"https://api.example.com\"\n{extra}\n");
+    let config = load(
+        &(route("host = \"api.example.com\"\nintercept = true")
+            + &route("host = \"api.example.com\"\nprefix = \"/v2\"\nintercept = true")
+            + &route("host = \"other.example.com\"")),
+    )
+    .unwrap();
+    assert_eq!(config.intercepted_hosts(), ["api.example.com"]);
+    assert!(!config.server.allow_remote_intercept, "off by default");
+    assert_eq!(
+        problems(load(&route("prefix = \"/a\"\nintercept = true"))),
+        ["routes[0].intercept: needs `host`: a CONNECT is intercepted for the host a route names (docs/local-dev.md) (from tokenproxy.toml)"]
+    );
+    assert_eq!(
+        problems(load(&route("host = \"10.0.0.1\"\nintercept = true"))),
+        ["routes[0].intercept: `10.0.0.1` is an IP address: only DNS names are intercepted (from tokenproxy.toml)"]
+    );
+    let mixed =
+        route("host = \"api.example.com\"\nintercept = true") + &route("host = \"api.example.com\"\nprefix = \"/v2\"");
+    assert_eq!(
+        problems(load(&mixed)),
+        ["routes[1]: `intercept` must be the same on every route of host `api.example.com` (routes[0] sets it to true) (from tokenproxy.toml)"]
+    );
 }

@@ -29,6 +29,7 @@ pub mod error;
 pub mod h1;
 pub mod headers;
 pub mod hyper;
+pub mod intercept;
 mod lifecycle;
 pub mod path;
 pub mod replay;
@@ -59,17 +60,25 @@ use crate::token::{refusal, SubjectRefusal, Token, TokenSource};
 pub struct Connection {
     /// The caller's address.
     pub peer: SocketAddr,
-    /// Whether it came over the TLS listener.
+    /// Whether it came over the TLS listener (or an intercepted tunnel).
     pub tls: bool,
     /// The peer's address as an `X-Forwarded-For` value, made once.
     forwarded_for: HeaderValue,
+    /// Inside an intercepted tunnel ([`intercept`]): its host, and whether the TLS SNI named it.
+    tunnel: Option<Box<(String, bool)>>,
 }
 
 impl Connection {
     /// A new caller connection from `peer`.
     pub fn new(peer: SocketAddr, tls: bool) -> Connection {
         let forwarded_for = headers::peer_value(peer.ip());
-        Connection { peer, tls, forwarded_for }
+        Connection { peer, tls, forwarded_for, tunnel: None }
+    }
+
+    /// The connection inside a tunnel intercepted for `host` ([`intercept`]) whose TLS SNI named that host (or none)
+    /// when `sni_matches`.
+    pub fn in_tunnel(peer: SocketAddr, host: String, sni_matches: bool) -> Connection {
+        Connection { tunnel: Some(Box::new((host, sni_matches))), ..Connection::new(peer, true) }
     }
 }
 
@@ -88,6 +97,8 @@ pub struct ProxyOptions {
     pub h1_transport: bool,
     /// Traces, when telemetry is on.
     pub telemetry: Option<Arc<Telemetry>>,
+    /// HTTPS interception, when a route intercepts.
+    pub interceptor: Option<Arc<intercept::Interceptor>>,
 }
 
 /// The reverse proxy: routes, the upstream client and the limits that apply to every request.
@@ -105,6 +116,8 @@ pub struct Proxy {
     h1_transport: bool,
     unrouted: RouteMetrics,
     telemetry: Option<Arc<Telemetry>>,
+    /// HTTPS interception of routed hosts (`routes[].intercept`).
+    interceptor: Option<Arc<intercept::Interceptor>>,
 }
 
 /// What the upstream URI is built from, besides the route.
@@ -406,6 +419,7 @@ impl Proxy {
             h1_transport: options.h1_transport,
             unrouted,
             telemetry: options.telemetry,
+            interceptor: options.interceptor,
         }
     }
 
@@ -513,7 +527,7 @@ impl Proxy {
     /// refused (never an open proxy); TRACE and TRACK are never forwarded (they echo the token back); two `Host`
     /// headers are refused; dot segments are removed from the path before routing ([`path`]), and the normalised
     /// path is the one forwarded.
-    pub fn admit(&self, request: &mut Parts) -> Result<&Route, ProxyError> {
+    pub fn admit(&self, request: &mut Parts, connection: &Connection) -> Result<&Route, ProxyError> {
         // A malformed message first (the h1 transport's parser refuses it before anything else), then policy.
         if request.headers.get_all(HOST).iter().nth(1).is_some() {
             return Err(ProxyError::Malformed("more than one Host header".into()));
@@ -531,6 +545,9 @@ impl Proxy {
             request.uri = with_path(&request.uri, &normalized)?;
         }
         let route = self.select_route(request)?;
+        if let Some((host, sni_matches)) = connection.tunnel.as_deref() {
+            Self::within_tunnel(request, route, host, *sni_matches)?;
+        }
         if route.reject_encoded_slashes && path::has_encoded_slash(request.uri.path()) {
             return Err(ProxyError::BadRequest(format!("path refused: {}", path::PathError::EncodedSlash)));
         }
@@ -540,10 +557,37 @@ impl Proxy {
         Ok(route)
     }
 
+    /// Phase 1 inside a tunnel intercepted for `host`: the request must name that host (its `Host` or `:authority`,
+    /// and the TLS SNI), else 421; only that host's routes answer, else 404.
+    fn within_tunnel(request: &Parts, route: &Route, host: &str, sni_matches: bool) -> Result<(), ProxyError> {
+        let named = crate::host_check::requested_host(request.version, &request.uri, &request.headers)
+            .or_else(|| request.uri.host())
+            .map(|named| {
+                named
+                    .rsplit_once(':')
+                    .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+                    .map_or(named, |(name, _)| name)
+            });
+        if !sni_matches || !named.is_some_and(|named| named.eq_ignore_ascii_case(host)) {
+            return Err(ProxyError::Misdirected(format!(
+                "this tunnel was opened for `{host}`: the request (and the TLS server name) must name it"
+            )));
+        }
+        if route.host() != Some(host) {
+            return Err(ProxyError::NoRoute);
+        }
+        Ok(())
+    }
+
     /// Phase 1, routing.
     fn select_route(&self, request: &Parts) -> Result<&Route, ProxyError> {
         if request.method == Method::CONNECT {
-            return Err(ProxyError::HostNotAllowed("CONNECT is refused: tokenproxy is not a forward proxy".into()));
+            // A CONNECT this proxy intercepts is a tunnel before it gets here (src/proxy/intercept.rs), except
+            // inside a tunnel.
+            return Err(match self.intercepts(request) {
+                Err(refused) => refused,
+                Ok(_) => ProxyError::HostNotAllowed("CONNECT is refused inside an intercepted tunnel".into()),
+            });
         }
         let path = request.uri.path();
         let absolute_host = match request.version {

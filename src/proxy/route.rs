@@ -100,6 +100,11 @@ pub struct RouteError {
 }
 
 impl Route {
+    /// The host the route answers for, if it names one.
+    pub fn host(&self) -> Option<&str> {
+        self.host.as_deref()
+    }
+
     /// Whether the route attaches a token of ours (its provider's, or each caller's exchanged one).
     pub fn has_tokens(&self) -> bool {
         self.tokens.is_some() || self.exchange.is_some()

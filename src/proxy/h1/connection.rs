@@ -353,7 +353,7 @@ async fn serve_request<I: AsyncRead + AsyncWrite + Unpin>(
     let proxy = proxies.load_full();
     timer.set_period(header_read_timeout.min(proxy.request_timeout));
     let mut in_flight = proxy.begin(&mut s.parts);
-    let route = proxy.admit(&mut s.parts);
+    let route = proxy.admit(&mut s.parts, connection);
     if let Ok(route) = route {
         if route.plain_http_upstream().is_none() || parsed.body_len > proxy.replay_buffer {
             return Step::Handoff(parsed.head);

@@ -8,7 +8,7 @@
 //! lowers the in-flight gauge.
 
 pub mod grpc;
-mod upgrade;
+pub(crate) mod upgrade;
 
 use http::header::CONTENT_LENGTH;
 use http::request::Parts;
@@ -37,7 +37,7 @@ pub async fn handle(proxy: &Proxy, request: Request<Incoming>, connection: &Conn
     // A gRPC caller's error goes as HTTP 200 with a grpc-status: metrics and the access log count the HTTP status
     // the error has.
     let mut error_status = None;
-    let admitted = proxy.admit(&mut parts);
+    let admitted = proxy.admit(&mut parts, connection);
     if let Ok(route) = admitted {
         in_flight.routed(route);
     }

@@ -175,21 +175,12 @@ async fn tunnel(
         }
     };
     let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut caller = Noted { io: TokioIo::new(caller), started, last: Arc::clone(&last), bytes: 0 };
-    let mut upstream = Noted { io: TokioIo::new(upstream), started, last: Arc::clone(&last), bytes: 0 };
+    let mut caller = Noted::new(TokioIo::new(caller), started, Arc::clone(&last));
+    let mut upstream = Noted::new(TokioIo::new(upstream), started, Arc::clone(&last));
     let copy = tokio::io::copy_bidirectional(&mut caller, &mut upstream);
-    let silence = async {
-        loop {
-            let quiet_until = started + std::time::Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-            if Instant::now() >= quiet_until {
-                return;
-            }
-            tokio::time::sleep_until(quiet_until).await;
-        }
-    };
     let outcome = tokio::select! {
         copied = copy => if copied.is_ok() { "closed" } else { "reset" },
-        () = silence => "idle",
+        () = silence(started, &last, idle) => "idle",
     };
     if log && tracing::enabled!(target: "access", tracing::Level::INFO) {
         tracing::info!(
@@ -205,12 +196,36 @@ async fn tunnel(
     }
 }
 
-/// One side of a tunnel, noting when it last gave bytes (milliseconds after `started`, in `last`) and how many.
-struct Noted<T> {
+/// Returns once `idle` has passed with no byte through a tunnel whose sides note their traffic in `last`
+/// (milliseconds after `started`; see [`Noted`]).
+pub(crate) async fn silence(started: Instant, last: &std::sync::atomic::AtomicU64, idle: std::time::Duration) {
+    loop {
+        let quiet_until = started + std::time::Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+        if Instant::now() >= quiet_until {
+            return;
+        }
+        tokio::time::sleep_until(quiet_until).await;
+    }
+}
+
+/// One side of a tunnel, noting when it last read or wrote bytes (milliseconds after `started`, in `last`) and how
+/// many it read.
+pub(crate) struct Noted<T> {
     io: T,
     started: Instant,
     last: Arc<std::sync::atomic::AtomicU64>,
     bytes: u64,
+}
+
+impl<T> Noted<T> {
+    /// `io`, noting its traffic in `last`.
+    pub(crate) fn new(io: T, started: Instant, last: Arc<std::sync::atomic::AtomicU64>) -> Noted<T> {
+        Noted { io, started, last, bytes: 0 }
+    }
+
+    fn note(&self) {
+        self.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Noted<T> {
@@ -220,7 +235,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Noted<T> {
         let read_now = buf.filled().len() - before;
         if read_now > 0 {
             self.bytes += read_now as u64;
-            self.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            self.note();
         }
         read
     }
@@ -228,7 +243,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Noted<T> {
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Noted<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.note();
+        }
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
