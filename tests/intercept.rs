@@ -28,6 +28,15 @@ fn config(idp: &FakeIdp, upstream: &TlsUpstream, ca_file: &Path, state: &Path) -
     )
 }
 
+/// A TLS upstream (its CA written in `dir`) and an IdP.
+async fn parts(dir: &Path) -> (TlsUpstream, std::path::PathBuf, FakeIdp) {
+    let upstream_ca = Ca::new("upstream CA");
+    let upstream = TlsUpstream::start(&upstream_ca.leaf(&["orders.internal"]), &[]).await;
+    let upstream_ca_file = dir.join("upstream-ca.pem");
+    std::fs::write(&upstream_ca_file, upstream_ca.pem()).unwrap();
+    (upstream, upstream_ca_file, FakeIdp::start(300).await)
+}
+
 /// Runs curl with `args` through `proxy` (its HTTPS proxy), trusting `ca`: (exit code, stdout, stderr).
 async fn curl(proxy: &Proxy, ca: &Path, args: &[&str]) -> (i32, String, String) {
     let mut command = tokio::process::Command::new("curl");
@@ -48,11 +57,7 @@ async fn curl(proxy: &Proxy, ca: &Path, args: &[&str]) -> (i32, String, String) 
 #[tokio::test]
 async fn curl_reaches_the_real_https_url_through_the_proxy_with_the_token_attached() {
     let dir = tempfile::tempdir().unwrap();
-    let upstream_ca = Ca::new("upstream CA");
-    let upstream = TlsUpstream::start(&upstream_ca.leaf(&["orders.internal"]), &[]).await;
-    let upstream_ca_file = dir.path().join("upstream-ca.pem");
-    std::fs::write(&upstream_ca_file, upstream_ca.pem()).unwrap();
-    let idp = FakeIdp::start(300).await;
+    let (upstream, upstream_ca_file, idp) = parts(dir.path()).await;
     let state = dir.path().join("state");
     let toml = config(&idp, &upstream, &upstream_ca_file, &state);
     let config_file = dir.path().join("tokenproxy.toml");
@@ -117,11 +122,7 @@ async fn curl_reaches_the_real_https_url_through_the_proxy_with_the_token_attach
 #[tokio::test]
 async fn a_connect_is_answered_by_its_host_on_both_transports() {
     let dir = tempfile::tempdir().unwrap();
-    let upstream_ca = Ca::new("upstream CA");
-    let upstream = TlsUpstream::start(&upstream_ca.leaf(&["orders.internal"]), &[]).await;
-    let upstream_ca_file = dir.path().join("upstream-ca.pem");
-    std::fs::write(&upstream_ca_file, upstream_ca.pem()).unwrap();
-    let idp = FakeIdp::start(300).await;
+    let (upstream, upstream_ca_file, idp) = parts(dir.path()).await;
     let state = dir.path().join("state");
     tokenproxy::ca::LocalCa::init(&state, &[HOST.to_owned()], false).unwrap();
     // A second intercepted host, added after the CA was made: outside its constraints until `ca init --force`.
