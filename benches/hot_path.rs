@@ -167,5 +167,14 @@ fn dpop_proof(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hot_path, routing, exchange_hit, dpop_proof);
+/// HTTPS interception: a new leaf for a host (P-256 key, signed by the local CA), made on the first CONNECT to it.
+fn intercept_leaf(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = tokenproxy::ca::LocalCa::init(dir.path(), &["api.example.test".to_owned()], false).unwrap();
+    c.bench_function("interception leaf (P-256 key, signed by the local CA)", |b| {
+        b.iter(|| black_box(ca.issue("api.example.test").unwrap()))
+    });
+}
+
+criterion_group!(benches, hot_path, routing, exchange_hit, dpop_proof, intercept_leaf);
 criterion_main!(benches);
