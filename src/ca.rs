@@ -314,6 +314,32 @@ mod tests {
     }
 
     #[test]
+    fn planted_files_are_replaced_never_written_through_and_a_shared_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+        // Someone planted symlinks where the key and the certificate go, pointing at a file of theirs.
+        let theirs = dir.path().join("theirs");
+        std::fs::write(&theirs, "their file\n").unwrap();
+        for name in [KEY_FILE, CERT_FILE] {
+            std::os::unix::fs::symlink(&theirs, state.join(name)).unwrap();
+        }
+        LocalCa::init(&state, &hosts(&["api.example.com"]), true).unwrap();
+        assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "their file\n", "never written through");
+        for name in [KEY_FILE, CERT_FILE] {
+            let meta = std::fs::symlink_metadata(state.join(name)).unwrap();
+            assert!(meta.file_type().is_file() && meta.permissions().mode() & 0o777 == 0o600, "{name}");
+        }
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let refused = LocalCa::init(&shared, &hosts(&["api.example.com"]), false).unwrap_err().to_string();
+        assert!(refused.contains("others may write to it"), "{refused}");
+        assert!(!shared.join(KEY_FILE).exists());
+    }
+
+    #[test]
     fn only_dns_names_are_taken_and_a_leaf_only_within_the_constraints() {
         let dir = tempfile::tempdir().unwrap();
         for refused in ["10.0.0.1", "::1", "*.example.com", "a..b", "-a.test", ""] {

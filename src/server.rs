@@ -310,7 +310,7 @@ async fn housekeeping(registry: Arc<Registry>, options: ListenerOptions, mut shu
 
 /// hyper's server settings: HTTP/1.1 and h2c on one port; `header_read_timeout` for connections without a listener's
 /// housekeeping (which applies [`Timeouts`] itself, idle waits apart from heads).
-fn hyper_builder(header_read_timeout: Option<Duration>) -> auto::Builder<TokioExecutor> {
+pub(crate) fn hyper_builder(header_read_timeout: Option<Duration>) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
     builder.http2().timer(TokioTimer::new());

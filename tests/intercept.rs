@@ -207,3 +207,38 @@ async fn real_clients_refuse_leaves_outside_the_cas_constraints() {
         }
     }
 }
+
+/// A tunnel whose caller never starts TLS is closed after `header_read_timeout`, and one that sends plain HTTP instead
+/// of a TLS handshake at once: neither holds its connection until `tunnel_idle_timeout` (5 minutes).
+#[tokio::test]
+async fn a_tunnel_without_a_tls_handshake_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, upstream_ca_file, idp) = parts(dir.path()).await;
+    let state = dir.path().join("state");
+    tokenproxy::ca::LocalCa::init(&state, &[HOST.to_owned()], false).unwrap();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        config(&idp, &upstream, &upstream_ca_file, &state)
+    );
+    let proxy = Proxy::start_config(tokenproxy::config::Config::from_toml_str(&toml, "t.toml").unwrap()).await;
+    for first in [&b""[..], b"GET /orders HTTP/1.1\r\nHost: api.example.test\r\n\r\n"] {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n").as_bytes()).await.unwrap();
+        let mut buffer = vec![0u8; 4096];
+        let n = stream.read(&mut buffer).await.unwrap();
+        assert!(buffer[..n].starts_with(b"HTTP/1.1 200 "), "{}", String::from_utf8_lossy(&buffer[..n]));
+        stream.write_all(first).await.unwrap();
+        // The guard is far above the timeout; the assertion is that the tunnel ends at all.
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while let Ok(n) = stream.read(&mut buffer).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the tunnel stayed open after {:?}", String::from_utf8_lossy(first));
+    }
+    assert!(upstream.seen().is_empty());
+    proxy.stop().await;
+}

@@ -20,7 +20,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use time::OffsetDateTime;
 
 use super::{Connection, Proxy, ProxyBody, ProxyError, Retried};
@@ -103,13 +103,19 @@ fn connect_host(request: &http::request::Parts) -> Option<String> {
     (!host.starts_with('[') && host.parse::<std::net::IpAddr>().is_err()).then(|| host.to_ascii_lowercase())
 }
 
+/// What a request inside an intercepted tunnel is held to ([`Proxy::admit`]).
+#[derive(Debug)]
+pub struct Tunnel {
+    /// The host the tunnel was opened for.
+    pub host: String,
+    /// Whether the TLS SNI named that host (or no host).
+    pub sni_matches: bool,
+}
+
 impl Proxy {
-    /// Phase 1 for a `CONNECT`: the host and TLS settings of the tunnel, when a route intercepts its host here; else
-    /// why it is refused (nothing is dialled either way).
-    pub(super) fn intercepts(
-        &self,
-        request: &http::request::Parts,
-    ) -> Result<(String, Arc<rustls::ServerConfig>), ProxyError> {
+    /// Phase 1 for a `CONNECT`: its interceptor and host, when a route intercepts that host here and the local CA may
+    /// vouch for it; else why it is refused (nothing is dialled either way). Makes no certificate.
+    pub(super) fn intercepted(&self, request: &http::request::Parts) -> Result<(&Interceptor, String), ProxyError> {
         const NOT_A_FORWARD_PROXY: &str = "CONNECT is refused: tokenproxy is not a forward proxy";
         let Some(interceptor) = self.interceptor.as_deref() else {
             return Err(ProxyError::HostNotAllowed(NOT_A_FORWARD_PROXY.into()));
@@ -125,8 +131,14 @@ impl Proxy {
                     .into(),
             ));
         }
-        let tls = interceptor.tls_for(&host)?;
-        Ok((host, tls))
+        if !interceptor.ca.permits(&host) {
+            return Err(ProxyError::HostNotAllowed(format!(
+                "CONNECT is refused: `{host}` is outside the local CA's name constraints ({}); `tokenproxy ca init \
+                 --force` makes a CA for the hosts the routes intercept now",
+                interceptor.ca.permitted().join(", ")
+            )));
+        }
+        Ok((interceptor, host))
     }
 }
 
@@ -141,19 +153,24 @@ pub async fn connect(
     debug_assert_eq!(request.method(), Method::CONNECT);
     let proxy = proxies.load_full();
     let (mut parts, body) = request.into_parts();
-    let Ok((host, tls)) = proxy.intercepts(&parts) else {
+    let Ok((interceptor, host)) = proxy.intercepted(&parts) else {
         return proxy.handle(Request::from_parts(parts, body), connection).await;
     };
     let mut in_flight = proxy.begin(&mut parts);
     let retried: Retried = in_flight.retried();
-    let mut request = Request::from_parts(parts, body);
-    let upgraded = hyper::upgrade::on(&mut request);
-    let header_read_timeout = proxy.interceptor.as_ref().map_or(Duration::from_secs(10), |i| i.header_read_timeout);
-    let timeouts = (header_read_timeout, proxy.tunnel_idle_timeout);
-    tokio::spawn(tunnel(Arc::clone(proxies), upgraded, host, tls, connection.peer, timeouts));
-    let mut response = Response::new(http_body_util::Either::Right(http_body_util::Full::new(bytes::Bytes::new())));
+    let (status, mut response) = match interceptor.tls_for(&host) {
+        Ok(tls) => {
+            let mut request = Request::from_parts(parts, body);
+            let upgraded = hyper::upgrade::on(&mut request);
+            let timeouts = (interceptor.header_read_timeout, proxy.tunnel_idle_timeout);
+            tokio::spawn(tunnel(Arc::clone(proxies), upgraded, host, tls, connection.peer, timeouts));
+            let empty = http_body_util::Either::Right(http_body_util::Full::new(bytes::Bytes::new()));
+            (StatusCode::OK, Response::new(empty))
+        }
+        Err(error) => (error.status(), error.into_response(&super::ErrorContext::default())),
+    };
     response.headers_mut().insert(super::X_REQUEST_ID.clone(), in_flight.request_id().clone());
-    proxy.end(in_flight, StatusCode::OK, &retried);
+    proxy.end(in_flight, status, &retried);
     response
 }
 
@@ -192,9 +209,7 @@ async fn tunnel(
             Ok::<_, Infallible>(proxy.handle(request, &connection).await)
         }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    let builder = crate::server::hyper_builder(Some(header_read_timeout));
     let served = builder.serve_connection(TokioIo::new(io), service);
     tokio::select! {
         result = served => {

@@ -64,8 +64,8 @@ pub struct Connection {
     pub tls: bool,
     /// The peer's address as an `X-Forwarded-For` value, made once.
     forwarded_for: HeaderValue,
-    /// Inside an intercepted tunnel ([`intercept`]): its host, and whether the TLS SNI named it.
-    tunnel: Option<Box<(String, bool)>>,
+    /// Inside an intercepted tunnel ([`intercept`]).
+    tunnel: Option<Box<intercept::Tunnel>>,
 }
 
 impl Connection {
@@ -78,7 +78,7 @@ impl Connection {
     /// The connection inside a tunnel intercepted for `host` ([`intercept`]) whose TLS SNI named that host (or none)
     /// when `sni_matches`.
     pub fn in_tunnel(peer: SocketAddr, host: String, sni_matches: bool) -> Connection {
-        Connection { tunnel: Some(Box::new((host, sni_matches))), ..Connection::new(peer, true) }
+        Connection { tunnel: Some(Box::new(intercept::Tunnel { host, sni_matches })), ..Connection::new(peer, true) }
     }
 }
 
@@ -545,8 +545,8 @@ impl Proxy {
             request.uri = with_path(&request.uri, &normalized)?;
         }
         let route = self.select_route(request)?;
-        if let Some((host, sni_matches)) = connection.tunnel.as_deref() {
-            Self::within_tunnel(request, route, host, *sni_matches)?;
+        if let Some(tunnel) = connection.tunnel.as_deref() {
+            Self::within_tunnel(request, route, tunnel)?;
         }
         if route.reject_encoded_slashes && path::has_encoded_slash(request.uri.path()) {
             return Err(ProxyError::BadRequest(format!("path refused: {}", path::PathError::EncodedSlash)));
@@ -559,21 +559,17 @@ impl Proxy {
 
     /// Phase 1 inside a tunnel intercepted for `host`: the request must name that host (its `Host` or `:authority`,
     /// and the TLS SNI), else 421; only that host's routes answer, else 404.
-    fn within_tunnel(request: &Parts, route: &Route, host: &str, sni_matches: bool) -> Result<(), ProxyError> {
+    fn within_tunnel(request: &Parts, route: &Route, tunnel: &intercept::Tunnel) -> Result<(), ProxyError> {
+        let intercept::Tunnel { host, sni_matches } = tunnel;
         let named = crate::host_check::requested_host(request.version, &request.uri, &request.headers)
             .or_else(|| request.uri.host())
-            .map(|named| {
-                named
-                    .rsplit_once(':')
-                    .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-                    .map_or(named, |(name, _)| name)
-            });
+            .map(route::host_without_port);
         if !sni_matches || !named.is_some_and(|named| named.eq_ignore_ascii_case(host)) {
             return Err(ProxyError::Misdirected(format!(
                 "this tunnel was opened for `{host}`: the request (and the TLS server name) must name it"
             )));
         }
-        if route.host() != Some(host) {
+        if route.host() != Some(host.as_str()) {
             return Err(ProxyError::NoRoute);
         }
         Ok(())
@@ -584,7 +580,7 @@ impl Proxy {
         if request.method == Method::CONNECT {
             // A CONNECT this proxy intercepts is a tunnel before it gets here (src/proxy/intercept.rs), except
             // inside a tunnel.
-            return Err(match self.intercepts(request) {
+            return Err(match self.intercepted(request) {
                 Err(refused) => refused,
                 Ok(_) => ProxyError::HostNotAllowed("CONNECT is refused inside an intercepted tunnel".into()),
             });
