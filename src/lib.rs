@@ -161,6 +161,18 @@ impl App {
         self.engine.load_full()
     }
 
+    /// Starts the token engine's background work (startup calls, proactive refreshes), traced when telemetry is on.
+    pub fn spawn_engine(&self) {
+        self.engine.load().spawn_traced(self.telemetry.as_ref());
+    }
+
+    /// Exports the spans finished so far, when telemetry is on (at most `within`).
+    pub async fn flush_telemetry(&self, within: Duration) {
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.flush(within).await;
+        }
+    }
+
     /// The metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
@@ -472,7 +484,7 @@ impl BoundApp {
         let BoundApp { app, proxy_listener, admin_listener, vending_listener, tls } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stop = Shutdown::new(stop_rx.clone());
-        app.engine.load().spawn_traced(app.telemetry.as_ref());
+        app.spawn_engine();
         let reloader = Arc::new(AppReloader {
             path: app.config_path.clone(),
             running: app.config.clone(),
@@ -560,9 +572,7 @@ impl BoundApp {
             let _ = task.await;
         }
         app.engine.load_full().shutdown().await;
-        if let Some(telemetry) = &app.telemetry {
-            telemetry.flush(Duration::from_secs(5)).await;
-        }
+        app.flush_telemetry(Duration::from_secs(5)).await;
     }
 }
 

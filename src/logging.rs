@@ -95,13 +95,14 @@ impl<W: io::Write> io::Write for EscapingWriter<W> {
     }
 }
 
-/// The trace and span ids (lowercase hex) of the request whose work is running, for the JSON log lines it writes.
-#[derive(Debug, Clone)]
+/// The trace and span ids of the request whose work is running, for the JSON log lines it writes: written as
+/// lowercase hex only when a line is.
+#[derive(Debug, Clone, Copy)]
 pub struct TraceIds {
-    /// The trace's id, 32 hex digits.
-    pub trace_id: String,
-    /// The request's server span's id, 16 hex digits.
-    pub span_id: String,
+    /// The trace's id (32 hex digits).
+    pub trace_id: opentelemetry::trace::TraceId,
+    /// The request's server span's id (16 hex digits).
+    pub span_id: opentelemetry::trace::SpanId,
 }
 
 tokio::task_local! {
@@ -129,7 +130,7 @@ where
         mut writer: tracing_subscriber::fmt::format::Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        let ids = TRACE_IDS.try_with(TraceIds::clone).ok();
+        let ids = TRACE_IDS.try_with(|ids| *ids).ok();
         let Some(ids) = ids.filter(|_| event.metadata().fields().field("trace_id").is_none()) else {
             return self.0.format_event(ctx, writer, event);
         };

@@ -321,7 +321,6 @@ fn init_tracing(log: &LogConfig) {
         // A traced request's lines carry its trace_id and span_id (src/logging.rs).
         LogFormat::Json => builder
             .json()
-            .flatten_event(true)
             .event_format(WithTraceIds(tracing_subscriber::fmt::format().json().flatten_event(true)))
             .init(),
         LogFormat::Pretty => builder.compact().init(),

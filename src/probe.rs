@@ -311,7 +311,7 @@ pub async fn run(config: &Config, probe: &Probe) -> Result<Report, ProbeError> {
     };
     let app = App::build(only(config, route))?;
     let engine = app.engine();
-    engine.spawn();
+    app.spawn_engine();
     let path = request_path(&route.prefix, &probe.path);
     let mut report = Report {
         route: route.name.clone(),
@@ -380,6 +380,8 @@ pub async fn run(config: &Config, probe: &Probe) -> Result<Report, ProbeError> {
         Err(error) => Sent::Failed { took: started.elapsed(), error },
     };
     engine.shutdown().await;
+    // The probe's spans, when telemetry is on, reach the collector before the command exits.
+    app.flush_telemetry(std::time::Duration::from_secs(5)).await;
     Ok(report)
 }
 
@@ -388,6 +390,10 @@ pub async fn run(config: &Config, probe: &Probe) -> Result<Report, ProbeError> {
 fn only(config: &Config, route: &RouteConfig) -> Config {
     let mut config = config.clone();
     config.routes.retain(|r| r.name == route.name);
+    // The probe's request comes over a plain connection, never through a tunnel: no local CA is needed.
+    for route in &mut config.routes {
+        route.intercept = false;
+    }
     config.providers.retain(|name, _| route.provider.as_ref() == Some(name));
     for provider in config.providers.values_mut() {
         provider.sink_file = None;
@@ -404,6 +410,10 @@ fn caller_authorization(file: &std::path::Path) -> Result<HeaderValue, ProbeErro
     let mut value = HeaderValue::try_from(format!("Bearer {}", subject.expose()))
         .map_err(|_| ProbeError::SubjectToken(format!("{} holds characters a header cannot carry", file.display())))?;
     value.set_sensitive(true);
+    // A value the proxy would not take as a caller's token is refused here, not probed as if the route had none.
+    if crate::token::exchange::bearer_subject(&value).is_none() {
+        return Err(ProbeError::SubjectToken(format!("{} does not hold a token a caller could send", file.display())));
+    }
     Ok(value)
 }
 

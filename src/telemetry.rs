@@ -394,9 +394,12 @@ impl RequestTrace {
         context.is_sampled().then(|| (context.trace_id().to_string(), context.span_id().to_string()))
     }
 
-    /// [`Self::ids`] for the log lines the request's work writes.
+    /// [`Self::ids`] for the log lines the request's work writes (not formatted until a line is written).
     pub fn log_ids(&self) -> Option<crate::logging::TraceIds> {
-        self.ids().map(|(trace_id, span_id)| crate::logging::TraceIds { trace_id, span_id })
+        let span = self.cx.span();
+        let context = span.span_context();
+        let ids = crate::logging::TraceIds { trace_id: context.trace_id(), span_id: context.span_id() };
+        context.is_sampled().then_some(ids)
     }
 
     /// The span of one send to the upstream at `server` (`resend_count`: the sends before it).
