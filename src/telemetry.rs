@@ -119,12 +119,19 @@ pub fn resolve(
         OtlpProtocol::HttpProtobuf => format!("{}/v1/traces", url.trim_end_matches('/')),
         OtlpProtocol::Grpc => url.to_owned(),
     };
+    // A variable's URL is checked as the key's is: it is printed and logged, so it may not carry credentials.
+    let checked = |name: &str, url: String| {
+        let kinds = (["http", "https"], "an http:// or https:// URL");
+        crate::config::server_url_text(&url, kinds, "send them with OTEL_EXPORTER_OTLP_HEADERS")
+            .map(|_| url)
+            .map_err(|e| TelemetryError(format!("{name}: {e}")))
+    };
     let endpoint = match &config.otlp_endpoint {
         Some(url) => base(url),
         None => match var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
-            Some(full) => full,
+            Some(full) => checked("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", full)?,
             None => match var("OTEL_EXPORTER_OTLP_ENDPOINT") {
-                Some(url) => base(&url),
+                Some(url) => base(&checked("OTEL_EXPORTER_OTLP_ENDPOINT", url)?),
                 None => return Ok(None),
             },
         },
@@ -695,6 +702,10 @@ mod tests {
         assert_eq!(grpc, Ok(Some(("http://127.0.0.1:4317".into(), OtlpProtocol::Grpc))), "the traces variable wins");
         #[cfg(not(feature = "otlp-grpc"))]
         assert_eq!(grpc, Err(format!("telemetry: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL `grpc`: {NO_GRPC}")));
+        let leaky = protocol(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://user:hunter2@collector.example")]);
+        let refused = leaky.unwrap_err();
+        assert!(refused.contains("OTEL_EXPORTER_OTLP_ENDPOINT") && refused.contains("credentials"), "{refused}");
+        assert!(!refused.contains("hunter2"), "the URL is never echoed: {refused}");
         let configured = TelemetryConfig {
             otlp_endpoint: Some("http://127.0.0.1:4317/".into()),
             otlp_protocol: Some(OtlpProtocol::HttpProtobuf),

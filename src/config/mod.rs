@@ -15,6 +15,7 @@ mod routes;
 #[cfg(test)]
 mod tests;
 mod values;
+pub use values::server_url_text;
 mod warnings;
 
 use std::collections::BTreeMap;

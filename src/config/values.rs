@@ -41,8 +41,12 @@ pub(super) fn http_url(value: &Value, purpose: UrlUse) -> Result<Url, String> {
 
 /// An absolute URL of one of `schemes` (which `expected` names), with a host and without credentials (`instead`: where
 /// they go). The URL is not echoed: it may carry credentials.
-pub(super) fn server_url(value: &Value, (schemes, expected): ([&str; 2], &str), instead: &str) -> Result<Url, String> {
-    let text = reader::string(value)?;
+pub(super) fn server_url(value: &Value, kinds: ([&str; 2], &str), instead: &str) -> Result<Url, String> {
+    server_url_text(&reader::string(value)?, kinds, instead)
+}
+
+/// [`server_url`] for a URL given as text (an environment variable's, say).
+pub fn server_url_text(text: &str, (schemes, expected): ([&str; 2], &str), instead: &str) -> Result<Url, String> {
     let url = Url::parse(text.trim()).map_err(|e| e.to_string())?;
     if !schemes.contains(&url.scheme()) {
         return Err(format!("must be {expected} (found scheme `{}`)", url.scheme()));
