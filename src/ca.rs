@@ -244,13 +244,8 @@ impl LocalCa {
         self.not_after
     }
 
-    /// Whether the CA may vouch for `host` (a DNS name within its constraints).
-    pub fn permits(&self, host: &str) -> bool {
-        dns_name(host).is_ok_and(|host| self.permitted.iter().any(|name| within(&host, name)))
-    }
-
-    /// A new leaf for `host` (a new P-256 key, seven days, serverAuth); refused for a name outside the constraints.
-    pub fn issue(&self, host: &str) -> Result<Leaf, CaError> {
+    /// `host` as a DNS name the CA may vouch for, or why not (the message says what to do).
+    pub fn vouches_for(&self, host: &str) -> Result<String, CaError> {
         let name = dns_name(host)?;
         if !self.permitted.iter().any(|permitted| within(&name, permitted)) {
             return Err(CaError::Name(
@@ -262,6 +257,12 @@ impl LocalCa {
                 ),
             ));
         }
+        Ok(name)
+    }
+
+    /// A new leaf for `host` (a new P-256 key, seven days, serverAuth); refused for a name outside the constraints.
+    pub fn issue(&self, host: &str) -> Result<Leaf, CaError> {
+        let name = self.vouches_for(host)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::new(vec![name.clone()])?;
@@ -347,9 +348,17 @@ mod tests {
         }
         assert!(LocalCa::init(dir.path(), &[], false).is_err(), "a CA for nothing");
         let ca = LocalCa::init(dir.path(), &hosts(&["api.example.com"]), false).unwrap();
-        assert!(ca.permits("api.example.com") && ca.permits("v2.api.example.com") && ca.permits("API.example.com."));
-        assert!(!ca.permits("evil.example") && !ca.permits("xapi.example.com") && !ca.permits("example.com"));
-        assert!(!ca.permits("127.0.0.1"));
+        assert!(
+            ca.vouches_for("api.example.com").is_ok()
+                && ca.vouches_for("v2.api.example.com").is_ok()
+                && ca.vouches_for("API.example.com.").is_ok()
+        );
+        assert!(
+            ca.vouches_for("evil.example").is_err()
+                && ca.vouches_for("xapi.example.com").is_err()
+                && ca.vouches_for("example.com").is_err()
+        );
+        assert!(ca.vouches_for("127.0.0.1").is_err());
         let refused = ca.issue("evil.example").err().unwrap().to_string();
         assert!(refused.contains("tokenproxy ca init --force") && refused.contains("api.example.com"), "{refused}");
         assert!(ca.issue("127.0.0.1").is_err());

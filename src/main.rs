@@ -177,12 +177,8 @@ fn main() -> ExitCode {
             if !intercepted.is_empty() {
                 match tokenproxy::ca::LocalCa::load(&config.state.dir) {
                     Ok(ca) => {
-                        for host in intercepted.iter().filter(|host| !ca.permits(host)) {
-                            eprintln!(
-                                "tokenproxy: warning: routes[].intercept: `{host}` is outside the local CA's name \
-                                 constraints ({}); `tokenproxy ca init --force` makes a CA for the intercepted hosts",
-                                ca.permitted().join(", ")
-                            );
+                        for refused in intercepted.iter().filter_map(|host| ca.vouches_for(host).err()) {
+                            eprintln!("tokenproxy: warning: routes[].intercept: {refused}");
                         }
                     }
                     Err(error) => eprintln!("tokenproxy: warning: routes[].intercept: {error}"),

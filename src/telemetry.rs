@@ -347,12 +347,19 @@ pub async fn token_wait<F: std::future::Future>(
     output
 }
 
-/// Runs `work` (a token call) under `span`: its HTTP request carries the span's `traceparent` ([`inject_token_call`]).
-pub async fn within_token_call<F: std::future::Future>(span: Option<&ChildSpan>, work: F) -> F::Output {
-    match span {
-        Some(span) => TOKEN_CALL.scope(span.cx.clone(), work).await,
-        None => work.await,
-    }
+/// Runs `work` (a token call or exchange) under `span`: its HTTP request carries the span's `traceparent`
+/// ([`inject_token_call`]); the span then notes the outcome (`tokenproxy.outcome`, and `error.type = failure` when
+/// `work` failed) and ends.
+pub async fn within_token_call<T, E>(
+    span: Option<ChildSpan>,
+    failure: &'static str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let Some(span) = span else { return work.await };
+    let result = TOKEN_CALL.scope(span.cx.clone(), work).await;
+    span.set(KeyValue::new("tokenproxy.outcome", if result.is_ok() { "success" } else { "error" }));
+    span.end(result.is_err().then_some(failure));
+    result
 }
 
 /// Puts the running token call's `traceparent` in `headers`, when it is traced and sampled.

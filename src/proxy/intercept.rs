@@ -57,12 +57,8 @@ impl Interceptor {
             return Ok(None);
         }
         let ca = LocalCa::load(&config.state.dir)?;
-        for host in hosts.iter().filter(|host| !ca.permits(host)) {
-            tracing::warn!(
-                host = %host,
-                "this intercepted host is outside the local CA's name constraints ({}): CONNECTs to it are refused until `tokenproxy ca init --force`",
-                ca.permitted().join(", ")
-            );
+        for refused in hosts.iter().filter_map(|host| ca.vouches_for(host).err()) {
+            tracing::warn!("routes[].intercept: CONNECTs will be refused: {refused}");
         }
         Ok(Some(Interceptor {
             ca,
@@ -131,12 +127,8 @@ impl Proxy {
                     .into(),
             ));
         }
-        if !interceptor.ca.permits(&host) {
-            return Err(ProxyError::HostNotAllowed(format!(
-                "CONNECT is refused: `{host}` is outside the local CA's name constraints ({}); `tokenproxy ca init \
-                 --force` makes a CA for the hosts the routes intercept now",
-                interceptor.ca.permitted().join(", ")
-            )));
+        if let Err(outside) = interceptor.ca.vouches_for(&host) {
+            return Err(ProxyError::HostNotAllowed(format!("CONNECT is refused: {outside}")));
         }
         Ok((interceptor, host))
     }

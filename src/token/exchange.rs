@@ -268,12 +268,7 @@ impl ExchangeCache {
                     let task = tokio::spawn(async move {
                         let span = parent.as_ref().map(|parent| parent.token_exchange(&cache.name));
                         let exchanged = cache.exchange(key, &subject);
-                        let result = crate::telemetry::within_token_call(span.as_ref(), exchanged).await;
-                        if let Some(span) = span {
-                            let outcome = if result.is_ok() { "success" } else { "error" };
-                            span.set(opentelemetry::KeyValue::new("tokenproxy.outcome", outcome));
-                            span.end(result.as_ref().err().map(|_| "token_exchange"));
-                        }
+                        let result = crate::telemetry::within_token_call(span, "token_exchange", exchanged).await;
                         lock(&cache.inflight).remove(&key);
                         result
                     });

@@ -176,7 +176,7 @@ impl RefreshScheduler {
                     None => std::future::pending().await,
                 }
             };
-            let reason = tokio::select! {
+            let (reason, parent) = tokio::select! {
                 biased;
                 () = shutdown.recv() => return,
                 () = slot.wake.notified() => match self.take_demand() {
@@ -185,7 +185,6 @@ impl RefreshScheduler {
                 },
                 () = sleep => (self.scheduled_reason(ever_had_token), None),
             };
-            let (reason, parent) = reason;
             // The floor, for every call whatever asked for it: an IdP answering tiny lifetimes (or a flood of
             // demands) makes at most one call per `min_refresh_interval`.
             if let Some(earliest) = last_call.map(|last| last + self.timing.min_interval) {
@@ -223,15 +222,9 @@ impl RefreshScheduler {
                 (None, None) => None,
             };
             *lock(&slot.call_span) = span.as_ref().map(crate::telemetry::ChildSpan::link);
-            let result = crate::telemetry::within_token_call(span.as_ref(), self.idp.fetch_after(slot.latest())).await;
+            let call = self.idp.fetch_after(slot.latest());
+            let result = crate::telemetry::within_token_call(span, "token_call", call).await;
             *lock(&slot.call_span) = None;
-            if let Some(span) = span {
-                span.set(opentelemetry::KeyValue::new(
-                    "tokenproxy.outcome",
-                    if result.is_ok() { "success" } else { "error" },
-                ));
-                span.end(result.as_ref().err().map(|_| "token_call"));
-            }
             if let (Some(token), Err(error)) = (&held_back, &result) {
                 // Nothing reached the token endpoint, or the IdP refused: the old token is as good as before (an IdP
                 // outage does not stop a usable token). If the outcome is not known, it may be revoked: it stays

@@ -429,10 +429,14 @@ impl TokenSlot {
             let already_asked = status.in_flight || demand.expired || demand.unauthorized.is_some();
             if already_asked {
                 self.metrics.singleflight_waiters.inc();
-                if let (Some(request), Some(call)) = (crate::telemetry::current_request(), &*lock(&self.call_span)) {
-                    request.link_to_call(call);
+                // Only a traced request looks at the call's span (no lock otherwise).
+                if let Some(request) = crate::telemetry::current_request() {
+                    if let Some(call) = &*lock(&self.call_span) {
+                        request.link_to_call(call);
+                    }
                 }
-            } else if demand.parent.is_none() {
+            } else {
+                // The first to ask: the call will be a span of its trace.
                 demand.parent = crate::telemetry::current_request();
             }
             match rejected {
