@@ -162,7 +162,7 @@ fn main() -> ExitCode {
                 Ok(Some(resolved)) => eprintln!(
                     "tokenproxy: telemetry: traces go to {} over {} (service.name {}, sample_ratio {})",
                     resolved.endpoint,
-                    resolved.protocol_name(),
+                    resolved.protocol.as_str(),
                     resolved.service_name,
                     config.telemetry.sample_ratio
                 ),

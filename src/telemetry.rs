@@ -31,9 +31,6 @@ use tokio::sync::mpsc;
 
 use crate::config::{OtlpProtocol, TelemetryConfig, NO_GRPC};
 
-/// W3C Trace Context's header.
-const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
-
 /// Finished spans waiting for export, at most.
 pub const QUEUE: usize = 2048;
 /// Spans per export, at most.
@@ -74,16 +71,6 @@ pub struct Resolved {
     pub service_name: String,
 }
 
-impl Resolved {
-    /// The protocol as OTLP names it.
-    pub fn protocol_name(&self) -> &'static str {
-        match self.protocol {
-            OtlpProtocol::HttpProtobuf => "http/protobuf",
-            OtlpProtocol::Grpc => "grpc",
-        }
-    }
-}
-
 /// Resolves the endpoint, the protocol and the service name: `telemetry.*` keys win over `OTEL_*` variables (the
 /// `TOKENPROXY_*` variables are config keys already); `OTEL_SDK_DISABLED=true` turns telemetry off unless
 /// `otlp_endpoint` is set. Over HTTP, `/v1/traces` is appended to a base endpoint (`otlp_endpoint`,
@@ -103,16 +90,17 @@ pub fn resolve(
             .find_map(|name| var(name).map(|value| (name, value)))
         {
             None => OtlpProtocol::HttpProtobuf,
-            Some((_, value)) if value == "http/protobuf" => OtlpProtocol::HttpProtobuf,
-            Some((_, value)) if value == "grpc" && cfg!(feature = "otlp-grpc") => OtlpProtocol::Grpc,
-            Some((name, value)) if value == "grpc" => {
-                return Err(TelemetryError(format!("{name} `{value}`: {NO_GRPC}")))
-            }
-            Some((name, value)) => {
-                return Err(TelemetryError(format!(
-                    "{name} `{value}`: tokenproxy exports over `http/protobuf` or `grpc`"
-                )))
-            }
+            Some((name, value)) => match OtlpProtocol::named(&value) {
+                Some(OtlpProtocol::Grpc) if !cfg!(feature = "otlp-grpc") => {
+                    return Err(TelemetryError(format!("{name} `{value}`: {NO_GRPC}")))
+                }
+                Some(protocol) => protocol,
+                None => {
+                    return Err(TelemetryError(format!(
+                        "{name} `{value}`: tokenproxy exports over `http/protobuf` or `grpc`"
+                    )))
+                }
+            },
         },
     };
     let base = |url: &str| match protocol {
@@ -208,7 +196,7 @@ impl Telemetry {
         version: http::Version,
         headers: &HeaderMap,
     ) -> Option<RequestTrace> {
-        if self.no_new_traces && !headers.contains_key(TRACEPARENT) {
+        if self.no_new_traces && !headers.contains_key(&crate::proxy::headers::TRACEPARENT) {
             return None;
         }
         let parent = self.propagator.extract(&HeaderExtractor(headers));
@@ -247,7 +235,7 @@ impl Telemetry {
             .with_kind(SpanKind::Client)
             .with_attributes(attributes)
             .start_with_context(&self.tracer, &root);
-        span.is_recording().then(|| ChildSpan { cx: root.with_span(span), telemetry: Arc::clone(self) })
+        span.is_recording().then(|| ChildSpan { cx: root.with_span(span) })
     }
 
     /// Exports the spans finished so far, waiting at most `within` (at shutdown: the last requests' spans are not
@@ -321,7 +309,7 @@ fn child_of(
 ) -> ChildSpan {
     let tracer = &telemetry.tracer;
     let span = tracer.span_builder(name).with_kind(kind).with_attributes(attributes).start_with_context(tracer, cx);
-    ChildSpan { cx: cx.with_span(span), telemetry: Arc::clone(telemetry) }
+    ChildSpan { cx: cx.with_span(span) }
 }
 
 /// The trace of the request this future runs for, if it is traced (see [`token_wait`]).
@@ -364,11 +352,15 @@ pub async fn within_token_call<T, E>(
 
 /// Puts the running token call's `traceparent` in `headers`, when it is traced and sampled.
 pub fn inject_token_call(headers: &mut HeaderMap) {
-    let _ = TOKEN_CALL.try_with(|cx| {
-        if cx.span().span_context().is_sampled() {
-            TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
-        }
-    });
+    let _ = TOKEN_CALL.try_with(|cx| inject(cx, headers));
+}
+
+/// Puts the `traceparent` (and `tracestate`) of `cx`'s span in `headers`, when it is sampled: the next hop's parent is
+/// that span. An unsampled trace's `traceparent` stays as the caller sent it.
+fn inject(cx: &Context, headers: &mut HeaderMap) {
+    if cx.span().span_context().is_sampled() {
+        TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
+    }
 }
 
 /// A method's name, without an allocation for the standard ones.
@@ -461,16 +453,13 @@ impl RequestTrace {
 #[derive(Debug)]
 pub struct ChildSpan {
     cx: Context,
-    telemetry: Arc<Telemetry>,
 }
 
 impl ChildSpan {
     /// Puts this span's `traceparent` (and `tracestate`) in `headers`, when it is sampled: the next hop's parent is
     /// this span. An unsampled trace's `traceparent` stays as the caller sent it.
     pub fn inject(&self, headers: &mut HeaderMap) {
-        if self.cx.span().span_context().is_sampled() {
-            self.telemetry.propagator.inject_context(&self.cx, &mut HeaderInjector(headers));
-        }
+        inject(&self.cx, headers);
     }
 
     /// What a request waiting for this token call links its `token.wait` span to.

@@ -220,6 +220,22 @@ impl Default for TelemetryConfig {
 /// What a build without the `otlp-grpc` feature says of `grpc` (from `telemetry.otlp_protocol` or the environment).
 pub const NO_GRPC: &str = "gRPC export needs a build with the `otlp-grpc` feature; this one sends http/protobuf";
 
+/// Values of `telemetry.otlp_protocol` and of `OTEL_EXPORTER_OTLP_PROTOCOL`, as OTLP names them.
+pub const OTLP_PROTOCOLS: &[(&str, OtlpProtocol)] =
+    &[("http/protobuf", OtlpProtocol::HttpProtobuf), ("grpc", OtlpProtocol::Grpc)];
+
+impl OtlpProtocol {
+    /// Its name, as OTLP (and the config) writes it.
+    pub fn as_str(self) -> &'static str {
+        OTLP_PROTOCOLS.iter().find(|(_, protocol)| *protocol == self).map_or("?", |(name, _)| name)
+    }
+
+    /// The protocol `name` names.
+    pub fn named(name: &str) -> Option<OtlpProtocol> {
+        OTLP_PROTOCOLS.iter().find(|(known, _)| *known == name).map(|(_, protocol)| *protocol)
+    }
+}
+
 /// How spans go to the collector (`telemetry.otlp_protocol`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum OtlpProtocol {

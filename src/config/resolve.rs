@@ -13,8 +13,8 @@ use super::reader::{self, KeyPath, Leaf, Reader, Table};
 use super::values::{server_url, value_or};
 use super::{providers, routes};
 use super::{
-    AdminConfig, Config, ConfigError, LogConfig, LogFormat, OtlpProtocol, Problem, RedisServer, ServerConfig,
-    ServerTls, SharedStoreConfig, StateConfig, TelemetryConfig, VendingConfig, VendingListen,
+    AdminConfig, Config, ConfigError, LogConfig, LogFormat, Problem, RedisServer, ServerConfig, ServerTls,
+    SharedStoreConfig, StateConfig, TelemetryConfig, VendingConfig, VendingListen,
 };
 
 /// Values of `log.format`.
@@ -210,10 +210,6 @@ fn log(r: &mut Reader<'_>, root: &mut Table<'_>) -> LogConfig {
     log
 }
 
-/// Values of `telemetry.otlp_protocol`.
-const OTLP_PROTOCOLS: &[(&str, OtlpProtocol)] =
-    &[("http/protobuf", OtlpProtocol::HttpProtobuf), ("grpc", OtlpProtocol::Grpc)];
-
 /// `[telemetry]`.
 fn telemetry(r: &mut Reader<'_>, root: &mut Table<'_>) -> TelemetryConfig {
     let d = TelemetryConfig::default();
@@ -221,10 +217,10 @@ fn telemetry(r: &mut Reader<'_>, root: &mut Table<'_>) -> TelemetryConfig {
     let otlp_endpoint = r.get(&mut t, "otlp_endpoint", |value| {
         super::values::http_url(value, super::values::UrlUse::Upstream).map(|url| url.to_string())
     });
-    let otlp_protocol = r.get(&mut t, "otlp_protocol", reader::choice(OTLP_PROTOCOLS));
+    let otlp_protocol = r.get(&mut t, "otlp_protocol", reader::choice(super::OTLP_PROTOCOLS));
     #[cfg(not(feature = "otlp-grpc"))]
     if let Some(leaf) = &otlp_protocol {
-        if leaf.value == OtlpProtocol::Grpc {
+        if leaf.value == super::OtlpProtocol::Grpc {
             r.report_leaf(leaf, super::NO_GRPC);
         }
     }

@@ -141,6 +141,9 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// W3C Trace Context's header.
+pub static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 /// The trace id of a W3C `traceparent` value (`VERSION-TRACEID-PARENTID-FLAGS`, Trace Context §3.2): 32 lowercase hex
 /// digits, not all zero, in a header whose version is not `ff` and whose parts have their lengths (a later version
 /// may append fields after a `-`). `None` for anything else.

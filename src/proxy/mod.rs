@@ -447,7 +447,7 @@ impl Proxy {
             Box::new(Logged {
                 method: parts.method.clone(),
                 path: parts.uri.path().to_owned(),
-                trace_id: parts.headers.get(&TRACEPARENT).and_then(headers::trace_id).map(Into::into),
+                trace_id: parts.headers.get(&headers::TRACEPARENT).and_then(headers::trace_id).map(Into::into),
             })
         });
         let trace = self.telemetry.as_ref().and_then(|telemetry| {
@@ -908,9 +908,6 @@ fn with_path(uri: &http::Uri, path: &str) -> Result<http::Uri, ProxyError> {
 
 /// The query parameter a bearer token may be sent in (RFC 6750 §2.3).
 const SUBJECT_QUERY_PARAM: &str = "access_token";
-
-/// W3C Trace Context's `traceparent`.
-static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// `x-request-id`: propagated from the caller, or created, and sent upstream and back.
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
